@@ -1,0 +1,162 @@
+//! Writes the expansion: the body moves into an async block handed to one generic runtime
+//! function, so each annotated function adds a few lines, not a copy of the executor.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{ItemFn, TraitItemFn};
+
+use crate::attr::{self, Args, DurationArg, Errors, OnConflict};
+use crate::valid::{self, Checked};
+
+pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(func) => func,
+        Err(err) => {
+            // A signature without a body (in a trait, or an extern block) gets its own message.
+            let err = match syn::parse2::<TraitItemFn>(item.clone()) {
+                Ok(decl) if decl.default.is_none() => syn::Error::new(
+                    decl.sig.span(),
+                    "`#[idempotent]` needs a function with a body; in a trait, put it on the method of each `impl` instead of the declaration",
+                ),
+                _ => err,
+            };
+            let error = err.into_compile_error();
+            return quote!(#error #item);
+        }
+    };
+    let mut errors = Errors::default();
+    let args = attr::parse(args, &mut errors);
+    let checked = valid::check(&args, &func, &mut errors);
+    match (errors.finish(), checked) {
+        (Ok(()), Some(checked)) => expand(&args, &func, &checked),
+        (result, _) => {
+            // Emit the function unchanged beside the errors, so its callers still type-check and
+            // the only errors shown are the ones that matter.
+            let error = result
+                .err()
+                .map(syn::Error::into_compile_error)
+                .unwrap_or_default();
+            quote!(#error #func)
+        }
+    }
+}
+
+fn duration(krate: &TokenStream, arg: Option<&DurationArg>, default: TokenStream) -> TokenStream {
+    match arg {
+        Some(DurationArg::Nanos(n)) => quote!(#krate::__private::nanos(#n)),
+        Some(DurationArg::Expr(expr)) => {
+            quote_spanned!(expr.span()=> ::core::convert::identity::<::core::time::Duration>(#expr))
+        }
+        None => default,
+    }
+}
+
+fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
+    let krate = match &args.krate {
+        Some(path) => quote!(#path),
+        None => quote!(::idem),
+    };
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+        ..
+    } = func;
+    let ret = &checked.ret;
+
+    let name = match &args.name {
+        Some(lit) => quote!(#lit),
+        None => {
+            let ident = sig.ident.to_string();
+            quote!(::core::concat!(::core::module_path!(), "::", #ident))
+        }
+    };
+
+    let mut type_args: Vec<TokenStream> = Vec::new();
+    if checked.has_receiver {
+        type_args.push(quote!(#krate::__private::type_name::<Self>()));
+    }
+    for param in &checked.type_params {
+        type_args.push(quote!(#krate::__private::type_name::<#param>()));
+    }
+
+    let key = match &args.key {
+        Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
+        None => {
+            let parts = checked.key_args.iter().map(|arg| {
+                let ident = &arg.ident;
+                quote_spanned!(arg.ty_span=> #krate::__private::key_part(&#ident))
+            });
+            quote!(&(#(#parts,)*))
+        }
+    };
+
+    // `let x = &(expr);` keeps a temporary store alive for the whole call.
+    let (store_owner, store) = match &args.store {
+        Some(expr) => (
+            quote_spanned!(expr.span()=> &(#expr)),
+            quote_spanned!(expr.span()=> #krate::__private::store(__idem_store_owner)),
+        ),
+        None => (
+            quote!(#krate::__private::default_store()),
+            quote!(__idem_store_owner),
+        ),
+    };
+
+    let fingerprint = match &args.fingerprint {
+        Some(expr) => quote_spanned!(expr.span()=>
+            ::core::option::Option::Some(#krate::__private::Fingerprint::of(&(#expr)))
+        ),
+        None => quote!(::core::option::Option::None),
+    };
+
+    let ttl = duration(
+        &krate,
+        args.ttl.as_ref(),
+        quote!(#krate::__private::DEFAULT_TTL),
+    );
+    let lease = duration(
+        &krate,
+        args.lease.as_ref(),
+        quote!(#krate::__private::DEFAULT_LEASE),
+    );
+    let wait_timeout = duration(
+        &krate,
+        args.wait_timeout.as_ref(),
+        quote!(#krate::__private::DEFAULT_WAIT_TIMEOUT),
+    );
+    let on_conflict = match args.on_conflict {
+        Some(OnConflict::Reject) => quote!(#krate::__private::OnConflict::Reject),
+        Some(OnConflict::Wait) | None => quote!(#krate::__private::OnConflict::Wait),
+    };
+
+    // The result's bounds are checked at the return type, so a missing `Serialize` or
+    // `From<idem::Error>` is reported where the user wrote the type.
+    let run = quote_spanned! {ret.span()=>
+        #krate::__private::assert_result::<#ret>();
+        #krate::__private::run::<_, <#ret as #krate::__private::IdemResult>::Ok, <#ret as #krate::__private::IdemResult>::Err, _>(
+            __idem_store,
+            #name,
+            __idem_key,
+            __idem_fingerprint,
+            &__idem_policy,
+            __idem_body,
+        )
+        .await
+    };
+
+    quote! {
+        #(#attrs)*
+        #vis #sig {
+            let __idem_store_owner = #store_owner;
+            let __idem_store = #store;
+            let __idem_key = #krate::__private::Key::with_type_args(#name, &[#(#type_args),*], #key);
+            let __idem_fingerprint = #fingerprint;
+            let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
+            let __idem_body = async #block;
+            #run
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The rules of the contract, checked against the function's signature.
+
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{
+    FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReceiverKind,
+    ReturnType, Type,
+};
+
+use crate::attr::{Args, Errors};
+
+/// An argument that goes into the default key.
+pub(crate) struct KeyArg {
+    pub ident: Ident,
+    pub ty_span: Span,
+}
+
+/// What the expansion needs to know about the function, once it is known to be valid.
+pub(crate) struct Checked {
+    /// The arguments of the default key (empty when `key = ...` is given).
+    pub key_args: Vec<KeyArg>,
+    /// The function's type parameters, which specialise the namespace.
+    pub type_params: Vec<Ident>,
+    /// Whether the function has a `self` receiver (so `Self` specialises the namespace).
+    pub has_receiver: bool,
+    /// The return type, `Result<T, E>`.
+    pub ret: Type,
+}
+
+pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<Checked> {
+    let sig = &item.sig;
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new(
+            sig.fn_token.span(),
+            "`#[idempotent]` needs an `async fn`: write `async fn` (the body's result is claimed, stored and replayed through an async store)",
+        ));
+    }
+    if let Some(constness) = &sig.constness {
+        errors.push(syn::Error::new(
+            constness.span(),
+            "`#[idempotent]` cannot be used on a `const fn`",
+        ));
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push(syn::Error::new(
+            variadic.span(),
+            "`#[idempotent]` cannot be used on a variadic function",
+        ));
+    }
+
+    let ret = check_return(sig.ident.span(), &sig.output, errors);
+
+    let mut has_receiver = false;
+    let mut typed: Vec<(&Pat, &Type)> = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) => {
+                has_receiver = true;
+                let is_mut_ref = match &receiver.kind {
+                    ReceiverKind::Reference(_, _, mutability) => mutability.is_some(),
+                    ReceiverKind::Typed(_, ty) => is_mut_ref(ty),
+                    _ => false,
+                };
+                if is_mut_ref {
+                    errors.push(syn::Error::new(
+                        receiver.span(),
+                        "`#[idempotent]` methods cannot take `&mut self`: a replay returns the stored result without running the body, so it could not repeat the body's changes to `self`; take `&self` and keep mutable state behind a lock or in the store",
+                    ));
+                }
+            }
+            FnArg::Typed(pat_type) => {
+                if is_mut_ref(&pat_type.ty) {
+                    errors.push(syn::Error::new(
+                        pat_type.ty.span(),
+                        format!(
+                            "`#[idempotent]` functions cannot take `&mut` arguments: a replay returns the stored result without running the body, so it could not repeat the body's changes to `{}`; return the new value in the result instead",
+                            pat_display(&pat_type.pat)
+                        ),
+                    ));
+                }
+                typed.push((&pat_type.pat, &pat_type.ty));
+            }
+        }
+    }
+
+    for skipped in &args.skip {
+        let exists = typed
+            .iter()
+            .any(|(pat, _)| matches!(pat, Pat::Ident(p) if p.ident == *skipped));
+        if !exists {
+            errors.push(syn::Error::new(
+                skipped.span(),
+                format!("`skip({skipped})` names no argument of this function"),
+            ));
+        }
+    }
+    if args.key.is_some() && !args.skip.is_empty() {
+        errors.push(syn::Error::new(
+            args.skip[0].span(),
+            "`skip(...)` has no effect when `key = ...` is given: the key is exactly the expression; remove one of them",
+        ));
+    }
+
+    let mut key_args = Vec::new();
+    if args.key.is_none() {
+        for (pat, ty) in &typed {
+            match pat {
+                Pat::Ident(p) if p.subpat.is_none() => {
+                    if !args.skip.contains(&p.ident) {
+                        key_args.push(KeyArg {
+                            ident: p.ident.clone(),
+                            ty_span: ty.span(),
+                        });
+                    }
+                }
+                other => errors.push(syn::Error::new(
+                    other.span(),
+                    "this argument is a pattern, so it cannot be part of the default key; bind it to a name, or give the key with `key = ...`",
+                )),
+            }
+        }
+    }
+
+    let type_params = sig
+        .generics
+        .params
+        .iter()
+        .filter_map(|param| match param {
+            GenericParam::Type(t) => Some(t.ident.clone()),
+            _ => None,
+        })
+        .collect();
+
+    ret.map(|ret| Checked {
+        key_args,
+        type_params,
+        has_receiver,
+        ret,
+    })
+}
+
+fn is_mut_ref(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => r.mutability.is_some(),
+        Type::Paren(p) => is_mut_ref(&p.elem),
+        Type::Group(g) => is_mut_ref(&g.elem),
+        _ => false,
+    }
+}
+
+fn pat_display(pat: &Pat) -> String {
+    match pat {
+        Pat::Ident(p) => p.ident.to_string(),
+        _ => "the argument".to_owned(),
+    }
+}
+
+/// The return type must be `Result<T, E>` (or an alias named `Result`) with an owned `T`.
+fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Option<Type> {
+    let ty = match output {
+        ReturnType::Default => {
+            errors.push(syn::Error::new(
+                name_span,
+                "`#[idempotent]` functions must return `Result<T, E>`: only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`",
+            ));
+            return None;
+        }
+        ReturnType::Type(_, ty) => &**ty,
+    };
+    let last = match ty {
+        Type::Path(path) if path.qself.is_none() => path.path.segments.last(),
+        _ => None,
+    };
+    let Some(last) = last.filter(|seg| seg.ident == "Result") else {
+        errors.push(syn::Error::new(
+            ty.span(),
+            "`#[idempotent]` functions must return `Result<T, E>`: only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`",
+        ));
+        return None;
+    };
+    if let PathArguments::AngleBracketed(generic) = &last.arguments
+        && let Some(GenericArgument::Type(ok)) = generic.args.first()
+        && let Some(span) = borrowed(ok)
+    {
+        errors.push(syn::Error::new(
+            span,
+            "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow; return `String`, `Vec<T>` or another owned type",
+        ));
+        return None;
+    }
+    Some(ty.clone())
+}
+
+/// The span of a borrow (a reference or a non-`'static` lifetime) inside `ty`, if any.
+fn borrowed(ty: &Type) -> Option<Span> {
+    match ty {
+        Type::Reference(r) => match &r.lifetime {
+            Some(l) if l.ident == "static" => borrowed(&r.elem),
+            _ => Some(r.span()),
+        },
+        Type::Paren(p) => borrowed(&p.elem),
+        Type::Group(g) => borrowed(&g.elem),
+        Type::Slice(s) => borrowed(&s.elem),
+        Type::Array(a) => borrowed(&a.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(borrowed),
+        Type::Path(p) => p.path.segments.iter().find_map(|seg| match &seg.arguments {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                GenericArgument::Type(t) => borrowed(t),
+                GenericArgument::Lifetime(l) if l.ident != "static" => Some(l.span()),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    }
+}

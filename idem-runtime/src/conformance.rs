@@ -1,0 +1,426 @@
+//! The store conformance suite: one set of checks, generic over [`Store`], that every store
+//! passes. A new backend, in this crate or another, proves itself by passing it.
+//!
+//! Each check is a public `async fn` taking an `Arc<dyn Store>`; it panics (with what the
+//! contract says and what the store did) when the store breaks the contract, like any test.
+//! Every check works on keys of its own, so all of them can run at once against one server.
+//! Checks about expiry use short real-time leases and ttls (a few hundred milliseconds), because
+//! a remote store's clock is the server's.
+//!
+//! [`conformance_tests!`](crate::conformance_tests) writes one `#[tokio::test]` per check:
+//!
+//! ```
+//! # mod wrapper {
+//! use std::sync::Arc;
+//! use idem_runtime::{MemoryStore, Store};
+//!
+//! idem_runtime::conformance_tests!(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> });
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::key::{Fingerprint, Key};
+use crate::record::{Claim, Completion, Token};
+use crate::store::Store;
+
+/// The lease the checks use where it must run out.
+pub const SHORT_LEASE: Duration = Duration::from_millis(300);
+/// A lease or ttl the checks never see run out.
+pub const LONG: Duration = Duration::from_secs(60);
+
+/// The names of every check, in the order [`run_all`] runs them.
+pub const CHECKS: &[&str] = &[
+    "claim_of_absent_key_acquires",
+    "complete_then_claim_replays",
+    "claim_while_in_progress_is_busy",
+    "lapsed_lease_is_taken_over",
+    "stale_token_cannot_complete_renew_or_release",
+    "renew_pushes_the_lease_out",
+    "release_frees_the_key",
+    "completed_record_expires_after_ttl",
+    "remove_forgets_a_record",
+    "operations_on_absent_key_change_nothing",
+    "wait_returns_when_holder_completes",
+    "wait_returns_when_holder_releases",
+    "wait_is_bounded_by_timeout",
+    "concurrent_claims_give_one_acquired",
+    "values_round_trip_exactly",
+    "keys_do_not_interfere",
+];
+
+/// Runs every check, one after another.
+pub async fn run_all(store: Arc<dyn Store>) {
+    claim_of_absent_key_acquires(store.clone()).await;
+    complete_then_claim_replays(store.clone()).await;
+    claim_while_in_progress_is_busy(store.clone()).await;
+    lapsed_lease_is_taken_over(store.clone()).await;
+    stale_token_cannot_complete_renew_or_release(store.clone()).await;
+    renew_pushes_the_lease_out(store.clone()).await;
+    release_frees_the_key(store.clone()).await;
+    completed_record_expires_after_ttl(store.clone()).await;
+    remove_forgets_a_record(store.clone()).await;
+    operations_on_absent_key_change_nothing(store.clone()).await;
+    wait_returns_when_holder_completes(store.clone()).await;
+    wait_returns_when_holder_releases(store.clone()).await;
+    wait_is_bounded_by_timeout(store.clone()).await;
+    concurrent_claims_give_one_acquired(store.clone()).await;
+    values_round_trip_exactly(store.clone()).await;
+    keys_do_not_interfere(store).await;
+}
+
+/// A key no other check (or run) uses.
+fn fresh_key(check: &str) -> Key {
+    Key::new("idem.conformance", &(check, Token::generate().as_u128()))
+}
+
+async fn acquire(store: &dyn Store, key: Key, lease: Duration) -> Token {
+    match store.claim(key, None, lease).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim of a free key must acquire it, got {other:?}"),
+    }
+}
+
+async fn complete(store: &dyn Store, key: Key, token: Token, value: &'static [u8], ttl: Duration) {
+    let done = store
+        .complete(key, token, Bytes::from_static(value), ttl)
+        .await;
+    assert_eq!(
+        done.ok(),
+        Some(Completion::Stored),
+        "complete with the holding token must store the record"
+    );
+}
+
+/// Claim of an absent key: `Acquired`.
+pub async fn claim_of_absent_key_acquires(store: Arc<dyn Store>) {
+    let key = fresh_key("claim_of_absent_key_acquires");
+    acquire(&*store, key, LONG).await;
+}
+
+/// Complete, then claim: `Completed` with the value and the claim's fingerprint, living at most
+/// the ttl.
+pub async fn complete_then_claim_replays(store: Arc<dyn Store>) {
+    let key = fresh_key("complete_then_claim_replays");
+    let fp = Fingerprint::of("request body");
+    let token = match store.claim(key, Some(fp), LONG).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim of a free key must acquire it, got {other:?}"),
+    };
+    complete(&*store, key, token, b"result", LONG).await;
+    for _ in 0..2 {
+        match store.claim(key, None, LONG).await {
+            Ok(Claim::Completed(done)) => {
+                assert_eq!(&done.value[..], b"result", "replayed value");
+                assert_eq!(
+                    done.fingerprint,
+                    Some(fp),
+                    "the claim's fingerprint is kept"
+                );
+                assert!(
+                    done.expires_in <= LONG && done.expires_in > LONG - Duration::from_secs(10),
+                    "expires_in must be what is left of the ttl, got {:?}",
+                    done.expires_in
+                );
+            }
+            other => panic!("claim of a completed key must replay it, got {other:?}"),
+        }
+    }
+}
+
+/// Claim of a key another caller holds: `Busy` with at most the lease left.
+pub async fn claim_while_in_progress_is_busy(store: Arc<dyn Store>) {
+    let key = fresh_key("claim_while_in_progress_is_busy");
+    acquire(&*store, key, LONG).await;
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Busy { lease_left }) => {
+            assert!(
+                lease_left <= LONG,
+                "lease_left {lease_left:?} exceeds the lease"
+            );
+            assert!(lease_left > Duration::ZERO, "a live lease has time left");
+        }
+        other => panic!("claim of a held key must be Busy, got {other:?}"),
+    }
+}
+
+/// A lease that ran out is taken over with a new token.
+pub async fn lapsed_lease_is_taken_over(store: Arc<dyn Store>) {
+    let key = fresh_key("lapsed_lease_is_taken_over");
+    let first = acquire(&*store, key, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let second = match store.claim(key, None, LONG).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim after the lease ran out must take over, got {other:?}"),
+    };
+    assert_ne!(first, second, "a take-over must hand out a new token");
+}
+
+/// After a take-over, the stale token can neither complete, renew nor release, and the new
+/// holder's claim is untouched.
+pub async fn stale_token_cannot_complete_renew_or_release(store: Arc<dyn Store>) {
+    let key = fresh_key("stale_token_cannot_complete_renew_or_release");
+    let stale = acquire(&*store, key, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let fresh = acquire(&*store, key, LONG).await;
+
+    let done = store
+        .complete(key, stale, Bytes::from_static(b"stale"), LONG)
+        .await;
+    assert_eq!(
+        done.ok(),
+        Some(Completion::LeaseLost),
+        "a stale token must not complete"
+    );
+    assert_eq!(
+        store.renew(key, stale, LONG).await.ok(),
+        Some(false),
+        "a stale token must not renew"
+    );
+    assert_eq!(
+        store.release(key, stale).await.ok(),
+        Some(false),
+        "a stale token must not release"
+    );
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Busy { .. }) => {}
+        other => panic!("the new holder's claim must be untouched, got {other:?}"),
+    }
+    complete(&*store, key, fresh, b"fresh", LONG).await;
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"fresh"),
+        other => panic!("the new holder's result must be stored, got {other:?}"),
+    }
+}
+
+/// Renewal with the holding token keeps the claim past its first lease.
+pub async fn renew_pushes_the_lease_out(store: Arc<dyn Store>) {
+    let key = fresh_key("renew_pushes_the_lease_out");
+    let token = acquire(&*store, key, SHORT_LEASE).await;
+    for _ in 0..4 {
+        tokio::time::sleep(SHORT_LEASE / 3).await;
+        assert_eq!(
+            store.renew(key, token, SHORT_LEASE).await.ok(),
+            Some(true),
+            "the holder must be able to renew"
+        );
+    }
+    // More than one original lease has passed: only renewal keeps the key held.
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Busy { .. }) => {}
+        other => panic!("a renewed claim must still be held, got {other:?}"),
+    }
+    complete(&*store, key, token, b"renewed", LONG).await;
+}
+
+/// Release with the holding token frees the key at once.
+pub async fn release_frees_the_key(store: Arc<dyn Store>) {
+    let key = fresh_key("release_frees_the_key");
+    let token = acquire(&*store, key, LONG).await;
+    assert_eq!(store.release(key, token).await.ok(), Some(true));
+    let again = acquire(&*store, key, LONG).await;
+    assert_ne!(token, again);
+}
+
+/// A completed record is replayed within its ttl and gone after it.
+pub async fn completed_record_expires_after_ttl(store: Arc<dyn Store>) {
+    let key = fresh_key("completed_record_expires_after_ttl");
+    let token = acquire(&*store, key, LONG).await;
+    complete(&*store, key, token, b"short-lived", SHORT_LEASE).await;
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(_)) => {}
+        other => panic!("within its ttl the record must replay, got {other:?}"),
+    }
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    acquire(&*store, key, LONG).await;
+}
+
+/// `remove` forgets a completed or in-progress record; removing twice finds nothing.
+pub async fn remove_forgets_a_record(store: Arc<dyn Store>) {
+    let key = fresh_key("remove_forgets_a_record");
+    let token = acquire(&*store, key, LONG).await;
+    complete(&*store, key, token, b"gone soon", LONG).await;
+    assert_eq!(store.remove(key).await.ok(), Some(true));
+    assert_eq!(store.remove(key).await.ok(), Some(false));
+    let token = acquire(&*store, key, LONG).await;
+    assert_eq!(store.remove(key).await.ok(), Some(true));
+    assert_eq!(
+        store
+            .complete(key, token, Bytes::from_static(b"x"), LONG)
+            .await
+            .ok(),
+        Some(Completion::LeaseLost),
+        "a removed claim cannot complete"
+    );
+}
+
+/// complete, renew and release of a key that has no record change nothing.
+pub async fn operations_on_absent_key_change_nothing(store: Arc<dyn Store>) {
+    let key = fresh_key("operations_on_absent_key_change_nothing");
+    let token = Token::generate();
+    assert_eq!(
+        store
+            .complete(key, token, Bytes::from_static(b"x"), LONG)
+            .await
+            .ok(),
+        Some(Completion::LeaseLost)
+    );
+    assert_eq!(store.renew(key, token, LONG).await.ok(), Some(false));
+    assert_eq!(store.release(key, token).await.ok(), Some(false));
+    acquire(&*store, key, LONG).await;
+}
+
+/// `wait` on a held key returns once the holder completes, well before its timeout.
+pub async fn wait_returns_when_holder_completes(store: Arc<dyn Store>) {
+    let key = fresh_key("wait_returns_when_holder_completes");
+    let token = acquire(&*store, key, LONG).await;
+    let started = tokio::time::Instant::now();
+    let waiter = store.wait(key, LONG);
+    let holder = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        complete(&*store, key, token, b"done", LONG).await;
+    };
+    let (waited, ()) = tokio::join!(waiter, holder);
+    assert!(waited.is_ok(), "wait failed: {waited:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "wait must return when the holder completes, not at its timeout"
+    );
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"done"),
+        other => panic!("after the wait the record must be completed, got {other:?}"),
+    }
+}
+
+/// `wait` on a held key returns once the holder releases.
+pub async fn wait_returns_when_holder_releases(store: Arc<dyn Store>) {
+    let key = fresh_key("wait_returns_when_holder_releases");
+    let token = acquire(&*store, key, LONG).await;
+    let started = tokio::time::Instant::now();
+    let waiter = store.wait(key, LONG);
+    let holder = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.release(key, token).await.ok(), Some(true));
+    };
+    let (waited, ()) = tokio::join!(waiter, holder);
+    assert!(waited.is_ok(), "wait failed: {waited:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    acquire(&*store, key, LONG).await;
+}
+
+/// `wait` on a key whose holder never finishes returns by its timeout.
+pub async fn wait_is_bounded_by_timeout(store: Arc<dyn Store>) {
+    let key = fresh_key("wait_is_bounded_by_timeout");
+    acquire(&*store, key, LONG).await;
+    let started = tokio::time::Instant::now();
+    let waited = store.wait(key, Duration::from_millis(200)).await;
+    assert!(waited.is_ok(), "wait failed: {waited:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "wait must return by its timeout"
+    );
+}
+
+/// Many concurrent claims of one free key: exactly one `Acquired`, the rest `Busy`.
+pub async fn concurrent_claims_give_one_acquired(store: Arc<dyn Store>) {
+    for round in 0..8 {
+        let key = fresh_key("concurrent_claims_give_one_acquired");
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let store = store.clone();
+            tasks.spawn(async move { store.claim(key, None, LONG).await });
+        }
+        let (mut acquired, mut busy) = (0, 0);
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(Claim::Acquired(_))) => acquired += 1,
+                Ok(Ok(Claim::Busy { .. })) => busy += 1,
+                other => panic!("unexpected concurrent claim result: {other:?}"),
+            }
+        }
+        assert_eq!(
+            (acquired, busy),
+            (1, 31),
+            "round {round}: exactly one claim acquires"
+        );
+    }
+}
+
+/// Empty, binary and large values come back byte for byte.
+pub async fn values_round_trip_exactly(store: Arc<dyn Store>) {
+    let all_bytes: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let large: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for value in [Vec::new(), all_bytes, large] {
+        let key = fresh_key("values_round_trip_exactly");
+        let token = acquire(&*store, key, LONG).await;
+        let done = store
+            .complete(key, token, Bytes::from(value.clone()), LONG)
+            .await;
+        assert_eq!(done.ok(), Some(Completion::Stored));
+        match store.claim(key, None, LONG).await {
+            Ok(Claim::Completed(done)) => {
+                assert!(
+                    done.value[..] == value[..],
+                    "a {} byte value changed in the store",
+                    value.len()
+                );
+            }
+            other => panic!("expected the completed record, got {other:?}"),
+        }
+    }
+}
+
+/// Operations on one key never touch another's record.
+pub async fn keys_do_not_interfere(store: Arc<dyn Store>) {
+    let a = fresh_key("keys_do_not_interfere");
+    let b = fresh_key("keys_do_not_interfere");
+    let ta = acquire(&*store, a, LONG).await;
+    let tb = acquire(&*store, b, LONG).await;
+    complete(&*store, a, ta, b"a", LONG).await;
+    assert_eq!(store.release(b, tb).await.ok(), Some(true));
+    assert_eq!(store.remove(b).await.ok(), Some(false));
+    match store.claim(a, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"a"),
+        other => panic!("key a must be untouched by b's operations, got {other:?}"),
+    }
+}
+
+/// Writes one `#[tokio::test]` per conformance check, each on a store made by `$make` (an
+/// expression whose value is a future of `Arc<dyn Store>`, evaluated once per check).
+///
+/// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            claim_of_absent_key_acquires,
+            complete_then_claim_replays,
+            claim_while_in_progress_is_busy,
+            lapsed_lease_is_taken_over,
+            stale_token_cannot_complete_renew_or_release,
+            renew_pushes_the_lease_out,
+            release_frees_the_key,
+            completed_record_expires_after_ttl,
+            remove_forgets_a_record,
+            operations_on_absent_key_change_nothing,
+            wait_returns_when_holder_completes,
+            wait_returns_when_holder_releases,
+            wait_is_bounded_by_timeout,
+            concurrent_claims_give_one_acquired,
+            values_round_trip_exactly,
+            keys_do_not_interfere
+        );
+    };
+    (@each $make:expr; $($check:ident),*) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $check() {
+            let store: ::std::sync::Arc<dyn $crate::Store> = $make.await;
+            $crate::conformance::$check(store).await;
+        }
+    )*};
+}

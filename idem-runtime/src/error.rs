@@ -1,0 +1,67 @@
+//! The one error type of idem.
+
+use std::time::Duration;
+
+/// A boxed error from a store's backend or a codec, kept as the [`source`](std::error::Error::source).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why an idempotent call could not run its body or return a result.
+///
+/// An `#[idempotent]` function returns `Result<T, E>` with `E: From<idem::Error>`, so these reach
+/// the caller as the caller's own error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call holds the key and has not finished: returned at once with
+    /// `on_conflict = reject`, or after the wait bound ran out with `on_conflict = wait`.
+    #[error("another call with this idempotency key is in progress (retry in {retry_after:?})")]
+    InProgress {
+        /// How long the holder's lease has left at the most; retrying sooner is pointless.
+        retry_after: Duration,
+    },
+
+    /// The key was used before by a call with a different fingerprint: the stored result
+    /// belongs to another request and is not returned.
+    #[error("this idempotency key was already used by a different request (fingerprint mismatch)")]
+    KeyReused,
+
+    /// The store failed: connection, timeout, protocol, a record the store cannot read, or a
+    /// limit of the store.
+    #[error("idempotency store failed: {0}")]
+    Store(#[source] BoxError),
+
+    /// A stored result no longer decodes as the function's return type (its type changed between
+    /// deployments, or the record was written by another function), or a result failed to encode.
+    #[error("stored idempotent result does not match the expected type: {0}")]
+    Codec(#[source] BoxError),
+}
+
+impl Error {
+    /// An [`Error::Store`] from any backend error.
+    pub fn store(err: impl Into<BoxError>) -> Error {
+        Error::Store(err.into())
+    }
+
+    /// An [`Error::Codec`] from any codec error.
+    pub fn codec(err: impl Into<BoxError>) -> Error {
+        Error::Codec(err.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_bounds<T: std::error::Error + Send + Sync + 'static>() {}
+
+    #[test]
+    fn error_is_a_proper_error() {
+        assert_bounds::<Error>();
+        let e = Error::store("connection refused");
+        assert_eq!(
+            e.to_string(),
+            "idempotency store failed: connection refused"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}

@@ -1,0 +1,483 @@
+//! The executor: claim, replay or run, renew, complete or release.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::key::{Fingerprint, Key, KeyPart};
+use crate::record::{Claim, Completion, Token};
+use crate::store::Store;
+
+/// How long a completed result is remembered unless told otherwise: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a claim holds before another caller may take over unless told otherwise: 30
+/// seconds. The lease is renewed (every third of it) while the body runs.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// How long a caller waits for another call holding the same key unless told otherwise: 60
+/// seconds; then it fails with [`Error::InProgress`].
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a caller does while another call holds its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Wait for the holder (up to the wait timeout), then return its result; if it failed, run
+    /// the body.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::InProgress`].
+    Reject,
+}
+
+/// How one idempotent call behaves: the knobs of `#[idempotent(...)]` and of [`Idempotent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Policy {
+    /// How long a completed result is remembered.
+    pub ttl: Duration,
+    /// How long a claim holds without renewal.
+    pub lease: Duration,
+    /// What to do while another call holds the key.
+    pub on_conflict: OnConflict,
+    /// The longest a caller waits with [`OnConflict::Wait`].
+    pub wait_timeout: Duration,
+}
+
+impl Policy {
+    /// The defaults: [`DEFAULT_TTL`], [`DEFAULT_LEASE`], [`OnConflict::Wait`],
+    /// [`DEFAULT_WAIT_TIMEOUT`].
+    pub const fn new() -> Policy {
+        Policy {
+            ttl: DEFAULT_TTL,
+            lease: DEFAULT_LEASE,
+            on_conflict: OnConflict::Wait,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+        }
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::new()
+    }
+}
+
+/// How an idempotent call got its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// This call ran the body and stored its result.
+    Executed,
+    /// A completed record was found: its value was returned and the body did not run.
+    Replayed,
+    /// Another call held the key; this one waited for it and returned its result.
+    Waited,
+    /// This call ran the body, but its lease ran out and another call took the key over before
+    /// the result could be stored: the body may have run twice. A `tracing` warning says so too.
+    LeaseLost,
+}
+
+impl Status {
+    /// Whether the value came from a stored record rather than this call's body.
+    pub fn is_replay(self) -> bool {
+        matches!(self, Status::Replayed | Status::Waited)
+    }
+
+    /// The outcome's name, as the `tracing` event gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Executed => "executed",
+            Status::Replayed => "replayed",
+            Status::Waited => "waited",
+            Status::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+/// The value of an idempotent call and how it was obtained: what [`Idempotent::run_with_outcome`]
+/// returns, for callers (an HTTP handler setting `Idempotent-Replayed`) that must tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outcome<T> {
+    /// The value: this call's own, or the first call's.
+    pub value: T,
+    /// Whether it was executed or replayed.
+    pub status: Status,
+    /// How long the record lives on, by the store's clock; `None` when nothing was stored.
+    pub expires_in: Option<Duration>,
+}
+
+/// An idempotent call built without the attribute: for closures, and for code that cannot take
+/// an attribute. `#[idempotent]` expands to the same executor.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_runtime::{Error, Idempotent, MemoryStore, Status};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+/// let store = MemoryStore::new();
+/// let order_id = 42u64;
+/// let charge = || async { Ok::<u64, Error>(1999) };
+///
+/// let cents = Idempotent::new(&store, ("charge", order_id))
+///     .ttl(Duration::from_secs(3600))
+///     .run(charge)
+///     .await?;
+/// assert_eq!(cents, 1999);
+///
+/// let again = Idempotent::new(&store, ("charge", order_id)).run_with_outcome(charge).await?;
+/// assert_eq!(again.status, Status::Replayed);
+/// # Ok(()) }
+/// ```
+#[must_use = "an idempotent call does nothing until `run` is awaited"]
+pub struct Idempotent<'s, S: ?Sized, K> {
+    store: &'s S,
+    key: K,
+    name: Cow<'static, str>,
+    fingerprint: Option<Fingerprint>,
+    policy: Policy,
+}
+
+impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
+    /// A call keyed by `key` in `store`, with the default [`Policy`] and the empty namespace.
+    pub fn new(store: &'s S, key: K) -> Self {
+        Idempotent {
+            store,
+            key,
+            name: Cow::Borrowed(""),
+            fingerprint: None,
+            policy: Policy::new(),
+        }
+    }
+
+    /// The namespace of the key (`#[idempotent]` uses the function's path unless `name = ...`).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How long the result is remembered.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.policy.ttl = ttl;
+        self
+    }
+
+    /// How long a claim holds without renewal.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.policy.lease = lease;
+        self
+    }
+
+    /// What to do while another call holds the key.
+    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
+        self.policy.on_conflict = on_conflict;
+        self
+    }
+
+    /// The longest to wait for another call holding the key.
+    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
+        self.policy.wait_timeout = wait_timeout;
+        self
+    }
+
+    /// A value that must match on replay: a completed record made with another fingerprint
+    /// gives [`Error::KeyReused`] instead of its result.
+    pub fn fingerprint<F: KeyPart + ?Sized>(mut self, fingerprint: &F) -> Self {
+        self.fingerprint = Some(Fingerprint::of(fingerprint));
+        self
+    }
+
+    /// Runs `body` at most once per key while the record lives, and returns its value or the
+    /// first call's.
+    pub async fn run<F, Fut, T, E>(self, body: F) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error>,
+    {
+        self.run_with_outcome(body).await.map(|o| o.value)
+    }
+
+    /// Like [`run`](Self::run), and also says whether the value was executed or replayed and
+    /// how long the record lives.
+    pub async fn run_with_outcome<F, Fut, T, E>(self, body: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error>,
+    {
+        let key = Key::new(&self.name, &self.key);
+        let call = Call {
+            name: &self.name,
+            key,
+            fingerprint: self.fingerprint,
+            policy: &self.policy,
+        };
+        execute(self.store, call, async move { body().await }).await
+    }
+}
+
+/// Everything the executor needs to know about one call besides its store and body.
+pub(crate) struct Call<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) key: Key,
+    pub(crate) fingerprint: Option<Fingerprint>,
+    pub(crate) policy: &'a Policy,
+}
+
+/// Emits the one `tracing` event of a call.
+macro_rules! outcome {
+    ($level:ident, $call:expr, $outcome:expr $(, $($rest:tt)*)?) => {
+        tracing::event!(
+            target: "idem",
+            tracing::Level::$level,
+            outcome = $outcome,
+            name = $call.name,
+            key = %$call.key,
+            $($($rest)*)?
+        )
+    };
+}
+
+pub(crate) async fn execute<S, T, E, Fut>(
+    store: &S,
+    call: Call<'_>,
+    body: Fut,
+) -> Result<Outcome<T>, E>
+where
+    S: Store + ?Sized,
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let policy = call.policy;
+    let deadline = Instant::now() + policy.wait_timeout;
+    let mut waited = false;
+    let token = loop {
+        let claim = match store.claim(call.key, call.fingerprint, policy.lease).await {
+            Ok(claim) => claim,
+            Err(err) => {
+                outcome!(WARN, call, "store_error", error = %err, step = "claim");
+                return Err(err.into());
+            }
+        };
+        match claim {
+            Claim::Acquired(token) => break token,
+            Claim::Completed(done) => {
+                if call.fingerprint.is_some() && done.fingerprint != call.fingerprint {
+                    outcome!(INFO, call, "key_reused");
+                    return Err(Error::KeyReused.into());
+                }
+                let value = match serde_json::from_slice::<T>(&done.value) {
+                    Ok(value) => value,
+                    Err(err) => {
+                        outcome!(WARN, call, "store_error", error = %err, step = "decode");
+                        return Err(Error::codec(err).into());
+                    }
+                };
+                let status = if waited {
+                    Status::Waited
+                } else {
+                    Status::Replayed
+                };
+                outcome!(DEBUG, call, status.as_str());
+                return Ok(Outcome {
+                    value,
+                    status,
+                    expires_in: Some(done.expires_in),
+                });
+            }
+            Claim::Busy { lease_left } => {
+                let now = Instant::now();
+                if policy.on_conflict == OnConflict::Reject || now >= deadline {
+                    outcome!(INFO, call, "rejected", waited);
+                    return Err(Error::InProgress {
+                        retry_after: lease_left,
+                    }
+                    .into());
+                }
+                if let Err(err) = store.wait(call.key, deadline - now).await {
+                    outcome!(WARN, call, "store_error", error = %err, step = "wait");
+                    return Err(err.into());
+                }
+                waited = true;
+            }
+        }
+    };
+
+    let guard = ClaimGuard {
+        store,
+        key: call.key,
+        token,
+        armed: true,
+    };
+    let result = renewing(store, call.key, token, policy.lease, body).await;
+    let value = match result {
+        Ok(value) => value,
+        Err(err) => {
+            // A failure is not memoized: free the key so a retry runs the body again.
+            guard.release(call.name).await;
+            outcome!(DEBUG, call, "executed", failed = true);
+            return Err(err);
+        }
+    };
+    let encoded = match serde_json::to_vec(&value) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(err) => {
+            guard.release(call.name).await;
+            outcome!(WARN, call, "store_error", error = %err, step = "encode");
+            return Err(Error::codec(err).into());
+        }
+    };
+    let completion = store.complete(call.key, token, encoded, policy.ttl).await;
+    guard.disarm();
+    match completion {
+        Ok(Completion::Stored) => {
+            outcome!(DEBUG, call, "executed");
+            Ok(Outcome {
+                value,
+                status: Status::Executed,
+                expires_in: Some(policy.ttl),
+            })
+        }
+        Ok(Completion::LeaseLost) => {
+            outcome!(
+                WARN,
+                call,
+                "lease_lost",
+                "the lease ran out and another call took the key over before this call's result \
+                 was stored: the body may have run twice; raise `lease` above the body's run time"
+            );
+            Ok(Outcome {
+                value,
+                status: Status::LeaseLost,
+                expires_in: None,
+            })
+        }
+        Err(err) => {
+            // The body ran and its value is in hand: return it rather than make the caller
+            // retry a done effect. The claim expires with its lease.
+            outcome!(
+                WARN,
+                call,
+                "store_error",
+                error = %err,
+                step = "complete",
+                "the body ran but its result could not be stored; a retry after the lease may run it again"
+            );
+            Ok(Outcome {
+                value,
+                status: Status::Executed,
+                expires_in: None,
+            })
+        }
+    }
+}
+
+/// Runs `body` while renewing the lease every third of it. Renewal is driven by this future, so
+/// a holder that is no longer polled stops renewing and loses its lease.
+async fn renewing<S, Fut>(
+    store: &S,
+    key: Key,
+    token: Token,
+    lease: Duration,
+    body: Fut,
+) -> Fut::Output
+where
+    S: Store + ?Sized,
+    Fut: Future,
+{
+    let every = (lease / 3).max(Duration::from_millis(1));
+    let renew = async {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.renew(key, token, lease).await {
+                Ok(true) => {}
+                Ok(false) => return, // taken over: `complete` will report the lost lease
+                Err(err) => {
+                    tracing::warn!(target: "idem", key = %key, error = %err, "could not renew the lease; trying again");
+                }
+            }
+        }
+    };
+    tokio::pin!(body);
+    tokio::pin!(renew);
+    let mut renewing = true;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut body => return out,
+            () = &mut renew, if renewing => renewing = false,
+        }
+    }
+}
+
+/// Releases a claim when the call's future is dropped or unwinds before it completes.
+struct ClaimGuard<'a, S: Store + ?Sized> {
+    store: &'a S,
+    key: Key,
+    token: Token,
+    armed: bool,
+}
+
+impl<S: Store + ?Sized> ClaimGuard<'_, S> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    /// Releases the claim now, waiting for the store. A release that fails leaves the claim to
+    /// expire with its lease, which is no longer renewed.
+    async fn release(mut self, name: &str) {
+        // Stays armed while the release is under way: if this future is dropped meanwhile, the
+        // destructor still releases.
+        let released = self.store.release(self.key, self.token).await;
+        self.armed = false;
+        if let Err(err) = released {
+            tracing::warn!(
+                target: "idem", name, key = %self.key, error = %err,
+                "could not release the claim; it frees when its lease runs out"
+            );
+        }
+    }
+}
+
+impl<S: Store + ?Sized> Drop for ClaimGuard<'_, S> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.release_on_drop(self.key, self.token);
+        }
+    }
+}
+
+/// The entry point of `#[idempotent]`'s expansion. Not public API.
+#[doc(hidden)]
+pub async fn run_attributed<S, T, E, Fut>(
+    store: &S,
+    name: &str,
+    key: Key,
+    fingerprint: Option<Fingerprint>,
+    policy: &Policy,
+    body: Fut,
+) -> Result<T, E>
+where
+    S: Store + ?Sized,
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let call = Call {
+        name,
+        key,
+        fingerprint,
+        policy,
+    };
+    execute(store, call, body).await.map(|o| o.value)
+}

@@ -1,0 +1,551 @@
+//! Idempotency keys: the canonical encoding of a key value and its digest.
+//!
+//! A [`Key`] is the BLAKE3 digest of `(namespace, type arguments, canonical encoding of the
+//! value)`. The encoding is part of this crate's stability promise: it does not depend on the
+//! process, the machine, the platform's endianness or word size, the Rust version or the release
+//! of this crate, and golden vectors in the tests pin it. Two values that are equal as keys encode
+//! the same:
+//!
+//! - integers encode by value, whatever their width or signedness (`5u8`, `5i64` and `5u128`
+//!   are one key), so widening a key type does not orphan stored records;
+//! - `String`, `&str`, `Box<str>` and `Cow<str>` are one key; so are `Vec<T>`, `[T; N]` and `&[T]`;
+//! - maps and sets encode their entries sorted by their encoding, so a `HashMap` encodes the
+//!   same whatever its insertion order, and the same as a `BTreeMap` with the same entries.
+//!
+//! Encoding integers, strings, UUIDs, options and tuples of them streams straight into the
+//! hasher and allocates nothing; only maps and sets buffer their entries to sort them.
+//!
+//! Stores only ever see the 32-byte digest, so a client-chosen key cannot be crafted to collide
+//! with another's and read its result.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// BLAKE3 key-derivation context for keys. Changing it changes every key: never do.
+const KEY_CONTEXT: &str = "idem 2026-11-23 idempotency key v1";
+/// BLAKE3 key-derivation context for fingerprints. Changing it changes every fingerprint.
+const FINGERPRINT_CONTEXT: &str = "idem 2026-11-23 request fingerprint v1";
+
+// One tag byte per kind of value keeps the encoding self-delimiting and unambiguous.
+const TAG_FALSE: u8 = 0x00;
+const TAG_TRUE: u8 = 0x01;
+const TAG_UINT: u8 = 0x02;
+const TAG_NEG_INT: u8 = 0x03;
+const TAG_CHAR: u8 = 0x04;
+const TAG_STR: u8 = 0x05;
+const TAG_BYTES: u8 = 0x06;
+const TAG_NONE: u8 = 0x07;
+const TAG_SOME: u8 = 0x08;
+const TAG_TUPLE: u8 = 0x09;
+const TAG_SEQ: u8 = 0x0a;
+const TAG_SET: u8 = 0x0b;
+const TAG_MAP: u8 = 0x0c;
+
+/// The identity of one idempotent operation: a 32-byte digest of its namespace and key value.
+///
+/// A `Key` can only be made by the canonical encoder ([`Key::new`]), so two keys are equal
+/// exactly when their namespaces and key values are.
+///
+/// ```
+/// use idem_runtime::Key;
+///
+/// let a = Key::new("payments.charge.v1", &("order", 42u64));
+/// let b = Key::new("payments.charge.v1", &("order", 42u32));
+/// assert_eq!(a, b); // integers are keys by value
+/// assert_ne!(a, Key::new("payments.refund.v1", &("order", 42u64)));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    /// The key of `value` in `namespace`.
+    pub fn new<V: KeyPart + ?Sized>(namespace: &str, value: &V) -> Key {
+        Key::with_type_args(namespace, &[], value)
+    }
+
+    /// The key of `value` in `namespace` specialised by type arguments, so that the
+    /// instantiations of a generic function never share records. `#[idempotent]` passes the
+    /// `core::any::type_name` of each of the function's type parameters.
+    pub fn with_type_args<V: KeyPart + ?Sized>(
+        namespace: &str,
+        type_args: &[&str],
+        value: &V,
+    ) -> Key {
+        let mut enc = Encoder::hashing(KEY_CONTEXT);
+        enc.write_str(namespace);
+        type_args.encode(&mut enc);
+        value.encode(&mut enc);
+        Key(enc.finish_digest())
+    }
+
+    /// The digest's 32 bytes; what remote stores use as the record's name.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Rebuilds a key from digest bytes read back from a store.
+    pub fn from_digest(bytes: [u8; 32]) -> Key {
+        Key(bytes)
+    }
+
+    /// The digest as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({self})")
+    }
+}
+
+/// A digest of the part of a request that must match on replay (see `fingerprint = ...`).
+///
+/// A completed record remembers the fingerprint of the call that made it; a later call with the
+/// same key and another fingerprint fails with [`Error::KeyReused`](crate::Error::KeyReused)
+/// instead of receiving a result that was computed for a different request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of `value`, canonically encoded like a key.
+    pub fn of<V: KeyPart + ?Sized>(value: &V) -> Fingerprint {
+        let mut enc = Encoder::hashing(FINGERPRINT_CONTEXT);
+        value.encode(&mut enc);
+        Fingerprint(enc.finish_digest())
+    }
+
+    /// The digest's 32 bytes, as stores keep them.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Rebuilds a fingerprint from bytes read back from a store.
+    pub fn from_digest(bytes: [u8; 32]) -> Fingerprint {
+        Fingerprint(bytes)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprint(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…)")
+    }
+}
+
+/// Where a canonical encoding goes: a hasher, or a buffer (to sort map entries, and for tests).
+// The hasher stays inline: boxing it would put a heap allocation on every key derivation.
+#[allow(clippy::large_enum_variant)]
+enum Sink {
+    Hash(blake3::Hasher),
+    Buf(Vec<u8>),
+}
+
+/// The canonical encoder that [`KeyPart`] implementations write to.
+///
+/// Implement [`KeyPart`] for a type of your own by encoding the fields that identify it, usually
+/// as a tuple; the encoder's primitives are there for byte strings and for custom containers.
+pub struct Encoder {
+    sink: Sink,
+}
+
+impl Encoder {
+    fn hashing(context: &str) -> Encoder {
+        Encoder {
+            sink: Sink::Hash(blake3::Hasher::new_derive_key(context)),
+        }
+    }
+
+    fn buffer() -> Encoder {
+        Encoder {
+            sink: Sink::Buf(Vec::new()),
+        }
+    }
+
+    fn finish_digest(self) -> [u8; 32] {
+        match self.sink {
+            Sink::Hash(h) => *h.finalize().as_bytes(),
+            // Never reached: digests are only taken from hashing encoders.
+            Sink::Buf(buf) => *blake3::hash(&buf).as_bytes(),
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        match &mut self.sink {
+            Sink::Hash(h) => {
+                h.update(bytes);
+            }
+            Sink::Buf(buf) => buf.extend_from_slice(bytes),
+        }
+    }
+
+    fn len(&mut self, len: usize) {
+        // usize → u64 is lossless on every platform Rust supports.
+        self.raw(&(len as u64).to_le_bytes());
+    }
+
+    /// Writes an unsigned integer; equal values of any width encode the same.
+    pub fn write_u128(&mut self, v: u128) {
+        self.raw(&[TAG_UINT]);
+        self.raw(&v.to_be_bytes());
+    }
+
+    /// Writes a signed integer; a non-negative one encodes as the unsigned of the same value.
+    pub fn write_i128(&mut self, v: i128) {
+        if v >= 0 {
+            self.write_u128(v as u128);
+        } else {
+            self.raw(&[TAG_NEG_INT]);
+            self.raw(&v.to_be_bytes());
+        }
+    }
+
+    /// Writes a string (UTF-8).
+    pub fn write_str(&mut self, s: &str) {
+        self.raw(&[TAG_STR]);
+        self.len(s.len());
+        self.raw(s.as_bytes());
+    }
+
+    /// Writes a byte string. Byte strings and strings with the same bytes are different keys.
+    pub fn write_bytes(&mut self, b: &[u8]) {
+        self.raw(&[TAG_BYTES]);
+        self.len(b.len());
+        self.raw(b);
+    }
+
+    /// Writes a tuple of `len` parts; encode the parts right after.
+    pub fn write_tuple_header(&mut self, len: usize) {
+        self.raw(&[TAG_TUPLE]);
+        self.len(len);
+    }
+
+    /// Writes a sequence of `len` elements; encode the elements right after.
+    pub fn write_seq_header(&mut self, len: usize) {
+        self.raw(&[TAG_SEQ]);
+        self.len(len);
+    }
+
+    fn write_sorted(&mut self, tag: u8, mut entries: Vec<Vec<u8>>) {
+        entries.sort_unstable();
+        self.raw(&[tag]);
+        self.len(entries.len());
+        for entry in &entries {
+            self.raw(entry);
+        }
+    }
+}
+
+/// The canonical encoding of `value`, as bytes: what [`Key`] hashes after the namespace.
+///
+/// Exposed for golden tests and for debugging; stores never see it.
+pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
+    let mut enc = Encoder::buffer();
+    value.encode(&mut enc);
+    match enc.sink {
+        Sink::Buf(buf) => buf,
+        Sink::Hash(_) => Vec::new(),
+    }
+}
+
+/// A value that can be part of an idempotency key (or of a fingerprint).
+///
+/// Implemented for integers, `bool`, `char`, strings, byte arrays, options, tuples (up to 12),
+/// sequences, sets and maps of key parts, smart pointers to them, and UUIDs (feature `uuid`).
+/// Floating-point numbers are deliberately not key parts: `0.1 + 0.2 != 0.3` and `NaN != NaN`
+/// would make equal-looking requests different keys.
+///
+/// For a type of your own, encode what identifies it:
+///
+/// ```
+/// use idem_runtime::key::{Encoder, KeyPart};
+///
+/// struct Order { id: u64, customer: String, note: String }
+///
+/// impl KeyPart for Order {
+///     fn encode(&self, enc: &mut Encoder) {
+///         // The note does not make an order a different order.
+///         (self.id, &self.customer).encode(enc)
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be part of an idempotency key",
+    label = "`{Self}` does not implement `idem::KeyPart`",
+    note = "leave this argument out of the key with `skip(...)`, give the key explicitly with `key = ...`, or implement `idem::KeyPart` for the type"
+)]
+pub trait KeyPart {
+    /// Writes the canonical encoding of `self`.
+    fn encode(&self, enc: &mut Encoder);
+}
+
+macro_rules! unsigned {
+    ($($t:ty)*) => {$(
+        impl KeyPart for $t {
+            fn encode(&self, enc: &mut Encoder) {
+                enc.write_u128(*self as u128);
+            }
+        }
+    )*};
+}
+unsigned!(u8 u16 u32 u64 u128 usize);
+
+macro_rules! signed {
+    ($($t:ty)*) => {$(
+        impl KeyPart for $t {
+            fn encode(&self, enc: &mut Encoder) {
+                enc.write_i128(*self as i128);
+            }
+        }
+    )*};
+}
+signed!(i8 i16 i32 i64 i128 isize);
+
+impl KeyPart for bool {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.raw(&[if *self { TAG_TRUE } else { TAG_FALSE }]);
+    }
+}
+
+impl KeyPart for char {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.raw(&[TAG_CHAR]);
+        enc.raw(&u32::from(*self).to_be_bytes());
+    }
+}
+
+impl KeyPart for str {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_str(self);
+    }
+}
+
+impl KeyPart for String {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_str(self);
+    }
+}
+
+impl KeyPart for () {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_tuple_header(0);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for &T {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for &mut T {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Box<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Arc<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Rc<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart + ToOwned + ?Sized> KeyPart for Cow<'_, T> {
+    fn encode(&self, enc: &mut Encoder) {
+        (**self).encode(enc);
+    }
+}
+
+impl<T: KeyPart> KeyPart for Option<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        match self {
+            None => enc.raw(&[TAG_NONE]),
+            Some(v) => {
+                enc.raw(&[TAG_SOME]);
+                v.encode(enc);
+            }
+        }
+    }
+}
+
+impl<T: KeyPart> KeyPart for [T] {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_seq_header(self.len());
+        for v in self {
+            v.encode(enc);
+        }
+    }
+}
+
+impl<T: KeyPart, const N: usize> KeyPart for [T; N] {
+    fn encode(&self, enc: &mut Encoder) {
+        self.as_slice().encode(enc);
+    }
+}
+
+impl<T: KeyPart> KeyPart for Vec<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        self.as_slice().encode(enc);
+    }
+}
+
+impl<T: KeyPart> KeyPart for VecDeque<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_seq_header(self.len());
+        for v in self {
+            v.encode(enc);
+        }
+    }
+}
+
+fn encode_set<'a, T: KeyPart + 'a>(enc: &mut Encoder, items: impl ExactSizeIterator<Item = &'a T>) {
+    let entries = items.map(canonical_bytes).collect();
+    enc.write_sorted(TAG_SET, entries);
+}
+
+fn encode_map<'a, K: KeyPart + 'a, V: KeyPart + 'a>(
+    enc: &mut Encoder,
+    items: impl ExactSizeIterator<Item = (&'a K, &'a V)>,
+) {
+    let entries = items.map(|(k, v)| canonical_bytes(&(k, v))).collect();
+    enc.write_sorted(TAG_MAP, entries);
+}
+
+impl<T: KeyPart, S> KeyPart for HashSet<T, S> {
+    fn encode(&self, enc: &mut Encoder) {
+        encode_set(enc, self.iter());
+    }
+}
+
+impl<T: KeyPart> KeyPart for BTreeSet<T> {
+    fn encode(&self, enc: &mut Encoder) {
+        encode_set(enc, self.iter());
+    }
+}
+
+impl<K: KeyPart, V: KeyPart, S> KeyPart for HashMap<K, V, S> {
+    fn encode(&self, enc: &mut Encoder) {
+        encode_map(enc, self.iter());
+    }
+}
+
+impl<K: KeyPart, V: KeyPart> KeyPart for BTreeMap<K, V> {
+    fn encode(&self, enc: &mut Encoder) {
+        encode_map(enc, self.iter());
+    }
+}
+
+macro_rules! tuples {
+    ($($len:literal => ($($name:ident)+))+) => {$(
+        impl<$($name: KeyPart),+> KeyPart for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn encode(&self, enc: &mut Encoder) {
+                let ($($name,)+) = self;
+                enc.write_tuple_header($len);
+                $($name.encode(enc);)+
+            }
+        }
+    )+};
+}
+tuples! {
+    1 => (A)
+    2 => (A B)
+    3 => (A B C)
+    4 => (A B C D)
+    5 => (A B C D E)
+    6 => (A B C D E F)
+    7 => (A B C D E F G)
+    8 => (A B C D E F G H)
+    9 => (A B C D E F G H I)
+    10 => (A B C D E F G H I J)
+    11 => (A B C D E F G H I J K)
+    12 => (A B C D E F G H I J K L)
+}
+
+#[cfg(feature = "uuid")]
+impl KeyPart for uuid::Uuid {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_bytes(self.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn integers_are_keys_by_value() {
+        assert_eq!(canonical_bytes(&5u8), canonical_bytes(&5i64));
+        assert_eq!(canonical_bytes(&5u128), canonical_bytes(&5usize));
+        assert_ne!(canonical_bytes(&-5i8), canonical_bytes(&5i8));
+        assert_ne!(canonical_bytes(&-1i64), canonical_bytes(&u128::MAX));
+    }
+
+    #[test]
+    fn string_forms_are_one_key() {
+        let owned = String::from("abc");
+        assert_eq!(canonical_bytes("abc"), canonical_bytes(&owned));
+        assert_eq!(
+            canonical_bytes(&Cow::Borrowed("abc")),
+            canonical_bytes(&Box::<str>::from("abc"))
+        );
+        assert_ne!(canonical_bytes("abc"), canonical_bytes(&b"abc"[..]));
+    }
+
+    #[test]
+    fn encoding_is_unambiguous_across_boundaries() {
+        assert_ne!(canonical_bytes(&("ab", "c")), canonical_bytes(&("a", "bc")));
+        assert_ne!(canonical_bytes(&(1u8, 2u8)), canonical_bytes(&vec![1u8, 2]));
+        assert_ne!(canonical_bytes(&Some(())), canonical_bytes(&()));
+    }
+
+    #[test]
+    fn golden_bytes() {
+        assert_eq!(
+            hex(&canonical_bytes(&(42u64, "ab", true, None::<u8>))),
+            concat!(
+                "09",
+                "0400000000000000", // tuple of 4
+                "02",
+                "0000000000000000000000000000002a", // 42
+                "05",
+                "0200000000000000",
+                "6162", // "ab"
+                "01",   // true
+                "07",   // None
+            )
+        );
+    }
+}

@@ -1,0 +1,399 @@
+//! The embedded in-memory store.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{BoxFuture, Store};
+use crate::error::Error;
+use crate::key::{Fingerprint, Key};
+use crate::record::{Claim, Completed, Completion, Token};
+
+/// How many records a [`MemoryStore`] holds at the most unless told otherwise.
+pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+
+/// How often, at the most, inserting a record sweeps the expired ones out.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// An idempotency store in this process's memory, on a sharded concurrent map (`dashmap`).
+///
+/// The zero-setup default: `#[idempotent]` without `store = ...` uses [`MemoryStore::global`].
+/// Records live as long as the process, so it deduplicates within one process only; use a
+/// remote store for many processes or machines.
+///
+/// - A claim is atomic per key (it holds the key's shard lock for a few instructions).
+/// - Waiters for an in-progress key are woken the moment its holder completes or releases: no
+///   polling.
+/// - Time is tokio's clock ([`tokio::time::Instant`]), so tests can pause and advance it.
+/// - Memory is bounded: expired records are swept (lazily on access, and in bulk at most once a
+///   second when records are inserted), and the store holds at most `max_entries` records
+///   ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]). At the bound a
+///   claim of a *new* key first sweeps; if every record is still live it fails with
+///   [`Error::Store`] rather than evict a live record (evicting a completed record would let its
+///   body run twice). Keys already in the store are served as usual.
+///
+/// ```
+/// use idem_runtime::{Idempotent, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = MemoryStore::new();
+/// let first = Idempotent::new(&store, ("greet", 7u64))
+///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("hello")) })
+///     .await;
+/// let again = Idempotent::new(&store, ("greet", 7u64))
+///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("not run")) })
+///     .await;
+/// assert_eq!(first.unwrap(), again.unwrap());
+/// # }
+/// ```
+pub struct MemoryStore {
+    records: DashMap<Key, Record>,
+    len: AtomicUsize,
+    max_entries: usize,
+    last_sweep: Mutex<Instant>,
+}
+
+enum Record {
+    InProgress {
+        token: Token,
+        lease_until: Instant,
+        fingerprint: Option<Fingerprint>,
+        waiters: Arc<Notify>,
+    },
+    Completed {
+        value: Bytes,
+        fingerprint: Option<Fingerprint>,
+        expires_at: Instant,
+    },
+}
+
+impl Record {
+    fn is_live(&self, now: Instant) -> bool {
+        match self {
+            Record::InProgress { lease_until, .. } => *lease_until > now,
+            Record::Completed { expires_at, .. } => *expires_at > now,
+        }
+    }
+
+    fn wake_waiters(&self) {
+        if let Record::InProgress { waiters, .. } = self {
+            waiters.notify_waiters();
+        }
+    }
+}
+
+/// The store is full of live records; see [`MemoryStore`].
+#[derive(Debug)]
+struct Full {
+    max_entries: usize,
+}
+
+impl fmt::Display for Full {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the in-memory store holds {} live records, its bound; raise it with \
+             MemoryStore::with_max_entries or lower the ttl",
+            self.max_entries
+        )
+    }
+}
+
+impl std::error::Error for Full {}
+
+static GLOBAL: LazyLock<MemoryStore> = LazyLock::new(MemoryStore::new);
+
+impl MemoryStore {
+    /// An empty store that holds at most [`DEFAULT_MAX_ENTRIES`] records.
+    pub fn new() -> MemoryStore {
+        MemoryStore::with_max_entries(DEFAULT_MAX_ENTRIES)
+    }
+
+    /// An empty store that holds at most `max_entries` records (at least one).
+    pub fn with_max_entries(max_entries: usize) -> MemoryStore {
+        MemoryStore {
+            records: DashMap::new(),
+            len: AtomicUsize::new(0),
+            max_entries: max_entries.max(1),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The process-wide store that `#[idempotent]` uses when no `store = ...` is given, created
+    /// on first use.
+    pub fn global() -> &'static MemoryStore {
+        &GLOBAL
+    }
+
+    /// How many records the store holds, live or expired but not yet swept.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most records the store holds.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// Removes every expired record now; returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut removed = 0;
+        self.records.retain(|_, record| {
+            let live = record.is_live(now);
+            if !live {
+                record.wake_waiters();
+                removed += 1;
+            }
+            live
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    fn sweep_if_due(&self, now: Instant) {
+        // One sweeper at a time; the others go on without waiting.
+        let Ok(mut last) = self.last_sweep.try_lock() else {
+            return;
+        };
+        if now.duration_since(*last) >= SWEEP_EVERY {
+            *last = now;
+            drop(last);
+            self.sweep();
+        }
+    }
+
+    fn claim_now(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        let now = Instant::now();
+        if self.len() >= self.max_entries {
+            self.sweep();
+        }
+        let token = Token::generate();
+        let fresh = Record::InProgress {
+            token,
+            lease_until: now + lease,
+            fingerprint,
+            waiters: Arc::new(Notify::new()),
+        };
+        let inserted = match self.records.entry(key) {
+            Entry::Occupied(mut entry) => {
+                match entry.get() {
+                    Record::Completed {
+                        value,
+                        fingerprint,
+                        expires_at,
+                    } if *expires_at > now => {
+                        return Ok(Claim::Completed(Completed::new(
+                            value.clone(),
+                            *fingerprint,
+                            *expires_at - now,
+                        )));
+                    }
+                    Record::InProgress { lease_until, .. } if *lease_until > now => {
+                        return Ok(Claim::Busy {
+                            lease_left: *lease_until - now,
+                        });
+                    }
+                    _ => {}
+                }
+                // Expired: take over. Waiters of a lapsed claim look again at once.
+                let old = entry.insert(fresh);
+                old.wake_waiters();
+                false
+            }
+            Entry::Vacant(entry) => {
+                if self.len() >= self.max_entries {
+                    return Err(Error::store(Full {
+                        max_entries: self.max_entries,
+                    }));
+                }
+                entry.insert(fresh);
+                self.len.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+        };
+        if inserted {
+            self.sweep_if_due(now);
+        }
+        Ok(Claim::Acquired(token))
+    }
+
+    fn complete_now(&self, key: Key, token: Token, value: Bytes, ttl: Duration) -> Completion {
+        let now = Instant::now();
+        let Some(mut record) = self.records.get_mut(&key) else {
+            return Completion::LeaseLost;
+        };
+        let fingerprint = match &*record {
+            Record::InProgress {
+                token: held,
+                fingerprint,
+                ..
+            } if *held == token => *fingerprint,
+            _ => return Completion::LeaseLost,
+        };
+        let old = std::mem::replace(
+            &mut *record,
+            Record::Completed {
+                value,
+                fingerprint,
+                expires_at: now + ttl,
+            },
+        );
+        drop(record);
+        old.wake_waiters();
+        Completion::Stored
+    }
+
+    fn renew_now(&self, key: Key, token: Token, lease: Duration) -> bool {
+        let Some(mut record) = self.records.get_mut(&key) else {
+            return false;
+        };
+        match &mut *record {
+            Record::InProgress {
+                token: held,
+                lease_until,
+                ..
+            } if *held == token => {
+                *lease_until = Instant::now() + lease;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release_now(&self, key: Key, token: Token) -> bool {
+        let removed = self.records.remove_if(
+            &key,
+            |_, record| matches!(record, Record::InProgress { token: held, .. } if *held == token),
+        );
+        match removed {
+            Some((_, record)) => {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                record.wake_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_now(&self, key: Key) -> bool {
+        match self.records.remove(&key) {
+            Some((_, record)) => {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                record.wake_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn wait_for(&self, key: Key, timeout: Duration) {
+        let now = Instant::now();
+        let (waiters, lease_left) = {
+            let Some(record) = self.records.get(&key) else {
+                return;
+            };
+            match &*record {
+                Record::InProgress {
+                    lease_until,
+                    waiters,
+                    ..
+                } if *lease_until > now => (Arc::clone(waiters), *lease_until - now),
+                _ => return,
+            }
+        };
+        let notified = waiters.notified();
+        tokio::pin!(notified);
+        // Register before looking again, so a wake-up between the two cannot be missed.
+        notified.as_mut().enable();
+        let still_held = self.records.get(&key).is_some_and(|record| {
+            matches!(&*record, Record::InProgress { waiters: w, .. } if Arc::ptr_eq(w, &waiters))
+        });
+        if !still_held {
+            return;
+        }
+        // A holder that stops renewing loses its lease: look again when it runs out.
+        let _ = tokio::time::timeout(timeout.min(lease_left), notified).await;
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("max_entries", &self.max_entries)
+            .finish()
+    }
+}
+
+impl Store for MemoryStore {
+    fn claim(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Claim, Error>> {
+        let result = self.claim_now(key, fingerprint, lease);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Completion, Error>> {
+        let result = self.complete_now(key, token, value, ttl);
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
+        let result = self.renew_now(key, token, lease);
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {
+        let result = self.release_now(key, token);
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn wait(&self, key: Key, timeout: Duration) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.wait_for(key, timeout).await;
+            Ok(())
+        })
+    }
+
+    fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
+        let result = self.remove_now(key);
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn release_on_drop(&self, key: Key, token: Token) {
+        self.release_now(key, token);
+    }
+}

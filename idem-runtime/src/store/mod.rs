@@ -1,0 +1,116 @@
+//! The [`Store`] trait, the seam between the executor and a backend.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::key::{Fingerprint, Key};
+use crate::record::{Claim, Completion, Token};
+
+pub mod memory;
+
+/// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where idempotency records live.
+///
+/// A record for a key is absent, `InProgress { token, lease, fingerprint }` or
+/// `Completed { value, fingerprint, expiry }`. Every operation is atomic on its own, and every
+/// store passes the same [conformance suite](crate::conformance), which is what makes them
+/// interchangeable. Expiry uses the store's own clock where it has one, so the clocks of several
+/// clients never have to agree.
+///
+/// The trait is object safe: a program can pick its backend at start-up and hold it as
+/// `Arc<dyn Store>`. `&S`, `Box<S>` and `Arc<S>` are stores when `S` is.
+///
+/// A backend reports its own failures (connection, timeout, protocol, a record it cannot
+/// read) as [`Error::Store`], never by panicking, and never touches another key's record.
+pub trait Store: Send + Sync {
+    /// Claims `key` for a call that will run the body.
+    ///
+    /// - absent, or expired → writes `InProgress` with a new token and `lease`, returns
+    ///   [`Claim::Acquired`];
+    /// - live `Completed` → returns it, unchanged, as [`Claim::Completed`];
+    /// - live `InProgress` → returns [`Claim::Busy`] with the time left on its lease;
+    /// - `InProgress` whose lease ran out → takes it over with a new token ([`Claim::Acquired`]).
+    ///
+    /// `fingerprint` is kept with the claim and carried into the completed record.
+    fn claim(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Claim, Error>>;
+
+    /// Completes the claim `token` holds: writes `Completed { value }` to live for `ttl`.
+    ///
+    /// If the record no longer holds `token` (its lease ran out and another call took over, or it
+    /// was removed), nothing is written and [`Completion::LeaseLost`] is returned.
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Completion, Error>>;
+
+    /// Pushes the lease of the claim `token` holds out to `lease` from now. Returns `false`, and
+    /// changes nothing, if `token` no longer holds the key.
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>>;
+
+    /// Removes the claim `token` holds (the body failed, panicked or was cancelled), so the next
+    /// caller runs the body at once. Returns `false`, and changes nothing, if `token` no longer
+    /// holds the key.
+    fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>>;
+
+    /// Resolves when the record of `key` is no longer a live `InProgress`, or after `timeout`,
+    /// whichever comes first. It may also resolve early; callers claim again to see the state.
+    fn wait(&self, key: Key, timeout: Duration) -> BoxFuture<'_, Result<(), Error>>;
+
+    /// Forgets the record of `key`, whatever its state (an operator's tool). Returns whether there
+    /// was one.
+    fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>>;
+
+    /// Releases the claim `token` holds without waiting, from a destructor: called when the
+    /// future running the body is dropped (cancelled) or unwinds from a panic.
+    ///
+    /// A store that can do it synchronously does (the in-memory store); a remote store may hand
+    /// the release to its runtime. The default does nothing: the claim then expires with its
+    /// lease, which is never renewed again because renewal is driven by the dropped future.
+    fn release_on_drop(&self, key: Key, token: Token) {
+        let _ = (key, token);
+    }
+}
+
+macro_rules! forward_store {
+    ($($ptr:ty),*) => {$(
+        impl<S: Store + ?Sized> Store for $ptr {
+            fn claim(&self, key: Key, fingerprint: Option<Fingerprint>, lease: Duration) -> BoxFuture<'_, Result<Claim, Error>> {
+                (**self).claim(key, fingerprint, lease)
+            }
+            fn complete(&self, key: Key, token: Token, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<Completion, Error>> {
+                (**self).complete(key, token, value, ttl)
+            }
+            fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
+                (**self).renew(key, token, lease)
+            }
+            fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {
+                (**self).release(key, token)
+            }
+            fn wait(&self, key: Key, timeout: Duration) -> BoxFuture<'_, Result<(), Error>> {
+                (**self).wait(key, timeout)
+            }
+            fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
+                (**self).remove(key)
+            }
+            fn release_on_drop(&self, key: Key, token: Token) {
+                (**self).release_on_drop(key, token)
+            }
+        }
+    )*};
+}
+forward_store!(&S, Box<S>, Arc<S>);

@@ -1,0 +1,108 @@
+//! Make async functions idempotent with one attribute.
+//!
+//! Networks time out after the work was done, brokers redeliver, users double-click "Pay". A
+//! handler that runs twice charges twice. With `#[idempotent]`, the body runs at most once per
+//! key while the record lives; concurrent duplicates wait for the first call (or are refused);
+//! retries get the first call's result back.
+//!
+//! ```
+//! use idem::idempotent;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+//! struct Receipt { order: u64, cents: u64 }
+//!
+//! #[derive(Debug)]
+//! enum PaymentError { Declined, Idem(idem::Error) }
+//! impl From<idem::Error> for PaymentError {
+//!     fn from(e: idem::Error) -> Self { PaymentError::Idem(e) }
+//! }
+//!
+//! struct Order { id: u64, cents: u64 }
+//!
+//! #[idempotent(key = order.id, ttl = "24h")]
+//! async fn charge(order: &Order) -> Result<Receipt, PaymentError> {
+//!     // Talk to the payment provider: this runs once per order id.
+//!     Ok(Receipt { order: order.id, cents: order.cents })
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), PaymentError> {
+//! let order = Order { id: 7, cents: 1999 };
+//! let first = charge(&order).await?;
+//! let retry = charge(&order).await?; // replayed: the body did not run again
+//! assert_eq!(first, retry);
+//! # Ok(()) }
+//! ```
+//!
+//! # The attribute
+//!
+//! | option | meaning | default |
+//! | --- | --- | --- |
+//! | `key = EXPR` | expression over the arguments whose value is the key ([`KeyPart`]) | all arguments but `self` and `skip(...)` ones |
+//! | `skip(a, b)` | arguments left out of the default key | none |
+//! | `store = EXPR` | the [`Store`]: `S`, `&S`, `Arc<S>` or `Arc<dyn Store>`; may use `self` | [`MemoryStore::global()`] |
+//! | `ttl = "24h"` | how long a completed result is remembered (literal or `Duration` expression) | 24 hours |
+//! | `lease = "30s"` | how long a claim holds before another caller may take over; renewed while the body runs | 30 seconds |
+//! | `wait_timeout = "60s"` | the longest a caller waits for another holding the key (`on_conflict = wait`) | 60 seconds |
+//! | `name = "payments.charge.v1"` | the namespace of the keys | the function's module path and name |
+//! | `fingerprint = EXPR` | a value that must match on replay; another one for the same key is [`Error::KeyReused`] | none |
+//! | `on_conflict = wait` / `reject` | while another call holds the key: wait for its result, or fail with [`Error::InProgress`] | `wait` |
+//! | `crate = path` | where the `idem` crate is, for re-exporters | `::idem` |
+//!
+//! Duration literals are a whole number and a unit: `ns`, `us`, `ms`, `s`, `m`, `h`, `d`
+//! (`"250ms"`, `"30s"`, `"24h"`, `"7d"`), checked at compile time.
+//!
+//! The function must be `async`, return `Result<T, E>` with `T: Serialize + DeserializeOwned +
+//! Send + 'static` and `E: From<idem::Error>`, and take no `&mut` argument (a replay could not
+//! repeat its effect on it). Misuse is a compile error that points at the offending tokens.
+//!
+//! # Semantics
+//!
+//! - **At most once per key while the record lives.** The first call claims the key, runs the
+//!   body, stores `Ok(value)` for `ttl`; later calls return the stored value.
+//! - **Errors are not memoized.** `Err(e)` releases the claim, so the retry runs the body again.
+//! - **Panic or cancellation** (the future is dropped) releases the claim (the in-memory store at
+//!   once; a remote store at once or, where that cannot be done synchronously, when the lease runs
+//!   out). Never held longer than the lease.
+//! - **Conflict.** While a call holds the key, others wait for its result (up to
+//!   `wait_timeout`) or, with `on_conflict = reject`, fail at once with [`Error::InProgress`].
+//! - **Lease.** Renewed every third of it while the body runs, by the call's own future. A holder
+//!   that stops being polled loses its lease and another caller takes over; the stale holder's
+//!   result is then refused (fencing) and a `tracing` warning (`lease_lost`) says the body may have
+//!   run twice.
+//!
+//! # Without the attribute
+//!
+//! [`Idempotent`] is the same executor as a builder, for closures:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem::Error> {
+//! use std::time::Duration;
+//! let store = idem::MemoryStore::new();
+//! let order_id = 7u64;
+//! let out = idem::Idempotent::new(&store, ("charge", order_id))
+//!     .ttl(Duration::from_secs(24 * 3600))
+//!     .run_with_outcome(|| async { Ok::<_, idem::Error>(1999u64) })
+//!     .await?;
+//! assert_eq!((out.value, out.status), (1999, idem::Status::Executed));
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//!
+//! - `uuid`: [`uuid::Uuid`](https://docs.rs/uuid) as a key part.
+
+#![warn(missing_docs)]
+
+pub use idem_macros::idempotent;
+pub use idem_runtime::{
+    BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
+    DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent, Key, KeyPart, MemoryStore, OnConflict,
+    Outcome, Policy, Status, Store, Token, conformance, conformance_tests, key, record,
+};
+
+/// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use idem_runtime::__private::*;
+}

@@ -1,0 +1,515 @@
+//! The public API as a user meets it: the attribute's options, the semantics of DESIGN.md's
+//! executor, and the function API. Each test uses a store or keys of its own.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem::{Error, Idempotent, MemoryStore, OnConflict, Status, idempotent};
+use serde::{Deserialize, Serialize};
+use support::LogCapture;
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("declined")]
+    Declined,
+    #[error(transparent)]
+    Idem(#[from] Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Receipt {
+    order: u64,
+    run: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execute once, replay after.
+
+static CHARGES: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = order, ttl = "1h")]
+async fn charge(order: u64) -> Result<Receipt, AppError> {
+    let run = CHARGES.fetch_add(1, Ordering::SeqCst) + 1;
+    Ok(Receipt { order, run })
+}
+
+#[tokio::test]
+async fn body_runs_once_and_retries_get_the_first_result() {
+    let first = charge(1001).await.unwrap();
+    let retry = charge(1001).await.unwrap();
+    assert_eq!(first, retry);
+    assert_eq!(CHARGES.load(Ordering::SeqCst), first.run);
+    let other = charge(1002).await.unwrap();
+    assert_ne!(other.run, first.run, "another key runs the body");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A failure is not memoized.
+
+static FLAKY_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent]
+async fn flaky(id: u64) -> Result<usize, AppError> {
+    let run = FLAKY_RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    if run == 1 {
+        Err(AppError::Declined)
+    } else {
+        Ok(run)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_body_runs_again_on_the_next_call() {
+    assert!(matches!(flaky(7).await, Err(AppError::Declined)));
+    assert_eq!(flaky(7).await.unwrap(), 2);
+    assert_eq!(flaky(7).await.unwrap(), 2, "the success is memoized");
+    assert_eq!(FLAKY_RUNS.load(Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panic and cancellation free the key at once.
+
+struct Panicky {
+    store: MemoryStore,
+    runs: AtomicUsize,
+}
+
+impl Panicky {
+    #[idempotent(store = self.store, key = id)]
+    async fn work(&self, id: u64, panic: bool) -> Result<usize, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if panic {
+            panic!("the body panicked");
+        }
+        Ok(run)
+    }
+
+    #[idempotent(store = self.store, key = id, name = "panicky.hang")]
+    async fn hang(&self, id: u64, gate: Option<oneshot::Receiver<()>>) -> Result<usize, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(gate) = gate {
+            let _ = gate.await;
+        }
+        Ok(run)
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_body_leaves_the_key_free_at_once() {
+    let p = Arc::new(Panicky {
+        store: MemoryStore::new(),
+        runs: AtomicUsize::new(0),
+    });
+    let task = tokio::spawn({
+        let p = p.clone();
+        async move { p.work(1, true).await }
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(p.store.len(), 0, "the claim was released during unwinding");
+    assert_eq!(
+        p.work(1, false).await.unwrap(),
+        2,
+        "the next caller runs the body at once"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_call_leaves_the_key_free_at_once() {
+    let p = Panicky {
+        store: MemoryStore::new(),
+        runs: AtomicUsize::new(0),
+    };
+    let (_never, gate) = oneshot::channel();
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), p.hang(9, Some(gate))).await;
+    assert!(cancelled.is_err(), "the call was cancelled mid-body");
+    assert_eq!(p.store.len(), 0, "dropping the future released the claim");
+    assert_eq!(
+        p.hang(9, None).await.unwrap(),
+        2,
+        "the next caller runs the body at once"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conflict: reject, or wait for the holder.
+
+struct Gated {
+    store: Arc<MemoryStore>,
+    runs: AtomicUsize,
+}
+
+impl Gated {
+    #[idempotent(store = self.store, key = id, on_conflict = reject, name = "gated.reject")]
+    async fn reject(
+        &self,
+        id: u64,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> Result<usize, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(gate) = gate {
+            let _ = gate.await;
+        }
+        Ok(run)
+    }
+
+    #[idempotent(store = self.store, key = id, on_conflict = wait, name = "gated.wait")]
+    async fn wait(&self, id: u64, gate: Option<oneshot::Receiver<()>>) -> Result<usize, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(gate) = gate {
+            let _ = gate.await;
+        }
+        Ok(run)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_fails_at_once_while_the_key_is_held() {
+    let g = Arc::new(Gated {
+        store: Arc::new(MemoryStore::new()),
+        runs: AtomicUsize::new(0),
+    });
+    let (open, gate) = oneshot::channel();
+    let holder = tokio::spawn({
+        let g = g.clone();
+        async move { g.reject(5, Some(gate)).await }
+    });
+    while g.runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    match g.reject(5, None).await {
+        Err(AppError::Idem(Error::InProgress { retry_after })) => {
+            assert!(retry_after <= idem::DEFAULT_LEASE)
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    open.send(()).unwrap();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        g.reject(5, None).await.unwrap(),
+        1,
+        "after completion the result replays"
+    );
+    assert_eq!(g.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_gets_the_holders_value_without_running_the_body() {
+    let g = Arc::new(Gated {
+        store: Arc::new(MemoryStore::new()),
+        runs: AtomicUsize::new(0),
+    });
+    let (open, gate) = oneshot::channel();
+    let holder = tokio::spawn({
+        let g = g.clone();
+        async move { g.wait(6, Some(gate)).await }
+    });
+    while g.runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waiter = tokio::spawn({
+        let g = g.clone();
+        async move { g.wait(6, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    open.send(()).unwrap();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        1,
+        "the waiter got the holder's value"
+    );
+    assert_eq!(
+        g.runs.load(Ordering::SeqCst),
+        1,
+        "the waiter did not run the body"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_is_bounded_by_wait_timeout() {
+    let store = MemoryStore::new();
+    let (_never, gate) = oneshot::channel::<()>();
+    let holder = Idempotent::new(&store, "slow").run(|| async {
+        let _ = gate.await;
+        Ok::<_, Error>(1u8)
+    });
+    let waiter = async {
+        tokio::task::yield_now().await;
+        Idempotent::new(&store, "slow")
+            .wait_timeout(Duration::from_secs(5))
+            .run(|| async { Ok::<_, Error>(2u8) })
+            .await
+    };
+    tokio::select! {
+        _ = holder => panic!("the holder never finishes"),
+        waited = waiter => assert!(matches!(waited, Err(Error::InProgress { .. })), "{waited:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fingerprints.
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Transfer {
+    to: String,
+    cents: u64,
+}
+
+static TRANSFERS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(key = idempotency_key, fingerprint = (&transfer.to, transfer.cents))]
+async fn transfer(idempotency_key: &str, transfer: &Transfer) -> Result<Transfer, AppError> {
+    TRANSFERS.fetch_add(1, Ordering::SeqCst);
+    Ok(transfer.clone())
+}
+
+#[tokio::test]
+async fn same_key_with_another_fingerprint_is_key_reused() {
+    let first = Transfer {
+        to: "alice".into(),
+        cents: 500,
+    };
+    let other = Transfer {
+        to: "mallory".into(),
+        cents: 500_000,
+    };
+    assert_eq!(transfer("k-1", &first).await.unwrap(), first);
+    assert!(matches!(
+        transfer("k-1", &other).await,
+        Err(AppError::Idem(Error::KeyReused))
+    ));
+    assert_eq!(
+        transfer("k-1", &first).await.unwrap(),
+        first,
+        "the stored result is untouched"
+    );
+    assert_eq!(TRANSFERS.load(Ordering::SeqCst), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time to live, on tokio's paused clock.
+
+#[tokio::test(start_paused = true)]
+async fn after_ttl_the_body_runs_again_and_within_it_does_not() {
+    let store = MemoryStore::new();
+    let runs = AtomicUsize::new(0);
+    let call = || {
+        Idempotent::new(&store, ("ttl", 1u8))
+            .ttl(Duration::from_secs(60))
+            .run(|| async { Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1) })
+    };
+    assert_eq!(call().await.unwrap(), 1);
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(call().await.unwrap(), 1, "within the ttl: replayed");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(call().await.unwrap(), 2, "after the ttl: executed again");
+}
+
+#[idempotent(key = n, ttl = ttl, store = store)]
+async fn with_ttl_expr(store: &MemoryStore, n: u8, ttl: Duration) -> Result<u8, AppError> {
+    Ok(n)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_may_be_a_duration_expression() {
+    let store = MemoryStore::new();
+    with_ttl_expr(&store, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let out = Idempotent::new(&store, 0u8)
+        .run(|| async { Ok::<_, Error>(0u8) })
+        .await
+        .unwrap();
+    assert_eq!(out, 0);
+    assert_eq!(store.len(), 2);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(
+        store.sweep(),
+        1,
+        "the 10 s record expired, the 24 h one did not"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases: a holder that stops being polled loses its lease; its result is fenced off.
+
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced() {
+    let logs = LogCapture::install();
+    let store = MemoryStore::new();
+    let lease = Duration::from_millis(200);
+    let (open, gate) = oneshot::channel::<()>();
+    let mut stale = Box::pin(
+        Idempotent::new(&store, "lease")
+            .lease(lease)
+            .run_with_outcome(|| async {
+                let _ = gate.await;
+                Ok::<_, Error>(String::from("stale holder"))
+            }),
+    );
+    // Poll the first call until it holds the key and waits in its body, then stop polling it:
+    // it no longer renews, as if its process were paused.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), &mut stale)
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(lease * 2).await;
+
+    let fresh = Idempotent::new(&store, "lease")
+        .lease(lease)
+        .run_with_outcome(|| async { Ok::<_, Error>(String::from("new holder")) })
+        .await
+        .unwrap();
+    assert_eq!(
+        (fresh.value.as_str(), fresh.status),
+        ("new holder", Status::Executed)
+    );
+
+    open.send(()).unwrap();
+    let late = stale.await.unwrap();
+    assert_eq!(
+        (late.value.as_str(), late.status),
+        ("stale holder", Status::LeaseLost)
+    );
+
+    let replay = Idempotent::new(&store, "lease")
+        .run_with_outcome(|| async { Ok::<_, Error>(String::from("not run")) })
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.value, "new holder",
+        "the stale holder could not overwrite the result"
+    );
+    assert!(
+        logs.contains("lease_lost"),
+        "the user sees a lease_lost warning: {}",
+        logs.text()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_body_keeps_its_lease_by_renewal() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_secs(3);
+    let holder = Idempotent::new(&store, "long")
+        .lease(lease)
+        .run_with_outcome(|| async {
+            tokio::time::sleep(lease * 10).await;
+            Ok::<_, Error>(1u8)
+        });
+    let rival = async {
+        tokio::time::sleep(lease * 5).await;
+        Idempotent::new(&store, "long")
+            .on_conflict(OnConflict::Reject)
+            .run(|| async { Ok::<_, Error>(2u8) })
+            .await
+    };
+    let (held, rivalled) = tokio::join!(holder, rival);
+    assert_eq!(held.unwrap().status, Status::Executed);
+    assert!(
+        matches!(rivalled, Err(Error::InProgress { .. })),
+        "{rivalled:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces.
+
+#[idempotent]
+async fn type_tag<T: 'static>(id: u32) -> Result<String, AppError> {
+    Ok(std::any::type_name::<T>().to_owned())
+}
+
+#[tokio::test]
+async fn generic_instantiations_never_share_results() {
+    assert_eq!(type_tag::<u8>(1).await.unwrap(), "u8");
+    assert_eq!(type_tag::<u16>(1).await.unwrap(), "u16");
+    assert_eq!(type_tag::<u8>(1).await.unwrap(), "u8");
+}
+
+#[idempotent(name = "shared.v1", key = id)]
+async fn shared_a(id: u32) -> Result<String, AppError> {
+    Ok("a".into())
+}
+
+#[idempotent(name = "shared.v1", key = id)]
+async fn shared_b(id: u32) -> Result<String, AppError> {
+    Ok("b".into())
+}
+
+#[tokio::test]
+async fn functions_with_one_name_share_records() {
+    assert_eq!(shared_a(1).await.unwrap(), "a");
+    assert_eq!(shared_b(1).await.unwrap(), "a", "one namespace, one record");
+}
+
+#[idempotent(key = id)]
+async fn answer_one(id: u32) -> Result<u32, AppError> {
+    Ok(1)
+}
+
+#[idempotent(key = id)]
+async fn answer_two(id: u32) -> Result<u32, AppError> {
+    Ok(2)
+}
+
+#[tokio::test]
+async fn functions_default_to_namespaces_of_their_own() {
+    assert_eq!(answer_one(3).await.unwrap(), 1);
+    assert_eq!(answer_two(3).await.unwrap(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codec: a record of another type under the same key.
+
+#[tokio::test]
+async fn a_stored_result_of_another_type_is_a_codec_error() {
+    let store = MemoryStore::new();
+    Idempotent::new(&store, "typed")
+        .run(|| async { Ok::<_, Error>(String::from("text")) })
+        .await
+        .unwrap();
+    let read = Idempotent::new(&store, "typed")
+        .run(|| async { Ok::<_, Error>(5u64) })
+        .await;
+    assert!(matches!(read, Err(Error::Codec(_))), "{read:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The function API works on `Arc<dyn Store>`, chosen at run time.
+
+#[tokio::test]
+async fn the_store_can_be_chosen_at_run_time() {
+    let store: Arc<dyn idem::Store> = Arc::new(MemoryStore::new());
+    let first = Idempotent::new(&store, 1u8).run_with_outcome(|| async { Ok::<_, Error>(1u8) });
+    assert_eq!(first.await.unwrap().status, Status::Executed);
+    let again = Idempotent::new(&store, 1u8).run_with_outcome(|| async { Ok::<_, Error>(2u8) });
+    let again = again.await.unwrap();
+    assert_eq!((again.value, again.status), (1, Status::Replayed));
+    assert!(again.expires_in.unwrap() <= idem::DEFAULT_TTL);
+}
+
+struct Service {
+    store: Arc<dyn idem::Store>,
+}
+
+impl Service {
+    #[idempotent(store = self.store, key = id)]
+    async fn handle(&self, id: u64) -> Result<u64, AppError> {
+        Ok(id * 2)
+    }
+}
+
+#[tokio::test]
+async fn methods_take_their_store_from_self() {
+    let svc = Service {
+        store: Arc::new(MemoryStore::new()),
+    };
+    assert_eq!(svc.handle(21).await.unwrap(), 42);
+    assert_eq!(svc.handle(21).await.unwrap(), 42);
+}
