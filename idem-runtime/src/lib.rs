@@ -15,6 +15,8 @@
 pub mod conformance;
 mod error;
 mod exec;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod key;
 pub mod record;
 pub mod store;

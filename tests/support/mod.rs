@@ -57,3 +57,8 @@ impl LogCapture {
         self.text().contains(needle)
     }
 }
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;

@@ -12,6 +12,10 @@ use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completion, Token};
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

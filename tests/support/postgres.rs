@@ -1,0 +1,1 @@
+//! Starts a real PostgreSQL for tests (being written).
