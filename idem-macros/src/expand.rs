@@ -132,11 +132,10 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         Some(OnConflict::Wait) | None => quote!(#krate::__private::OnConflict::Wait),
     };
 
-    // The result's bounds are checked at the return type, so a missing `Serialize` or
-    // `From<idem::Error>` is reported where the user wrote the type.
+    // The result's bounds are one bound, checked at the return type, so a missing `Serialize`
+    // or `From<idem::Error>` is reported once, where the user wrote the type.
     let run = quote_spanned! {ret.span()=>
-        #krate::__private::assert_result::<#ret>();
-        #krate::__private::run::<_, <#ret as #krate::__private::IdemResult>::Ok, <#ret as #krate::__private::IdemResult>::Err, _>(
+        #krate::__private::run(
             __idem_store,
             #name,
             __idem_key,

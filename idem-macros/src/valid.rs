@@ -155,14 +155,13 @@ fn pat_display(pat: &Pat) -> String {
     }
 }
 
-/// The return type must be `Result<T, E>` (or an alias named `Result`) with an owned `T`.
+/// The return type must be `Result<T, E>`, or an alias of it (checked by the type checker
+/// through `IdemResult`), with an owned `T`.
 fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Option<Type> {
+    const MUST: &str = "`#[idempotent]` functions must return `Result<T, E>`: only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`";
     let ty = match output {
         ReturnType::Default => {
-            errors.push(syn::Error::new(
-                name_span,
-                "`#[idempotent]` functions must return `Result<T, E>`: only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`",
-            ));
+            errors.push(syn::Error::new(name_span, MUST));
             return None;
         }
         ReturnType::Type(_, ty) => &**ty,
@@ -171,11 +170,8 @@ fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Op
         Type::Path(path) if path.qself.is_none() => path.path.segments.last(),
         _ => None,
     };
-    let Some(last) = last.filter(|seg| seg.ident == "Result") else {
-        errors.push(syn::Error::new(
-            ty.span(),
-            "`#[idempotent]` functions must return `Result<T, E>`: only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`",
-        ));
+    let Some(last) = last.filter(|seg| !is_primitive(&seg.ident) && seg.ident != "Option") else {
+        errors.push(syn::Error::new(ty.span(), MUST));
         return None;
     };
     if let PathArguments::AngleBracketed(generic) = &last.arguments
@@ -189,6 +185,14 @@ fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Op
         return None;
     }
     Some(ty.clone())
+}
+
+fn is_primitive(ident: &Ident) -> bool {
+    const PRIMITIVES: &[&str] = &[
+        "bool", "char", "str", "String", "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16",
+        "i32", "i64", "i128", "isize", "f32", "f64", "Vec", "Box",
+    ];
+    PRIMITIVES.iter().any(|p| ident == p)
 }
 
 /// The span of a borrow (a reference or a non-`'static` lifetime) inside `ty`, if any.

@@ -5,20 +5,21 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::exec::run_attributed as run;
 pub use crate::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Key, KeyPart,
     MemoryStore, OnConflict, Policy, Store,
 };
+use std::future::Future;
 
 /// The store an `#[idempotent]` function without `store = ...` uses.
-pub fn default_store() -> &'static MemoryStore {
+pub fn default_store() -> &'static dyn Store {
     MemoryStore::global()
 }
 
-/// Checks, at the user's `store = ...` expression, that it is (or points to) a store.
-pub fn store<S: AsStore + ?Sized>(store: &S) -> &S::Target {
-    store.as_store()
+/// Checks, at the user's `store = ...` expression, that it is (or points to) a store. Returning
+/// one concrete type keeps a mistake here from cascading into errors elsewhere.
+pub fn store<S: AsStore>(store: &S) -> &dyn Store {
+    store.as_dyn_store()
 }
 
 /// A store, or something that points to one: `S`, `&S`, `Box<S>`, `Arc<S>`, `Arc<dyn Store>`.
@@ -28,21 +29,19 @@ pub fn store<S: AsStore + ?Sized>(store: &S) -> &S::Target {
     note = "use `idem::MemoryStore`, a store from one of idem's features, or your own `impl idem::Store`"
 )]
 pub trait AsStore {
-    /// The store type.
-    type Target: Store + ?Sized;
-    /// The store.
-    fn as_store(&self) -> &Self::Target;
+    /// The store, dynamically dispatched (its futures are boxed anyway).
+    fn as_dyn_store(&self) -> &dyn Store;
 }
 
-impl<S: Store + ?Sized> AsStore for S {
-    type Target = S;
-    fn as_store(&self) -> &S {
+impl<S: Store> AsStore for S {
+    fn as_dyn_store(&self) -> &dyn Store {
         self
     }
 }
 
-/// Points the type checker at a key argument: a type that is not a key part is reported on it.
-pub fn key_part<T: KeyPart + ?Sized>(value: &T) -> &T {
+/// Checks a default-key argument at its type: a type that is not a key part is reported on the
+/// argument, and nowhere else.
+pub fn key_part<T: KeyPart>(value: &T) -> &dyn KeyPart {
     value
 }
 
@@ -64,26 +63,60 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Storable for T {}
 pub trait FromIdemError: From<Error> {}
 impl<E: From<Error>> FromIdemError for E {}
 
-/// The parts of `Result<T, E>`, named through the return type even when it is an alias.
-pub trait IdemResult {
+/// The return type of an `#[idempotent]` function: `Result<T, E>`, or an alias of it.
+#[diagnostic::on_unimplemented(
+    message = "`#[idempotent]` functions must return `Result<T, E>`, not `{Self}`",
+    label = "not a `Result<T, E>`",
+    note = "only `Ok` results are stored and replayed, and store failures reach the caller through `E: From<idem::Error>`"
+)]
+pub trait IdemResult: Sized {
     /// `T`
     type Ok;
     /// `E`
     type Err;
+    /// `self` as a `Result`.
+    fn into_result(self) -> Result<Self::Ok, Self::Err>;
+    /// A `Result` as `Self`.
+    fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
 }
 
 impl<T, E> IdemResult for Result<T, E> {
     type Ok = T;
     type Err = E;
+    fn into_result(self) -> Self {
+        self
+    }
+    fn from_result(result: Self) -> Self {
+        result
+    }
 }
 
-/// Asserts the bounds of an idempotent function's result at its return type's span.
-pub const fn assert_result<R>()
+/// Runs an `#[idempotent]` function's body through the executor. The bounds name the marker
+/// traits, so a violation is reported with their messages.
+pub async fn run<R, Fut>(
+    store: &dyn Store,
+    name: &str,
+    key: Key,
+    fingerprint: Option<Fingerprint>,
+    policy: &Policy,
+    body: Fut,
+) -> R
 where
     R: IdemResult,
     R::Ok: Storable,
     R::Err: FromIdemError,
+    Fut: Future<Output = R>,
 {
+    let result = crate::exec::run_attributed::<dyn Store, R::Ok, R::Err, _>(
+        store,
+        name,
+        key,
+        fingerprint,
+        policy,
+        async move { body.await.into_result() },
+    )
+    .await;
+    R::from_result(result)
 }
 
 /// A duration from whole nanoseconds, as the macro writes parsed literals.

@@ -1,0 +1,8 @@
+use idem::idempotent;
+
+#[idempotent(key, ttl =)]
+async fn charge(order: u64) -> Result<u64, idem::Error> {
+    Ok(order)
+}
+
+fn main() {}

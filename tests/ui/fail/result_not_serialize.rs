@@ -1,0 +1,12 @@
+use idem::idempotent;
+
+struct Receipt {
+    order: u64,
+}
+
+#[idempotent]
+async fn charge(order: u64) -> Result<Receipt, idem::Error> {
+    Ok(Receipt { order })
+}
+
+fn main() {}
