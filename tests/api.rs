@@ -513,3 +513,60 @@ async fn methods_take_their_store_from_self() {
     assert_eq!(svc.handle(21).await.unwrap(), 42);
     assert_eq!(svc.handle(21).await.unwrap(), 42);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The in-memory store's bound.
+
+#[tokio::test(start_paused = true)]
+async fn a_full_memory_store_refuses_new_keys_but_serves_old_ones_and_frees_by_expiry() {
+    let store = MemoryStore::with_max_entries(10);
+    let ttl = Duration::from_secs(5);
+    for k in 0..10u8 {
+        Idempotent::new(&store, k)
+            .ttl(ttl)
+            .run(|| async { Ok::<_, Error>(k) })
+            .await
+            .unwrap();
+    }
+    let refused = Idempotent::new(&store, 10u8)
+        .run(|| async { Ok::<_, Error>(10u8) })
+        .await;
+    assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+    assert_eq!(
+        Idempotent::new(&store, 3u8)
+            .run(|| async { Ok::<_, Error>(99u8) })
+            .await
+            .unwrap(),
+        3,
+        "stored keys still replay at the bound"
+    );
+    assert_eq!(store.len(), 10);
+    tokio::time::advance(ttl * 2).await;
+    let admitted = Idempotent::new(&store, 10u8)
+        .run(|| async { Ok::<_, Error>(10u8) })
+        .await;
+    assert_eq!(admitted.unwrap(), 10, "expired records make room");
+    assert!(store.len() <= 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_inserts_never_overshoot_the_bound() {
+    let store = Arc::new(MemoryStore::with_max_entries(50));
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..400u32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            Idempotent::new(&*store, k)
+                .run(|| async move { Ok::<_, Error>(k) })
+                .await
+        });
+    }
+    let mut stored = 0;
+    while let Some(joined) = tasks.join_next().await {
+        if joined.unwrap().is_ok() {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 50);
+    assert_eq!(store.len(), 50);
+}

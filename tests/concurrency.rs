@@ -9,7 +9,7 @@ use idem::{Error, MemoryStore, idempotent};
 static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// Returns a number unique to the execution, so callers can tell whose result they got.
-#[idempotent(key = key, name = "concurrency.stress")]
+#[idempotent(store = store, key = key, name = "concurrency.stress")]
 async fn work(store: &MemoryStore, key: u32) -> Result<usize, Error> {
     let execution = EXECUTIONS.fetch_add(1, Ordering::SeqCst);
     // Yield so concurrent callers pile up on the held key.

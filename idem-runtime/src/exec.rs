@@ -23,6 +23,9 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// seconds; then it fails with [`Error::InProgress`].
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The shortest lease or ttl the executor uses; shorter ones are raised to it.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+
 /// What a caller does while another call holds its key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -258,7 +261,12 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    let policy = call.policy;
+    // A zero lease or ttl (from a `Duration` expression) would expire before it could be used.
+    let policy = &Policy {
+        ttl: call.policy.ttl.max(MIN_DURATION),
+        lease: call.policy.lease.max(MIN_DURATION),
+        ..call.policy.clone()
+    };
     let deadline = Instant::now() + policy.wait_timeout;
     let mut waited = false;
     let token = loop {

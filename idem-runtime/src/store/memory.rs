@@ -34,10 +34,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// - Time is tokio's clock ([`tokio::time::Instant`]), so tests can pause and advance it.
 /// - Memory is bounded: expired records are swept (lazily on access, and in bulk at most once a
 ///   second when records are inserted), and the store holds at most `max_entries` records
-///   ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]). At the bound a
-///   claim of a *new* key first sweeps; if every record is still live it fails with
-///   [`Error::Store`] rather than evict a live record (evicting a completed record would let its
-///   body run twice). Keys already in the store are served as usual.
+///   ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]), exactly, even
+///   under concurrent inserts. At the bound a claim of a *new* key sweeps expired records (at most
+///   once a second); if the store is still full it fails with [`Error::Store`] rather than evict a
+///   live record (evicting a completed record would let its body run twice). Keys already in the
+///   store are served as usual. [`MemoryStore::sweep`] sweeps at once.
 ///
 /// ```
 /// use idem_runtime::{Idempotent, MemoryStore};
@@ -183,7 +184,9 @@ impl MemoryStore {
     ) -> Result<Claim, Error> {
         let now = Instant::now();
         if self.len() >= self.max_entries {
-            self.sweep();
+            // Full: make room from expired records, at most once a second (a store full of live
+            // records must not rescan itself on every claim).
+            self.sweep_if_due(now);
         }
         let token = Token::generate();
         let fresh = Record::InProgress {
@@ -219,13 +222,17 @@ impl MemoryStore {
                 false
             }
             Entry::Vacant(entry) => {
-                if self.len() >= self.max_entries {
-                    return Err(Error::store(Full {
-                        max_entries: self.max_entries,
-                    }));
+                // Reserve a slot first, so racing inserts cannot overshoot the bound.
+                let max = self.max_entries;
+                let reserved = self
+                    .len
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    });
+                if reserved.is_err() {
+                    return Err(Error::store(Full { max_entries: max }));
                 }
                 entry.insert(fresh);
-                self.len.fetch_add(1, Ordering::Relaxed);
                 true
             }
         };
