@@ -570,3 +570,88 @@ async fn racing_inserts_never_overshoot_the_bound() {
     assert_eq!(stored, 50);
     assert_eq!(store.len(), 50);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The in-memory store keeps `Clone` results typed; readers through the trait still see JSON.
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    name: String,
+    tags: Vec<String>,
+}
+
+struct Typed {
+    store: MemoryStore,
+}
+
+impl Typed {
+    #[idempotent(store = self.store, key = id, name = "typed.v1")]
+    async fn profile(&self, id: u64) -> Result<Profile, AppError> {
+        Ok(Profile {
+            name: format!("user {id}"),
+            tags: vec!["a".into()],
+        })
+    }
+
+    #[idempotent(store = self.store, key = id, name = "typed.v1")]
+    async fn as_number(&self, id: u64) -> Result<u64, AppError> {
+        Ok(id)
+    }
+}
+
+#[tokio::test]
+async fn typed_results_replay_and_read_as_json_through_the_trait() {
+    let t = Typed {
+        store: MemoryStore::new(),
+    };
+    let first = t.profile(1).await.unwrap();
+    assert_eq!(
+        t.profile(1).await.unwrap(),
+        first,
+        "replayed from the typed record"
+    );
+
+    let key = idem::Key::new("typed.v1", &1u64);
+    match idem::Store::claim(&t.store, key, None, Duration::from_secs(1))
+        .await
+        .unwrap()
+    {
+        idem::Claim::Completed(done) => {
+            assert_eq!(
+                done.value,
+                serde_json::to_vec(&first).unwrap(),
+                "encoded on demand"
+            );
+        }
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+    // A function reading the record as another type gets a codec error, not a wrong value.
+    assert!(matches!(
+        t.as_number(1).await,
+        Err(AppError::Idem(Error::Codec(_)))
+    ));
+}
+
+#[tokio::test]
+async fn a_record_written_through_the_trait_replays_into_a_typed_function() {
+    let t = Typed {
+        store: MemoryStore::new(),
+    };
+    let stored = Profile {
+        name: "from elsewhere".into(),
+        tags: vec![],
+    };
+    let key = idem::Key::new("typed.v1", &2u64);
+    let token = match idem::Store::claim(&t.store, key, None, Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        idem::Claim::Acquired(token) => token,
+        other => panic!("{other:?}"),
+    };
+    let bytes = idem::Bytes::from(serde_json::to_vec(&stored).unwrap());
+    idem::Store::complete(&t.store, key, token, bytes, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(t.profile(2).await.unwrap(), stored);
+}

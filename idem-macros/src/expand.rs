@@ -74,8 +74,12 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         }
     };
 
+    // Without an explicit name, a method's namespace also names `Self`, so two impls with a method
+    // of the same name never share records. With `name = ...` the key is exactly
+    // `Key::with_type_args(name, <the function's type parameters>, &key)`, computable elsewhere
+    // (by another process, or an operator removing a record).
     let mut type_args: Vec<TokenStream> = Vec::new();
-    if checked.has_receiver {
+    if checked.has_receiver && args.name.is_none() {
         type_args.push(quote!(#krate::__private::type_name::<Self>()));
     }
     for param in &checked.type_params {
@@ -141,6 +145,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             __idem_key,
             __idem_fingerprint,
             &__idem_policy,
+            __idem_typed,
             __idem_body,
         )
         .await
@@ -154,6 +159,11 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let __idem_key = #krate::__private::Key::with_type_args(#name, &[#(#type_args),*], #key);
             let __idem_fingerprint = #fingerprint;
             let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
+            let __idem_typed = {
+                #[allow(unused_imports)]
+                use #krate::__private::{ViaClone as _, ViaEncoding as _};
+                (&#krate::__private::Probe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).typed_ops()
+            };
             let __idem_body = async #block;
             #run
         }

@@ -5,11 +5,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::exec::TypedOps;
 pub use crate::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Key, KeyPart,
     MemoryStore, OnConflict, Policy, Store,
 };
 use std::future::Future;
+use std::marker::PhantomData;
 
 /// The store an `#[idempotent]` function without `store = ...` uses.
 pub fn default_store() -> &'static dyn Store {
@@ -92,31 +94,74 @@ impl<T, E> IdemResult for Result<T, E> {
 }
 
 /// Runs an `#[idempotent]` function's body through the executor. The bounds name the marker
-/// traits, so a violation is reported with their messages.
-pub async fn run<R, Fut>(
+/// traits, so a violation is reported with their messages; the return type unifies with the
+/// function's own, `Result<T, E>` or an alias of it.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<T, E, Fut>(
     store: &dyn Store,
     name: &str,
     key: Key,
     fingerprint: Option<Fingerprint>,
     policy: &Policy,
+    typed: Option<TypedOps<T>>,
     body: Fut,
-) -> R
+) -> Result<T, E>
 where
-    R: IdemResult,
-    R::Ok: Storable,
-    R::Err: FromIdemError,
-    Fut: Future<Output = R>,
+    T: Storable,
+    E: FromIdemError,
+    Fut: Future<Output = Result<T, E>>,
 {
-    let result = crate::exec::run_attributed::<dyn Store, R::Ok, R::Err, _>(
-        store,
+    let call = crate::exec::Call {
         name,
         key,
         fingerprint,
         policy,
-        async move { body.await.into_result() },
-    )
-    .await;
-    R::from_result(result)
+    };
+    crate::exec::execute(store, call, typed, body)
+        .await
+        .map(|outcome| outcome.value)
+}
+
+/// Finds [`TypedOps`] for `T` by autoref specialisation: `(&Probe::<T>::new()).typed_ops()` is
+/// `Some` when `T: Clone + Serialize + Send + Sync + 'static`, `None` otherwise. It only works
+/// where `T` is a concrete type, which it is in the expansion.
+pub struct Probe<T>(PhantomData<fn() -> T>);
+
+impl<T> Probe<T> {
+    /// A probe for `T`.
+    pub const fn new() -> Probe<T> {
+        Probe(PhantomData)
+    }
+}
+
+impl<T> Default for Probe<T> {
+    fn default() -> Self {
+        Probe::new()
+    }
+}
+
+/// The probe's answer for a cloneable, shareable `T` (found first, by value).
+pub trait ViaClone<T> {
+    /// `Some` operations.
+    fn typed_ops(&self) -> Option<TypedOps<T>>;
+}
+
+impl<T: Clone + Serialize + Send + Sync + 'static> ViaClone<T> for Probe<T> {
+    fn typed_ops(&self) -> Option<TypedOps<T>> {
+        Some(TypedOps::new())
+    }
+}
+
+/// The probe's answer for any other `T` (found after autoref).
+pub trait ViaEncoding<T> {
+    /// `None`: keep the result encoded.
+    fn typed_ops(&self) -> Option<TypedOps<T>>;
+}
+
+impl<T> ViaEncoding<T> for &Probe<T> {
+    fn typed_ops(&self) -> Option<TypedOps<T>> {
+        None
+    }
 }
 
 /// A duration from whole nanoseconds, as the macro writes parsed literals.

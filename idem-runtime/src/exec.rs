@@ -1,7 +1,9 @@
 //! The executor: claim, replay or run, renew, complete or release.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +15,7 @@ use crate::error::Error;
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completion, Token};
 use crate::store::Store;
+use crate::store::memory::{Typed, Value, ValueClaim};
 
 /// How long a completed result is remembered unless told otherwise: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -224,7 +227,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
             fingerprint: self.fingerprint,
             policy: &self.policy,
         };
-        execute(self.store, call, async move { body().await }).await
+        execute(self.store, call, None, async move { body().await }).await
     }
 }
 
@@ -250,9 +253,84 @@ macro_rules! outcome {
     };
 }
 
+/// How to keep `T` typed in the in-memory store: clone it out on replay instead of decoding it.
+/// `#[idempotent]` finds these for a `T: Clone + Sync` through autoref specialisation, where the
+/// type is concrete; elsewhere results are kept encoded.
+pub struct TypedOps<T> {
+    pub(crate) clone: fn(&T) -> T,
+    pub(crate) into_any: fn(T) -> Arc<dyn Any + Send + Sync>,
+    pub(crate) encode: fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error>,
+}
+
+impl<T> Clone for TypedOps<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for TypedOps<T> {}
+
+impl<T: Clone + Serialize + Send + Sync + 'static> TypedOps<T> {
+    /// The operations of a cloneable, shareable `T`.
+    pub(crate) fn new() -> TypedOps<T> {
+        TypedOps {
+            clone: T::clone,
+            into_any: |value| Arc::new(value),
+            encode: encode_any::<T>,
+        }
+    }
+}
+
+fn encode_any<T: Serialize + 'static>(value: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error> {
+    match value.downcast_ref::<T>() {
+        Some(value) => serde_json::to_vec(value).map_err(Error::codec),
+        None => Err(Error::codec(
+            "a typed record is not of the type it was stored with",
+        )),
+    }
+}
+
+/// Claims through the in-memory store directly when that is the store (no boxed future), or
+/// through the trait.
+async fn claim<S: Store + ?Sized>(
+    store: &S,
+    call: &Call<'_>,
+    lease: Duration,
+) -> Result<ValueClaim, Error> {
+    if let Some(memory) = store.as_memory() {
+        return memory.claim_value(call.key, call.fingerprint, lease);
+    }
+    Ok(
+        match store.claim(call.key, call.fingerprint, lease).await? {
+            Claim::Acquired(token) => ValueClaim::Acquired(token),
+            Claim::Busy { lease_left } => ValueClaim::Busy { lease_left },
+            Claim::Completed(done) => ValueClaim::Completed {
+                value: Value::Bytes(done.value),
+                fingerprint: done.fingerprint,
+                expires_in: done.expires_in,
+            },
+        },
+    )
+}
+
+/// A stored value as `T`: cloned when it is kept typed as `T`, decoded otherwise.
+fn decode<T: DeserializeOwned + 'static>(
+    value: &Value,
+    typed: Option<TypedOps<T>>,
+) -> Result<T, Error> {
+    if let (Value::Typed(stored), Some(ops)) = (value, typed)
+        && let Some(value) = stored.value.downcast_ref::<T>()
+    {
+        return Ok((ops.clone)(value));
+    }
+    let bytes = value.to_bytes()?;
+    serde_json::from_slice(&bytes).map_err(Error::codec)
+}
+
 pub(crate) async fn execute<S, T, E, Fut>(
     store: &S,
     call: Call<'_>,
+    typed: Option<TypedOps<T>>,
     body: Fut,
 ) -> Result<Outcome<T>, E>
 where
@@ -267,10 +345,11 @@ where
         lease: call.policy.lease.max(MIN_DURATION),
         ..call.policy.clone()
     };
-    let deadline = Instant::now() + policy.wait_timeout;
+    // Only a call that meets a busy key needs a deadline (and a look at the clock).
+    let mut deadline: Option<Instant> = None;
     let mut waited = false;
     let token = loop {
-        let claim = match store.claim(call.key, call.fingerprint, policy.lease).await {
+        let claim = match claim(store, &call, policy.lease).await {
             Ok(claim) => claim,
             Err(err) => {
                 outcome!(WARN, call, "store_error", error = %err, step = "claim");
@@ -278,17 +357,21 @@ where
             }
         };
         match claim {
-            Claim::Acquired(token) => break token,
-            Claim::Completed(done) => {
-                if call.fingerprint.is_some() && done.fingerprint != call.fingerprint {
+            ValueClaim::Acquired(token) => break token,
+            ValueClaim::Completed {
+                value,
+                fingerprint,
+                expires_in,
+            } => {
+                if call.fingerprint.is_some() && fingerprint != call.fingerprint {
                     outcome!(INFO, call, "key_reused");
                     return Err(Error::KeyReused.into());
                 }
-                let value = match serde_json::from_slice::<T>(&done.value) {
+                let value = match decode::<T>(&value, typed) {
                     Ok(value) => value,
                     Err(err) => {
                         outcome!(WARN, call, "store_error", error = %err, step = "decode");
-                        return Err(Error::codec(err).into());
+                        return Err(err.into());
                     }
                 };
                 let status = if waited {
@@ -300,11 +383,12 @@ where
                 return Ok(Outcome {
                     value,
                     status,
-                    expires_in: Some(done.expires_in),
+                    expires_in: Some(expires_in),
                 });
             }
-            Claim::Busy { lease_left } => {
+            ValueClaim::Busy { lease_left } => {
                 let now = Instant::now();
+                let deadline = *deadline.get_or_insert(now + policy.wait_timeout);
                 if policy.on_conflict == OnConflict::Reject || now >= deadline {
                     outcome!(INFO, call, "rejected", waited);
                     return Err(Error::InProgress {
@@ -321,6 +405,27 @@ where
         }
     };
 
+    // The execution path (renewal timers, completion) lives in its own allocation, so the
+    // future of a replay stays small: one allocation per execution, none per replay.
+    let policy = policy.clone();
+    Box::pin(run_claimed(store, call, policy, token, typed, body)).await
+}
+
+/// Runs the body of a claimed key, renewing its lease, then completes or releases the claim.
+async fn run_claimed<S, T, E, Fut>(
+    store: &S,
+    call: Call<'_>,
+    policy: Policy,
+    token: Token,
+    typed: Option<TypedOps<T>>,
+    body: Fut,
+) -> Result<Outcome<T>, E>
+where
+    S: Store + ?Sized,
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
     let guard = ClaimGuard {
         store,
         key: call.key,
@@ -337,15 +442,32 @@ where
             return Err(err);
         }
     };
-    let encoded = match serde_json::to_vec(&value) {
-        Ok(bytes) => Bytes::from(bytes),
-        Err(err) => {
-            guard.release(call.name).await;
-            outcome!(WARN, call, "store_error", error = %err, step = "encode");
-            return Err(Error::codec(err).into());
+    let completion = match (store.as_memory(), typed) {
+        // Kept typed: a replay clones it, with nothing to encode now or decode later.
+        (Some(memory), Some(ops)) => {
+            let kept = Value::Typed(Typed {
+                value: (ops.into_any)((ops.clone)(&value)),
+                encode: ops.encode,
+            });
+            Ok(memory.complete_value(call.key, token, kept, policy.ttl))
+        }
+        (memory, _) => {
+            let encoded = match serde_json::to_vec(&value) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(err) => {
+                    guard.release(call.name).await;
+                    outcome!(WARN, call, "store_error", error = %err, step = "encode");
+                    return Err(Error::codec(err).into());
+                }
+            };
+            match memory {
+                Some(memory) => {
+                    Ok(memory.complete_value(call.key, token, Value::Bytes(encoded), policy.ttl))
+                }
+                None => store.complete(call.key, token, encoded, policy.ttl).await,
+            }
         }
     };
-    let completion = store.complete(call.key, token, encoded, policy.ttl).await;
     guard.disarm();
     match completion {
         Ok(Completion::Stored) => {
@@ -463,29 +585,4 @@ impl<S: Store + ?Sized> Drop for ClaimGuard<'_, S> {
             self.store.release_on_drop(self.key, self.token);
         }
     }
-}
-
-/// The entry point of `#[idempotent]`'s expansion. Not public API.
-#[doc(hidden)]
-pub async fn run_attributed<S, T, E, Fut>(
-    store: &S,
-    name: &str,
-    key: Key,
-    fingerprint: Option<Fingerprint>,
-    policy: &Policy,
-    body: Fut,
-) -> Result<T, E>
-where
-    S: Store + ?Sized,
-    T: Serialize + DeserializeOwned + Send + 'static,
-    E: From<Error>,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let call = Call {
-        name,
-        key,
-        fingerprint,
-        policy,
-    };
-    execute(store, call, body).await.map(|o| o.value)
 }

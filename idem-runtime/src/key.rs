@@ -22,12 +22,18 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 /// BLAKE3 key-derivation context for keys. Changing it changes every key: never do.
 const KEY_CONTEXT: &str = "idem 2026-11-23 idempotency key v1";
 /// BLAKE3 key-derivation context for fingerprints. Changing it changes every fingerprint.
 const FINGERPRINT_CONTEXT: &str = "idem 2026-11-23 request fingerprint v1";
+
+// Keys and fingerprints are BLAKE3 keyed hashes under keys derived once from the contexts above,
+// which separates the two domains without deriving a key on every call.
+static KEY_HASH_KEY: LazyLock<[u8; 32]> = LazyLock::new(|| blake3::derive_key(KEY_CONTEXT, &[]));
+static FINGERPRINT_HASH_KEY: LazyLock<[u8; 32]> =
+    LazyLock::new(|| blake3::derive_key(FINGERPRINT_CONTEXT, &[]));
 
 // One tag byte per kind of value keeps the encoding self-delimiting and unambiguous.
 const TAG_FALSE: u8 = 0x00;
@@ -57,8 +63,18 @@ const TAG_MAP: u8 = 0x0c;
 /// assert_eq!(a, b); // integers are keys by value
 /// assert_ne!(a, Key::new("payments.refund.v1", &("order", 42u64)));
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key([u8; 32]);
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The digest is uniformly distributed: eight of its bytes are as good as all 32 to a
+        // (seeded) hasher, at a quarter of the cost.
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(prefix));
+    }
+}
 
 impl Key {
     /// The key of `value` in `namespace`.
@@ -74,11 +90,11 @@ impl Key {
         type_args: &[&str],
         value: &V,
     ) -> Key {
-        let mut enc = Encoder::hashing(KEY_CONTEXT);
+        let mut enc = Encoder::hashing(&KEY_HASH_KEY);
         enc.write_str(namespace);
         type_args.encode(&mut enc);
         value.encode(&mut enc);
-        Key(enc.finish_digest())
+        Key(enc.digest(&KEY_HASH_KEY))
     }
 
     /// The digest's 32 bytes; what remote stores use as the record's name.
@@ -123,9 +139,9 @@ pub struct Fingerprint([u8; 32]);
 impl Fingerprint {
     /// The fingerprint of `value`, canonically encoded like a key.
     pub fn of<V: KeyPart + ?Sized>(value: &V) -> Fingerprint {
-        let mut enc = Encoder::hashing(FINGERPRINT_CONTEXT);
+        let mut enc = Encoder::hashing(&FINGERPRINT_HASH_KEY);
         value.encode(&mut enc);
-        Fingerprint(enc.finish_digest())
+        Fingerprint(enc.digest(&FINGERPRINT_HASH_KEY))
     }
 
     /// The digest's 32 bytes, as stores keep them.
@@ -149,47 +165,95 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// How many bytes of a key's encoding are gathered on the stack before they go to the hasher.
+/// Keys of integers, short strings and tuples of them fit, and are hashed in one call.
+const STACK_BYTES: usize = 192;
+
 /// Where a canonical encoding goes: a hasher, or a buffer (to sort map entries, and for tests).
-// The hasher stays inline: boxing it would put a heap allocation on every key derivation.
+// The large variant stays inline (no heap allocation, even for long keys); an `Encoder` is built in
+// place and only ever borrowed, so its size is never copied.
 #[allow(clippy::large_enum_variant)]
-enum Sink {
-    Hash(blake3::Hasher),
-    Buf(Vec<u8>),
+enum Sink<'a> {
+    /// Bytes gather on the stack; only an encoding longer than [`STACK_BYTES`] starts the
+    /// streaming hasher (about 2 KiB of state, initialised only then).
+    Hash {
+        key: &'a [u8; 32],
+        stack: [u8; STACK_BYTES],
+        len: usize,
+        spill: Option<blake3::Hasher>,
+    },
+    Buf(&'a mut Vec<u8>),
 }
 
 /// The canonical encoder that [`KeyPart`] implementations write to.
 ///
 /// Implement [`KeyPart`] for a type of your own by encoding the fields that identify it, usually
 /// as a tuple; the encoder's primitives are there for byte strings and for custom containers.
-pub struct Encoder {
-    sink: Sink,
+pub struct Encoder<'a> {
+    sink: Sink<'a>,
 }
 
-impl Encoder {
-    fn hashing(context: &str) -> Encoder {
+impl<'a> Encoder<'a> {
+    #[inline(always)]
+    fn hashing(key: &'a [u8; 32]) -> Encoder<'a> {
         Encoder {
-            sink: Sink::Hash(blake3::Hasher::new_derive_key(context)),
+            sink: Sink::Hash {
+                key,
+                stack: [0; STACK_BYTES],
+                len: 0,
+                spill: None,
+            },
         }
     }
 
-    fn buffer() -> Encoder {
-        Encoder {
-            sink: Sink::Buf(Vec::new()),
+    /// The keyed digest of everything written: one call to BLAKE3 when the encoding fit on the
+    /// stack, the streaming hasher (keyed with the same key) when it did not.
+    fn digest(&mut self, key: &[u8; 32]) -> [u8; 32] {
+        match &mut self.sink {
+            Sink::Hash {
+                stack,
+                len,
+                spill: Some(hasher),
+                ..
+            } => {
+                hasher.update(&stack[..*len]);
+                *hasher.finalize().as_bytes()
+            }
+            Sink::Hash {
+                stack,
+                len,
+                spill: None,
+                ..
+            } => *blake3::keyed_hash(key, &stack[..*len]).as_bytes(),
+            // Not reached: digests are only taken of hashing encoders.
+            Sink::Buf(buf) => *blake3::keyed_hash(key, buf).as_bytes(),
         }
     }
 
-    fn finish_digest(self) -> [u8; 32] {
-        match self.sink {
-            Sink::Hash(h) => *h.finalize().as_bytes(),
-            // Never reached: digests are only taken from hashing encoders.
-            Sink::Buf(buf) => *blake3::hash(&buf).as_bytes(),
+    fn buffer(buf: &'a mut Vec<u8>) -> Encoder<'a> {
+        Encoder {
+            sink: Sink::Buf(buf),
         }
     }
 
     fn raw(&mut self, bytes: &[u8]) {
         match &mut self.sink {
-            Sink::Hash(h) => {
-                h.update(bytes);
+            Sink::Hash {
+                key,
+                stack,
+                len,
+                spill,
+            } => {
+                if let Some(room) = stack.get_mut(*len..*len + bytes.len()) {
+                    room.copy_from_slice(bytes);
+                    *len += bytes.len();
+                } else {
+                    // A long key (a long string, a large collection): stream it.
+                    let hasher = spill.get_or_insert_with(|| blake3::Hasher::new_keyed(key));
+                    hasher.update(&stack[..*len]);
+                    hasher.update(bytes);
+                    *len = 0;
+                }
             }
             Sink::Buf(buf) => buf.extend_from_slice(bytes),
         }
@@ -256,12 +320,9 @@ impl Encoder {
 ///
 /// Exposed for golden tests and for debugging; stores never see it.
 pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
-    let mut enc = Encoder::buffer();
-    value.encode(&mut enc);
-    match enc.sink {
-        Sink::Buf(buf) => buf,
-        Sink::Hash(_) => Vec::new(),
-    }
+    let mut buf = Vec::new();
+    value.encode(&mut Encoder::buffer(&mut buf));
+    buf
 }
 
 /// A value that can be part of an idempotency key (or of a fingerprint).
@@ -279,7 +340,7 @@ pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
 /// struct Order { id: u64, customer: String, note: String }
 ///
 /// impl KeyPart for Order {
-///     fn encode(&self, enc: &mut Encoder) {
+///     fn encode(&self, enc: &mut Encoder<'_>) {
 ///         // The note does not make an order a different order.
 ///         (self.id, &self.customer).encode(enc)
 ///     }
@@ -292,13 +353,13 @@ pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
 )]
 pub trait KeyPart {
     /// Writes the canonical encoding of `self`.
-    fn encode(&self, enc: &mut Encoder);
+    fn encode(&self, enc: &mut Encoder<'_>);
 }
 
 macro_rules! unsigned {
     ($($t:ty)*) => {$(
         impl KeyPart for $t {
-            fn encode(&self, enc: &mut Encoder) {
+            fn encode(&self, enc: &mut Encoder<'_>) {
                 enc.write_u128(*self as u128);
             }
         }
@@ -309,7 +370,7 @@ unsigned!(u8 u16 u32 u64 u128 usize);
 macro_rules! signed {
     ($($t:ty)*) => {$(
         impl KeyPart for $t {
-            fn encode(&self, enc: &mut Encoder) {
+            fn encode(&self, enc: &mut Encoder<'_>) {
                 enc.write_i128(*self as i128);
             }
         }
@@ -318,74 +379,74 @@ macro_rules! signed {
 signed!(i8 i16 i32 i64 i128 isize);
 
 impl KeyPart for bool {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.raw(&[if *self { TAG_TRUE } else { TAG_FALSE }]);
     }
 }
 
 impl KeyPart for char {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.raw(&[TAG_CHAR]);
         enc.raw(&u32::from(*self).to_be_bytes());
     }
 }
 
 impl KeyPart for str {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_str(self);
     }
 }
 
 impl KeyPart for String {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_str(self);
     }
 }
 
 impl KeyPart for () {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_tuple_header(0);
     }
 }
 
 impl<T: KeyPart + ?Sized> KeyPart for &T {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart + ?Sized> KeyPart for &mut T {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart + ?Sized> KeyPart for Box<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart + ?Sized> KeyPart for Arc<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart + ?Sized> KeyPart for Rc<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart + ToOwned + ?Sized> KeyPart for Cow<'_, T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         (**self).encode(enc);
     }
 }
 
 impl<T: KeyPart> KeyPart for Option<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         match self {
             None => enc.raw(&[TAG_NONE]),
             Some(v) => {
@@ -397,7 +458,7 @@ impl<T: KeyPart> KeyPart for Option<T> {
 }
 
 impl<T: KeyPart> KeyPart for [T] {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_seq_header(self.len());
         for v in self {
             v.encode(enc);
@@ -406,19 +467,19 @@ impl<T: KeyPart> KeyPart for [T] {
 }
 
 impl<T: KeyPart, const N: usize> KeyPart for [T; N] {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         self.as_slice().encode(enc);
     }
 }
 
 impl<T: KeyPart> KeyPart for Vec<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         self.as_slice().encode(enc);
     }
 }
 
 impl<T: KeyPart> KeyPart for VecDeque<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_seq_header(self.len());
         for v in self {
             v.encode(enc);
@@ -426,13 +487,16 @@ impl<T: KeyPart> KeyPart for VecDeque<T> {
     }
 }
 
-fn encode_set<'a, T: KeyPart + 'a>(enc: &mut Encoder, items: impl ExactSizeIterator<Item = &'a T>) {
+fn encode_set<'a, T: KeyPart + 'a>(
+    enc: &mut Encoder<'_>,
+    items: impl ExactSizeIterator<Item = &'a T>,
+) {
     let entries = items.map(canonical_bytes).collect();
     enc.write_sorted(TAG_SET, entries);
 }
 
 fn encode_map<'a, K: KeyPart + 'a, V: KeyPart + 'a>(
-    enc: &mut Encoder,
+    enc: &mut Encoder<'_>,
     items: impl ExactSizeIterator<Item = (&'a K, &'a V)>,
 ) {
     let entries = items.map(|(k, v)| canonical_bytes(&(k, v))).collect();
@@ -440,25 +504,25 @@ fn encode_map<'a, K: KeyPart + 'a, V: KeyPart + 'a>(
 }
 
 impl<T: KeyPart, S> KeyPart for HashSet<T, S> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         encode_set(enc, self.iter());
     }
 }
 
 impl<T: KeyPart> KeyPart for BTreeSet<T> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         encode_set(enc, self.iter());
     }
 }
 
 impl<K: KeyPart, V: KeyPart, S> KeyPart for HashMap<K, V, S> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         encode_map(enc, self.iter());
     }
 }
 
 impl<K: KeyPart, V: KeyPart> KeyPart for BTreeMap<K, V> {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         encode_map(enc, self.iter());
     }
 }
@@ -467,7 +531,7 @@ macro_rules! tuples {
     ($($len:literal => ($($name:ident)+))+) => {$(
         impl<$($name: KeyPart),+> KeyPart for ($($name,)+) {
             #[allow(non_snake_case)]
-            fn encode(&self, enc: &mut Encoder) {
+            fn encode(&self, enc: &mut Encoder<'_>) {
                 let ($($name,)+) = self;
                 enc.write_tuple_header($len);
                 $($name.encode(enc);)+
@@ -492,7 +556,7 @@ tuples! {
 
 #[cfg(feature = "uuid")]
 impl KeyPart for uuid::Uuid {
-    fn encode(&self, enc: &mut Encoder) {
+    fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_bytes(self.as_bytes());
     }
 }
@@ -529,6 +593,37 @@ mod tests {
         assert_ne!(canonical_bytes(&("ab", "c")), canonical_bytes(&("a", "bc")));
         assert_ne!(canonical_bytes(&(1u8, 2u8)), canonical_bytes(&vec![1u8, 2]));
         assert_ne!(canonical_bytes(&Some(())), canonical_bytes(&()));
+    }
+
+    #[test]
+    fn long_keys_hash_the_same_as_if_they_fit_on_the_stack() {
+        // The one-shot and the streaming paths must agree, or long keys would change digest.
+        let long = "x".repeat(10 * STACK_BYTES);
+        let mut expected = blake3::Hasher::new_keyed(&KEY_HASH_KEY);
+        let mut bytes = Vec::new();
+        {
+            let mut enc = Encoder::buffer(&mut bytes);
+            enc.write_str("ns");
+            (&[] as &[&str]).encode(&mut enc);
+            long.encode(&mut enc);
+        }
+        expected.update(&bytes);
+        assert_eq!(
+            Key::new("ns", &long).as_bytes(),
+            expected.finalize().as_bytes()
+        );
+        let short = "y";
+        let mut bytes = Vec::new();
+        {
+            let mut enc = Encoder::buffer(&mut bytes);
+            enc.write_str("ns");
+            (&[] as &[&str]).encode(&mut enc);
+            short.encode(&mut enc);
+        }
+        assert_eq!(
+            Key::new("ns", &short).as_bytes(),
+            blake3::keyed_hash(&KEY_HASH_KEY, &bytes).as_bytes()
+        );
     }
 
     #[test]

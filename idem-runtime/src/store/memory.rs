@@ -1,5 +1,6 @@
 //! The embedded in-memory store.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -69,9 +70,47 @@ enum Record {
         waiters: Arc<Notify>,
     },
     Completed {
-        value: Bytes,
+        value: Value,
         fingerprint: Option<Fingerprint>,
         expires_at: Instant,
+    },
+}
+
+/// A completed result as the in-memory store keeps it: encoded (written through the [`Store`]
+/// trait), or typed (written by the executor, which then replays it by cloning, with no decoding).
+#[derive(Clone)]
+pub(crate) enum Value {
+    Bytes(Bytes),
+    Typed(Typed),
+}
+
+/// A result kept as its own type, with the function that encodes it for readers that need bytes.
+#[derive(Clone)]
+pub(crate) struct Typed {
+    pub(crate) value: Arc<dyn Any + Send + Sync>,
+    pub(crate) encode: fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error>,
+}
+
+impl Value {
+    /// The encoded value, encoding a typed one.
+    pub(crate) fn to_bytes(&self) -> Result<Bytes, Error> {
+        match self {
+            Value::Bytes(bytes) => Ok(bytes.clone()),
+            Value::Typed(typed) => (typed.encode)(&*typed.value).map(Bytes::from),
+        }
+    }
+}
+
+/// What [`MemoryStore::claim_value`] found: a [`Claim`] whose completed value may be typed.
+pub(crate) enum ValueClaim {
+    Acquired(Token),
+    Completed {
+        value: Value,
+        fingerprint: Option<Fingerprint>,
+        expires_in: Duration,
+    },
+    Busy {
+        lease_left: Duration,
     },
 }
 
@@ -176,20 +215,27 @@ impl MemoryStore {
         }
     }
 
-    fn claim_now(
+    /// `claim`, synchronously, handing back a completed value as it is kept.
+    pub(crate) fn claim_value(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
-    ) -> Result<Claim, Error> {
+    ) -> Result<ValueClaim, Error> {
         let now = Instant::now();
+        // A replay or a busy key only reads: look under the shard's read lock first.
+        if let Some(record) = self.records.get(&key)
+            && let Some(found) = Self::live(&record, now)
+        {
+            return Ok(found);
+        }
         if self.len() >= self.max_entries {
             // Full: make room from expired records, at most once a second (a store full of live
             // records must not rescan itself on every claim).
             self.sweep_if_due(now);
         }
         let token = Token::generate();
-        let fresh = Record::InProgress {
+        let fresh = || Record::InProgress {
             token,
             lease_until: now + lease,
             fingerprint,
@@ -197,27 +243,12 @@ impl MemoryStore {
         };
         let inserted = match self.records.entry(key) {
             Entry::Occupied(mut entry) => {
-                match entry.get() {
-                    Record::Completed {
-                        value,
-                        fingerprint,
-                        expires_at,
-                    } if *expires_at > now => {
-                        return Ok(Claim::Completed(Completed::new(
-                            value.clone(),
-                            *fingerprint,
-                            *expires_at - now,
-                        )));
-                    }
-                    Record::InProgress { lease_until, .. } if *lease_until > now => {
-                        return Ok(Claim::Busy {
-                            lease_left: *lease_until - now,
-                        });
-                    }
-                    _ => {}
+                // Looked at again under the write lock: another claim may have come first.
+                if let Some(found) = Self::live(entry.get(), now) {
+                    return Ok(found);
                 }
                 // Expired: take over. Waiters of a lapsed claim look again at once.
-                let old = entry.insert(fresh);
+                let old = entry.insert(fresh());
                 old.wake_waiters();
                 false
             }
@@ -232,17 +263,45 @@ impl MemoryStore {
                 if reserved.is_err() {
                     return Err(Error::store(Full { max_entries: max }));
                 }
-                entry.insert(fresh);
+                entry.insert(fresh());
                 true
             }
         };
         if inserted {
             self.sweep_if_due(now);
         }
-        Ok(Claim::Acquired(token))
+        Ok(ValueClaim::Acquired(token))
     }
 
-    fn complete_now(&self, key: Key, token: Token, value: Bytes, ttl: Duration) -> Completion {
+    /// What a claim finds in a live record: its completed value, or that it is busy.
+    fn live(record: &Record, now: Instant) -> Option<ValueClaim> {
+        match record {
+            Record::Completed {
+                value,
+                fingerprint,
+                expires_at,
+            } if *expires_at > now => Some(ValueClaim::Completed {
+                value: value.clone(),
+                fingerprint: *fingerprint,
+                expires_in: *expires_at - now,
+            }),
+            Record::InProgress { lease_until, .. } if *lease_until > now => {
+                Some(ValueClaim::Busy {
+                    lease_left: *lease_until - now,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// `complete`, synchronously, keeping the value as given.
+    pub(crate) fn complete_value(
+        &self,
+        key: Key,
+        token: Token,
+        value: Value,
+        ttl: Duration,
+    ) -> Completion {
         let now = Instant::now();
         let Some(mut record) = self.records.get_mut(&key) else {
             return Completion::LeaseLost;
@@ -363,7 +422,21 @@ impl Store for MemoryStore {
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> BoxFuture<'_, Result<Claim, Error>> {
-        let result = self.claim_now(key, fingerprint, lease);
+        let result = self
+            .claim_value(key, fingerprint, lease)
+            .and_then(|claim| match claim {
+                ValueClaim::Acquired(token) => Ok(Claim::Acquired(token)),
+                ValueClaim::Busy { lease_left } => Ok(Claim::Busy { lease_left }),
+                ValueClaim::Completed {
+                    value,
+                    fingerprint,
+                    expires_in,
+                } => Ok(Claim::Completed(Completed::new(
+                    value.to_bytes()?,
+                    fingerprint,
+                    expires_in,
+                ))),
+            });
         Box::pin(std::future::ready(result))
     }
 
@@ -374,7 +447,7 @@ impl Store for MemoryStore {
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        let result = self.complete_now(key, token, value, ttl);
+        let result = self.complete_value(key, token, Value::Bytes(value), ttl);
         Box::pin(std::future::ready(Ok(result)))
     }
 
@@ -402,5 +475,9 @@ impl Store for MemoryStore {
 
     fn release_on_drop(&self, key: Key, token: Token) {
         self.release_now(key, token);
+    }
+
+    fn as_memory(&self) -> Option<&MemoryStore> {
+        Some(self)
     }
 }

@@ -88,6 +88,13 @@ pub trait Store: Send + Sync {
     fn release_on_drop(&self, key: Key, token: Token) {
         let _ = (key, token);
     }
+
+    /// The in-memory store behind this one, if it is one: lets the executor call it directly,
+    /// without boxed futures, and keep results typed. Not for other stores to implement.
+    #[doc(hidden)]
+    fn as_memory(&self) -> Option<&memory::MemoryStore> {
+        None
+    }
 }
 
 macro_rules! forward_store {
@@ -113,6 +120,9 @@ macro_rules! forward_store {
             }
             fn release_on_drop(&self, key: Key, token: Token) {
                 (**self).release_on_drop(key, token)
+            }
+            fn as_memory(&self) -> Option<&memory::MemoryStore> {
+                (**self).as_memory()
             }
         }
     )*};
