@@ -95,11 +95,18 @@
 #![warn(missing_docs)]
 
 pub use idem_macros::idempotent;
+#[cfg(feature = "http")]
+pub use idem_runtime::IdempotencyLayer;
+#[cfg(feature = "http")]
+pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
     DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent, Key, KeyPart, MemoryStore, OnConflict,
     Outcome, Policy, Status, Store, Token, conformance, conformance_tests, key, record,
 };
+
+#[cfg(feature = "redis")]
+pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.
 #[doc(hidden)]

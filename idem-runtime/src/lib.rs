@@ -28,9 +28,13 @@ pub use exec::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict, Outcome, Policy,
     Status,
 };
+#[cfg(feature = "http")]
+pub use http::IdempotencyLayer;
 pub use key::{Fingerprint, Key, KeyPart};
 pub use record::{Claim, Completed, Completion, Token};
 pub use store::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{BoxFuture, Store};
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.

@@ -1,0 +1,812 @@
+#![cfg(feature = "http")]
+//! `IdempotencyLayer` over real HTTP: an axum server on a loopback port, a hyper client (and, for
+//! a chunked request, a raw HTTP/1.1 connection).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request as AxumRequest, State};
+use axum::http::{HeaderMap, HeaderName, Method, Request, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{AppendHeaders, IntoResponse, Response};
+use axum::routing::any;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
+use idem::{
+    BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
+    MemoryStore, OnConflict, Store, Token,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+#[allow(dead_code)]
+#[path = "../examples/http_orders.rs"]
+mod http_orders;
+
+// ---------------------------------------------------------------------------------------------
+// The service under test
+
+/// What the handlers share: how often each ran, and a gate that holds `/slow` until opened.
+#[derive(Clone)]
+struct Shared {
+    calls: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    entered: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// Every handler counts its runs, and answers with the run number, so a second run shows.
+async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
+    let n = s.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let path = req.uri().path().to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let body = String::from_utf8_lossy(&body).into_owned();
+    match path.as_str() {
+        "/slow" => {
+            s.entered.add_permits(1);
+            // Held until the test opens the gate.
+            if let Ok(permit) = s.gate.acquire().await {
+                permit.forget();
+            }
+        }
+        "/brief" => tokio::time::sleep(Duration::from_millis(50)).await,
+        // A 5xx on the first run only.
+        "/flaky" if n == 1 => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "database hiccup").into_response();
+        }
+        "/declined" => {
+            return (StatusCode::PAYMENT_REQUIRED, format!("declined #{n}")).into_response();
+        }
+        "/big" => return (StatusCode::OK, "x".repeat(10_000)).into_response(),
+        _ => {}
+    }
+    (
+        StatusCode::CREATED,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (HeaderName::from_static("x-order"), "yes"),
+        ],
+        AppendHeaders([(header::SET_COOKIE, "a=1"), (header::SET_COOKIE, "b=2")]),
+        format!(r#"{{"run":{n},"body":{body:?}}}"#),
+    )
+        .into_response()
+}
+
+struct Server {
+    addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves every path with `order` behind `layer`, on a free loopback port.
+async fn serve(layer: IdempotencyLayer) -> Server {
+    serve_with(layer, |router| router).await
+}
+
+async fn serve_with(
+    layer: IdempotencyLayer,
+    wrap: impl FnOnce(Router<Shared>) -> Router<Shared>,
+) -> Server {
+    let shared = Shared {
+        calls: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::new(Semaphore::new(0)),
+        entered: Arc::new(Semaphore::new(0)),
+    };
+    let router = Router::new().route("/{*path}", any(order)).layer(layer);
+    let app = wrap(router).with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Server { addr, shared, task }
+}
+
+fn layer() -> IdempotencyLayer {
+    IdempotencyLayer::new(MemoryStore::new())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+#[derive(Debug, Clone)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v == "true")
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The problem report of an error reply: checks its media type and members.
+    fn problem(&self) -> serde_json::Value {
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{self:?}"
+        );
+        let p: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
+        assert_eq!(p["status"], self.status.as_u16(), "{p}");
+        for member in ["type", "title", "detail"] {
+            assert!(p[member].as_str().is_some_and(|s| !s.is_empty()), "{p}");
+        }
+        assert!(p["type"].as_str().unwrap().starts_with("https://"), "{p}");
+        p
+    }
+
+    /// The headers a replay must repeat: all but the ones the server sets per message.
+    fn stable_headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| *name != header::DATE && *name != IDEMPOTENT_REPLAYED)
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Http {
+    fn new(server: &Server) -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{}", server.addr),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Full::from(body.to_owned())).unwrap();
+        let res = self.client.request(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn post(&self, path: &str, key: &str, body: &str) -> Reply {
+        self.send(Method::POST, path, &[("idempotency-key", key)], body)
+            .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn first_request_runs_and_retry_replays_byte_for_byte() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+
+    let first = http.post("/orders", "\"k-1\"", "book").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), r#"{"run":1,"body":"book"}"#);
+    assert!(!first.replayed());
+    assert!(!first.headers.contains_key(IDEMPOTENT_NOT_STORED));
+
+    let retry = http.post("/orders", "\"k-1\"", "book").await;
+    assert_eq!(server.shared.calls(), 1, "the handler must not run again");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.status, first.status);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.stable_headers(), first.stable_headers());
+    assert_eq!(first.headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    assert_eq!(retry.headers.get_all(header::SET_COOKIE).iter().count(), 2);
+
+    // Another key is another request.
+    let other = http.post("/orders", "\"k-2\"", "book").await;
+    assert_eq!(other.text(), r#"{"run":2,"body":"book"}"#);
+}
+
+#[tokio::test]
+async fn quoted_and_bare_keys_name_the_same_key() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let first = http.post("/orders", "\"3f2a-bare\"", "x").await;
+    let bare = http.post("/orders", "3f2a-bare", "x").await;
+    assert!(bare.replayed());
+    assert_eq!(bare.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn same_key_while_running_is_409_then_replays() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+
+    let first = tokio::spawn({
+        let http = http.clone();
+        async move { http.post("/slow", "k", "a").await }
+    });
+    server.shared.entered.acquire().await.unwrap().forget();
+
+    let conflict = http.post("/slow", "k", "a").await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    let p = conflict.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-key-in-progress"),
+        "{p}"
+    );
+    let retry_after: u64 = conflict.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+
+    server.shared.gate.add_permits(1);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = http.post("/slow", "k", "a").await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn same_key_while_running_waits_when_configured() {
+    let server = serve(layer().on_conflict(OnConflict::Wait)).await;
+    let http = Http::new(&server);
+
+    let first = tokio::spawn({
+        let http = http.clone();
+        async move { http.post("/slow", "k", "a").await }
+    });
+    server.shared.entered.acquire().await.unwrap().forget();
+    let second = tokio::spawn({
+        let http = http.clone();
+        async move { http.post("/slow", "k", "a").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "the second request waits for the first"
+    );
+
+    server.shared.gate.add_permits(1);
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(second.replayed());
+    assert_eq!(second.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn same_key_for_a_different_request_is_422() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    http.post("/orders", "k", "book").await;
+
+    let other_body = http.post("/orders", "k", "lamp").await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let p = other_body.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-key-reused"),
+        "{p}"
+    );
+
+    let other_path = http.post("/refunds", "k", "book").await;
+    assert_eq!(other_path.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let other_query = http.post("/orders?express=1", "k", "book").await;
+    assert_eq!(other_query.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let other_method = http
+        .send(
+            Method::PATCH,
+            "/orders",
+            &[("idempotency-key", "k")],
+            "book",
+        )
+        .await;
+    assert_eq!(other_method.status, StatusCode::UNPROCESSABLE_ENTITY);
+    other_method.problem();
+
+    assert_eq!(server.shared.calls(), 1);
+    // The stored response is intact.
+    assert!(http.post("/orders", "k", "book").await.replayed());
+}
+
+#[tokio::test]
+async fn missing_key_is_400_where_required_and_passes_through_otherwise() {
+    let server = serve(layer().require_key(true)).await;
+    let http = Http::new(&server);
+    let reply = http.send(Method::POST, "/orders", &[], "book").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let p = reply.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-key-missing"),
+        "{p}"
+    );
+    assert_eq!(server.shared.calls(), 0);
+
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for run in 1..=2 {
+        let reply = http.send(Method::POST, "/orders", &[], "book").await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.text(), format!(r#"{{"run":{run},"body":"book"}}"#));
+        assert!(!reply.replayed());
+    }
+}
+
+#[tokio::test]
+async fn bad_keys_are_400() {
+    let server = serve(layer().max_key_len(8)).await;
+    let http = Http::new(&server);
+
+    let long = http.post("/orders", "123456789", "x").await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST);
+    let p = long.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-key-too-long"),
+        "{p}"
+    );
+    assert_eq!(
+        http.post("/orders", "\"123456789\"", "x").await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    for bad in ["\"unterminated", "\"\"", "a\"b", "\"a\\n\""] {
+        let reply = http.post("/orders", bad, "x").await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        let p = reply.problem();
+        assert!(
+            p["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#idempotency-key-invalid"),
+            "{bad}: {p}"
+        );
+    }
+    let twice = http
+        .send(
+            Method::POST,
+            "/orders",
+            &[("idempotency-key", "a"), ("idempotency-key", "b")],
+            "x",
+        )
+        .await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.shared.calls(), 0);
+
+    // At the limit is fine.
+    assert_eq!(
+        http.post("/orders", "12345678", "x").await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn server_errors_are_not_stored_client_errors_are() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+
+    let failed = http.post("/flaky", "k5", "x").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.text(), "database hiccup");
+    assert_eq!(failed.headers[IDEMPOTENT_NOT_STORED], "server-error");
+    let retry = http.post("/flaky", "k5", "x").await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry runs the handler again"
+    );
+    assert!(!retry.replayed());
+    let again = http.post("/flaky", "k5", "x").await;
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    assert_eq!(server.shared.calls(), 2);
+
+    let declined = http.post("/declined", "k4", "x").await;
+    assert_eq!(declined.status, StatusCode::PAYMENT_REQUIRED);
+    let retry = http.post("/declined", "k4", "x").await;
+    assert_eq!(retry.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), declined.text());
+    assert_eq!(server.shared.calls(), 3);
+}
+
+#[tokio::test]
+async fn unguarded_methods_pass_through_untouched() {
+    // A small request limit: unguarded requests are not buffered, so it does not apply to them.
+    let server = serve(layer().max_request_bytes(4)).await;
+    let http = Http::new(&server);
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        for _ in 0..2 {
+            let reply = http
+                .send(
+                    method.clone(),
+                    "/orders",
+                    &[("idempotency-key", "k")],
+                    "a long body",
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::CREATED, "{method}");
+            assert!(!reply.replayed());
+        }
+    }
+    assert_eq!(server.shared.calls(), 6);
+
+    // Guarded methods are configurable.
+    let server = serve(layer().methods([Method::PUT])).await;
+    let http = Http::new(&server);
+    http.send(Method::PUT, "/orders", &[("idempotency-key", "k")], "")
+        .await;
+    let again = http
+        .send(Method::PUT, "/orders", &[("idempotency-key", "k")], "")
+        .await;
+    assert!(again.replayed());
+    http.post("/orders", "k", "").await;
+    assert_eq!(server.shared.calls(), 2);
+}
+
+/// A store whose backend is down: every operation fails.
+struct DownStore;
+
+impl Store for DownStore {
+    fn claim(
+        &self,
+        _: Key,
+        _: Option<Fingerprint>,
+        _: Duration,
+    ) -> BoxFuture<'_, Result<Claim, Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+    fn complete(
+        &self,
+        _: Key,
+        _: Token,
+        _: Bytes,
+        _: Duration,
+    ) -> BoxFuture<'_, Result<Completion, Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+    fn renew(&self, _: Key, _: Token, _: Duration) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+    fn release(&self, _: Key, _: Token) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+    fn wait(&self, _: Key, _: Duration) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+    fn remove(&self, _: Key) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Err(Error::store("connection refused")) })
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_gives_503_and_the_handler_never_runs() {
+    let server = serve(IdempotencyLayer::new(DownStore)).await;
+    let http = Http::new(&server);
+    let reply = http.post("/orders", "k", "x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let p = reply.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-store-unavailable"),
+        "{p}"
+    );
+    assert!(
+        !reply.text().contains("connection refused"),
+        "no backend detail leaks"
+    );
+    assert_eq!(server.shared.calls(), 0);
+    // Requests without a key (not required) and unguarded ones do not need the store.
+    assert_eq!(
+        http.send(Method::GET, "/orders", &[], "").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(server.shared.calls(), 1);
+}
+
+/// A store whose record for every key is a completed one that does not decode (written by
+/// another program, or corrupted), made with the caller's own fingerprint.
+struct GarbageStore;
+
+impl Store for GarbageStore {
+    fn claim(
+        &self,
+        _: Key,
+        fingerprint: Option<Fingerprint>,
+        _: Duration,
+    ) -> BoxFuture<'_, Result<Claim, Error>> {
+        let garbage = Completed::new(
+            Bytes::from_static(b"{\"v\":1,\"status\":"),
+            fingerprint,
+            Duration::from_secs(60),
+        );
+        Box::pin(async move { Ok(Claim::Completed(garbage)) })
+    }
+    fn complete(
+        &self,
+        _: Key,
+        _: Token,
+        _: Bytes,
+        _: Duration,
+    ) -> BoxFuture<'_, Result<Completion, Error>> {
+        Box::pin(async { Ok(Completion::LeaseLost) })
+    }
+    fn renew(&self, _: Key, _: Token, _: Duration) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn release(&self, _: Key, _: Token) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn wait(&self, _: Key, _: Duration) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn remove(&self, _: Key) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
+#[tokio::test]
+async fn a_stored_response_that_does_not_decode_is_500_and_the_handler_does_not_run() {
+    let server = serve(IdempotencyLayer::new(GarbageStore)).await;
+    let http = Http::new(&server);
+    let reply = http.post("/orders", "k", "x").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let p = reply.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-record-unreadable"),
+        "{p}"
+    );
+    assert_eq!(server.shared.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_response_over_the_limit_is_passed_through_whole_and_not_stored() {
+    let server = serve(layer().max_response_bytes(1000)).await;
+    let http = Http::new(&server);
+    for run in 1..=2 {
+        let reply = http.post("/big", "k", "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body.len(), 10_000, "never truncated");
+        assert_eq!(reply.headers[IDEMPOTENT_NOT_STORED], "too-large");
+        assert!(!reply.replayed());
+        assert_eq!(
+            server.shared.calls(),
+            run,
+            "not stored: the retry runs again"
+        );
+    }
+    // At the default limit it is stored.
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let first = http.post("/big", "k", "").await;
+    let retry = http.post("/big", "k", "").await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+}
+
+#[tokio::test]
+async fn a_request_body_over_the_limit_is_413() {
+    let server = serve(layer().max_request_bytes(16)).await;
+    let http = Http::new(&server);
+    let reply = http.post("/orders", "k", &"x".repeat(17)).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let p = reply.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-request-too-large"),
+        "{p}"
+    );
+    assert_eq!(
+        http.post("/orders", "k", &"x".repeat(16)).await.status,
+        StatusCode::CREATED
+    );
+
+    // A chunked body has no Content-Length: the limit holds while it is read.
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let chunk = "x".repeat(10);
+    let raw = format!(
+        "POST /orders HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: k2\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\na\r\n{chunk}\r\na\r\n{chunk}\r\n0\r\n\r\n",
+        server.addr
+    );
+    conn.write_all(raw.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+    assert!(response.contains("application/problem+json"), "{response}");
+    assert_eq!(server.shared.calls(), 1);
+}
+
+/// Puts the caller's user id (from a header, as an authentication layer would) in the extensions.
+#[derive(Clone)]
+struct UserId(String);
+
+async fn authenticate(mut req: AxumRequest, next: Next) -> Response {
+    if let Some(user) = req.headers().get("x-user").and_then(|v| v.to_str().ok()) {
+        let user = UserId(user.to_owned());
+        req.extensions_mut().insert(user);
+    }
+    next.run(req).await
+}
+
+#[tokio::test]
+async fn keys_are_scoped_per_client() {
+    // By API key header.
+    let server = serve(layer().scope_header(HeaderName::from_static("x-api-key"))).await;
+    let http = Http::new(&server);
+    let post = |api_key: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", "same"), ("x-api-key", api_key)],
+                "x",
+            )
+            .await
+        }
+    };
+    let alice = post("alice").await;
+    let bob = post("bob").await;
+    assert!(!bob.replayed(), "bob never sees alice's response");
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(post("alice").await.body, alice.body);
+    assert_eq!(post("bob").await.body, bob.body);
+    assert_eq!(server.shared.calls(), 2);
+    let anonymous = http.post("/orders", "same", "x").await;
+    assert_eq!(anonymous.status, StatusCode::FORBIDDEN);
+    anonymous.problem();
+
+    // By a user id an authentication layer put in the extensions.
+    let scoped = layer().scope(|req| req.extensions.get::<UserId>().map(|u| u.0.clone()));
+    let server = serve_with(scoped, |r| r.layer(middleware::from_fn(authenticate))).await;
+    let http = Http::new(&server);
+    let as_user = |user: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", "same"), ("x-user", user)],
+                "x",
+            )
+            .await
+        }
+    };
+    let carol = as_user("carol").await;
+    let dave = as_user("dave").await;
+    assert!(!dave.replayed());
+    assert!(as_user("carol").await.replayed());
+    assert_ne!(carol.body, dave.body);
+    assert_eq!(server.shared.calls(), 2);
+}
+
+async fn two_hundred_concurrent_posts(layer: IdempotencyLayer) -> (Vec<Reply>, usize) {
+    let server = serve(layer).await;
+    let http = Http::new(&server);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let http = http.clone();
+            tokio::spawn(async move { http.post("/brief", "one-key", "order").await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    (replies, server.shared.calls())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_posts_with_one_key_run_once_waiting() {
+    let (replies, calls) =
+        two_hundred_concurrent_posts(layer().on_conflict(OnConflict::Wait)).await;
+    assert_eq!(calls, 1);
+    let first = r#"{"run":1,"body":"order"}"#;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        assert_eq!(reply.text(), first);
+    }
+    assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_posts_with_one_key_run_once_rejecting() {
+    let (replies, calls) = two_hundred_concurrent_posts(layer()).await;
+    assert_eq!(calls, 1);
+    let first = r#"{"run":1,"body":"order"}"#;
+    let mut created = 0;
+    for reply in &replies {
+        match reply.status {
+            StatusCode::CREATED => {
+                assert_eq!(reply.text(), first);
+                created += 1;
+            }
+            StatusCode::CONFLICT => {
+                reply.problem();
+            }
+            other => panic!("unexpected {other}: {reply:?}"),
+        }
+    }
+    assert!(created >= 1);
+}
+
+#[tokio::test]
+async fn the_http_orders_example_creates_one_order() {
+    let report = http_orders::run().await.unwrap();
+    assert_eq!(report.orders_created, 1, "{report:?}");
+    assert_eq!(report.attempts, 3, "{report:?}");
+    assert_eq!(report.status, StatusCode::CREATED);
+    assert!(report.replayed, "{report:?}");
+    assert!(report.body.starts_with(r#"{"id":1,"#), "{report:?}");
+}
+
+/// The service's response body works as an axum `Body` (a compile-time check).
+#[allow(dead_code)]
+fn response_body_is_an_axum_body(body: idem::http::ResponseBody<Body>) -> Body {
+    Body::new(body)
+}
