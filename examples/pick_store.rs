@@ -54,8 +54,7 @@ async fn open(spec: &str) -> Result<(&'static str, Arc<dyn Store>), String> {
 
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str) -> Result<(&'static str, Arc<dyn Store>), String> {
-    let store = idem::PostgresStore::connect(url)
-        .await
+    let store = idem::PostgresStore::from_url(url)
         .map_err(|e| format!("cannot open the PostgreSQL store: {e}"))?;
     store
         .migrate()

@@ -107,6 +107,18 @@ pub use idem_runtime::{
 
 #[cfg(feature = "redis")]
 pub use idem_runtime::{RedisStore, RedisStoreBuilder};
+#[cfg(feature = "postgres")]
+pub use idem_runtime::PostgresStore;
+
+/// The stores, one module each: builders, constants and the types their APIs name (for
+/// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).
+pub mod store {
+    pub use idem_runtime::store::memory;
+    #[cfg(feature = "postgres")]
+    pub use idem_runtime::store::postgres;
+    #[cfg(feature = "redis")]
+    pub use idem_runtime::store::redis;
+}
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.
 #[doc(hidden)]

@@ -60,3 +60,12 @@ fn an_unknown_store_is_a_clear_error() {
     assert!(!ok);
     assert!(out.contains("names no store"), "{out}");
 }
+
+#[cfg(feature = "postgres")]
+#[test]
+fn the_same_handlers_run_on_postgres() {
+    let server = support::postgres::PgServer::shared();
+    let (ok, out) = run(&server.url());
+    assert!(ok, "{out}");
+    assert!(out.contains("6 calls, 3 charges on the postgres store"), "{out}");
+}

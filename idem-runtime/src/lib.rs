@@ -33,6 +33,8 @@ pub use http::IdempotencyLayer;
 pub use key::{Fingerprint, Key, KeyPart};
 pub use record::{Claim, Completed, Completion, Token};
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{BoxFuture, Store};

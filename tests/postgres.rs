@@ -1,0 +1,943 @@
+#![cfg(feature = "postgres")]
+//! `PostgresStore` against a real PostgreSQL that the harness creates with `initdb` (see
+//! `support/postgres.rs`): the conformance suite, one statement per replay, the transactional
+//! mode (failure, crash, retry), a server crash, large values and hostile keys, several
+//! processes on the same keys, the attribute, and the `postgres_inbox` example.
+//!
+//! Tests that need another process re-run this test binary with `IDEM_PG_CHILD` set; the
+//! `child_process_entry` test is that process's work, and does nothing otherwise.
+
+mod support;
+
+#[path = "../examples/postgres_inbox.rs"]
+#[allow(dead_code)]
+mod postgres_inbox;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use idem::{
+    Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
+};
+use idem::store::postgres::tokio_postgres;
+use support::postgres::PgServer;
+
+/// A store on the shared server's default table, migrated.
+async fn shared_store() -> PostgresStore {
+    let store = PostgresStore::from_url(&PgServer::shared().url()).expect("store from URL");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// A plain client for setting up and inspecting tables.
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test server");
+    tokio::spawn(connection);
+    client
+}
+
+async fn count(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    client
+        .query_one(sql, params)
+        .await
+        .expect("count query")
+        .get(0)
+}
+
+mod conformance {
+    use std::sync::Arc;
+
+    use idem::Store;
+
+    idem::conformance_tests!(async { Arc::new(super::shared_store().await) as Arc<dyn Store> });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+#[tokio::test]
+async fn custom_schema_and_table_are_created_and_used() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .schema("Idem_Custom")
+        .table("Records_2")
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.expect("migrate is idempotent");
+    let key = Key::new("custom", &1u8);
+    assert!(matches!(
+        store.claim(key, None, Duration::from_secs(60)).await,
+        Ok(Claim::Acquired(_))
+    ));
+    let db = client(&url).await;
+    let n = count(
+        &db,
+        "SELECT count(*) FROM \"Idem_Custom\".\"Records_2\" WHERE key = $1",
+        &[&&key.as_bytes()[..]],
+    )
+    .await;
+    assert_eq!(n, 1, "the record is in the configured table");
+    assert!(
+        store
+            .migration_sql()
+            .contains("\"Idem_Custom\".\"Records_2\"")
+    );
+}
+
+#[test]
+fn hostile_table_names_are_refused() {
+    for bad in ["x\"; DROP TABLE users; --", "a b", "", "1x", "ä", "x'y"] {
+        let built = PostgresStore::builder()
+            .table(bad)
+            .from_url("postgres://127.0.0.1/x");
+        assert!(
+            matches!(built, Err(Error::Store(_))),
+            "table {bad:?} must be refused"
+        );
+        let built = PostgresStore::builder()
+            .schema(bad)
+            .from_url("postgres://127.0.0.1/x");
+        assert!(
+            matches!(built, Err(Error::Store(_))),
+            "schema {bad:?} must be refused"
+        );
+    }
+    assert!(matches!(
+        PostgresStore::from_url("not a url ::: ="),
+        Err(Error::Store(_))
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_migrations_do_not_conflict() {
+    let url = PgServer::shared().url();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let store = PostgresStore::builder()
+            .schema("concurrent_mig")
+            .table("records")
+            .from_url(&url)
+            .unwrap();
+        tasks.spawn(async move { store.migrate().await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().expect("concurrent migrate");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One statement per replay.
+
+#[tokio::test]
+async fn a_replay_is_one_statement() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .unwrap();
+    // A table of its own, so statements of tests running meanwhile are not counted.
+    let store = PostgresStore::builder()
+        .table("replay_count")
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let runs = AtomicUsize::new(0);
+    let call = || {
+        Idempotent::new(&store, ("replay", 1u8)).run_with_outcome(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(String::from("receipt"))
+        })
+    };
+    assert_eq!(call().await.unwrap().status, Status::Executed);
+    // Count from here: replays only.
+    db.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+    const REPLAYS: i64 = 10;
+    for _ in 0..REPLAYS {
+        let out = call().await.unwrap();
+        assert_eq!(
+            (out.value.as_str(), out.status),
+            ("receipt", Status::Replayed)
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let statements = count(
+        &db,
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE '%replay_count%' AND query NOT LIKE '%pg_stat_statements%'",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        statements, REPLAYS,
+        "each replay must be exactly one statement"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency inside one process: the claim's snapshot race.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_callers_execute_once_and_never_error() {
+    let store = Arc::new(shared_store().await);
+    for round in 0..10u32 {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (store, runs) = (store.clone(), runs.clone());
+            tasks.spawn(async move {
+                Idempotent::new(&*store, ("race", round, std::process::id()))
+                    .name("tests.postgres.race")
+                    .run(|| async {
+                        let n = runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok::<_, Error>(n + 100)
+                    })
+                    .await
+            });
+        }
+        let mut values = HashSet::new();
+        while let Some(joined) = tasks.join_next().await {
+            values.insert(joined.unwrap().expect("no caller may fail"));
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "round {round}: the body ran once"
+        );
+        assert_eq!(
+            values.len(),
+            1,
+            "round {round}: every caller got the one result"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large values and hostile keys.
+
+#[tokio::test]
+async fn large_values_and_hostile_keys_round_trip_exactly() {
+    let store = shared_store().await;
+    let every_byte: Vec<u8> = (0..=255u8).collect();
+    let hostile = [
+        "'; DROP TABLE idem_records; --".to_string(),
+        "\0".to_string(),
+        "\"quoted\"\\".to_string(),
+        String::from_utf8_lossy(&every_byte).into_owned(),
+        "$1 $2 %s {}".to_string(),
+    ];
+    let mut seen = HashSet::new();
+    for (i, text) in hostile.iter().enumerate() {
+        let value: Vec<u8> = (0..(3 << 20) + i).map(|j| (j * 31 + i) as u8).collect();
+        let key = Key::new(text, &(text.as_str(), &every_byte[..], i));
+        assert!(seen.insert(key), "distinct hostile keys are distinct");
+        let Ok(Claim::Acquired(token)) = store.claim(key, None, Duration::from_secs(60)).await
+        else {
+            panic!("hostile key {i} must be claimable");
+        };
+        let done = store
+            .complete(
+                key,
+                token,
+                Bytes::from(value.clone()),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(done.unwrap(), Completion::Stored);
+        match store.claim(key, None, Duration::from_secs(60)).await {
+            Ok(Claim::Completed(done)) => assert!(
+                done.value[..] == value[..],
+                "a {} byte value changed",
+                value.len()
+            ),
+            other => panic!("expected the completed record, got {other:?}"),
+        }
+    }
+    // Through the executor: a several-MB string result with NULs, quotes and every char.
+    let big: String = (0..(2 << 20))
+        .map(|i| char::from_u32(i % 0x800).unwrap_or('?'))
+        .collect();
+    let expect = big.clone();
+    let got = Idempotent::new(&store, (hostile[0].as_str(), "\0\u{ffff}"))
+        .run(move || async move { Ok::<_, Error>(big) })
+        .await
+        .unwrap();
+    let again = Idempotent::new(&store, (hostile[0].as_str(), "\0\u{ffff}"))
+        .run(|| async { Ok::<_, Error>(String::from("not run")) })
+        .await
+        .unwrap();
+    assert!(
+        got == expect && again == expect,
+        "the replayed value is exact"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cleanup and cancellation.
+
+#[tokio::test]
+async fn purge_removes_expired_rows_only() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("purge_test")
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let short = Duration::from_millis(200);
+    for i in 0..20u32 {
+        let key = Key::new("purge", &i);
+        let Ok(Claim::Acquired(token)) = store.claim(key, None, Duration::from_secs(60)).await
+        else {
+            panic!("claim");
+        };
+        let ttl = if i % 2 == 0 {
+            short
+        } else {
+            Duration::from_secs(600)
+        };
+        store
+            .complete(key, token, Bytes::from_static(b"v"), ttl)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(short * 2).await;
+    assert_eq!(store.purge_expired().await.unwrap(), 10);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    let db = client(&url).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM purge_test", &[]).await, 10);
+}
+
+#[tokio::test]
+async fn a_cancelled_call_frees_its_key_at_once() {
+    let store = shared_store().await;
+    let key = ("cancelled", std::process::id());
+    let started = tokio::sync::Notify::new();
+    let call = Idempotent::new(&store, key)
+        .lease(Duration::from_secs(60))
+        .run(|| async {
+            started.notify_one();
+            std::future::pending::<Result<u8, Error>>().await
+        });
+    tokio::select! {
+        _ = call => unreachable!(),
+        () = started.notified() => {}
+    }
+    // The release was handed to the runtime; the 60 s lease does not have to run out.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Idempotent::new(&store, key)
+            .on_conflict(idem::OnConflict::Reject)
+            .run(|| async { Ok::<_, Error>(7u8) })
+            .await;
+        match out {
+            Ok(v) => {
+                assert_eq!(v, 7);
+                break;
+            }
+            Err(Error::InProgress { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the cancelled claim was not released: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attribute.
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] Error),
+}
+
+struct Payments {
+    store: PostgresStore,
+    charges: AtomicUsize,
+}
+
+impl Payments {
+    #[idempotent(store = self.store, key = order, ttl = "1h", name = "tests.postgres.charge")]
+    async fn charge(&self, order: u64) -> Result<(u64, usize), AppError> {
+        let n = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((order * 100, n))
+    }
+}
+
+#[tokio::test]
+async fn the_attribute_works_with_a_postgres_store() {
+    let payments = Payments {
+        store: shared_store().await,
+        charges: AtomicUsize::new(0),
+    };
+    let order = u64::from(std::process::id()) << 20 | 7;
+    let first = payments.charge(order).await.unwrap();
+    let retry = payments.charge(order).await.unwrap();
+    assert_eq!(first, retry);
+    assert_eq!(payments.charges.load(Ordering::SeqCst), 1);
+    // A second store on the same table (another process, say) replays it too.
+    let other = Payments {
+        store: shared_store().await,
+        charges: AtomicUsize::new(0),
+    };
+    assert_eq!(other.charge(order).await.unwrap(), first);
+    assert_eq!(other.charges.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactional mode.
+
+async fn orders_table(db: &tokio_postgres::Client) {
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, k text NOT NULL, note text)",
+    )
+    .await
+    .unwrap();
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error("declined")]
+    Declined,
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Idem(#[from] Error),
+}
+
+fn unique(label: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn record_exists(db: &tokio_postgres::Client, name: &str, key: &str) -> bool {
+    let key = Key::new(name, &key);
+    count(
+        db,
+        "SELECT count(*) FROM idem_records WHERE key = $1",
+        &[&&key.as_bytes()[..]],
+    )
+    .await
+        > 0
+}
+
+#[tokio::test]
+async fn transactional_body_that_fails_leaves_neither_writes_nor_record_and_the_retry_runs_once() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("fails");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let call = |fail: bool| {
+        let (k, runs) = (k.clone(), runs.clone());
+        store
+            .transactional(k.clone())
+            .name("tx.orders")
+            .run_with_outcome(move |tx| {
+                Box::pin(async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                        .await?;
+                    if fail {
+                        return Err(TxError::Declined);
+                    }
+                    Ok(k.len())
+                })
+            })
+    };
+    assert!(matches!(call(true).await, Err(TxError::Declined)));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        0,
+        "no writes"
+    );
+    assert!(!record_exists(&db, "tx.orders", &k).await, "no record");
+
+    let out = call(false).await.unwrap();
+    assert_eq!((out.value, out.status), (k.len(), Status::Executed));
+    let out = call(false).await.unwrap();
+    assert_eq!(out.status, Status::Replayed);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the failure, then the retry, once"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        1
+    );
+    assert!(record_exists(&db, "tx.orders", &k).await);
+
+    // The ordinary executor sees the same record (same name and key).
+    let replay = Idempotent::new(&store, k.clone())
+        .name("tx.orders")
+        .run(|| async { Ok::<usize, Error>(0) })
+        .await
+        .unwrap();
+    assert_eq!(replay, k.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transactional_duplicates_write_once() {
+    let url = PgServer::shared().url();
+    let store = Arc::new(shared_store().await);
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("concurrent");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (store, k) = (store.clone(), k.clone());
+        tasks.spawn(async move {
+            store
+                .transactional(k.clone())
+                .name("tx.orders")
+                .run_with_outcome(move |tx| {
+                    Box::pin(async move {
+                        let row = tx
+                            .query_one("INSERT INTO tx_orders (k) VALUES ($1) RETURNING id", &[&k])
+                            .await?;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok::<i64, TxError>(row.get(0))
+                    })
+                })
+                .await
+        });
+    }
+    let mut statuses = BTreeMap::new();
+    let mut values = HashSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let out = joined.unwrap().expect("no duplicate may fail");
+        *statuses.entry(out.status.as_str()).or_insert(0) += 1;
+        values.insert(out.value);
+    }
+    assert_eq!(statuses.get("executed"), Some(&1), "{statuses:?}");
+    assert_eq!(values.len(), 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_blocked_by_an_open_transaction_see_it_busy_then_replay() {
+    let url = PgServer::shared().url();
+    let store = Arc::new(
+        PostgresStore::builder()
+            .lock_timeout(Some(Duration::from_millis(200)))
+            .from_url(&url)
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("blocked");
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (store, k) = (store.clone(), k.clone());
+        tokio::spawn(async move {
+            store
+                .transactional(k.clone())
+                .name("tx.orders")
+                .run(move |tx| {
+                    Box::pin(async move {
+                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                            .await?;
+                        let _ = entered_tx.send(());
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        Ok::<_, TxError>(String::from("first"))
+                    })
+                })
+                .await
+        })
+    };
+    entered.await.unwrap();
+    // The claim blocks on the uncommitted row; past lock_timeout it is reported busy.
+    let started = Instant::now();
+    let rejected = Idempotent::new(&*store, k.clone())
+        .name("tx.orders")
+        .on_conflict(idem::OnConflict::Reject)
+        .run(|| async { Ok::<_, Error>(String::from("second")) })
+        .await;
+    assert!(
+        matches!(rejected, Err(Error::InProgress { .. })),
+        "got {rejected:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // A waiting caller gets the holder's result once it commits.
+    let waited = Idempotent::new(&*store, k.clone())
+        .name("tx.orders")
+        .run_with_outcome(|| async { Ok::<_, Error>(String::from("second")) })
+        .await
+        .unwrap();
+    assert_eq!(
+        (waited.value.as_str(), waited.status.is_replay()),
+        ("first", true)
+    );
+    assert_eq!(holder.await.unwrap().unwrap(), "first");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_process_killed_before_commit_leaves_neither_and_the_retry_runs_once() {
+    let server = PgServer::shared();
+    let url = server.url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("crash");
+
+    let mut child = child_process("crash", &url, &[("IDEM_PG_KEY", &k)]);
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let wrote = BufReader::new(stdout)
+            .lines()
+            .any(|l| l.map(|l| l.contains("WROTE")).unwrap_or(false));
+        let _ = tx.send(wrote);
+    });
+    let wrote = rx.recv_timeout(Duration::from_secs(60));
+    if wrote != Ok(true) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("the child's output");
+        panic!(
+            "the child must report its uncommitted write ({wrote:?}); its stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The child has inserted its order inside the transaction and is waiting: kill it.
+    child.kill().expect("kill the child");
+    let _ = child.wait();
+
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        0,
+        "no write"
+    );
+    assert!(!record_exists(&db, "tx.orders", &k).await, "no record");
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    for expected in [Status::Executed, Status::Replayed, Status::Replayed] {
+        let (k2, runs2) = (k.clone(), runs.clone());
+        let out = store
+            .transactional(k.clone())
+            .name("tx.orders")
+            .run_with_outcome(move |tx| {
+                Box::pin(async move {
+                    runs2.fetch_add(1, Ordering::SeqCst);
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                        .await?;
+                    Ok::<_, TxError>(1u8)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.status, expected);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry ran once");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server crash.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_gives_prompt_store_errors_and_keeps_every_record() {
+    let server = PgServer::start();
+    let store = PostgresStore::builder()
+        .timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(2))
+        .from_url(&server.url())
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..25u32 {
+        let v = Idempotent::new(&store, ("durable", i))
+            .run(|| async move { Ok::<_, Error>(format!("value {i}")) })
+            .await
+            .unwrap();
+        written.push(v);
+    }
+
+    server.kill();
+    for op in 0..3u32 {
+        let started = Instant::now();
+        let out = Idempotent::new(&store, ("durable", 1000 + op))
+            .run(|| async { Ok::<_, Error>(String::new()) })
+            .await;
+        assert!(
+            matches!(out, Err(Error::Store(_))),
+            "a dead server is a store error, got {out:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the error must be prompt: {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(
+            store.remove(Key::new("x", &op)).await,
+            Err(Error::Store(_))
+        ));
+    }
+
+    server.restart();
+    let runs = AtomicUsize::new(0);
+    for (i, expected) in (0..25u32).zip(&written) {
+        let got = Idempotent::new(&store, ("durable", i))
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(String::from("ran again"))
+            })
+            .await
+            .expect("the store works again after the restart");
+        assert_eq!(&got, expected, "record {i} survived the crash");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no body ran again");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several processes on the same keys.
+
+const HAMMER_KEYS: u32 = 12;
+
+#[test]
+fn processes_hammering_the_same_keys_execute_each_once() {
+    let url = PgServer::shared().url();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tag = unique("hammer");
+    rt.block_on(async {
+        let db = client(&url).await;
+        db.batch_execute(
+            "CREATE TABLE IF NOT EXISTS hammer_runs (tag text, k int, mode text, pid int)",
+        )
+        .await
+        .unwrap();
+        shared_store().await;
+    });
+    let children: Vec<_> = (0..4)
+        .map(|_| child_process("hammer", &url, &[("IDEM_PG_KEY", &tag)]))
+        .collect();
+    let mut results: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for child in children {
+        let out = child
+            .wait_with_output()
+            .expect("wait for a hammering process");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "a hammering process failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines = 0;
+        // libtest prints "test child_process_entry ... " before the first line.
+        let reported = text
+            .lines()
+            .filter_map(|l| l.find("RESULT ").map(|at| &l[at + "RESULT ".len()..]));
+        for line in reported {
+            let (k, v) = line.split_once('=').expect("RESULT k=v");
+            results
+                .entry(k.to_owned())
+                .or_default()
+                .insert(v.to_owned());
+            lines += 1;
+        }
+        assert_eq!(
+            lines,
+            2 * HAMMER_KEYS as usize * 3,
+            "every call of the child reported"
+        );
+    }
+    for (k, values) in &results {
+        assert_eq!(
+            values.len(),
+            1,
+            "key {k}: every process got the one result, got {values:?}"
+        );
+    }
+    rt.block_on(async {
+        let db = client(&url).await;
+        for mode in ["executor", "transactional"] {
+            let rows = db
+                .query(
+                    "SELECT k, count(*) FROM hammer_runs WHERE tag = $1 AND mode = $2 GROUP BY k",
+                    &[&tag, &mode],
+                )
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), HAMMER_KEYS as usize, "{mode}: every key ran");
+            for row in rows {
+                let (k, n): (i32, i64) = (row.get(0), row.get(1));
+                assert_eq!(n, 1, "{mode}: key {k} executed {n} times");
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example.
+
+#[tokio::test]
+async fn the_postgres_inbox_example_records_each_order_once() {
+    let summary = postgres_inbox::run(&PgServer::shared().url())
+        .await
+        .expect("the example runs");
+    assert_eq!(
+        summary,
+        postgres_inbox::Summary {
+            deliveries: 12,
+            executed: 6,
+            replayed: 6,
+            orders_recorded: 6,
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes.
+
+/// Re-runs this test binary as a child doing `role` (see [`child_process_entry`]).
+fn child_process(role: &str, url: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "child_process_entry",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("IDEM_PG_CHILD", role)
+    .env("IDEM_PG_URL", url)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn a child test process")
+}
+
+/// The work of a child process; does nothing in a normal test run.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var("IDEM_PG_CHILD") else {
+        return;
+    };
+    let url = std::env::var("IDEM_PG_URL").expect("IDEM_PG_URL");
+    let key = std::env::var("IDEM_PG_KEY").expect("IDEM_PG_KEY");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let store = Arc::new(PostgresStore::from_url(&url).unwrap());
+        match role.as_str() {
+            "crash" => crash_child(&store, key).await,
+            "hammer" => hammer_child(store, key).await,
+            other => panic!("unknown child role {other}"),
+        }
+    });
+}
+
+/// Writes inside a transactional body, says so, and waits to be killed before the commit.
+async fn crash_child(store: &PostgresStore, k: String) {
+    let _ = store
+        .transactional(k.clone())
+        .name("tx.orders")
+        .run(move |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                    .await?;
+                println!("WROTE");
+                std::future::pending::<()>().await;
+                Ok::<u8, TxError>(0)
+            })
+        })
+        .await;
+}
+
+/// Calls every key three times at once, through the executor and in transactional mode; the
+/// body records which process ran it.
+async fn hammer_child(store: Arc<PostgresStore>, tag: String) {
+    let pid = std::process::id() as i32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..HAMMER_KEYS as i32 {
+        for _ in 0..3 {
+            let (store1, tag1) = (store.clone(), tag.clone());
+            tasks.spawn(async move {
+                let (store, tag) = (store1, tag1);
+                let v = Idempotent::new(&*store, (tag.as_str(), k))
+                    .name("hammer.executor")
+                    .run(|| async {
+                        let db = store.pool().get().await.map_err(Error::store)?;
+                        db.execute(
+                            "INSERT INTO hammer_runs (tag, k, mode, pid) VALUES ($1, $2, 'executor', $3)",
+                            &[&tag, &k, &pid],
+                        )
+                        .await
+                        .map_err(Error::store)?;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, Error>(format!("{pid}"))
+                    })
+                    .await
+                    .expect("executor call");
+                println!("RESULT e{k}={v}");
+            });
+            let (store2, tag2) = (store.clone(), tag.clone());
+            tasks.spawn(async move {
+                let (store, tag) = (store2, tag2);
+                let tag2 = tag.clone();
+                let v = store
+                    .transactional((tag.as_str(), k))
+                    .name("hammer.transactional")
+                    .run(move |tx| {
+                        Box::pin(async move {
+                            tx.execute(
+                                "INSERT INTO hammer_runs (tag, k, mode, pid) VALUES ($1, $2, 'transactional', $3)",
+                                &[&tag2, &k, &pid],
+                            )
+                            .await?;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok::<_, TxError>(format!("{pid}"))
+                        })
+                    })
+                    .await
+                    .expect("transactional call");
+                println!("RESULT t{k}={v}");
+            });
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("a hammering task panicked");
+    }
+}
