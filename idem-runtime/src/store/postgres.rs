@@ -33,9 +33,10 @@
 //! prepared on the pooled connection; prepared statements are cached per connection). Time is
 //! always the database's (`statement_timestamp()`), never the client's clock.
 //!
-//! - **claim**: `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired> RETURNING`,
-//!   in a CTE whose outer `SELECT` also returns the live row when the insert did nothing, so a
-//!   replay (completed record) costs that one statement. When the conflicting row was committed
+//! - **claim**: one statement whose first CTE reads the live row; only when there is none does
+//!   it `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired> RETURNING`. A replay
+//!   (completed record) costs that one statement and writes nothing: it takes no row lock and
+//!   flushes no WAL, which an `ON CONFLICT DO UPDATE` whose `WHERE` fails would. When the conflicting row was committed
 //!   after the statement's snapshot was taken, `ON CONFLICT` sees it but the `SELECT` does not and
 //!   the statement returns no row: the store then runs the statement again (with a new snapshot,
 //!   which sees the row). That race is exercised by the concurrency tests.
@@ -192,10 +193,18 @@ struct Sql {
 impl Sql {
     fn new(table: &str) -> Sql {
         Sql {
+            // The live row is read first: a replay or a busy key then inserts nothing, so it
+            // locks no row and writes no WAL (an `ON CONFLICT DO UPDATE ... WHERE false` would
+            // lock the row, making every replay a write transaction with a commit flush).
             claim: format!(
-                "WITH claimed AS ( \
+                "WITH live AS ( \
+                   SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
+                   WHERE r.key = $1 AND r.expires_at > statement_timestamp() \
+                 ), claimed AS ( \
                    INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
-                   VALUES ($1, $2, $3, NULL, statement_timestamp() + $4::float8 * interval '1 microsecond') \
+                   SELECT $1::bytea, $2::bytea, $3::bytea, NULL, \
+                          statement_timestamp() + $4::float8 * interval '1 microsecond' \
+                   WHERE NOT EXISTS (SELECT 1 FROM live) \
                    ON CONFLICT (key) DO UPDATE \
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
                          value = NULL, expires_at = excluded.expires_at \
@@ -204,11 +213,9 @@ impl Sql {
                  ) \
                  SELECT true, NULL::bytea, NULL::bytea, 0::int8 FROM claimed \
                  UNION ALL \
-                 SELECT false, r.value, r.fingerprint, \
-                        (extract(epoch FROM r.expires_at - statement_timestamp()) * 1000000)::int8 \
-                 FROM {table} r \
-                 WHERE r.key = $1 AND r.expires_at > statement_timestamp() \
-                   AND NOT EXISTS (SELECT 1 FROM claimed)"
+                 SELECT false, l.value, l.fingerprint, \
+                        (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000000)::int8 \
+                 FROM live l"
             ),
             complete: format!(
                 "UPDATE {table} SET value = $3, \

@@ -1,0 +1,201 @@
+//! PostgreSQL benchmarks: `PostgresStore` against the raw floor measured through the same pool
+//! and the same server in the same run, at 1, 8 and 64 concurrent callers. Criterion reports calls
+//! per second (one element = one call).
+//!
+//! - replay: calls through `Idempotent` on a completed key (one claim statement), against one
+//!   `SELECT value FROM floor WHERE key = $1` (the floor for reading a stored result);
+//! - first execution: a fresh key per call (claim + complete: two statements), against
+//!   `INSERT ... ON CONFLICT DO NOTHING` + `UPDATE ... SET value` (the floor for claiming and
+//!   completing with plain statements).
+//!
+//! The server is a real PostgreSQL that the benchmark creates with `initdb` on a free loopback port
+//! (the tests' harness). Run with `cargo bench --bench postgres --features postgres`.
+
+#[path = "../tests/support/postgres.rs"]
+#[allow(dead_code)]
+mod pg_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use idem::{Idempotent, PostgresStore};
+use pg_support::PgServer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Profile {
+    name: String,
+    email: String,
+}
+
+fn profile(id: u64) -> Profile {
+    Profile {
+        name: format!("user {id}"),
+        email: format!("user{id}@example.com"),
+    }
+}
+
+const CONCURRENCY: [usize; 3] = [1, 8, 64];
+const HOT: u64 = 42;
+
+/// Runs `iters` rounds of `callers` concurrent calls; returns the total time.
+async fn rounds<F, Fut>(iters: u64, callers: usize, call: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_caller = iters.div_ceil(callers as u64).max(1);
+    for caller in 0..callers {
+        let call = call.clone();
+        tasks.spawn(async move {
+            for i in 0..per_caller {
+                call(caller as u64 * 1_000_000_000 + i).await;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a benchmark task panicked");
+    }
+    // Report per call: scale to the `iters * callers` calls criterion counts.
+    start
+        .elapsed()
+        .mul_f64(iters as f64 / (per_caller * callers as u64) as f64)
+}
+
+fn bench(c: &mut Criterion) {
+    let server = PgServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let store = rt.block_on(async {
+        let store = PostgresStore::builder()
+            .pool_size(64)
+            .from_url(&server.url())
+            .expect("a store");
+        store.migrate().await.expect("migrate");
+        let client = store.pool().get().await.expect("a connection");
+        client
+            .batch_execute(
+                "CREATE TABLE floor (key bytea PRIMARY KEY, value bytea); \
+                 INSERT INTO floor VALUES ('hot', NULL)",
+            )
+            .await
+            .expect("the floor's table");
+        let value = serde_json::to_vec(&profile(HOT)).expect("encode");
+        client
+            .execute("UPDATE floor SET value = $1 WHERE key = 'hot'", &[&value])
+            .await
+            .expect("the floor's hot row");
+        Idempotent::new(&store, HOT)
+            .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
+            .await
+            .expect("warm the hot key");
+        Arc::new(store)
+    });
+
+    let mut group = c.benchmark_group("postgres_replay");
+    group.measurement_time(Duration::from_secs(4));
+    for callers in CONCURRENCY {
+        group.throughput(Throughput::Elements(callers as u64));
+        group.bench_function(BenchmarkId::new("floor_select", callers), |b| {
+            b.iter_custom(|iters| {
+                let store = store.clone();
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let store = store.clone();
+                    async move {
+                        let client = store.pool().get().await.expect("a connection");
+                        let statement = client
+                            .prepare_cached("SELECT value FROM floor WHERE key = $1")
+                            .await
+                            .expect("prepare");
+                        let row = client
+                            .query_one(&statement, &[&b"hot".as_slice()])
+                            .await
+                            .expect("SELECT");
+                        let value: Vec<u8> = row.get(0);
+                        let p: Profile = serde_json::from_slice(&value).expect("decode");
+                        std::hint::black_box(p);
+                    }
+                }))
+            })
+        });
+        group.bench_function(BenchmarkId::new("idem", callers), |b| {
+            b.iter_custom(|iters| {
+                let store = store.clone();
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let store = store.clone();
+                    async move {
+                        let p = Idempotent::new(&*store, HOT)
+                            .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
+                            .await
+                            .expect("a replay");
+                        std::hint::black_box(p);
+                    }
+                }))
+            })
+        });
+    }
+    group.finish();
+
+    let next = Arc::new(AtomicU64::new(0));
+    let mut group = c.benchmark_group("postgres_first_execution");
+    group.measurement_time(Duration::from_secs(4));
+    for callers in CONCURRENCY {
+        group.throughput(Throughput::Elements(callers as u64));
+        group.bench_function(BenchmarkId::new("floor_insert_update", callers), |b| {
+            b.iter_custom(|iters| {
+                let (store, next) = (store.clone(), next.clone());
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let store = store.clone();
+                    let key = next.fetch_add(1, Ordering::Relaxed).to_le_bytes().to_vec();
+                    async move {
+                        let client = store.pool().get().await.expect("a connection");
+                        let claim = client
+                            .prepare_cached(
+                                "INSERT INTO floor (key) VALUES ($1) ON CONFLICT DO NOTHING",
+                            )
+                            .await
+                            .expect("prepare");
+                        let claimed = client.execute(&claim, &[&key]).await.expect("INSERT");
+                        assert_eq!(claimed, 1, "a fresh key is free");
+                        let value = serde_json::to_vec(&profile(1)).expect("encode");
+                        let complete = client
+                            .prepare_cached("UPDATE floor SET value = $2 WHERE key = $1")
+                            .await
+                            .expect("prepare");
+                        client
+                            .execute(&complete, &[&key, &value])
+                            .await
+                            .expect("UPDATE");
+                    }
+                }))
+            })
+        });
+        group.bench_function(BenchmarkId::new("idem", callers), |b| {
+            b.iter_custom(|iters| {
+                let (store, next) = (store.clone(), next.clone());
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let store = store.clone();
+                    let key = next.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let p = Idempotent::new(&*store, ("fresh", key))
+                            .run(|| async { Ok::<_, idem::Error>(profile(key)) })
+                            .await
+                            .expect("an execution");
+                        std::hint::black_box(p);
+                    }
+                }))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
