@@ -90,7 +90,16 @@
 //!
 //! # Features
 //!
+//! - `redis`: `RedisStore`, records in Redis (or Redis
+//!   Cluster), shared by many processes and machines.
+//! - `postgres`: `PostgresStore`, durable records in
+//!   PostgreSQL, with a transactional mode.
+//! - `http`: `IdempotencyLayer`, `Idempotency-Key` semantics for
+//!   tower and axum services.
 //! - `uuid`: [`uuid::Uuid`](https://docs.rs/uuid) as a key part.
+//!
+//! Every store passes the same [`conformance`] suite; a store of your own implements [`Store`]
+//! and runs it with [`conformance_tests!`].
 
 #![warn(missing_docs)]
 
