@@ -11,8 +11,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem::{PostgresStore, Status};
 use idem::store::postgres::tokio_postgres;
+use idem::{PostgresStore, Status};
 use serde::{Deserialize, Serialize};
 
 /// A message from the broker: "order `order_id` was placed for `cents`".

@@ -114,10 +114,10 @@ pub use idem_runtime::{
     Outcome, Policy, Status, Store, Token, conformance, conformance_tests, key, record,
 };
 
-#[cfg(feature = "redis")]
-pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use idem_runtime::PostgresStore;
+#[cfg(feature = "redis")]
+pub use idem_runtime::{RedisStore, RedisStoreBuilder};
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
 /// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).

@@ -67,5 +67,8 @@ fn the_same_handlers_run_on_postgres() {
     let server = support::postgres::PgServer::shared();
     let (ok, out) = run(&server.url());
     assert!(ok, "{out}");
-    assert!(out.contains("6 calls, 3 charges on the postgres store"), "{out}");
+    assert!(
+        out.contains("6 calls, 3 charges on the postgres store"),
+        "{out}"
+    );
 }

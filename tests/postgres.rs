@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use idem::store::postgres::tokio_postgres;
 use idem::{
     Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
 };
-use idem::store::postgres::tokio_postgres;
 use support::postgres::PgServer;
 
 /// A store on the shared server's default table, migrated.
