@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::clock::{FOREVER, after};
 use crate::error::Error;
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completion, Token};
@@ -339,10 +340,12 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    // A zero lease or ttl (from a `Duration` expression) would expire before it could be used.
+    // A zero lease or ttl (from a `Duration` expression) would expire before it could be used;
+    // one beyond a century is as good as forever, and is capped so no clock arithmetic overflows.
     let policy = &Policy {
-        ttl: call.policy.ttl.max(MIN_DURATION),
-        lease: call.policy.lease.max(MIN_DURATION),
+        ttl: call.policy.ttl.clamp(MIN_DURATION, FOREVER),
+        lease: call.policy.lease.clamp(MIN_DURATION, FOREVER),
+        wait_timeout: call.policy.wait_timeout.min(FOREVER),
         ..call.policy.clone()
     };
     // Only a call that meets a busy key needs a deadline (and a look at the clock).
@@ -388,7 +391,7 @@ where
             }
             ValueClaim::Busy { lease_left } => {
                 let now = Instant::now();
-                let deadline = *deadline.get_or_insert(now + policy.wait_timeout);
+                let deadline = *deadline.get_or_insert(after(now, policy.wait_timeout));
                 if policy.on_conflict == OnConflict::Reject || now >= deadline {
                     outcome!(INFO, call, "rejected", waited);
                     return Err(Error::InProgress {

@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+mod clock;
 pub mod conformance;
 mod error;
 mod exec;

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{BoxFuture, Store};
+use crate::clock::after;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completed, Completion, Token};
@@ -237,7 +238,7 @@ impl MemoryStore {
         let token = Token::generate();
         let fresh = || Record::InProgress {
             token,
-            lease_until: now + lease,
+            lease_until: after(now, lease),
             fingerprint,
             waiters: Arc::new(Notify::new()),
         };
@@ -319,7 +320,7 @@ impl MemoryStore {
             Record::Completed {
                 value,
                 fingerprint,
-                expires_at: now + ttl,
+                expires_at: after(now, ttl),
             },
         );
         drop(record);
@@ -337,7 +338,7 @@ impl MemoryStore {
                 lease_until,
                 ..
             } if *held == token => {
-                *lease_until = Instant::now() + lease;
+                *lease_until = after(Instant::now(), lease);
                 true
             }
             _ => false,

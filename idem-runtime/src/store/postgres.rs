@@ -709,7 +709,7 @@ impl PostgresStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, Failure> {
-        let deadline = Instant::now() + self.inner.timeout;
+        let deadline = crate::clock::after(Instant::now(), self.inner.timeout);
         let conn = self.connection(op).await.map_err(Failure::Other)?;
         let run = async {
             let statement = conn.prepare_cached(sql).await?;
@@ -731,7 +731,7 @@ impl PostgresStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<u64, Failure> {
-        let deadline = Instant::now() + self.inner.timeout;
+        let deadline = crate::clock::after(Instant::now(), self.inner.timeout);
         let conn = self.connection(op).await.map_err(Failure::Other)?;
         let run = async {
             let statement = conn.prepare_cached(sql).await?;
@@ -781,7 +781,7 @@ impl PostgresStore {
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::after(Instant::now(), timeout);
         let key_bytes = &key.as_bytes()[..];
         let poll = async {
             let mut pause = FIRST_POLL;
@@ -1063,7 +1063,7 @@ impl<K: KeyPart> Transactional<'_, K> {
         E: From<Error>,
     {
         let key = Key::new(&self.name, &self.key);
-        let deadline = Instant::now() + self.policy.wait_timeout;
+        let deadline = crate::clock::after(Instant::now(), self.policy.wait_timeout);
         let mut waited = false;
         let mut body = Some(body);
         loop {

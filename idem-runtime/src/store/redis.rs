@@ -586,7 +586,7 @@ impl RedisStore {
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::after(Instant::now(), timeout);
         let name = self.record_name(&key);
         let name = name.as_str();
         let mut pause = FIRST_POLL;
