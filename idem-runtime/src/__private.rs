@@ -35,6 +35,9 @@ pub trait AsStore {
     fn as_dyn_store(&self) -> &dyn Store;
 }
 
+// Not recommended: a mistake is then reported as "`X` is not an idempotency store" with the note
+// above, instead of a list of every `Store` impl (which would change with the enabled features).
+#[diagnostic::do_not_recommend]
 impl<S: Store> AsStore for S {
     fn as_dyn_store(&self) -> &dyn Store {
         self
