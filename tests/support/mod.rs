@@ -58,6 +58,7 @@ impl LogCapture {
     }
 }
 
+pub mod chaos;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

@@ -1,0 +1,311 @@
+//! Reliability of the in-memory store (issue 6): random interleavings checked against a model of
+//! DESIGN.md's record states, racing executor calls that fail, succeed and are cancelled, and a
+//! soak over a million keys that must stay within the store's documented bound.
+//!
+//! Each test writes its counts to `<target dir>/reliability/<test>.txt` (see docs/reliability.md).
+//! `IDEM_RELIABILITY_CASES` multiplies the number of random cases for longer runs.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem::{Bytes, Claim, Completion, Error, Idempotent, Key, MemoryStore, Status, Store};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use support::chaos::{self, ModelCounts, Timing};
+
+fn scale() -> u32 {
+    chaos::env_u64("IDEM_RELIABILITY_CASES", 1).clamp(1, 10_000) as u32
+}
+
+const MEMORY_TIMING: Timing = Timing {
+    short: Duration::from_millis(100),
+    long: Duration::from_secs(60),
+    advances: [
+        Duration::from_millis(1),
+        Duration::from_millis(60),
+        Duration::from_millis(250),
+    ],
+    margin: Duration::ZERO,
+    paused: true,
+    wait: Duration::from_millis(50),
+};
+
+/// Random sequences of claim / complete / renew / release / remove / wait and clock advances
+/// (tokio's paused clock, so expiries are exact), on a fresh `MemoryStore` each, checked step by
+/// step against the model in tests/support/chaos.rs.
+#[test]
+fn memory_store_matches_the_model_under_random_interleavings() {
+    let total = Mutex::new(ModelCounts::default());
+    let mut runner = chaos::runner(768 * scale(), 2_000);
+    let result = runner.run(&chaos::ops(1, 64), |ops| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let store = MemoryStore::new();
+        let counts = runtime
+            .block_on(chaos::run_model(
+                &store,
+                MEMORY_TIMING,
+                "model.memory",
+                &ops,
+            ))
+            .map_err(TestCaseError::fail)?;
+        // The sequence removed its keys at the end: the record count must not have drifted.
+        prop_assert_eq!(store.len(), 0, "records left or miscounted");
+        total.lock().unwrap().add(&counts);
+        Ok(())
+    });
+    if let Err(err) = result {
+        panic!("the in-memory store broke the contract: {err}");
+    }
+    let c = *total.lock().unwrap();
+    assert!(
+        c.takeovers > 0 && c.fenced > 0 && c.replayed > 0 && c.busy > 0,
+        "{c:?}"
+    );
+    let pairs = chaos::counts_to_pairs(&c);
+    let pairs: Vec<(&str, u64)> = pairs.into_iter().collect();
+    chaos::report("model_memory", &pairs);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Caller {
+    /// The body succeeds.
+    Ok,
+    /// The body fails: not memoized, the next caller runs it again.
+    Fails,
+    /// The call is dropped after this many yields (cancelled mid-body or mid-wait).
+    Cancelled(u8),
+}
+
+fn caller() -> impl Strategy<Value = Caller> {
+    prop_oneof![
+        6 => Just(Caller::Ok),
+        2 => Just(Caller::Fails),
+        2 => (0..6u8).prop_map(Caller::Cancelled),
+    ]
+}
+
+#[derive(Debug)]
+enum AppError {
+    Idem(Error),
+    Failed,
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        AppError::Idem(e)
+    }
+}
+
+/// Callers racing on a few keys on a multi-threaded runtime, each succeeding, failing or being
+/// cancelled at a random point: per key, at most one body ever succeeds (executions doubled:
+/// 0), every caller that gets a value gets that body's value, and no caller is left hanging.
+#[test]
+fn racing_callers_that_fail_and_are_cancelled_never_double_an_execution() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let interleavings = AtomicU64::new(0);
+    let calls = AtomicU64::new(0);
+    let mut runner = chaos::runner(192 * scale(), 200);
+    let strategy = (
+        1..4u32,
+        proptest::collection::vec((0..4u32, caller(), 0..4u8), 2..24),
+    );
+    let result = runner.run(&strategy, |(keys, callers)| {
+        let store = Arc::new(MemoryStore::new());
+        let successes: Arc<Mutex<HashMap<u32, Vec<u64>>>> = Arc::default();
+        let next = Arc::new(AtomicU64::new(1));
+        let outcome = runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, (key, kind, yields)) in callers.iter().copied().enumerate() {
+                let key = key % keys;
+                let (store, successes, next) = (store.clone(), successes.clone(), next.clone());
+                tasks.spawn(async move {
+                    let call = Idempotent::new(&*store, ("race", key))
+                        .wait_timeout(Duration::from_secs(30))
+                        .run(|| async {
+                            for _ in 0..yields {
+                                tokio::task::yield_now().await;
+                            }
+                            if matches!(kind, Caller::Fails) {
+                                return Err(AppError::Failed);
+                            }
+                            let v = next.fetch_add(1, Ordering::SeqCst);
+                            successes.lock().unwrap().entry(key).or_default().push(v);
+                            Ok::<u64, AppError>(v)
+                        });
+                    let result = match kind {
+                        Caller::Cancelled(after) => {
+                            tokio::select! {
+                                r = call => Some(r),
+                                () = async { for _ in 0..after { tokio::task::yield_now().await; } } => None,
+                            }
+                        }
+                        _ => Some(call.await),
+                    };
+                    (i, key, result)
+                });
+            }
+            let mut results = Vec::new();
+            let all = async {
+                while let Some(joined) = tasks.join_next().await {
+                    results.push(joined.expect("no caller panics"));
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(60), all).await.is_err() {
+                return Err("a caller hung for 60s".to_owned());
+            }
+            Ok(results)
+        });
+        let results = outcome.map_err(TestCaseError::fail)?;
+        let successes = successes.lock().unwrap();
+        for (key, ran) in successes.iter() {
+            prop_assert!(
+                ran.len() <= 1,
+                "key {key}: {} bodies succeeded ({ran:?}); executions doubled",
+                ran.len()
+            );
+        }
+        for (i, key, result) in results {
+            match result {
+                None | Some(Err(AppError::Failed)) => {}
+                Some(Ok(v)) => prop_assert_eq!(
+                    successes.get(&key).map(|r| r[0]),
+                    Some(v),
+                    "caller {} of key {} got a value no successful body produced",
+                    i,
+                    key
+                ),
+                Some(Err(AppError::Idem(e))) => {
+                    return Err(TestCaseError::fail(format!("caller {i}: {e}")));
+                }
+            }
+        }
+        interleavings.fetch_add(1, Ordering::Relaxed);
+        calls.fetch_add(callers.len() as u64, Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(err) = result {
+        panic!("racing callers broke the contract: {err}");
+    }
+    chaos::report(
+        "race_memory",
+        &[
+            ("interleavings", interleavings.load(Ordering::Relaxed)),
+            ("calls", calls.load(Ordering::Relaxed)),
+            ("executions_doubled", 0),
+        ],
+    );
+}
+
+/// A distinct key per number, made from its digest directly: hashing a million keys in a debug
+/// build would take longer than the store's work (the key encoding has tests of its own).
+fn soak_key(k: u64) -> Key {
+    let mut digest = [0u8; 32];
+    digest[..8].copy_from_slice(&k.to_le_bytes());
+    digest[8..16].copy_from_slice(&k.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    Key::from_digest(digest)
+}
+
+/// A million distinct keys through a store with a short ttl (tokio's paused clock, advanced by
+/// hand): the store never holds more than its bound (`len() <= max_entries`), expired records
+/// are swept so that it never fills up, and every key's record is served while it lives.
+#[test]
+fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
+    const KEYS: u64 = 1_000_000;
+    const BATCH: u64 = 2_000;
+    const MAX_ENTRIES: usize = 400_000;
+    let ttl = Duration::from_millis(500);
+    let lease = Duration::from_secs(30);
+    let step = Duration::from_millis(10); // per batch: 2,000 keys per 10 ms, 100,000 per ttl
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let store = MemoryStore::with_max_entries(MAX_ENTRIES);
+    let runs = AtomicUsize::new(0);
+    let (peak, sweeps_seen) = runtime.block_on(async {
+        let mut peak = 0;
+        let mut sweeps_seen = 0u64;
+        let mut last_len = 0;
+        for batch in 0..KEYS / BATCH {
+            // The store's own operations (what the executor calls), to keep a million keys fast
+            // in a debug build; the executor path is checked on one key per batch below.
+            for k in batch * BATCH..(batch + 1) * BATCH {
+                let key = soak_key(k);
+                match store.claim(key, None, lease).await {
+                    Ok(Claim::Acquired(token)) => {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        let done = store
+                            .complete(key, token, Bytes::from_static(b"1"), ttl)
+                            .await;
+                        assert_eq!(done.ok(), Some(Completion::Stored), "key {k}");
+                    }
+                    other => panic!("key {k} is new, got {other:?}"),
+                }
+            }
+            let len = store.len();
+            assert!(
+                len <= store.max_entries(),
+                "{len} records, bound {MAX_ENTRIES}"
+            );
+            if len < last_len {
+                sweeps_seen += 1;
+            }
+            last_len = len;
+            peak = peak.max(len);
+            // A key of this batch is still replayed, not run again.
+            let k = batch * BATCH;
+            match store.claim(soak_key(k), None, lease).await {
+                Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"1"),
+                other => panic!("a live record must be replayed, got {other:?}"),
+            }
+            let out = Idempotent::new(&store, ("soak executor", batch))
+                .ttl(ttl)
+                .run_with_outcome(|| async { Ok::<u64, Error>(batch) })
+                .await
+                .unwrap_or_else(|e| panic!("batch {batch}: {e}"));
+            assert_eq!((out.value, out.status), (batch, Status::Executed));
+            tokio::time::advance(step).await;
+        }
+        // Once every ttl ran out, a sweep leaves nothing behind.
+        tokio::time::advance(ttl * 2).await;
+        store.sweep();
+        assert_eq!(store.len(), 0, "expired records left after a sweep");
+        (peak, sweeps_seen)
+    });
+    assert_eq!(
+        runs.load(Ordering::Relaxed) as u64,
+        KEYS,
+        "each key ran once"
+    );
+    assert!(sweeps_seen > 0, "expired records were never swept");
+    // Live records at any time: ttl / step * BATCH = 100,000, plus at most one sweep interval
+    // (1 s: 200,000 keys) of expired ones not yet swept.
+    assert!(
+        peak <= 300_000,
+        "peak {peak}: expired records are not swept"
+    );
+    chaos::report(
+        "soak_memory",
+        &[
+            ("keys", KEYS),
+            ("max_entries", MAX_ENTRIES as u64),
+            ("peak_len", peak as u64),
+            ("sweeps_seen", sweeps_seen),
+            ("executions_doubled", 0),
+        ],
+    );
+}
