@@ -9,6 +9,8 @@
 //!
 //! Run with `cargo bench --bench memory`; BENCHMARKS.md has the numbers and the machine.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,10 +18,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cached::proc_macro::cached;
+use common::{Profile, profile};
 use criterion::{Criterion, criterion_group, criterion_main};
 use dashmap::DashMap;
 use idem::{MemoryStore, idempotent};
-use serde::{Deserialize, Serialize};
 
 /// Counts heap allocations, to report allocations per replay.
 struct Counting;
@@ -47,20 +49,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// The value type: a small struct with two strings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Profile {
-    name: String,
-    email: String,
-}
-
-fn profile(id: u64) -> Profile {
-    Profile {
-        name: format!("user {id}"),
-        email: format!("user{id}@example.com"),
-    }
-}
 
 // First executions insert millions of keys: no entry bound, like the baselines (a full store
 // would answer "full" fast and the benchmark would measure that instead).

@@ -10,60 +10,22 @@
 //! The server is a real `redis-server` that the benchmark starts on a free loopback port (the
 //! tests' harness). Run with `cargo bench --bench redis --features redis`.
 
+mod common;
+
 #[path = "../tests/support/redis.rs"]
 #[allow(dead_code)]
 mod redis_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{CONCURRENCY, Profile, profile, rounds};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use idem::{Idempotent, RedisStore};
 use redis_support::RedisServer;
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Profile {
-    name: String,
-    email: String,
-}
-
-fn profile(id: u64) -> Profile {
-    Profile {
-        name: format!("user {id}"),
-        email: format!("user{id}@example.com"),
-    }
-}
-
-const CONCURRENCY: [usize; 3] = [1, 8, 64];
 const HOT: u64 = 42;
-
-/// Runs `iters` rounds of `callers` concurrent calls; returns the total time.
-async fn rounds<F, Fut>(iters: u64, callers: usize, call: F) -> Duration
-where
-    F: Fn(u64) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let per_caller = iters.div_ceil(callers as u64).max(1);
-    for caller in 0..callers {
-        let call = call.clone();
-        tasks.spawn(async move {
-            for i in 0..per_caller {
-                call(caller as u64 * 1_000_000_000 + i).await;
-            }
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.expect("a benchmark task panicked");
-    }
-    // Report per call: scale to the `iters * callers` calls criterion counts.
-    start
-        .elapsed()
-        .mul_f64(iters as f64 / (per_caller * callers as u64) as f64)
-}
 
 fn bench(c: &mut Criterion) {
     let server = RedisServer::start();
