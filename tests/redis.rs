@@ -754,24 +754,23 @@ fn release_on_drop_outside_a_runtime_does_not_panic() {
 #[test]
 fn redis_orders_example_charges_each_order_once() {
     let server = RedisServer::shared();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut run = std::process::Command::new(cargo);
-    run.args([
-        "run",
-        "--quiet",
-        "--features",
-        "redis",
-        "--example",
-        "redis_orders",
-    ]);
-    if !cfg!(debug_assertions) {
-        run.arg("--release");
-    }
-    let out = run
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    // `cargo test` builds the examples next to the test binaries' folder.
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the target folder")
+        .join("examples")
+        .join("redis_orders");
+    let out = std::process::Command::new(&example)
         .env("IDEM_REDIS_URL", server.url())
         .output()
-        .expect("run cargo");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (a plain `cargo test --all-features` builds the examples; with `--test redis` alone, run `cargo build --examples --features redis` first)",
+                example.display()
+            )
+        });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
