@@ -69,6 +69,55 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The policy as the executor applies it: a zero lease or ttl (from a `Duration` expression)
+    /// would expire before it could be used, and one beyond a century is as good as forever and
+    /// is capped so no clock arithmetic overflows.
+    pub(crate) fn bounded(&self) -> Policy {
+        Policy {
+            ttl: self.ttl.clamp(MIN_DURATION, FOREVER),
+            lease: self.lease.clamp(MIN_DURATION, FOREVER),
+            wait_timeout: self.wait_timeout.min(FOREVER),
+            on_conflict: self.on_conflict,
+        }
+    }
+}
+
+/// The replay rule: a call that gives a fingerprint may only replay a record made with the same
+/// one; a call that gives none replays any.
+pub(crate) fn fingerprint_matches(call: Option<Fingerprint>, stored: Option<Fingerprint>) -> bool {
+    call.is_none() || stored == call
+}
+
+/// What a call that met a busy key does next (step 4 of the executor).
+pub(crate) enum Turn {
+    /// The holder finished, failed or lost its lease (or the wait returned early): claim again.
+    ClaimAgain,
+    /// `on_conflict = reject`, or the wait bound ran out: fail with [`Error::InProgress`].
+    Rejected,
+    /// The store failed while waiting.
+    Failed(Error),
+}
+
+/// Step 4: with `Reject`, or once the wait bound (counted from the first busy answer) has run
+/// out, the call is rejected; otherwise it waits for the holder.
+pub(crate) async fn wait_turn<S: Store + ?Sized>(
+    store: &S,
+    key: Key,
+    policy: &Policy,
+    deadline: &mut Option<Instant>,
+) -> Turn {
+    let now = Instant::now();
+    let deadline = *deadline.get_or_insert(after(now, policy.wait_timeout));
+    if policy.on_conflict == OnConflict::Reject || now >= deadline {
+        return Turn::Rejected;
+    }
+    match store.wait(key, deadline - now).await {
+        Ok(()) => Turn::ClaimAgain,
+        Err(err) => Turn::Failed(err),
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy::new()
@@ -94,6 +143,15 @@ impl Status {
     /// Whether the value came from a stored record rather than this call's body.
     pub fn is_replay(self) -> bool {
         matches!(self, Status::Replayed | Status::Waited)
+    }
+
+    /// How a replay is reported: after waiting for another call, or not.
+    pub(crate) fn replay(waited: bool) -> Status {
+        if waited {
+            Status::Waited
+        } else {
+            Status::Replayed
+        }
     }
 
     /// The outcome's name, as the `tracing` event gives it.
@@ -340,14 +398,7 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    // A zero lease or ttl (from a `Duration` expression) would expire before it could be used;
-    // one beyond a century is as good as forever, and is capped so no clock arithmetic overflows.
-    let policy = &Policy {
-        ttl: call.policy.ttl.clamp(MIN_DURATION, FOREVER),
-        lease: call.policy.lease.clamp(MIN_DURATION, FOREVER),
-        wait_timeout: call.policy.wait_timeout.min(FOREVER),
-        ..call.policy.clone()
-    };
+    let policy = &call.policy.bounded();
     // Only a call that meets a busy key needs a deadline (and a look at the clock).
     let mut deadline: Option<Instant> = None;
     let mut waited = false;
@@ -366,7 +417,7 @@ where
                 fingerprint,
                 expires_in,
             } => {
-                if call.fingerprint.is_some() && fingerprint != call.fingerprint {
+                if !fingerprint_matches(call.fingerprint, fingerprint) {
                     outcome!(INFO, call, "key_reused");
                     return Err(Error::KeyReused.into());
                 }
@@ -377,11 +428,7 @@ where
                         return Err(err.into());
                     }
                 };
-                let status = if waited {
-                    Status::Waited
-                } else {
-                    Status::Replayed
-                };
+                let status = Status::replay(waited);
                 outcome!(DEBUG, call, status.as_str());
                 return Ok(Outcome {
                     value,
@@ -390,18 +437,19 @@ where
                 });
             }
             ValueClaim::Busy { lease_left } => {
-                let now = Instant::now();
-                let deadline = *deadline.get_or_insert(after(now, policy.wait_timeout));
-                if policy.on_conflict == OnConflict::Reject || now >= deadline {
-                    outcome!(INFO, call, "rejected", waited);
-                    return Err(Error::InProgress {
-                        retry_after: lease_left,
+                match wait_turn(store, call.key, policy, &mut deadline).await {
+                    Turn::ClaimAgain => {}
+                    Turn::Rejected => {
+                        outcome!(INFO, call, "rejected", waited);
+                        return Err(Error::InProgress {
+                            retry_after: lease_left,
+                        }
+                        .into());
                     }
-                    .into());
-                }
-                if let Err(err) = store.wait(call.key, deadline - now).await {
-                    outcome!(WARN, call, "store_error", error = %err, step = "wait");
-                    return Err(err.into());
+                    Turn::Failed(err) => {
+                        outcome!(WARN, call, "store_error", error = %err, step = "wait");
+                        return Err(err.into());
+                    }
                 }
                 waited = true;
             }

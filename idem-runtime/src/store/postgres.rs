@@ -102,7 +102,7 @@ use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::{BoxFuture, Store};
 use crate::error::Error;
-use crate::exec::{OnConflict, Outcome, Policy, Status};
+use crate::exec::{OnConflict, Outcome, Policy, Status, Turn, fingerprint_matches, wait_turn};
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
 
@@ -1062,27 +1062,33 @@ impl<K: KeyPart> Transactional<'_, K> {
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
-        let key = Key::new(&self.name, &self.key);
-        let deadline = crate::clock::after(Instant::now(), self.policy.wait_timeout);
+        // The executor's bounds, so a zero or huge ttl means here what it means there.
+        let this = Transactional {
+            policy: self.policy.bounded(),
+            ..self
+        };
+        let key = Key::new(&this.name, &this.key);
+        let mut deadline = None;
         let mut waited = false;
         let mut body = Some(body);
         loop {
-            match self.attempt(key, waited, &mut body).await {
+            match this.attempt(key, waited, &mut body).await {
                 Attempt::Done(result) => return result,
                 Attempt::Busy(lease_left) => {
-                    let now = Instant::now();
-                    if self.policy.on_conflict == OnConflict::Reject || now >= deadline {
-                        outcome!(INFO, self.name, key, "rejected", waited);
-                        return Err(Error::InProgress {
-                            retry_after: lease_left,
+                    match wait_turn(this.store, key, &this.policy, &mut deadline).await {
+                        Turn::ClaimAgain => waited = true,
+                        Turn::Rejected => {
+                            outcome!(INFO, this.name, key, "rejected", waited);
+                            return Err(Error::InProgress {
+                                retry_after: lease_left,
+                            }
+                            .into());
                         }
-                        .into());
+                        Turn::Failed(err) => {
+                            outcome!(WARN, this.name, key, "store_error", error = %err, step = "wait");
+                            return Err(err.into());
+                        }
                     }
-                    if let Err(err) = self.store.wait(key, deadline - now).await {
-                        outcome!(WARN, self.name, key, "store_error", error = %err, step = "wait");
-                        return Err(err.into());
-                    }
-                    waited = true;
                 }
             }
         }
@@ -1199,17 +1205,13 @@ impl<K: KeyPart> Transactional<'_, K> {
             }
             Claim::Completed(done) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                if self.fingerprint.is_some() && done.fingerprint != self.fingerprint {
+                if !fingerprint_matches(self.fingerprint, done.fingerprint) {
                     outcome!(INFO, self.name, key, "key_reused");
                     return (Attempt::Done(Err(Error::KeyReused.into())), false);
                 }
                 match serde_json::from_slice::<T>(&done.value) {
                     Ok(value) => {
-                        let status = if waited {
-                            Status::Waited
-                        } else {
-                            Status::Replayed
-                        };
+                        let status = Status::replay(waited);
                         outcome!(DEBUG, self.name, key, status.as_str());
                         let outcome = Outcome {
                             value,
