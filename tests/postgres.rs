@@ -401,8 +401,14 @@ async fn the_attribute_works_with_a_postgres_store() {
 // Transactional mode.
 
 async fn orders_table(db: &tokio_postgres::Client) {
+    // `CREATE TABLE IF NOT EXISTS` is not safe against itself: two tests creating the table at
+    // once can fail on the catalog's unique index. A transaction-scoped advisory lock serialises
+    // them.
     db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, k text NOT NULL, note text)",
+        "BEGIN; \
+         SELECT pg_advisory_xact_lock(4711); \
+         CREATE TABLE IF NOT EXISTS tx_orders (id bigserial PRIMARY KEY, k text NOT NULL, note text); \
+         COMMIT;",
     )
     .await
     .unwrap();
@@ -940,4 +946,38 @@ async fn hammer_child(store: Arc<PostgresStore>, tag: String) {
     while let Some(joined) = tasks.join_next().await {
         joined.expect("a hammering task panicked");
     }
+}
+
+/// Transactional mode applies the executor's fingerprint rule: the same key with another
+/// fingerprint is `KeyReused` and the stored result is untouched.
+#[tokio::test]
+async fn transactional_key_reused_with_another_fingerprint() {
+    let store = shared_store().await;
+    let k = unique("fingerprint");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let call = |fingerprint: &'static str| {
+        let runs = runs.clone();
+        store
+            .transactional(k.clone())
+            .name("tx.fingerprint")
+            .fingerprint(fingerprint)
+            .run_with_outcome(move |_tx| {
+                Box::pin(async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(fingerprint.to_owned())
+                })
+            })
+    };
+    let first = call("body A").await.unwrap();
+    assert_eq!(
+        (first.value.as_str(), first.status),
+        ("body A", Status::Executed)
+    );
+    assert!(matches!(call("body B").await, Err(Error::KeyReused)));
+    let again = call("body A").await.unwrap();
+    assert_eq!(
+        (again.value.as_str(), again.status),
+        ("body A", Status::Replayed)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
