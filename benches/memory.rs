@@ -117,6 +117,7 @@ fn parts(c: &mut Criterion) {
     let store = MemoryStore::new();
     rt.block_on(async {
         idem::Idempotent::new(&store, HOT)
+            .name("test")
             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
             .await
             .ok()
@@ -226,6 +227,7 @@ fn racing(c: &mut Criterion) {
                         let store = store.clone();
                         tasks.spawn(async move {
                             idem::Idempotent::new(&*store, key)
+                                .name("test")
                                 .run(|| async move { Ok::<_, idem::Error>(profile(key)) })
                                 .await
                         });

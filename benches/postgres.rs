@@ -55,6 +55,7 @@ fn bench(c: &mut Criterion) {
             .await
             .expect("the floor's hot row");
         Idempotent::new(&store, HOT)
+            .name("test")
             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
             .await
             .expect("warm the hot key");
@@ -94,6 +95,7 @@ fn bench(c: &mut Criterion) {
                     let store = store.clone();
                     async move {
                         let p = Idempotent::new(&*store, HOT)
+                            .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
                             .await
                             .expect("a replay");
@@ -147,6 +149,7 @@ fn bench(c: &mut Criterion) {
                     let key = next.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let p = Idempotent::new(&*store, ("fresh", key))
+                            .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(key)) })
                             .await
                             .expect("an execution");

@@ -46,6 +46,7 @@ fn bench(c: &mut Criterion) {
     });
     rt.block_on(async {
         Idempotent::new(&*store, HOT)
+            .name("test")
             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
             .await
             .expect("warm the hot key");
@@ -88,6 +89,7 @@ fn bench(c: &mut Criterion) {
                     let store = store.clone();
                     async move {
                         let p = Idempotent::new(&*store, HOT)
+                            .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
                             .await
                             .expect("a replay");
@@ -143,6 +145,7 @@ fn bench(c: &mut Criterion) {
                     let key = next.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let p = Idempotent::new(&*store, ("fresh", key))
+                            .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(key)) })
                             .await
                             .expect("an execution");

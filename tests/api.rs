@@ -233,13 +233,14 @@ async fn wait_gets_the_holders_value_without_running_the_body() {
 async fn waiting_is_bounded_by_wait_timeout() {
     let store = MemoryStore::new();
     let (_never, gate) = oneshot::channel::<()>();
-    let holder = Idempotent::new(&store, "slow").run(|| async {
+    let holder = Idempotent::new(&store, "slow").name("test").run(|| async {
         let _ = gate.await;
         Ok::<_, Error>(1u8)
     });
     let waiter = async {
         tokio::task::yield_now().await;
         Idempotent::new(&store, "slow")
+            .name("test")
             .wait_timeout(Duration::from_secs(5))
             .run(|| async { Ok::<_, Error>(2u8) })
             .await
@@ -299,6 +300,7 @@ async fn after_ttl_the_body_runs_again_and_within_it_does_not() {
     let runs = AtomicUsize::new(0);
     let call = || {
         Idempotent::new(&store, ("ttl", 1u8))
+            .name("test")
             .ttl(Duration::from_secs(60))
             .run(|| async { Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1) })
     };
@@ -321,6 +323,7 @@ async fn ttl_may_be_a_duration_expression() {
         .await
         .unwrap();
     let out = Idempotent::new(&store, 0u8)
+        .name("test")
         .run(|| async { Ok::<_, Error>(0u8) })
         .await
         .unwrap();
@@ -345,6 +348,7 @@ async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced() {
     let (open, gate) = oneshot::channel::<()>();
     let mut stale = Box::pin(
         Idempotent::new(&store, "lease")
+            .name("test")
             .lease(lease)
             .run_with_outcome(|| async {
                 let _ = gate.await;
@@ -361,6 +365,7 @@ async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced() {
     tokio::time::sleep(lease * 2).await;
 
     let fresh = Idempotent::new(&store, "lease")
+        .name("test")
         .lease(lease)
         .run_with_outcome(|| async { Ok::<_, Error>(String::from("new holder")) })
         .await
@@ -378,6 +383,7 @@ async fn a_lapsed_lease_is_taken_over_and_the_stale_holder_is_fenced() {
     );
 
     let replay = Idempotent::new(&store, "lease")
+        .name("test")
         .run_with_outcome(|| async { Ok::<_, Error>(String::from("not run")) })
         .await
         .unwrap();
@@ -397,6 +403,7 @@ async fn a_long_body_keeps_its_lease_by_renewal() {
     let store = MemoryStore::new();
     let lease = Duration::from_secs(3);
     let holder = Idempotent::new(&store, "long")
+        .name("test")
         .lease(lease)
         .run_with_outcome(|| async {
             tokio::time::sleep(lease * 10).await;
@@ -405,6 +412,7 @@ async fn a_long_body_keeps_its_lease_by_renewal() {
     let rival = async {
         tokio::time::sleep(lease * 5).await;
         Idempotent::new(&store, "long")
+            .name("test")
             .on_conflict(OnConflict::Reject)
             .run(|| async { Ok::<_, Error>(2u8) })
             .await
@@ -471,10 +479,12 @@ async fn functions_default_to_namespaces_of_their_own() {
 async fn a_stored_result_of_another_type_is_a_codec_error() {
     let store = MemoryStore::new();
     Idempotent::new(&store, "typed")
+        .name("test")
         .run(|| async { Ok::<_, Error>(String::from("text")) })
         .await
         .unwrap();
     let read = Idempotent::new(&store, "typed")
+        .name("test")
         .run(|| async { Ok::<_, Error>(5u64) })
         .await;
     assert!(matches!(read, Err(Error::Codec(_))), "{read:?}");
@@ -486,9 +496,13 @@ async fn a_stored_result_of_another_type_is_a_codec_error() {
 #[tokio::test]
 async fn the_store_can_be_chosen_at_run_time() {
     let store: Arc<dyn idem::Store> = Arc::new(MemoryStore::new());
-    let first = Idempotent::new(&store, 1u8).run_with_outcome(|| async { Ok::<_, Error>(1u8) });
+    let first = Idempotent::new(&store, 1u8)
+        .name("test")
+        .run_with_outcome(|| async { Ok::<_, Error>(1u8) });
     assert_eq!(first.await.unwrap().status, Status::Executed);
-    let again = Idempotent::new(&store, 1u8).run_with_outcome(|| async { Ok::<_, Error>(2u8) });
+    let again = Idempotent::new(&store, 1u8)
+        .name("test")
+        .run_with_outcome(|| async { Ok::<_, Error>(2u8) });
     let again = again.await.unwrap();
     assert_eq!((again.value, again.status), (1, Status::Replayed));
     assert!(again.expires_in.unwrap() <= idem::DEFAULT_TTL);
@@ -523,17 +537,20 @@ async fn a_full_memory_store_refuses_new_keys_but_serves_old_ones_and_frees_by_e
     let ttl = Duration::from_secs(5);
     for k in 0..10u8 {
         Idempotent::new(&store, k)
+            .name("test")
             .ttl(ttl)
             .run(|| async { Ok::<_, Error>(k) })
             .await
             .unwrap();
     }
     let refused = Idempotent::new(&store, 10u8)
+        .name("test")
         .run(|| async { Ok::<_, Error>(10u8) })
         .await;
     assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
     assert_eq!(
         Idempotent::new(&store, 3u8)
+            .name("test")
             .run(|| async { Ok::<_, Error>(99u8) })
             .await
             .unwrap(),
@@ -543,6 +560,7 @@ async fn a_full_memory_store_refuses_new_keys_but_serves_old_ones_and_frees_by_e
     assert_eq!(store.len(), 10);
     tokio::time::advance(ttl * 2).await;
     let admitted = Idempotent::new(&store, 10u8)
+        .name("test")
         .run(|| async { Ok::<_, Error>(10u8) })
         .await;
     assert_eq!(admitted.unwrap(), 10, "expired records make room");
@@ -557,6 +575,7 @@ async fn racing_inserts_never_overshoot_the_bound() {
         let store = store.clone();
         tasks.spawn(async move {
             Idempotent::new(&*store, k)
+                .name("test")
                 .run(|| async move { Ok::<_, Error>(k) })
                 .await
         });

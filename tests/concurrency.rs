@@ -60,6 +60,7 @@ async fn racing_tasks_on_one_key_run_the_body_once() {
             let (store, runs) = (store.clone(), runs.clone());
             tasks.spawn(async move {
                 idem::Idempotent::new(&*store, ("race", round))
+                    .name("test")
                     .run(|| async {
                         tokio::task::yield_now().await;
                         Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst))
@@ -84,6 +85,7 @@ async fn failures_under_contention_never_leave_a_key_held() {
         let (store, attempts) = (store.clone(), attempts.clone());
         tasks.spawn(async move {
             idem::Idempotent::new(&*store, ("flaky", i % 10))
+                .name("test")
                 .run(|| async move {
                     let n = attempts.fetch_add(1, Ordering::SeqCst);
                     tokio::task::yield_now().await;
@@ -100,6 +102,7 @@ async fn failures_under_contention_never_leave_a_key_held() {
     // Every key is free or completed now: a final call per key gets a value promptly.
     for k in 0..10u32 {
         let value = idem::Idempotent::new(&*store, ("flaky", k))
+            .name("test")
             .run(|| async move { Ok::<_, Error>(k) })
             .await
             .expect("no key is left held");

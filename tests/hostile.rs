@@ -630,6 +630,7 @@ async fn entries_bound() -> u64 {
     let ttl = Duration::from_secs(5);
     for k in 0..100u32 {
         Idempotent::new(&store, k)
+            .name("test")
             .ttl(ttl)
             .run(|| async move { Ok::<_, Error>(k) })
             .await
@@ -638,6 +639,7 @@ async fn entries_bound() -> u64 {
     assert_eq!(store.len(), 100);
     let ran = AtomicUsize::new(0);
     let full = Idempotent::new(&store, 100u32)
+        .name("test")
         .run(|| async {
             ran.fetch_add(1, Ordering::SeqCst);
             Ok::<_, Error>(100u32)
@@ -651,6 +653,7 @@ async fn entries_bound() -> u64 {
     );
     for k in 0..100u32 {
         let v = Idempotent::new(&store, k)
+            .name("test")
             .run(|| async { Ok::<_, Error>(u32::MAX) })
             .await
             .unwrap();
@@ -659,6 +662,7 @@ async fn entries_bound() -> u64 {
     assert!(store.len() <= store.max_entries());
     tokio::time::advance(ttl + Duration::from_secs(2)).await;
     let v = Idempotent::new(&store, 100u32)
+        .name("test")
         .run(|| async { Ok::<_, Error>(100u32) })
         .await
         .expect("expired records are swept to make room");
@@ -728,6 +732,7 @@ mod redis {
         let store = store_on(&server.url(), "limit").await;
         let limit = 1 << 20;
         let neighbour = Idempotent::new(&store, "neighbour")
+            .name("test")
             .run(|| async { Ok::<_, Error>(7u8) })
             .await
             .unwrap();
@@ -736,12 +741,14 @@ mod redis {
         // JSON of a string of n - 2 characters is n bytes.
         let at = "a".repeat(limit - 2);
         let got = Idempotent::new(&store, "at")
+            .name("test")
             .run_with_outcome(|| async { Ok::<_, Error>(at.clone()) })
             .await
             .unwrap();
         assert_eq!((got.value.len(), got.status), (at.len(), Status::Executed));
         assert!(got.expires_in.is_some(), "a value at the limit is stored");
         let again = Idempotent::new(&store, "at")
+            .name("test")
             .run_with_outcome(|| async { Ok::<_, Error>(String::new()) })
             .await
             .unwrap();
@@ -750,6 +757,7 @@ mod redis {
         let over = "b".repeat(limit - 1);
         let started = Instant::now();
         let got = Idempotent::new(&store, "over")
+            .name("test")
             .lease(Duration::from_millis(500))
             .run_with_outcome(|| async { Ok::<_, Error>(over.clone()) })
             .await
@@ -786,12 +794,14 @@ mod redis {
 
         // The neighbour is untouched; the oversized key runs again once its lease ran out.
         let n = Idempotent::new(&store, "neighbour")
+            .name("test")
             .run(|| async { Ok::<_, Error>(0u8) })
             .await
             .unwrap();
         assert_eq!(n, 7);
         tokio::time::sleep(Duration::from_millis(600)).await;
         let small = Idempotent::new(&store, "over")
+            .name("test")
             .run(|| async { Ok::<_, Error>("small".to_owned()) })
             .await
             .unwrap();
@@ -1021,6 +1031,7 @@ mod postgres {
         let task = tokio::spawn(async move {
             store.migrate().await.expect("migrate");
             Idempotent::new(&store, "unbounded timeout")
+                .name("test")
                 .run(|| async { Ok::<_, Error>(1u8) })
                 .await
         });
@@ -1042,6 +1053,7 @@ mod postgres {
         let store = store().await;
         let table = store.table();
         let neighbour = Idempotent::new(&store, ("odd-rows", "neighbour"))
+            .name("test")
             .run(|| async { Ok::<_, Error>("n".to_owned()) })
             .await
             .unwrap();
@@ -1108,6 +1120,7 @@ mod postgres {
             }
         }
         let again = Idempotent::new(&store, ("odd-rows", "neighbour"))
+            .name("test")
             .run(|| async { Ok::<_, Error>("changed".to_owned()) })
             .await
             .unwrap();

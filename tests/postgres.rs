@@ -154,10 +154,12 @@ async fn a_replay_is_one_statement() {
     store.migrate().await.unwrap();
     let runs = AtomicUsize::new(0);
     let call = || {
-        Idempotent::new(&store, ("replay", 1u8)).run_with_outcome(|| async {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(String::from("receipt"))
-        })
+        Idempotent::new(&store, ("replay", 1u8))
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(String::from("receipt"))
+            })
     };
     assert_eq!(call().await.unwrap().status, Status::Executed);
     // Count from here: replays only.
@@ -272,10 +274,12 @@ async fn large_values_and_hostile_keys_round_trip_exactly() {
         .collect();
     let expect = big.clone();
     let got = Idempotent::new(&store, (hostile[0].as_str(), "\0\u{ffff}"))
+        .name("test")
         .run(move || async move { Ok::<_, Error>(big) })
         .await
         .unwrap();
     let again = Idempotent::new(&store, (hostile[0].as_str(), "\0\u{ffff}"))
+        .name("test")
         .run(|| async { Ok::<_, Error>(String::from("not run")) })
         .await
         .unwrap();
@@ -326,6 +330,7 @@ async fn a_cancelled_call_frees_its_key_at_once() {
     let key = ("cancelled", std::process::id());
     let started = tokio::sync::Notify::new();
     let call = Idempotent::new(&store, key)
+        .name("test")
         .lease(Duration::from_secs(60))
         .run(|| async {
             started.notify_one();
@@ -339,6 +344,7 @@ async fn a_cancelled_call_frees_its_key_at_once() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = Idempotent::new(&store, key)
+            .name("test")
             .on_conflict(idem::OnConflict::Reject)
             .run(|| async { Ok::<_, Error>(7u8) })
             .await;
@@ -686,6 +692,7 @@ async fn a_killed_server_gives_prompt_store_errors_and_keeps_every_record() {
     let mut written = Vec::new();
     for i in 0..25u32 {
         let v = Idempotent::new(&store, ("durable", i))
+            .name("test")
             .run(|| async move { Ok::<_, Error>(format!("value {i}")) })
             .await
             .unwrap();
@@ -696,6 +703,7 @@ async fn a_killed_server_gives_prompt_store_errors_and_keeps_every_record() {
     for op in 0..3u32 {
         let started = Instant::now();
         let out = Idempotent::new(&store, ("durable", 1000 + op))
+            .name("test")
             .run(|| async { Ok::<_, Error>(String::new()) })
             .await;
         assert!(
@@ -717,6 +725,7 @@ async fn a_killed_server_gives_prompt_store_errors_and_keeps_every_record() {
     let runs = AtomicUsize::new(0);
     for (i, expected) in (0..25u32).zip(&written) {
         let got = Idempotent::new(&store, ("durable", i))
+            .name("test")
             .run(|| async {
                 runs.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, Error>(String::from("ran again"))

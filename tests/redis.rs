@@ -83,6 +83,7 @@ mod cluster {
         }
         for k in 0..10u32 {
             let v = Idempotent::new(&store, ("flushed", k))
+                .name("test")
                 .run(|| async move { Ok::<_, Error>(k) })
                 .await
                 .expect("the NOSCRIPT fallback loads the script where it is missing");
@@ -102,6 +103,7 @@ mod cluster {
         for round in 0..2 {
             for k in 0..30u32 {
                 let v = Idempotent::new(&store, ("spread", k))
+                    .name("test")
                     .run(|| async move { Ok::<_, Error>(k + round) })
                     .await
                     .unwrap();
@@ -140,10 +142,12 @@ async fn replay_is_one_round_trip_and_execution_two() {
     let runs = AtomicUsize::new(0);
     let call = |id: u64| {
         let runs = &runs;
-        Idempotent::new(&store, ("order", id)).run(move || async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(format!("receipt {id}"))
-        })
+        Idempotent::new(&store, ("order", id))
+            .name("test")
+            .run(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(format!("receipt {id}"))
+            })
     };
 
     let before = proxy.commands();
@@ -162,6 +166,7 @@ async fn replay_is_one_round_trip_and_execution_two() {
     // A failed body: claim and release, and nothing memoized.
     let before = proxy.commands();
     let failed = Idempotent::new(&store, ("order", 2u64))
+        .name("test")
         .run(|| async { Err::<u64, _>(AppError::Failed) })
         .await;
     assert!(matches!(failed, Err(AppError::Failed)));
@@ -169,6 +174,7 @@ async fn replay_is_one_round_trip_and_execution_two() {
     let before = proxy.commands();
     assert_eq!(
         Idempotent::new(&store, ("order", 2u64))
+            .name("test")
             .run(|| async { Ok::<u64, AppError>(7) })
             .await
             .unwrap(),
@@ -183,11 +189,13 @@ async fn scripts_flushed_from_the_server_are_loaded_again() {
     let store = shared_store("script_flush").await;
     assert_eq!(server.cmd(&["SCRIPT", "FLUSH"]), Resp::Simple("OK".into()));
     let value = Idempotent::new(&store, "after flush")
+        .name("test")
         .run(|| async { Ok::<_, Error>(5u8) })
         .await
         .expect("a flushed script cache is refilled (NOSCRIPT fallback)");
     assert_eq!(value, 5);
     let out = Idempotent::new(&store, "after flush")
+        .name("test")
         .run_with_outcome(|| async { Ok::<_, Error>(6u8) })
         .await
         .unwrap();
@@ -232,7 +240,7 @@ async fn server_restart_mid_run() {
         .unwrap();
     let runs = AtomicUsize::new(0);
     let call = |name: &'static str| {
-        Idempotent::new(&store, name).run(|| async {
+        Idempotent::new(&store, name).name("test").run(|| async {
             runs.fetch_add(1, Ordering::SeqCst);
             Ok::<_, Error>(name.len())
         })
@@ -303,6 +311,7 @@ async fn hung_server_times_out() {
     signal("-STOP");
     let started = Instant::now();
     let result = Idempotent::new(&store, "hung")
+        .name("test")
         .run(|| async { Ok::<_, Error>(1u8) })
         .await;
     let took = started.elapsed();
@@ -317,6 +326,7 @@ async fn hung_server_times_out() {
     // The claim may have reached the server before it stopped: it is held until its lease runs
     // out. Another key works at once.
     let value = Idempotent::new(&store, "after the hang")
+        .name("test")
         .run(|| async { Ok::<_, Error>(2u8) })
         .await
         .expect("the server answers again");
@@ -334,6 +344,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     // Neighbours: a real record, a plain key under the prefix, a key outside it.
     let neighbour_key = Key::new("", "neighbour");
     Idempotent::new(&store, "neighbour")
+        .name("test")
         .run(|| async { Ok::<_, Error>(41u32) })
         .await
         .unwrap();
@@ -419,6 +430,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
 
         let runs = AtomicUsize::new(0);
         let result = Idempotent::new(&store, key_value.as_str())
+            .name("test")
             .wait_timeout(Duration::from_millis(200))
             .run(|| async {
                 runs.fetch_add(1, Ordering::SeqCst);
@@ -504,6 +516,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     ]);
     server.cmd(&["PEXPIRE", &name, "60000"]);
     let result = Idempotent::new(&store, "not json")
+        .name("test")
         .run(|| async { Ok::<_, Error>(1u32) })
         .await;
     assert!(matches!(result, Err(Error::Codec(_))), "{result:?}");
@@ -611,6 +624,7 @@ async fn hammer_child() {
         let run = run.clone();
         tasks.spawn(async move {
             Idempotent::new(&*store, ("hammer", k))
+                .name("test")
                 .on_conflict(OnConflict::Wait)
                 .run(|| async move {
                     let counter = format!("hammer:{run}:{k}");
@@ -709,6 +723,7 @@ async fn a_cancelled_call_releases_its_claim_at_once() {
     let cancelled = tokio::time::timeout(
         Duration::from_millis(100),
         Idempotent::new(&store, "cancelled")
+            .name("test")
             .lease(lease)
             .run(|| async {
                 std::future::pending::<()>().await;

@@ -132,7 +132,7 @@ fn racing_callers_that_fail_and_are_cancelled_never_double_an_execution() {
                 let key = key % keys;
                 let (store, successes, next) = (store.clone(), successes.clone(), next.clone());
                 tasks.spawn(async move {
-                    let call = Idempotent::new(&*store, ("race", key))
+                    let call = Idempotent::new(&*store, ("race", key)).name("test")
                         .wait_timeout(Duration::from_secs(30))
                         .run(|| async {
                             for _ in 0..yields {
@@ -273,6 +273,7 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
                 other => panic!("a live record must be replayed, got {other:?}"),
             }
             let out = Idempotent::new(&store, ("soak executor", batch))
+                .name("test")
                 .ttl(ttl)
                 .run_with_outcome(|| async { Ok::<u64, Error>(batch) })
                 .await

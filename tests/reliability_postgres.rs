@@ -136,6 +136,7 @@ async fn crash_child() {
         .try_init();
     let store = PostgresStore::from_url(&url).expect("store");
     let out = Idempotent::new(&store, key.as_str())
+        .name("test")
         .lease(LEASE)
         .run_with_outcome(|| async {
             count_execution(&store, &key).await;
@@ -173,6 +174,7 @@ async fn take_over(store: &PostgresStore, key: &str) -> Duration {
     let since = Instant::now();
     let started = Mutex::new(None);
     let out = Idempotent::new(store, key)
+        .name("test")
         .lease(LEASE)
         .wait_timeout(Duration::from_secs(20))
         .run_with_outcome(|| async {

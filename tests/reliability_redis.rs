@@ -116,6 +116,7 @@ async fn crash_child() {
     let port = chaos::port_of(&url);
     let counter = execs_counter(&prefix, &key);
     let out = Idempotent::new(&store, key.as_str())
+        .name("test")
         .lease(LEASE)
         .run_with_outcome(|| async {
             chaos::raw_redis(port, &["INCR", &counter]);
@@ -156,6 +157,7 @@ async fn take_over(store: &RedisStore, port: u16, prefix: &str, key: &str) -> Du
     let started = Mutex::new(None);
     let counter = execs_counter(prefix, key);
     let out = Idempotent::new(store, key)
+        .name("test")
         .lease(LEASE)
         .wait_timeout(Duration::from_secs(20))
         .run_with_outcome(|| async {

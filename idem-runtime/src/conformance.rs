@@ -19,13 +19,16 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::error::Error;
+use crate::exec::{Idempotent, OnConflict, Status};
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completion, Token};
-use crate::store::Store;
+use crate::store::{BoxFuture, Store};
 
 /// The lease the checks use where it must run out.
 pub const SHORT_LEASE: Duration = Duration::from_millis(300);
@@ -50,6 +53,11 @@ pub const CHECKS: &[&str] = &[
     "concurrent_claims_give_one_acquired",
     "values_round_trip_exactly",
     "keys_do_not_interfere",
+    "late_completion_is_stored",
+    "complete_is_idempotent_for_its_token",
+    "lease_is_granted_in_full",
+    "cancelled_body_frees_the_key",
+    "cancelled_completion_keeps_the_claim",
 ];
 
 /// Runs every check, one after another.
@@ -69,7 +77,12 @@ pub async fn run_all(store: Arc<dyn Store>) {
     wait_is_bounded_by_timeout(store.clone()).await;
     concurrent_claims_give_one_acquired(store.clone()).await;
     values_round_trip_exactly(store.clone()).await;
-    keys_do_not_interfere(store).await;
+    keys_do_not_interfere(store.clone()).await;
+    late_completion_is_stored(store.clone()).await;
+    complete_is_idempotent_for_its_token(store.clone()).await;
+    lease_is_granted_in_full(store.clone()).await;
+    cancelled_body_frees_the_key(store.clone()).await;
+    cancelled_completion_keeps_the_claim(store).await;
 }
 
 /// A key no other check (or run) uses.
@@ -247,30 +260,33 @@ pub async fn remove_forgets_a_record(store: Arc<dyn Store>) {
     assert_eq!(store.remove(key).await.ok(), Some(false));
     let token = acquire(&*store, key, LONG).await;
     assert_eq!(store.remove(key).await.ok(), Some(true));
+    let other = acquire(&*store, key, LONG).await;
     assert_eq!(
         store
             .complete(key, token, Bytes::from_static(b"x"), LONG)
             .await
             .ok(),
         Some(Completion::LeaseLost),
-        "a removed claim cannot complete"
+        "a removed claim cannot complete once another call holds the key"
     );
+    complete(&*store, key, other, b"other", LONG).await;
 }
 
-/// complete, renew and release of a key that has no record change nothing.
+/// renew and release of a key that has no record change nothing; complete writes the record
+/// (the rule of [`Store::complete`]: no other claim holds the key).
 pub async fn operations_on_absent_key_change_nothing(store: Arc<dyn Store>) {
     let key = fresh_key("operations_on_absent_key_change_nothing");
     let token = Token::generate();
-    assert_eq!(
-        store
-            .complete(key, token, Bytes::from_static(b"x"), LONG)
-            .await
-            .ok(),
-        Some(Completion::LeaseLost)
-    );
     assert_eq!(store.renew(key, token, LONG).await.ok(), Some(false));
     assert_eq!(store.release(key, token).await.ok(), Some(false));
     acquire(&*store, key, LONG).await;
+
+    let absent = fresh_key("operations_on_absent_key_change_nothing");
+    complete(&*store, absent, token, b"late", LONG).await;
+    match store.claim(absent, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"late"),
+        other => panic!("complete of an absent key must write the record, got {other:?}"),
+    }
 }
 
 /// `wait` on a held key returns once the holder completes, well before its timeout.
@@ -390,6 +406,223 @@ pub async fn keys_do_not_interfere(store: Arc<dyn Store>) {
     }
 }
 
+/// `complete` after the lease ran out, with no other call having taken the key over, stores
+/// the result (the same rule on every store, whether or not it still keeps the expired claim).
+pub async fn late_completion_is_stored(store: Arc<dyn Store>) {
+    let key = fresh_key("late_completion_is_stored");
+    let token = acquire(&*store, key, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let done = store
+        .complete(key, token, Bytes::from_static(b"late"), LONG)
+        .await;
+    assert_eq!(
+        done.ok(),
+        Some(Completion::Stored),
+        "a completion after the lease ran out, with no takeover, must be stored"
+    );
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"late"),
+        other => panic!("the late result must replay, got {other:?}"),
+    }
+}
+
+/// A `complete` repeated with the same token (its first reply was lost) reports `Stored` again
+/// and keeps the first value.
+pub async fn complete_is_idempotent_for_its_token(store: Arc<dyn Store>) {
+    let key = fresh_key("complete_is_idempotent_for_its_token");
+    let token = acquire(&*store, key, LONG).await;
+    complete(&*store, key, token, b"first", LONG).await;
+    let again = store
+        .complete(key, token, Bytes::from_static(b"second"), LONG)
+        .await;
+    assert_eq!(
+        again.ok(),
+        Some(Completion::Stored),
+        "a repeated complete with the holding token must report Stored"
+    );
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(done)) => {
+            assert_eq!(&done.value[..], b"first", "the first value stays")
+        }
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+}
+
+/// A lease is granted in full, counted from the grant: right after a claim (fresh, or a takeover
+/// of a lapsed one), another claim sees nearly the whole lease left.
+pub async fn lease_is_granted_in_full(store: Arc<dyn Store>) {
+    let slack = Duration::from_secs(5);
+    let key = fresh_key("lease_is_granted_in_full");
+    acquire(&*store, key, LONG).await;
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Busy { lease_left }) => assert!(
+            lease_left > LONG - slack && lease_left <= LONG,
+            "a fresh claim of {LONG:?} must have nearly all of it left, had {lease_left:?}"
+        ),
+        other => panic!("claim of a held key must be Busy, got {other:?}"),
+    }
+    let lapsed = fresh_key("lease_is_granted_in_full");
+    acquire(&*store, lapsed, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    acquire(&*store, lapsed, LONG).await;
+    match store.claim(lapsed, None, LONG).await {
+        Ok(Claim::Busy { lease_left }) => assert!(
+            lease_left > LONG - slack && lease_left <= LONG,
+            "a takeover with a lease of {LONG:?} must have nearly all of it left, had {lease_left:?}"
+        ),
+        other => panic!("claim of a held key must be Busy, got {other:?}"),
+    }
+}
+
+/// A call cancelled (its future dropped) while its body runs gives the key back: released at
+/// once where the store can, and never held past its lease. The next call runs the body.
+pub async fn cancelled_body_frees_the_key(store: Arc<dyn Store>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let key = ("cancelled_body_frees_the_key", Token::generate().as_u128());
+    let call = {
+        let runs = runs.clone();
+        Idempotent::new(&*store, key)
+            .name("idem.conformance")
+            .lease(SHORT_LEASE)
+            .run(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok::<u64, Error>(0)
+            })
+    };
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), call).await;
+    assert!(
+        cancelled.is_err(),
+        "the body never returns: the call must still be running"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Released, or at worst left to its lease: either way a new call runs the body soon.
+    let deadline = tokio::time::Instant::now() + SHORT_LEASE * 2 + Duration::from_secs(5);
+    loop {
+        let again = Idempotent::new(&*store, key)
+            .name("idem.conformance")
+            .on_conflict(OnConflict::Reject)
+            .run_with_outcome(|| async { Ok::<u64, Error>(7) })
+            .await;
+        match again {
+            Ok(outcome) => {
+                assert_eq!(
+                    outcome.status,
+                    Status::Executed,
+                    "the cancelled call stored nothing"
+                );
+                assert_eq!(outcome.value, 7);
+                break;
+            }
+            Err(Error::InProgress { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(err) => {
+                panic!("a cancelled call's key must be free by the end of its lease: {err}")
+            }
+        }
+    }
+}
+
+/// A call cancelled after its body returned `Ok`, while its result is being stored, never
+/// releases the claim (a retry would run the body a second time): a retry within the lease
+/// finds the key busy or replays the result, and the body runs once.
+pub async fn cancelled_completion_keeps_the_claim(store: Arc<dyn Store>) {
+    let gated = Arc::new(GatedComplete {
+        inner: store.clone(),
+        entered: tokio::sync::Notify::new(),
+    });
+    let runs = Arc::new(AtomicUsize::new(0));
+    let key = (
+        "cancelled_completion_keeps_the_claim",
+        Token::generate().as_u128(),
+    );
+    {
+        let runs = runs.clone();
+        let call = Idempotent::new(&*gated, key)
+            .name("idem.conformance")
+            .run(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u64, Error>(42)
+            });
+        tokio::select! {
+            result = call => panic!("complete never returns, yet the call ended: {result:?}"),
+            () = gated.entered.notified() => {} // the call is inside `complete`: drop it
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    for _ in 0..10 {
+        let again = Idempotent::new(&*store, key)
+            .name("idem.conformance")
+            .on_conflict(OnConflict::Reject)
+            .run_with_outcome(|| async { Ok::<u64, Error>(0) })
+            .await;
+        match again {
+            Ok(outcome) => {
+                assert_eq!(
+                    outcome.status,
+                    Status::Replayed,
+                    "the body must not run again"
+                );
+                assert_eq!(outcome.value, 42, "the replay is the first call's result");
+            }
+            Err(Error::InProgress { .. }) => {}
+            Err(err) => panic!("unexpected error after a cancelled completion: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran again");
+}
+
+/// A store whose `complete` never returns (it says when it is entered), for
+/// [`cancelled_completion_keeps_the_claim`]; everything else goes to the store inside.
+struct GatedComplete {
+    inner: Arc<dyn Store>,
+    entered: tokio::sync::Notify,
+}
+
+impl Store for GatedComplete {
+    fn claim(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Claim, Error>> {
+        self.inner.claim(key, fingerprint, lease)
+    }
+    fn complete(
+        &self,
+        _key: Key,
+        _token: Token,
+        _value: Bytes,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<Completion, Error>> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            std::future::pending().await
+        })
+    }
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.renew(key, token, lease)
+    }
+    fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.release(key, token)
+    }
+    fn wait(&self, key: Key, timeout: Duration) -> BoxFuture<'_, Result<(), Error>> {
+        self.inner.wait(key, timeout)
+    }
+    fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
+        self.inner.remove(key)
+    }
+    fn release_on_drop(&self, key: Key, token: Token) {
+        self.inner.release_on_drop(key, token)
+    }
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        self.inner.complete_on_drop(key, token, value, ttl)
+    }
+}
+
 /// Writes one `#[tokio::test]` per conformance check, each on a store made by `$make` (an
 /// expression whose value is a future of `Arc<dyn Store>`, evaluated once per check).
 ///
@@ -413,7 +646,12 @@ macro_rules! conformance_tests {
             wait_is_bounded_by_timeout,
             concurrent_claims_give_one_acquired,
             values_round_trip_exactly,
-            keys_do_not_interfere
+            keys_do_not_interfere,
+            late_completion_is_stored,
+            complete_is_idempotent_for_its_token,
+            lease_is_granted_in_full,
+            cancelled_body_frees_the_key,
+            cancelled_completion_keeps_the_claim
         );
     };
     (@each $make:expr; $($check:ident),*) => {$(

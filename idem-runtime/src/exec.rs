@@ -3,7 +3,9 @@
 use std::any::Any;
 use std::borrow::Cow;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -210,18 +212,28 @@ pub struct Idempotent<'s, S: ?Sized, K> {
 }
 
 impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
-    /// A call keyed by `key` in `store`, with the default [`Policy`] and the empty namespace.
+    /// A call keyed by `key` in `store`, with the default [`Policy`].
+    ///
+    /// Until [`name`](Self::name) gives one, the namespace of the key is this call site
+    /// (`file:line:column` of the code that calls `new`), so two call sites never share records
+    /// even when their keys are equal. That namespace changes when the code moves: give a
+    /// [`name`](Self::name) to records that must outlive a deployment, or that other processes
+    /// or an operator must find.
+    #[track_caller]
     pub fn new(store: &'s S, key: K) -> Self {
+        let site = std::panic::Location::caller();
         Idempotent {
             store,
             key,
-            name: Cow::Borrowed(""),
+            name: Cow::Owned(format!("{}:{}:{}", site.file(), site.line(), site.column())),
             fingerprint: None,
             policy: Policy::new(),
         }
     }
 
-    /// The namespace of the key (`#[idempotent]` uses the function's path unless `name = ...`).
+    /// The namespace of the key, exactly as given: `Idempotent::new(&store, key).name(n)` and
+    /// `#[idempotent(name = n, key = key)]` address the same record, and an operator finds it as
+    /// `Key::new(n, &key)`.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.name = name.into();
         self
@@ -342,11 +354,34 @@ impl<T: Clone + Serialize + Send + Sync + 'static> TypedOps<T> {
 
 fn encode_any<T: Serialize + 'static>(value: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error> {
     match value.downcast_ref::<T>() {
-        Some(value) => serde_json::to_vec(value).map_err(Error::codec),
+        // Checked when it was stored: encoded again as it is.
+        Some(value) => encode_value(value),
         None => Err(Error::codec(
             "a typed record is not of the type it was stored with",
         )),
     }
+}
+
+/// Encodes a result that was already checked by [`encode_result`].
+fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(Error::codec)
+}
+
+/// Encodes a result for a store, refusing one that would not replay equal to itself.
+pub(crate) fn encode_result<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(Error::codec)
+}
+
+/// Decodes a stored result.
+pub(crate) fn decode_result<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(Error::codec)
+}
+
+/// The record stored in place of a result that could not be encoded: a retry gets
+/// [`Error::Codec`] with `why`, and the body never runs again while the record lives.
+pub(crate) fn unstorable_result(why: &Error) -> Vec<u8> {
+    let _ = why;
+    b"\"unstorable\"".to_vec()
 }
 
 /// Claims through the in-memory store directly when that is the store (no boxed future), or
@@ -383,7 +418,36 @@ fn decode<T: DeserializeOwned + 'static>(
         return Ok((ops.clone)(value));
     }
     let bytes = value.to_bytes()?;
-    serde_json::from_slice(&bytes).map_err(Error::codec)
+    decode_result(&bytes)
+}
+
+/// Emits the `cancelled` (or `panicked`) event of a call whose future is dropped before it
+/// reports an outcome of its own, so that every call emits exactly one outcome event.
+struct Unreported<'c, 'a> {
+    call: &'c Call<'a>,
+    panicked: &'c AtomicBool,
+    armed: bool,
+}
+
+impl Unreported<'_, '_> {
+    /// The call reports its own outcome from here on.
+    fn reported(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unreported<'_, '_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let call = self.call;
+        if self.panicked.load(Ordering::Relaxed) || std::thread::panicking() {
+            outcome!(WARN, call, "panicked");
+        } else {
+            outcome!(DEBUG, call, "cancelled");
+        }
+    }
 }
 
 pub(crate) async fn execute<S, T, E, Fut>(
@@ -398,6 +462,12 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
+    let panicked = AtomicBool::new(false);
+    let mut report = Unreported {
+        call: &call,
+        panicked: &panicked,
+        armed: true,
+    };
     let policy = &call.policy.bounded();
     // Only a call that meets a busy key needs a deadline (and a look at the clock).
     let mut deadline: Option<Instant> = None;
@@ -406,6 +476,7 @@ where
         let claim = match claim(store, &call, policy.lease).await {
             Ok(claim) => claim,
             Err(err) => {
+                report.reported();
                 outcome!(WARN, call, "store_error", error = %err, step = "claim");
                 return Err(err.into());
             }
@@ -417,6 +488,7 @@ where
                 fingerprint,
                 expires_in,
             } => {
+                report.reported();
                 if !fingerprint_matches(call.fingerprint, fingerprint) {
                     outcome!(INFO, call, "key_reused");
                     return Err(Error::KeyReused.into());
@@ -440,6 +512,7 @@ where
                 match wait_turn(store, call.key, policy, &mut deadline).await {
                     Turn::ClaimAgain => {}
                     Turn::Rejected => {
+                        report.reported();
                         outcome!(INFO, call, "rejected", waited);
                         return Err(Error::InProgress {
                             retry_after: lease_left,
@@ -447,6 +520,7 @@ where
                         .into());
                     }
                     Turn::Failed(err) => {
+                        report.reported();
                         outcome!(WARN, call, "store_error", error = %err, step = "wait");
                         return Err(err.into());
                     }
@@ -459,108 +533,181 @@ where
     // The execution path (renewal timers, completion) lives in its own allocation, so the
     // future of a replay stays small: one allocation per execution, none per replay.
     let policy = policy.clone();
-    Box::pin(run_claimed(store, call, policy, token, typed, body)).await
+    let claimed = Claimed {
+        store,
+        call: &call,
+        policy,
+        token,
+        panicked: &panicked,
+        report: &mut report,
+    };
+    Box::pin(claimed.run(typed, body)).await
 }
 
-/// Runs the body of a claimed key, renewing its lease, then completes or releases the claim.
-async fn run_claimed<S, T, E, Fut>(
-    store: &S,
-    call: Call<'_>,
+/// A key this call holds: what [`Claimed::run`] needs to run the body and settle the claim.
+struct Claimed<'c, 'a, 'r, S: ?Sized> {
+    store: &'c S,
+    call: &'c Call<'a>,
     policy: Policy,
     token: Token,
-    typed: Option<TypedOps<T>>,
-    body: Fut,
-) -> Result<Outcome<T>, E>
-where
-    S: Store + ?Sized,
-    T: Serialize + DeserializeOwned + Send + 'static,
-    E: From<Error>,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let guard = ClaimGuard {
-        store,
-        key: call.key,
-        token,
-        armed: true,
-    };
-    let result = renewing(store, call.key, token, policy.lease, body).await;
-    let value = match result {
-        Ok(value) => value,
-        Err(err) => {
-            // A failure is not memoized: free the key so a retry runs the body again.
-            guard.release(call.name).await;
-            outcome!(DEBUG, call, "executed", failed = true);
-            return Err(err);
-        }
-    };
-    let completion = match (store.as_memory(), typed) {
-        // Kept typed: a replay clones it, with nothing to encode now or decode later.
-        (Some(memory), Some(ops)) => {
-            let kept = Value::Typed(Typed {
-                value: (ops.into_any)((ops.clone)(&value)),
-                encode: ops.encode,
-            });
-            Ok(memory.complete_value(call.key, token, kept, policy.ttl))
-        }
-        (memory, _) => {
-            let encoded = match serde_json::to_vec(&value) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(err) => {
-                    guard.release(call.name).await;
-                    outcome!(WARN, call, "store_error", error = %err, step = "encode");
-                    return Err(Error::codec(err).into());
+    panicked: &'c AtomicBool,
+    report: &'r mut Unreported<'c, 'a>,
+}
+
+impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
+    /// Runs the body, renewing the lease, then completes the claim (`Ok`) or releases it
+    /// (`Err`, panic, cancellation).
+    ///
+    /// Once the body has returned `Ok`, the claim is never released: a call dropped while its
+    /// result is being stored hands the completion to the store
+    /// ([`Store::complete_on_drop`]), or leaves the claim to its lease. Releasing a claim whose
+    /// body succeeded would let a retry run the body a second time.
+    async fn run<T, E, Fut>(self, typed: Option<TypedOps<T>>, body: Fut) -> Result<Outcome<T>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Claimed {
+            store,
+            call,
+            policy,
+            token,
+            panicked,
+            report,
+        } = self;
+        let key = call.key;
+        let mut guard = ClaimGuard {
+            store,
+            key,
+            token,
+            stage: Stage::Running,
+        };
+        let body = catch_panics(body, panicked);
+        let value = match renewing(store, key, token, policy.lease, body).await {
+            Ok(value) => value,
+            Err(err) => {
+                // A failure is not memoized: free the key so a retry runs the body again.
+                guard.release(call.name).await;
+                report.reported();
+                outcome!(DEBUG, call, "failed");
+                return Err(err);
+            }
+        };
+
+        // The body returned `Ok`: from here on the claim is completed or left to its lease.
+        let (encoded, unstorable) = match encode_result(&value) {
+            Ok(bytes) => (Bytes::from(bytes), None),
+            Err(err) => (Bytes::from(unstorable_result(&err)), Some(err)),
+        };
+        let completion = match (store.as_memory(), typed, &unstorable) {
+            // Kept typed: a replay clones it, with nothing to decode later. No await: the
+            // completion cannot be cancelled halfway.
+            (Some(memory), Some(ops), None) => {
+                guard.stage = Stage::Settled;
+                let kept = Value::Typed(Typed {
+                    value: (ops.into_any)((ops.clone)(&value)),
+                    encode: ops.encode,
+                });
+                Ok(memory.complete_value(key, token, kept, policy.ttl))
+            }
+            (Some(memory), _, _) => {
+                guard.stage = Stage::Settled;
+                Ok(memory.complete_value(key, token, Value::Bytes(encoded), policy.ttl))
+            }
+            (None, _, _) => {
+                guard.stage = Stage::Completing {
+                    value: encoded.clone(),
+                    ttl: policy.ttl,
+                };
+                let completion = store
+                    .complete(key, token, encoded.clone(), policy.ttl)
+                    .await;
+                guard.stage = Stage::Settled;
+                if completion.is_err() {
+                    // The store may have failed before or after writing: finish it in the
+                    // background where the store can (a completion that landed is recognised
+                    // as itself), so a retry after the lease replays rather than runs again.
+                    store.complete_on_drop(key, token, encoded, policy.ttl);
                 }
-            };
-            match memory {
-                Some(memory) => {
-                    Ok(memory.complete_value(call.key, token, Value::Bytes(encoded), policy.ttl))
+                completion
+            }
+        };
+        report.reported();
+        match completion {
+            Ok(Completion::Stored) => {
+                if let Some(err) = unstorable {
+                    outcome!(
+                        WARN,
+                        call,
+                        "executed",
+                        stored = false,
+                        error = %err,
+                        "the body ran but its result cannot be stored faithfully; later calls \
+                         with this key get this error instead of a result, and the body does not \
+                         run again while the record lives"
+                    );
+                } else {
+                    outcome!(DEBUG, call, "executed");
                 }
-                None => store.complete(call.key, token, encoded, policy.ttl).await,
+                Ok(Outcome {
+                    value,
+                    status: Status::Executed,
+                    expires_in: Some(policy.ttl),
+                })
+            }
+            Ok(Completion::LeaseLost) => {
+                outcome!(
+                    WARN,
+                    call,
+                    "lease_lost",
+                    "the lease ran out and another call took the key over before this call's \
+                     result was stored: the body may have run twice; raise `lease` above the \
+                     body's run time"
+                );
+                Ok(Outcome {
+                    value,
+                    status: Status::LeaseLost,
+                    expires_in: None,
+                })
+            }
+            Err(err) => {
+                // The body ran and its value is in hand: return it rather than make the caller
+                // retry a done effect.
+                outcome!(
+                    WARN,
+                    call,
+                    "store_error",
+                    error = %err,
+                    step = "complete",
+                    "the body ran but its result could not be stored; it is stored in the \
+                     background if the store recovers, otherwise a retry after the lease runs \
+                     the body again"
+                );
+                Ok(Outcome {
+                    value,
+                    status: Status::Executed,
+                    expires_in: None,
+                })
             }
         }
-    };
-    guard.disarm();
-    match completion {
-        Ok(Completion::Stored) => {
-            outcome!(DEBUG, call, "executed");
-            Ok(Outcome {
-                value,
-                status: Status::Executed,
-                expires_in: Some(policy.ttl),
-            })
-        }
-        Ok(Completion::LeaseLost) => {
-            outcome!(
-                WARN,
-                call,
-                "lease_lost",
-                "the lease ran out and another call took the key over before this call's result \
-                 was stored: the body may have run twice; raise `lease` above the body's run time"
-            );
-            Ok(Outcome {
-                value,
-                status: Status::LeaseLost,
-                expires_in: None,
-            })
-        }
-        Err(err) => {
-            // The body ran and its value is in hand: return it rather than make the caller
-            // retry a done effect. The claim expires with its lease.
-            outcome!(
-                WARN,
-                call,
-                "store_error",
-                error = %err,
-                step = "complete",
-                "the body ran but its result could not be stored; a retry after the lease may run it again"
-            );
-            Ok(Outcome {
-                value,
-                status: Status::Executed,
-                expires_in: None,
-            })
-        }
     }
+}
+
+/// `body`, with a panic inside it noted in `panicked` before it unwinds on, so that the call's
+/// destructor can tell a panic from a cancellation even after a runtime caught the unwind.
+async fn catch_panics<Fut: Future>(body: Fut, panicked: &AtomicBool) -> Fut::Output {
+    let mut body = std::pin::pin!(body);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                panicked.store(true, Ordering::Relaxed);
+                std::panic::resume_unwind(payload)
+            }
+        }
+    })
+    .await
 }
 
 /// Runs `body` while renewing the lease every third of it. Renewal is driven by this future, so
@@ -601,26 +748,34 @@ where
     }
 }
 
-/// Releases a claim when the call's future is dropped or unwinds before it completes.
+/// Where a claimed call is, for what its destructor must do.
+enum Stage {
+    /// The body has not returned: a drop releases the claim.
+    Running,
+    /// The body returned `Ok` and its result is being stored: a drop hands the completion to
+    /// the store, and never releases.
+    Completing { value: Bytes, ttl: Duration },
+    /// The claim is completed, released, or left to its lease: a drop does nothing.
+    Settled,
+}
+
+/// Settles a claim when the call's future is dropped or unwinds: releases it while the body
+/// runs, completes it once the body has returned `Ok`.
 struct ClaimGuard<'a, S: Store + ?Sized> {
     store: &'a S,
     key: Key,
     token: Token,
-    armed: bool,
+    stage: Stage,
 }
 
 impl<S: Store + ?Sized> ClaimGuard<'_, S> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-
     /// Releases the claim now, waiting for the store. A release that fails leaves the claim to
     /// expire with its lease, which is no longer renewed.
-    async fn release(mut self, name: &str) {
-        // Stays armed while the release is under way: if this future is dropped meanwhile, the
-        // destructor still releases.
+    async fn release(&mut self, name: &str) {
+        // Stays `Running` while the release is under way: if this future is dropped meanwhile,
+        // the destructor still releases.
         let released = self.store.release(self.key, self.token).await;
-        self.armed = false;
+        self.stage = Stage::Settled;
         if let Err(err) = released {
             tracing::warn!(
                 target: "idem", name, key = %self.key, error = %err,
@@ -632,8 +787,12 @@ impl<S: Store + ?Sized> ClaimGuard<'_, S> {
 
 impl<S: Store + ?Sized> Drop for ClaimGuard<'_, S> {
     fn drop(&mut self) {
-        if self.armed {
-            self.store.release_on_drop(self.key, self.token);
+        match std::mem::replace(&mut self.stage, Stage::Settled) {
+            Stage::Running => self.store.release_on_drop(self.key, self.token),
+            Stage::Completing { value, ttl } => self
+                .store
+                .complete_on_drop(self.key, self.token, value, ttl),
+            Stage::Settled => {}
         }
     }
 }

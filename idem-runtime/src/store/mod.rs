@@ -43,6 +43,9 @@ pub trait Store: Send + Sync {
     /// - `InProgress` whose lease ran out → takes it over with a new token ([`Claim::Acquired`]).
     ///
     /// `fingerprint` is kept with the claim and carried into the completed record.
+    ///
+    /// A lease is counted from the moment the claim is granted, by the store's clock: a claim
+    /// that had to wait (for a lock, a connection) is still granted its whole `lease`.
     fn claim(
         &self,
         key: Key,
@@ -50,10 +53,20 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> BoxFuture<'_, Result<Claim, Error>>;
 
-    /// Completes the claim `token` holds: writes `Completed { value }` to live for `ttl`.
+    /// Completes the claim `token` holds: writes `Completed { value }` to live for `ttl`, by the
+    /// store's clock.
     ///
-    /// If the record no longer holds `token` (its lease ran out and another call took over, or it
-    /// was removed), nothing is written and [`Completion::LeaseLost`] is returned.
+    /// The rule, the same on every store (the [conformance suite](crate::conformance) checks it):
+    ///
+    /// - the record is `InProgress` under `token` → it is completed: [`Completion::Stored`]. This
+    ///   holds even if the lease ran out, as long as no other call took the key over: the body
+    ///   ran, and storing its result is what keeps a retry from running it again;
+    /// - the key has no record (the lease ran out and the store already dropped the claim, or an
+    ///   operator removed it) → the completed record is written: [`Completion::Stored`];
+    /// - the record is already completed under `token` (a `complete` repeated after its reply was
+    ///   lost) → nothing changes, the first value stays: [`Completion::Stored`];
+    /// - another claim holds the key, or a completed record of another claim is there → nothing
+    ///   is written: [`Completion::LeaseLost`].
     fn complete(
         &self,
         key: Key,
@@ -89,6 +102,18 @@ pub trait Store: Send + Sync {
         let _ = (key, token);
     }
 
+    /// Completes the claim `token` holds without waiting, from a destructor: called when the
+    /// future of a call whose body already returned `Ok` is dropped (cancelled) while its
+    /// [`complete`](Store::complete) had not finished.
+    ///
+    /// The body ran, so the claim must not be released (a retry would run it again): a store
+    /// that can finish the completion does, synchronously or by handing it to its runtime, with
+    /// the rule of [`complete`](Store::complete) (a completion that already reached the store is
+    /// recognised as itself). The default does nothing: the claim is then left to its lease.
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        let _ = (key, token, value, ttl);
+    }
+
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
     /// without boxed futures, and keep results typed. Not for other stores to implement.
     #[doc(hidden)]
@@ -120,6 +145,9 @@ macro_rules! forward_store {
             }
             fn release_on_drop(&self, key: Key, token: Token) {
                 (**self).release_on_drop(key, token)
+            }
+            fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+                (**self).complete_on_drop(key, token, value, ttl)
             }
             fn as_memory(&self) -> Option<&memory::MemoryStore> {
                 (**self).as_memory()

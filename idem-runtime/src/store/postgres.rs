@@ -102,7 +102,10 @@ use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::{BoxFuture, Store};
 use crate::error::Error;
-use crate::exec::{OnConflict, Outcome, Policy, Status, Turn, fingerprint_matches, wait_turn};
+use crate::exec::{
+    OnConflict, Outcome, Policy, Status, Turn, decode_result, encode_result, fingerprint_matches,
+    wait_turn,
+};
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
 
@@ -1209,7 +1212,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                     outcome!(INFO, self.name, key, "key_reused");
                     return (Attempt::Done(Err(Error::KeyReused.into())), false);
                 }
-                match serde_json::from_slice::<T>(&done.value) {
+                match decode_result::<T>(&done.value) {
                     Ok(value) => {
                         let status = Status::replay(waited);
                         outcome!(DEBUG, self.name, key, status.as_str());
@@ -1220,7 +1223,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                         };
                         (Attempt::Done(Ok(outcome)), false)
                     }
-                    Err(err) => fail("decode", Error::codec(err)),
+                    Err(err) => fail("decode", err),
                 }
             }
             Claim::Acquired(_) => {
@@ -1244,11 +1247,11 @@ impl<K: KeyPart> Transactional<'_, K> {
                         return (Attempt::Done(Err(err)), false);
                     }
                 };
-                let encoded = match serde_json::to_vec(&value) {
+                let encoded = match encode_result(&value) {
                     Ok(bytes) => bytes,
                     Err(err) => {
                         let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                        return fail("encode", Error::codec(err));
+                        return fail("encode", err);
                     }
                 };
                 let ttl = micros(self.policy.ttl);
