@@ -674,3 +674,30 @@ async fn a_record_written_through_the_trait_replays_into_a_typed_function() {
         .unwrap();
     assert_eq!(t.profile(2).await.unwrap(), stored);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The function API without a name: the call site is the namespace.
+
+async fn one_call_site(store: &MemoryStore, run: u8) -> u8 {
+    Idempotent::new(store, 7u64)
+        .run(|| async move { Ok::<_, Error>(run) })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_call_sites_without_a_name_never_share_records() {
+    let store = MemoryStore::new();
+    let a = Idempotent::new(&store, 7u64)
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let b = Idempotent::new(&store, 7u64)
+        .run(|| async { Ok::<_, Error>(2u8) })
+        .await
+        .unwrap();
+    assert_eq!((a, b), (1, 2), "each call site ran its own body");
+    // One call site, called twice, replays.
+    assert_eq!(one_call_site(&store, 3).await, 3);
+    assert_eq!(one_call_site(&store, 4).await, 3);
+}
