@@ -58,6 +58,8 @@ pub const CHECKS: &[&str] = &[
     "lease_is_granted_in_full",
     "cancelled_body_frees_the_key",
     "cancelled_completion_keeps_the_claim",
+    "results_replay_faithfully",
+    "unfaithful_results_are_refused_when_stored",
 ];
 
 /// Runs every check, one after another.
@@ -82,7 +84,9 @@ pub async fn run_all(store: Arc<dyn Store>) {
     complete_is_idempotent_for_its_token(store.clone()).await;
     lease_is_granted_in_full(store.clone()).await;
     cancelled_body_frees_the_key(store.clone()).await;
-    cancelled_completion_keeps_the_claim(store).await;
+    cancelled_completion_keeps_the_claim(store.clone()).await;
+    results_replay_faithfully(store.clone()).await;
+    unfaithful_results_are_refused_when_stored(store).await;
 }
 
 /// A key no other check (or run) uses.
@@ -575,6 +579,491 @@ pub async fn cancelled_completion_keeps_the_claim(store: Arc<dyn Store>) {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran again");
 }
 
+/// Results replay **equal** to the first call's value, through the executor, for every shape
+/// of the serde data model: options inside options, unit values, NaN and infinities, maps with
+/// non-string keys, every kind of enum, `flatten`, `serde_json::Value`, bytes, extreme integers
+/// and floats, empty and large collections, and Unicode of every kind. The body runs once per
+/// value.
+pub async fn results_replay_faithfully(store: Arc<dyn Store>) {
+    use results::*;
+    let store = &*store;
+    let nan_eq = |a: &f64, b: &f64| a.to_bits() == b.to_bits();
+    faithful(store, "Some(None)", Some(None::<u32>), PartialEq::eq).await;
+    faithful(store, "Some(())", Some(()), PartialEq::eq).await;
+    faithful(
+        store,
+        "Some(NaN)",
+        Some(f64::NAN),
+        |a: &Option<f64>, b: &Option<f64>| {
+            a.zip(*b).is_some_and(|(a, b)| a.to_bits() == b.to_bits())
+        },
+    )
+    .await;
+    faithful(
+        store,
+        "Some(Value::Null)",
+        Some(serde_json::Value::Null),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(store, "inf", f64::INFINITY, PartialEq::eq).await;
+    faithful(store, "-inf", f64::NEG_INFINITY, PartialEq::eq).await;
+    faithful(store, "NaN", f64::NAN, nan_eq).await;
+    faithful(store, "-0.0", -0.0f64, nan_eq).await;
+    faithful(store, "f32 NaN", f32::NAN, |a: &f32, b: &f32| {
+        a.to_bits() == b.to_bits()
+    })
+    .await;
+    faithful(
+        store,
+        "f64 limits",
+        F64_LIMITS,
+        |a: &[f64; 6], b: &[f64; 6]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+    )
+    .await;
+    faithful(
+        store,
+        "f32 limits",
+        [f32::MIN, f32::MAX, f32::MIN_POSITIVE, f32::EPSILON],
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "BTreeMap<(u8, u8), u8>",
+        BTreeMap::from([((1u8, 2u8), 3u8), ((0, 0), 0)]),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "HashMap<(u32, u32), u64>",
+        HashMap::from([((1u32, 2u32), 3u64), ((4, 5), 6)]),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "HashSet<String>",
+        HashSet::from(["a".to_owned(), "b".to_owned(), String::new()]),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "nested options",
+        Some(Some(Some(None::<u8>))),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "Option<Vec<Option<()>>>",
+        Some(vec![Some(()), None, Some(())]),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(store, "()", (), PartialEq::eq).await;
+    faithful(store, "unit struct", Unit, PartialEq::eq).await;
+    faithful(store, "Option<unit struct>", Some(Unit), PartialEq::eq).await;
+    faithful(store, "newtype struct", Newtype(5), PartialEq::eq).await;
+    faithful(
+        store,
+        "tuple struct",
+        Pair(1, "x".to_owned()),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "struct",
+        Record {
+            a: Some(None),
+            b: 1.5,
+            c: vec![],
+        },
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "externally tagged enum",
+        vec![
+            Ext::Unit,
+            Ext::Newtype(1),
+            Ext::Tuple(1, 2),
+            Ext::Struct { x: -1 },
+        ],
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "internally tagged enum",
+        vec![
+            Internal::A { x: 1 },
+            Internal::B(Record {
+                a: Some(None),
+                b: 2.0,
+                c: vec![1],
+            }),
+            Internal::C,
+        ],
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "adjacently tagged enum",
+        vec![
+            Adjacent::A(1),
+            Adjacent::B { y: "q".to_owned() },
+            Adjacent::C,
+        ],
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "untagged enum",
+        vec![
+            Untagged::A(1),
+            Untagged::B("s".to_owned()),
+            Untagged::C { z: true },
+        ],
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "flatten",
+        Flat {
+            id: 1,
+            inner: Inner { p: 2, q: None },
+        },
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "flatten over a map of options",
+        FlatMap {
+            id: 1,
+            extra: BTreeMap::from([("k".to_owned(), Some(None)), ("l".to_owned(), None)]),
+        },
+        PartialEq::eq,
+    )
+    .await;
+    faithful(store, "serde_json::Value", serde_json::json!({"a": [1, null, 2.5, "x", {"b": true}], "n": -5, "big": u64::MAX, "": {}}), PartialEq::eq).await;
+    faithful(store, "Vec<u8>", vec![0u8, 255, 3], PartialEq::eq).await;
+    faithful(store, "bytes", ByteBuf((0..=255).collect()), PartialEq::eq).await;
+    faithful(store, "char", ['\0', 'a', 'é', '\u{10FFFF}'], PartialEq::eq).await;
+    faithful(
+        store,
+        "u128 and i128",
+        (u128::MAX, i128::MIN, i128::MAX),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "integer limits",
+        (u64::MAX, i64::MIN, u8::MAX, i8::MIN, u16::MAX, i32::MIN),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(store, "Unicode", UNICODE.to_owned(), PartialEq::eq).await;
+    faithful(
+        store,
+        "empty collections",
+        (
+            Vec::<u8>::new(),
+            BTreeMap::<u8, u8>::new(),
+            String::new(),
+            HashSet::<u8>::new(),
+        ),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "large collection",
+        (0..100_000u32).collect::<Vec<_>>(),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "Result as a value",
+        (Ok::<u8, String>(1), Err::<u8, String>("no".to_owned())),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "Duration",
+        Duration::new(5, 999_999_999),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(
+        store,
+        "IpAddr and SocketAddr",
+        (
+            "::1".parse::<IpAddr>().ok(),
+            "10.0.0.1:443".parse::<SocketAddr>().ok(),
+        ),
+        PartialEq::eq,
+    )
+    .await;
+    faithful(store, "Box<str>", Box::<str>::from("boxed"), PartialEq::eq).await;
+    faithful(store, "[u8; 32]", [7u8; 32], PartialEq::eq).await;
+    faithful(store, "bool", (true, false), PartialEq::eq).await;
+    faithful(
+        store,
+        "nested struct with every option",
+        Nested {
+            outer: Some(Some(Record {
+                a: Some(Some(3)),
+                b: f64::MAX,
+                c: vec![0, 255],
+            })),
+            list: vec![None, Some(Ext::Unit)],
+        },
+        PartialEq::eq,
+    )
+    .await;
+}
+
+/// A result that no codec can replay faithfully (serde itself loses it: an untagged enum whose
+/// first variant also accepts the second's data, a `u128` under `#[serde(flatten)]`) is refused
+/// when it is stored, never replayed wrong: the first caller gets its value, later calls get
+/// [`Error::Codec`], and the body does not run again.
+pub async fn unfaithful_results_are_refused_when_stored(store: Arc<dyn Store>) {
+    use results::*;
+    refused(&*store, "untagged f64/u32", vec![Ambiguous::U(5)]).await;
+    refused(
+        &*store,
+        "u128 under flatten",
+        FlatU128 {
+            inner: Big { v: u128::MAX },
+        },
+    )
+    .await;
+}
+
+/// Values, types and helpers of [`results_replay_faithfully`].
+mod results {
+    pub(super) use std::collections::{BTreeMap, HashMap, HashSet};
+    pub(super) use std::net::{IpAddr, SocketAddr};
+
+    use std::fmt::Debug;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Serialize};
+
+    use crate::error::Error;
+    use crate::exec::{Idempotent, Status};
+    use crate::record::Token;
+    use crate::store::Store;
+
+    pub(super) const F64_LIMITS: [f64; 6] = [
+        f64::MIN,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        f64::EPSILON,
+        5e-324, // the smallest subnormal
+        -0.0,
+    ];
+
+    /// NUL and controls, Latin, combining marks, right-to-left, CJK, a ZWJ emoji sequence, a
+    /// byte order mark, a noncharacter and the last code point. (Lone surrogates cannot be in a
+    /// Rust string.)
+    pub(super) const UNICODE: &str = "\0\u{1}\u{7f}\t\r\n é e\u{301} ש\u{5b8}לוֹם 漢字 \
+        👩\u{200d}👩\u{200d}👧 \u{feff} \u{fffe} \u{10ffff}";
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Unit;
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Newtype(pub u32);
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Pair(pub u8, pub String);
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Record {
+        pub a: Option<Option<u32>>,
+        pub b: f64,
+        pub c: Vec<u8>,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) enum Ext {
+        Unit,
+        Newtype(u32),
+        Tuple(u8, u8),
+        Struct { x: i32 },
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    #[serde(tag = "type")]
+    pub(super) enum Internal {
+        A { x: u32 },
+        B(Record),
+        C,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    #[serde(tag = "t", content = "c")]
+    pub(super) enum Adjacent {
+        A(u32),
+        B { y: String },
+        C,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    #[serde(untagged)]
+    pub(super) enum Untagged {
+        A(u32),
+        B(String),
+        C { z: bool },
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Inner {
+        pub p: u32,
+        pub q: Option<String>,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Flat {
+        pub id: u64,
+        #[serde(flatten)]
+        pub inner: Inner,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct FlatMap {
+        pub id: u64,
+        #[serde(flatten)]
+        pub extra: BTreeMap<String, Option<Option<u8>>>,
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Nested {
+        pub outer: Option<Option<Record>>,
+        pub list: Vec<Option<Ext>>,
+    }
+    /// Bytes serialised as serde's byte string (`serialize_bytes`), as `serde_bytes` does.
+    #[derive(Debug, PartialEq, Clone)]
+    pub(super) struct ByteBuf(pub Vec<u8>);
+
+    impl Serialize for ByteBuf {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ByteBuf {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = ByteBuf;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a byte string")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                    Ok(ByteBuf(v.to_vec()))
+                }
+            }
+            deserializer.deserialize_bytes(Visitor)
+        }
+    }
+
+    /// `U(5)` is stored as the integer 5, which the untagged `F(f64)` accepts first.
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    #[serde(untagged)]
+    pub(super) enum Ambiguous {
+        F(f64),
+        U(u32),
+    }
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct Big {
+        pub v: u128,
+    }
+    /// serde buffers a flattened field without 128-bit integers.
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    pub(super) struct FlatU128 {
+        #[serde(flatten)]
+        pub inner: Big,
+    }
+
+    /// Runs `value` through the executor twice under a fresh key: the first call executes, the
+    /// second replays a value that `eq` finds equal, and the body runs once.
+    pub(super) async fn faithful<T>(
+        store: &dyn Store,
+        label: &str,
+        value: T,
+        eq: impl Fn(&T, &T) -> bool,
+    ) where
+        T: Serialize + DeserializeOwned + Clone + Debug + Send + 'static,
+    {
+        let key = (label, Token::generate().as_u128());
+        let runs = AtomicUsize::new(0);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let out = Idempotent::new(store, key)
+                .name("idem.conformance.results")
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<T, Error>(value.clone())
+                })
+                .await;
+            match out {
+                Ok(out) => seen.push(out),
+                Err(err) => panic!("{label}: the call failed: {err}"),
+            }
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "{label}: the body ran again"
+        );
+        assert_eq!(seen[0].status, Status::Executed, "{label}");
+        assert_eq!(seen[1].status, Status::Replayed, "{label}");
+        assert!(
+            eq(&seen[1].value, &value),
+            "{label}: replayed {:?}, but the first call returned {value:?}",
+            seen[1].value
+        );
+    }
+
+    /// Runs `value` through the executor twice: the first caller gets it, the second gets
+    /// [`Error::Codec`], and the body runs once.
+    pub(super) async fn refused<T>(store: &dyn Store, label: &str, value: T)
+    where
+        T: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + 'static,
+    {
+        let key = (label, Token::generate().as_u128());
+        let runs = AtomicUsize::new(0);
+        let call = || {
+            Idempotent::new(store, key)
+                .name("idem.conformance.results")
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<T, Error>(value.clone())
+                })
+        };
+        match call().await {
+            Ok(out) => {
+                assert_eq!(out.value, value, "{label}: the first caller gets its value");
+                assert_eq!(out.status, Status::Executed, "{label}");
+            }
+            Err(err) => panic!("{label}: the first call must return its value, got {err}"),
+        }
+        match call().await {
+            Err(Error::Codec(_)) => {}
+            other => panic!("{label}: a later call must get Error::Codec, got {other:?}"),
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "{label}: the body ran again"
+        );
+    }
+}
+
 /// A store whose `complete` never returns (it says when it is entered), for
 /// [`cancelled_completion_keeps_the_claim`]; everything else goes to the store inside.
 struct GatedComplete {
@@ -651,7 +1140,9 @@ macro_rules! conformance_tests {
             complete_is_idempotent_for_its_token,
             lease_is_granted_in_full,
             cancelled_body_frees_the_key,
-            cancelled_completion_keeps_the_claim
+            cancelled_completion_keeps_the_claim,
+            results_replay_faithfully,
+            unfaithful_results_are_refused_when_stored
         );
     };
     (@each $make:expr; $($check:ident),*) => {$(
