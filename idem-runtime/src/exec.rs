@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::clock::{FOREVER, after};
 use crate::error::Error;
 use crate::key::{Fingerprint, Key, KeyPart};
+use crate::metrics;
 use crate::record::{Claim, Completion, Token};
 use crate::store::Store;
 use crate::store::memory::{Typed, Value, ValueClaim};
@@ -114,7 +115,10 @@ pub(crate) async fn wait_turn<S: Store + ?Sized>(
     if policy.on_conflict == OnConflict::Reject || now >= deadline {
         return Turn::Rejected;
     }
-    match store.wait(key, deadline - now).await {
+    let started = metrics::start();
+    let waited = store.wait(key, deadline - now).await;
+    metrics::store_operation("wait", started);
+    match waited {
         Ok(()) => Turn::ClaimAgain,
         Err(err) => Turn::Failed(err),
     }
@@ -312,7 +316,8 @@ pub(crate) struct Call<'a> {
 
 /// Emits the one `tracing` event of a call.
 macro_rules! outcome {
-    ($level:ident, $call:expr, $outcome:expr $(, $($rest:tt)*)?) => {
+    ($level:ident, $call:expr, $outcome:expr $(, $($rest:tt)*)?) => {{
+        crate::metrics::call($call.name, $outcome);
         tracing::event!(
             target: "idem",
             tracing::Level::$level,
@@ -321,7 +326,7 @@ macro_rules! outcome {
             key = %$call.key,
             $($($rest)*)?
         )
-    };
+    }};
 }
 
 /// How to keep `T` typed in the in-memory store: clone it out on replay instead of decoding it.
@@ -394,17 +399,18 @@ async fn claim<S: Store + ?Sized>(
     if let Some(memory) = store.as_memory() {
         return memory.claim_value(call.key, call.fingerprint, lease);
     }
-    Ok(
-        match store.claim(call.key, call.fingerprint, lease).await? {
-            Claim::Acquired(token) => ValueClaim::Acquired(token),
-            Claim::Busy { lease_left } => ValueClaim::Busy { lease_left },
-            Claim::Completed(done) => ValueClaim::Completed {
-                value: Value::Bytes(done.value),
-                fingerprint: done.fingerprint,
-                expires_in: done.expires_in,
-            },
+    let started = metrics::start();
+    let claimed = store.claim(call.key, call.fingerprint, lease).await;
+    metrics::store_operation("claim", started);
+    Ok(match claimed? {
+        Claim::Acquired(token) => ValueClaim::Acquired(token),
+        Claim::Busy { lease_left } => ValueClaim::Busy { lease_left },
+        Claim::Completed(done) => ValueClaim::Completed {
+            value: Value::Bytes(done.value),
+            fingerprint: done.fingerprint,
+            expires_in: done.expires_in,
         },
-    )
+    })
 }
 
 /// A stored value as `T`: cloned when it is kept typed as `T`, decoded otherwise.
@@ -472,6 +478,7 @@ where
     // Only a call that meets a busy key needs a deadline (and a look at the clock).
     let mut deadline: Option<Instant> = None;
     let mut waited = false;
+    let mut wait_started: Option<metrics::Stopwatch> = None;
     let token = loop {
         let claim = match claim(store, &call, policy.lease).await {
             Ok(claim) => claim,
@@ -481,6 +488,9 @@ where
                 return Err(err.into());
             }
         };
+        if let (Some(started), false) = (wait_started, matches!(claim, ValueClaim::Busy { .. })) {
+            metrics::waited(call.name, started);
+        }
         match claim {
             ValueClaim::Acquired(token) => break token,
             ValueClaim::Completed {
@@ -509,10 +519,14 @@ where
                 });
             }
             ValueClaim::Busy { lease_left } => {
+                wait_started.get_or_insert_with(metrics::start);
                 match wait_turn(store, call.key, policy, &mut deadline).await {
                     Turn::ClaimAgain => {}
                     Turn::Rejected => {
                         report.reported();
+                        if let (Some(started), true) = (wait_started, waited) {
+                            metrics::waited(call.name, started);
+                        }
                         outcome!(INFO, call, "rejected", waited);
                         return Err(Error::InProgress {
                             retry_after: lease_left,
@@ -584,7 +598,10 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             stage: Stage::Running,
         };
         let body = catch_panics(body, panicked);
-        let value = match renewing(store, key, token, policy.lease, body).await {
+        let started = metrics::start();
+        let result = renewing(store, key, token, policy.lease, body).await;
+        metrics::body(call.name, started);
+        let value = match result {
             Ok(value) => value,
             Err(err) => {
                 // A failure is not memoized: free the key so a retry runs the body again.
@@ -620,9 +637,11 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                     value: encoded.clone(),
                     ttl: policy.ttl,
                 };
+                let started = metrics::start();
                 let completion = store
                     .complete(key, token, encoded.clone(), policy.ttl)
                     .await;
+                metrics::store_operation("complete", started);
                 guard.stage = Stage::Settled;
                 if completion.is_err() {
                     // The store may have failed before or after writing: finish it in the
@@ -727,7 +746,10 @@ where
     let renew = async {
         loop {
             tokio::time::sleep(every).await;
-            match store.renew(key, token, lease).await {
+            let started = metrics::start();
+            let renewed = store.renew(key, token, lease).await;
+            metrics::store_operation("renew", started);
+            match renewed {
                 Ok(true) => {}
                 Ok(false) => return, // taken over: `complete` will report the lost lease
                 Err(err) => {
@@ -774,7 +796,9 @@ impl<S: Store + ?Sized> ClaimGuard<'_, S> {
     async fn release(&mut self, name: &str) {
         // Stays `Running` while the release is under way: if this future is dropped meanwhile,
         // the destructor still releases.
+        let started = metrics::start();
         let released = self.store.release(self.key, self.token).await;
+        metrics::store_operation("release", started);
         self.stage = Stage::Settled;
         if let Err(err) = released {
             tracing::warn!(

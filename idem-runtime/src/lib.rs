@@ -19,6 +19,7 @@ mod exec;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod key;
+pub mod metrics;
 pub mod record;
 pub mod store;
 
