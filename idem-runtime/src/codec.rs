@@ -380,8 +380,15 @@ impl fmt::Display for Unfaithful {
 impl std::error::Error for Unfaithful {}
 
 /// Why a record does not decode.
+///
+/// Boxed, so that the `Result`s of the decoder's many small reads stay two words wide (returned
+/// in registers): it makes decoding markedly faster, as in `serde_json`.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct DecodeError {
+pub(crate) struct DecodeError(Box<DecodeErrorInner>);
+
+/// What a [`DecodeError`] holds.
+#[derive(Debug, Clone, PartialEq)]
+struct DecodeErrorInner {
     /// The offset in the record where it went wrong, when known.
     at: Option<usize>,
     /// What went wrong.
@@ -406,33 +413,35 @@ enum DecodeErrorKind {
 }
 
 impl DecodeError {
+    /// An error of `kind` at `at`, if known.
+    #[cold]
+    fn new(at: Option<usize>, kind: DecodeErrorKind) -> DecodeError {
+        DecodeError(Box::new(DecodeErrorInner { at, kind }))
+    }
+
     /// A malformed record at `at`.
+    #[cold]
     fn corrupt(at: usize, what: impl Into<String>) -> DecodeError {
-        DecodeError {
-            at: Some(at),
-            kind: DecodeErrorKind::Corrupt(what.into()),
-        }
+        DecodeError::new(Some(at), DecodeErrorKind::Corrupt(what.into()))
     }
 
     /// A value that is not of the expected type, at `at`.
+    #[cold]
     fn mismatch(at: usize, what: impl Into<String>) -> DecodeError {
-        DecodeError {
-            at: Some(at),
-            kind: DecodeErrorKind::Mismatch(what.into()),
-        }
+        DecodeError::new(Some(at), DecodeErrorKind::Mismatch(what.into()))
     }
 
     /// The error, placed at `at` unless it knows where it happened.
     fn or_at(mut self, at: usize) -> DecodeError {
-        self.at.get_or_insert(at);
+        self.0.at.get_or_insert(at);
         self
     }
 }
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let at = self.at.unwrap_or(0);
-        match &self.kind {
+        let at = self.0.at.unwrap_or(0);
+        match &self.0.kind {
             DecodeErrorKind::Empty => write!(f, "the stored record is empty"),
             DecodeErrorKind::Foreign(byte) => {
                 write!(
@@ -472,11 +481,9 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 impl de::Error for DecodeError {
+    #[cold]
     fn custom<M: fmt::Display>(msg: M) -> Self {
-        DecodeError {
-            at: None,
-            kind: DecodeErrorKind::Mismatch(msg.to_string()),
-        }
+        DecodeError::new(None, DecodeErrorKind::Mismatch(msg.to_string()))
     }
 }
 
@@ -504,7 +511,7 @@ impl ser::Error for EncodeError {
 
 /// Checks a record's magic and version; returns its kind.
 fn envelope(bytes: &[u8]) -> Result<u8, DecodeError> {
-    let error = |at, kind| Err(DecodeError { at: Some(at), kind });
+    let error = |at, kind| Err(DecodeError::new(Some(at), kind));
     match *bytes {
         [] => error(0, DecodeErrorKind::Empty),
         [first, ..] if first != MAGIC => error(0, DecodeErrorKind::Foreign(first)),
@@ -540,7 +547,11 @@ fn encode_record<T: Serialize + ?Sized>(
 ) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(capacity.max(HEADER + 1));
     out.extend_from_slice(&[MAGIC, VERSION, KIND_VALUE]);
-    let mut encoder = Encoder { out, depth: 0 };
+    let mut encoder = Encoder {
+        out,
+        depth: 0,
+        bare: NO_BARE,
+    };
     value.serialize(&mut encoder)?;
     Ok(encoder.out)
 }
@@ -611,7 +622,14 @@ struct Encoder {
     out: Vec<u8>,
     /// How many values enclose the one being written.
     depth: usize,
+    /// Where a `u8` is written bare, without its tag: the start of an element of a packable run,
+    /// set by [`Compound::element`]. Only the element itself can start there (any other value
+    /// writes a tag first), so a `u8` nested in it is tagged. [`NO_BARE`] once used, or unset.
+    bare: usize,
 }
+
+/// [`Encoder::bare`] when no `u8` is to be written bare.
+const NO_BARE: usize = usize::MAX;
 
 impl Encoder {
     /// Enters a value that encloses others; fails past [`MAX_DEPTH`].
@@ -650,31 +668,76 @@ impl Encoder {
             encoder: self,
             start,
             packable,
+            packed: 0,
         })
+    }
+
+    /// Reserves room for `len` elements of a sequence or tuple: at least a byte each, so never
+    /// more than the encoding takes, unless the `Serialize` impl declares a wrong length (hence
+    /// the cap).
+    #[inline]
+    fn reserve_elements(&mut self, len: Option<usize>) {
+        /// The most a declared length reserves.
+        const MAX_RESERVE: usize = 1 << 20;
+        self.out.reserve(len.unwrap_or(0).min(MAX_RESERVE));
     }
 }
 
 /// A sequence, tuple, map, struct or variant being written.
+///
+/// A sequence or tuple is written packed while its elements are all `u8`: each is written as its
+/// bare byte (see [`Encoder::bare`]). An element of another type turns the run back into tagged
+/// elements (in place), and the compound is written unpacked from then on.
 struct Compound<'a> {
     /// Where it goes.
     encoder: &'a mut Encoder,
     /// The offset of its tag.
     start: usize,
-    /// Whether every element so far was a `u8`, and the compound may be packed.
+    /// Whether every element so far was a `u8`, and the compound may still be packed.
     packable: bool,
+    /// How many `u8` elements follow the tag as bare bytes (while `packable`).
+    packed: usize,
 }
 
 impl Compound<'_> {
-    /// Writes one element, noting whether it was a `u8`.
+    /// Writes one element: a bare byte for a `u8` while the run is packable.
     #[inline]
     fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        if !self.packable {
+            return value.serialize(&mut *self.encoder);
+        }
         let before = self.encoder.out.len();
+        self.encoder.bare = before;
         value.serialize(&mut *self.encoder)?;
-        if self.packable {
-            let out = &self.encoder.out;
-            self.packable = out.len() == before + 2 && out[before] == tag::U8;
+        // A bare u8 used the slot and wrote one byte; a one-byte value of another type (a unit,
+        // a bool…) left the slot unused, and a nested run that used its own slot wrote more.
+        if self.encoder.bare == NO_BARE && self.encoder.out.len() == before + 1 {
+            self.packed += 1;
+        } else {
+            self.encoder.bare = NO_BARE;
+            self.unpack(before);
         }
         Ok(())
+    }
+
+    /// Turns the bare bytes of the run back into tagged `u8`s, before the element written at
+    /// `element`, and stops packing.
+    #[cold]
+    fn unpack(&mut self, element: usize) {
+        self.packable = false;
+        let (first, count) = (self.start + 1, self.packed);
+        if count == 0 {
+            return;
+        }
+        let out = &mut self.encoder.out;
+        let end = out.len();
+        out.resize(end + count, 0);
+        out.copy_within(element..end, element + count);
+        // From the back, so that no byte is overwritten before it is moved.
+        for i in (0..count).rev() {
+            out[first + 2 * i + 1] = out[first + i];
+            out[first + 2 * i] = tag::U8;
+        }
     }
 
     /// Writes a struct field: its name, its value.
@@ -685,20 +748,13 @@ impl Compound<'_> {
         value.serialize(&mut *self.encoder)
     }
 
-    /// Ends it: an end marker, or, for a non-empty run of u8, the packed form.
+    /// Ends it: an end marker, or, for a non-empty run of u8, the count in front of the bytes.
     #[inline]
     fn end(self) -> Result<(), EncodeError> {
         self.encoder.leave();
         let out = &mut self.encoder.out;
-        if self.packable && out.len() > self.start + 1 {
-            let first = self.start + 1;
-            // [tag, U8, x0, U8, x1, …] becomes [packed tag, count, x0, x1, …].
-            let count = (out.len() - first) / 2;
-            for i in 0..count {
-                out[first + i] = out[first + 2 * i + 1];
-            }
-            out.truncate(first + count);
-            insert_varint(out, first, count as u64);
+        if self.packable && self.packed > 0 {
+            insert_varint(out, self.start + 1, self.packed as u64);
             out[self.start] = if out[self.start] == tag::SEQ {
                 tag::SEQ_U8
             } else {
@@ -778,7 +834,13 @@ impl<'a> ser::Serializer for &'a mut Encoder {
 
     #[inline]
     fn serialize_u8(self, v: u8) -> Result<(), EncodeError> {
-        self.out.extend_from_slice(&[tag::U8, v]);
+        if self.out.len() == self.bare {
+            // An element of a packed run: its byte alone (see `Compound`).
+            self.bare = NO_BARE;
+            self.out.push(v);
+        } else {
+            self.out.extend_from_slice(&[tag::U8, v]);
+        }
         Ok(())
     }
 
@@ -911,14 +973,16 @@ impl<'a> ser::Serializer for &'a mut Encoder {
     }
 
     #[inline]
-    fn serialize_seq(self, _len: Option<usize>) -> Result<Compound<'a>, EncodeError> {
+    fn serialize_seq(self, len: Option<usize>) -> Result<Compound<'a>, EncodeError> {
         self.out.push(tag::SEQ);
+        self.reserve_elements(len);
         self.compound(true)
     }
 
     #[inline]
-    fn serialize_tuple(self, _len: usize) -> Result<Compound<'a>, EncodeError> {
+    fn serialize_tuple(self, len: usize) -> Result<Compound<'a>, EncodeError> {
         self.out.push(tag::TUPLE);
+        self.reserve_elements(Some(len));
         self.compound(true)
     }
 
@@ -1153,7 +1217,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads one byte.
-    #[inline]
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, DecodeError> {
         match self.input.get(self.pos) {
             Some(&byte) => {
@@ -1165,7 +1229,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// The next byte, not read.
-    #[inline]
+    #[inline(always)]
     fn peek(&self) -> Result<u8, DecodeError> {
         self.input
             .get(self.pos)
@@ -1174,7 +1238,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads `n` bytes.
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'de [u8], DecodeError> {
         let input: &'de [u8] = self.input;
         match input.get(self.pos..self.pos.saturating_add(n)) {
@@ -1195,7 +1259,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads a varint of at most 64 bits, in its shortest form.
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
         let at = self.pos;
         let first = self.byte()?;
@@ -1264,7 +1328,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads a length: a varint no greater than the bytes left.
-    #[inline]
+    #[inline(always)]
     fn len(&mut self) -> Result<usize, DecodeError> {
         let at = self.pos;
         let len = self.varint()?;
@@ -1281,7 +1345,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads UTF-8 of `len` bytes.
-    #[inline]
+    #[inline(always)]
     fn utf8(&mut self, len: usize) -> Result<&'de str, DecodeError> {
         let at = self.pos;
         std::str::from_utf8(self.take(len)?)
@@ -1289,7 +1353,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads a string or a name: a varint length, UTF-8.
-    #[inline]
+    #[inline(always)]
     fn str(&mut self) -> Result<&'de str, DecodeError> {
         let len = self.len()?;
         self.utf8(len)
@@ -1313,7 +1377,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Reads the next struct field's name, or `None` (the end marker, not read) after the last.
-    #[inline]
+    #[inline(always)]
     fn field_name(&mut self) -> Result<Option<&'de str>, DecodeError> {
         if self.peek()? == tag::END {
             return Ok(None);
@@ -1331,7 +1395,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Whether the next byte is the end marker (not read).
-    #[inline]
+    #[inline(always)]
     fn at_end_marker(&self) -> Result<bool, DecodeError> {
         Ok(self.peek()? == tag::END)
     }
@@ -1426,7 +1490,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Runs `read` one level deeper.
-    #[inline]
+    #[inline(always)]
     fn nested<T>(
         &mut self,
         read: impl FnOnce(&mut Self) -> Result<T, DecodeError>,
@@ -2432,9 +2496,7 @@ fn show_fields(d: &mut Decoder<'_>, out: &mut String) -> fmt::Result {
 
 #[cfg(test)]
 mod tests {
-    use std::alloc::{GlobalAlloc, Layout, System};
     use std::borrow::Cow;
-    use std::cell::Cell;
     use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
     use std::fmt::Debug;
     use std::marker::PhantomData;
@@ -2449,54 +2511,69 @@ mod tests {
     use super::*;
 
     // --- A counting allocator: allocations and the largest one, per thread -------------------
+    //
+    // `benches/codec.rs` compiles this file too, and cargo builds benchmarks with `cfg(test)`,
+    // but in the bench profile, without debug assertions: gating the allocator on them keeps it
+    // (and the tests that need it) out of the benchmark, which must measure the system allocator.
 
-    /// Counts this thread's heap allocations and the largest one asked for.
-    struct Counting;
+    #[cfg(debug_assertions)]
+    use counting::allocations;
 
-    thread_local! {
-        // Const-initialised `Cell`s: reading them never allocates, so the allocator may use them.
-        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-        static LARGEST: Cell<usize> = const { Cell::new(0) };
-    }
+    /// Counts heap allocations per thread, for the tests of what encoding and decoding allocate.
+    #[cfg(debug_assertions)]
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
 
-    /// Notes one allocation of `size` bytes.
-    fn count(size: usize) {
-        ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        LARGEST.with(|n| n.set(n.get().max(size)));
-    }
+        /// Counts this thread's heap allocations and the largest one asked for.
+        struct Counting;
 
-    // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counters
-    // are const-initialised thread-local `Cell`s, which never allocate.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            count(layout.size());
-            // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
-            unsafe { System.alloc(layout) }
+        thread_local! {
+            // Const-initialised `Cell`s: using them never allocates, so the allocator may.
+            static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+            static LARGEST: Cell<usize> = const { Cell::new(0) };
         }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: `ptr` was allocated by `System` through this allocator with this layout.
-            unsafe { System.dealloc(ptr, layout) }
-        }
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            count(new_size);
-            // SAFETY: `ptr` was allocated by `System` with `layout`; the caller upholds the rest.
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-    }
 
-    #[global_allocator]
-    static GLOBAL: Counting = Counting;
+        /// Notes one allocation of `size` bytes.
+        fn count(size: usize) {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            LARGEST.with(|n| n.set(n.get().max(size)));
+        }
 
-    /// Runs `f`; returns its result, how many allocations it made and the largest one's size.
-    fn allocations<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
-        let before = ALLOCATIONS.with(Cell::get);
-        LARGEST.with(|n| n.set(0));
-        let out = f();
-        (
-            out,
-            ALLOCATIONS.with(Cell::get) - before,
-            LARGEST.with(Cell::get),
-        )
+        // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
+        // counters are const-initialised thread-local `Cell`s, which never allocate.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                count(layout.size());
+                // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                // SAFETY: `ptr` was allocated by `System` through this allocator with this layout.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                count(new_size);
+                // SAFETY: `ptr` was allocated by `System` with `layout`; the caller upholds the
+                // rest.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+        }
+
+        #[global_allocator]
+        static GLOBAL: Counting = Counting;
+
+        /// Runs `f`; returns its result, how many allocations it made and the largest one's size.
+        pub(super) fn allocations<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
+            let before = ALLOCATIONS.with(Cell::get);
+            LARGEST.with(|n| n.set(0));
+            let out = f();
+            (
+                out,
+                ALLOCATIONS.with(Cell::get) - before,
+                LARGEST.with(Cell::get),
+            )
+        }
     }
 
     // --- Helpers -----------------------------------------------------------------------------
@@ -3232,6 +3309,42 @@ mod tests {
         assert!(refused(&Value::Array(vec![json])).contains("deeper than 128"));
     }
 
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    #[serde(untagged)]
+    enum Mixed {
+        Byte(u8),
+        Text(String),
+    }
+
+    #[test]
+    fn runs_of_u8_are_packed_and_unpacked_when_another_element_follows() {
+        #[track_caller]
+        fn encodes_as<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T, hex_: &str) {
+            assert_eq!(hex(&encode(&value).unwrap()[HEADER..]), hex_, "{value:?}");
+            round_trips(value);
+        }
+        encodes_as((1u8, 2u8, 3u8), "1a 03 01 02 03");
+        encodes_as((1u8, 2u8, 'x'), "19 0b 01 0b 02 12 78 00");
+        encodes_as(('x', 1u8, 2u8), "19 12 78 0b 01 0b 02 00");
+        encodes_as((1u8, 'x', 2u8), "19 0b 01 12 78 0b 02 00");
+        encodes_as((1u8, (2u8, 3u8)), "19 0b 01 1a 02 02 03 00");
+        encodes_as(vec![vec![1u8], vec![]], "17 18 01 01 17 00 00");
+        encodes_as(
+            vec![
+                Mixed::Byte(1),
+                Mixed::Byte(2),
+                Mixed::Text("x".into()),
+                Mixed::Byte(3),
+            ],
+            "17 0b 01 0b 02 13 01 78 0b 03 00",
+        );
+        let mut long: Vec<Mixed> = (0..=255).map(Mixed::Byte).collect();
+        long.push(Mixed::Text("end".into()));
+        round_trips(long);
+        // 128 elements need a two-byte count.
+        encodes_as(vec![7u8; 128], &format!("18 80 01{}", " 07".repeat(128)));
+    }
+
     // --- Golden vectors: the format, byte for byte ---------------------------------------------
 
     #[test]
@@ -3408,6 +3521,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(debug_assertions)] // counts allocations
     fn huge_declared_lengths_allocate_nothing() {
         let huge = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
         for tag in [
@@ -3557,6 +3671,7 @@ mod tests {
     // --- Allocation and the fast path ----------------------------------------------------------
 
     #[test]
+    #[cfg(debug_assertions)] // counts allocations
     fn encoding_allocates_only_its_output() {
         let value = small();
         let (bytes, n, _) = allocations(|| encode(&value).unwrap());
