@@ -75,8 +75,9 @@
 //!   The encoder streams in one pass with nothing to back-patch, it needs no length up front
 //!   (`#[serde(flatten)]` serializes maps of unknown length), and it never trusts the length a
 //!   `Serialize` impl declares (JSON ignores it, so hand-written impls that get it wrong exist and
-//!   must still store). A decoder preallocates nothing from a count in the record, so a hostile
-//!   count cannot make it allocate. Only strings, bytes and packed u8 runs carry a length, always
+//!   must still store; the encoder only reserves that many bytes, at most 1 MiB). A decoder
+//!   preallocates nothing from a count in the record, so a hostile count cannot make it
+//!   allocate. Only strings, bytes and packed u8 runs carry a length, always
 //!   checked against the bytes left before anything is read or allocated.
 //! - **Packed u8 runs.** `Vec<u8>` and `[u8; N]` serialize as a seq or tuple of u8 (not as bytes),
 //!   one element at a time; a non-empty seq or tuple whose elements are all u8 is written packed
@@ -105,7 +106,8 @@
 //! `visit_borrowed_str`, `visit_borrowed_bytes`, `visit_seq`, `visit_map` with field names as
 //! borrowed string keys for a struct…), which is what serde's buffer (`Content`) needs: a unit
 //! variant is visited as its name, a variant with data as a map of one entry from its name to its
-//! data, as serde expects of self-describing formats. Typed requests go through the same path, so
+//! data, as serde expects of self-describing formats; a packed u8 run is visited as a sequence
+//! of `u8` with its exact length as size hint. Typed requests go through the same path, so
 //! serde's usual conversions apply (a stored `u8` reads as a `u64`), except:
 //! `deserialize_option` reads a stored value that is neither none nor some as `Some(value)`,
 //! `deserialize_newtype_struct` reads a stored value that is not a newtype as the inner value (both
@@ -123,11 +125,14 @@
 //! instance. That acceptance is deliberately structural: serde serializes a `HashSet` and a `Vec`
 //! alike, so a type whose `Deserialize` reorders a sequence's elements passes the check too (it
 //! replays the same elements in its own order). Anything else that differs is refused with an
-//! [`Unfaithful`] that names where and how the replay would differ. serde itself loses two kinds
-//! of value, in any format, which the check catches:
+//! [`Unfaithful`] that says where and how the replay would differ (a path of `.field`, `.0`,
+//! `[index]` for sequence elements, compared by position, and `[key]` for map entries, compared
+//! by key; values in Rust-like notation: "at `.lines[1]` it holds `3u32`, but would replay as
+//! `3.0f64`"). serde itself loses two kinds of value, in any format, which the check catches:
 //!
 //! - an untagged enum whose variants accept the same data replays as the first that accepts it
-//!   (`enum E { F(f64), U(u32) }` replays `U(5)` as `F(5.0)`);
+//!   (`enum E { F(f64), U(u32) }` replays `U(5)` as `F(5.0)`; an earlier `String` variant takes a
+//!   unit variant's name, an earlier `Option` variant takes a unit struct as `None`);
 //! - serde's buffer for `#[serde(flatten)]`, untagged and internally tagged enums has no `u128`
 //!   or `i128`, so such a value there does not decode at all.
 //!
@@ -3343,6 +3348,82 @@ mod tests {
         round_trips(long);
         // 128 elements need a two-byte count.
         encodes_as(vec![7u8; 128], &format!("18 80 01{}", " 07".repeat(128)));
+    }
+
+    #[test]
+    fn declared_lengths_are_neither_needed_nor_trusted() {
+        // A sequence of unknown length (`serialize_seq(None)`, as `collect_seq` gives for an
+        // iterator without an exact size, and `#[serde(flatten)]` for maps) and one whose
+        // declared length is absurd both encode.
+        let evens = (0..10u32).filter(|x| x % 2 == 0);
+        let mut out = Encoder {
+            out: Vec::new(),
+            depth: 0,
+            bare: NO_BARE,
+        };
+        ser::Serializer::collect_seq(&mut out, evens).unwrap();
+        assert_eq!(hex(&out.out), "17 0d 00 0d 02 0d 04 0d 06 0d 08 00");
+
+        #[derive(Debug, PartialEq, Deserialize)]
+        struct Declared {
+            a: u8,
+        }
+        impl Serialize for Declared {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                let mut s = serializer.serialize_struct("Declared", 9)?;
+                s.serialize_field("a", &self.a)?;
+                s.end()
+            }
+        }
+        round_trips(Declared { a: 3 });
+        #[derive(Debug, PartialEq)]
+        struct Lies(Vec<String>);
+        impl Serialize for Lies {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let mut seq = serializer.serialize_seq(Some(usize::MAX))?;
+                for item in &self.0 {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+        }
+        impl<'de> Deserialize<'de> for Lies {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                Vec::deserialize(deserializer).map(Lies)
+            }
+        }
+        round_trips(Lies(vec!["one".into()]));
+        // What it reserves for the lie is capped.
+        #[cfg(debug_assertions)]
+        {
+            let (_, _, largest) = allocations(|| encode(&Lies(vec!["one".into()])).unwrap());
+            assert!(largest <= 2 << 20, "{largest} bytes reserved at once");
+        }
+    }
+
+    #[test]
+    fn decoding_borrows_strings_and_bytes_from_the_record() {
+        let bytes = encode(&("borrowed", Bytes(vec![1, 2]))).unwrap();
+        let mut decoder = Decoder::new(&bytes, HEADER);
+        let (text, raw): (&str, &[u8]) = Deserialize::deserialize(&mut decoder).unwrap();
+        assert_eq!((text, raw), ("borrowed", &[1u8, 2][..]));
+        // Pointing into the record: nothing was copied.
+        assert!(bytes.as_ptr_range().contains(&text.as_ptr()));
+        assert!(bytes.as_ptr_range().contains(&raw.as_ptr()));
+    }
+
+    #[test]
+    fn errors_are_proper_errors() {
+        fn assert_bounds<T: std::error::Error + Send + Sync + 'static>() {}
+        assert_bounds::<Unfaithful>();
+        assert_bounds::<DecodeError>();
+        // Small enough to pass around: a pointer for the decoder's error.
+        assert_eq!(
+            std::mem::size_of::<DecodeError>(),
+            std::mem::size_of::<usize>()
+        );
     }
 
     // --- Golden vectors: the format, byte for byte ---------------------------------------------
