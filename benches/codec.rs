@@ -2,16 +2,11 @@
 //! `serde_json::to_vec`, `decode` vs `serde_json::from_slice`, and `encode_checked` (encode, decode,
 //! encode again, compare), for a small struct and for a struct with a 64 KiB `Vec<u8>` body.
 //!
-//! The codec is private to `idem-runtime`; it depends on serde alone, so this benchmark compiles
-//! its source in directly and measures exactly that code without widening the crate's API. (Cargo
-//! builds benchmarks with `cfg(test)`, so the module's tests compile here too, unused; its
-//! counting allocator is kept out by the bench profile, see the tests.)
+//! The unchecked encoder is not public API; the benchmark reaches it through a hidden hook.
 //!
 //! Run with `cargo bench --bench codec` (add `-- --quick` for a short run).
 
-#[allow(dead_code, unused_imports)] // the benchmark uses part of the module, none of its tests
-#[path = "../idem-runtime/src/codec.rs"]
-mod codec;
+use idem::__private::codec_bench as codec;
 
 use std::hint::black_box;
 
@@ -67,7 +62,7 @@ fn body() -> Body {
 fn compare<T: Serialize + DeserializeOwned + PartialEq>(c: &mut Criterion, name: &str, value: T) {
     let json = serde_json::to_vec(&value).unwrap();
     let idem = codec::encode(&value).unwrap();
-    assert!(matches!(codec::decode::<T>(&idem).unwrap(), codec::Stored::Value(v) if v == value));
+    assert!(codec::decode::<T>(&idem).unwrap() == value);
     assert_eq!(codec::encode_checked(&value).unwrap(), idem);
     println!(
         "{name}: JSON {} bytes, idem {} bytes",

@@ -111,7 +111,7 @@ pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
     DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent, Key, KeyPart, MemoryStore, OnConflict,
-    Outcome, Policy, Status, Store, Token, conformance, conformance_tests, key, record,
+    Outcome, Policy, Status, Store, Token, codec, conformance, conformance_tests, key, record,
 };
 
 #[cfg(feature = "postgres")]

@@ -619,7 +619,7 @@ impl Typed {
 }
 
 #[tokio::test]
-async fn typed_results_replay_and_read_as_json_through_the_trait() {
+async fn typed_results_replay_and_read_through_the_trait() {
     let t = Typed {
         store: MemoryStore::new(),
     };
@@ -637,8 +637,8 @@ async fn typed_results_replay_and_read_as_json_through_the_trait() {
     {
         idem::Claim::Completed(done) => {
             assert_eq!(
-                done.value,
-                serde_json::to_vec(&first).unwrap(),
+                idem::codec::from_slice::<Profile>(&done.value).unwrap(),
+                first,
                 "encoded on demand"
             );
         }
@@ -668,7 +668,7 @@ async fn a_record_written_through_the_trait_replays_into_a_typed_function() {
         idem::Claim::Acquired(token) => token,
         other => panic!("{other:?}"),
     };
-    let bytes = idem::Bytes::from(serde_json::to_vec(&stored).unwrap());
+    let bytes = idem::Bytes::from(idem::codec::to_vec(&stored).unwrap());
     idem::Store::complete(&t.store, key, token, bytes, Duration::from_secs(60))
         .await
         .unwrap();

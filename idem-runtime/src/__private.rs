@@ -189,3 +189,26 @@ pub const fn policy(
 
 /// The namespace type arguments of a generic function: `core::any::type_name` of each.
 pub use core::any::type_name;
+
+/// The result codec's parts, for `benches/codec.rs` (which measures them apart). Not public API.
+pub mod codec_bench {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use crate::Error;
+
+    /// Encodes without the store-time check.
+    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+        crate::codec::encode(value).map_err(Error::codec)
+    }
+
+    /// Encodes with the store-time check (what the executor does).
+    pub fn encode_checked<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
+        crate::codec::to_vec(value)
+    }
+
+    /// Decodes a record.
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+        crate::codec::from_slice(bytes)
+    }
+}

@@ -3,20 +3,23 @@
 //! A replay returns a value equal to the first call's (DESIGN.md, "Results"). JSON cannot
 //! promise that for serde types: it replays `Some(None)`, `Some(())` and `Some(NaN)` as `None`,
 //! stores `±inf` and `NaN` as `null` and then fails to read them, and cannot write maps whose keys
-//! are not strings. So results are stored in this format of idem's own, and [`encode_checked`]
+//! are not strings. So results are stored in this format of idem's own, and `encode_checked`
 //! refuses, when the result is stored, the values that serde itself cannot replay (the format is
 //! exact; serde's buffering of untagged enums and `#[serde(flatten)]` is not).
 //!
-//! - [`encode_checked`] encodes a result after checking that it replays as itself.
-//! - [`decode`] reads a record: a [`Stored::Value`], or a [`Stored::Unstorable`] written by
-//!   [`unstorable`] in place of a result that could not be stored, so that retries get an error
+//! [`to_vec`] and [`from_slice`] are the public face of the format, for tools that read or seed
+//! records through the [`Store`](crate::Store) trait; the executor uses the same functions.
+//!
+//! - `encode_checked` encodes a result after checking that it replays as itself.
+//! - `decode` reads a record: a `Stored::Value`, or a `Stored::Unstorable` written by
+//!   `unstorable` in place of a result that could not be stored, so that retries get an error
 //!   and never run the body again.
-//! - [`encode`] encodes without the check (tests and benchmarks).
+//! - `encode` encodes without the check (tests and benchmarks).
 //!
 //! # The record format, version 1
 //!
 //! Stored records depend on this format, so it is specified here and pinned by golden vectors in
-//! the tests: changing the bytes any value encodes to is a new [format version](VERSION), never a
+//! the tests: changing the bytes any value encodes to is a new format version (`VERSION`), never a
 //! silent change.
 //!
 //! ```text
@@ -24,10 +27,10 @@
 //!            | 0xC1 0x01 0x02 len utf8       unstorable: why the first call's result was not stored
 //! ```
 //!
-//! The first byte, [`MAGIC`] `0xC1`, occurs in no UTF-8 text, so no JSON document (idem 0.1 stored
+//! The first byte, `MAGIC` `0xC1`, occurs in no UTF-8 text, so no JSON document (idem 0.1 stored
 //! JSON, whose records start with an ASCII byte) and no other text format starts with it. The
 //! second is the format version, the third the kind of record. A record with another first byte or
-//! another version does not decode: [`DecodeError`] says it was written by another version of
+//! another version does not decode: `DecodeError` says it was written by another version of
 //! idem's codec, and no value is ever guessed from it.
 //!
 //! A value is one tag byte, one per shape of the serde data model, then that shape's payload:
@@ -84,7 +87,7 @@
 //!   (tag `0x18`/`0x1A`, a count, the bytes), at one byte an element instead of two. It is the
 //!   only encoding the encoder writes for such a value, so the encoding stays canonical, and it
 //!   decodes as the same seq or tuple of u8.
-//! - **Depth.** At most [`MAX_DEPTH`] values enclose any value (each some, newtype, sequence,
+//! - **Depth.** At most `MAX_DEPTH` values enclose any value (each some, newtype, sequence,
 //!   tuple, map, struct and variant with data is one level). The encoder refuses deeper values
 //!   and the decoder refuses deeper records, with the same count, so nothing is ever stored that
 //!   cannot be read back, and no record can exhaust the stack.
@@ -100,7 +103,7 @@
 //!
 //! # Reading
 //!
-//! The decoder is a [`serde::Deserializer`] that serves both ways types read themselves.
+//! The decoder is a `serde::Deserializer` that serves both ways types read themselves.
 //! `deserialize_any` calls the visitor method of exactly the stored shape (`visit_none`,
 //! `visit_some`, `visit_unit`, `visit_u128`, `visit_f32`, `visit_newtype_struct`,
 //! `visit_borrowed_str`, `visit_borrowed_bytes`, `visit_seq`, `visit_map` with field names as
@@ -118,14 +121,14 @@
 //!
 //! # The store-time check
 //!
-//! [`encode_checked`] encodes the value, decodes it as its own type, encodes that again, and
+//! `encode_checked` encodes the value, decodes it as its own type, encodes that again, and
 //! stores the first encoding only if the two are equal: byte for byte (one `memcmp`, the common
 //! case), or else after sorting the elements of every sequence and map by their encoded bytes,
 //! recursively, since a `HashMap` or `HashSet` iterates its elements in another order in every
 //! instance. That acceptance is deliberately structural: serde serializes a `HashSet` and a `Vec`
 //! alike, so a type whose `Deserialize` reorders a sequence's elements passes the check too (it
 //! replays the same elements in its own order). Anything else that differs is refused with an
-//! [`Unfaithful`] that says where and how the replay would differ (a path of `.field`, `.0`,
+//! `Unfaithful` that says where and how the replay would differ (a path of `.field`, `.0`,
 //! `[index]` for sequence elements, compared by position, and `[key]` for map entries, compared
 //! by key; values in Rust-like notation: "at `.lines[1]` it holds `3u32`, but would replay as
 //! `3.0f64`"). serde itself loses two kinds of value, in any format, which the check catches:
@@ -237,6 +240,55 @@ mod tag {
 // ---------------------------------------------------------------------------------------------
 // API
 // ---------------------------------------------------------------------------------------------
+
+/// Encodes a result as idem stores it, after checking that it replays equal to itself: what
+/// the executor writes, for tools that seed or copy records through the [`Store`](crate::Store)
+/// trait.
+///
+/// Fails with [`Error::Codec`](crate::Error::Codec) when the value does not encode, or would not
+/// decode back equal to itself (an ambiguous untagged enum, a `u128` under
+/// `#[serde(flatten)]`, a lossy `Deserialize`); the message says where and how.
+///
+/// ```
+/// let bytes = idem_runtime::codec::to_vec(&Some(None::<u32>))?;
+/// let back: Option<Option<u32>> = idem_runtime::codec::from_slice(&bytes)?;
+/// assert_eq!(back, Some(None));
+/// # Ok::<(), idem_runtime::Error>(())
+/// ```
+pub fn to_vec<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, crate::Error> {
+    encode_checked(value).map_err(crate::Error::codec)
+}
+
+/// Decodes a stored result: what a replay returns, for tools that read records through the
+/// [`Store`](crate::Store) trait.
+///
+/// Fails with [`Error::Codec`](crate::Error::Codec) when the bytes are not a record of this
+/// format (another version of idem, garbage), hold another type, or record that the first
+/// call's result could not be stored.
+pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::Error> {
+    match decode(bytes) {
+        Ok(Stored::Value(value)) => Ok(value),
+        Ok(Stored::Unstorable(why)) => Err(crate::Error::codec(NotStored(why))),
+        Err(err) => Err(crate::Error::codec(err)),
+    }
+}
+
+/// What a later call gets for a key whose first call's result could not be stored.
+#[derive(Debug)]
+struct NotStored(String);
+
+impl fmt::Display for NotStored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the first call with this key ran, but its result could not be stored ({}); the \
+             body is not run again while the record lives",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NotStored {}
 
 /// Encodes `value` for a store, after checking that it replays faithfully: encode, decode as `T`,
 /// encode again, and the two encodings must be equal (exactly, or up to the order of the elements

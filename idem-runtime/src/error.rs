@@ -30,9 +30,13 @@ pub enum Error {
     #[error("idempotency store failed: {0}")]
     Store(#[source] BoxError),
 
-    /// A stored result no longer decodes as the function's return type (its type changed between
-    /// deployments, or the record was written by another function), or a result failed to encode.
-    #[error("stored idempotent result does not match the expected type: {0}")]
+    /// A result cannot be stored or replayed faithfully: it does not encode, or it would not
+    /// decode back equal to itself (detected when it is stored, before any later call can see
+    /// it); a stored result no longer decodes as the function's return type (its type changed
+    /// between deployments, or the record was written by another version of idem); or the first
+    /// call's result could not be stored, so later calls with its key get this error rather than
+    /// a second run of the body.
+    #[error("idempotent result codec: {0}")]
     Codec(#[source] BoxError),
 }
 

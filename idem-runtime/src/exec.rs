@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::clock::{FOREVER, after};
+use crate::codec;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::metrics;
@@ -369,24 +370,28 @@ fn encode_any<T: Serialize + 'static>(value: &(dyn Any + Send + Sync)) -> Result
 
 /// Encodes a result that was already checked by [`encode_result`].
 fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(Error::codec)
+    codec::encode(value).map_err(Error::codec)
 }
 
 /// Encodes a result for a store, refusing one that would not replay equal to itself.
 pub(crate) fn encode_result<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(Error::codec)
+    codec::to_vec(value)
 }
 
-/// Decodes a stored result.
+/// Decodes a stored result; a record that says the first call's result could not be stored is
+/// [`Error::Codec`] with the reason.
 pub(crate) fn decode_result<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(Error::codec)
+    codec::from_slice(bytes)
 }
 
 /// The record stored in place of a result that could not be encoded: a retry gets
 /// [`Error::Codec`] with `why`, and the body never runs again while the record lives.
 pub(crate) fn unstorable_result(why: &Error) -> Vec<u8> {
-    let _ = why;
-    b"\"unstorable\"".to_vec()
+    let why = match why {
+        Error::Codec(source) => source.to_string(),
+        other => other.to_string(),
+    };
+    codec::unstorable(&why)
 }
 
 /// Claims through the in-memory store directly when that is the store (no boxed future), or
@@ -613,7 +618,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
         };
 
         // The body returned `Ok`: from here on the claim is completed or left to its lease.
-        let (encoded, unstorable) = match encode_result(&value) {
+        let (encoded, mut unstorable) = match encode_result(&value) {
             Ok(bytes) => (Bytes::from(bytes), None),
             Err(err) => (Bytes::from(unstorable_result(&err)), Some(err)),
         };
@@ -633,46 +638,55 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                 Ok(memory.complete_value(key, token, Value::Bytes(encoded), policy.ttl))
             }
             (None, _, _) => {
-                guard.stage = Stage::Completing {
-                    value: encoded.clone(),
-                    ttl: policy.ttl,
-                };
-                let started = metrics::start();
-                let completion = store
-                    .complete(key, token, encoded.clone(), policy.ttl)
-                    .await;
-                metrics::store_operation("complete", started);
-                guard.stage = Stage::Settled;
-                if completion.is_err() {
-                    // The store may have failed before or after writing: finish it in the
-                    // background where the store can (a completion that landed is recognised
-                    // as itself), so a retry after the lease replays rather than runs again.
-                    store.complete_on_drop(key, token, encoded, policy.ttl);
+                let completion = complete(store, &mut guard, encoded.clone(), policy.ttl).await;
+                match completion {
+                    Err(err) if unstorable.is_none() => {
+                        // The store refused the result or failed. Record that it could not be
+                        // stored, so later calls get an error instead of running the body
+                        // again. If the first completion did land after all, it stays: a
+                        // completion repeated with the same token keeps the first value.
+                        let tombstone = Bytes::from(unstorable_result(&err));
+                        match complete(store, &mut guard, tombstone, policy.ttl).await {
+                            Ok(done) => {
+                                unstorable = Some(err);
+                                Ok(done)
+                            }
+                            Err(_) => {
+                                // The store is down: finish the completion in the background
+                                // where the store can, so that if it recovers within the lease
+                                // a retry replays rather than runs again.
+                                store.complete_on_drop(key, token, encoded, policy.ttl);
+                                Err(err)
+                            }
+                        }
+                    }
+                    other => other,
                 }
-                completion
             }
         };
         report.reported();
         match completion {
             Ok(Completion::Stored) => {
-                if let Some(err) = unstorable {
+                let expires_in = if let Some(err) = unstorable {
                     outcome!(
                         WARN,
                         call,
                         "executed",
                         stored = false,
                         error = %err,
-                        "the body ran but its result cannot be stored faithfully; later calls \
-                         with this key get this error instead of a result, and the body does not \
-                         run again while the record lives"
+                        "the body ran but its result could not be stored; later calls with this \
+                         key get this error instead of a result, and the body does not run again \
+                         while the record lives"
                     );
+                    None
                 } else {
                     outcome!(DEBUG, call, "executed");
-                }
+                    Some(policy.ttl)
+                };
                 Ok(Outcome {
                     value,
                     status: Status::Executed,
-                    expires_in: Some(policy.ttl),
+                    expires_in,
                 })
             }
             Ok(Completion::LeaseLost) => {
@@ -699,9 +713,9 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                     "store_error",
                     error = %err,
                     step = "complete",
-                    "the body ran but its result could not be stored; it is stored in the \
-                     background if the store recovers, otherwise a retry after the lease runs \
-                     the body again"
+                    "the body ran but neither its result nor the fact that it could not be \
+                     stored reached the store; it is stored in the background if the store \
+                     recovers, otherwise a retry after the lease runs the body again"
                 );
                 Ok(Outcome {
                     value,
@@ -711,6 +725,25 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             }
         }
     }
+}
+
+/// Completes the claim through the store, timed; a drop meanwhile hands the completion to the
+/// store ([`Store::complete_on_drop`]) and never releases.
+async fn complete<S: Store + ?Sized>(
+    store: &S,
+    guard: &mut ClaimGuard<'_, S>,
+    value: Bytes,
+    ttl: Duration,
+) -> Result<Completion, Error> {
+    guard.stage = Stage::Completing {
+        value: value.clone(),
+        ttl,
+    };
+    let started = metrics::start();
+    let completion = store.complete(guard.key, guard.token, value, ttl).await;
+    metrics::store_operation("complete", started);
+    guard.stage = Stage::Settled;
+    completion
 }
 
 /// `body`, with a panic inside it noted in `panicked` before it unwinds on, so that the call's

@@ -13,12 +13,7 @@
 #![warn(missing_docs)]
 
 mod clock;
-// Not used by the executor yet: the integration (exec.rs, the stores, the HTTP layer) comes next.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "wired into the executor in a later change")
-)]
-mod codec;
+pub mod codec;
 pub mod conformance;
 mod error;
 mod exec;
