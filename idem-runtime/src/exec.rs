@@ -197,13 +197,18 @@ pub struct Outcome<T> {
 /// let order_id = 42u64;
 /// let charge = || async { Ok::<u64, Error>(1999) };
 ///
-/// let cents = Idempotent::new(&store, ("charge", order_id))
+/// let cents = Idempotent::new(&store, order_id)
+///     .name("payments.charge.v1")
 ///     .ttl(Duration::from_secs(3600))
 ///     .run(charge)
 ///     .await?;
 /// assert_eq!(cents, 1999);
 ///
-/// let again = Idempotent::new(&store, ("charge", order_id)).run_with_outcome(charge).await?;
+/// // The same name and key, from anywhere: the same record.
+/// let again = Idempotent::new(&store, order_id)
+///     .name("payments.charge.v1")
+///     .run_with_outcome(charge)
+///     .await?;
 /// assert_eq!(again.status, Status::Replayed);
 /// # Ok(()) }
 /// ```
