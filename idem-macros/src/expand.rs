@@ -4,9 +4,9 @@
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, TraitItemFn};
+use syn::{AttrStyle, Attribute, ItemFn, TraitItemFn};
 
-use crate::attr::{self, Args, DurationArg, Errors, OnConflict};
+use crate::attr::{Args, DurationArg, OnConflict};
 use crate::valid::{self, Checked};
 
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -25,8 +25,16 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#error #item);
         }
     };
-    let mut errors = Errors::default();
-    let args = attr::parse(args, &mut errors);
+    // Parsing the options never fails as a whole: each mistake is kept in `args.errors`.
+    let mut args: Args = match syn::parse2(args) {
+        Ok(args) => args,
+        Err(err) => {
+            let mut args = Args::default();
+            args.errors.push(err);
+            args
+        }
+    };
+    let mut errors = std::mem::take(&mut args.errors);
     let checked = valid::check(&args, &func, &mut errors);
     match (errors.finish(), checked) {
         (Ok(()), Some(checked)) => expand(&args, &func, &checked),
@@ -64,6 +72,11 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         block,
         ..
     } = func;
+    // Outer attributes stay on the function; inner ones (`#![allow(..)]` at the top of the body)
+    // open the generated body, which holds the user's body.
+    let (outer, inner): (Vec<&Attribute>, Vec<&Attribute>) = attrs
+        .iter()
+        .partition(|attr| matches!(attr.style, AttrStyle::Outer));
     let ret = &checked.ret;
 
     let name = match &args.name {
@@ -141,7 +154,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     let run = quote_spanned! {ret.span()=>
         #krate::__private::run(
             __idem_store,
-            #name,
+            __idem_name,
             __idem_key,
             __idem_fingerprint,
             &__idem_policy,
@@ -152,11 +165,13 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     };
 
     quote! {
-        #(#attrs)*
+        #(#outer)*
         #vis #sig {
+            #(#inner)*
+            let __idem_name: &'static str = #name;
             let __idem_store_owner = #store_owner;
             let __idem_store = #store;
-            let __idem_key = #krate::__private::Key::with_type_args(#name, &[#(#type_args),*], #key);
+            let __idem_key = #krate::__private::Key::with_type_args(__idem_name, &[#(#type_args),*], #key);
             let __idem_fingerprint = #fingerprint;
             let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
             let __idem_typed = {
