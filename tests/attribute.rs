@@ -1,11 +1,15 @@
 //! The attribute's forms as a user writes them, run: any expression as `key = ...` (commas,
 //! closures, tuples, arrays, branches), signatures with `where` clauses, lifetimes and inner
-//! attributes.
+//! attributes, and `name = ...` as the exact namespace of the keys, computable with `Key::new`.
 //! (tests/ui/pass/ checks that the forms compile; this checks what they do.)
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod support;
 
-use idem::{Error, idempotent};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem::{Claim, Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
+use support::LogCapture;
 
 // ---------------------------------------------------------------------------------------------
 // Any expression is a key.
@@ -174,4 +178,116 @@ async fn a_body_may_start_with_an_inner_attribute() {
     assert_eq!(inner_attribute(5, 1).await.unwrap(), 5);
     assert_eq!(INNER_RUNS.load(Ordering::SeqCst), 1);
     assert_eq!(documented(6, 0).await.unwrap(), 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `name = ...` is the namespace exactly as written.
+
+/// `Key::new("payments.charge.v1", &42u64)`: the golden vector of tests/keys.rs, pinned here too
+/// because it is what an operator computes for the record of `charge(42)` below.
+const CHARGE_42: &str = "09eac351bf7e9e0b0ae7b807a06265549e3eecb32eac5fc9434ab8ec35160090";
+
+#[idempotent(name = "payments.charge.v1", key = id, store = store)]
+async fn charge(store: &dyn Store, id: u64) -> Result<u64, Error> {
+    Ok(1999)
+}
+
+async fn is_completed(store: &dyn Store, key: Key) -> bool {
+    matches!(
+        store.claim(key, None, Duration::from_secs(1)).await,
+        Ok(Claim::Completed(_))
+    )
+}
+
+#[tokio::test]
+async fn a_named_function_stores_under_key_new_of_its_name() {
+    let store = MemoryStore::new();
+    assert_eq!(charge(&store, 42).await.unwrap(), 1999);
+
+    let key = Key::new("payments.charge.v1", &42u64);
+    assert_eq!(key.to_hex(), CHARGE_42);
+    assert!(
+        is_completed(&store, key).await,
+        "the record is at Key::new(name, &key)"
+    );
+
+    let out = Idempotent::new(&store, 42u64)
+        .name("payments.charge.v1")
+        .run_with_outcome(|| async { Ok::<_, Error>(0u64) })
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.value, out.status),
+        (1999, Status::Replayed),
+        "the function API with the same name reads the attribute's record"
+    );
+}
+
+#[tokio::test]
+async fn a_named_function_replays_what_the_function_api_stored() {
+    let store = MemoryStore::new();
+    Idempotent::new(&store, 7u64)
+        .name("payments.charge.v1")
+        .run(|| async { Ok::<_, Error>(5u64) })
+        .await
+        .unwrap();
+    assert_eq!(charge(&store, 7).await.unwrap(), 5);
+}
+
+struct Ledger<T>(std::marker::PhantomData<T>);
+
+static LEDGER_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+impl<T: Send + Sync> Ledger<T> {
+    // Neither `Self` nor `T` is added to an explicit name.
+    #[idempotent(name = "ledger.post.v1", key = id, store = store)]
+    async fn post(&self, store: &dyn Store, id: u64) -> Result<usize, Error> {
+        Ok(LEDGER_RUNS.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+#[tokio::test]
+async fn an_explicit_name_adds_neither_self_nor_type_arguments() {
+    let store = MemoryStore::new();
+    let bytes = Ledger::<u8>(std::marker::PhantomData);
+    let words = Ledger::<u16>(std::marker::PhantomData);
+    let first = bytes.post(&store, 3).await.unwrap();
+    assert_eq!(
+        words.post(&store, 3).await.unwrap(),
+        first,
+        "one name, one record"
+    );
+    assert_eq!(LEDGER_RUNS.load(Ordering::SeqCst), 1);
+    assert!(is_completed(&store, Key::new("ledger.post.v1", &3u64)).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The default namespace is the function's path, as logs show it.
+
+mod billing {
+    use idem::{Error, idempotent};
+
+    pub struct Invoices;
+
+    impl Invoices {
+        #[idempotent(key = id)]
+        pub async fn send(id: u64) -> Result<u64, Error> {
+            Ok(id)
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_default_namespace_is_logged_as_the_function_path() {
+    let logs = LogCapture::install();
+    billing::Invoices::send(1).await.unwrap();
+    let text = logs.text();
+    assert!(
+        text.contains("attribute::billing::Invoices::send"),
+        "the path names the module, the type and the function: {text}"
+    );
+    assert!(
+        !text.contains("{{closure}}"),
+        "the closures the path is read from are not shown: {text}"
+    );
 }

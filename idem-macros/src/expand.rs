@@ -79,25 +79,14 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         .partition(|attr| matches!(attr.style, AttrStyle::Outer));
     let ret = &checked.ret;
 
+    // `name = ...` is the namespace exactly as written, so any process can compute the key as
+    // `Key::new(name, &key)`. Without it, the namespace is the function's full path as the
+    // compiler prints a closure defined in its body: module, nested scopes, impl self type, trait
+    // and every type and const argument, so two distinct functions never share one.
     let name = match &args.name {
         Some(lit) => quote!(#lit),
-        None => {
-            let ident = sig.ident.to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #ident))
-        }
+        None => quote!(#krate::__private::function_path(&|| ())),
     };
-
-    // Without an explicit name, a method's namespace also names `Self`, so two impls with a method
-    // of the same name never share records. With `name = ...` the key is exactly
-    // `Key::with_type_args(name, <the function's type parameters>, &key)`, computable elsewhere
-    // (by another process, or an operator removing a record).
-    let mut type_args: Vec<TokenStream> = Vec::new();
-    if checked.has_receiver && args.name.is_none() {
-        type_args.push(quote!(#krate::__private::type_name::<Self>()));
-    }
-    for param in &checked.type_params {
-        type_args.push(quote!(#krate::__private::type_name::<#param>()));
-    }
 
     let key = match &args.key {
         Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
@@ -171,7 +160,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let __idem_name: &'static str = #name;
             let __idem_store_owner = #store_owner;
             let __idem_store = #store;
-            let __idem_key = #krate::__private::Key::with_type_args(__idem_name, &[#(#type_args),*], #key);
+            let __idem_key = #krate::__private::Key::new(__idem_name, #key);
             let __idem_fingerprint = #fingerprint;
             let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
             let __idem_typed = {

@@ -3,8 +3,8 @@
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReceiverKind,
-    ReturnType, Type, TypeParamBound,
+    FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType, Type,
+    TypeParamBound,
 };
 
 use crate::attr::{Args, Errors};
@@ -19,10 +19,6 @@ pub(crate) struct KeyArg {
 pub(crate) struct Checked {
     /// The arguments of the default key (empty when `key = ...` is given).
     pub key_args: Vec<KeyArg>,
-    /// The function's type parameters, which specialise the namespace.
-    pub type_params: Vec<Ident>,
-    /// Whether the function has a `self` receiver (so `Self` specialises the namespace).
-    pub has_receiver: bool,
     /// The return type, `Result<T, E>`.
     pub ret: Type,
 }
@@ -50,12 +46,10 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
 
     let ret = check_return(sig.ident.span(), &sig.output, errors);
 
-    let mut has_receiver = false;
     let mut typed: Vec<(&Pat, &Type)> = Vec::new();
     for input in &sig.inputs {
         match input {
             FnArg::Receiver(receiver) => {
-                has_receiver = true;
                 let is_mut_ref = match &receiver.kind {
                     ReceiverKind::Reference(_, _, mutability) => mutability.is_some(),
                     // `self: &mut Self`, `self: Pin<&mut Self>`
@@ -126,22 +120,7 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
         }
     }
 
-    let type_params = sig
-        .generics
-        .params
-        .iter()
-        .filter_map(|param| match param {
-            GenericParam::Type(t) => Some(t.ident.clone()),
-            _ => None,
-        })
-        .collect();
-
-    ret.map(|ret| Checked {
-        key_args,
-        type_params,
-        has_receiver,
-        ret,
-    })
+    ret.map(|ret| Checked { key_args, ret })
 }
 
 /// The first `&mut` borrow that a value of type `ty` holds, looking through references, tuples,

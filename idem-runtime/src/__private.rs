@@ -187,5 +187,45 @@ pub const fn policy(
     }
 }
 
-/// The namespace type arguments of a generic function: `core::any::type_name` of each.
-pub use core::any::type_name;
+/// The default namespace of an `#[idempotent]` function: its full path as the compiler prints
+/// it, taken from a closure that the expansion defines in the function's body.
+///
+/// The closure's type is nested in the function's own: `core::any::type_name` prints the
+/// module path, nested scopes, the impl's self type with its arguments, the trait with its
+/// arguments, and every type and const argument of this instantiation
+/// (`<app::Consumer as app::Handler<app::OrderCreated>>::handle::{{closure}}::{{closure}}`,
+/// `app::Repo<u8>::load::{{closure}}::{{closure}}`). The trailing `::{{closure}}` segments (the
+/// async body, then the probe) are dropped, so the namespace is the function's path. It is the
+/// same in every call of one instantiation; its format is the compiler's, which Rust does not
+/// promise to keep across compiler versions (hence `name = ...`).
+pub fn function_path<F>(_probe: &F) -> &'static str {
+    let mut path = core::any::type_name::<F>();
+    while let Some(outer) = path.strip_suffix("::{{closure}}") {
+        path = outer;
+    }
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn nested_probe() -> &'static str {
+        function_path(&|| ())
+    }
+
+    #[test]
+    fn the_function_path_drops_the_closures() {
+        assert_eq!(
+            function_path(&|| ()),
+            "idem_runtime::__private::tests::the_function_path_drops_the_closures"
+        );
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(nested_probe());
+        assert_eq!(
+            fut.as_mut().poll(&mut cx),
+            std::task::Poll::Ready("idem_runtime::__private::tests::nested_probe")
+        );
+    }
+}
