@@ -1,7 +1,7 @@
 //! Writes the expansion: the body moves into an async block handed to one generic runtime
 //! function, so each annotated function adds a few lines, not a copy of the executor.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Literal, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{AttrStyle, Attribute, ItemFn, TraitItemFn};
@@ -50,6 +50,37 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+/// This crate's release, `[major, minor, patch]`, which the expansion asks the runtime to match.
+pub(crate) const VERSION: [u64; 3] = [
+    version_part(env!("CARGO_PKG_VERSION"), 0),
+    version_part(env!("CARGO_PKG_VERSION"), 1),
+    version_part(env!("CARGO_PKG_VERSION"), 2),
+];
+
+/// Part `index` of a `MAJOR.MINOR.PATCH[-pre][+build]` version (as `__private::version_part`).
+const fn version_part(version: &str, index: usize) -> u64 {
+    let bytes = version.as_bytes();
+    let mut part = 0;
+    let mut value = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            if part == index {
+                return value;
+            }
+            part += 1;
+            value = 0;
+        } else if b.is_ascii_digit() {
+            value = value * 10 + (b - b'0') as u64;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if part == index { value } else { 0 }
+}
+
 fn duration(krate: &TokenStream, arg: Option<&DurationArg>, default: TokenStream) -> TokenStream {
     match arg {
         Some(DurationArg::Nanos(n)) => quote!(#krate::__private::nanos(#n)),
@@ -78,6 +109,8 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         .iter()
         .partition(|attr| matches!(attr.style, AttrStyle::Outer));
     let ret = &checked.ret;
+
+    let [major, minor, patch] = VERSION.map(Literal::u64_unsuffixed);
 
     // `name = ...` is the namespace exactly as written, so any process can compute the key as
     // `Key::new(name, &key)`. Without it, the namespace is the function's full path as the
@@ -157,6 +190,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         #(#outer)*
         #vis #sig {
             #(#inner)*
+            const _: () = #krate::__private::version_check::<#major, #minor, #patch>();
             let __idem_name: &'static str = #name;
             let __idem_store_owner = #store_owner;
             let __idem_store = #store;
@@ -171,5 +205,38 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let __idem_body = async #block;
             #run
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::idempotent;
+
+    /// The expansion asks the runtime for the release this macro crate was built as, so a facade
+    /// that pairs it with another runtime release fails with `MacroVersion`'s message.
+    #[test]
+    fn the_expansion_names_this_release() {
+        let expanded = idempotent(
+            quote!(key = id),
+            quote!(
+                async fn f(id: u64) -> Result<u64, E> {
+                    Ok(id)
+                }
+            ),
+        )
+        .to_string();
+        let version: Vec<&str> = env!("CARGO_PKG_VERSION")
+            .split(['-', '+'])
+            .next()
+            .unwrap_or_default()
+            .split('.')
+            .collect();
+        let check = format!(
+            "version_check :: < {} , {} , {} > ()",
+            version[0], version[1], version[2]
+        );
+        assert!(expanded.contains(&check), "{check} not in {expanded}");
     }
 }
