@@ -102,11 +102,18 @@
 //! and runs it with [`conformance_tests!`].
 
 #![warn(missing_docs)]
+// On docs.rs (nightly), each item behind a feature is marked with it; `doc_cfg` is not stable yet,
+// so the docs of those items also say in words which feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_macros::idempotent;
+/// `Idempotency-Key` semantics for tower and axum services (needs the `http` feature).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idem_runtime::IdempotencyLayer;
+/// The HTTP layer, its options and responses (needs the `http` feature).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
@@ -114,18 +121,30 @@ pub use idem_runtime::{
     Outcome, Policy, Status, Store, Token, conformance, conformance_tests, key, record,
 };
 
+/// Durable records in PostgreSQL, with a transactional mode (needs the `postgres` feature).
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_runtime::PostgresStore;
+/// Records in Redis, shared by many processes and machines (needs the `redis` feature).
 #[cfg(feature = "redis")]
-pub use idem_runtime::{RedisStore, RedisStoreBuilder};
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idem_runtime::RedisStore;
+/// Options of a [`RedisStore`] (needs the `redis` feature).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idem_runtime::RedisStoreBuilder;
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
 /// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).
 pub mod store {
     pub use idem_runtime::store::memory;
+    /// The PostgreSQL store (needs the `postgres` feature).
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub use idem_runtime::store::postgres;
+    /// The Redis store (needs the `redis` feature).
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use idem_runtime::store::redis;
 }
 

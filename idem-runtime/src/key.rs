@@ -570,7 +570,9 @@ tuples! {
     12 => (A B C D E F G H I J K L)
 }
 
+/// A UUID is a key part by its 16 bytes (needs the `uuid` feature).
 #[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
 impl KeyPart for uuid::Uuid {
     fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_bytes(self.as_bytes());
