@@ -44,10 +44,14 @@
 //! | `ttl = "24h"` | how long a completed result is remembered (literal or `Duration` expression) | 24 hours |
 //! | `lease = "30s"` | how long a claim holds before another caller may take over; renewed while the body runs | 30 seconds |
 //! | `wait_timeout = "60s"` | the longest a caller waits for another holding the key (`on_conflict = wait`) | 60 seconds |
-//! | `name = "payments.charge.v1"` | the namespace of the keys | the function's module path and name |
+//! | `name = "payments.charge.v1"` | the namespace of the keys, exactly as written: the key is [`Key::new`]`(name, &key)` | the function's full path: module, impl type and trait with their arguments, type and const arguments |
 //! | `fingerprint = EXPR` | a value that must match on replay; another one for the same key is [`Error::KeyReused`] | none |
 //! | `on_conflict = wait` / `reject` | while another call holds the key: wait for its result, or fail with [`Error::InProgress`] | `wait` |
 //! | `crate = path` | where the `idem` crate is, for re-exporters | `::idem` |
+//!
+//! Only an explicit `name` is stable across compiler versions and renames: the default namespace
+//! is the path `std::any::type_name` prints for the function, whose format Rust does not promise.
+//! Give `name` to functions whose records must outlive a compiler upgrade or a refactor.
 //!
 //! Duration literals are a whole number and a unit: `ns`, `us`, `ms`, `s`, `m`, `h`, `d`
 //! (`"250ms"`, `"30s"`, `"24h"`, `"7d"`), checked at compile time.
