@@ -44,10 +44,14 @@
 //! | `ttl = "24h"` | how long a completed result is remembered (literal or `Duration` expression) | 24 hours |
 //! | `lease = "30s"` | how long a claim holds before another caller may take over; renewed while the body runs | 30 seconds |
 //! | `wait_timeout = "60s"` | the longest a caller waits for another holding the key (`on_conflict = wait`) | 60 seconds |
-//! | `name = "payments.charge.v1"` | the namespace of the keys | the function's module path and name |
+//! | `name = "payments.charge.v1"` | the namespace of the keys, exactly as written: the key is [`Key::new`]`(name, &key)` | the function's full path: module, impl type and trait with their arguments, type and const arguments |
 //! | `fingerprint = EXPR` | a value that must match on replay; another one for the same key is [`Error::KeyReused`] | none |
 //! | `on_conflict = wait` / `reject` | while another call holds the key: wait for its result, or fail with [`Error::InProgress`] | `wait` |
 //! | `crate = path` | where the `idem` crate is, for re-exporters | `::idem` |
+//!
+//! Only an explicit `name` is stable across compiler versions and renames: the default namespace
+//! is the path `std::any::type_name` prints for the function, whose format Rust does not promise.
+//! Give `name` to functions whose records must outlive a compiler upgrade or a refactor.
 //!
 //! Duration literals are a whole number and a unit: `ns`, `us`, `ms`, `s`, `m`, `h`, `d`
 //! (`"250ms"`, `"30s"`, `"24h"`, `"7d"`), checked at compile time.
@@ -102,11 +106,18 @@
 //! and runs it with [`conformance_tests!`].
 
 #![warn(missing_docs)]
+// On docs.rs (nightly), each item behind a feature is marked with it; `doc_cfg` is not stable yet,
+// so the docs of those items also say in words which feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idem_macros::idempotent;
+/// `Idempotency-Key` semantics for tower and axum services (needs the `http` feature).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idem_runtime::IdempotencyLayer;
+/// The HTTP layer, its options and responses (needs the `http` feature).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
@@ -114,18 +125,30 @@ pub use idem_runtime::{
     Outcome, Policy, Status, Store, Token, codec, conformance, conformance_tests, key, record,
 };
 
+/// Durable records in PostgreSQL, with a transactional mode (needs the `postgres` feature).
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_runtime::PostgresStore;
+/// Records in Redis, shared by many processes and machines (needs the `redis` feature).
 #[cfg(feature = "redis")]
-pub use idem_runtime::{RedisStore, RedisStoreBuilder};
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idem_runtime::RedisStore;
+/// Options of a [`RedisStore`] (needs the `redis` feature).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idem_runtime::RedisStoreBuilder;
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
 /// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).
 pub mod store {
     pub use idem_runtime::store::memory;
+    /// The PostgreSQL store (needs the `postgres` feature).
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub use idem_runtime::store::postgres;
+    /// The Redis store (needs the `redis` feature).
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use idem_runtime::store::redis;
 }
 

@@ -52,6 +52,7 @@ fn deriving_keys_of_integers_strings_and_tuples_allocates_nothing() {
         std::hint::black_box(Key::new("orders", "a str"));
         std::hint::black_box(Key::new("orders", &(&name, 42u64, true, 'x', Some(3u8))));
         std::hint::black_box(Key::new("orders", &long));
+        #[allow(deprecated)]
         std::hint::black_box(Key::with_type_args(
             "generic",
             &["u8", "u16"],

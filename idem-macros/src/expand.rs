@@ -1,12 +1,12 @@
 //! Writes the expansion: the body moves into an async block handed to one generic runtime
 //! function, so each annotated function adds a few lines, not a copy of the executor.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Literal, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{ItemFn, TraitItemFn};
+use syn::{AttrStyle, Attribute, ItemFn, TraitItemFn};
 
-use crate::attr::{self, Args, DurationArg, Errors, OnConflict};
+use crate::attr::{Args, DurationArg, OnConflict};
 use crate::valid::{self, Checked};
 
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -25,8 +25,16 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#error #item);
         }
     };
-    let mut errors = Errors::default();
-    let args = attr::parse(args, &mut errors);
+    // Parsing the options never fails as a whole: each mistake is kept in `args.errors`.
+    let mut args: Args = match syn::parse2(args) {
+        Ok(args) => args,
+        Err(err) => {
+            let mut args = Args::default();
+            args.errors.push(err);
+            args
+        }
+    };
+    let mut errors = std::mem::take(&mut args.errors);
     let checked = valid::check(&args, &func, &mut errors);
     match (errors.finish(), checked) {
         (Ok(()), Some(checked)) => expand(&args, &func, &checked),
@@ -40,6 +48,37 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             quote!(#error #func)
         }
     }
+}
+
+/// This crate's release, `[major, minor, patch]`, which the expansion asks the runtime to match.
+pub(crate) const VERSION: [u64; 3] = [
+    version_part(env!("CARGO_PKG_VERSION"), 0),
+    version_part(env!("CARGO_PKG_VERSION"), 1),
+    version_part(env!("CARGO_PKG_VERSION"), 2),
+];
+
+/// Part `index` of a `MAJOR.MINOR.PATCH[-pre][+build]` version (as `__private::version_part`).
+const fn version_part(version: &str, index: usize) -> u64 {
+    let bytes = version.as_bytes();
+    let mut part = 0;
+    let mut value = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            if part == index {
+                return value;
+            }
+            part += 1;
+            value = 0;
+        } else if b.is_ascii_digit() {
+            value = value * 10 + (b - b'0') as u64;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if part == index { value } else { 0 }
 }
 
 fn duration(krate: &TokenStream, arg: Option<&DurationArg>, default: TokenStream) -> TokenStream {
@@ -64,27 +103,23 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         block,
         ..
     } = func;
+    // Outer attributes stay on the function; inner ones (`#![allow(..)]` at the top of the body)
+    // open the generated body, which holds the user's body.
+    let (outer, inner): (Vec<&Attribute>, Vec<&Attribute>) = attrs
+        .iter()
+        .partition(|attr| matches!(attr.style, AttrStyle::Outer));
     let ret = &checked.ret;
 
+    let [major, minor, patch] = VERSION.map(Literal::u64_unsuffixed);
+
+    // `name = ...` is the namespace exactly as written, so any process can compute the key as
+    // `Key::new(name, &key)`. Without it, the namespace is the function's full path as the
+    // compiler prints a closure defined in its body: module, nested scopes, impl self type, trait
+    // and every type and const argument, so two distinct functions never share one.
     let name = match &args.name {
         Some(lit) => quote!(#lit),
-        None => {
-            let ident = sig.ident.to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #ident))
-        }
+        None => quote!(#krate::__private::function_path(&|| ())),
     };
-
-    // Without an explicit name, a method's namespace also names `Self`, so two impls with a method
-    // of the same name never share records. With `name = ...` the key is exactly
-    // `Key::with_type_args(name, <the function's type parameters>, &key)`, computable elsewhere
-    // (by another process, or an operator removing a record).
-    let mut type_args: Vec<TokenStream> = Vec::new();
-    if checked.has_receiver && args.name.is_none() {
-        type_args.push(quote!(#krate::__private::type_name::<Self>()));
-    }
-    for param in &checked.type_params {
-        type_args.push(quote!(#krate::__private::type_name::<#param>()));
-    }
 
     let key = match &args.key {
         Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
@@ -141,7 +176,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     let run = quote_spanned! {ret.span()=>
         #krate::__private::run(
             __idem_store,
-            #name,
+            __idem_name,
             __idem_key,
             __idem_fingerprint,
             &__idem_policy,
@@ -152,11 +187,14 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     };
 
     quote! {
-        #(#attrs)*
+        #(#outer)*
         #vis #sig {
+            #(#inner)*
+            const _: () = #krate::__private::version_check::<#major, #minor, #patch>();
+            let __idem_name: &'static str = #name;
             let __idem_store_owner = #store_owner;
             let __idem_store = #store;
-            let __idem_key = #krate::__private::Key::with_type_args(#name, &[#(#type_args),*], #key);
+            let __idem_key = #krate::__private::Key::new(__idem_name, #key);
             let __idem_fingerprint = #fingerprint;
             let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
             let __idem_typed = {
@@ -167,5 +205,38 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let __idem_body = async #block;
             #run
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::idempotent;
+
+    /// The expansion asks the runtime for the release this macro crate was built as, so a facade
+    /// that pairs it with another runtime release fails with `MacroVersion`'s message.
+    #[test]
+    fn the_expansion_names_this_release() {
+        let expanded = idempotent(
+            quote!(key = id),
+            quote!(
+                async fn f(id: u64) -> Result<u64, E> {
+                    Ok(id)
+                }
+            ),
+        )
+        .to_string();
+        let version: Vec<&str> = env!("CARGO_PKG_VERSION")
+            .split(['-', '+'])
+            .next()
+            .unwrap_or_default()
+            .split('.')
+            .collect();
+        let check = format!(
+            "version_check :: < {} , {} , {} > ()",
+            version[0], version[1], version[2]
+        );
+        assert!(expanded.contains(&check), "{check} not in {expanded}");
     }
 }

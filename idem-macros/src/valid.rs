@@ -3,8 +3,8 @@
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, GenericParam, Ident, ItemFn, Pat, PathArguments, ReceiverKind,
-    ReturnType, Type,
+    FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType, Type,
+    TypeParamBound,
 };
 
 use crate::attr::{Args, Errors};
@@ -19,10 +19,6 @@ pub(crate) struct KeyArg {
 pub(crate) struct Checked {
     /// The arguments of the default key (empty when `key = ...` is given).
     pub key_args: Vec<KeyArg>,
-    /// The function's type parameters, which specialise the namespace.
-    pub type_params: Vec<Ident>,
-    /// Whether the function has a `self` receiver (so `Self` specialises the namespace).
-    pub has_receiver: bool,
     /// The return type, `Result<T, E>`.
     pub ret: Type,
 }
@@ -50,33 +46,36 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
 
     let ret = check_return(sig.ident.span(), &sig.output, errors);
 
-    let mut has_receiver = false;
     let mut typed: Vec<(&Pat, &Type)> = Vec::new();
     for input in &sig.inputs {
         match input {
             FnArg::Receiver(receiver) => {
-                has_receiver = true;
                 let is_mut_ref = match &receiver.kind {
                     ReceiverKind::Reference(_, _, mutability) => mutability.is_some(),
-                    ReceiverKind::Typed(_, ty) => is_mut_ref(ty),
+                    // `self: &mut Self`, `self: Pin<&mut Self>`
+                    ReceiverKind::Typed(_, ty) => mut_borrow(ty).is_some(),
                     _ => false,
                 };
                 if is_mut_ref {
-                    errors.push(syn::Error::new(
-                        receiver.span(),
+                    errors.push(syn::Error::new_spanned(
+                        receiver,
                         "`#[idempotent]` methods cannot take `&mut self`: a replay returns the stored result without running the body, so it could not repeat the body's changes to `self`; take `&self` and keep mutable state behind a lock or in the store",
                     ));
                 }
             }
             FnArg::Typed(pat_type) => {
-                if is_mut_ref(&pat_type.ty) {
-                    errors.push(syn::Error::new(
-                        pat_type.ty.span(),
+                if let Some(borrow) = mut_borrow(&pat_type.ty) {
+                    let arg = pat_display(&pat_type.pat);
+                    let message = if std::ptr::eq(borrow, &*pat_type.ty) {
                         format!(
-                            "`#[idempotent]` functions cannot take `&mut` arguments: a replay returns the stored result without running the body, so it could not repeat the body's changes to `{}`; return the new value in the result instead",
-                            pat_display(&pat_type.pat)
-                        ),
-                    ));
+                            "`#[idempotent]` functions cannot take `&mut` arguments: a replay returns the stored result without running the body, so it could not repeat the body's changes to `{arg}`; return the new value in the result instead"
+                        )
+                    } else {
+                        format!(
+                            "`#[idempotent]` functions cannot take `&mut` arguments, nor arguments that hold one: a replay returns the stored result without running the body, so it could not repeat the body's changes through this `&mut` in `{arg}`; return the new value in the result instead"
+                        )
+                    };
+                    errors.push(syn::Error::new_spanned(borrow, message));
                 }
                 typed.push((&pat_type.pat, &pat_type.ty));
             }
@@ -121,31 +120,52 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
         }
     }
 
-    let type_params = sig
-        .generics
-        .params
-        .iter()
-        .filter_map(|param| match param {
-            GenericParam::Type(t) => Some(t.ident.clone()),
-            _ => None,
-        })
-        .collect();
-
-    ret.map(|ret| Checked {
-        key_args,
-        type_params,
-        has_receiver,
-        ret,
-    })
+    ret.map(|ret| Checked { key_args, ret })
 }
 
-fn is_mut_ref(ty: &Type) -> bool {
+/// The first `&mut` borrow that a value of type `ty` holds, looking through references, tuples,
+/// arrays, slices and type arguments (`Option<&mut T>`, `(u8, &mut u8)`, `Box<&mut T>`).
+///
+/// Function pointers (`fn(&mut T)`) and the arguments of trait bounds (`impl FnMut(&mut T)`,
+/// `impl Into<T>`) describe what the value does, not what it holds, and are not looked into;
+/// only a bound's associated types are (`impl Iterator<Item = &mut T>` yields borrows).
+fn mut_borrow(ty: &Type) -> Option<&Type> {
     match ty {
-        Type::Reference(r) => r.mutability.is_some(),
-        Type::Paren(p) => is_mut_ref(&p.elem),
-        Type::Group(g) => is_mut_ref(&g.elem),
-        _ => false,
+        Type::Reference(r) if r.mutability.is_some() => Some(ty),
+        Type::Reference(r) => mut_borrow(&r.elem),
+        Type::Paren(p) => mut_borrow(&p.elem),
+        Type::Group(g) => mut_borrow(&g.elem),
+        Type::Slice(s) => mut_borrow(&s.elem),
+        Type::Array(a) => mut_borrow(&a.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(mut_borrow),
+        Type::Path(p) if p.qself.is_none() => {
+            p.path.segments.iter().find_map(|seg| match &seg.arguments {
+                PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                    GenericArgument::Type(t) => mut_borrow(t),
+                    GenericArgument::AssocType(assoc) => mut_borrow(&assoc.ty),
+                    _ => None,
+                }),
+                _ => None,
+            })
+        }
+        Type::ImplTrait(t) => bounds_mut_borrow(t.bounds.iter()),
+        Type::TraitObject(t) => bounds_mut_borrow(t.bounds.iter()),
+        _ => None,
     }
+}
+
+/// The first `&mut` in an associated type of a trait bound (`Iterator<Item = &mut T>`).
+fn bounds_mut_borrow<'a>(mut bounds: impl Iterator<Item = &'a TypeParamBound>) -> Option<&'a Type> {
+    bounds.find_map(|bound| match bound {
+        TypeParamBound::Trait(t) => t.path.segments.iter().find_map(|seg| match &seg.arguments {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                GenericArgument::AssocType(assoc) => mut_borrow(&assoc.ty),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 fn pat_display(pat: &Pat) -> String {

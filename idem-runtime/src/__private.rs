@@ -187,8 +187,131 @@ pub const fn policy(
     }
 }
 
-/// The namespace type arguments of a generic function: `core::any::type_name` of each.
-pub use core::any::type_name;
+/// The default namespace of an `#[idempotent]` function: its full path as the compiler prints
+/// it, taken from a closure that the expansion defines in the function's body.
+///
+/// The closure's type is nested in the function's own: `core::any::type_name` prints the
+/// module path, nested scopes, the impl's self type with its arguments, the trait with its
+/// arguments, and every type and const argument of this instantiation
+/// (`<app::Consumer as app::Handler<app::OrderCreated>>::handle::{{closure}}::{{closure}}`,
+/// `app::Repo<u8>::load::{{closure}}::{{closure}}`). The trailing `::{{closure}}` segments (the
+/// async body, then the probe) are dropped, so the namespace is the function's path. It is the
+/// same in every call of one instantiation; its format is the compiler's, which Rust does not
+/// promise to keep across compiler versions (hence `name = ...`).
+pub fn function_path<F>(_probe: &F) -> &'static str {
+    let mut path = core::any::type_name::<F>();
+    while let Some(outer) = path.strip_suffix("::{{closure}}") {
+        path = outer;
+    }
+    path
+}
+
+/// The release of this runtime as a type, which the expansion checks against the macro's own:
+/// `#[idempotent]` expands to code for one release of `__private`, and a macro crate of another
+/// release must fail with a message that says so, not with errors about the items it names.
+pub struct IdemRuntime<const MAJOR: u64, const MINOR: u64, const PATCH: u64>;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// This runtime's release (pre-release and build tags aside: the crates are released together).
+pub type ThisRuntime = IdemRuntime<
+    { version_part(VERSION, 0) },
+    { version_part(VERSION, 1) },
+    { version_part(VERSION, 2) },
+>;
+
+/// Implemented by [`ThisRuntime`] for its own release only.
+#[diagnostic::on_unimplemented(
+    message = "this `#[idempotent]` was expanded by idem-macros {MAJOR}.{MINOR}.{PATCH}, which does not match the idem runtime `{Self}`",
+    label = "expanded by idem-macros {MAJOR}.{MINOR}.{PATCH}",
+    note = "idem-macros and idem-runtime must be the same release: depend on `idem` alone (it pins both to its own version) and run `cargo update -p idem`"
+)]
+pub trait MacroVersion<const MAJOR: u64, const MINOR: u64, const PATCH: u64> {}
+
+impl
+    MacroVersion<
+        { version_part(VERSION, 0) },
+        { version_part(VERSION, 1) },
+        { version_part(VERSION, 2) },
+    > for ThisRuntime
+{
+}
+
+/// Compiles only when the macro's release, given as the arguments, is this runtime's.
+///
+/// ```compile_fail,E0277
+/// const _: () = idem_runtime::__private::version_check::<{ u64::MAX }, 0, 0>();
+/// ```
+pub const fn version_check<const MAJOR: u64, const MINOR: u64, const PATCH: u64>()
+where
+    ThisRuntime: MacroVersion<MAJOR, MINOR, PATCH>,
+{
+}
+
+/// Part `index` (0: major, 1: minor, 2: patch) of a `MAJOR.MINOR.PATCH[-pre][+build]` version.
+pub const fn version_part(version: &str, index: usize) -> u64 {
+    let bytes = version.as_bytes();
+    let mut part = 0;
+    let mut value = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            if part == index {
+                return value;
+            }
+            part += 1;
+            value = 0;
+        } else if b.is_ascii_digit() {
+            value = value * 10 + (b - b'0') as u64;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if part == index { value } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_read_major_minor_patch() {
+        assert_eq!([0, 1, 2].map(|i| version_part("1.22.333", i)), [1, 22, 333]);
+        assert_eq!(
+            [0, 1, 2].map(|i| version_part("0.2.0-alpha.1+build", i)),
+            [0, 2, 0]
+        );
+    }
+
+    // This release's macro passes the check (the expansion writes these numbers from the macro
+    // crate's own `CARGO_PKG_VERSION`; idem-macros' tests check that side).
+    const _: () = version_check::<
+        { version_part(env!("CARGO_PKG_VERSION"), 0) },
+        { version_part(env!("CARGO_PKG_VERSION"), 1) },
+        { version_part(env!("CARGO_PKG_VERSION"), 2) },
+    >();
+
+    async fn nested_probe() -> &'static str {
+        function_path(&|| ())
+    }
+
+    #[test]
+    fn the_function_path_drops_the_closures() {
+        assert_eq!(
+            function_path(&|| ()),
+            "idem_runtime::__private::tests::the_function_path_drops_the_closures"
+        );
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(nested_probe());
+        assert_eq!(
+            fut.as_mut().poll(&mut cx),
+            std::task::Poll::Ready("idem_runtime::__private::tests::nested_probe")
+        );
+    }
+}
 
 /// The result codec's parts, for `benches/codec.rs` (which measures them apart). Not public API.
 pub mod codec_bench {

@@ -1,7 +1,6 @@
 //! Idempotency keys: the canonical encoding of a key value and its digest.
 //!
-//! A [`Key`] is the BLAKE3 digest of `(namespace, type arguments, canonical encoding of the
-//! value)`. The encoding is part of this crate's stability promise: it does not depend on the
+//! A [`Key`] is the BLAKE3 digest of `(namespace, canonical encoding of the value)`. The encoding is part of this crate's stability promise: it does not depend on the
 //! process, the machine, the platform's endianness or word size, the Rust version or the release
 //! of this crate, and golden vectors in the tests pin it. Two values that are equal as keys encode
 //! the same:
@@ -78,18 +77,35 @@ impl std::hash::Hash for Key {
 
 impl Key {
     /// The key of `value` in `namespace`.
+    ///
+    /// `#[idempotent(name = "payments.charge.v1", key = id)]` stores under exactly
+    /// `Key::new("payments.charge.v1", &id)`, so another process or an operator can compute it.
     pub fn new<V: KeyPart + ?Sized>(namespace: &str, value: &V) -> Key {
-        Key::with_type_args(namespace, &[], value)
+        Key::derive(namespace, &[], value)
     }
 
-    /// The key of `value` in `namespace` specialised by type arguments, so that the
-    /// instantiations of a generic function never share records. `#[idempotent]` passes the
-    /// `core::any::type_name` of each of the function's type parameters.
+    /// The key of `value` in `namespace` specialised by type arguments.
+    ///
+    /// `#[idempotent]` no longer uses it: a function's default namespace names its type
+    /// arguments itself, and `name = ...` is the namespace exactly as written ([`Key::new`]). It
+    /// remains so that records written by generic functions with `name = ...` under the first
+    /// 0.1 builds (which added the `core::any::type_name` of each type parameter) can still be
+    /// addressed, for instance to remove them.
+    #[deprecated(
+        since = "0.1.0",
+        note = "`#[idempotent]` keys are `Key::new(namespace, &key)`; this is only for records written by earlier builds"
+    )]
     pub fn with_type_args<V: KeyPart + ?Sized>(
         namespace: &str,
         type_args: &[&str],
         value: &V,
     ) -> Key {
+        Key::derive(namespace, type_args, value)
+    }
+
+    /// The digest of `(namespace, type arguments, value)`: the encoding the golden vectors pin
+    /// (a key without type arguments encodes an empty list of them).
+    fn derive<V: KeyPart + ?Sized>(namespace: &str, type_args: &[&str], value: &V) -> Key {
         let mut enc = Encoder::hashing(&KEY_HASH_KEY);
         enc.write_str(namespace);
         type_args.encode(&mut enc);
@@ -554,7 +570,9 @@ tuples! {
     12 => (A B C D E F G H I J K L)
 }
 
+/// A UUID is a key part by its 16 bytes (needs the `uuid` feature).
 #[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
 impl KeyPart for uuid::Uuid {
     fn encode(&self, enc: &mut Encoder<'_>) {
         enc.write_bytes(self.as_bytes());

@@ -11,6 +11,9 @@
 //! - [`conformance`]: the checks every store passes.
 
 #![warn(missing_docs)]
+// On docs.rs (nightly), each item behind a feature is marked with it; `doc_cfg` is not stable yet,
+// so the docs of those items also say in words which feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod clock;
 pub mod codec;
@@ -18,6 +21,7 @@ pub mod conformance;
 mod error;
 mod exec;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod key;
 pub mod metrics;
@@ -31,15 +35,29 @@ pub use exec::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict, Outcome, Policy,
     Status,
 };
+/// The `Idempotency-Key` layer (needs the `http` feature).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+#[doc(inline)]
 pub use http::IdempotencyLayer;
 pub use key::{Fingerprint, Key, KeyPart};
 pub use record::{Claim, Completed, Completion, Token};
 pub use store::memory::MemoryStore;
+/// The PostgreSQL store (needs the `postgres` feature).
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[doc(inline)]
 pub use store::postgres::PostgresStore;
+/// The Redis store (needs the `redis` feature).
 #[cfg(feature = "redis")]
-pub use store::redis::{RedisStore, RedisStoreBuilder};
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[doc(inline)]
+pub use store::redis::RedisStore;
+/// The Redis store's builder (needs the `redis` feature).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[doc(inline)]
+pub use store::redis::RedisStoreBuilder;
 pub use store::{BoxFuture, Store};
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.

@@ -38,6 +38,9 @@ impl LogCapture {
             .with_writer(move || sink.clone())
             .finish();
         let guard = tracing::subscriber::set_default(subscriber);
+        // A callsite first hit on another thread (with no subscriber) may have cached "never
+        // interested"; look again now that this thread has one, or its events can be lost.
+        tracing::callsite::rebuild_interest_cache();
         LogCapture {
             buffer,
             _guard: guard,
