@@ -1,0 +1,200 @@
+//! A guarded request with a key: scope, buffer, fingerprint, then claim, run the handler and
+//! store its response through the executor.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower_service::Service;
+
+use super::IDEMPOTENT_NOT_STORED;
+use super::body::{self, Buffered, ResponseBody};
+use super::layer::Config;
+use super::problem::Problem;
+use super::record::StoredResponse;
+use super::service::RequestBody;
+use crate::error::{BoxError, Error};
+use crate::exec::Idempotent;
+use crate::key::{Encoder, KeyPart};
+
+/// How the handler's run ended when it gives no response to store.
+enum Unstored<B, E> {
+    /// The executor's error: conflict, key reuse, store failure.
+    Idem(Error),
+    /// The inner service failed: its error goes to the caller.
+    Service(E),
+    /// A response that is sent but not stored (`5xx`, too large, or a body that failed).
+    Response(Box<Response<ResponseBody<B>>>),
+}
+
+impl<B, E> From<Error> for Unstored<B, E> {
+    fn from(err: Error) -> Self {
+        Unstored::Idem(err)
+    }
+}
+
+/// What must match for a key's stored response to be replayed: method, path and query, body.
+struct RequestFingerprint<'a> {
+    method: &'a str,
+    target: &'a str,
+    body: &'a [u8],
+}
+
+impl KeyPart for RequestFingerprint<'_> {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_tuple_header(3);
+        enc.write_str(self.method);
+        enc.write_str(self.target);
+        enc.write_bytes(self.body);
+    }
+}
+
+/// Answers a guarded request with a key: buffer, fingerprint, then run the handler through the
+/// executor.
+pub(super) async fn serve<S, ReqB, ResB>(
+    config: Arc<Config>,
+    mut inner: S,
+    req: Request<ReqB>,
+    key: String,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body<Data = Bytes>,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let Some(scope) = (config.scope)(&parts) else {
+        let detail = "this request does not say which client sent it, so its Idempotency-Key \
+                      cannot be scoped";
+        tracing::debug!(target: "idem", detail, "idempotency layer refused a request");
+        return Ok(Problem::ClientUnknown.response(detail, None));
+    };
+
+    let too_large = || {
+        Problem::RequestTooLarge.response(
+            &format!(
+                "a request with an Idempotency-Key may have a body of at most {} bytes",
+                config.max_request_bytes
+            ),
+            None,
+        )
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > config.max_request_bytes as u64) {
+        return Ok(too_large());
+    }
+    let body = match Limited::new(body, config.max_request_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
+        Err(err) => {
+            tracing::debug!(target: "idem", error = %err, "could not read a keyed request's body");
+            return Ok(Problem::RequestUnreadable
+                .response("the request body failed before it was read whole", None));
+        }
+    };
+
+    let fingerprint = RequestFingerprint {
+        method: parts.method.as_str(),
+        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        body: &body,
+    };
+    let call = Idempotent::new(&*config.store, (scope.as_str(), key.as_str()))
+        .name(config.namespace.clone())
+        .fingerprint(&fingerprint)
+        .ttl(config.ttl)
+        .lease(config.lease)
+        .on_conflict(config.on_conflict)
+        .wait_timeout(config.wait_timeout);
+
+    let max_response = config.max_response_bytes;
+    let req = Request::from_parts(parts, Either::Left(Full::new(body)));
+    let outcome = call
+        .run_with_outcome(move || async move {
+            let response = inner.call(req).await.map_err(Unstored::Service)?;
+            let (mut head, body) = response.into_parts();
+            if head.status.is_server_error() {
+                head.headers.insert(
+                    IDEMPOTENT_NOT_STORED,
+                    HeaderValue::from_static("server-error"),
+                );
+                let response = Response::from_parts(head, ResponseBody::passthrough(body));
+                return Err(Unstored::Response(Box::new(response)));
+            }
+            match body::buffer(body, max_response).await {
+                Buffered::Whole { data, trailers } => Ok(StoredResponse::new(head, data, trailers)),
+                Buffered::TooLarge(body) => {
+                    tracing::warn!(
+                        target: "idem",
+                        limit = max_response,
+                        "response larger than max_response_bytes: sent but not stored, so a \
+                         retry with the same Idempotency-Key runs the handler again"
+                    );
+                    head.headers
+                        .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
+                    Err(Unstored::Response(Box::new(Response::from_parts(
+                        head, body,
+                    ))))
+                }
+                Buffered::Failed(body) => Err(Unstored::Response(Box::new(Response::from_parts(
+                    head, body,
+                )))),
+            }
+        })
+        .await;
+
+    match outcome {
+        Ok(outcome) if outcome.status.is_replay() => Ok(outcome.value.into_replay()),
+        Ok(outcome) => Ok(outcome.value.into_first()),
+        Err(Unstored::Response(response)) => Ok(*response),
+        Err(Unstored::Service(err)) => Err(err),
+        Err(Unstored::Idem(err)) => Ok(executor_problem(&err, &key)),
+    }
+}
+
+/// The answer to an executor error; the handler has not run (or its run was not stored).
+fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
+    let shown = show_key(key);
+    match err {
+        Error::InProgress { retry_after } => Problem::InProgress.response(
+            &format!(
+                "a request with Idempotency-Key {shown} is still in progress; retry after it \
+                 completes"
+            ),
+            Some(*retry_after),
+        ),
+        Error::KeyReused => Problem::KeyReused.response(
+            &format!(
+                "Idempotency-Key {shown} was used for a request with another method, path, query \
+                 or body; use a new key for a new request"
+            ),
+            None,
+        ),
+        Error::Codec(_) => Problem::RecordUnreadable.response(
+            &format!("the stored response for Idempotency-Key {shown} could not be read"),
+            None,
+        ),
+        // The executor logged the cause; the client learns only that it should retry later.
+        _ => Problem::StoreUnavailable.response(
+            "the idempotency store could not be reached; the request was not processed",
+            None,
+        ),
+    }
+}
+
+/// The key as a JSON-safe, bounded string for a problem's detail.
+fn show_key(key: &str) -> String {
+    let mut shown: String = key.chars().take(64).collect();
+    if shown.len() < key.len() {
+        shown.push('…');
+    }
+    format!("\"{shown}\"")
+}
