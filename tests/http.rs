@@ -33,10 +33,12 @@ mod http_orders;
 // ---------------------------------------------------------------------------------------------
 // The service under test
 
-/// What the handlers share: how often each ran, and a gate that holds `/slow` until opened.
+/// What the handlers share: how often each ran (and, for `/slow`, how often it ran to its end),
+/// and a gate that holds `/slow` until opened.
 #[derive(Clone)]
 struct Shared {
     calls: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
     entered: Arc<Semaphore>,
 }
@@ -44,6 +46,10 @@ struct Shared {
 impl Shared {
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
     }
 }
 
@@ -63,8 +69,10 @@ async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
             if let Ok(permit) = s.gate.acquire().await {
                 permit.forget();
             }
+            s.finished.fetch_add(1, Ordering::SeqCst);
         }
         "/brief" => tokio::time::sleep(Duration::from_millis(50)).await,
+        "/panic" => panic!("a bug in the handler (run {n})"),
         // A 5xx on the first run only.
         "/flaky" if n == 1 => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "database hiccup").into_response();
@@ -110,6 +118,7 @@ async fn serve_with(
 ) -> Server {
     let shared = Shared {
         calls: Arc::new(AtomicUsize::new(0)),
+        finished: Arc::new(AtomicUsize::new(0)),
         gate: Arc::new(Semaphore::new(0)),
         entered: Arc::new(Semaphore::new(0)),
     };
@@ -809,4 +818,127 @@ async fn the_http_orders_example_creates_one_order() {
 #[allow(dead_code)]
 fn response_body_is_an_axum_body(body: idem::http::ResponseBody<Body>) -> Body {
     Body::new(body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that goes away mid-handler (issue 13, scenario 2)
+
+/// Sends a keyed `POST /slow` on a raw connection, waits until the handler has started (and
+/// made its effect), then disconnects, and gives the server time to notice.
+async fn disconnect_mid_handler(server: &Server, key: &str) {
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let body = "order";
+    let raw = format!(
+        "POST /slow HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: {key}\r\nContent-Length: {}\r\n\r\n\
+         {body}",
+        server.addr,
+        body.len()
+    );
+    conn.write_all(raw.as_bytes()).await.unwrap();
+    server.shared.entered.acquire().await.unwrap().forget();
+    drop(conn);
+    // Long enough for hyper to see the connection close and drop the response future.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_handler_gets_the_first_run_on_retry() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-1").await;
+
+    server.shared.gate.add_permits(1);
+    // The first run finishes on its own; until then a retry is told to come back.
+    let mut retry = http.post("/slow", "gone-1", "order").await;
+    for _ in 0..100 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = http.post("/slow", "gone-1", "order").await;
+    }
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!(server.shared.calls(), 1, "the handler ran once");
+    assert_eq!(server.shared.finished(), 1, "and to its end");
+}
+
+#[tokio::test]
+async fn a_retry_while_the_abandoned_run_still_goes_is_409_then_replays() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-2").await;
+
+    let retry = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.post("/slow", "gone-2", "order"),
+    )
+    .await
+    .expect("the retry must not run the handler (and wait on its gate) again");
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    retry.problem();
+
+    server.shared.gate.add_permits(1);
+    let mut last = retry;
+    for _ in 0..100 {
+        last = http.post("/slow", "gone-2", "order").await;
+        if last.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.replayed(), "{last:?}");
+    assert_eq!(last.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!((server.shared.calls(), server.shared.finished()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_frees_its_key_and_the_panic_reaches_the_server() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for run in 1..=2 {
+        let req = Request::post(format!("{}/panic", http.base))
+            .header("idempotency-key", "p-1")
+            .body(Full::from("x"))
+            .unwrap();
+        // The panic resumes in the response future: hyper's connection task dies with it, and
+        // the client sees the connection close (not an answer the layer made up).
+        let result = http.client.request(req).await;
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(
+            server.shared.calls(),
+            run,
+            "the key was freed: the retry runs again"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_retry_of_an_abandoned_run_gets_its_response() {
+    let server = serve(layer().on_conflict(OnConflict::Wait)).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-3").await;
+
+    let retry = tokio::spawn({
+        let http = http.clone();
+        async move { http.post("/slow", "gone-3", "order").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!retry.is_finished(), "the retry waits for the first run");
+    assert_eq!(server.shared.calls(), 1);
+
+    server.shared.gate.add_permits(1);
+    let retry = tokio::time::timeout(Duration::from_secs(5), retry)
+        .await
+        .expect("the first run finishes and the retry gets its response")
+        .unwrap();
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!((server.shared.calls(), server.shared.finished()), (1, 1));
+
+    let later = http.post("/slow", "gone-3", "order").await;
+    assert!(later.replayed());
+    assert_eq!(later.body, retry.body);
 }

@@ -1,14 +1,16 @@
 //! A guarded request with a key: scope, buffer, fingerprint, then claim, run the handler and
-//! store its response through the executor.
+//! store its response through the executor, in a task the client's going away does not cancel.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{Request, Response};
+use http::{Request, Response, request};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::IDEMPOTENT_NOT_STORED;
 use super::body::{self, Buffered, ResponseBody};
@@ -52,19 +54,20 @@ impl KeyPart for RequestFingerprint<'_> {
     }
 }
 
-/// Answers a guarded request with a key: buffer, fingerprint, then run the handler through the
-/// executor.
+/// Answers a guarded request with a key.
 pub(super) async fn serve<S, ReqB, ResB>(
     config: Arc<Config>,
-    mut inner: S,
+    inner: S,
     req: Request<ReqB>,
     key: String,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ReqB: Body<Data = Bytes>,
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
     ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
+    ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
@@ -92,6 +95,7 @@ where
     if declared.is_some_and(|len| len > config.max_request_bytes as u64) {
         return Ok(too_large());
     }
+    // Until the body is read nothing is claimed: a client that goes away here cancels nothing.
     let body = match Limited::new(body, config.max_request_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
@@ -102,6 +106,55 @@ where
         }
     };
 
+    let keyed = run(config, inner, parts, body, scope, key);
+    match detach(keyed).await {
+        Some(response) => response,
+        None => Ok(Problem::Interrupted.response(
+            "the server shut down while the request ran; retry it with the same Idempotency-Key",
+            None,
+        )),
+    }
+}
+
+/// Runs `future` in a task of its own on the current tokio runtime and waits for it, so that
+/// dropping the returned future (the client went away) does not cancel it. A panic in it
+/// resumes here; `None` when the runtime shut down before it finished. Without a runtime it
+/// runs inline.
+async fn detach<F>(future: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let task = runtime.spawn(future.instrument(tracing::Span::current()));
+            match task.await {
+                Ok(output) => Some(output),
+                Err(err) => match err.try_into_panic() {
+                    Ok(payload) => std::panic::resume_unwind(payload),
+                    Err(_cancelled) => None,
+                },
+            }
+        }
+        Err(_) => Some(future.await),
+    }
+}
+
+/// Claim, run the handler, store its response: the part of a keyed request that runs to
+/// completion once started.
+async fn run<S, ReqB, ResB>(
+    config: Arc<Config>,
+    inner: S,
+    parts: request::Parts,
+    body: Bytes,
+    scope: String,
+    key: String,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
     let fingerprint = RequestFingerprint {
         method: parts.method.as_str(),
         target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
@@ -119,6 +172,7 @@ where
     let req = Request::from_parts(parts, Either::Left(Full::new(body)));
     let outcome = call
         .run_with_outcome(move || async move {
+            let mut inner = inner;
             let response = inner.call(req).await.map_err(Unstored::Service)?;
             let (mut head, body) = response.into_parts();
             if head.status.is_server_error() {

@@ -55,6 +55,17 @@
 //! in the request, and by the layer's [namespace](IdempotencyLayer::namespace); the store only
 //! sees a digest of the three.
 //!
+//! # A handler that started finishes
+//!
+//! Once a keyed request has claimed its key, its handler runs in a task of its own on the
+//! current tokio runtime, and the response future only waits for it. A client that disconnects
+//! (hyper then drops the response future) does not cancel the handler: it runs to completion,
+//! its response is stored, and the client's retry gets that response with
+//! `Idempotent-Replayed: true` instead of a second run. A retry that arrives while the first
+//! run is still going gets `409` (or waits for it, with [`OnConflict::Wait`](crate::OnConflict::Wait)). A panic in the
+//! handler frees the key and is resumed in the response future. Outside a tokio runtime the
+//! handler runs in the response future itself.
+//!
 //! # What is stored
 //!
 //! - A `2xx`, `3xx` or `4xx` response is stored for [`ttl`](IdempotencyLayer::ttl): its status,
@@ -68,8 +79,7 @@
 //!   is not stored either (never truncated): it is passed through whole, with
 //!   `Idempotent-Not-Stored: too-large` and a `tracing` warning (target `idem`), and a retry runs
 //!   the handler again. Raise the limit for endpoints with large responses.
-//! - A handler that fails (its service returns an error, or its body fails) or whose request is
-//!   cancelled stores nothing.
+//! - A handler that fails (its service returns an error, or its body fails) stores nothing.
 //!
 //! # Buffering
 //!
@@ -97,6 +107,7 @@
 //! | <span id="idempotency-key-in-progress">`#idempotency-key-in-progress`</span> | 409 | another request with the key is running (`Retry-After` says for how long at most) |
 //! | <span id="idempotency-key-reused">`#idempotency-key-reused`</span> | 422 | the key was used for a different request |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
+//! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |
 
 mod body;

@@ -28,6 +28,7 @@ pub(crate) enum Problem {
     KeyReused,
     StoreUnavailable,
     RecordUnreadable,
+    Interrupted,
 }
 
 impl Problem {
@@ -83,6 +84,11 @@ impl Problem {
                 "idempotency-record-unreadable",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Stored response unreadable",
+            ),
+            Problem::Interrupted => (
+                "idempotency-interrupted",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server stopped while the request ran",
             ),
         }
     }

@@ -23,6 +23,10 @@ use crate::error::BoxError;
 /// It takes `Request<ReqB>` and gives the inner service `Request<Either<Full<Bytes>, ReqB>>`:
 /// the buffered body of a keyed request (left), or the original body, untouched (right). axum's
 /// routers and handlers take both. Its responses have a [`ResponseBody`].
+///
+/// A keyed request's handler runs in a task of its own on the current tokio runtime (inline
+/// when there is none), so that it runs to completion and its response is stored even when
+/// the client goes away: `S`, its future and its response body must be `Send + 'static`.
 #[derive(Clone)]
 pub struct IdempotencyService<S> {
     inner: S,
