@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
+use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default};
 use idem::{
     BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
     MemoryStore, OnConflict, Store, Token,
@@ -29,6 +29,9 @@ use tokio::sync::Semaphore;
 #[allow(dead_code)]
 #[path = "../examples/http_orders.rs"]
 mod http_orders;
+mod support;
+
+use support::chaos;
 
 // ---------------------------------------------------------------------------------------------
 // The service under test
@@ -57,6 +60,7 @@ impl Shared {
 async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
     let n = s.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
@@ -70,6 +74,37 @@ async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
                 permit.forget();
             }
             s.finished.fetch_add(1, Ordering::SeqCst);
+        }
+        // A rate limiter's answer on the first run only.
+        "/throttled" if n == 1 => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "slow down",
+            )
+                .into_response();
+        }
+        // `/status/NNN?retry-after&location&vary-star`: that status, with those headers.
+        _ if path.starts_with("/status/") => {
+            let code = path["/status/".len()..].parse().unwrap_or(500);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, format!("status {code}, run {n}")).into_response();
+            let headers = response.headers_mut();
+            for flag in query.split('&') {
+                match flag {
+                    "retry-after" => {
+                        headers.insert(header::RETRY_AFTER, "1".parse().unwrap());
+                    }
+                    "location" => {
+                        headers.insert(header::LOCATION, "/orders/1".parse().unwrap());
+                    }
+                    "vary-star" => {
+                        headers.insert(header::VARY, "*".parse().unwrap());
+                    }
+                    _ => {}
+                }
+            }
+            return response;
         }
         "/brief" => tokio::time::sleep(Duration::from_millis(50)).await,
         "/panic" => panic!("a bug in the handler (run {n})"),
@@ -941,4 +976,333 @@ async fn a_waiting_retry_of_an_abandoned_run_gets_its_response() {
     let later = http.post("/slow", "gone-3", "order").await;
     assert!(later.replayed());
     assert_eq!(later.body, retry.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One client cannot deny another (issue 14)
+
+/// A keyed `POST /orders` with `Authorization: Bearer <client>`.
+async fn post_as(http: &Http, client: &str, key: &str) -> Reply {
+    let authorization = format!("Bearer {client}");
+    http.send(
+        Method::POST,
+        "/orders",
+        &[("idempotency-key", key), ("authorization", &authorization)],
+        "order",
+    )
+    .await
+}
+
+/// The problem `type` fragment of a reply.
+fn problem_type(reply: &Reply) -> String {
+    let p = reply.problem();
+    let kind = p["type"].as_str().unwrap_or_default();
+    kind.rsplit_once('#')
+        .map(|(_, fragment)| fragment.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_flooding_keyed_posts_cannot_deny_another() {
+    // The other client stays within the same quota; the flooder sends four times it.
+    const QUOTA: usize = 100;
+    const FLOOD: usize = 4 * QUOTA;
+    const OTHER_DURING: usize = 60;
+    const OTHER_AFTER: usize = 20;
+    // A small store, so that the flood alone could fill it.
+    let store = MemoryStore::with_max_entries(4 * QUOTA);
+    let server = serve(IdempotencyLayer::new(store).max_records_per_client(QUOTA)).await;
+    let http = Http::new(&server);
+
+    let flooder = tokio::spawn({
+        let http = http.clone();
+        async move {
+            let in_flight = Arc::new(Semaphore::new(8));
+            let mut tasks = Vec::new();
+            for i in 0..FLOOD {
+                let permit = in_flight.clone().acquire_owned().await.unwrap();
+                let http = http.clone();
+                tasks.push(tokio::spawn(async move {
+                    let reply = post_as(&http, "flooder", &format!("flood-{i}")).await;
+                    drop(permit);
+                    (i, reply)
+                }));
+            }
+            let mut replies = Vec::new();
+            for task in tasks {
+                replies.push(task.await.unwrap());
+            }
+            replies
+        }
+    });
+    let mut other_served = 0;
+    for i in 0..OTHER_DURING {
+        let reply = post_as(&http, "other", &format!("other-{i}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        other_served += 1;
+    }
+    let flood = flooder.await.unwrap();
+    for i in 0..OTHER_AFTER {
+        let reply = post_as(&http, "other", &format!("after-{i}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        other_served += 1;
+    }
+
+    let created: Vec<usize> = flood
+        .iter()
+        .filter(|(_, r)| r.status == StatusCode::CREATED)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(created.len(), QUOTA, "the flooder gets exactly its quota");
+    for (_, reply) in flood
+        .iter()
+        .filter(|(_, r)| r.status != StatusCode::CREATED)
+    {
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{reply:?}");
+        assert_eq!(problem_type(reply), "idempotency-quota-exceeded");
+        let retry_after: u64 = reply.headers[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Its oldest record expires with the 24 h ttl.
+        assert!(retry_after > 23 * 3600, "{retry_after}");
+        assert!(!reply.headers.contains_key(IDEMPOTENT_NOT_STORED));
+    }
+    // Over its quota, the flooder's existing keys still replay...
+    let replay = post_as(&http, "flooder", &format!("flood-{}", created[0])).await;
+    assert!(replay.replayed(), "{replay:?}");
+    // ...and a refused one was not stored: it is refused again, not replayed.
+    let refused = (0..FLOOD).find(|i| !created.contains(i)).unwrap();
+    let again = post_as(&http, "flooder", &format!("flood-{refused}")).await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(server.shared.calls(), QUOTA + OTHER_DURING + OTHER_AFTER);
+
+    let requests = (FLOOD + OTHER_DURING + OTHER_AFTER + 2) as u64;
+    chaos::report(
+        "flood_http",
+        &[
+            ("requests", requests),
+            ("flooding_clients", 1),
+            ("other_requests_served", other_served as u64),
+            ("requests_lost", 0),
+        ],
+    );
+
+    // Without the quota, the same flood fills the store, and the other client is refused.
+    let store = MemoryStore::with_max_entries(4 * QUOTA);
+    let server = serve(IdempotencyLayer::new(store).max_records_per_client(usize::MAX)).await;
+    let http = Http::new(&server);
+    for i in 0..4 * QUOTA {
+        post_as(&http, "flooder", &format!("flood-{i}")).await;
+    }
+    let denied = post_as(&http, "other", "other-0").await;
+    assert_eq!(denied.status, StatusCode::SERVICE_UNAVAILABLE, "{denied:?}");
+}
+
+#[tokio::test]
+async fn one_clients_large_responses_never_take_it_past_its_byte_quota() {
+    const QUOTA: usize = 100_000;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_response_bytes(12_000)
+        .max_bytes_per_client(QUOTA);
+    let server = serve(idempotency.clone()).await;
+    let http = Http::new(&server);
+    let big = |client: &'static str, key: String| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/big",
+                &[("idempotency-key", &key), ("x-client", client)],
+                "",
+            )
+            .await
+        }
+    };
+
+    // One after the other: each 10 kB response is stored until the quota leaves no room.
+    let mut stored = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let reply = big("hog", format!("seq-{i}")).await;
+        match reply.status {
+            StatusCode::OK => stored += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(problem_type(&reply), "idempotency-quota-exceeded");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {reply:?}"),
+        }
+        let usage = idempotency.client_usage("hog");
+        assert!(usage.bytes <= QUOTA, "{usage:?}");
+    }
+    assert!(stored >= 5, "{stored}");
+    assert_eq!(stored + refused, 30);
+    assert_eq!(idempotency.client_usage("hog").records, stored);
+
+    // All at once: the room each running request holds keeps the total under the quota too.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| tokio::spawn(big("herd", format!("par-{i}"))))
+        .collect();
+    let mut herd_stored = 0;
+    for task in tasks {
+        let reply = task.await.unwrap();
+        if reply.status == StatusCode::OK {
+            herd_stored += 1;
+        }
+    }
+    let usage = idempotency.client_usage("herd");
+    assert!(usage.bytes <= QUOTA, "{usage:?}");
+    assert!((1..30).contains(&herd_stored), "{herd_stored}");
+    assert_eq!(usage.records, herd_stored);
+
+    // Another client is served.
+    assert_eq!(big("other", "k".into()).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_not_stored_and_the_retry_gets_the_201() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let throttled = http.post("/throttled", "t-1", "x").await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(throttled.headers[header::RETRY_AFTER], "1");
+    assert_eq!(throttled.headers[IDEMPOTENT_NOT_STORED], "policy");
+    assert_eq!(
+        throttled.text(),
+        "slow down",
+        "passed through as the handler gave it"
+    );
+
+    let retry = http.post("/throttled", "t-1", "x").await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(!retry.replayed());
+    assert_eq!(server.shared.calls(), 2, "the handler ran again");
+
+    let again = http.post("/throttled", "t-1", "x").await;
+    assert!(again.replayed());
+    assert_eq!(
+        again.body, retry.body,
+        "the second run's answer is the one stored"
+    );
+    assert_eq!(server.shared.calls(), 2);
+}
+
+/// Posts `path` twice with one key: whether the second got the first's stored response.
+async fn stored_twice(http: &Http, path: &str, key: &str) -> (Reply, Reply) {
+    let first = http.post(path, key, "x").await;
+    let second = http.post(path, key, "x").await;
+    (first, second)
+}
+
+#[tokio::test]
+async fn the_default_policy_does_not_store_try_again_answers() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for (i, path) in [
+        "/status/408",
+        "/status/425",
+        "/status/429",
+        "/status/201?retry-after",
+        "/status/303?retry-after",
+        "/status/400?retry-after",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = server.shared.calls();
+        let (first, second) = stored_twice(&http, path, &format!("p-{i}")).await;
+        assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "policy", "{path}");
+        assert!(!second.replayed(), "{path}: {second:?}");
+        assert_eq!(second.headers[IDEMPOTENT_NOT_STORED], "policy", "{path}");
+        assert_eq!(server.shared.calls(), before + 2, "{path}: ran twice");
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_never_stored_whatever_the_policy() {
+    let server = serve(layer().store_if(|_| true)).await;
+    let http = Http::new(&server);
+    for (i, path) in ["/status/500", "/status/502", "/status/503"]
+        .into_iter()
+        .enumerate()
+    {
+        let (first, second) = stored_twice(&http, path, &format!("s-{i}")).await;
+        assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "server-error");
+        assert!(!second.replayed(), "{path}");
+    }
+    assert_eq!(server.shared.calls(), 6);
+    // The permissive policy does store a 429, as told.
+    let (_, second) = stored_twice(&http, "/status/429", "s-429").await;
+    assert!(second.replayed());
+}
+
+#[tokio::test]
+async fn executed_answers_are_stored_by_default_redirects_included() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for (i, path) in [
+        "/status/200",
+        "/status/204",
+        "/status/303?location",
+        "/status/400",
+        "/status/401",
+        "/status/403",
+        "/status/404",
+        "/status/422",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = server.shared.calls();
+        let (first, second) = stored_twice(&http, path, &format!("e-{i}")).await;
+        assert!(!first.headers.contains_key(IDEMPOTENT_NOT_STORED), "{path}");
+        assert!(second.replayed(), "{path}: {second:?}");
+        assert_eq!(second.status, first.status);
+        assert_eq!(second.body, first.body);
+        assert_eq!(server.shared.calls(), before + 1, "{path}: ran once");
+    }
+    let (first, second) = stored_twice(&http, "/status/303?location", "e-303").await;
+    assert_eq!(first.status, StatusCode::SEE_OTHER);
+    assert_eq!(second.headers[header::LOCATION], "/orders/1");
+}
+
+#[tokio::test]
+async fn a_custom_store_policy_decides_what_is_stored() {
+    // Do not remember "not found": the resource may exist by the time the client retries.
+    let server = serve(layer().store_if(|head| store_by_default(head) && head.status != 404)).await;
+    let http = Http::new(&server);
+    let (first, second) = stored_twice(&http, "/status/404", "c-1").await;
+    assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "policy");
+    assert!(!second.replayed());
+    let (_, second) = stored_twice(&http, "/status/201", "c-2").await;
+    assert!(second.replayed());
+    assert_eq!(server.shared.calls(), 3);
+}
+
+#[tokio::test]
+async fn clients_with_different_credentials_never_share_a_key() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let alice = post_as(&http, "alice", "same").await;
+    let bob = post_as(&http, "bob", "same").await;
+    assert!(!bob.replayed(), "bob never sees alice's response");
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(post_as(&http, "alice", "same").await.body, alice.body);
+    assert_eq!(post_as(&http, "bob", "same").await.body, bob.body);
+    // Requests without credentials share one anonymous client of their own.
+    let anonymous = http.post("/orders", "same", "order").await;
+    assert!(!anonymous.replayed());
+    assert!(http.post("/orders", "same", "order").await.replayed());
+    assert_eq!(server.shared.calls(), 3);
+
+    // One shared space, when asked for.
+    let server = serve(layer().scope_shared()).await;
+    let http = Http::new(&server);
+    let alice = post_as(&http, "alice", "same").await;
+    let bob = post_as(&http, "bob", "same").await;
+    assert!(bob.replayed());
+    assert_eq!(bob.body, alice.body);
 }

@@ -16,19 +16,27 @@ use super::IDEMPOTENT_NOT_STORED;
 use super::body::{self, Buffered, ResponseBody};
 use super::layer::Config;
 use super::problem::Problem;
-use super::record::StoredResponse;
+use super::quota::{Limits, OverQuota, Quotas};
+use super::record::{StoredHead, StoredResponse};
 use super::service::RequestBody;
 use crate::error::{BoxError, Error};
 use crate::exec::Idempotent;
 use crate::key::{Encoder, KeyPart};
 
+/// Room for a stored response's headers, on top of its body: what a running request holds of
+/// its client's byte quota besides [`max_response_bytes`](super::IdempotencyLayer::max_response_bytes).
+pub(super) const HEAD_ROOM: usize = 16 * 1024;
+
 /// How the handler's run ended when it gives no response to store.
 enum Unstored<B, E> {
     /// The executor's error: conflict, key reuse, store failure.
     Idem(Error),
+    /// The client holds as many records or bytes as it may: the handler did not run.
+    OverQuota(OverQuota),
     /// The inner service failed: its error goes to the caller.
     Service(E),
-    /// A response that is sent but not stored (`5xx`, too large, or a body that failed).
+    /// A response that is sent but not stored (`5xx`, refused by the policy, too large, or a
+    /// body that failed).
     Response(Box<Response<ResponseBody<B>>>),
 }
 
@@ -57,6 +65,7 @@ impl KeyPart for RequestFingerprint<'_> {
 /// Answers a guarded request with a key.
 pub(super) async fn serve<S, ReqB, ResB>(
     config: Arc<Config>,
+    quotas: Arc<Quotas>,
     inner: S,
     req: Request<ReqB>,
     key: String,
@@ -106,7 +115,7 @@ where
         }
     };
 
-    let keyed = run(config, inner, parts, body, scope, key);
+    let keyed = run(config, quotas, inner, parts, body, scope, key);
     match detach(keyed).await {
         Some(response) => response,
         None => Ok(Problem::Interrupted.response(
@@ -140,10 +149,11 @@ where
     }
 }
 
-/// Claim, run the handler, store its response: the part of a keyed request that runs to
-/// completion once started.
+/// Claim, check the quota, run the handler, store its response: the part of a keyed request
+/// that runs to completion once started.
 async fn run<S, ReqB, ResB>(
     config: Arc<Config>,
+    quotas: Arc<Quotas>,
     inner: S,
     parts: request::Parts,
     body: Bytes,
@@ -155,6 +165,7 @@ where
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
+    let config = &*config;
     let fingerprint = RequestFingerprint {
         method: parts.method.as_str(),
         target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
@@ -168,29 +179,61 @@ where
         .on_conflict(config.on_conflict)
         .wait_timeout(config.wait_timeout);
 
-    let max_response = config.max_response_bytes;
+    let limits = Limits {
+        records: config.max_records_per_client,
+        bytes: config.max_bytes_per_client,
+        room: config
+            .max_response_bytes
+            .saturating_add(HEAD_ROOM)
+            .min(config.max_bytes_per_client),
+        ttl: config.ttl,
+    };
     let req = Request::from_parts(parts, Either::Left(Full::new(body)));
+    let (quotas, scope_name) = (&quotas, scope.as_str());
     let outcome = call
         .run_with_outcome(move || async move {
+            // Only a request that would create a record gets here: replays never count.
+            let reservation = quotas
+                .admit(scope_name, limits)
+                .map_err(Unstored::OverQuota)?;
             let mut inner = inner;
             let response = inner.call(req).await.map_err(Unstored::Service)?;
             let (mut head, body) = response.into_parts();
-            if head.status.is_server_error() {
-                head.headers.insert(
-                    IDEMPOTENT_NOT_STORED,
-                    HeaderValue::from_static("server-error"),
-                );
+            let not_stored = if head.status.is_server_error() {
+                Some("server-error")
+            } else if !(config.store_if)(&head) {
+                Some("policy")
+            } else {
+                None
+            };
+            if let Some(reason) = not_stored {
+                head.headers
+                    .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static(reason));
                 let response = Response::from_parts(head, ResponseBody::passthrough(body));
                 return Err(Unstored::Response(Box::new(response)));
             }
-            match body::buffer(body, max_response).await {
-                Buffered::Whole { data, trailers } => Ok(StoredResponse::new(head, data, trailers)),
+            let stored_head = StoredHead::new(&head);
+            let head_size = stored_head.size();
+            let limit = config
+                .max_response_bytes
+                .min(reservation.room().saturating_sub(head_size));
+            let buffered = if head_size > reservation.room() {
+                Buffered::TooLarge(ResponseBody::passthrough(body))
+            } else {
+                body::buffer(body, limit).await
+            };
+            match buffered {
+                Buffered::Whole { data, trailers } => {
+                    reservation.settle(head_size.saturating_add(data.len()));
+                    Ok(StoredResponse::new(head, stored_head, data, trailers))
+                }
                 Buffered::TooLarge(body) => {
                     tracing::warn!(
                         target: "idem",
-                        limit = max_response,
-                        "response larger than max_response_bytes: sent but not stored, so a \
-                         retry with the same Idempotency-Key runs the handler again"
+                        limit,
+                        "response larger than max_response_bytes (or than what is left of the \
+                         client's byte quota): sent but not stored, so a retry with the same \
+                         Idempotency-Key runs the handler again"
                     );
                     head.headers
                         .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
@@ -210,8 +253,33 @@ where
         Ok(outcome) => Ok(outcome.value.into_first()),
         Err(Unstored::Response(response)) => Ok(*response),
         Err(Unstored::Service(err)) => Err(err),
+        Err(Unstored::OverQuota(over)) => Ok(over_quota(&over, config)),
         Err(Unstored::Idem(err)) => Ok(executor_problem(&err, &key)),
     }
+}
+
+/// The answer to a client over its quota.
+fn over_quota<B>(over: &OverQuota, config: &Config) -> Response<ResponseBody<B>> {
+    let detail = if over.bytes {
+        format!(
+            "this client's stored responses take {} bytes, and {} more are held for its \
+             requests running; the limit is {} bytes: retry when its oldest record expires",
+            over.usage.bytes, over.usage.reserved_bytes, config.max_bytes_per_client
+        )
+    } else {
+        format!(
+            "this client holds {} idempotency records; the limit is {}: retry when its oldest \
+             record expires",
+            over.usage.records, config.max_records_per_client
+        )
+    };
+    tracing::info!(
+        target: "idem",
+        records = over.usage.records,
+        bytes = over.usage.bytes,
+        "a client is over its idempotency quota"
+    );
+    Problem::QuotaExceeded.response(&detail, Some(over.retry_after))
 }
 
 /// The answer to an executor error; the handler has not run (or its run was not stored).
@@ -227,8 +295,8 @@ fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
         ),
         Error::KeyReused => Problem::KeyReused.response(
             &format!(
-                "Idempotency-Key {shown} was used for a request with another method, path, query \
-                 or body; use a new key for a new request"
+                "Idempotency-Key {shown} was used for a request with another method, path, \
+                 query or body; use a new key for a new request"
             ),
             None,
         ),

@@ -24,6 +24,8 @@
 //!     // Two clients that pick the same key never see each other's responses.
 //!     .scope_header(axum::http::HeaderName::from_static("x-api-key"));
 //!
+//! // Layers added after this one wrap it: put rate limiting, authentication and validation
+//! // there, outside (see "Where the layer goes").
 //! let app = Router::new().route("/orders", post(create_order)).layer(layer);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app).await
@@ -37,10 +39,11 @@
 //!
 //! | situation | answer |
 //! | --- | --- |
-//! | first request with this key (from this client) | the handler runs; its response is stored and returned |
+//! | first request with this key (from this client) | the handler runs; its response is stored (see [What is stored](#what-is-stored)) and returned |
 //! | the same key and the same request again | the stored response, byte for byte, plus `Idempotent-Replayed: true`; the handler does not run |
 //! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
 //! | the same key with a different request (method, path and query, or body) | `422 Unprocessable Content` |
+//! | a new key from a client that holds as many records or bytes as its [quota](#quotas) allows | `429 Too Many Requests` with `Retry-After`; the handler does not run, and the client's existing keys still replay |
 //! | no key, where [`require_key`](IdempotencyLayer::require_key) is set | `400 Bad Request` (without it, the request passes through unguarded) |
 //! | a malformed key, a repeated header, or a key longer than [`max_key_len`](IdempotencyLayer::max_key_len) | `400 Bad Request` |
 //! | a request body larger than [`max_request_bytes`](IdempotencyLayer::max_request_bytes) | `413 Content Too Large` |
@@ -66,20 +69,83 @@
 //! handler frees the key and is resumed in the response future. Outside a tokio runtime the
 //! handler runs in the response future itself.
 //!
+//! # Clients
+//!
+//! Keys belong to a client: two clients that send the same key never see each other's
+//! responses. By default ([`scope_authorization`](IdempotencyLayer::scope_authorization)) the
+//! client is a digest of the request's `Authorization` header, so requests with different
+//! credentials never share a key space; requests without `Authorization` all belong to one
+//! anonymous client (they share keys and one quota). Cookies are not used: a session cookie
+//! that changes between a request and its retry would make the retry miss its record and run
+//! the handler again. [`scope`](IdempotencyLayer::scope) sets a client of your own (the user
+//! an authentication layer found), [`scope_header`](IdempotencyLayer::scope_header) an API key
+//! header, and [`scope_shared`](IdempotencyLayer::scope_shared) puts every request in one
+//! space, explicitly. A scope function that finds no client refuses the keyed request with
+//! `403`.
+//!
+//! # Quotas
+//!
+//! One client cannot deny another. Each client may hold at most
+//! [`max_records_per_client`](IdempotencyLayer::max_records_per_client) records (requests
+//! running, and stored responses until their ttl runs out; default
+//! [`DEFAULT_MAX_RECORDS_PER_CLIENT`]) and
+//! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client) bytes of stored responses
+//! (default [`DEFAULT_MAX_BYTES_PER_CLIENT`]). A request that would make one more record for a
+//! client at its quota is answered `429 Too Many Requests`, with `Retry-After` saying when the
+//! client's oldest record expires, and the handler does not run; that answer is not stored.
+//! Retries of the client's existing keys are still replayed, and every other client is served.
+//!
+//! The quota is checked only when a request would create a record: after its key is claimed,
+//! before its handler runs. A running request holds room for the largest response it may
+//! store, so no stored response ever takes its client over the byte quota.
+//!
+//! Each process counts its own: the counts are this layer's, in this process, of the records
+//! it created, not a query of the store. Several processes sharing a store each allow a client
+//! its quota. The defaults keep one client to 1% of [`MemoryStore`](crate::MemoryStore)'s
+//! default bound of 1 000 000 records, and to 64 full-size responses; a client with more keyed
+//! writes per ttl than that needs a higher quota or a shorter ttl. The quota trusts the scope:
+//! with the default scope, put the authentication layer outside this one, or a client can make
+//! up a new `Authorization` for every request.
+//!
 //! # What is stored
 //!
-//! - A `2xx`, `3xx` or `4xx` response is stored for [`ttl`](IdempotencyLayer::ttl): its status,
-//!   its end-to-end headers and its body. Hop-by-hop headers (`Connection` and the headers it
-//!   names, `Keep-Alive`, `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`,
-//!   `Proxy-Authenticate`, `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is
-//!   `Content-Length` (the server sets it again from the stored body), nor trailers.
-//! - A `5xx` response is not stored: it is passed through as it is, with
-//!   `Idempotent-Not-Stored: server-error`, and a retry runs the handler again.
+//! - Responses [`store_if`](IdempotencyLayer::store_if) accepts are stored for
+//!   [`ttl`](IdempotencyLayer::ttl): their status, end-to-end headers and body. The default
+//!   ([`store_by_default`]) stores `2xx`, `3xx` and `4xx`, except the answers that mean "not
+//!   executed, try again": `408 Request Timeout`, `425 Too Early`, `429 Too Many Requests`, and
+//!   any response with `Retry-After`. `3xx` is stored because a `303 See Other` after a `POST`
+//!   is the executed request's answer: not storing it would run the handler again on retry.
+//! - A `5xx` response is never stored, whatever the policy: it is passed through as it is,
+//!   with `Idempotent-Not-Stored: server-error`, and a retry runs the handler again. A
+//!   response the policy refuses is passed through with `Idempotent-Not-Stored: policy`.
+//! - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
+//!   `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-Authenticate`,
+//!   `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is `Content-Length` (the
+//!   server sets it again from the stored body), nor trailers.
 //! - A response whose body is larger than [`max_response_bytes`](IdempotencyLayer::max_response_bytes)
 //!   is not stored either (never truncated): it is passed through whole, with
 //!   `Idempotent-Not-Stored: too-large` and a `tracing` warning (target `idem`), and a retry runs
 //!   the handler again. Raise the limit for endpoints with large responses.
 //! - A handler that fails (its service returns an error, or its body fails) stores nothing.
+//!
+//! A response that is not stored frees its key: the retry runs the handler.
+//!
+//! # Where the layer goes
+//!
+//! Layers that answer in the handler's place without running it belong outside this one, so
+//! their answers are never stored in place of the handler's:
+//!
+//! - **rate limiting and load shedding**: a `429` or `503` inside would be the key's answer
+//!   (the default policy refuses those, but a limiter that answers otherwise would be stored);
+//!   outside, a limited request never claims its key;
+//! - **authentication and authorization**: a `401` or `403` inside would be stored and replayed
+//!   to the retry that brings fixed credentials; outside, the scope function sees who the
+//!   client is (an extension the authentication layer set), and made-up credentials never
+//!   reach the quota;
+//! - **validation** that answers `400` or `422` before the handler: the same, for a retry that
+//!   fixes the request (it must use a new key anyway, as its fingerprint changed).
+//!
+//! With axum, `router.layer(a).layer(b)` puts `b` outside `a`: add this layer first.
 //!
 //! # Buffering
 //!
@@ -106,6 +172,7 @@
 //! | <span id="idempotency-request-unreadable">`#idempotency-request-unreadable`</span> | 400 | the request body failed while it was read |
 //! | <span id="idempotency-key-in-progress">`#idempotency-key-in-progress`</span> | 409 | another request with the key is running (`Retry-After` says for how long at most) |
 //! | <span id="idempotency-key-reused">`#idempotency-key-reused`</span> | 422 | the key was used for a different request |
+//! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records or bytes as its quota allows (`Retry-After` says when its oldest record expires) |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
 //! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |
@@ -116,22 +183,27 @@ mod header;
 mod keyed;
 mod layer;
 mod problem;
+mod quota;
 mod record;
 mod service;
 
-use http::header::HeaderName;
+use http::StatusCode;
+use http::header::{HeaderName, RETRY_AFTER};
+use http::response;
 
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
+pub use quota::ClientUsage;
 pub use service::{IdempotencyService, RequestBody};
 
 /// The request header that carries the key: `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The response header set on a replayed response: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// The response header set on a response to a keyed request that was not stored:
-/// `Idempotent-Not-Stored: server-error` (a `5xx`) or `too-large` (over
+/// The response header set on a response to a keyed request that was not stored, with the
+/// reason: `server-error` (a `5xx`), `policy` (refused by
+/// [`store_if`](IdempotencyLayer::store_if)) or `too-large` (over
 /// [`max_response_bytes`](IdempotencyLayer::max_response_bytes)). A retry runs the handler again.
 pub const IDEMPOTENT_NOT_STORED: HeaderName = HeaderName::from_static("idempotent-not-stored");
 
@@ -141,5 +213,64 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 255;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The largest response body stored unless set otherwise: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The most records one client holds unless set otherwise: 10 000, 1% of
+/// [`MemoryStore`](crate::MemoryStore)'s default bound, so that it takes a hundred clients at
+/// their quota, not one, to fill the default store.
+pub const DEFAULT_MAX_RECORDS_PER_CLIENT: usize = 10_000;
+/// The most bytes of stored responses one client holds unless set otherwise: 64 MiB, room for
+/// 64 responses of [`DEFAULT_MAX_RESPONSE_BYTES`] (or, for responses of a few kilobytes, more
+/// than [`DEFAULT_MAX_RECORDS_PER_CLIENT`] of them), so that one client's large responses
+/// cannot grow the process by more than that.
+pub const DEFAULT_MAX_BYTES_PER_CLIENT: usize = 64 * 1024 * 1024;
 /// The namespace of the keys unless set otherwise.
 pub const DEFAULT_NAMESPACE: &str = "idem.http";
+
+/// The default storage policy of [`IdempotencyLayer::store_if`]: whether a response is the
+/// answer of an executed request, worth replaying to a retry.
+///
+/// `true` for `2xx`, `3xx` and `4xx`, except `408 Request Timeout`, `425 Too Early`,
+/// `429 Too Many Requests` and any response with a `Retry-After` header: those mean "not
+/// executed, try again", and storing them would replay the refusal to the retry for the whole
+/// ttl. `3xx` is stored because a `303 See Other` after a `POST` is the executed answer. (`5xx`
+/// is never stored, whatever the policy.)
+pub fn store_by_default(head: &response::Parts) -> bool {
+    let status = head.status;
+    (status.is_success() || status.is_redirection() || status.is_client_error())
+        && !matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
+        )
+        && !head.headers.contains_key(RETRY_AFTER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Response;
+
+    fn head(status: u16, retry_after: bool) -> response::Parts {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or_default();
+        if retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        response.into_parts().0
+    }
+
+    #[test]
+    fn the_default_policy_stores_executed_answers_only() {
+        for stored in [
+            200, 201, 204, 301, 303, 400, 401, 402, 403, 404, 409, 410, 422,
+        ] {
+            assert!(store_by_default(&head(stored, false)), "{stored}");
+        }
+        for not in [100, 408, 425, 429, 500, 502, 503] {
+            assert!(!store_by_default(&head(not, false)), "{not}");
+        }
+        for with_retry_after in [201, 303, 400] {
+            assert!(!store_by_default(&head(with_retry_after, true)));
+        }
+    }
+}

@@ -28,6 +28,7 @@ pub(crate) enum Problem {
     KeyReused,
     StoreUnavailable,
     RecordUnreadable,
+    QuotaExceeded,
     Interrupted,
 }
 
@@ -84,6 +85,11 @@ impl Problem {
                 "idempotency-record-unreadable",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Stored response unreadable",
+            ),
+            Problem::QuotaExceeded => (
+                "idempotency-quota-exceeded",
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many idempotency records for this client",
             ),
             Problem::Interrupted => (
                 "idempotency-interrupted",

@@ -39,12 +39,43 @@ pub(crate) struct StoredResponse {
     first: Option<(response::Parts, Option<HeaderMap>)>,
 }
 
+/// The part of a response that is stored besides its body: its end-to-end headers. Made
+/// before the body is read, to know its size.
+pub(crate) struct StoredHead {
+    headers: HeaderMap,
+}
+
+impl StoredHead {
+    /// What of `parts` is stored.
+    pub(crate) fn new(parts: &response::Parts) -> Self {
+        StoredHead {
+            headers: end_to_end(&parts.headers),
+        }
+    }
+
+    /// How many bytes the head takes, as quotas count it: status, header names and values.
+    pub(crate) fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        // The status and the version.
+        4 + headers
+    }
+}
+
 impl StoredResponse {
     /// The record of a response whose body was read whole.
-    pub(crate) fn new(parts: response::Parts, body: Bytes, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn new(
+        parts: response::Parts,
+        head: StoredHead,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
         StoredResponse {
             status: parts.status,
-            headers: end_to_end(&parts.headers),
+            headers: head.headers,
             body,
             first: Some((parts, trailers)),
         }
@@ -301,7 +332,8 @@ mod tests {
         );
         let (parts, ()) = response.into_parts();
         let body = Bytes::from_static(b"\x00\x01binary\xff");
-        let record = StoredResponse::new(parts, body.clone(), None);
+        let head = StoredHead::new(&parts);
+        let record = StoredResponse::new(parts, head, body.clone(), None);
 
         let json = serde_json::to_vec(&record).unwrap();
         let back: StoredResponse = serde_json::from_slice(&json).unwrap();

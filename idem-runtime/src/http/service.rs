@@ -16,6 +16,7 @@ use super::header::{self, KeyError};
 use super::keyed;
 use super::layer::Config;
 use super::problem::Problem;
+use super::quota::Quotas;
 use crate::error::BoxError;
 
 /// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around `S`.
@@ -31,11 +32,16 @@ use crate::error::BoxError;
 pub struct IdempotencyService<S> {
     inner: S,
     config: Arc<Config>,
+    quotas: Arc<Quotas>,
 }
 
 impl<S> IdempotencyService<S> {
-    pub(super) fn new(inner: S, config: Arc<Config>) -> Self {
-        IdempotencyService { inner, config }
+    pub(super) fn new(inner: S, config: Arc<Config>, quotas: Arc<Quotas>) -> Self {
+        IdempotencyService {
+            inner,
+            config,
+            quotas,
+        }
     }
 
     /// The inner service.
@@ -132,7 +138,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
-        ResponseFuture::keyed(Box::pin(keyed::serve(config, inner, req, key)))
+        let quotas = Arc::clone(&self.quotas);
+        ResponseFuture::keyed(Box::pin(keyed::serve(config, quotas, inner, req, key)))
     }
 }
 
