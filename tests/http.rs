@@ -147,18 +147,24 @@ async fn serve(layer: IdempotencyLayer) -> Server {
     serve_with(layer, |router| router).await
 }
 
+/// Serves every path with `order` behind `layer`, with `wrap` adding layers outside it.
 async fn serve_with(
     layer: IdempotencyLayer,
     wrap: impl FnOnce(Router<Shared>) -> Router<Shared>,
 ) -> Server {
+    serve_app(|router| wrap(router.layer(layer))).await
+}
+
+/// Serves every path with `order`, with `app` adding every layer.
+async fn serve_app(app: impl FnOnce(Router<Shared>) -> Router<Shared>) -> Server {
     let shared = Shared {
         calls: Arc::new(AtomicUsize::new(0)),
         finished: Arc::new(AtomicUsize::new(0)),
         gate: Arc::new(Semaphore::new(0)),
         entered: Arc::new(Semaphore::new(0)),
     };
-    let router = Router::new().route("/{*path}", any(order)).layer(layer);
-    let app = wrap(router).with_state(shared.clone());
+    let router = Router::new().route("/{*path}", any(order));
+    let app = app(router).with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -1305,4 +1311,164 @@ async fn clients_with_different_credentials_never_share_a_key() {
     let bob = post_as(&http, "bob", "same").await;
     assert!(bob.replayed());
     assert_eq!(bob.body, alice.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compression and content negotiation (issue 21, scenario 5)
+
+/// A keyed `POST /orders` with a body long enough to be compressed, and `headers`.
+async fn post_negotiated(http: &Http, key: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut all = vec![
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ];
+    all.extend_from_slice(headers);
+    let body = r#"{"sku":"book-42","qty":1,"note":"long enough to be worth compressing"}"#;
+    http.send(Method::POST, "/orders", &all, body).await
+}
+
+fn is_gzip(reply: &Reply) -> bool {
+    reply
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip")
+        && reply.body.starts_with(&[0x1f, 0x8b])
+}
+
+#[tokio::test]
+async fn compression_inside_the_layer_is_replayed_only_to_the_same_accept_encoding() {
+    // The natural axum order: the layer added last is outside.
+    let server = serve_app(|router| {
+        router
+            .layer(tower_http::compression::CompressionLayer::new())
+            .layer(layer())
+    })
+    .await;
+    let http = Http::new(&server);
+    let gzip = [("accept-encoding", "gzip")];
+    let first = post_negotiated(&http, "z-1", &gzip).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(is_gzip(&first), "{first:?}");
+    assert!(
+        first.headers[header::VARY]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("accept-encoding")
+    );
+
+    // A retry that does not accept gzip is not given the gzip body, nor a second run.
+    let plain = post_negotiated(&http, "z-1", &[]).await;
+    assert_eq!(plain.status, StatusCode::UNPROCESSABLE_ENTITY, "{plain:?}");
+    assert_eq!(problem_type(&plain), "idempotency-variant-mismatch");
+    let detail = plain.problem()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("accept-encoding"), "{detail}");
+    let other = post_negotiated(&http, "z-1", &[("accept-encoding", "br")]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The same Accept-Encoding gets the stored response.
+    let retry = post_negotiated(&http, "z-1", &gzip).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert!(is_gzip(&retry));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn compression_outside_the_layer_serves_every_retry() {
+    let server = serve_with(layer(), |router| {
+        router.layer(tower_http::compression::CompressionLayer::new())
+    })
+    .await;
+    let http = Http::new(&server);
+    let first = post_negotiated(&http, "z-2", &[("accept-encoding", "gzip")]).await;
+    assert!(is_gzip(&first), "{first:?}");
+    let plain = post_negotiated(&http, "z-2", &[]).await;
+    assert!(plain.replayed(), "{plain:?}");
+    assert!(!plain.headers.contains_key(header::CONTENT_ENCODING));
+    assert!(plain.text().starts_with(r#"{"run":1,"#), "{plain:?}");
+    let gzip = post_negotiated(&http, "z-2", &[("accept-encoding", "gzip")]).await;
+    assert!(gzip.replayed() && is_gzip(&gzip));
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn vary_star_is_replayed_to_every_retry() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let first = http
+        .send(
+            Method::POST,
+            "/status/201?vary-star",
+            &[("idempotency-key", "v-1"), ("accept-language", "fr")],
+            "x",
+        )
+        .await;
+    let retry = http
+        .send(
+            Method::POST,
+            "/status/201?vary-star",
+            &[("idempotency-key", "v-1"), ("accept-language", "de")],
+            "x",
+        )
+        .await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn content_type_and_encoding_are_part_of_the_request() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let as_type = |content_type: &'static str, key: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", key), ("content-type", content_type)],
+                "{}",
+            )
+            .await
+        }
+    };
+    let json = as_type("application/json", "ct-1").await;
+    assert_eq!(json.status, StatusCode::CREATED);
+    let text = as_type("text/plain", "ct-1").await;
+    assert_eq!(text.status, StatusCode::UNPROCESSABLE_ENTITY, "{text:?}");
+    assert_eq!(problem_type(&text), "idempotency-key-reused");
+    let gzipped = http
+        .send(
+            Method::POST,
+            "/orders",
+            &[
+                ("idempotency-key", "ct-1"),
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(gzipped.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(as_type("application/json", "ct-1").await.replayed());
+    assert_eq!(server.shared.calls(), 1);
+
+    // The fingerprinted headers are configurable: with none, the bytes alone decide.
+    let server = serve(layer().fingerprint_headers([])).await;
+    let http = Http::new(&server);
+    let send = |content_type: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", "ct-2"), ("content-type", content_type)],
+                "{}",
+            )
+            .await
+        }
+    };
+    send("application/json").await;
+    assert!(send("text/plain").await.replayed());
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::HeaderValue;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, request};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
@@ -46,18 +46,31 @@ impl<B, E> From<Error> for Unstored<B, E> {
     }
 }
 
-/// What must match for a key's stored response to be replayed: method, path and query, body.
+/// What must match for a key's stored response to be replayed: method, path and query, the
+/// fingerprinted headers, body.
 struct RequestFingerprint<'a> {
     method: &'a str,
     target: &'a str,
+    names: &'a [HeaderName],
+    headers: &'a HeaderMap,
     body: &'a [u8],
 }
 
 impl KeyPart for RequestFingerprint<'_> {
     fn encode(&self, enc: &mut Encoder) {
-        enc.write_tuple_header(3);
+        enc.write_tuple_header(4);
         enc.write_str(self.method);
         enc.write_str(self.target);
+        enc.write_seq_header(self.names.len());
+        for name in self.names {
+            let values = self.headers.get_all(name);
+            enc.write_tuple_header(2);
+            enc.write_str(name.as_str());
+            enc.write_seq_header(values.iter().count());
+            for value in values {
+                enc.write_bytes(value.as_bytes());
+            }
+        }
         enc.write_bytes(self.body);
     }
 }
@@ -169,6 +182,8 @@ where
     let fingerprint = RequestFingerprint {
         method: parts.method.as_str(),
         target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        names: &config.fingerprint_headers,
+        headers: &parts.headers,
         body: &body,
     };
     let call = Idempotent::new(&*config.store, (scope.as_str(), key.as_str()))
@@ -188,8 +203,10 @@ where
             .min(config.max_bytes_per_client),
         ttl: config.ttl,
     };
+    // Kept to capture the values a response varies on, and to check them on replay.
+    let request_headers = parts.headers.clone();
     let req = Request::from_parts(parts, Either::Left(Full::new(body)));
-    let (quotas, scope_name) = (&quotas, scope.as_str());
+    let (quotas, scope_name, first_headers) = (&quotas, scope.as_str(), &request_headers);
     let outcome = call
         .run_with_outcome(move || async move {
             // Only a request that would create a record gets here: replays never count.
@@ -212,7 +229,7 @@ where
                 let response = Response::from_parts(head, ResponseBody::passthrough(body));
                 return Err(Unstored::Response(Box::new(response)));
             }
-            let stored_head = StoredHead::new(&head);
+            let stored_head = StoredHead::new(&head, first_headers);
             let head_size = stored_head.size();
             let limit = config
                 .max_response_bytes
@@ -249,7 +266,12 @@ where
         .await;
 
     match outcome {
-        Ok(outcome) if outcome.status.is_replay() => Ok(outcome.value.into_replay()),
+        Ok(outcome) if outcome.status.is_replay() => {
+            match outcome.value.vary_mismatch(&request_headers) {
+                Some(name) => Ok(variant_mismatch(name, &key)),
+                None => Ok(outcome.value.into_replay()),
+            }
+        }
         Ok(outcome) => Ok(outcome.value.into_first()),
         Err(Unstored::Response(response)) => Ok(*response),
         Err(Unstored::Service(err)) => Err(err),
@@ -282,6 +304,19 @@ fn over_quota<B>(over: &OverQuota, config: &Config) -> Response<ResponseBody<B>>
     Problem::QuotaExceeded.response(&detail, Some(over.retry_after))
 }
 
+/// The answer to a retry whose negotiated headers differ from the first request's.
+fn variant_mismatch<B>(name: &HeaderName, key: &str) -> Response<ResponseBody<B>> {
+    Problem::VariantMismatch.response(
+        &format!(
+            "the stored response for Idempotency-Key {} varies on {name}, and this request's \
+             {name} differs from the first request's: send the same {name}, or put content \
+             negotiation (compression) outside the idempotency layer",
+            show_key(key)
+        ),
+        None,
+    )
+}
+
 /// The answer to an executor error; the handler has not run (or its run was not stored).
 fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
     let shown = show_key(key);
@@ -296,7 +331,7 @@ fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
         Error::KeyReused => Problem::KeyReused.response(
             &format!(
                 "Idempotency-Key {shown} was used for a request with another method, path, \
-                 query or body; use a new key for a new request"
+                 query, body or content headers; use a new key for a new request"
             ),
             None,
         ),

@@ -55,6 +55,7 @@ pub(super) struct Config {
     pub(super) wait_timeout: Duration,
     pub(super) scope: ScopeFn,
     pub(super) store_if: StoreIfFn,
+    pub(super) fingerprint_headers: Vec<HeaderName>,
 }
 
 impl IdempotencyLayer {
@@ -65,7 +66,8 @@ impl IdempotencyLayer {
     /// the key is running ([`OnConflict::Reject`]); clients told apart by their `Authorization`
     /// header ([`scope_authorization`](Self::scope_authorization)), each held to
     /// [`DEFAULT_MAX_RECORDS_PER_CLIENT`] records and [`DEFAULT_MAX_BYTES_PER_CLIENT`] bytes;
-    /// and responses stored by [`store_by_default`].
+    /// responses stored by [`store_by_default`]; `Content-Type` and `Content-Encoding` part of
+    /// the request fingerprint.
     pub fn new(store: impl Store + 'static) -> Self {
         IdempotencyLayer {
             config: Arc::new(Config {
@@ -84,6 +86,7 @@ impl IdempotencyLayer {
                 wait_timeout: DEFAULT_WAIT_TIMEOUT,
                 scope: Arc::new(authorization_scope),
                 store_if: Arc::new(store_by_default),
+                fingerprint_headers: vec![header::CONTENT_TYPE, header::CONTENT_ENCODING],
             }),
             quotas: Arc::new(Quotas::default()),
         }
@@ -202,6 +205,18 @@ impl IdempotencyLayer {
         self.with(|c| c.store_if = store_if)
     }
 
+    /// The request headers that are part of the request's fingerprint, besides its method,
+    /// path and query, and body: a retry with the same key whose values differ is answered
+    /// `422`. Default: `Content-Type` and `Content-Encoding` (the same bytes as `text/plain`
+    /// or gzipped are another request). Values are compared byte for byte; a header sent
+    /// several times is compared value by value, in order.
+    pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let mut names: Vec<HeaderName> = names.into_iter().collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        self.with(|c| c.fingerprint_headers = names)
+    }
+
     /// How to tell clients apart: `scope` maps a request to the client it belongs to (an API
     /// key, a user id that an authentication layer put in the extensions), and keys are
     /// per client, so two clients that pick the same key never see each other's responses;
@@ -306,6 +321,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("lease", &c.lease)
             .field("on_conflict", &c.on_conflict)
             .field("wait_timeout", &c.wait_timeout)
+            .field("fingerprint_headers", &c.fingerprint_headers)
             .finish_non_exhaustive()
     }
 }

@@ -24,8 +24,8 @@
 //!     // Two clients that pick the same key never see each other's responses.
 //!     .scope_header(axum::http::HeaderName::from_static("x-api-key"));
 //!
-//! // Layers added after this one wrap it: put rate limiting, authentication and validation
-//! // there, outside (see "Where the layer goes").
+//! // Layers added after this one wrap it: put rate limiting, authentication, validation,
+//! // compression and content negotiation there, outside (see "Where the layer goes").
 //! let app = Router::new().route("/orders", post(create_order)).layer(layer);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app).await
@@ -42,7 +42,8 @@
 //! | first request with this key (from this client) | the handler runs; its response is stored (see [What is stored](#what-is-stored)) and returned |
 //! | the same key and the same request again | the stored response, byte for byte, plus `Idempotent-Replayed: true`; the handler does not run |
 //! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
-//! | the same key with a different request (method, path and query, or body) | `422 Unprocessable Content` |
+//! | the same key with a different request (method, path and query, [fingerprinted headers](IdempotencyLayer::fingerprint_headers), or body) | `422 Unprocessable Content` |
+//! | the same key and request, but another value of a header the stored response varies on (`Vary`) | `422 Unprocessable Content`; the handler does not run |
 //! | a new key from a client that holds as many records or bytes as its [quota](#quotas) allows | `429 Too Many Requests` with `Retry-After`; the handler does not run, and the client's existing keys still replay |
 //! | no key, where [`require_key`](IdempotencyLayer::require_key) is set | `400 Bad Request` (without it, the request passes through unguarded) |
 //! | a malformed key, a repeated header, or a key longer than [`max_key_len`](IdempotencyLayer::max_key_len) | `400 Bad Request` |
@@ -130,6 +131,20 @@
 //!
 //! A response that is not stored frees its key: the retry runs the handler.
 //!
+//! # Vary and content negotiation
+//!
+//! A stored response is replayed only to a retry that would have been given it. When the
+//! response declares `Vary` (a compression layer inside this one adds
+//! `Vary: accept-encoding`), the first request's values of the headers it names are stored
+//! with it, and a retry that sends other values (no `Accept-Encoding`, where the first request
+//! offered gzip) is answered `422` [`#idempotency-variant-mismatch`](#idempotency-variant-mismatch)
+//! naming the header, never the first request's gzip body and never a second run. Values match
+//! when they carry the same comma-separated items in the same order (spaces aside).
+//! `Vary: *` names nothing that can be compared: such a response is replayed to every retry.
+//!
+//! Put compression and content negotiation **outside** this layer: then the stored response is
+//! the handler's own, and each retry gets it encoded for what it accepts.
+//!
 //! # Where the layer goes
 //!
 //! Layers that answer in the handler's place without running it belong outside this one, so
@@ -143,7 +158,8 @@
 //!   client is (an extension the authentication layer set), and made-up credentials never
 //!   reach the quota;
 //! - **validation** that answers `400` or `422` before the handler: the same, for a retry that
-//!   fixes the request (it must use a new key anyway, as its fingerprint changed).
+//!   fixes the request (it must use a new key anyway, as its fingerprint changed);
+//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation).
 //!
 //! With axum, `router.layer(a).layer(b)` puts `b` outside `a`: add this layer first.
 //!
@@ -172,6 +188,7 @@
 //! | <span id="idempotency-request-unreadable">`#idempotency-request-unreadable`</span> | 400 | the request body failed while it was read |
 //! | <span id="idempotency-key-in-progress">`#idempotency-key-in-progress`</span> | 409 | another request with the key is running (`Retry-After` says for how long at most) |
 //! | <span id="idempotency-key-reused">`#idempotency-key-reused`</span> | 422 | the key was used for a different request |
+//! | <span id="idempotency-variant-mismatch">`#idempotency-variant-mismatch`</span> | 422 | the stored response varies (`Vary`) on a request header whose value differs from the first request's; the detail names it |
 //! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records or bytes as its quota allows (`Retry-After` says when its oldest record expires) |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
 //! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
@@ -186,6 +203,7 @@ mod problem;
 mod quota;
 mod record;
 mod service;
+mod vary;
 
 use http::StatusCode;
 use http::header::{HeaderName, RETRY_AFTER};

@@ -29,6 +29,7 @@ pub(crate) enum Problem {
     StoreUnavailable,
     RecordUnreadable,
     QuotaExceeded,
+    VariantMismatch,
     Interrupted,
 }
 
@@ -90,6 +91,11 @@ impl Problem {
                 "idempotency-quota-exceeded",
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many idempotency records for this client",
+            ),
+            Problem::VariantMismatch => (
+                "idempotency-variant-mismatch",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "The stored response was negotiated for other request headers",
             ),
             Problem::Interrupted => (
                 "idempotency-interrupted",
