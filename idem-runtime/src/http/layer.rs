@@ -158,6 +158,12 @@ impl IdempotencyLayer {
     /// for which that room is not left is answered `429`. Counted by this layer in this
     /// process. Default: [`DEFAULT_MAX_BYTES_PER_CLIENT`] (64 MiB). `usize::MAX` turns the bound
     /// off.
+    ///
+    /// The room held also bounds how many keyed requests one client has running at once: about
+    /// `max_bytes_per_client / (max_response_bytes + 16 KiB)`, 63 with the defaults. For
+    /// clients that send many keyed requests at once, lower
+    /// [`max_response_bytes`](Self::max_response_bytes) to what the endpoints answer (64 KiB
+    /// gives room for about 800), or raise this bound.
     pub fn max_bytes_per_client(self, bytes: usize) -> Self {
         self.with(|c| c.max_bytes_per_client = bytes)
     }

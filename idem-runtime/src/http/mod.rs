@@ -98,7 +98,9 @@
 //!
 //! The quota is checked only when a request would create a record: after its key is claimed,
 //! before its handler runs. A running request holds room for the largest response it may
-//! store, so no stored response ever takes its client over the byte quota.
+//! store, so no stored response ever takes its client over the byte quota; that room also
+//! bounds how many keyed requests a client has running at once (63 with the defaults; see
+//! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client)).
 //!
 //! Each process counts its own: the counts are this layer's, in this process, of the records
 //! it created, not a query of the store. Several processes sharing a store each allow a client
