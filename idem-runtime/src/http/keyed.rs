@@ -248,9 +248,9 @@ where
                     tracing::warn!(
                         target: "idem",
                         limit,
-                        "response larger than max_response_bytes (or than what is left of the \
-                         client's byte quota): sent but not stored, so a retry with the same \
-                         Idempotency-Key runs the handler again"
+                        "response larger than max_response_bytes (or, with its headers, than \
+                         the room a request holds of its client's byte quota): sent but not \
+                         stored, so a retry with the same Idempotency-Key runs the handler again"
                     );
                     head.headers
                         .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
