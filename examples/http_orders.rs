@@ -66,9 +66,13 @@ pub struct Report {
 /// Starts the service and the lossy link, and lets the client create one order.
 pub async fn run() -> Result<Report, BoxError> {
     let orders = Orders::default();
+    // Clients are told apart by their `Authorization` header (this one sends none, so it is the
+    // anonymous client), each with its own keys and quota.
     let idempotency = IdempotencyLayer::new(MemoryStore::new())
         .ttl(Duration::from_secs(24 * 60 * 60))
         .require_key(true);
+    // The layer goes right around the handler: rate limiting, authentication, validation and
+    // compression would be added after it, outside, so that their answers are never stored.
     let app = Router::new()
         .route("/orders", post(create_order).layer(idempotency))
         .with_state(orders.clone());

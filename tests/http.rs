@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
+use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default};
 use idem::{
     BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
     MemoryStore, OnConflict, Store, Token,
@@ -29,14 +29,19 @@ use tokio::sync::Semaphore;
 #[allow(dead_code)]
 #[path = "../examples/http_orders.rs"]
 mod http_orders;
+mod support;
+
+use support::chaos;
 
 // ---------------------------------------------------------------------------------------------
 // The service under test
 
-/// What the handlers share: how often each ran, and a gate that holds `/slow` until opened.
+/// What the handlers share: how often each ran (and, for `/slow`, how often it ran to its end),
+/// and a gate that holds `/slow` until opened.
 #[derive(Clone)]
 struct Shared {
     calls: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
     entered: Arc<Semaphore>,
 }
@@ -45,12 +50,17 @@ impl Shared {
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+
+    fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
+    }
 }
 
 /// Every handler counts its runs, and answers with the run number, so a second run shows.
 async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
     let n = s.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
@@ -63,8 +73,41 @@ async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
             if let Ok(permit) = s.gate.acquire().await {
                 permit.forget();
             }
+            s.finished.fetch_add(1, Ordering::SeqCst);
+        }
+        // A rate limiter's answer on the first run only.
+        "/throttled" if n == 1 => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "slow down",
+            )
+                .into_response();
+        }
+        // `/status/NNN?retry-after&location&vary-star`: that status, with those headers.
+        _ if path.starts_with("/status/") => {
+            let code = path["/status/".len()..].parse().unwrap_or(500);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, format!("status {code}, run {n}")).into_response();
+            let headers = response.headers_mut();
+            for flag in query.split('&') {
+                match flag {
+                    "retry-after" => {
+                        headers.insert(header::RETRY_AFTER, "1".parse().unwrap());
+                    }
+                    "location" => {
+                        headers.insert(header::LOCATION, "/orders/1".parse().unwrap());
+                    }
+                    "vary-star" => {
+                        headers.insert(header::VARY, "*".parse().unwrap());
+                    }
+                    _ => {}
+                }
+            }
+            return response;
         }
         "/brief" => tokio::time::sleep(Duration::from_millis(50)).await,
+        "/panic" => panic!("a bug in the handler (run {n})"),
         // A 5xx on the first run only.
         "/flaky" if n == 1 => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "database hiccup").into_response();
@@ -104,17 +147,24 @@ async fn serve(layer: IdempotencyLayer) -> Server {
     serve_with(layer, |router| router).await
 }
 
+/// Serves every path with `order` behind `layer`, with `wrap` adding layers outside it.
 async fn serve_with(
     layer: IdempotencyLayer,
     wrap: impl FnOnce(Router<Shared>) -> Router<Shared>,
 ) -> Server {
+    serve_app(|router| wrap(router.layer(layer))).await
+}
+
+/// Serves every path with `order`, with `app` adding every layer.
+async fn serve_app(app: impl FnOnce(Router<Shared>) -> Router<Shared>) -> Server {
     let shared = Shared {
         calls: Arc::new(AtomicUsize::new(0)),
+        finished: Arc::new(AtomicUsize::new(0)),
         gate: Arc::new(Semaphore::new(0)),
         entered: Arc::new(Semaphore::new(0)),
     };
-    let router = Router::new().route("/{*path}", any(order)).layer(layer);
-    let app = wrap(router).with_state(shared.clone());
+    let router = Router::new().route("/{*path}", any(order));
+    let app = app(router).with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -809,4 +859,616 @@ async fn the_http_orders_example_creates_one_order() {
 #[allow(dead_code)]
 fn response_body_is_an_axum_body(body: idem::http::ResponseBody<Body>) -> Body {
     Body::new(body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that goes away mid-handler (issue 13, scenario 2)
+
+/// Sends a keyed `POST /slow` on a raw connection, waits until the handler has started (and
+/// made its effect), then disconnects, and gives the server time to notice.
+async fn disconnect_mid_handler(server: &Server, key: &str) {
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let body = "order";
+    let raw = format!(
+        "POST /slow HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: {key}\r\nContent-Length: {}\r\n\r\n\
+         {body}",
+        server.addr,
+        body.len()
+    );
+    conn.write_all(raw.as_bytes()).await.unwrap();
+    server.shared.entered.acquire().await.unwrap().forget();
+    drop(conn);
+    // Long enough for hyper to see the connection close and drop the response future.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_handler_gets_the_first_run_on_retry() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-1").await;
+
+    server.shared.gate.add_permits(1);
+    // The first run finishes on its own; until then a retry is told to come back.
+    let mut retry = http.post("/slow", "gone-1", "order").await;
+    for _ in 0..100 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = http.post("/slow", "gone-1", "order").await;
+    }
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!(server.shared.calls(), 1, "the handler ran once");
+    assert_eq!(server.shared.finished(), 1, "and to its end");
+}
+
+#[tokio::test]
+async fn a_retry_while_the_abandoned_run_still_goes_is_409_then_replays() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-2").await;
+
+    let retry = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.post("/slow", "gone-2", "order"),
+    )
+    .await
+    .expect("the retry must not run the handler (and wait on its gate) again");
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    retry.problem();
+
+    server.shared.gate.add_permits(1);
+    let mut last = retry;
+    for _ in 0..100 {
+        last = http.post("/slow", "gone-2", "order").await;
+        if last.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.replayed(), "{last:?}");
+    assert_eq!(last.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!((server.shared.calls(), server.shared.finished()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_frees_its_key_and_the_panic_reaches_the_server() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for run in 1..=2 {
+        let req = Request::post(format!("{}/panic", http.base))
+            .header("idempotency-key", "p-1")
+            .body(Full::from("x"))
+            .unwrap();
+        // The panic resumes in the response future: hyper's connection task dies with it, and
+        // the client sees the connection close (not an answer the layer made up).
+        let result = http.client.request(req).await;
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(
+            server.shared.calls(),
+            run,
+            "the key was freed: the retry runs again"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_retry_of_an_abandoned_run_gets_its_response() {
+    let server = serve(layer().on_conflict(OnConflict::Wait)).await;
+    let http = Http::new(&server);
+    disconnect_mid_handler(&server, "gone-3").await;
+
+    let retry = tokio::spawn({
+        let http = http.clone();
+        async move { http.post("/slow", "gone-3", "order").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!retry.is_finished(), "the retry waits for the first run");
+    assert_eq!(server.shared.calls(), 1);
+
+    server.shared.gate.add_permits(1);
+    let retry = tokio::time::timeout(Duration::from_secs(5), retry)
+        .await
+        .expect("the first run finishes and the retry gets its response")
+        .unwrap();
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.text(), r#"{"run":1,"body":"order"}"#);
+    assert_eq!((server.shared.calls(), server.shared.finished()), (1, 1));
+
+    let later = http.post("/slow", "gone-3", "order").await;
+    assert!(later.replayed());
+    assert_eq!(later.body, retry.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One client cannot deny another (issue 14)
+
+/// A keyed `POST /orders` with `Authorization: Bearer <client>`.
+async fn post_as(http: &Http, client: &str, key: &str) -> Reply {
+    let authorization = format!("Bearer {client}");
+    http.send(
+        Method::POST,
+        "/orders",
+        &[("idempotency-key", key), ("authorization", &authorization)],
+        "order",
+    )
+    .await
+}
+
+/// The problem `type` fragment of a reply.
+fn problem_type(reply: &Reply) -> String {
+    let p = reply.problem();
+    let kind = p["type"].as_str().unwrap_or_default();
+    kind.rsplit_once('#')
+        .map(|(_, fragment)| fragment.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_flooding_keyed_posts_cannot_deny_another() {
+    // The other client stays within the same quota; the flooder sends four times it.
+    const QUOTA: usize = 100;
+    const FLOOD: usize = 4 * QUOTA;
+    const OTHER_DURING: usize = 60;
+    const OTHER_AFTER: usize = 20;
+    // A small store, so that the flood alone could fill it.
+    let store = MemoryStore::with_max_entries(4 * QUOTA);
+    let server = serve(IdempotencyLayer::new(store).max_records_per_client(QUOTA)).await;
+    let http = Http::new(&server);
+
+    let flooder = tokio::spawn({
+        let http = http.clone();
+        async move {
+            let in_flight = Arc::new(Semaphore::new(8));
+            let mut tasks = Vec::new();
+            for i in 0..FLOOD {
+                let permit = in_flight.clone().acquire_owned().await.unwrap();
+                let http = http.clone();
+                tasks.push(tokio::spawn(async move {
+                    let reply = post_as(&http, "flooder", &format!("flood-{i}")).await;
+                    drop(permit);
+                    (i, reply)
+                }));
+            }
+            let mut replies = Vec::new();
+            for task in tasks {
+                replies.push(task.await.unwrap());
+            }
+            replies
+        }
+    });
+    let mut other_served = 0;
+    for i in 0..OTHER_DURING {
+        let reply = post_as(&http, "other", &format!("other-{i}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        other_served += 1;
+    }
+    let flood = flooder.await.unwrap();
+    for i in 0..OTHER_AFTER {
+        let reply = post_as(&http, "other", &format!("after-{i}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        other_served += 1;
+    }
+
+    let created: Vec<usize> = flood
+        .iter()
+        .filter(|(_, r)| r.status == StatusCode::CREATED)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(created.len(), QUOTA, "the flooder gets exactly its quota");
+    for (_, reply) in flood
+        .iter()
+        .filter(|(_, r)| r.status != StatusCode::CREATED)
+    {
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{reply:?}");
+        assert_eq!(problem_type(reply), "idempotency-quota-exceeded");
+        let retry_after: u64 = reply.headers[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Its oldest record expires with the 24 h ttl.
+        assert!(retry_after > 23 * 3600, "{retry_after}");
+        assert!(!reply.headers.contains_key(IDEMPOTENT_NOT_STORED));
+    }
+    // Over its quota, the flooder's existing keys still replay...
+    let replay = post_as(&http, "flooder", &format!("flood-{}", created[0])).await;
+    assert!(replay.replayed(), "{replay:?}");
+    // ...and a refused one was not stored: it is refused again, not replayed.
+    let refused = (0..FLOOD).find(|i| !created.contains(i)).unwrap();
+    let again = post_as(&http, "flooder", &format!("flood-{refused}")).await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(server.shared.calls(), QUOTA + OTHER_DURING + OTHER_AFTER);
+
+    let requests = (FLOOD + OTHER_DURING + OTHER_AFTER + 2) as u64;
+    chaos::report(
+        "flood_http",
+        &[
+            ("requests", requests),
+            ("flooding_clients", 1),
+            ("other_requests_served", other_served as u64),
+            ("requests_lost", 0),
+        ],
+    );
+
+    // Without the quota, the same flood fills the store, and the other client is refused.
+    let store = MemoryStore::with_max_entries(4 * QUOTA);
+    let server = serve(IdempotencyLayer::new(store).max_records_per_client(usize::MAX)).await;
+    let http = Http::new(&server);
+    for i in 0..4 * QUOTA {
+        post_as(&http, "flooder", &format!("flood-{i}")).await;
+    }
+    let denied = post_as(&http, "other", "other-0").await;
+    assert_eq!(denied.status, StatusCode::SERVICE_UNAVAILABLE, "{denied:?}");
+}
+
+#[tokio::test]
+async fn one_clients_large_responses_never_take_it_past_its_byte_quota() {
+    const QUOTA: usize = 100_000;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_response_bytes(12_000)
+        .max_bytes_per_client(QUOTA);
+    let server = serve(idempotency.clone()).await;
+    let http = Http::new(&server);
+    let big = |client: &'static str, key: String| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/big",
+                &[("idempotency-key", &key), ("x-client", client)],
+                "",
+            )
+            .await
+        }
+    };
+
+    // One after the other: each 10 kB response is stored until the quota leaves no room.
+    let mut stored = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let reply = big("hog", format!("seq-{i}")).await;
+        match reply.status {
+            StatusCode::OK => stored += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(problem_type(&reply), "idempotency-quota-exceeded");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {reply:?}"),
+        }
+        let usage = idempotency.client_usage("hog");
+        assert!(usage.bytes <= QUOTA, "{usage:?}");
+    }
+    assert!(stored >= 5, "{stored}");
+    assert_eq!(stored + refused, 30);
+    assert_eq!(idempotency.client_usage("hog").records, stored);
+
+    // All at once: the room each running request holds keeps the total under the quota too.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| tokio::spawn(big("herd", format!("par-{i}"))))
+        .collect();
+    let mut herd_stored = 0;
+    for task in tasks {
+        let reply = task.await.unwrap();
+        if reply.status == StatusCode::OK {
+            herd_stored += 1;
+        }
+    }
+    let usage = idempotency.client_usage("herd");
+    assert!(usage.bytes <= QUOTA, "{usage:?}");
+    assert!((1..30).contains(&herd_stored), "{herd_stored}");
+    assert_eq!(usage.records, herd_stored);
+
+    // Another client is served.
+    assert_eq!(big("other", "k".into()).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_not_stored_and_the_retry_gets_the_201() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let throttled = http.post("/throttled", "t-1", "x").await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(throttled.headers[header::RETRY_AFTER], "1");
+    assert_eq!(throttled.headers[IDEMPOTENT_NOT_STORED], "policy");
+    assert_eq!(
+        throttled.text(),
+        "slow down",
+        "passed through as the handler gave it"
+    );
+
+    let retry = http.post("/throttled", "t-1", "x").await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(!retry.replayed());
+    assert_eq!(server.shared.calls(), 2, "the handler ran again");
+
+    let again = http.post("/throttled", "t-1", "x").await;
+    assert!(again.replayed());
+    assert_eq!(
+        again.body, retry.body,
+        "the second run's answer is the one stored"
+    );
+    assert_eq!(server.shared.calls(), 2);
+}
+
+/// Posts `path` twice with one key: whether the second got the first's stored response.
+async fn stored_twice(http: &Http, path: &str, key: &str) -> (Reply, Reply) {
+    let first = http.post(path, key, "x").await;
+    let second = http.post(path, key, "x").await;
+    (first, second)
+}
+
+#[tokio::test]
+async fn the_default_policy_does_not_store_try_again_answers() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for (i, path) in [
+        "/status/408",
+        "/status/425",
+        "/status/429",
+        "/status/201?retry-after",
+        "/status/303?retry-after",
+        "/status/400?retry-after",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = server.shared.calls();
+        let (first, second) = stored_twice(&http, path, &format!("p-{i}")).await;
+        assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "policy", "{path}");
+        assert!(!second.replayed(), "{path}: {second:?}");
+        assert_eq!(second.headers[IDEMPOTENT_NOT_STORED], "policy", "{path}");
+        assert_eq!(server.shared.calls(), before + 2, "{path}: ran twice");
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_never_stored_whatever_the_policy() {
+    let server = serve(layer().store_if(|_| true)).await;
+    let http = Http::new(&server);
+    for (i, path) in ["/status/500", "/status/502", "/status/503"]
+        .into_iter()
+        .enumerate()
+    {
+        let (first, second) = stored_twice(&http, path, &format!("s-{i}")).await;
+        assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "server-error");
+        assert!(!second.replayed(), "{path}");
+    }
+    assert_eq!(server.shared.calls(), 6);
+    // The permissive policy does store a 429, as told.
+    let (_, second) = stored_twice(&http, "/status/429", "s-429").await;
+    assert!(second.replayed());
+}
+
+#[tokio::test]
+async fn executed_answers_are_stored_by_default_redirects_included() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    for (i, path) in [
+        "/status/200",
+        "/status/204",
+        "/status/303?location",
+        "/status/400",
+        "/status/401",
+        "/status/403",
+        "/status/404",
+        "/status/422",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = server.shared.calls();
+        let (first, second) = stored_twice(&http, path, &format!("e-{i}")).await;
+        assert!(!first.headers.contains_key(IDEMPOTENT_NOT_STORED), "{path}");
+        assert!(second.replayed(), "{path}: {second:?}");
+        assert_eq!(second.status, first.status);
+        assert_eq!(second.body, first.body);
+        assert_eq!(server.shared.calls(), before + 1, "{path}: ran once");
+    }
+    let (first, second) = stored_twice(&http, "/status/303?location", "e-303").await;
+    assert_eq!(first.status, StatusCode::SEE_OTHER);
+    assert_eq!(second.headers[header::LOCATION], "/orders/1");
+}
+
+#[tokio::test]
+async fn a_custom_store_policy_decides_what_is_stored() {
+    // Do not remember "not found": the resource may exist by the time the client retries.
+    let server = serve(layer().store_if(|head| store_by_default(head) && head.status != 404)).await;
+    let http = Http::new(&server);
+    let (first, second) = stored_twice(&http, "/status/404", "c-1").await;
+    assert_eq!(first.headers[IDEMPOTENT_NOT_STORED], "policy");
+    assert!(!second.replayed());
+    let (_, second) = stored_twice(&http, "/status/201", "c-2").await;
+    assert!(second.replayed());
+    assert_eq!(server.shared.calls(), 3);
+}
+
+#[tokio::test]
+async fn clients_with_different_credentials_never_share_a_key() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let alice = post_as(&http, "alice", "same").await;
+    let bob = post_as(&http, "bob", "same").await;
+    assert!(!bob.replayed(), "bob never sees alice's response");
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(post_as(&http, "alice", "same").await.body, alice.body);
+    assert_eq!(post_as(&http, "bob", "same").await.body, bob.body);
+    // Requests without credentials share one anonymous client of their own.
+    let anonymous = http.post("/orders", "same", "order").await;
+    assert!(!anonymous.replayed());
+    assert!(http.post("/orders", "same", "order").await.replayed());
+    assert_eq!(server.shared.calls(), 3);
+
+    // One shared space, when asked for.
+    let server = serve(layer().scope_shared()).await;
+    let http = Http::new(&server);
+    let alice = post_as(&http, "alice", "same").await;
+    let bob = post_as(&http, "bob", "same").await;
+    assert!(bob.replayed());
+    assert_eq!(bob.body, alice.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compression and content negotiation (issue 21, scenario 5)
+
+/// A keyed `POST /orders` with a body long enough to be compressed, and `headers`.
+async fn post_negotiated(http: &Http, key: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut all = vec![
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ];
+    all.extend_from_slice(headers);
+    let body = r#"{"sku":"book-42","qty":1,"note":"long enough to be worth compressing"}"#;
+    http.send(Method::POST, "/orders", &all, body).await
+}
+
+fn is_gzip(reply: &Reply) -> bool {
+    reply
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip")
+        && reply.body.starts_with(&[0x1f, 0x8b])
+}
+
+#[tokio::test]
+async fn compression_inside_the_layer_is_replayed_only_to_the_same_accept_encoding() {
+    // The natural axum order: the layer added last is outside.
+    let server = serve_app(|router| {
+        router
+            .layer(tower_http::compression::CompressionLayer::new())
+            .layer(layer())
+    })
+    .await;
+    let http = Http::new(&server);
+    let gzip = [("accept-encoding", "gzip")];
+    let first = post_negotiated(&http, "z-1", &gzip).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(is_gzip(&first), "{first:?}");
+    assert!(
+        first.headers[header::VARY]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("accept-encoding")
+    );
+
+    // A retry that does not accept gzip is not given the gzip body, nor a second run.
+    let plain = post_negotiated(&http, "z-1", &[]).await;
+    assert_eq!(plain.status, StatusCode::UNPROCESSABLE_ENTITY, "{plain:?}");
+    assert_eq!(problem_type(&plain), "idempotency-variant-mismatch");
+    let detail = plain.problem()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("accept-encoding"), "{detail}");
+    let other = post_negotiated(&http, "z-1", &[("accept-encoding", "br")]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The same Accept-Encoding gets the stored response.
+    let retry = post_negotiated(&http, "z-1", &gzip).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert!(is_gzip(&retry));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn compression_outside_the_layer_serves_every_retry() {
+    let server = serve_with(layer(), |router| {
+        router.layer(tower_http::compression::CompressionLayer::new())
+    })
+    .await;
+    let http = Http::new(&server);
+    let first = post_negotiated(&http, "z-2", &[("accept-encoding", "gzip")]).await;
+    assert!(is_gzip(&first), "{first:?}");
+    let plain = post_negotiated(&http, "z-2", &[]).await;
+    assert!(plain.replayed(), "{plain:?}");
+    assert!(!plain.headers.contains_key(header::CONTENT_ENCODING));
+    assert!(plain.text().starts_with(r#"{"run":1,"#), "{plain:?}");
+    let gzip = post_negotiated(&http, "z-2", &[("accept-encoding", "gzip")]).await;
+    assert!(gzip.replayed() && is_gzip(&gzip));
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn vary_star_is_replayed_to_every_retry() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let first = http
+        .send(
+            Method::POST,
+            "/status/201?vary-star",
+            &[("idempotency-key", "v-1"), ("accept-language", "fr")],
+            "x",
+        )
+        .await;
+    let retry = http
+        .send(
+            Method::POST,
+            "/status/201?vary-star",
+            &[("idempotency-key", "v-1"), ("accept-language", "de")],
+            "x",
+        )
+        .await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(server.shared.calls(), 1);
+}
+
+#[tokio::test]
+async fn content_type_and_encoding_are_part_of_the_request() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let as_type = |content_type: &'static str, key: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", key), ("content-type", content_type)],
+                "{}",
+            )
+            .await
+        }
+    };
+    let json = as_type("application/json", "ct-1").await;
+    assert_eq!(json.status, StatusCode::CREATED);
+    let text = as_type("text/plain", "ct-1").await;
+    assert_eq!(text.status, StatusCode::UNPROCESSABLE_ENTITY, "{text:?}");
+    assert_eq!(problem_type(&text), "idempotency-key-reused");
+    let gzipped = http
+        .send(
+            Method::POST,
+            "/orders",
+            &[
+                ("idempotency-key", "ct-1"),
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(gzipped.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(as_type("application/json", "ct-1").await.replayed());
+    assert_eq!(server.shared.calls(), 1);
+
+    // The fingerprinted headers are configurable: with none, the bytes alone decide.
+    let server = serve(layer().fingerprint_headers([])).await;
+    let http = Http::new(&server);
+    let send = |content_type: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", "ct-2"), ("content-type", content_type)],
+                "{}",
+            )
+            .await
+        }
+    };
+    send("application/json").await;
+    assert!(send("text/plain").await.replayed());
 }

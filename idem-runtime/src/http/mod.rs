@@ -24,6 +24,8 @@
 //!     // Two clients that pick the same key never see each other's responses.
 //!     .scope_header(axum::http::HeaderName::from_static("x-api-key"));
 //!
+//! // Layers added after this one wrap it: put rate limiting, authentication, validation,
+//! // compression and content negotiation there, outside (see "Where the layer goes").
 //! let app = Router::new().route("/orders", post(create_order)).layer(layer);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app).await
@@ -37,10 +39,12 @@
 //!
 //! | situation | answer |
 //! | --- | --- |
-//! | first request with this key (from this client) | the handler runs; its response is stored and returned |
+//! | first request with this key (from this client) | the handler runs; its response is stored (see [What is stored](#what-is-stored)) and returned |
 //! | the same key and the same request again | the stored response, byte for byte, plus `Idempotent-Replayed: true`; the handler does not run |
-//! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`], the first response once it is there) |
-//! | the same key with a different request (method, path and query, or body) | `422 Unprocessable Content` |
+//! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
+//! | the same key with a different request (method, path and query, [fingerprinted headers](IdempotencyLayer::fingerprint_headers), or body) | `422 Unprocessable Content` |
+//! | the same key and request, but another value of a header the stored response varies on (`Vary`) | `422 Unprocessable Content`; the handler does not run |
+//! | a new key from a client that holds as many records or bytes as its [quota](#quotas) allows | `429 Too Many Requests` with `Retry-After`; the handler does not run, and the client's existing keys still replay |
 //! | no key, where [`require_key`](IdempotencyLayer::require_key) is set | `400 Bad Request` (without it, the request passes through unguarded) |
 //! | a malformed key, a repeated header, or a key longer than [`max_key_len`](IdempotencyLayer::max_key_len) | `400 Bad Request` |
 //! | a request body larger than [`max_request_bytes`](IdempotencyLayer::max_request_bytes) | `413 Content Too Large` |
@@ -55,21 +59,111 @@
 //! in the request, and by the layer's [namespace](IdempotencyLayer::namespace); the store only
 //! sees a digest of the three.
 //!
+//! # A handler that started finishes
+//!
+//! Once a keyed request has claimed its key, its handler runs in a task of its own on the
+//! current tokio runtime, and the response future only waits for it. A client that disconnects
+//! (hyper then drops the response future) does not cancel the handler: it runs to completion,
+//! its response is stored, and the client's retry gets that response with
+//! `Idempotent-Replayed: true` instead of a second run. A retry that arrives while the first
+//! run is still going gets `409` (or waits for it, with [`OnConflict::Wait`](crate::OnConflict::Wait)). A panic in the
+//! handler frees the key and is resumed in the response future. Outside a tokio runtime the
+//! handler runs in the response future itself.
+//!
+//! # Clients
+//!
+//! Keys belong to a client: two clients that send the same key never see each other's
+//! responses. By default ([`scope_authorization`](IdempotencyLayer::scope_authorization)) the
+//! client is a digest of the request's `Authorization` header, so requests with different
+//! credentials never share a key space; requests without `Authorization` all belong to one
+//! anonymous client (they share keys and one quota). Cookies are not used: a session cookie
+//! that changes between a request and its retry would make the retry miss its record and run
+//! the handler again. [`scope`](IdempotencyLayer::scope) sets a client of your own (the user
+//! an authentication layer found), [`scope_header`](IdempotencyLayer::scope_header) an API key
+//! header, and [`scope_shared`](IdempotencyLayer::scope_shared) puts every request in one
+//! space, explicitly. A scope function that finds no client refuses the keyed request with
+//! `403`.
+//!
+//! # Quotas
+//!
+//! One client cannot deny another. Each client may hold at most
+//! [`max_records_per_client`](IdempotencyLayer::max_records_per_client) records (requests
+//! running, and stored responses until their ttl runs out; default
+//! [`DEFAULT_MAX_RECORDS_PER_CLIENT`]) and
+//! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client) bytes of stored responses
+//! (default [`DEFAULT_MAX_BYTES_PER_CLIENT`]). A request that would make one more record for a
+//! client at its quota is answered `429 Too Many Requests`, with `Retry-After` saying when the
+//! client's oldest record expires, and the handler does not run; that answer is not stored.
+//! Retries of the client's existing keys are still replayed, and every other client is served.
+//!
+//! The quota is checked only when a request would create a record: after its key is claimed,
+//! before its handler runs. A running request holds room for the largest response it may
+//! store, so no stored response ever takes its client over the byte quota; that room also
+//! bounds how many keyed requests a client has running at once (63 with the defaults; see
+//! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client)).
+//!
+//! Each process counts its own: the counts are this layer's, in this process, of the records
+//! it created, not a query of the store. Several processes sharing a store each allow a client
+//! its quota. The defaults keep one client to 1% of [`MemoryStore`](crate::MemoryStore)'s
+//! default bound of 1 000 000 records, and to 64 full-size responses; a client with more keyed
+//! writes per ttl than that needs a higher quota or a shorter ttl. The quota trusts the scope:
+//! with the default scope, put the authentication layer outside this one, or a client can make
+//! up a new `Authorization` for every request.
+//!
 //! # What is stored
 //!
-//! - A `2xx`, `3xx` or `4xx` response is stored for [`ttl`](IdempotencyLayer::ttl): its status,
-//!   its end-to-end headers and its body. Hop-by-hop headers (`Connection` and the headers it
-//!   names, `Keep-Alive`, `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`,
-//!   `Proxy-Authenticate`, `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is
-//!   `Content-Length` (the server sets it again from the stored body), nor trailers.
-//! - A `5xx` response is not stored: it is passed through as it is, with
-//!   `Idempotent-Not-Stored: server-error`, and a retry runs the handler again.
+//! - Responses [`store_if`](IdempotencyLayer::store_if) accepts are stored for
+//!   [`ttl`](IdempotencyLayer::ttl): their status, end-to-end headers and body. The default
+//!   ([`store_by_default`]) stores `2xx`, `3xx` and `4xx`, except the answers that mean "not
+//!   executed, try again": `408 Request Timeout`, `425 Too Early`, `429 Too Many Requests`, and
+//!   any response with `Retry-After`. `3xx` is stored because a `303 See Other` after a `POST`
+//!   is the executed request's answer: not storing it would run the handler again on retry.
+//! - A `5xx` response is never stored, whatever the policy: it is passed through as it is,
+//!   with `Idempotent-Not-Stored: server-error`, and a retry runs the handler again. A
+//!   response the policy refuses is passed through with `Idempotent-Not-Stored: policy`.
+//! - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
+//!   `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-Authenticate`,
+//!   `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is `Content-Length` (the
+//!   server sets it again from the stored body), nor trailers.
 //! - A response whose body is larger than [`max_response_bytes`](IdempotencyLayer::max_response_bytes)
 //!   is not stored either (never truncated): it is passed through whole, with
 //!   `Idempotent-Not-Stored: too-large` and a `tracing` warning (target `idem`), and a retry runs
 //!   the handler again. Raise the limit for endpoints with large responses.
-//! - A handler that fails (its service returns an error, or its body fails) or whose request is
-//!   cancelled stores nothing.
+//! - A handler that fails (its service returns an error, or its body fails) stores nothing.
+//!
+//! A response that is not stored frees its key: the retry runs the handler.
+//!
+//! # Vary and content negotiation
+//!
+//! A stored response is replayed only to a retry that would have been given it. When the
+//! response declares `Vary` (a compression layer inside this one adds
+//! `Vary: accept-encoding`), the first request's values of the headers it names are stored
+//! with it, and a retry that sends other values (no `Accept-Encoding`, where the first request
+//! offered gzip) is answered `422` [`#idempotency-variant-mismatch`](#idempotency-variant-mismatch)
+//! naming the header, never the first request's gzip body and never a second run. Values match
+//! when they carry the same comma-separated items in the same order (spaces aside).
+//! `Vary: *` names nothing that can be compared: such a response is replayed to every retry.
+//!
+//! Put compression and content negotiation **outside** this layer: then the stored response is
+//! the handler's own, and each retry gets it encoded for what it accepts.
+//!
+//! # Where the layer goes
+//!
+//! Layers that answer in the handler's place without running it belong outside this one, so
+//! their answers are never stored in place of the handler's:
+//!
+//! - **rate limiting and load shedding**: a `429` or `503` inside would be the key's answer
+//!   (the default policy refuses those, but a limiter that answers otherwise would be stored);
+//!   outside, a limited request never claims its key;
+//! - **authentication and authorization**: a `401` or `403` inside would be stored and replayed
+//!   to the retry that brings fixed credentials; outside, the scope function sees who the
+//!   client is (an extension the authentication layer set), and made-up credentials never
+//!   reach the quota;
+//! - **validation** that answers `400` or `422` before the handler: the same, for a retry that
+//!   fixes the request (it must use a new key anyway, as its fingerprint changed);
+//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation).
+//!
+//! With axum, `router.layer(a).layer(b)` puts `b` outside `a`: add this layer first.
 //!
 //! # Buffering
 //!
@@ -96,45 +190,40 @@
 //! | <span id="idempotency-request-unreadable">`#idempotency-request-unreadable`</span> | 400 | the request body failed while it was read |
 //! | <span id="idempotency-key-in-progress">`#idempotency-key-in-progress`</span> | 409 | another request with the key is running (`Retry-After` says for how long at most) |
 //! | <span id="idempotency-key-reused">`#idempotency-key-reused`</span> | 422 | the key was used for a different request |
+//! | <span id="idempotency-variant-mismatch">`#idempotency-variant-mismatch`</span> | 422 | the stored response varies (`Vary`) on a request header whose value differs from the first request's; the detail names it |
+//! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records or bytes as its quota allows (`Retry-After` says when its oldest record expires) |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
+//! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |
 
 mod body;
+mod future;
 mod header;
+mod keyed;
+mod layer;
 mod problem;
+mod quota;
 mod record;
+mod service;
+mod vary;
 
-use std::borrow::Cow;
-use std::fmt;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
-use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
-use http::{Method, Request, Response, request};
-use http_body::Body;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use tower_layer::Layer;
-use tower_service::Service;
+use http::StatusCode;
+use http::header::{HeaderName, RETRY_AFTER};
+use http::response;
 
 pub use body::ResponseBody;
-
-use crate::error::{BoxError, Error};
-use crate::exec::{DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict};
-use crate::key::{Encoder, KeyPart};
-use crate::store::{BoxFuture, Store};
-use body::Buffered;
-use header::KeyError;
-use problem::Problem;
-use record::StoredResponse;
+pub use future::ResponseFuture;
+pub use layer::IdempotencyLayer;
+pub use quota::ClientUsage;
+pub use service::{IdempotencyService, RequestBody};
 
 /// The request header that carries the key: `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The response header set on a replayed response: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// The response header set on a response to a keyed request that was not stored:
-/// `Idempotent-Not-Stored: server-error` (a `5xx`) or `too-large` (over
+/// The response header set on a response to a keyed request that was not stored, with the
+/// reason: `server-error` (a `5xx`), `policy` (refused by
+/// [`store_if`](IdempotencyLayer::store_if)) or `too-large` (over
 /// [`max_response_bytes`](IdempotencyLayer::max_response_bytes)). A retry runs the handler again.
 pub const IDEMPOTENT_NOT_STORED: HeaderName = HeaderName::from_static("idempotent-not-stored");
 
@@ -144,497 +233,64 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 255;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The largest response body stored unless set otherwise: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The most records one client holds unless set otherwise: 10 000, 1% of
+/// [`MemoryStore`](crate::MemoryStore)'s default bound, so that it takes a hundred clients at
+/// their quota, not one, to fill the default store.
+pub const DEFAULT_MAX_RECORDS_PER_CLIENT: usize = 10_000;
+/// The most bytes of stored responses one client holds unless set otherwise: 64 MiB, room for
+/// 64 responses of [`DEFAULT_MAX_RESPONSE_BYTES`] (or, for responses of a few kilobytes, more
+/// than [`DEFAULT_MAX_RECORDS_PER_CLIENT`] of them), so that one client's large responses
+/// cannot grow the process by more than that.
+pub const DEFAULT_MAX_BYTES_PER_CLIENT: usize = 64 * 1024 * 1024;
 /// The namespace of the keys unless set otherwise.
 pub const DEFAULT_NAMESPACE: &str = "idem.http";
 
-/// Finds the client a request belongs to.
-type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<String> + Send + Sync>;
-
-/// A tower [`Layer`] that gives `POST` and `PATCH` requests `Idempotency-Key` semantics: see
-/// the [module documentation](self) for what each request gets.
+/// The default storage policy of [`IdempotencyLayer::store_if`]: whether a response is the
+/// answer of an executed request, worth replaying to a retry.
 ///
-/// Configure it with the builder methods; every instance of the service it makes shares one
-/// configuration and one store.
-#[derive(Clone)]
-#[must_use = "a layer does nothing until it wraps a service"]
-pub struct IdempotencyLayer {
-    config: Arc<Config>,
-}
-
-#[derive(Clone)]
-struct Config {
-    store: Arc<dyn Store>,
-    namespace: Cow<'static, str>,
-    methods: Vec<Method>,
-    require_key: bool,
-    max_key_len: usize,
-    max_request_bytes: usize,
-    max_response_bytes: usize,
-    ttl: Duration,
-    lease: Duration,
-    on_conflict: OnConflict,
-    wait_timeout: Duration,
-    scope: ScopeFn,
-}
-
-impl IdempotencyLayer {
-    /// A layer keeping its records in `store` (any [`Store`]: `MemoryStore`, `Arc<S>`,
-    /// `Arc<dyn Store>`, ...), with the defaults: methods `POST` and `PATCH`; key optional;
-    /// [`DEFAULT_TTL`]; [`DEFAULT_LEASE`]; [`DEFAULT_MAX_KEY_LEN`];
-    /// [`DEFAULT_MAX_REQUEST_BYTES`]; [`DEFAULT_MAX_RESPONSE_BYTES`]; `409` while a request with
-    /// the key is running ([`OnConflict::Reject`]); and every request from one client (set
-    /// [`scope`](Self::scope) as soon as there are several).
-    pub fn new(store: impl Store + 'static) -> Self {
-        IdempotencyLayer {
-            config: Arc::new(Config {
-                store: Arc::new(store),
-                namespace: Cow::Borrowed(DEFAULT_NAMESPACE),
-                methods: vec![Method::POST, Method::PATCH],
-                require_key: false,
-                max_key_len: DEFAULT_MAX_KEY_LEN,
-                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-                ttl: DEFAULT_TTL,
-                lease: DEFAULT_LEASE,
-                on_conflict: OnConflict::Reject,
-                wait_timeout: DEFAULT_WAIT_TIMEOUT,
-                scope: Arc::new(|_| Some(String::new())),
-            }),
-        }
-    }
-
-    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        change(Arc::make_mut(&mut self.config));
-        self
-    }
-
-    /// The methods guarded; others pass through untouched. Default: `POST` and `PATCH`.
-    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
-        let methods = methods.into_iter().collect();
-        self.with(|c| c.methods = methods)
-    }
-
-    /// Whether a guarded request without `Idempotency-Key` is refused with `400` (`true`) or
-    /// passed through unguarded (`false`, the default).
-    pub fn require_key(self, required: bool) -> Self {
-        self.with(|c| c.require_key = required)
-    }
-
-    /// How long a stored response is replayed. Default: [`DEFAULT_TTL`] (24 hours).
-    pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.ttl = ttl)
-    }
-
-    /// How long a running request holds its key without renewal; renewed while the handler
-    /// runs. A request whose handler stops being polled (its server died) frees the key after
-    /// this. Default: [`DEFAULT_LEASE`] (30 seconds).
-    pub fn lease(self, lease: Duration) -> Self {
-        self.with(|c| c.lease = lease)
-    }
-
-    /// The longest key accepted, in bytes after unquoting; a longer one is refused with `400`.
-    /// Default: [`DEFAULT_MAX_KEY_LEN`] (255).
-    pub fn max_key_len(self, len: usize) -> Self {
-        self.with(|c| c.max_key_len = len)
-    }
-
-    /// The largest request body read to fingerprint a keyed request; a larger one is refused
-    /// with `413`. Default: [`DEFAULT_MAX_REQUEST_BYTES`] (1 MiB).
-    pub fn max_request_bytes(self, bytes: usize) -> Self {
-        self.with(|c| c.max_request_bytes = bytes)
-    }
-
-    /// The largest response body stored. A larger one is passed through whole and not stored,
-    /// with `Idempotent-Not-Stored: too-large` and a warning. Default:
-    /// [`DEFAULT_MAX_RESPONSE_BYTES`] (1 MiB).
-    pub fn max_response_bytes(self, bytes: usize) -> Self {
-        self.with(|c| c.max_response_bytes = bytes)
-    }
-
-    /// What a request does while another request with its key is running:
-    /// [`OnConflict::Reject`] answers `409 Conflict` at once (the default, as the draft and Stripe
-    /// do); [`OnConflict::Wait`] waits for the first response (up to
-    /// [`wait_timeout`](Self::wait_timeout), then `409`).
-    pub fn on_conflict(self, on_conflict: OnConflict) -> Self {
-        self.with(|c| c.on_conflict = on_conflict)
-    }
-
-    /// The longest a request waits with [`OnConflict::Wait`]. Default:
-    /// [`DEFAULT_WAIT_TIMEOUT`] (60 seconds).
-    pub fn wait_timeout(self, wait_timeout: Duration) -> Self {
-        self.with(|c| c.wait_timeout = wait_timeout)
-    }
-
-    /// The namespace of the keys, so that several services sharing a store never share
-    /// records. Default: [`DEFAULT_NAMESPACE`].
-    pub fn namespace(self, namespace: impl Into<Cow<'static, str>>) -> Self {
-        let namespace = namespace.into();
-        self.with(|c| c.namespace = namespace)
-    }
-
-    /// How to tell clients apart: `scope` maps a request to the client it belongs to (an API
-    /// key, a user id that an authentication layer put in the extensions), and keys are
-    /// per client, so two clients that pick the same key never see each other's responses.
-    /// `None` refuses a keyed request with `403`.
-    ///
-    /// ```
-    /// # use idem_runtime::{MemoryStore, http::IdempotencyLayer};
-    /// #[derive(Clone)]
-    /// struct UserId(u64); // inserted by the authentication layer
-    ///
-    /// let layer = IdempotencyLayer::new(MemoryStore::new())
-    ///     .scope(|req| req.extensions.get::<UserId>().map(|u| u.0.to_string()));
-    /// ```
-    ///
-    /// Default: every request belongs to one client.
-    pub fn scope<F>(self, scope: F) -> Self
-    where
-        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
-    {
-        let scope: ScopeFn = Arc::new(scope);
-        self.with(|c| c.scope = scope)
-    }
-
-    /// Clients told apart by the value of a request header (an API key): a request without it
-    /// (or with a value that is not UTF-8) is refused with `403` when it carries a key.
-    pub fn scope_header(self, name: HeaderName) -> Self {
-        self.scope(move |req| {
-            let mut values = req.headers.get_all(&name).iter();
-            let value = values.next()?;
-            if values.next().is_some() {
-                return None; // which one would it be?
-            }
-            std::str::from_utf8(value.as_bytes())
-                .ok()
-                .map(str::to_owned)
-        })
-    }
-}
-
-impl fmt::Debug for IdempotencyLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
-        f.debug_struct("IdempotencyLayer")
-            .field("namespace", &c.namespace)
-            .field("methods", &c.methods)
-            .field("require_key", &c.require_key)
-            .field("max_key_len", &c.max_key_len)
-            .field("max_request_bytes", &c.max_request_bytes)
-            .field("max_response_bytes", &c.max_response_bytes)
-            .field("ttl", &c.ttl)
-            .field("lease", &c.lease)
-            .field("on_conflict", &c.on_conflict)
-            .field("wait_timeout", &c.wait_timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = IdempotencyService<S>;
-
-    fn layer(&self, inner: S) -> IdempotencyService<S> {
-        IdempotencyService {
-            inner,
-            config: Arc::clone(&self.config),
-        }
-    }
-}
-
-/// The service [`IdempotencyLayer`] wraps around `S`.
-///
-/// It takes `Request<ReqB>` and gives the inner service `Request<Either<Full<Bytes>, ReqB>>`:
-/// the buffered body of a keyed request (left), or the original body, untouched (right). axum's
-/// routers and handlers take both. Its responses have a [`ResponseBody`].
-#[derive(Clone)]
-pub struct IdempotencyService<S> {
-    inner: S,
-    config: Arc<Config>,
-}
-
-impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The body the inner service receives: a keyed request's buffered body, or the original.
-pub type RequestBody<B> = Either<Full<Bytes>, B>;
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S>
-where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqB: Body<Data = Bytes> + Send + 'static,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // The instance that was polled ready serves this request; a clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.config);
-
-        if !config.methods.contains(req.method()) {
-            return passthrough(inner.call(req.map(Either::Right)));
-        }
-        let key = match header::idempotency_key(req.headers(), config.max_key_len) {
-            Ok(Some(key)) => key,
-            Ok(None) if !config.require_key => {
-                return passthrough(inner.call(req.map(Either::Right)));
-            }
-            Ok(None) => {
-                let detail = format!(
-                    "{} {} requires an Idempotency-Key header",
-                    req.method(),
-                    req.uri().path()
-                );
-                return refuse(Problem::KeyMissing, &detail, None);
-            }
-            Err(err) => {
-                let (problem, detail) = match err {
-                    KeyError::TooLong(len) => (
-                        Problem::KeyTooLong,
-                        format!(
-                            "the Idempotency-Key is {len} bytes long; the limit is {}",
-                            config.max_key_len
-                        ),
-                    ),
-                    KeyError::Repeated => (
-                        Problem::KeyInvalid,
-                        "send one Idempotency-Key header, not several".to_owned(),
-                    ),
-                    KeyError::Empty => (
-                        Problem::KeyInvalid,
-                        "the Idempotency-Key is empty".to_owned(),
-                    ),
-                    KeyError::Malformed => (
-                        Problem::KeyInvalid,
-                        "the Idempotency-Key must be a Structured Field String (\"abc\") or a \
-                         bare token of visible ASCII characters"
-                            .to_owned(),
-                    ),
-                };
-                return refuse(problem, &detail, None);
-            }
-        };
-        Box::pin(guarded(config, inner, req, key))
-    }
-}
-
-/// The inner service's response, its body untouched.
-fn passthrough<F, ResB, E>(future: F) -> BoxFuture<'static, Result<Response<ResponseBody<ResB>>, E>>
-where
-    F: Future<Output = Result<Response<ResB>, E>> + Send + 'static,
-{
-    Box::pin(async move { Ok(future.await?.map(ResponseBody::passthrough)) })
-}
-
-/// The layer's own answer, the handler not run.
-fn refuse<ResB, E>(
-    problem: Problem,
-    detail: &str,
-    retry_after: Option<Duration>,
-) -> BoxFuture<'static, Result<Response<ResponseBody<ResB>>, E>>
-where
-    ResB: Send + 'static,
-    E: Send + 'static,
-{
-    tracing::debug!(
-        target: "idem",
-        status = problem.status().as_u16(),
-        detail,
-        "idempotency layer refused a request"
-    );
-    let response = problem.response(detail, retry_after);
-    Box::pin(std::future::ready(Ok(response)))
-}
-
-/// How the handler's run ended when it gives no response to store.
-enum Unstored<B, E> {
-    /// The executor's error: conflict, key reuse, store failure.
-    Idem(Error),
-    /// The inner service failed: its error goes to the caller.
-    Service(E),
-    /// A response that is sent but not stored (`5xx`, too large, or a body that failed).
-    Response(Box<Response<ResponseBody<B>>>),
-}
-
-impl<B, E> From<Error> for Unstored<B, E> {
-    fn from(err: Error) -> Self {
-        Unstored::Idem(err)
-    }
-}
-
-/// What must match for a key's stored response to be replayed: method, path and query, body.
-struct RequestFingerprint<'a> {
-    method: &'a str,
-    target: &'a str,
-    body: &'a [u8],
-}
-
-impl KeyPart for RequestFingerprint<'_> {
-    fn encode(&self, enc: &mut Encoder) {
-        enc.write_tuple_header(3);
-        enc.write_str(self.method);
-        enc.write_str(self.target);
-        enc.write_bytes(self.body);
-    }
-}
-
-/// A guarded request with a key: buffer, fingerprint, then run the handler through the executor.
-async fn guarded<S, ReqB, ResB>(
-    config: Arc<Config>,
-    mut inner: S,
-    req: Request<ReqB>,
-    key: String,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
-where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ReqB: Body<Data = Bytes>,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    let (parts, body) = req.into_parts();
-    let Some(scope) = (config.scope)(&parts) else {
-        let detail = "this request does not say which client sent it, so its Idempotency-Key \
-                      cannot be scoped";
-        tracing::debug!(target: "idem", detail, "idempotency layer refused a request");
-        return Ok(Problem::ClientUnknown.response(detail, None));
-    };
-
-    let too_large = || {
-        Problem::RequestTooLarge.response(
-            &format!(
-                "a request with an Idempotency-Key may have a body of at most {} bytes",
-                config.max_request_bytes
-            ),
-            None,
+/// `true` for `2xx`, `3xx` and `4xx`, except `408 Request Timeout`, `425 Too Early`,
+/// `429 Too Many Requests` and any response with a `Retry-After` header: those mean "not
+/// executed, try again", and storing them would replay the refusal to the retry for the whole
+/// ttl. `3xx` is stored because a `303 See Other` after a `POST` is the executed answer. (`5xx`
+/// is never stored, whatever the policy.)
+pub fn store_by_default(head: &response::Parts) -> bool {
+    let status = head.status;
+    (status.is_success() || status.is_redirection() || status.is_client_error())
+        && !matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
         )
-    };
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > config.max_request_bytes as u64) {
-        return Ok(too_large());
-    }
-    let body = match Limited::new(body, config.max_request_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
-        Err(err) => {
-            tracing::debug!(target: "idem", error = %err, "could not read a keyed request's body");
-            return Ok(Problem::RequestUnreadable
-                .response("the request body failed before it was read whole", None));
+        && !head.headers.contains_key(RETRY_AFTER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Response;
+
+    fn head(status: u16, retry_after: bool) -> response::Parts {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or_default();
+        if retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
-    };
-
-    let fingerprint = RequestFingerprint {
-        method: parts.method.as_str(),
-        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
-        body: &body,
-    };
-    let call = Idempotent::new(&*config.store, (scope.as_str(), key.as_str()))
-        .name(config.namespace.clone())
-        .fingerprint(&fingerprint)
-        .ttl(config.ttl)
-        .lease(config.lease)
-        .on_conflict(config.on_conflict)
-        .wait_timeout(config.wait_timeout);
-
-    let max_response = config.max_response_bytes;
-    let req = Request::from_parts(parts, Either::Left(Full::new(body)));
-    let outcome = call
-        .run_with_outcome(move || async move {
-            let response = inner.call(req).await.map_err(Unstored::Service)?;
-            let (mut head, body) = response.into_parts();
-            if head.status.is_server_error() {
-                head.headers.insert(
-                    IDEMPOTENT_NOT_STORED,
-                    HeaderValue::from_static("server-error"),
-                );
-                let response = Response::from_parts(head, ResponseBody::passthrough(body));
-                return Err(Unstored::Response(Box::new(response)));
-            }
-            match body::buffer(body, max_response).await {
-                Buffered::Whole { data, trailers } => Ok(StoredResponse::new(head, data, trailers)),
-                Buffered::TooLarge(body) => {
-                    tracing::warn!(
-                        target: "idem",
-                        limit = max_response,
-                        "response larger than max_response_bytes: sent but not stored, so a \
-                         retry with the same Idempotency-Key runs the handler again"
-                    );
-                    head.headers
-                        .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
-                    Err(Unstored::Response(Box::new(Response::from_parts(
-                        head, body,
-                    ))))
-                }
-                Buffered::Failed(body) => Err(Unstored::Response(Box::new(Response::from_parts(
-                    head, body,
-                )))),
-            }
-        })
-        .await;
-
-    match outcome {
-        Ok(outcome) if outcome.status.is_replay() => Ok(outcome.value.into_replay()),
-        Ok(outcome) => Ok(outcome.value.into_first()),
-        Err(Unstored::Response(response)) => Ok(*response),
-        Err(Unstored::Service(err)) => Err(err),
-        Err(Unstored::Idem(err)) => Ok(executor_problem(&err, &key)),
+        response.into_parts().0
     }
-}
 
-/// The answer to an executor error; the handler has not run (or its run was not stored).
-fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
-    let shown = show_key(key);
-    match err {
-        Error::InProgress { retry_after } => Problem::InProgress.response(
-            &format!(
-                "a request with Idempotency-Key {shown} is still in progress; retry after it \
-                 completes"
-            ),
-            Some(*retry_after),
-        ),
-        Error::KeyReused => Problem::KeyReused.response(
-            &format!(
-                "Idempotency-Key {shown} was used for a request with another method, path, query \
-                 or body; use a new key for a new request"
-            ),
-            None,
-        ),
-        Error::Codec(_) => Problem::RecordUnreadable.response(
-            &format!("the stored response for Idempotency-Key {shown} could not be read"),
-            None,
-        ),
-        // The executor logged the cause; the client learns only that it should retry later.
-        _ => Problem::StoreUnavailable.response(
-            "the idempotency store could not be reached; the request was not processed",
-            None,
-        ),
+    #[test]
+    fn the_default_policy_stores_executed_answers_only() {
+        for stored in [
+            200, 201, 204, 301, 303, 400, 401, 402, 403, 404, 409, 410, 422,
+        ] {
+            assert!(store_by_default(&head(stored, false)), "{stored}");
+        }
+        for not in [100, 408, 425, 429, 500, 502, 503] {
+            assert!(!store_by_default(&head(not, false)), "{not}");
+        }
+        for with_retry_after in [201, 303, 400] {
+            assert!(!store_by_default(&head(with_retry_after, true)));
+        }
     }
-}
-
-/// The key as a JSON-safe, bounded string for a problem's detail.
-fn show_key(key: &str) -> String {
-    let mut shown: String = key.chars().take(64).collect();
-    if shown.len() < key.len() {
-        shown.push('…');
-    }
-    format!("\"{shown}\"")
 }

@@ -28,6 +28,9 @@ pub(crate) enum Problem {
     KeyReused,
     StoreUnavailable,
     RecordUnreadable,
+    QuotaExceeded,
+    VariantMismatch,
+    Interrupted,
 }
 
 impl Problem {
@@ -83,6 +86,21 @@ impl Problem {
                 "idempotency-record-unreadable",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Stored response unreadable",
+            ),
+            Problem::QuotaExceeded => (
+                "idempotency-quota-exceeded",
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many idempotency records for this client",
+            ),
+            Problem::VariantMismatch => (
+                "idempotency-variant-mismatch",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "The stored response was negotiated for other request headers",
+            ),
+            Problem::Interrupted => (
+                "idempotency-interrupted",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server stopped while the request ran",
             ),
         }
     }

@@ -1,17 +1,22 @@
-//! The stored form of a response: status, end-to-end headers and body.
+//! The stored form of a response: status, end-to-end headers and body, and the first request's
+//! values of the headers the response varies on.
+
+use std::fmt;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, response};
-use serde::de::Error as _;
+use serde::de::{self, Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::body::ResponseBody;
+use super::vary::{self, Vary};
 use super::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
 
 /// Version of the stored form; a record of another version does not decode (a codec error,
-/// answered with `500`, never a wrong replay).
-const VERSION: u8 = 1;
+/// answered with `500`, never a wrong replay). Version 1 kept bytes as JSON text or base64;
+/// version 2 keeps them as bytes, whatever the codec, and adds the `Vary` values.
+const VERSION: u8 = 2;
 
 /// Headers that describe one connection or one transfer, not the response: never stored, so a
 /// replay does not repeat them blindly (RFC 9110 §7.6.1). `content-length` is left to the server
@@ -35,19 +40,62 @@ pub(crate) struct StoredResponse {
     /// The end-to-end headers: what a replay sends.
     headers: HeaderMap,
     body: Bytes,
+    /// The first request's values of the headers the response varies on.
+    vary: Vary,
     /// The handler's response head and trailers, untouched: what the first call sends. Not stored.
     first: Option<(response::Parts, Option<HeaderMap>)>,
 }
 
+/// The part of a response that is stored besides its body: its end-to-end headers and the
+/// request values its `Vary` names. Made before the body is read, to know its size.
+pub(crate) struct StoredHead {
+    headers: HeaderMap,
+    vary: Vary,
+}
+
+impl StoredHead {
+    /// What of `parts` is stored, with the values of `request` the response varies on.
+    pub(crate) fn new(parts: &response::Parts, request: &HeaderMap) -> Self {
+        StoredHead {
+            headers: end_to_end(&parts.headers),
+            vary: Vary::capture(&parts.headers, request),
+        }
+    }
+
+    /// How many bytes the head takes, as quotas count it: status, header names and values,
+    /// and the request values kept for `Vary`.
+    pub(crate) fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        // The status and the version.
+        4 + headers + self.vary.size()
+    }
+}
+
 impl StoredResponse {
     /// The record of a response whose body was read whole.
-    pub(crate) fn new(parts: response::Parts, body: Bytes, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn new(
+        parts: response::Parts,
+        head: StoredHead,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
         StoredResponse {
             status: parts.status,
-            headers: end_to_end(&parts.headers),
+            headers: head.headers,
+            vary: head.vary,
             body,
             first: Some((parts, trailers)),
         }
+    }
+
+    /// The first header whose value in `request` differs from the first request's, among
+    /// those the response varies on; `None` when the stored response may be replayed to it.
+    pub(crate) fn vary_mismatch(&self, request: &HeaderMap) -> Option<&HeaderName> {
+        self.vary.mismatch(request)
     }
 
     /// The response for the call that ran the handler: its own head, the buffered body.
@@ -101,57 +149,75 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The JSON form: `{"v":1,"status":201,"headers":[["content-type",{"t":"application/json"}]],
-/// "body":{"t":"..."}}`. Bytes are kept as text when they are UTF-8 and as base64 otherwise, so
-/// bodies and header values round-trip byte for byte.
+// ---------------------------------------------------------------------------------------------
+// The stored form. It only uses serde's data model (integers, strings, byte strings, sequences,
+// a struct), so any codec can keep it: bytes go through `serialize_bytes`, which a binary codec
+// keeps as they are and JSON writes as an array of numbers.
+//
+// { v: 2, status: 201, headers: [(name, bytes)], body: bytes, vary: [(name, [bytes])] }
+
+/// Bytes written with `serialize_bytes`.
+struct ByteStr<'a>(&'a [u8]);
+
+impl Serialize for ByteStr<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// Bytes read back: as a byte string, or (from a codec that has none, like JSON) as a
+/// sequence of numbers.
+struct ByteBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ByteBufVisitor;
+
+        impl<'de> Visitor<'de> for ByteBufVisitor {
+            type Value = ByteBuf;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v.to_vec()))
+            }
+
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
+                // The hint comes from the record; never trust it for more than a small start.
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(byte) = seq.next_element::<u8>()? {
+                    out.push(byte);
+                }
+                Ok(ByteBuf(out))
+            }
+        }
+
+        deserializer.deserialize_bytes(ByteBufVisitor)
+    }
+}
+
 #[derive(Serialize)]
 struct WireRef<'a> {
     v: u8,
     status: u16,
-    headers: Vec<(&'a str, BlobRef<'a>)>,
-    body: BlobRef<'a>,
+    headers: Vec<(&'a str, ByteStr<'a>)>,
+    body: ByteStr<'a>,
+    vary: Vec<(&'a str, Vec<ByteStr<'a>>)>,
 }
 
 #[derive(Deserialize)]
 struct Wire {
     v: u8,
     status: u16,
-    headers: Vec<(String, Blob)>,
-    body: Blob,
-}
-
-#[derive(Serialize)]
-enum BlobRef<'a> {
-    #[serde(rename = "t")]
-    Text(&'a str),
-    #[serde(rename = "b")]
-    Base64(String),
-}
-
-impl<'a> BlobRef<'a> {
-    fn of(bytes: &'a [u8]) -> Self {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => BlobRef::Text(text),
-            Err(_) => BlobRef::Base64(base64::encode(bytes)),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-enum Blob {
-    #[serde(rename = "t")]
-    Text(String),
-    #[serde(rename = "b")]
-    Base64(String),
-}
-
-impl Blob {
-    fn into_bytes(self) -> Option<Bytes> {
-        match self {
-            Blob::Text(text) => Some(Bytes::from(text)),
-            Blob::Base64(b64) => base64::decode(&b64).map(Bytes::from),
-        }
-    }
+    headers: Vec<(String, ByteBuf)>,
+    body: ByteBuf,
+    vary: Vec<(String, Vec<ByteBuf>)>,
 }
 
 impl Serialize for StoredResponse {
@@ -162,9 +228,19 @@ impl Serialize for StoredResponse {
             headers: self
                 .headers
                 .iter()
-                .map(|(name, value)| (name.as_str(), BlobRef::of(value.as_bytes())))
+                .map(|(name, value)| (name.as_str(), ByteStr(value.as_bytes())))
                 .collect(),
-            body: BlobRef::of(&self.body),
+            body: ByteStr(&self.body),
+            vary: self
+                .vary
+                .iter()
+                .map(|(name, values)| {
+                    (
+                        name.as_str(),
+                        values.iter().map(|v| ByteStr(v.as_bytes())).collect(),
+                    )
+                })
+                .collect(),
         }
         .serialize(serializer)
     }
@@ -172,6 +248,7 @@ impl Serialize for StoredResponse {
 
 impl<'de> Deserialize<'de> for StoredResponse {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // A record of another version fails here: by its shape, or by its version.
         let wire = Wire::deserialize(deserializer)?;
         if wire.v != VERSION {
             return Err(D::Error::custom(format_args!(
@@ -180,86 +257,24 @@ impl<'de> Deserialize<'de> for StoredResponse {
             )));
         }
         let status = StatusCode::from_u16(wire.status).map_err(D::Error::custom)?;
+        let name = |name: String| HeaderName::from_bytes(name.as_bytes()).map_err(D::Error::custom);
+        let value = |value: ByteBuf| HeaderValue::from_bytes(&value.0).map_err(D::Error::custom);
         let mut headers = HeaderMap::with_capacity(wire.headers.len());
-        for (name, value) in wire.headers {
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(D::Error::custom)?;
-            let value = value
-                .into_bytes()
-                .ok_or_else(|| D::Error::custom("invalid base64 in a stored header"))?;
-            let value = HeaderValue::from_maybe_shared(value).map_err(D::Error::custom)?;
-            headers.append(name, value);
+        for (n, v) in wire.headers {
+            headers.append(name(n)?, value(v)?);
         }
-        let body = wire
-            .body
-            .into_bytes()
-            .ok_or_else(|| D::Error::custom("invalid base64 in a stored body"))?;
+        let mut kept = Vec::with_capacity(wire.vary.len());
+        for (n, values) in wire.vary {
+            let values = values.into_iter().map(value).collect::<Result<_, _>>()?;
+            kept.push((name(n)?, values));
+        }
         Ok(StoredResponse {
             status,
             headers,
-            body,
+            body: Bytes::from(wire.body.0),
+            vary: vary::Vary::from_parts(kept),
             first: None,
         })
-    }
-}
-
-/// Standard base64 (RFC 4648 §4) with padding: only for the rare header value or body that is
-/// not UTF-8, so no dependency is taken for it.
-mod base64 {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub(super) fn encode(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk.first().copied().unwrap_or(0),
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    fn value(c: u8) -> Option<u32> {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        Some(u32::from(v))
-    }
-
-    pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
-        let bytes = text.as_bytes();
-        if !bytes.len().is_multiple_of(4) {
-            return None;
-        }
-        let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-        let quads = bytes.len() / 4;
-        for (q, quad) in bytes.chunks(4).enumerate() {
-            let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-            if pad > 2 || (pad > 0 && q + 1 != quads) {
-                return None;
-            }
-            let mut n = 0u32;
-            for &c in &quad[..4 - pad] {
-                n = (n << 6) | value(c)?;
-            }
-            n <<= 6 * pad as u32;
-            let [_, b0, b1, b2] = n.to_be_bytes();
-            out.extend_from_slice(&[b0, b1, b2][..3 - pad]);
-        }
-        Some(out)
     }
 }
 
@@ -267,25 +282,7 @@ mod base64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn base64_round_trips() {
-        for len in 0..40u8 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|i| i.wrapping_mul(97).wrapping_add(200))
-                .collect();
-            let text = base64::encode(&bytes);
-            assert_eq!(base64::decode(&text).as_deref(), Some(&bytes[..]), "{text}");
-        }
-        assert_eq!(base64::encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64::encode(b"fo"), "Zm8=");
-        assert_eq!(base64::decode("Zm8="), Some(b"fo".to_vec()));
-        assert_eq!(base64::decode("Zm8"), None);
-        assert_eq!(base64::decode("Z=8="), None);
-        assert_eq!(base64::decode("Zm8=Zm8="), None);
-    }
-
-    #[test]
-    fn record_round_trips_byte_for_byte_and_drops_hop_by_hop_headers() {
+    fn record(vary: &str, request: &[(&str, &str)]) -> StoredResponse {
         let mut response = Response::new(());
         *response.status_mut() = StatusCode::CREATED;
         let h = response.headers_mut();
@@ -299,14 +296,28 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
+        if !vary.is_empty() {
+            h.insert(header::VARY, HeaderValue::from_str(vary).unwrap());
+        }
+        let mut req = HeaderMap::new();
+        for (name, value) in request {
+            req.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
         let (parts, ()) = response.into_parts();
-        let body = Bytes::from_static(b"\x00\x01binary\xff");
-        let record = StoredResponse::new(parts, body.clone(), None);
+        let head = StoredHead::new(&parts, &req);
+        StoredResponse::new(parts, head, Bytes::from_static(b"\x00\x01binary\xff"), None)
+    }
 
+    #[test]
+    fn record_round_trips_byte_for_byte_and_drops_hop_by_hop_headers() {
+        let record = record("", &[]);
         let json = serde_json::to_vec(&record).unwrap();
         let back: StoredResponse = serde_json::from_slice(&json).unwrap();
         assert_eq!(back.status, StatusCode::CREATED);
-        assert_eq!(back.body, body);
+        assert_eq!(back.body, record.body);
         assert_eq!(back.headers, record.headers);
         let names: Vec<&str> = back.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-type", "x-multi", "x-binary"]);
@@ -318,13 +329,34 @@ mod tests {
     }
 
     #[test]
+    fn vary_values_round_trip() {
+        let record = record(
+            "Accept-Encoding, accept-language",
+            &[("accept-encoding", "gzip"), ("accept-encoding", "br")],
+        );
+        let json = serde_json::to_vec(&record).unwrap();
+        let back: StoredResponse = serde_json::from_slice(&json).unwrap();
+        let mut same = HeaderMap::new();
+        same.append(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, br"),
+        );
+        assert_eq!(back.vary_mismatch(&same), None);
+        let other = HeaderMap::new();
+        assert_eq!(back.vary_mismatch(&other), Some(&header::ACCEPT_ENCODING));
+    }
+
+    #[test]
     fn bad_records_do_not_decode() {
         for bad in [
-            r#"{"v":2,"status":200,"headers":[],"body":{"t":""}}"#,
-            r#"{"v":1,"status":1000,"headers":[],"body":{"t":""}}"#,
-            r#"{"v":1,"status":200,"headers":[["bad name",{"t":""}]],"body":{"t":""}}"#,
-            r#"{"v":1,"status":200,"headers":[["x",{"t":"a\nb"}]],"body":{"t":""}}"#,
-            r#"{"v":1,"status":200,"headers":[],"body":{"b":"!!"}}"#,
+            r#"{"v":1,"status":200,"headers":[],"body":{"t":""}}"#,
+            r#"{"v":3,"status":200,"headers":[],"body":[],"vary":[]}"#,
+            r#"{"v":2,"status":1000,"headers":[],"body":[],"vary":[]}"#,
+            r#"{"v":2,"status":200,"headers":[["bad name",[]]],"body":[],"vary":[]}"#,
+            r#"{"v":2,"status":200,"headers":[["x",[97,10,98]]],"body":[],"vary":[]}"#,
+            r#"{"v":2,"status":200,"headers":[],"body":[256],"vary":[]}"#,
+            r#"{"v":2,"status":200,"headers":[],"body":[],"vary":[["bad name",[]]]}"#,
+            r#"{"v":2,"status":200,"headers":[],"body":[]}"#,
         ] {
             assert!(
                 serde_json::from_str::<StoredResponse>(bad).is_err(),

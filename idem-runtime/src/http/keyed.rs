@@ -1,0 +1,357 @@
+//! A guarded request with a key: scope, buffer, fingerprint, then claim, run the handler and
+//! store its response through the executor, in a task the client's going away does not cancel.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, request};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::IDEMPOTENT_NOT_STORED;
+use super::body::{self, Buffered, ResponseBody};
+use super::layer::Config;
+use super::problem::Problem;
+use super::quota::{Limits, OverQuota, Quotas};
+use super::record::{StoredHead, StoredResponse};
+use super::service::RequestBody;
+use crate::error::{BoxError, Error};
+use crate::exec::Idempotent;
+use crate::key::{Encoder, KeyPart};
+
+/// Room for a stored response's headers, on top of its body: what a running request holds of
+/// its client's byte quota besides [`max_response_bytes`](super::IdempotencyLayer::max_response_bytes).
+pub(super) const HEAD_ROOM: usize = 16 * 1024;
+
+/// How the handler's run ended when it gives no response to store.
+enum Unstored<B, E> {
+    /// The executor's error: conflict, key reuse, store failure.
+    Idem(Error),
+    /// The client holds as many records or bytes as it may: the handler did not run.
+    OverQuota(OverQuota),
+    /// The inner service failed: its error goes to the caller.
+    Service(E),
+    /// A response that is sent but not stored (`5xx`, refused by the policy, too large, or a
+    /// body that failed).
+    Response(Box<Response<ResponseBody<B>>>),
+}
+
+impl<B, E> From<Error> for Unstored<B, E> {
+    fn from(err: Error) -> Self {
+        Unstored::Idem(err)
+    }
+}
+
+/// What must match for a key's stored response to be replayed: method, path and query, the
+/// fingerprinted headers, body.
+struct RequestFingerprint<'a> {
+    method: &'a str,
+    target: &'a str,
+    names: &'a [HeaderName],
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+}
+
+impl KeyPart for RequestFingerprint<'_> {
+    fn encode(&self, enc: &mut Encoder) {
+        enc.write_tuple_header(4);
+        enc.write_str(self.method);
+        enc.write_str(self.target);
+        enc.write_seq_header(self.names.len());
+        for name in self.names {
+            let values = self.headers.get_all(name);
+            enc.write_tuple_header(2);
+            enc.write_str(name.as_str());
+            enc.write_seq_header(values.iter().count());
+            for value in values {
+                enc.write_bytes(value.as_bytes());
+            }
+        }
+        enc.write_bytes(self.body);
+    }
+}
+
+/// Answers a guarded request with a key.
+pub(super) async fn serve<S, ReqB, ResB>(
+    config: Arc<Config>,
+    quotas: Arc<Quotas>,
+    inner: S,
+    req: Request<ReqB>,
+    key: String,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let Some(scope) = (config.scope)(&parts) else {
+        let detail = "this request does not say which client sent it, so its Idempotency-Key \
+                      cannot be scoped";
+        tracing::debug!(target: "idem", detail, "idempotency layer refused a request");
+        return Ok(Problem::ClientUnknown.response(detail, None));
+    };
+
+    let too_large = || {
+        Problem::RequestTooLarge.response(
+            &format!(
+                "a request with an Idempotency-Key may have a body of at most {} bytes",
+                config.max_request_bytes
+            ),
+            None,
+        )
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > config.max_request_bytes as u64) {
+        return Ok(too_large());
+    }
+    // Until the body is read nothing is claimed: a client that goes away here cancels nothing.
+    let body = match Limited::new(body, config.max_request_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
+        Err(err) => {
+            tracing::debug!(target: "idem", error = %err, "could not read a keyed request's body");
+            return Ok(Problem::RequestUnreadable
+                .response("the request body failed before it was read whole", None));
+        }
+    };
+
+    let keyed = run(config, quotas, inner, parts, body, scope, key);
+    match detach(keyed).await {
+        Some(response) => response,
+        None => Ok(Problem::Interrupted.response(
+            "the server shut down while the request ran; retry it with the same Idempotency-Key",
+            None,
+        )),
+    }
+}
+
+/// Runs `future` in a task of its own on the current tokio runtime and waits for it, so that
+/// dropping the returned future (the client went away) does not cancel it. A panic in it
+/// resumes here; `None` when the runtime shut down before it finished. Without a runtime it
+/// runs inline.
+async fn detach<F>(future: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let task = runtime.spawn(future.instrument(tracing::Span::current()));
+            match task.await {
+                Ok(output) => Some(output),
+                Err(err) => match err.try_into_panic() {
+                    Ok(payload) => std::panic::resume_unwind(payload),
+                    Err(_cancelled) => None,
+                },
+            }
+        }
+        Err(_) => Some(future.await),
+    }
+}
+
+/// Claim, check the quota, run the handler, store its response: the part of a keyed request
+/// that runs to completion once started.
+async fn run<S, ReqB, ResB>(
+    config: Arc<Config>,
+    quotas: Arc<Quotas>,
+    inner: S,
+    parts: request::Parts,
+    body: Bytes,
+    scope: String,
+    key: String,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let config = &*config;
+    let fingerprint = RequestFingerprint {
+        method: parts.method.as_str(),
+        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        names: &config.fingerprint_headers,
+        headers: &parts.headers,
+        body: &body,
+    };
+    let call = Idempotent::new(&*config.store, (scope.as_str(), key.as_str()))
+        .name(config.namespace.clone())
+        .fingerprint(&fingerprint)
+        .ttl(config.ttl)
+        .lease(config.lease)
+        .on_conflict(config.on_conflict)
+        .wait_timeout(config.wait_timeout);
+
+    let limits = Limits {
+        records: config.max_records_per_client,
+        bytes: config.max_bytes_per_client,
+        room: config
+            .max_response_bytes
+            .saturating_add(HEAD_ROOM)
+            .min(config.max_bytes_per_client),
+        ttl: config.ttl,
+    };
+    // Kept to capture the values a response varies on, and to check them on replay.
+    let request_headers = parts.headers.clone();
+    let req = Request::from_parts(parts, Either::Left(Full::new(body)));
+    let (quotas, scope_name, first_headers) = (&quotas, scope.as_str(), &request_headers);
+    let outcome = call
+        .run_with_outcome(move || async move {
+            // Only a request that would create a record gets here: replays never count.
+            let reservation = quotas
+                .admit(scope_name, limits)
+                .map_err(Unstored::OverQuota)?;
+            let mut inner = inner;
+            let response = inner.call(req).await.map_err(Unstored::Service)?;
+            let (mut head, body) = response.into_parts();
+            let not_stored = if head.status.is_server_error() {
+                Some("server-error")
+            } else if !(config.store_if)(&head) {
+                Some("policy")
+            } else {
+                None
+            };
+            if let Some(reason) = not_stored {
+                head.headers
+                    .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static(reason));
+                let response = Response::from_parts(head, ResponseBody::passthrough(body));
+                return Err(Unstored::Response(Box::new(response)));
+            }
+            let stored_head = StoredHead::new(&head, first_headers);
+            let head_size = stored_head.size();
+            let limit = config
+                .max_response_bytes
+                .min(reservation.room().saturating_sub(head_size));
+            let buffered = if head_size > reservation.room() {
+                Buffered::TooLarge(ResponseBody::passthrough(body))
+            } else {
+                body::buffer(body, limit).await
+            };
+            match buffered {
+                Buffered::Whole { data, trailers } => {
+                    reservation.settle(head_size.saturating_add(data.len()));
+                    Ok(StoredResponse::new(head, stored_head, data, trailers))
+                }
+                Buffered::TooLarge(body) => {
+                    tracing::warn!(
+                        target: "idem",
+                        limit,
+                        "response larger than max_response_bytes (or, with its headers, than \
+                         the room a request holds of its client's byte quota): sent but not \
+                         stored, so a retry with the same Idempotency-Key runs the handler again"
+                    );
+                    head.headers
+                        .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
+                    Err(Unstored::Response(Box::new(Response::from_parts(
+                        head, body,
+                    ))))
+                }
+                Buffered::Failed(body) => Err(Unstored::Response(Box::new(Response::from_parts(
+                    head, body,
+                )))),
+            }
+        })
+        .await;
+
+    match outcome {
+        Ok(outcome) if outcome.status.is_replay() => {
+            match outcome.value.vary_mismatch(&request_headers) {
+                Some(name) => Ok(variant_mismatch(name, &key)),
+                None => Ok(outcome.value.into_replay()),
+            }
+        }
+        Ok(outcome) => Ok(outcome.value.into_first()),
+        Err(Unstored::Response(response)) => Ok(*response),
+        Err(Unstored::Service(err)) => Err(err),
+        Err(Unstored::OverQuota(over)) => Ok(over_quota(&over, config)),
+        Err(Unstored::Idem(err)) => Ok(executor_problem(&err, &key)),
+    }
+}
+
+/// The answer to a client over its quota.
+fn over_quota<B>(over: &OverQuota, config: &Config) -> Response<ResponseBody<B>> {
+    let detail = if over.bytes {
+        format!(
+            "this client's stored responses take {} bytes, and {} more are held for its \
+             requests running; the limit is {} bytes: retry when its oldest record expires",
+            over.usage.bytes, over.usage.reserved_bytes, config.max_bytes_per_client
+        )
+    } else {
+        format!(
+            "this client holds {} idempotency records; the limit is {}: retry when its oldest \
+             record expires",
+            over.usage.records, config.max_records_per_client
+        )
+    };
+    tracing::info!(
+        target: "idem",
+        records = over.usage.records,
+        bytes = over.usage.bytes,
+        "a client is over its idempotency quota"
+    );
+    Problem::QuotaExceeded.response(&detail, Some(over.retry_after))
+}
+
+/// The answer to a retry whose negotiated headers differ from the first request's.
+fn variant_mismatch<B>(name: &HeaderName, key: &str) -> Response<ResponseBody<B>> {
+    Problem::VariantMismatch.response(
+        &format!(
+            "the stored response for Idempotency-Key {} varies on {name}, and this request's \
+             {name} differs from the first request's: send the same {name}, or put content \
+             negotiation (compression) outside the idempotency layer",
+            show_key(key)
+        ),
+        None,
+    )
+}
+
+/// The answer to an executor error; the handler has not run (or its run was not stored).
+fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
+    let shown = show_key(key);
+    match err {
+        Error::InProgress { retry_after } => Problem::InProgress.response(
+            &format!(
+                "a request with Idempotency-Key {shown} is still in progress; retry after it \
+                 completes"
+            ),
+            Some(*retry_after),
+        ),
+        Error::KeyReused => Problem::KeyReused.response(
+            &format!(
+                "Idempotency-Key {shown} was used for a request with another method, path, \
+                 query, body or content headers; use a new key for a new request"
+            ),
+            None,
+        ),
+        Error::Codec(_) => Problem::RecordUnreadable.response(
+            &format!("the stored response for Idempotency-Key {shown} could not be read"),
+            None,
+        ),
+        // The executor logged the cause; the client learns only that it should retry later.
+        _ => Problem::StoreUnavailable.response(
+            "the idempotency store could not be reached; the request was not processed",
+            None,
+        ),
+    }
+}
+
+/// The key as a JSON-safe, bounded string for a problem's detail.
+fn show_key(key: &str) -> String {
+    let mut shown: String = key.chars().take(64).collect();
+    if shown.len() < key.len() {
+        shown.push('…');
+    }
+    format!("\"{shown}\"")
+}
