@@ -148,7 +148,39 @@ async fn every_outcome_increments_exactly_one_counter_and_operations_are_timed()
     assert_eq!((held.unwrap(), waited.unwrap()), (1, 1));
 
     store_operations(&store).await;
+    #[cfg(feature = "http")]
+    http::keyed_requests().await;
     let recorded = snapshotter().snapshot().into_vec();
+
+    #[cfg(feature = "http")]
+    {
+        let responses = |status: &str, replayed: &str| {
+            recorded
+                .iter()
+                .filter(|(composite, _, _, _)| {
+                    let key = composite.key();
+                    key.name() == "idem_http_responses_total"
+                        && key
+                            .labels()
+                            .any(|l| l.key() == "status" && l.value() == status)
+                        && key
+                            .labels()
+                            .any(|l| l.key() == "replayed" && l.value() == replayed)
+                })
+                .map(|(_, _, _, v)| match v {
+                    DebugValue::Counter(n) => *n,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        };
+        assert_eq!(responses("201", "false"), 1, "the first response");
+        assert_eq!(responses("201", "true"), 2, "two replays");
+        assert_eq!(
+            responses("422", "false"),
+            1,
+            "a key reused for another body"
+        );
+    }
 
     let got = calls(&recorded, "m.");
     let expected: HashMap<(String, String), u64> = [
@@ -252,5 +284,45 @@ impl idem::Store for Passthrough {
     }
     fn remove(&self, key: idem::Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
         self.0.remove(key)
+    }
+}
+
+#[cfg(feature = "http")]
+mod http {
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use idem::MemoryStore;
+    use idem::http::IdempotencyLayer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// One POST over a fresh connection; the response's status line.
+    async fn send(addr: std::net::SocketAddr, key: &str, body: &str) -> String {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST /orders HTTP/1.1\r\nhost: test\r\nidempotency-key: {key}\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        response.lines().next().unwrap_or_default().to_owned()
+    }
+
+    /// A first keyed request, two replays, and a key reused for another body.
+    pub(super) async fn keyed_requests() {
+        let app = Router::new()
+            .route("/orders", post(|| async { (StatusCode::CREATED, "made") }))
+            .layer(IdempotencyLayer::new(MemoryStore::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        for _ in 0..3 {
+            assert!(send(addr, "k1", "a").await.contains("201"));
+        }
+        assert!(send(addr, "k1", "b").await.contains("422"));
+        server.abort();
     }
 }

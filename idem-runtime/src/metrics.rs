@@ -98,7 +98,7 @@ pub(crate) fn store_operation(operation: &'static str, start: Stopwatch) {
 
 /// Counts one response of a keyed request through the HTTP layer.
 #[inline]
-#[allow(dead_code)] // until the HTTP layer records its responses
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn http_response(status: u16, replayed: bool) {
     #[cfg(feature = "metrics")]
@@ -172,7 +172,7 @@ mod enabled {
             .record(took.as_secs_f64());
     }
 
-    #[allow(dead_code)]
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(super) fn http_response(status: u16, replayed: bool) {
         let replayed = if replayed { "true" } else { "false" };
         counter!("idem_http_responses_total", "status" => status.to_string(), "replayed" => replayed)

@@ -139,7 +139,16 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         let quotas = Arc::clone(&self.quotas);
-        ResponseFuture::keyed(Box::pin(keyed::serve(config, quotas, inner, req, key)))
+        ResponseFuture::keyed(Box::pin(async move {
+            let response = keyed::serve(config, quotas, inner, req, key).await;
+            if let Ok(response) = &response {
+                crate::metrics::http_response(
+                    response.status().as_u16(),
+                    response.headers().contains_key(super::IDEMPOTENT_REPLAYED),
+                );
+            }
+            response
+        }))
     }
 }
 
