@@ -68,6 +68,28 @@ mod conformance {
     idem::conformance_tests!(async { Arc::new(super::shared_store().await) as Arc<dyn Store> });
 }
 
+/// Every check the conformance suite lists runs in this file: the test binary's own list of
+/// tests names each of them.
+#[test]
+fn every_conformance_check_runs_here() {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let out = Command::new(exe)
+        .args(["--list", "--format=terse"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("list this binary's tests");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = idem::conformance::CHECKS
+        .iter()
+        .copied()
+        .filter(|check| !listed.contains(&format!("conformance::{check}: test")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "conformance checks not run on PostgreSQL: {missing:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration.
 

@@ -60,10 +60,19 @@
 //! complete, renew, release and remove, when the key lock is taken (a claim of that key is in
 //! flight), pause outside the pool and try again, within the store's timeout.
 //!
-//! A statement that fails with a serialization failure (`40001`) or a deadlock (`40P01`) is
-//! run again: so the store works on a database whose `default_transaction_isolation` is
-//! `repeatable read` or `serializable` (each statement is then its own transaction at that
-//! level). A claim that keeps failing that way is reported as [`Claim::Busy`], never as an error.
+//! The key locks share PostgreSQL's advisory lock space (`int8` keys) with whatever else uses
+//! advisory locks on the database; a collision (vanishingly unlikely with 64-bit numbers)
+//! makes a claim see the key busy while the other lock is held, and never anything worse. [`PostgresStore::migrate`] also takes `pg_advisory_xact_lock(hashtext(name))` on the
+//! quoted schema and table names.
+//!
+//! # Isolation
+//!
+//! Each statement of the store is its own transaction, at the database's default isolation. A
+//! statement that fails with a serialization failure (`40001`) or a deadlock (`40P01`) is run
+//! again, so the store works on a database whose `default_transaction_isolation` is
+//! `repeatable read` or `serializable`; a claim that keeps failing that way is reported as
+//! [`Claim::Busy`], never as an error. The transactional mode sets its own level
+//! ([`Transactional::isolation_level`], `READ COMMITTED` unless set).
 //!
 //! # Session settings
 //!
@@ -1098,6 +1107,7 @@ impl PostgresStore {
     /// concurrent purge or claim. Schedule it, for example with `tokio::time::interval`.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
+        let mut conflicts = 0;
         loop {
             let deleted = match self
                 .execute(
@@ -1108,7 +1118,10 @@ impl PostgresStore {
                 .await
             {
                 Ok(n) => n,
-                Err(failure) if failure.is_conflict() => continue,
+                Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
+                    conflicts += 1;
+                    continue;
+                }
                 Err(failure) => return Err(failure.into_error()),
             };
             total += deleted;
