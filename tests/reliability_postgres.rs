@@ -199,7 +199,7 @@ async fn lease_left(store: &PostgresStore, key: &str) -> Duration {
          FROM {} WHERE key = $1 AND value IS NULL",
         store.table()
     );
-    let key = Key::new("", key);
+    let key = Key::new("test", key);
     let row = client
         .query_opt(&sql, &[&&key.as_bytes()[..]])
         .await
@@ -209,7 +209,7 @@ async fn lease_left(store: &PostgresStore, key: &str) -> Duration {
 }
 
 async fn stored_value(store: &PostgresStore, key: &str) -> String {
-    match store.claim(Key::new("", key), None, LEASE).await {
+    match store.claim(Key::new("test", key), None, LEASE).await {
         Ok(Claim::Completed(done)) => String::from_utf8_lossy(&done.value).into_owned(),
         other => panic!("the record of {key} must be completed, got {other:?}"),
     }
