@@ -8,6 +8,10 @@
 //!   `INSERT ... ON CONFLICT DO NOTHING` + `UPDATE ... SET value` (the floor for claiming and
 //!   completing with plain statements).
 //!
+//! Each group also measures `idem_pooler`: the same calls on a store in
+//! `transaction_pooler(true)` mode (unnamed statements, parsed and planned on every call),
+//! against the same server directly, which is what that mode costs before any pooler's own hop.
+//!
 //! The server is a real PostgreSQL that the benchmark creates with `initdb` on a free loopback port
 //! (the tests' harness). Run with `cargo bench --bench postgres --features postgres`.
 
@@ -61,6 +65,15 @@ fn bench(c: &mut Criterion) {
             .expect("warm the hot key");
         Arc::new(store)
     });
+    let pooler = rt.block_on(async {
+        let pooler = PostgresStore::builder()
+            .pool_size(64)
+            .transaction_pooler(true)
+            .from_url(&server.url())
+            .expect("a store in pooler mode");
+        pooler.migrate().await.expect("migrate");
+        Arc::new(pooler)
+    });
 
     let mut group = c.benchmark_group("postgres_replay");
     group.measurement_time(Duration::from_secs(4));
@@ -95,6 +108,22 @@ fn bench(c: &mut Criterion) {
                     let store = store.clone();
                     async move {
                         let p = Idempotent::new(&*store, HOT)
+                            .name("test")
+                            .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
+                            .await
+                            .expect("a replay");
+                        std::hint::black_box(p);
+                    }
+                }))
+            })
+        });
+        group.bench_function(BenchmarkId::new("idem_pooler", callers), |b| {
+            b.iter_custom(|iters| {
+                let pooler = pooler.clone();
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let pooler = pooler.clone();
+                    async move {
+                        let p = Idempotent::new(&*pooler, HOT)
                             .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(HOT)) })
                             .await
@@ -149,6 +178,23 @@ fn bench(c: &mut Criterion) {
                     let key = next.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let p = Idempotent::new(&*store, ("fresh", key))
+                            .name("test")
+                            .run(|| async { Ok::<_, idem::Error>(profile(key)) })
+                            .await
+                            .expect("an execution");
+                        std::hint::black_box(p);
+                    }
+                }))
+            })
+        });
+        group.bench_function(BenchmarkId::new("idem_pooler", callers), |b| {
+            b.iter_custom(|iters| {
+                let (pooler, next) = (pooler.clone(), next.clone());
+                rt.block_on(rounds(iters * callers as u64, callers, move |_| {
+                    let pooler = pooler.clone();
+                    let key = next.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let p = Idempotent::new(&*pooler, ("fresh", key))
                             .name("test")
                             .run(|| async { Ok::<_, idem::Error>(profile(key)) })
                             .await

@@ -2,7 +2,11 @@
 //! `PostgresStore` against a real PostgreSQL that the harness creates with `initdb` (see
 //! `support/postgres.rs`): the conformance suite, one statement per replay, the transactional
 //! mode (failure, crash, retry), a server crash, large values and hostile keys, several
-//! processes on the same keys, the attribute, and the `postgres_inbox` example.
+//! processes on the same keys, the attribute, and the `postgres_inbox` example; then the
+//! deployments of issues 13, 19 and 21: leases counted from their grant, waiting that holds no
+//! pooled connection, cancellation with a busy pool, PgBouncer in transaction mode, databases
+//! whose default isolation is serializable or repeatable read, concurrent migrations into one
+//! new schema, and the durability checks (unlogged table, `synchronous_commit = off`).
 //!
 //! Tests that need another process re-run this test binary with `IDEM_PG_CHILD` set; the
 //! `child_process_entry` test is that process's work, and does nothing otherwise.
@@ -20,11 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use idem::store::postgres::OnRisk;
 use idem::store::postgres::tokio_postgres;
 use idem::{
     Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
 };
 use support::postgres::PgServer;
+use support::postgres::pgbouncer::PgBouncer;
 
 /// A store on the shared server's default table, migrated.
 async fn shared_store() -> PostgresStore {
@@ -60,6 +66,28 @@ mod conformance {
     use idem::Store;
 
     idem::conformance_tests!(async { Arc::new(super::shared_store().await) as Arc<dyn Store> });
+}
+
+/// Every check the conformance suite lists runs in this file: the test binary's own list of
+/// tests names each of them.
+#[test]
+fn every_conformance_check_runs_here() {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let out = Command::new(exe)
+        .args(["--list", "--format=terse"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("list this binary's tests");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = idem::conformance::CHECKS
+        .iter()
+        .copied()
+        .filter(|check| !listed.contains(&format!("conformance::{check}: test")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "conformance checks not run on PostgreSQL: {missing:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,13 +579,7 @@ async fn concurrent_transactional_duplicates_write_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callers_blocked_by_an_open_transaction_see_it_busy_then_replay() {
     let url = PgServer::shared().url();
-    let store = Arc::new(
-        PostgresStore::builder()
-            .lock_timeout(Some(Duration::from_millis(200)))
-            .from_url(&url)
-            .unwrap(),
-    );
-    store.migrate().await.unwrap();
+    let store = Arc::new(shared_store().await);
     let db = client(&url).await;
     orders_table(&db).await;
     let k = unique("blocked");
@@ -581,8 +603,8 @@ async fn callers_blocked_by_an_open_transaction_see_it_busy_then_replay() {
         })
     };
     entered.await.unwrap();
-    // The claim blocks on the uncommitted row; past lock_timeout it is reported busy.
-    let started = Instant::now();
+    // The claim finds the key lock of the uncommitted claim taken and reports the key busy at
+    // once, while the holder is still inside its transaction.
     let rejected = Idempotent::new(&*store, k.clone())
         .name("tx.orders")
         .on_conflict(idem::OnConflict::Reject)
@@ -593,9 +615,8 @@ async fn callers_blocked_by_an_open_transaction_see_it_busy_then_replay() {
         "got {rejected:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
+        !holder.is_finished(),
+        "the rejection must not wait for the holder's commit"
     );
     // A waiting caller gets the holder's result once it commits.
     let waited = Idempotent::new(&*store, k.clone())
@@ -989,4 +1010,690 @@ async fn transactional_key_reused_with_another_fingerprint() {
         ("body A", Status::Replayed)
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13: a lease is counted from its grant; waiting holds no pooled connection.
+
+/// A plain call meets a key whose transactional holder keeps its uncommitted claim for 3 s and
+/// then rolls back. The plain call must then be granted its whole lease (2 s): a third call
+/// 100 ms into its body waits for it, and the body runs once. (Counted from the start of a
+/// statement that had waited on the holder's row, the lease would already have run out and the
+/// third call would take the key over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_that_met_a_held_key_is_granted_its_whole_lease() {
+    let store = Arc::new(shared_store().await);
+    let k = unique("grant");
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (store, k) = (store.clone(), k.clone());
+        tokio::spawn(async move {
+            store
+                .transactional(k)
+                .name("grant")
+                .run(move |_tx| {
+                    Box::pin(async move {
+                        let _ = entered_tx.send(());
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        Err::<String, _>(TxError::Declined)
+                    })
+                })
+                .await
+        })
+    };
+    entered.await.unwrap();
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let second = {
+        let (store, k, runs) = (store.clone(), k.clone(), runs.clone());
+        tokio::spawn(async move {
+            Idempotent::new(&*store, k)
+                .name("grant")
+                .lease(Duration::from_secs(2))
+                .run(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = started_tx.send(());
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    Ok::<_, Error>(String::from("second"))
+                })
+                .await
+        })
+    };
+    started
+        .await
+        .expect("the second call's body runs once the holder rolled back");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let third = Idempotent::new(&*store, k.clone())
+        .name("grant")
+        .lease(Duration::from_secs(2))
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(String::from("third"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(second.await.unwrap().unwrap(), "second");
+    assert_eq!(
+        third, "second",
+        "the third call waits for the second's result"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    assert!(matches!(holder.await.unwrap(), Err(TxError::Declined)));
+}
+
+/// A transactional call holds key K; seven duplicates of K wait for it; a first call of another
+/// key must get a connection and finish while the holder is still inside its transaction. The
+/// pool has 4 connections and the store's timeout (2 s) is shorter than the connections'
+/// `lock_timeout` (5 s): duplicates sitting on connections, blocked on K's row, would starve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_waiting_for_a_transactional_holder_leave_connections_to_other_keys() {
+    let store = Arc::new(
+        PostgresStore::builder()
+            .pool_size(4)
+            .timeout(Duration::from_secs(2))
+            .from_url(&PgServer::shared().url())
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let k = unique("starve");
+    let holding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let (store, k, holding) = (store.clone(), k.clone(), holding.clone());
+        tokio::spawn(async move {
+            store
+                .transactional(k)
+                .name("starve")
+                .run(move |_tx| {
+                    Box::pin(async move {
+                        let _ = entered_tx.send(());
+                        let _ = finish.await;
+                        holding.store(false, Ordering::SeqCst);
+                        Ok::<_, TxError>(String::from("holder"))
+                    })
+                })
+                .await
+        })
+    };
+    entered.await.unwrap();
+
+    let duplicate_runs = Arc::new(AtomicUsize::new(0));
+    let mut duplicates = tokio::task::JoinSet::new();
+    for _ in 0..7 {
+        let (store, k, runs) = (store.clone(), k.clone(), duplicate_runs.clone());
+        duplicates.spawn(async move {
+            Idempotent::new(&*store, k)
+                .name("starve")
+                .run(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(String::from("duplicate"))
+                })
+                .await
+        });
+    }
+    // Let every duplicate meet the held key (this only sets the scene; nothing is timed).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let other = Idempotent::new(&*store, unique("starve-other"))
+        .name("starve")
+        .run(|| async { Ok::<_, Error>(7u8) })
+        .await;
+    assert!(
+        matches!(other, Ok(7)),
+        "another key's first call must get a connection: {other:?}"
+    );
+    assert!(
+        holding.load(Ordering::SeqCst),
+        "the other key's call finished while the holder still held K"
+    );
+
+    let _ = finish_tx.send(());
+    assert_eq!(holder.await.unwrap().unwrap(), "holder");
+    while let Some(joined) = duplicates.join_next().await {
+        assert_eq!(
+            joined
+                .unwrap()
+                .expect("a duplicate must get the holder's result"),
+            "holder"
+        );
+    }
+    assert_eq!(duplicate_runs.load(Ordering::SeqCst), 0);
+}
+
+/// Pool of 2; the body returns `Ok` while two other calls hold both connections, so `complete`
+/// waits for one; the caller's timeout fires and drops the call. The completion is finished in
+/// the background (never a release): a retry 0.6 s later replays or waits, and the body runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_dropped_while_complete_waits_for_a_connection_is_not_run_again() {
+    let store = Arc::new(
+        PostgresStore::builder()
+            .pool_size(2)
+            .from_url(&PgServer::shared().url())
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let k = unique("busy-pool");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let body_started = Arc::new(tokio::sync::Notify::new());
+    let may_return = Arc::new(tokio::sync::Notify::new());
+    let returned = Arc::new(tokio::sync::Notify::new());
+    let call = {
+        let (runs, body_started, may_return, returned) = (
+            runs.clone(),
+            body_started.clone(),
+            may_return.clone(),
+            returned.clone(),
+        );
+        Idempotent::new(&*store, k.clone())
+            .name("busy-pool")
+            .lease(Duration::from_secs(5))
+            .run(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                body_started.notify_one();
+                may_return.notified().await;
+                returned.notify_one();
+                Ok::<_, Error>(String::from("first"))
+            })
+    };
+    // Boxed, so that dropping it below really drops the call (as a caller's timeout does).
+    let mut call = Box::pin(call);
+
+    // Two other calls take both connections and keep them.
+    let release_hogs = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut hogs = tokio::task::JoinSet::new();
+    tokio::select! {
+        out = &mut call => panic!("the body waits, yet the call ended: {out:?}"),
+        () = body_started.notified() => {}
+    }
+    let (hog_in_tx, mut hog_in) = tokio::sync::mpsc::channel(2);
+    for i in 0..2 {
+        let (store, release, hog_in_tx) = (store.clone(), release_hogs.clone(), hog_in_tx.clone());
+        hogs.spawn(async move {
+            store
+                .transactional(unique(&format!("hog{i}")))
+                .name("busy-pool")
+                .run(move |_tx| {
+                    Box::pin(async move {
+                        let _ = hog_in_tx.send(()).await;
+                        let _permit = release.acquire().await;
+                        Ok::<_, TxError>(i)
+                    })
+                })
+                .await
+        });
+    }
+    for _ in 0..2 {
+        tokio::select! {
+            out = &mut call => panic!("the body waits, yet the call ended: {out:?}"),
+            _ = hog_in.recv() => {}
+        }
+    }
+    // The body returns `Ok`; `complete` finds no free connection; the caller gives up.
+    may_return.notify_one();
+    tokio::select! {
+        out = &mut call => panic!("complete cannot get a connection, yet the call ended: {out:?}"),
+        () = returned.notified() => {}
+    }
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), &mut call).await;
+    assert!(gave_up.is_err(), "complete had no connection: {gave_up:?}");
+    drop(call);
+
+    // The other calls finish; the retry comes 0.6 s after the caller gave up.
+    let releaser = {
+        let release = release_hogs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            release.add_permits(2);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = Idempotent::new(&*store, k)
+        .name("busy-pool")
+        .lease(Duration::from_secs(5))
+        .run_with_outcome(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(String::from("retry"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (retry.value.as_str(), retry.status.is_replay()),
+        ("first", true),
+        "the retry gets the first call's result"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    releaser.await.unwrap();
+    while let Some(joined) = hogs.join_next().await {
+        joined
+            .unwrap()
+            .expect("the calls holding connections succeed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21: deployments.
+
+/// Four stores in pooler mode, each with 16 tasks calling the same 80 keys, through PgBouncer
+/// in transaction mode with 4 server connections: every call succeeds, each body runs once, and
+/// a second round replays every key. Transactional calls work through it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_pgbouncer_in_transaction_mode_every_call_succeeds_once() {
+    const STORES: usize = 4;
+    const TASKS: usize = 16;
+    const KEYS: usize = 80;
+    let server = PgServer::shared();
+    let bouncer = PgBouncer::start(server, 4);
+    let url = bouncer.url();
+    let mut stores = Vec::new();
+    for _ in 0..STORES {
+        let store = PostgresStore::builder()
+            .table("bouncer_records")
+            .transaction_pooler(true)
+            .pool_size(8)
+            .from_url(&url)
+            .unwrap();
+        stores.push(Arc::new(store));
+    }
+    let mut migrations = tokio::task::JoinSet::new();
+    for store in &stores {
+        let store = store.clone();
+        migrations.spawn(async move { store.migrate().await });
+    }
+    while let Some(done) = migrations.join_next().await {
+        done.unwrap().expect("migrate through PgBouncer");
+    }
+
+    let tag = unique("bouncer");
+    let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+    for round in ["executed", "replayed"] {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (s, store) in stores.iter().enumerate() {
+            for t in 0..TASKS {
+                let (store, runs, tag) = (store.clone(), runs.clone(), tag.clone());
+                tasks.spawn(async move {
+                    let mut failures = Vec::new();
+                    for i in 0..KEYS {
+                        let k = (i + 7 * (s * TASKS + t)) % KEYS;
+                        let runs = &runs;
+                        let out = Idempotent::new(&*store, (tag.as_str(), k))
+                            .name("bouncer")
+                            .run(|| async move {
+                                runs[k].fetch_add(1, Ordering::SeqCst);
+                                Ok::<_, Error>(k * 10)
+                            })
+                            .await;
+                        match out {
+                            Ok(v) if v == k * 10 => {}
+                            other => failures.push(format!("key {k}: {other:?}")),
+                        }
+                    }
+                    failures
+                });
+            }
+        }
+        let mut failures = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            failures.extend(joined.unwrap());
+        }
+        assert!(
+            failures.is_empty(),
+            "{round} round: {} of {} calls failed, e.g. {:?}",
+            failures.len(),
+            STORES * TASKS * KEYS,
+            &failures[..failures.len().min(3)]
+        );
+        let counts: Vec<usize> = runs.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+        assert!(
+            counts.iter().all(|&n| n == 1),
+            "{round} round: every body runs once: {counts:?}"
+        );
+    }
+
+    // Transactional mode through the pooler: 8 keys, 4 callers each, from every store.
+    let db = client(&server.url()).await;
+    orders_table(&db).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        for store in &stores {
+            let (store, k) = (store.clone(), format!("{tag}-tx-{i}"));
+            tasks.spawn(async move {
+                let k2 = k.clone();
+                store
+                    .transactional(k)
+                    .name("bouncer.tx")
+                    .run(move |tx| {
+                        Box::pin(async move {
+                            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                                .await?;
+                            Ok::<_, TxError>(1u8)
+                        })
+                    })
+                    .await
+            });
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined
+            .unwrap()
+            .expect("a transactional call through PgBouncer");
+    }
+    for i in 0..8 {
+        let k = format!("{tag}-tx-{i}");
+        assert_eq!(
+            count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+            1,
+            "transactional key {i} wrote once"
+        );
+    }
+}
+
+/// A new database on the shared server whose sessions default to `level`.
+async fn database_with(name: &str, setting: &str) -> String {
+    let server = PgServer::shared();
+    let admin = client(&server.url()).await;
+    // Two tests never create the same database; a rerun on a kept server finds it.
+    if let Err(e) = admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        && e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+    {
+        panic!("create database {name}: {e}");
+    }
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} SET {setting}"))
+        .await
+        .unwrap();
+    format!("postgres://postgres@127.0.0.1:{}/{name}", server.port())
+}
+
+/// On databases whose default isolation is serializable or repeatable read, 12 concurrent
+/// callers of one key (several rounds, through the executor and in transactional mode) all
+/// succeed, and each body runs once: serialization failures are retries, never store errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_default_isolation_gives_retries_not_errors() {
+    for (db, level) in [
+        ("idem_serializable", "serializable"),
+        ("idem_repeatable_read", "repeatable read"),
+    ] {
+        let url = database_with(db, &format!("default_transaction_isolation = '{level}'")).await;
+        let store = Arc::new(PostgresStore::from_url(&url).unwrap());
+        store.migrate().await.unwrap();
+        let conn = store.pool().get().await.unwrap();
+        let shown: String = conn
+            .query_one("SHOW default_transaction_isolation", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, level, "the store's sessions run at {level}");
+        drop(conn);
+        for round in 0..4 {
+            let k = unique("isolation");
+            let runs = Arc::new(AtomicUsize::new(0));
+            let mut tasks = tokio::task::JoinSet::new();
+            for caller in 0..12 {
+                let (store, k, runs) = (store.clone(), k.clone(), runs.clone());
+                tasks.spawn(async move {
+                    if caller % 4 == 3 {
+                        let runs = runs.clone();
+                        store
+                            .transactional(k)
+                            .name("isolation")
+                            .run(move |_tx| {
+                                Box::pin(async move {
+                                    runs.fetch_add(1, Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                    Ok::<_, Error>(caller)
+                                })
+                            })
+                            .await
+                    } else {
+                        Idempotent::new(&*store, k)
+                            .name("isolation")
+                            .on_conflict(idem::OnConflict::Wait)
+                            .run(|| async move {
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Ok::<_, Error>(caller)
+                            })
+                            .await
+                    }
+                });
+            }
+            let mut values = HashSet::new();
+            while let Some(joined) = tasks.join_next().await {
+                let out = joined.unwrap();
+                assert!(
+                    out.is_ok(),
+                    "{level}, round {round}: a caller failed: {out:?}"
+                );
+                values.extend(out.ok());
+            }
+            assert_eq!(runs.load(Ordering::SeqCst), 1, "{level}, round {round}");
+            assert_eq!(values.len(), 1, "{level}, round {round}: one result");
+        }
+    }
+}
+
+/// 48 stores (six tables, eight stores each) migrate into one new schema at once: every
+/// migration succeeds and the six tables exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_into_one_new_schema_all_succeed() {
+    let url = PgServer::shared().url();
+    let schema = format!(
+        "migrate_{}_{}",
+        std::process::id(),
+        idem::Token::generate().as_u128() % 1_000_000_007
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..48 {
+        let store = PostgresStore::builder()
+            .schema(schema.clone())
+            .table(format!("records_{}", i % 6))
+            .pool_size(1)
+            .from_url(&url)
+            .unwrap();
+        tasks.spawn(async move { store.migrate().await });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.unwrap() {
+            failures.push(format!("{e}: {:?}", std::error::Error::source(&e)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 48 migrations failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    let db = client(&url).await;
+    let tables = count(
+        &db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
+        &[&schema],
+    )
+    .await;
+    assert_eq!(tables, 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19: what can lose an acknowledged record is checked.
+
+fn error_text(err: &Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `migrate` creates a logged table; a table made `UNLOGGED` is refused by default (by
+/// `migrate`, `check_settings` and a store's first operation, naming the setting and the
+/// fix), warned about or accepted when the builder says so, and accepted again once it is
+/// `SET LOGGED`.
+#[tokio::test]
+async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    let persistence = |table: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass($1)",
+                    &[&table],
+                )
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    let logged = PostgresStore::builder()
+        .table("logged_records")
+        .from_url(&url)
+        .unwrap();
+    logged.migrate().await.unwrap();
+    assert_eq!(
+        persistence("logged_records").await,
+        "p",
+        "migrate makes a logged table"
+    );
+
+    let table = "unlogged_records";
+    let refusing = PostgresStore::builder()
+        .table(table)
+        .from_url(&url)
+        .unwrap();
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .unwrap();
+    db.batch_execute(&refusing.migration_sql().replacen(
+        "CREATE TABLE",
+        "CREATE UNLOGGED TABLE",
+        1,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(persistence("unlogged_records").await, "u");
+
+    let err = refusing
+        .migrate()
+        .await
+        .expect_err("an unlogged table is refused");
+    let text = error_text(&err);
+    assert!(
+        matches!(err, Error::Store(_)) && text.contains("UNLOGGED") && text.contains("SET LOGGED"),
+        "the refusal names the setting and the fix: {text}"
+    );
+    let fresh = PostgresStore::builder()
+        .table(table)
+        .from_url(&url)
+        .unwrap();
+    let first_op = fresh
+        .claim(Key::new("unlogged", &1u8), None, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&first_op, Err(Error::Store(e)) if e.to_string().contains("UNLOGGED")),
+        "the first operation is refused: {first_op:?}"
+    );
+    assert!(fresh.check_settings().await.is_err());
+
+    let logs = support::LogCapture::install();
+    let warned = PostgresStore::builder()
+        .table(table)
+        .on_unlogged_table(OnRisk::Warn)
+        .from_url(&url)
+        .unwrap();
+    warned.migrate().await.expect("warned, not refused");
+    for i in 0..3u8 {
+        let out = Idempotent::new(&warned, i)
+            .name("unlogged")
+            .run(|| async { Ok::<_, Error>(i) })
+            .await;
+        assert_eq!(out.unwrap(), i);
+    }
+    assert_eq!(
+        logs.text().matches("is UNLOGGED").count(),
+        1,
+        "warned once:\n{}",
+        logs.text()
+    );
+    let accepted = PostgresStore::builder()
+        .table(table)
+        .on_unlogged_table(OnRisk::Accept)
+        .from_url(&url)
+        .unwrap();
+    accepted.migrate().await.expect("accepted");
+    assert_eq!(
+        logs.text().matches("is UNLOGGED").count(),
+        1,
+        "accepted silently"
+    );
+
+    db.batch_execute(&format!("ALTER TABLE {table} SET LOGGED"))
+        .await
+        .unwrap();
+    refusing
+        .check_settings()
+        .await
+        .expect("a logged table passes");
+    let out = Idempotent::new(&refusing, 9u8)
+        .name("unlogged")
+        .run(|| async { Ok::<_, Error>(9u8) })
+        .await;
+    assert_eq!(out.unwrap(), 9);
+}
+
+/// Sessions with `synchronous_commit = off` (set on their database) are warned about once by
+/// default, refused when the builder says so, and accepted silently when it says that.
+#[tokio::test]
+async fn synchronous_commit_off_is_warned_about_by_default() {
+    let url = database_with("idem_async_commit", "synchronous_commit = off").await;
+    let logs = support::LogCapture::install();
+    let store = PostgresStore::from_url(&url).unwrap();
+    store.migrate().await.expect("warned, not refused");
+    for i in 0..3u8 {
+        let out = Idempotent::new(&store, i)
+            .name("async-commit")
+            .run(|| async { Ok::<_, Error>(i) })
+            .await;
+        assert_eq!(out.unwrap(), i);
+    }
+    assert_eq!(
+        logs.text().matches("synchronous_commit = off").count(),
+        1,
+        "warned once:\n{}",
+        logs.text()
+    );
+
+    let refusing = PostgresStore::builder()
+        .on_synchronous_commit_off(OnRisk::Refuse)
+        .from_url(&url)
+        .unwrap();
+    let err = refusing.migrate().await.expect_err("refused on request");
+    let text = error_text(&err);
+    assert!(
+        text.contains("synchronous_commit = off") && text.contains("ALTER ROLE"),
+        "the refusal names the setting and the fix: {text}"
+    );
+    let first_op = refusing
+        .claim(Key::new("async", &1u8), None, Duration::from_secs(5))
+        .await;
+    assert!(matches!(first_op, Err(Error::Store(_))), "{first_op:?}");
+
+    let accepting = PostgresStore::builder()
+        .on_synchronous_commit_off(OnRisk::Accept)
+        .from_url(&url)
+        .unwrap();
+    accepting.migrate().await.expect("accepted");
+    assert_eq!(
+        logs.text().matches("synchronous_commit = off").count(),
+        1,
+        "accepted silently"
+    );
 }

@@ -9,7 +9,10 @@
 //!   resumed cannot overwrite the new holder's result, and warns `lease_lost`;
 //! - outages: the server is killed (`SIGKILL`, a crash) and restarted twice during a run of many
 //!   calls: every call ends with its value or `Error::Store` within the store's timeout, none
-//!   hangs, every key is served afterwards, and no key whose record was stored runs twice.
+//!   hangs, every key is served afterwards, and no key whose record was stored runs twice;
+//! - cancellations: hundreds of calls dropped at random points (before the claim, during it,
+//!   while the body runs, right after it returned `Ok`, in `complete` with a busy pool), with
+//!   leases that never run out: no body returns `Ok` twice for one key.
 //!
 //! Each test writes its counts to `<target dir>/reliability/<test>.txt` (see docs/reliability.md).
 
@@ -196,7 +199,7 @@ async fn lease_left(store: &PostgresStore, key: &str) -> Duration {
          FROM {} WHERE key = $1 AND value IS NULL",
         store.table()
     );
-    let key = Key::new("", key);
+    let key = Key::new("test", key);
     let row = client
         .query_opt(&sql, &[&&key.as_bytes()[..]])
         .await
@@ -206,7 +209,7 @@ async fn lease_left(store: &PostgresStore, key: &str) -> Duration {
 }
 
 async fn stored_value(store: &PostgresStore, key: &str) -> String {
-    match store.claim(Key::new("", key), None, LEASE).await {
+    match store.claim(Key::new("test", key), None, LEASE).await {
         Ok(Claim::Completed(done)) => String::from_utf8_lossy(&done.value).into_owned(),
         other => panic!("the record of {key} must be completed, got {other:?}"),
     }
@@ -335,4 +338,220 @@ async fn server_crashes_mid_run_lose_nothing_and_hang_nothing() {
     )
     .await;
     chaos::report("outage_postgres", &counts);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancellation at random points.
+
+/// Where a call of [`calls_cancelled_at_random_points_never_double_an_execution`] is dropped.
+#[derive(Clone, Copy, Debug)]
+enum CancelAt {
+    /// Never polled.
+    BeforeTheClaim,
+    /// After a random few hundred microseconds: in the claim, or just after it.
+    DuringTheClaim,
+    /// While the body runs.
+    WhileTheBodyRuns,
+    /// As soon as the body has returned `Ok`: in `complete`.
+    RightAfterOk,
+    /// In `complete`, while every pooled connection is taken by someone else.
+    InCompleteWithABusyPool,
+    /// Not cancelled.
+    Never,
+}
+
+/// A small deterministic generator (splitmix64), seeded per run and printed, so a failing run
+/// can be replayed with `IDEM_CANCEL_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Hundreds of calls over a few keys at a time, each dropped at a random point (before its claim, during
+/// it, while its body runs, right after the body returned `Ok`, or in `complete` while other
+/// callers hold every pooled connection) or left to finish. Leases are long (none expires during
+/// the run), so a body that returns `Ok` twice for one key is an execution doubled by a
+/// cancellation: there must be none, and every finished call and the final replay of each key
+/// return the value of its one execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cancelled_at_random_points_never_double_an_execution() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Five keys at a time; every 25 calls move on to five new ones, so that cancellations keep
+    // meeting keys whose body has not run yet.
+    const KEYS_AT_ONCE: u64 = 5;
+    const CALLS_PER_GENERATION: u64 = 25;
+    const POOL: usize = 3;
+    let calls = 300 * chaos::env_u64("IDEM_RELIABILITY_CASES", 1).clamp(1, 100);
+    let keys = calls.div_ceil(CALLS_PER_GENERATION) * KEYS_AT_ONCE;
+    let fresh = idem::Token::generate().as_u128();
+    let seed = chaos::env_u64("IDEM_CANCEL_SEED", (fresh >> 64) as u64 ^ fresh as u64);
+    println!("cancel_postgres: seed {seed} (IDEM_CANCEL_SEED to replay)");
+    let mut rng = Rng(seed);
+
+    let store = Arc::new(
+        PostgresStore::builder()
+            .pool_size(POOL)
+            .from_url(&PgServer::shared().url())
+            .expect("store"),
+    );
+    store.migrate().await.expect("migrate");
+    let tag = unique("cancel");
+    // Per key: the run ids of bodies that returned `Ok`.
+    let oks: Arc<Vec<Mutex<Vec<u64>>>> =
+        Arc::new((0..keys).map(|_| Mutex::new(Vec::new())).collect());
+    let cancellations = Arc::new(AtomicU64::new(0));
+    // One caller at a time takes the whole pool (two could each hold part of it forever).
+    let hog = Arc::new(tokio::sync::Mutex::new(()));
+    let lanes = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+
+    for run in 0..calls {
+        let key = run / CALLS_PER_GENERATION * KEYS_AT_ONCE + rng.below(KEYS_AT_ONCE);
+        let at = match rng.below(6) {
+            0 => CancelAt::BeforeTheClaim,
+            1 => CancelAt::DuringTheClaim,
+            2 => CancelAt::WhileTheBodyRuns,
+            3 => CancelAt::RightAfterOk,
+            4 => CancelAt::InCompleteWithABusyPool,
+            _ => CancelAt::Never,
+        };
+        let micros = rng.below(1500);
+        let (store, oks, tag, hog, cancellations) = (
+            store.clone(),
+            oks.clone(),
+            tag.clone(),
+            hog.clone(),
+            cancellations.clone(),
+        );
+        let permit = lanes.clone().acquire_owned().await.expect("lanes");
+        tasks.spawn(async move {
+            let _permit = permit;
+            let started = Arc::new(tokio::sync::Notify::new());
+            let returned = Arc::new(tokio::sync::Notify::new());
+            let body = {
+                let (store, oks, hog, started, returned) = (
+                    store.clone(),
+                    oks.clone(),
+                    hog.clone(),
+                    started.clone(),
+                    returned.clone(),
+                );
+                move || async move {
+                    started.notify_one();
+                    match at {
+                        CancelAt::WhileTheBodyRuns => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        CancelAt::InCompleteWithABusyPool => {
+                            // Take every connection for 30 ms, from a task of its own.
+                            let turn = hog.lock_owned().await;
+                            let mut held = Vec::new();
+                            for _ in 0..POOL {
+                                held.push(store.pool().get().await.expect("a connection"));
+                            }
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(30)).await;
+                                drop(held);
+                                drop(turn);
+                            });
+                        }
+                        _ => tokio::time::sleep(Duration::from_micros(micros)).await,
+                    }
+                    oks[key as usize].lock().unwrap().push(run);
+                    returned.notify_one();
+                    Ok::<_, Error>(run)
+                }
+            };
+            let call = Idempotent::new(&*store, (tag.as_str(), key))
+                .name("cancel")
+                .wait_timeout(Duration::from_secs(30))
+                .run(body);
+            let mut call = Box::pin(call);
+            let finished = match at {
+                CancelAt::BeforeTheClaim => None,
+                CancelAt::DuringTheClaim => {
+                    tokio::time::timeout(Duration::from_micros(micros), &mut call)
+                        .await
+                        .ok()
+                }
+                CancelAt::WhileTheBodyRuns => tokio::select! {
+                    out = &mut call => Some(out),
+                    () = started.notified() => None,
+                },
+                CancelAt::RightAfterOk => tokio::select! {
+                    out = &mut call => Some(out),
+                    () = returned.notified() => None,
+                },
+                CancelAt::InCompleteWithABusyPool => tokio::select! {
+                    out = &mut call => Some(out),
+                    () = returned.notified() => {
+                        tokio::time::timeout(Duration::from_millis(5), &mut call).await.ok()
+                    }
+                },
+                CancelAt::Never => Some((&mut call).await),
+            };
+            drop(call);
+            if finished.is_none() {
+                cancellations.fetch_add(1, Ordering::Relaxed);
+            }
+            (key, at, finished)
+        });
+    }
+
+    let mut answers: Vec<Vec<u64>> = vec![Vec::new(); keys as usize];
+    while let Some(joined) = tasks.join_next().await {
+        let (key, at, finished) = joined.expect("a call task panicked");
+        match finished {
+            None => {}
+            Some(Ok(value)) => answers[key as usize].push(value),
+            Some(Err(err)) => panic!("a call ({at:?}) that was not cancelled failed: {err}"),
+        }
+    }
+    // Each key once more, waiting for whatever is still being settled.
+    for key in 0..keys {
+        let oks = oks.clone();
+        let value = Idempotent::new(&*store, (tag.as_str(), key))
+            .name("cancel")
+            .wait_timeout(Duration::from_secs(30))
+            .run(|| async move {
+                oks[key as usize].lock().unwrap().push(u64::MAX);
+                Ok::<_, Error>(u64::MAX)
+            })
+            .await
+            .expect("the final call of a key");
+        answers[key as usize].push(value);
+    }
+
+    let mut doubled = 0u64;
+    for key in 0..keys as usize {
+        let ran = oks[key].lock().unwrap().clone();
+        doubled += (ran.len() as u64).saturating_sub(1);
+        assert!(
+            ran.len() <= 1,
+            "key {key}: the body returned Ok {} times ({ran:?}) with no lease expired",
+            ran.len()
+        );
+        for value in &answers[key] {
+            assert!(
+                ran.first() == Some(value),
+                "key {key}: a call returned {value}, not the one execution's {ran:?}"
+            );
+        }
+    }
+    let n = cancellations.load(Ordering::Relaxed);
+    chaos::report(
+        "cancel_postgres",
+        &[("cancellations", n), ("executions_doubled", doubled)],
+    );
 }

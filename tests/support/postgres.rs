@@ -23,6 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// PgBouncer in front of a test server (the pooler-mode tests).
+#[path = "pgbouncer.rs"]
+pub mod pgbouncer;
+
 const INSTALL: &str = "install PostgreSQL: `apt-get install -y postgresql` (Debian/Ubuntu), \
                        `brew install postgresql` (macOS), or set IDEM_PG_BINDIR to its bin directory";
 
@@ -236,7 +240,7 @@ rm -rf "$PG_DIR"
     }
 }
 
-fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
+pub fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt;
         cmd.uid(uid)
@@ -247,7 +251,7 @@ fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
 }
 
 /// `Some((uid, gid))` of the `postgres` user when running as root (PostgreSQL refuses root).
-fn run_as() -> Option<(u32, u32)> {
+pub fn run_as() -> Option<(u32, u32)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let euid = status
         .lines()
@@ -279,7 +283,7 @@ fn run_as() -> Option<(u32, u32)> {
     Some((uid, gid))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
     listener.local_addr().expect("local address").port()
 }

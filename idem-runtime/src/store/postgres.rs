@@ -3,9 +3,10 @@
 //!
 //! # The table
 //!
-//! [`PostgresStore::migrate`] creates it (idempotently; several processes may call it at once at
-//! start-up). [`PostgresStore::migration_sql`] returns the same DDL for teams that run
-//! migrations with their own tool. With the default names it is:
+//! [`PostgresStore::migrate`] creates it (idempotently; any number of stores and processes may
+//! call it at once, for tables in the same new schema too). [`PostgresStore::migration_sql`]
+//! returns the same DDL for teams that run migrations with their own tool. With the default
+//! names it is:
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS "public"."idem_records" (
@@ -26,23 +27,87 @@
 //! - The schema and table names are configurable ([`PostgresStoreBuilder::schema`],
 //!   [`PostgresStoreBuilder::table`]); they must be plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`,
 //!   at most 48 bytes), are checked when the store is built and always appear double-quoted.
+//! - The table is a plain (logged) table; `migrate` never creates an `UNLOGGED` one. See
+//!   [Durability](#durability).
 //!
 //! # Statements
 //!
-//! Every [`Store`] operation is one SQL statement (one round trip once the statement is
-//! prepared on the pooled connection; prepared statements are cached per connection). Time is
-//! always the database's (`statement_timestamp()`), never the client's clock.
+//! Every [`Store`] operation is one SQL statement, in one round trip. Time is always the
+//! database's, read with `clock_timestamp()` where a row is written (after any lock the
+//! statement took), never the client's clock: a lease is counted from the moment it is granted.
 //!
-//! - **claim**: one statement whose first CTE reads the live row; only when there is none does
-//!   it `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired> RETURNING`. A replay
-//!   (completed record) costs that one statement and writes nothing: it takes no row lock and
-//!   flushes no WAL, which an `ON CONFLICT DO UPDATE` whose `WHERE` fails would. When the conflicting row was committed
-//!   after the statement's snapshot was taken, `ON CONFLICT` sees it but the `SELECT` does not and
-//!   the statement returns no row: the store then runs the statement again (with a new snapshot,
-//!   which sees the row). That race is exercised by the concurrency tests.
-//! - **complete / renew / release**: an `UPDATE` or `DELETE` whose `WHERE` names the key, the
-//!   claim's token and `value IS NULL`, so a holder whose lease was taken over changes nothing.
-//! - **remove**: `DELETE ... WHERE key = $1`.
+//! **No caller ever waits on another caller's lock.** Every statement that writes a key first
+//! takes `pg_try_advisory_xact_lock` on a 64-bit number derived from the key's digest and the
+//! table (the *key lock*), which never waits: it is held for the statement's own transaction
+//! (a few microseconds), or, in the [transactional mode](Transactional), until the body's
+//! transaction ends. So a claim never queues on the uncommitted row of a transactional call:
+//!
+//! - **claim**: one statement whose first CTE reads the live row. A replay (completed record) or
+//!   a busy key (live claim) ends there: no lock, no write, no WAL. Otherwise it takes the key
+//!   lock; if another caller has it (a claim of the same key in flight, typically a
+//!   transactional call that has not committed), the answer is [`Claim::Busy`] at once.
+//!   With the lock it runs `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired>`.
+//!   When a conflicting row was committed after the statement's snapshot, the statement returns
+//!   no row and is run again with a new snapshot.
+//! - **complete**: an upsert under the key lock: the row holding this token (lease live or
+//!   lapsed) is completed, an absent key gets the completed record, a record already completed
+//!   by this token is left as it is (the first value stays) and reported stored, and a row of
+//!   any other token is left alone: [`Completion::LeaseLost`].
+//! - **renew / release**: an `UPDATE` / `DELETE` under the key lock whose `WHERE` names the key,
+//!   the claim's token and `value IS NULL`.
+//! - **remove**: `DELETE ... WHERE key = $1` under the key lock.
+//!
+//! complete, renew, release and remove, when the key lock is taken (a claim of that key is in
+//! flight), pause outside the pool and try again, within the store's timeout.
+//!
+//! The key locks share PostgreSQL's advisory lock space (`int8` keys) with whatever else uses
+//! advisory locks on the database; a collision (vanishingly unlikely with 64-bit numbers)
+//! makes a claim see the key busy while the other lock is held, and never anything worse. [`PostgresStore::migrate`] also takes `pg_advisory_xact_lock(hashtext(name))` on the
+//! quoted schema and table names.
+//!
+//! # Isolation
+//!
+//! Each statement of the store is its own transaction, at the database's default isolation. A
+//! statement that fails with a serialization failure (`40001`) or a deadlock (`40P01`) is run
+//! again, so the store works on a database whose `default_transaction_isolation` is
+//! `repeatable read` or `serializable`; a claim that keeps failing that way is reported as
+//! [`Claim::Busy`], never as an error. The transactional mode sets its own level
+//! ([`Transactional::isolation_level`], `READ COMMITTED` unless set).
+//!
+//! # Session settings
+//!
+//! The store relies on no session setting: not on the isolation level (see above), the time
+//! zone (all times are `timestamptz` arithmetic), `search_path` (every name is
+//! schema-qualified), nor on anything set on a connection before (no `SET`, no session
+//! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::from_url`]
+//! passes `statement_timeout` and `lock_timeout` in the connection's startup packet as safety
+//! nets (nothing here waits on a lock); `application_name` is `idem`.
+//!
+//! # Behind a transaction pooler (PgBouncer)
+//!
+//! [`PostgresStoreBuilder::transaction_pooler`] makes the store work through a pooler in
+//! transaction mode (PgBouncer `pool_mode = transaction`, and poolers like it), where each
+//! transaction may run on another server connection: the store then prepares no named
+//! statements (each statement is sent unnamed, Parse/Bind/Execute in one round trip), and
+//! `from_url` sends no `options` in the startup packet (PgBouncer refuses them; set
+//! `statement_timeout` with `ALTER ROLE ... SET` instead). Everything else already holds through a
+//! pooler: no session state, transaction-scoped advisory locks only, and the transactional
+//! mode is one transaction. The cost is the server parsing and planning each statement again.
+//!
+//! # Durability
+//!
+//! A completed record that a crash loses makes its body run again. So the store checks, at
+//! [`migrate`](PostgresStore::migrate) and once before its first operation (or when
+//! [`check_settings`](PostgresStore::check_settings) is called), what can lose an
+//! acknowledged record:
+//!
+//! - the table is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties
+//!   it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
+//!   [`PostgresStoreBuilder::on_unlogged_table`] chooses otherwise;
+//! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
+//!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
+//!   once by default, through `tracing`; [`PostgresStoreBuilder::on_synchronous_commit_off`]
+//!   chooses otherwise.
 //!
 //! # Expired rows
 //!
@@ -53,27 +118,27 @@
 //!
 //! # Waiting
 //!
-//! [`Store::wait`] polls the row with a bounded exponential backoff (5 ms doubling up to 200 ms,
-//! never past the holder's lease nor the caller's timeout), one indexed primary-key lookup per
-//! poll. `LISTEN/NOTIFY` was not chosen: it needs a dedicated connection per store outside the
-//! pool (with its own reconnection logic), does not work through PgBouncer in transaction mode,
-//! and cannot be set up on a pool the application hands in; waits only happen between
-//! concurrent duplicates, where a few milliseconds of latency do not matter.
+//! A caller that meets a busy key holds no pooled connection while it waits. [`Store::wait`]
+//! polls with a bounded exponential backoff (5 ms doubling up to 200 ms, never past the holder's
+//! lease nor the caller's timeout), one primary-key lookup per poll that also sees a claim still
+//! in flight (the key lock taken). A poll never queues for a connection: it takes an idle one
+//! or, when the pool is exhausted, skips that poll, so waiters never get ahead of claims of
+//! other keys. `LISTEN/NOTIFY` was not chosen: it needs a dedicated connection per store outside
+//! the pool, does not work through PgBouncer in transaction mode, and cannot be set up on a pool
+//! the application hands in.
 //!
 //! # Timeouts and failures
 //!
 //! Every operation is bounded on the client by [`PostgresStoreBuilder::timeout`]
 //! ([`DEFAULT_TIMEOUT`]: getting a pooled connection plus running the statement); a connection
-//! whose statement timed out is dropped, not returned to the pool. A store built from a URL
-//! also sets, on its own connections, `connect_timeout` ([`DEFAULT_CONNECT_TIMEOUT`]),
-//! `statement_timeout` ([`DEFAULT_STATEMENT_TIMEOUT`]) and `lock_timeout`
-//! ([`DEFAULT_LOCK_TIMEOUT`]). A server that is down, refuses connections, times out or answers
-//! with an error gives [`Error::Store`] with the driver's error as its source; nothing here
-//! panics on what the server returns.
+//! whose statement timed out is dropped, not returned to the pool. A server that is down,
+//! refuses connections, times out or answers with an error gives [`Error::Store`] with the
+//! driver's error as its source; nothing here panics on what the server returns.
 //!
-//! A claim that waits on a row lock (another caller's transactional mode holds the key and has
-//! not committed) for longer than `lock_timeout` is reported as [`Claim::Busy`], so callers wait
-//! or reject as for any in-progress key.
+//! A call dropped while its claim statement is in flight releases that claim on the same
+//! connection, after the statement (so the key is not left held until its lease runs out); a
+//! call dropped while its `complete` is under way has the completion finished in the
+//! background ([`Store::complete_on_drop`]).
 //!
 //! # Transactional mode
 //!
@@ -88,19 +153,24 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, StatementCache,
+    TimeoutType,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::{BoxFuture, Store};
+use crate::clock::after;
 use crate::error::Error;
 use crate::exec::{
     OnConflict, Outcome, Policy, Status, Turn, decode_result, encode_result, fingerprint_matches,
@@ -126,11 +196,12 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a connection may take (stores built from a URL): 5 seconds.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The server-side `statement_timeout` of the store's own connections (stores built from a
-/// URL): 30 seconds.
+/// The server-side `statement_timeout` of the store's own connections (stores built from a URL,
+/// not in [transaction pooler](PostgresStoreBuilder::transaction_pooler) mode): 30 seconds.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The server-side `lock_timeout` of the store's own connections (stores built from a URL): 5
-/// seconds. A claim blocked on a row lock for longer is reported as busy.
+/// The server-side `lock_timeout` of the store's own connections (stores built from a URL, not
+/// in [transaction pooler](PostgresStoreBuilder::transaction_pooler) mode): 5 seconds. A safety
+/// net only: the store's statements never wait on another caller's lock.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most connections a store built from a URL opens: 16.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -138,23 +209,44 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 /// The longest identifier accepted for a schema or table name (the index name adds a suffix
 /// and must stay within PostgreSQL's 63 bytes).
 const MAX_IDENT: usize = 48;
-/// How many times a claim statement is run when it returns no row (see the module docs).
+/// How many times a claim statement is run when it returns no row or hits a serialization
+/// failure (see the module docs) before the key is reported busy.
 const CLAIM_ATTEMPTS: usize = 16;
-/// First and longest pause between two polls of [`Store::wait`].
+/// First and longest pause between two polls of [`Store::wait`], and between two tries of a
+/// statement that found its key lock taken.
 const FIRST_POLL: Duration = Duration::from_millis(5);
 const MAX_POLL: Duration = Duration::from_millis(200);
+/// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
+/// flight (its lease is not visible yet).
+const BUSY_HINT: Duration = Duration::from_secs(1);
 /// Rows deleted per statement by [`PostgresStore::purge_expired`].
 const PURGE_BATCH: i64 = 10_000;
+/// How many times `migrate` runs when it meets a concurrent creator that does not take its lock.
+const MIGRATE_ATTEMPTS: usize = 8;
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// What the store does when a setting of the database can lose acknowledged records (see the
+/// [module documentation](self#durability)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnRisk {
+    /// Fail: [`PostgresStore::migrate`], [`PostgresStore::check_settings`] and every operation
+    /// return [`Error::Store`] naming the setting and how to fix it.
+    Refuse,
+    /// Work, and say so once through a `tracing` warning (target `idem`).
+    Warn,
+    /// Work, silently: the risk is known and accepted.
+    Accept,
+}
 
 /// An idempotency store in PostgreSQL, on a `deadpool-postgres` connection pool.
 ///
 /// Records survive restarts of the application and of the server, and are shared by every
 /// process that points at the same table. Cloning is cheap and shares the pool.
 ///
-/// See the [module documentation](self) for the table, the statements, cleanup, waiting,
-/// timeouts and the transactional mode.
+/// See the [module documentation](self) for the table, the statements, the session settings,
+/// poolers, durability, cleanup, waiting, timeouts and the transactional mode.
 ///
 /// ```no_run
 /// use idem_runtime::{Idempotent, store::postgres::PostgresStore};
@@ -178,9 +270,21 @@ struct Inner {
     table: String,
     sql: Sql,
     timeout: Duration,
-    /// What a claim that hit `lock_timeout` reports as the lease left.
-    busy_hint: Duration,
+    /// Named statements, prepared once per connection (`false` behind a transaction pooler:
+    /// unnamed statements, parsed each time).
+    prepared: bool,
+    /// Mixed into every key lock, so that two tables never share one.
+    lock_salt: i64,
+    on_unlogged: OnRisk,
+    on_async_commit: OnRisk,
+    /// The outcome of the latest settings check, once one has been made.
+    verdict: RwLock<Option<Verdict>>,
+    warned_unlogged: AtomicBool,
+    warned_async_commit: AtomicBool,
 }
+
+/// What the settings check concluded: go on, or refuse with this reason.
+type Verdict = Result<(), Refused>;
 
 /// The statements, built once from the validated, quoted table name.
 struct Sql {
@@ -193,60 +297,118 @@ struct Sql {
     purge: String,
 }
 
+/// `$1 * interval '1 microsecond'` from now, by the server's clock at this point of the
+/// statement.
+macro_rules! from_now {
+    ($param:literal) => {
+        concat!(
+            "clock_timestamp() + ",
+            $param,
+            " * interval '1 microsecond'"
+        )
+    };
+}
+
 impl Sql {
     fn new(table: &str) -> Sql {
         Sql {
-            // The live row is read first: a replay or a busy key then inserts nothing, so it
-            // locks no row and writes no WAL (an `ON CONFLICT DO UPDATE ... WHERE false` would
-            // lock the row, making every replay a write transaction with a commit flush).
+            // The live row is read first: a replay or a busy key then takes no lock and writes
+            // nothing (an `ON CONFLICT DO UPDATE ... WHERE false` would lock the row, making
+            // every replay a write). Only then is the key lock tried: taken elsewhere, the key
+            // is busy (state 2), without waiting on anyone's row.
             claim: format!(
                 "WITH live AS ( \
                    SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
-                   WHERE r.key = $1 AND r.expires_at > statement_timestamp() \
+                   WHERE r.key = $1 AND r.expires_at > clock_timestamp() \
+                 ), gate AS MATERIALIZED ( \
+                   SELECT pg_try_advisory_xact_lock($5) AS free \
+                   WHERE NOT EXISTS (SELECT 1 FROM live) \
                  ), claimed AS ( \
                    INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
-                   SELECT $1::bytea, $2::bytea, $3::bytea, NULL, \
-                          statement_timestamp() + $4::float8 * interval '1 microsecond' \
-                   WHERE NOT EXISTS (SELECT 1 FROM live) \
+                   SELECT $1, $2, $3, NULL, {lease} FROM gate WHERE gate.free \
                    ON CONFLICT (key) DO UPDATE \
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
-                         value = NULL, expires_at = excluded.expires_at \
-                     WHERE r.expires_at <= statement_timestamp() \
+                         value = NULL, expires_at = {lease} \
+                     WHERE r.expires_at <= clock_timestamp() \
                    RETURNING 1 \
                  ) \
-                 SELECT true, NULL::bytea, NULL::bytea, 0::int8 FROM claimed \
+                 SELECT 1::int2, NULL::bytea, NULL::bytea, 0::int8 FROM claimed \
                  UNION ALL \
-                 SELECT false, l.value, l.fingerprint, \
-                        (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000000)::int8 \
-                 FROM live l"
+                 SELECT 2::int2, NULL, NULL, 0 FROM gate WHERE NOT gate.free \
+                 UNION ALL \
+                 SELECT 3::int2, l.value, l.fingerprint, \
+                        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000000)::int8 \
+                 FROM live l",
+                lease = from_now!("$4"),
             ),
+            // The row this token holds is completed (lease live or lapsed); an absent key gets
+            // the record; this token's completed record is left as it is (a repeated
+            // complete); another token's row is left alone (no row updated: lease lost).
             complete: format!(
-                "UPDATE {table} SET value = $3, \
-                   expires_at = statement_timestamp() + $4::float8 * interval '1 microsecond' \
-                 WHERE key = $1 AND token = $2 AND value IS NULL"
+                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($5) AS free), \
+                 done AS ( \
+                   INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
+                   SELECT $1, $2, NULL, $3, {ttl} FROM gate WHERE gate.free \
+                   ON CONFLICT (key) DO UPDATE \
+                     SET value = CASE WHEN r.value IS NULL THEN excluded.value ELSE r.value END, \
+                         expires_at = CASE WHEN r.value IS NULL THEN {ttl} \
+                                      ELSE r.expires_at END \
+                     WHERE r.token = excluded.token \
+                   RETURNING 1 \
+                 ) \
+                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+                ttl = from_now!("$4"),
             ),
             renew: format!(
-                "UPDATE {table} \
-                 SET expires_at = statement_timestamp() + $3::float8 * interval '1 microsecond' \
-                 WHERE key = $1 AND token = $2 AND value IS NULL"
+                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($4) AS free), \
+                 done AS ( \
+                   UPDATE {table} SET expires_at = {lease} \
+                   WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
+                   RETURNING 1 \
+                 ) \
+                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+                lease = from_now!("$3"),
             ),
-            release: format!("DELETE FROM {table} WHERE key = $1 AND token = $2 AND value IS NULL"),
+            release: format!(
+                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($3) AS free), \
+                 done AS ( \
+                   DELETE FROM {table} \
+                   WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
+                   RETURNING 1 \
+                 ) \
+                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+            ),
+            // A live claim, or a claim still in flight (its key lock taken, its row not
+            // committed yet): keep waiting. The lock is only tried when no live claim is seen.
             wait: format!(
-                "SELECT (extract(epoch FROM expires_at - statement_timestamp()) * 1000000)::int8 \
-                 FROM {table} \
-                 WHERE key = $1 AND value IS NULL AND expires_at > statement_timestamp()"
+                "WITH live AS ( \
+                   SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 \
+                          AS left_us \
+                   FROM {table} \
+                   WHERE key = $1 AND value IS NULL AND expires_at > clock_timestamp() \
+                 ) \
+                 SELECT (SELECT left_us FROM live), \
+                        CASE WHEN EXISTS (SELECT 1 FROM live) THEN true \
+                             ELSE pg_try_advisory_xact_lock($2) END"
             ),
-            remove: format!("DELETE FROM {table} WHERE key = $1"),
+            remove: format!(
+                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS free), \
+                 done AS ( \
+                   DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) RETURNING 1 \
+                 ) \
+                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+            ),
             purge: format!(
                 "DELETE FROM {table} WHERE key IN ( \
-                   SELECT key FROM {table} WHERE expires_at <= statement_timestamp() \
+                   SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
         }
     }
 }
 
-/// Builds a [`PostgresStore`] with names and timeouts other than the defaults.
+/// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
+/// than the defaults.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -270,6 +432,9 @@ pub struct PostgresStoreBuilder {
     statement_timeout: Option<Duration>,
     lock_timeout: Option<Duration>,
     pool_size: usize,
+    transaction_pooler: bool,
+    on_unlogged: OnRisk,
+    on_async_commit: OnRisk,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -282,6 +447,9 @@ impl Default for PostgresStoreBuilder {
             statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
             pool_size: DEFAULT_POOL_SIZE,
+            transaction_pooler: false,
+            on_unlogged: OnRisk::Refuse,
+            on_async_commit: OnRisk::Warn,
         }
     }
 }
@@ -316,16 +484,19 @@ impl PostgresStoreBuilder {
     }
 
     /// The server-side `statement_timeout` of the store's connections (`None`: the server's
-    /// default). Only for [`from_url`](Self::from_url); options in the URL take precedence.
+    /// default). Only for [`from_url`](Self::from_url), and not sent in
+    /// [`transaction_pooler`](Self::transaction_pooler) mode; options in the URL take
+    /// precedence.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
         self
     }
 
     /// The server-side `lock_timeout` of the store's connections (`None`: the server's
-    /// default, usually none, so a claim blocked by a transactional holder waits until it
-    /// commits or [`timeout`](Self::timeout) runs out). Only for [`from_url`](Self::from_url);
-    /// options in the URL take precedence.
+    /// default). A safety net: the store's own statements never wait on another caller's lock,
+    /// but a transactional body's statements may. Only for [`from_url`](Self::from_url), and
+    /// not sent in [`transaction_pooler`](Self::transaction_pooler) mode; options in the URL
+    /// take precedence.
     pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.lock_timeout = timeout;
         self
@@ -338,6 +509,38 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// The store reaches PostgreSQL through a pooler in transaction mode (PgBouncer
+    /// `pool_mode = transaction`, and poolers like it), where consecutive transactions of one
+    /// client connection may run on different server connections (`false` unless set).
+    ///
+    /// Then the store sends every statement unnamed (Parse, Bind and Execute in one round trip;
+    /// no prepared statement outlives it), and [`from_url`](Self::from_url) sends no `options`
+    /// in the startup packet, so [`statement_timeout`](Self::statement_timeout) and
+    /// [`lock_timeout`](Self::lock_timeout) are not applied: set them on the role instead
+    /// (`ALTER ROLE app SET statement_timeout = '30s'`). What it costs: the server parses and
+    /// plans each statement again (see the README's benchmark line).
+    pub fn transaction_pooler(mut self, behind_pooler: bool) -> Self {
+        self.transaction_pooler = behind_pooler;
+        self
+    }
+
+    /// What to do when the records table is `UNLOGGED` ([`OnRisk::Refuse`] unless set): a crash
+    /// of the server empties an unlogged table, so every completed record vanishes and every
+    /// body runs again. Accept it only for records that may be lost.
+    pub fn on_unlogged_table(mut self, on_risk: OnRisk) -> Self {
+        self.on_unlogged = on_risk;
+        self
+    }
+
+    /// What to do when the store's sessions run with `synchronous_commit = off`
+    /// ([`OnRisk::Warn`] unless set): a crash of the server can lose the last commits it
+    /// acknowledged (up to three times `wal_writer_delay`, 600 ms by default), and with them
+    /// completed records whose bodies then run again.
+    pub fn on_synchronous_commit_off(mut self, on_risk: OnRisk) -> Self {
+        self.on_async_commit = on_risk;
+        self
+    }
+
     /// A store on a new pool for `url` (`postgres://user:password@host:port/db?...` or the
     /// `key=value` form libpq accepts). Connections are opened lazily: a bad URL fails here, an
     /// unreachable server on the first operation. No TLS; for TLS use
@@ -347,20 +550,22 @@ impl PostgresStoreBuilder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
         }
-        // Ours first, so that options the URL gives win.
-        let mut options = String::new();
-        if let Some(t) = self.statement_timeout {
-            options.push_str(&format!("-c statement_timeout={} ", t.as_millis().max(1)));
-        }
-        if let Some(t) = self.lock_timeout {
-            options.push_str(&format!("-c lock_timeout={} ", t.as_millis().max(1)));
-        }
-        if let Some(existing) = config.get_options() {
-            options.push_str(existing);
-        }
-        let options = options.trim_end().to_owned();
-        if !options.is_empty() {
-            config.options(options);
+        if !self.transaction_pooler {
+            // Ours first, so that options the URL gives win.
+            let mut options = String::new();
+            if let Some(t) = self.statement_timeout {
+                options.push_str(&format!("-c statement_timeout={} ", t.as_millis().max(1)));
+            }
+            if let Some(t) = self.lock_timeout {
+                options.push_str(&format!("-c lock_timeout={} ", t.as_millis().max(1)));
+            }
+            if let Some(existing) = config.get_options() {
+                options.push_str(existing);
+            }
+            let options = options.trim_end().to_owned();
+            if !options.is_empty() {
+                config.options(options);
+            }
         }
         if config.get_application_name().is_none() {
             config.application_name("idem");
@@ -380,30 +585,39 @@ impl PostgresStoreBuilder {
             .recycle_timeout(Some(self.timeout))
             .build()
             .map_err(Error::store)?;
-        let busy_hint = self.lock_timeout.unwrap_or(Duration::from_secs(1));
-        self.build(pool, busy_hint)
+        self.from_pool(pool)
     }
 
     /// A store on a pool the application already has (its TLS, sizes and session settings
     /// are used as they are). Give the pool a `runtime` if it has timeouts.
     pub fn from_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
-        self.build(pool, Duration::from_secs(1))
-    }
-
-    fn build(self, pool: Pool, busy_hint: Duration) -> Result<PostgresStore, Error> {
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
+        Ok(self.assemble(pool))
+    }
+
+    /// The store, with names already checked.
+    fn assemble(self, pool: Pool) -> PostgresStore {
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
-        Ok(PostgresStore {
+        let salt = blake3::hash(format!("idem key lock {qualified}").as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&salt.as_bytes()[..8]);
+        PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 sql: Sql::new(&qualified),
                 schema: self.schema,
                 table: self.table,
                 timeout: self.timeout,
-                busy_hint,
+                prepared: !self.transaction_pooler,
+                lock_salt: i64::from_be_bytes(first),
+                on_unlogged: self.on_unlogged,
+                on_async_commit: self.on_async_commit,
+                verdict: RwLock::new(None),
+                warned_unlogged: AtomicBool::new(false),
+                warned_async_commit: AtomicBool::new(false),
             }),
-        })
+        }
     }
 }
 
@@ -455,13 +669,34 @@ impl fmt::Display for TimedOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "PostgreSQL did not complete `{}` within {:?}",
+            "PostgreSQL did not complete `{}` within {:?}; raise the store's `timeout` if the \
+             server is slow, or check that it is reachable",
             self.op, self.after
         )
     }
 }
 
 impl std::error::Error for TimedOut {}
+
+/// An operation whose key stayed locked by another caller for the whole store timeout.
+#[derive(Debug)]
+struct KeyLocked {
+    op: &'static str,
+    after: Duration,
+}
+
+impl fmt::Display for KeyLocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PostgreSQL: `{}` could not run within {:?}: another call kept the key locked (a \
+             transactional call holding the key, or a run of serialization failures); try again",
+            self.op, self.after
+        )
+    }
+}
+
+impl std::error::Error for KeyLocked {}
 
 /// A row the store cannot read (written by something else, or corrupted).
 #[derive(Debug)]
@@ -475,8 +710,21 @@ impl fmt::Display for Corrupt {
 
 impl std::error::Error for Corrupt {}
 
-/// Why a statement failed: the driver (kept, so claim can recognise a lock timeout) or
-/// anything else.
+/// A database setting that can lose acknowledged records, refused by the store's
+/// [`OnRisk`] choice.
+#[derive(Clone, Debug)]
+struct Refused(String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Why a statement failed: the driver (kept, so that callers can recognise a lock timeout or a
+/// serialization failure) or anything else.
 enum Failure {
     Db(tokio_postgres::Error),
     Other(Error),
@@ -487,6 +735,12 @@ impl Failure {
         matches!(self, Failure::Db(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE))
     }
 
+    /// A serialization failure or a deadlock: the statement's transaction was rolled back and
+    /// running it again is safe.
+    fn is_conflict(&self) -> bool {
+        matches!(self, Failure::Db(e) if is_conflict(e))
+    }
+
     fn into_error(self) -> Error {
         match self {
             Failure::Db(e) => Error::store(e),
@@ -495,13 +749,57 @@ impl Failure {
     }
 }
 
+fn is_conflict(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Self {
         Failure::Db(e)
     }
 }
 
-type Params<'a> = [&'a (dyn ToSql + Sync)];
+/// Statement parameters with their types (unnamed statements need them; prepared ones use them
+/// too, so both modes run the same statement).
+type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
+
+/// Where a statement runs: a pooled connection, or the transaction of a transactional call.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    Pooled(&'a Object),
+    Tx(&'a Transaction<'a>, &'a StatementCache),
+}
+
+/// Runs one statement, prepared once per connection or unnamed (see
+/// [`PostgresStoreBuilder::transaction_pooler`]).
+async fn run(
+    on: On<'_>,
+    prepared: bool,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if !prepared {
+        return match on {
+            On::Pooled(conn) => conn.query_typed(sql, params).await,
+            On::Tx(tx, _) => tx.query_typed(sql, params).await,
+        };
+    }
+    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+    let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+    match on {
+        On::Pooled(conn) => {
+            let statement = conn.prepare_typed_cached(sql, &types).await?;
+            conn.query(&statement, &values).await
+        }
+        On::Tx(tx, cache) => {
+            let statement = cache.prepare_typed(tx.client(), sql, &types).await?;
+            tx.query(&statement, &values).await
+        }
+    }
+}
 
 /// Microseconds, as the `float8` the statements multiply an interval by.
 fn micros(d: Duration) -> f64 {
@@ -517,13 +815,19 @@ fn token_bytes(token: Token) -> [u8; 16] {
 }
 
 /// Reads the row the claim statement returned (`None`: no row, run the statement again).
-fn read_claim(rows: &[Row], token: Token) -> Result<Option<Claim>, Error> {
+fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Claim>, Error> {
     let Some(row) = rows.first() else {
         return Ok(None);
     };
-    let acquired: bool = row.try_get(0).map_err(Error::store)?;
-    if acquired {
-        return Ok(Some(Claim::Acquired(token)));
+    let state: i16 = row.try_get(0).map_err(Error::store)?;
+    match state {
+        1 => return Ok(Some(Claim::Acquired(token))),
+        2 => {
+            return Ok(Some(Claim::Busy {
+                lease_left: BUSY_HINT.min(lease),
+            }));
+        }
+        _ => {}
     }
     let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
     let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
@@ -544,6 +848,17 @@ fn read_claim(rows: &[Row], token: Token) -> Result<Option<Claim>, Error> {
     }))
 }
 
+/// Reads the `(free, rows)` answer of a statement under the key lock: `None` when the lock
+/// was taken by another caller.
+fn read_gated(rows: &[Row]) -> Result<Option<u64>, Error> {
+    let Some(row) = rows.first() else {
+        return Err(Error::store(Corrupt("a gated statement returned no row")));
+    };
+    let free: bool = row.try_get(0).map_err(Error::store)?;
+    let n: i64 = row.try_get(1).map_err(Error::store)?;
+    Ok(free.then_some(n.unsigned_abs()))
+}
+
 impl PostgresStore {
     /// A store on a new connection pool for `url`, with the default table
     /// (`"public"."idem_records"`) and timeouts. See [`PostgresStoreBuilder::from_url`].
@@ -554,21 +869,11 @@ impl PostgresStore {
     /// A store on an existing pool, with the default table. See
     /// [`PostgresStoreBuilder::from_pool`].
     pub fn from_pool(pool: Pool) -> PostgresStore {
-        let builder = PostgresStoreBuilder::default();
-        let qualified = format!("\"{DEFAULT_SCHEMA}\".\"{DEFAULT_TABLE}\"");
-        PostgresStore {
-            inner: Arc::new(Inner {
-                pool,
-                sql: Sql::new(&qualified),
-                schema: builder.schema,
-                table: builder.table,
-                timeout: builder.timeout,
-                busy_hint: Duration::from_secs(1),
-            }),
-        }
+        PostgresStoreBuilder::default().assemble(pool)
     }
 
-    /// A builder, for another schema, table, timeouts or pool size.
+    /// A builder, for another schema, table, timeouts, pool size, pooler mode or durability
+    /// choices.
     pub fn builder() -> PostgresStoreBuilder {
         PostgresStoreBuilder::default()
     }
@@ -584,8 +889,8 @@ impl PostgresStore {
     }
 
     /// The DDL that [`migrate`](Self::migrate) applies (without the schema creation and the
-    /// lock), for running with a migration tool instead. Idempotent: every statement is
-    /// `IF NOT EXISTS`.
+    /// locks), for running with a migration tool instead. Idempotent: every statement is
+    /// `IF NOT EXISTS`. The table is a plain, logged table.
     pub fn migration_sql(&self) -> String {
         let table = self.table();
         let index = format!(
@@ -607,55 +912,193 @@ impl PostgresStore {
         )
     }
 
-    /// Creates the schema (if missing), the records table and its index, unless they exist.
-    /// Safe to call from every process at start-up: concurrent calls serialise on an advisory
-    /// lock, and when the table and index exist no DDL runs (so no table lock is taken while
-    /// other processes use the table). Needs the privileges to create them; otherwise apply
-    /// [`migration_sql`](Self::migration_sql) with an owner's role.
+    /// Creates the schema (if missing), the records table and its index, unless they exist,
+    /// then [checks the settings](Self::check_settings).
+    ///
+    /// Safe to call from every process at start-up, for any number of tables in one schema:
+    /// concurrent calls serialise on transaction-scoped advisory locks of the schema and of the
+    /// table, a concurrent creator that takes no such lock (another tool) is tolerated (the
+    /// migration runs again and finds its work done), and when the table and index exist no DDL
+    /// runs (so no table lock is taken while other processes use the table). Needs the
+    /// privileges to create them; otherwise apply [`migration_sql`](Self::migration_sql) with
+    /// an owner's role.
     pub async fn migrate(&self) -> Result<(), Error> {
-        let mut conn = self.connection("migrate").await?;
-        let run = async {
-            let tx = conn.transaction().await?;
-            let lock_name = self.table();
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1)::int8)",
-                &[&lock_name],
-            )
-            .await?;
-            let schema_exists: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                    &[&self.inner.schema],
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.migrate_once().await {
+                Ok(()) => break,
+                Err(Failure::Db(e)) if attempt < MIGRATE_ATTEMPTS && concurrent_ddl(&e) => {
+                    tokio::time::sleep(FIRST_POLL * attempt as u32).await;
+                }
+                Err(failure) => return Err(failure.into_error()),
+            }
+        }
+        self.check_settings().await
+    }
+
+    async fn migrate_once(&self) -> Result<(), Failure> {
+        let mut conn = self.connection("migrate").await.map_err(Failure::Other)?;
+        let prepared = self.inner.prepared;
+        let cache = Arc::clone(&conn.statement_cache);
+        let run_ddl = async {
+            let tx = tokio_postgres::Client::transaction(&mut conn).await?;
+            let on = On::Tx(&tx, &cache);
+            let schema_q = format!("\"{}\"", self.inner.schema);
+            let table_q = self.table();
+            // The schema first, then the table, always in that order: two stores creating
+            // tables in one new schema must not both create the schema.
+            for name in [&schema_q, &table_q] {
+                run(
+                    on,
+                    prepared,
+                    "SELECT pg_advisory_xact_lock(hashtext($1)::int8)",
+                    &[(name, Type::TEXT)],
                 )
-                .await?
-                .try_get(0)?;
-            // Already there: no DDL at all, so no table lock that would queue behind open
-            // transactional bodies (and hold up every claim queued behind it).
+                .await?;
+            }
             let index = format!(
                 "\"{}\".\"{}_expires_idx\"",
                 self.inner.schema, self.inner.table
             );
-            let present: bool = tx
-                .query_one(
-                    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-                    &[&lock_name, &index],
-                )
-                .await?
-                .try_get(0)?;
+            let rows = run(
+                on,
+                prepared,
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
+                        to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL",
+                &[
+                    (&self.inner.schema, Type::TEXT),
+                    (&table_q, Type::TEXT),
+                    (&index, Type::TEXT),
+                ],
+            )
+            .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| Failure::Other(Error::store(Corrupt("no catalog answer"))))?;
+            let schema_exists: bool = row.try_get(0)?;
+            let present: bool = row.try_get(1)?;
             if present {
-                return tx.commit().await;
+                // Already there: no DDL at all, so no table lock that would queue behind open
+                // transactional bodies (and hold up every claim queued behind it).
+                tx.commit().await?;
+                return Ok(());
             }
             if !schema_exists {
-                tx.batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-                    self.inner.schema
-                ))
-                .await?;
+                tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"))
+                    .await?;
             }
             tx.batch_execute(&self.migration_sql()).await?;
-            tx.commit().await
+            tx.commit().await?;
+            Ok::<_, Failure>(())
         };
-        run.await.map_err(Error::store)
+        match tokio::time::timeout(self.inner.timeout, run_ddl).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(Object::take(conn));
+                Err(Failure::Other(self.timed_out("migrate")))
+            }
+        }
+    }
+
+    /// Checks what can lose an acknowledged record (see the [module docs](self#durability)):
+    /// whether the records table is `UNLOGGED`, and whether the store's sessions run with
+    /// `synchronous_commit = off`; then refuses, warns or accepts as the builder chose
+    /// ([`PostgresStoreBuilder::on_unlogged_table`],
+    /// [`PostgresStoreBuilder::on_synchronous_commit_off`]).
+    ///
+    /// [`migrate`](Self::migrate) calls it, and so does the store's first operation; call it
+    /// yourself to check again (after an operator changed a setting, say). A refusal is
+    /// [`Error::Store`] naming the setting and the fix, and every operation of the store gives
+    /// it until a check passes.
+    pub async fn check_settings(&self) -> Result<(), Error> {
+        match self.inspect().await? {
+            Some(verdict) => {
+                self.remember(verdict.clone());
+                verdict.map_err(Error::store)
+            }
+            None => Ok(()), // no table yet: `migrate` creates it and checks again
+        }
+    }
+
+    fn remember(&self, verdict: Verdict) {
+        let mut slot = self
+            .inner
+            .verdict
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        *slot = Some(verdict);
+    }
+
+    /// Reads the settings and applies the builder's choices: `None` while the table does not
+    /// exist (nothing to judge yet).
+    async fn inspect(&self) -> Result<Option<Verdict>, Error> {
+        let table = self.table();
+        let rows = self
+            .query(
+                "check_settings",
+                "SELECT (SELECT c.relpersistence::text FROM pg_class c \
+                         WHERE c.oid = to_regclass($1)), \
+                        current_setting('synchronous_commit')",
+                &[(&table, Type::TEXT)],
+            )
+            .await
+            .map_err(Failure::into_error)?;
+        let Some(row) = rows.first() else {
+            return Err(Error::store(Corrupt("no answer to the settings check")));
+        };
+        let persistence: Option<String> = row.try_get(0).map_err(Error::store)?;
+        let synchronous_commit: String = row.try_get(1).map_err(Error::store)?;
+        let Some(persistence) = persistence else {
+            return Ok(None);
+        };
+        let inner = &self.inner;
+        let mut verdict = Ok(());
+        if persistence == "u" {
+            let why = format!(
+                "the idem records table {table} is UNLOGGED: a crash of the PostgreSQL server \
+                 empties it, so completed records vanish and their bodies run again. Make it \
+                 durable with `ALTER TABLE {table} SET LOGGED`, or accept the risk with \
+                 `PostgresStoreBuilder::on_unlogged_table(OnRisk::Accept)`"
+            );
+            verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
+        }
+        if synchronous_commit.eq_ignore_ascii_case("off") {
+            let why = format!(
+                "the idem store's sessions run with synchronous_commit = off: a crash of the \
+                 PostgreSQL server can lose the last commits it acknowledged, and with them \
+                 completed records of {table} whose bodies then run again. Set it to `on` for \
+                 the store's role or database (`ALTER ROLE ... SET synchronous_commit = on`), \
+                 or accept the risk with \
+                 `PostgresStoreBuilder::on_synchronous_commit_off(OnRisk::Accept)`"
+            );
+            verdict = verdict.and(judge(
+                inner.on_async_commit,
+                &inner.warned_async_commit,
+                why,
+            ));
+        }
+        Ok(Some(verdict))
+    }
+
+    /// The settings check, made once before the store's first operation.
+    async fn ready(&self) -> Result<(), Error> {
+        let known = self
+            .inner
+            .verdict
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(verdict) = known {
+            return verdict.map_err(Error::store);
+        }
+        match self.inspect().await? {
+            Some(verdict) => {
+                self.remember(verdict.clone());
+                verdict.map_err(Error::store)
+            }
+            None => Ok(()), // no table: the operation itself says so
+        }
     }
 
     /// Deletes every expired row (completed records past their ttl, and claims whose lease ran
@@ -664,11 +1107,23 @@ impl PostgresStore {
     /// concurrent purge or claim. Schedule it, for example with `tokio::time::interval`.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
+        let mut conflicts = 0;
         loop {
-            let deleted = self
-                .execute("purge_expired", &self.inner.sql.purge, &[&PURGE_BATCH])
+            let deleted = match self
+                .execute(
+                    "purge_expired",
+                    &self.inner.sql.purge,
+                    &[(&PURGE_BATCH, Type::INT8)],
+                )
                 .await
-                .map_err(Failure::into_error)?;
+            {
+                Ok(n) => n,
+                Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
+                    conflicts += 1;
+                    continue;
+                }
+                Err(failure) => return Err(failure.into_error()),
+            };
             total += deleted;
             if deleted < PURGE_BATCH.unsigned_abs() {
                 return Ok(total);
@@ -688,12 +1143,39 @@ impl PostgresStore {
         }
     }
 
-    /// A pooled connection, within the store's timeout.
+    /// The key lock of `key` in this table (see the module docs).
+    fn lock_id(&self, key: Key) -> i64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&key.as_bytes()[..8]);
+        i64::from_be_bytes(first) ^ self.inner.lock_salt
+    }
+
+    /// A pooled connection, within the store's timeout (waiting in line for one if all are in
+    /// use).
     async fn connection(&self, op: &'static str) -> Result<Object, Error> {
-        match tokio::time::timeout(self.inner.timeout, self.inner.pool.get()).await {
+        let deadline = after(Instant::now(), self.inner.timeout);
+        self.connection_until(op, deadline).await
+    }
+
+    async fn connection_until(&self, op: &'static str, deadline: Instant) -> Result<Object, Error> {
+        match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(err)) => Err(Error::store(err)),
             Err(_) => Err(self.timed_out(op)),
+        }
+    }
+
+    /// An idle pooled connection (or a new one, if the pool may grow), without waiting in line:
+    /// `None` when the pool is exhausted.
+    async fn idle_connection(&self) -> Result<Option<Object>, Error> {
+        let mut timeouts = self.inner.pool.timeouts();
+        timeouts.wait = Some(Duration::ZERO);
+        let get = self.inner.pool.timeout_get(&timeouts);
+        match tokio::time::timeout(self.inner.timeout, get).await {
+            Ok(Ok(conn)) => Ok(Some(conn)),
+            Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Ok(None),
+            Ok(Err(err)) => Err(Error::store(err)),
+            Err(_) => Err(self.timed_out("wait")),
         }
     }
 
@@ -712,13 +1194,23 @@ impl PostgresStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, Failure> {
-        let deadline = crate::clock::after(Instant::now(), self.inner.timeout);
-        let conn = self.connection(op).await.map_err(Failure::Other)?;
-        let run = async {
-            let statement = conn.prepare_cached(sql).await?;
-            conn.query(&statement, params).await
-        };
-        match tokio::time::timeout_at(deadline, run).await {
+        let deadline = after(Instant::now(), self.inner.timeout);
+        self.query_until(op, sql, params, deadline).await
+    }
+
+    async fn query_until(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &Params<'_>,
+        deadline: Instant,
+    ) -> Result<Vec<Row>, Failure> {
+        let conn = self
+            .connection_until(op, deadline)
+            .await
+            .map_err(Failure::Other)?;
+        let statement = run(On::Pooled(&conn), self.inner.prepared, sql, params);
+        match tokio::time::timeout_at(deadline, statement).await {
             Ok(result) => result.map_err(Failure::Db),
             Err(_) => {
                 drop(Object::take(conn));
@@ -734,11 +1226,20 @@ impl PostgresStore {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<u64, Failure> {
-        let deadline = crate::clock::after(Instant::now(), self.inner.timeout);
-        let conn = self.connection(op).await.map_err(Failure::Other)?;
+        let deadline = after(Instant::now(), self.inner.timeout);
+        let conn = self
+            .connection_until(op, deadline)
+            .await
+            .map_err(Failure::Other)?;
         let run = async {
-            let statement = conn.prepare_cached(sql).await?;
-            conn.execute(&statement, params).await
+            if self.inner.prepared {
+                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                let statement = conn.prepare_typed_cached(sql, &types).await?;
+                conn.execute(&statement, &values).await
+            } else {
+                conn.execute_typed(sql, params).await
+            }
         };
         match tokio::time::timeout_at(deadline, run).await {
             Ok(result) => result.map_err(Failure::Db),
@@ -749,64 +1250,289 @@ impl PostgresStore {
         }
     }
 
+    /// Runs a statement under the key lock (complete, renew, release, remove) and returns how
+    /// many rows it changed. While another caller holds the key lock (a claim of the key in
+    /// flight) or the server reports a serialization failure, pauses outside the pool and runs
+    /// it again, within the store's timeout.
+    async fn gated(&self, op: &'static str, sql: &str, params: &Params<'_>) -> Result<u64, Error> {
+        let deadline = after(Instant::now(), self.inner.timeout);
+        let mut pause = FIRST_POLL;
+        loop {
+            match self.query_until(op, sql, params, deadline).await {
+                Ok(rows) => {
+                    if let Some(n) = read_gated(&rows)? {
+                        return Ok(n);
+                    }
+                }
+                Err(failure) if failure.is_conflict() => {}
+                Err(failure) => return Err(failure.into_error()),
+            }
+            let now = Instant::now();
+            if now + pause >= deadline {
+                return Err(Error::store(KeyLocked {
+                    op,
+                    after: self.inner.timeout,
+                }));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_POLL);
+        }
+    }
+
     async fn claim_now(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
+        self.ready().await?;
         let token = Token::generate();
         let token_bytes = token_bytes(token);
         let fp = fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
-        let lease = micros(lease);
+        let lease_us = micros(lease);
         let key_bytes = &key.as_bytes()[..];
+        let lock = self.lock_id(key);
+        let params: &Params<'_> = &[
+            (&key_bytes, Type::BYTEA),
+            (&&token_bytes[..], Type::BYTEA),
+            (&fp, Type::BYTEA),
+            (&lease_us, Type::FLOAT8),
+            (&lock, Type::INT8),
+        ];
+        let deadline = after(Instant::now(), self.inner.timeout);
         for _ in 0..CLAIM_ATTEMPTS {
-            let params: &Params<'_> = &[&key_bytes, &&token_bytes[..], &fp, &lease];
-            match self.query("claim", &self.inner.sql.claim, params).await {
-                Ok(rows) => {
-                    if let Some(claim) = read_claim(&rows, token)? {
+            let conn = self.connection_until("claim", deadline).await?;
+            // From here the claim may reach the server: if this future is dropped before the
+            // answer, the guard releases it (a no-op if it never landed).
+            let mut in_flight = ClaimInFlight {
+                store: self,
+                key,
+                token,
+                conn: Some(conn),
+            };
+            let statement = run(
+                On::Pooled(in_flight.conn()),
+                self.inner.prepared,
+                &self.inner.sql.claim,
+                params,
+            );
+            let answer = tokio::time::timeout_at(deadline, statement).await;
+            let conn = in_flight.settle();
+            match answer {
+                Ok(Ok(rows)) => {
+                    drop(conn);
+                    if let Some(claim) = read_claim(&rows, token, lease)? {
                         return Ok(claim);
                     }
                     // The conflicting row was committed after this statement's snapshot: run
                     // it again, with a snapshot that sees the row.
                 }
-                Err(failure) if failure.is_lock_timeout() => {
-                    return Ok(Claim::Busy {
-                        lease_left: self.inner.busy_hint,
-                    });
+                Ok(Err(err)) => {
+                    drop(conn);
+                    let failure = Failure::Db(err);
+                    if failure.is_lock_timeout() {
+                        return Ok(Claim::Busy {
+                            lease_left: BUSY_HINT.min(lease),
+                        });
+                    }
+                    if !failure.is_conflict() {
+                        return Err(failure.into_error());
+                    }
+                    // A serialization failure or deadlock rolled it back: run it again.
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(_) => {
+                    // No answer in time: the connection may still be busy with the statement,
+                    // so it is closed; whatever landed is released in the background.
+                    if let Some(conn) = conn {
+                        drop(Object::take(conn));
+                    }
+                    self.release_on_drop(key, token);
+                    return Err(self.timed_out("claim"));
+                }
             }
         }
-        Err(Error::store(Corrupt(
-            "the claim statement kept finding a row it could not read back",
-        )))
+        // Kept racing with other writers of the key: report it busy; the caller waits and
+        // claims again.
+        Ok(Claim::Busy {
+            lease_left: BUSY_HINT.min(lease),
+        })
+    }
+
+    async fn complete_now(
+        &self,
+        key: Key,
+        token: Token,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<Completion, Error> {
+        self.ready().await?;
+        let key_bytes = &key.as_bytes()[..];
+        let token_bytes = token_bytes(token);
+        let ttl = micros(ttl);
+        let value = &value[..];
+        let lock = self.lock_id(key);
+        let params: &Params<'_> = &[
+            (&key_bytes, Type::BYTEA),
+            (&&token_bytes[..], Type::BYTEA),
+            (&value, Type::BYTEA),
+            (&ttl, Type::FLOAT8),
+            (&lock, Type::INT8),
+        ];
+        let stored = self
+            .gated("complete", &self.inner.sql.complete, params)
+            .await?;
+        Ok(if stored == 1 {
+            Completion::Stored
+        } else {
+            Completion::LeaseLost
+        })
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
-        let deadline = crate::clock::after(Instant::now(), timeout);
+        let deadline = after(Instant::now(), timeout);
         let key_bytes = &key.as_bytes()[..];
-        let poll = async {
-            let mut pause = FIRST_POLL;
-            loop {
-                let rows = self
-                    .query("wait", &self.inner.sql.wait, &[&key_bytes])
-                    .await
-                    .map_err(Failure::into_error)?;
-                let Some(row) = rows.first() else {
-                    return Ok(());
-                };
-                let left: Option<i64> = row.try_get(0).map_err(Error::store)?;
-                // A holder that stops renewing loses its lease: look again when it runs out.
-                let nap = pause.min(from_micros(left.unwrap_or(1)) + Duration::from_millis(1));
-                tokio::time::sleep(nap).await;
-                pause = (pause * 2).min(MAX_POLL);
+        let lock = self.lock_id(key);
+        let params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&lock, Type::INT8)];
+        let mut pause = FIRST_POLL;
+        loop {
+            let mut nap = pause;
+            // Never queue for a connection: with none idle, this poll is skipped.
+            if let Some(conn) = self.idle_connection().await? {
+                let poll = run(
+                    On::Pooled(&conn),
+                    self.inner.prepared,
+                    &self.inner.sql.wait,
+                    params,
+                );
+                match tokio::time::timeout(self.inner.timeout, poll).await {
+                    Ok(Ok(rows)) => {
+                        let Some(row) = rows.first() else {
+                            return Err(Error::store(Corrupt("the wait poll returned no row")));
+                        };
+                        let left: Option<i64> = row.try_get(0).map_err(Error::store)?;
+                        let free: bool = row.try_get(1).map_err(Error::store)?;
+                        match left {
+                            // A holder that stops renewing loses its lease: look again when it
+                            // runs out.
+                            Some(left) => {
+                                nap = nap.min(from_micros(left) + Duration::from_millis(1));
+                            }
+                            None if free => return Ok(()),
+                            None => {} // a claim in flight: its row is not visible yet
+                        }
+                    }
+                    Ok(Err(err)) if is_conflict(&err) => {}
+                    Ok(Err(err)) => return Err(Error::store(err)),
+                    Err(_) => {
+                        drop(Object::take(conn));
+                        return Err(self.timed_out("wait"));
+                    }
+                }
             }
-        };
-        match tokio::time::timeout_at(deadline, poll).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(nap.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_POLL);
         }
+    }
+}
+
+/// Applies an [`OnRisk`] choice to one risky setting.
+fn judge(on_risk: OnRisk, warned: &AtomicBool, why: String) -> Verdict {
+    match on_risk {
+        OnRisk::Refuse => Err(Refused(why)),
+        OnRisk::Warn => {
+            if !warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(target: "idem", "{why}");
+            }
+            Ok(())
+        }
+        OnRisk::Accept => Ok(()),
+    }
+}
+
+/// Whether a DDL failure is a concurrent creator's doing (it created the schema, table or
+/// index between our check and our `CREATE`), so running the migration again finds it done.
+fn concurrent_ddl(e: &tokio_postgres::Error) -> bool {
+    is_conflict(e)
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION
+                || *c == SqlState::DUPLICATE_SCHEMA
+                || *c == SqlState::DUPLICATE_TABLE
+                || *c == SqlState::DUPLICATE_OBJECT
+        )
+}
+
+/// A claim statement that may have reached the server: dropped before its answer was read (the
+/// call was cancelled), it releases the claim on the same connection, which runs it after the
+/// claim statement, so the key is not left held until its lease runs out.
+struct ClaimInFlight<'s> {
+    store: &'s PostgresStore,
+    key: Key,
+    token: Token,
+    conn: Option<Object>,
+}
+
+impl ClaimInFlight<'_> {
+    fn conn(&self) -> &Object {
+        // Set at construction and only taken by `settle` or `drop`.
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the connection of a claim in flight"))
+    }
+
+    /// The answer was read: nothing to undo. Gives the connection back.
+    fn settle(&mut self) -> Option<Object> {
+        self.conn.take()
+    }
+}
+
+impl Drop for ClaimInFlight<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return; // the claim is left to its lease
+        };
+        let (store, key, token) = (self.store.clone(), self.key, self.token);
+        handle.spawn(async move {
+            let key_bytes = &key.as_bytes()[..];
+            let token_bytes = token_bytes(token);
+            let lock = store.lock_id(key);
+            let params: &Params<'_> = &[
+                (&key_bytes, Type::BYTEA),
+                (&&token_bytes[..], Type::BYTEA),
+                (&lock, Type::INT8),
+            ];
+            // Same connection: the server runs this after the claim statement, if it was sent.
+            let first = tokio::time::timeout(
+                store.inner.timeout,
+                run(
+                    On::Pooled(&conn),
+                    store.inner.prepared,
+                    &store.inner.sql.release,
+                    params,
+                ),
+            )
+            .await;
+            let done = matches!(&first, Ok(Ok(rows)) if matches!(read_gated(rows), Ok(Some(_))));
+            if first.is_err() {
+                drop(Object::take(conn));
+            } else {
+                drop(conn);
+            }
+            if !done && let Err(err) = store.release(key, token).await {
+                tracing::warn!(
+                    target: "idem", key = %key, error = %err,
+                    "could not release the claim of a cancelled call; it frees when its lease \
+                     runs out"
+                );
+            }
+        });
     }
 }
 
@@ -816,6 +1542,7 @@ impl fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("table", &self.table())
             .field("timeout", &self.inner.timeout)
+            .field("transaction_pooler", &!self.inner.prepared)
             .field("pool_size", &status.size)
             .field("pool_max_size", &status.max_size)
             .finish()
@@ -839,47 +1566,41 @@ impl Store for PostgresStore {
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        Box::pin(async move {
-            let key_bytes = &key.as_bytes()[..];
-            let token_bytes = token_bytes(token);
-            let ttl = micros(ttl);
-            let value = &value[..];
-            let params: &Params<'_> = &[&key_bytes, &&token_bytes[..], &value, &ttl];
-            let updated = self
-                .execute("complete", &self.inner.sql.complete, params)
-                .await
-                .map_err(Failure::into_error)?;
-            Ok(if updated == 1 {
-                Completion::Stored
-            } else {
-                Completion::LeaseLost
-            })
-        })
+        Box::pin(self.complete_now(key, token, value, ttl))
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
+            self.ready().await?;
             let key_bytes = &key.as_bytes()[..];
             let token_bytes = token_bytes(token);
             let lease = micros(lease);
-            let params: &Params<'_> = &[&key_bytes, &&token_bytes[..], &lease];
-            let updated = self
-                .execute("renew", &self.inner.sql.renew, params)
-                .await
-                .map_err(Failure::into_error)?;
-            Ok(updated == 1)
+            let lock = self.lock_id(key);
+            let params: &Params<'_> = &[
+                (&key_bytes, Type::BYTEA),
+                (&&token_bytes[..], Type::BYTEA),
+                (&lease, Type::FLOAT8),
+                (&lock, Type::INT8),
+            ];
+            let renewed = self.gated("renew", &self.inner.sql.renew, params).await?;
+            Ok(renewed == 1)
         })
     }
 
     fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
+            self.ready().await?;
             let key_bytes = &key.as_bytes()[..];
             let token_bytes = token_bytes(token);
-            let params: &Params<'_> = &[&key_bytes, &&token_bytes[..]];
+            let lock = self.lock_id(key);
+            let params: &Params<'_> = &[
+                (&key_bytes, Type::BYTEA),
+                (&&token_bytes[..], Type::BYTEA),
+                (&lock, Type::INT8),
+            ];
             let deleted = self
-                .execute("release", &self.inner.sql.release, params)
-                .await
-                .map_err(Failure::into_error)?;
+                .gated("release", &self.inner.sql.release, params)
+                .await?;
             Ok(deleted == 1)
         })
     }
@@ -890,11 +1611,11 @@ impl Store for PostgresStore {
 
     fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
+            self.ready().await?;
             let key_bytes = &key.as_bytes()[..];
-            let deleted = self
-                .execute("remove", &self.inner.sql.remove, &[&key_bytes])
-                .await
-                .map_err(Failure::into_error)?;
+            let lock = self.lock_id(key);
+            let params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&lock, Type::INT8)];
+            let deleted = self.gated("remove", &self.inner.sql.remove, params).await?;
             Ok(deleted > 0)
         })
     }
@@ -910,6 +1631,31 @@ impl Store for PostgresStore {
                         target: "idem", key = %key, error = %err,
                         "could not release a dropped claim; it frees when its lease runs out"
                     );
+                }
+            });
+        }
+    }
+
+    /// Hands the completion to the current tokio runtime, if there is one. It follows the rule
+    /// of [`complete`](Store::complete), so a completion that already landed is recognised as
+    /// itself and the first value stays. Without a runtime, or if it fails, the claim is left
+    /// to its lease.
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            handle.spawn(async move {
+                match store.complete(key, token, value, ttl).await {
+                    Ok(Completion::Stored) => {}
+                    Ok(Completion::LeaseLost) => tracing::warn!(
+                        target: "idem", key = %key,
+                        "the result of a cancelled call was not stored: another call took the \
+                         key over after its lease ran out; the body may have run twice"
+                    ),
+                    Err(err) => tracing::warn!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store the result of a cancelled call; the claim is left to \
+                         its lease, after which a retry runs the body again"
+                    ),
                 }
             });
         }
@@ -937,15 +1683,23 @@ impl Store for PostgresStore {
 /// (an inbox/outbox, an order, a ledger entry). For effects elsewhere (an HTTP call, an email)
 /// use the ordinary executor ([`Idempotent`](crate::Idempotent) or `#[idempotent]`).
 ///
-/// **What it costs:** the claim's row lock is held until commit, and the transaction holds a
-/// pooled connection for the whole body. A concurrent caller of the same key (transactional or
-/// not) blocks in its claim on that row lock until the holder commits (then it replays) or
-/// rolls back (then it runs); past the connections' `lock_timeout` it sees the key busy and
-/// waits or rejects per `on_conflict`, like for any in-progress key. Keep the body short, and
-/// mind `idle_in_transaction_session_timeout` if it awaits anything but the database. The
-/// lease does not apply while the transaction is open (the row lock protects the claim). The
-/// connection's `statement_timeout` and `lock_timeout` (see [`PostgresStoreBuilder`]) apply to
-/// the body's statements too.
+/// **What it costs:** the transaction holds a pooled connection, the claim's row and the key
+/// lock for the whole body. A concurrent caller of the same key (transactional or not) never
+/// waits on them inside the database: its claim finds the key lock taken and reports the key
+/// busy at once, and the caller waits outside the pool (polling, holding no connection) or
+/// rejects per `on_conflict`, like for any in-progress key; once the holder commits it replays,
+/// once it rolls back it runs. So duplicates of one key never starve other keys of connections.
+/// Keep the body short, and mind `idle_in_transaction_session_timeout` if it awaits anything
+/// but the database. The lease does not apply while the transaction is open (the key lock
+/// protects the claim). The connection's `statement_timeout` and `lock_timeout` (see
+/// [`PostgresStoreBuilder`]) apply to the body's statements too.
+///
+/// **Isolation:** the transaction runs at the level set with
+/// [`isolation_level`](Self::isolation_level) (`READ COMMITTED` unless set), whatever the
+/// database's default. A serialization failure or deadlock on the claim starts the attempt
+/// over in a new transaction (the body has not run); one in the body or at commit rolls the
+/// body's writes back with the claim, and the caller gets the error (the body's own, or
+/// [`Error::Store`] at commit): a retry runs it again.
 ///
 /// ```no_run
 /// use idem_runtime::store::postgres::PostgresStore;
@@ -995,6 +1749,9 @@ macro_rules! outcome {
 enum Attempt<T, E> {
     Done(Result<Outcome<T>, E>),
     Busy(Duration),
+    /// The claim met a serialization failure, a deadlock, or a row committed after its
+    /// snapshot: nothing was written and the body did not run; start over.
+    Again,
 }
 
 impl<K: KeyPart> Transactional<'_, K> {
@@ -1038,9 +1795,9 @@ impl<K: KeyPart> Transactional<'_, K> {
         self
     }
 
-    /// The isolation level of the transaction (`READ COMMITTED` unless set). Under
-    /// `REPEATABLE READ` or `SERIALIZABLE`, a concurrent duplicate may fail with a
-    /// serialization error ([`Error::Store`]) instead of waiting; retry it.
+    /// The isolation level of the transaction (`READ COMMITTED` unless set, whatever the
+    /// database's `default_transaction_isolation`). A serialization failure on the claim is
+    /// retried; one in the body or at commit is the caller's error (see [`Transactional`]).
     pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
         self.isolation = level;
         self
@@ -1073,25 +1830,32 @@ impl<K: KeyPart> Transactional<'_, K> {
         let key = Key::new(&this.name, &this.key);
         let mut deadline = None;
         let mut waited = false;
+        let mut again = 0;
         let mut body = Some(body);
         loop {
-            match this.attempt(key, waited, &mut body).await {
+            let lease_left = match this.attempt(key, waited, &mut body).await {
                 Attempt::Done(result) => return result,
-                Attempt::Busy(lease_left) => {
-                    match wait_turn(this.store, key, &this.policy, &mut deadline).await {
-                        Turn::ClaimAgain => waited = true,
-                        Turn::Rejected => {
-                            outcome!(INFO, this.name, key, "rejected", waited);
-                            return Err(Error::InProgress {
-                                retry_after: lease_left,
-                            }
-                            .into());
-                        }
-                        Turn::Failed(err) => {
-                            outcome!(WARN, this.name, key, "store_error", error = %err, step = "wait");
-                            return Err(err.into());
-                        }
+                Attempt::Again if again < CLAIM_ATTEMPTS => {
+                    again += 1;
+                    continue;
+                }
+                // Kept racing with other writers of the key: treat it as busy.
+                Attempt::Again => BUSY_HINT.min(this.policy.lease),
+                Attempt::Busy(lease_left) => lease_left,
+            };
+            again = 0;
+            match wait_turn(this.store, key, &this.policy, &mut deadline).await {
+                Turn::ClaimAgain => waited = true,
+                Turn::Rejected => {
+                    outcome!(INFO, this.name, key, "rejected", waited);
+                    return Err(Error::InProgress {
+                        retry_after: lease_left,
                     }
+                    .into());
+                }
+                Turn::Failed(err) => {
+                    outcome!(WARN, this.name, key, "store_error", error = %err, step = "wait");
+                    return Err(err.into());
                 }
             }
         }
@@ -1104,7 +1868,12 @@ impl<K: KeyPart> Transactional<'_, K> {
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
-        let mut conn = match self.store.connection("transaction").await {
+        let ready = self.store.ready().await;
+        let conn = match ready {
+            Ok(()) => self.store.connection("transaction").await,
+            Err(err) => Err(err),
+        };
+        let mut conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
                 outcome!(WARN, self.name, key, "store_error", error = %err, step = "begin");
@@ -1159,45 +1928,43 @@ impl<K: KeyPart> Transactional<'_, K> {
             Err(_) => return discard("begin"),
         };
 
-        // Claim, in the transaction.
+        // Claim, in the transaction: the key lock it takes is held until the transaction ends.
         let token = Token::generate();
         let token_bytes = token_bytes(token);
         let fp = self.fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
         let lease = micros(self.policy.lease);
         let key_bytes = &key.as_bytes()[..];
-        let mut claim = None;
-        for _ in 0..CLAIM_ATTEMPTS {
-            let params: &Params<'_> = &[&key_bytes, &&token_bytes[..], &fp, &lease];
-            let run = async {
-                let statement = cache.prepare(tx.client(), &store.inner.sql.claim).await?;
-                tx.query(&statement, params).await
-            };
-            match tokio::time::timeout(limit, run).await {
-                Ok(Ok(rows)) => match read_claim(&rows, token) {
-                    Ok(Some(found)) => {
-                        claim = Some(found);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(err) => return fail("claim", err),
-                },
-                Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    claim = Some(Claim::Busy {
-                        lease_left: store.inner.busy_hint,
-                    });
-                    break;
+        let lock = store.lock_id(key);
+        let prepared = store.inner.prepared;
+        let on = On::Tx(&tx, &cache);
+        let params: &Params<'_> = &[
+            (&key_bytes, Type::BYTEA),
+            (&&token_bytes[..], Type::BYTEA),
+            (&fp, Type::BYTEA),
+            (&lease, Type::FLOAT8),
+            (&lock, Type::INT8),
+        ];
+        let claimed = run(on, prepared, &store.inner.sql.claim, params);
+        let claim = match tokio::time::timeout(limit, claimed).await {
+            Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
+                Ok(Some(claim)) => claim,
+                Ok(None) => {
+                    // A row committed after the snapshot (which, past READ COMMITTED, the
+                    // transaction keeps): start over in a new transaction.
+                    let _ = tokio::time::timeout(limit, tx.rollback()).await;
+                    return (Attempt::Again, false);
                 }
-                Ok(Err(err)) => return fail("claim", Error::store(err)),
-                Err(_) => return discard("claim"),
+                Err(err) => return fail("claim", err),
+            },
+            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Claim::Busy {
+                lease_left: BUSY_HINT.min(self.policy.lease),
+            },
+            Ok(Err(err)) if is_conflict(&err) => {
+                let _ = tokio::time::timeout(limit, tx.rollback()).await;
+                return (Attempt::Again, false);
             }
-        }
-        let Some(claim) = claim else {
-            return fail(
-                "claim",
-                Error::store(Corrupt(
-                    "the claim statement kept finding a row it could not read back",
-                )),
-            );
+            Ok(Err(err)) => return fail("claim", Error::store(err)),
+            Err(_) => return discard("claim"),
         };
 
         match claim {
@@ -1256,16 +2023,16 @@ impl<K: KeyPart> Transactional<'_, K> {
                 };
                 let ttl = micros(self.policy.ttl);
                 let encoded = &encoded[..];
-                let params: &Params<'_> = &[&key_bytes, &&token_bytes[..], &encoded, &ttl];
-                let finish = async {
-                    let statement = cache
-                        .prepare(tx.client(), &store.inner.sql.complete)
-                        .await?;
-                    let updated = tx.execute(&statement, params).await?;
-                    Ok::<_, tokio_postgres::Error>(updated)
-                };
+                let params: &Params<'_> = &[
+                    (&key_bytes, Type::BYTEA),
+                    (&&token_bytes[..], Type::BYTEA),
+                    (&encoded, Type::BYTEA),
+                    (&ttl, Type::FLOAT8),
+                    (&lock, Type::INT8),
+                ];
+                let finish = run(on, prepared, &store.inner.sql.complete, params);
                 match tokio::time::timeout(limit, finish).await {
-                    Ok(Ok(1)) => {}
+                    Ok(Ok(rows)) if matches!(read_gated(&rows), Ok(Some(1))) => {}
                     Ok(Ok(_)) => {
                         let _ = tokio::time::timeout(limit, tx.rollback()).await;
                         return fail(
