@@ -260,7 +260,7 @@ async fn server_restart_mid_run() {
         );
         let started = Instant::now();
         let claimed = store
-            .claim(Key::new("", "during"), None, Duration::from_secs(5))
+            .claim(Key::new("test", "during"), None, Duration::from_secs(5))
             .await;
         assert!(matches!(claimed, Err(Error::Store(_))), "{claimed:?}");
         assert!(started.elapsed() < timeout + Duration::from_millis(500));
@@ -342,7 +342,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     let prefix = store.prefix().to_owned();
 
     // Neighbours: a real record, a plain key under the prefix, a key outside it.
-    let neighbour_key = Key::new("", "neighbour");
+    let neighbour_key = Key::new("test", "neighbour");
     Idempotent::new(&store, "neighbour")
         .name("test")
         .run(|| async { Ok::<_, Error>(41u32) })
@@ -410,7 +410,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
 
     for (i, (what, setup)) in cases.iter().enumerate() {
         let key_value = format!("garbage {i}");
-        let key = Key::new("", key_value.as_str());
+        let key = Key::new("test", key_value.as_str());
         let name = store.record_name(&key);
         assert!(name.starts_with(&prefix) && name.ends_with(&key.to_hex()));
         for cmd in *setup {
@@ -500,7 +500,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     }
 
     // A completed record whose value is not the function's type: a codec error.
-    let key = Key::new("", "not json");
+    let key = Key::new("test", "not json");
     let name = store.record_name(&key);
     server.cmd(&[
         "HSET",
@@ -734,7 +734,10 @@ async fn a_cancelled_call_releases_its_claim_at_once() {
     assert!(cancelled.is_err(), "the call was cancelled");
     let started = Instant::now();
     loop {
-        match store.claim(Key::new("", "cancelled"), None, lease).await {
+        match store
+            .claim(Key::new("test", "cancelled"), None, lease)
+            .await
+        {
             Ok(Claim::Acquired(_)) => break,
             Ok(Claim::Busy { .. }) if started.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
