@@ -174,17 +174,24 @@ async fn take_over(store: &RedisStore, port: u16, prefix: &str, key: &str) -> Du
     started.into_inner().unwrap().expect("the body ran")
 }
 
-/// What is left of the lease on `key`'s record, by the server's clock (zero if none).
+/// What is left of the lease on `key`'s record, by the server's clock (zero if none): the
+/// record's expiry less its grace (a running record outlives its lease by that much).
 fn lease_left(server: &RedisServer, store: &RedisStore, key: &str) -> Duration {
-    let name = store.record_name(&Key::new("", key));
-    match server.cmd(&["PTTL", &name]) {
-        support::redis::Resp::Int(ms) => Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    use support::redis::Resp;
+    let name = store.record_name(&Key::new("test", key));
+    let pttl = match server.cmd(&["PTTL", &name]) {
+        Resp::Int(ms) => u64::try_from(ms).unwrap_or(0),
         other => panic!("PTTL {name}: {other:?}"),
-    }
+    };
+    let grace = match server.cmd(&["HGET", &name, "grace"]) {
+        Resp::Bulk(Some(ms)) => String::from_utf8_lossy(&ms).parse().unwrap_or(0),
+        _ => 0,
+    };
+    Duration::from_millis(pttl.saturating_sub(grace))
 }
 
 async fn stored_value(store: &RedisStore, key: &str) -> String {
-    match store.claim(Key::new("", key), None, LEASE).await {
+    match store.claim(Key::new("test", key), None, LEASE).await {
         Ok(Claim::Completed(done)) => String::from_utf8_lossy(&done.value).into_owned(),
         other => panic!("the record of {key} must be completed, got {other:?}"),
     }
