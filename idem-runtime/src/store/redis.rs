@@ -1045,12 +1045,8 @@ impl RedisStore {
         failure(op, err)
     }
 
-    /// Runs one of our scripts on the record of `key`; `foreign` replies become errors.
-    ///
-    /// `EVALSHA` first; a node that does not have the script (`NOSCRIPT`: restarted, flushed,
-    /// promoted, or new to the cluster and reached through a redirection) gets its source with
-    /// `EVAL`, which runs it and caches it there. `SCRIPT LOAD` would not do: it goes to the
-    /// nodes the client knows, and a node a slot is migrating to is not among them.
+    /// Runs one of our scripts on the record of `key` ([`ScriptCall::send`]); `foreign` replies
+    /// become errors.
     async fn script(
         &self,
         op: &'static str,
@@ -1060,28 +1056,14 @@ impl RedisStore {
     ) -> Result<Vec<Value>, Error> {
         let name = self.record_name(key);
         let name = name.as_str();
-        let mut evalsha = ::redis::cmd("EVALSHA");
-        evalsha.arg(&lua.hash).arg(1).arg(name);
-        for arg in args {
-            evalsha.arg(*arg);
-        }
-        let evalsha = &evalsha;
-        let reply: Value = self
-            .run(op, move |mut conn| async move {
-                match evalsha.query_async(&mut conn).await {
-                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        self.health.recheck.store(true, Ordering::Release);
-                        let mut eval = ::redis::cmd("EVAL");
-                        eval.arg(&lua.source).arg(1).arg(name);
-                        for arg in args {
-                            eval.arg(*arg);
-                        }
-                        eval.query_async(&mut conn).await
-                    }
-                    other => other,
-                }
-            })
-            .await?;
+        let call = ScriptCall {
+            lua,
+            name,
+            args,
+            recheck: &self.health.recheck,
+        };
+        let call = &call;
+        let reply: Value = self.run(op, move |conn| call.send(conn)).await?;
         let items = match reply {
             Value::Array(items) if !items.is_empty() => items,
             other => return Err(bad_reply(op, &other)),
@@ -1256,6 +1238,116 @@ impl Drop for Unanswered<'_> {
             self.store.release_on_drop(self.key, self.token);
         }
     }
+}
+
+/// One script run on one record, as [`RedisStore::run`] attempts it.
+struct ScriptCall<'a> {
+    lua: &'static Lua,
+    name: &'a str,
+    args: &'a [&'a [u8]],
+    /// Set on `NOSCRIPT`: the node may be one whose settings were never read.
+    recheck: &'a AtomicBool,
+}
+
+impl ScriptCall<'_> {
+    fn command(&self, with_source: bool) -> Cmd {
+        let mut cmd = if with_source {
+            let mut cmd = ::redis::cmd("EVAL");
+            cmd.arg(&self.lua.source);
+            cmd
+        } else {
+            let mut cmd = ::redis::cmd("EVALSHA");
+            cmd.arg(&self.lua.hash);
+            cmd
+        };
+        cmd.arg(1).arg(self.name);
+        for arg in self.args {
+            cmd.arg(*arg);
+        }
+        cmd
+    }
+
+    /// `EVALSHA` first; a node that does not have the script (`NOSCRIPT`: restarted, flushed,
+    /// promoted, or new to the cluster and reached through a redirection) gets its source with
+    /// `EVAL`, which runs it and caches it there. `SCRIPT LOAD` would not do: it goes to the
+    /// nodes the client knows, and a node a slot is migrating to is not among them.
+    ///
+    /// On a cluster, an `ASK` redirection that the client gave up on is followed here.
+    async fn send(&self, mut conn: Conn) -> RedisResult<Value> {
+        let mut rounds = 0;
+        loop {
+            let result = match self.command(false).query_async(&mut conn).await {
+                Err(err) if is_noscript(&err) => {
+                    self.recheck.store(true, Ordering::Release);
+                    self.command(true).query_async(&mut conn).await
+                }
+                other => other,
+            };
+            let err = match result {
+                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::Ask) => err,
+                other => return other,
+            };
+            let (Conn::Cluster(cluster), Some(route)) = (
+                &mut conn,
+                err.redirect_node().and_then(|(node, _)| node_route(node)),
+            ) else {
+                return Err(err);
+            };
+            match self.asking(cluster, route).await {
+                // The client dropped its connection to that node (a node that serves no slot
+                // yet is forgotten when the slot map is read again): the next send through the
+                // redirection connects again.
+                Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound && rounds < 3 => {
+                    rounds += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `ASKING` and the script to the node an `ASK` redirection names, in one pipeline.
+    ///
+    /// The `redis` cluster client follows `ASK` by sending `ASKING` and then the command as two
+    /// requests on the node's shared connection, so another call's command can come between them
+    /// and take the `ASKING`: its command is then redirected back, and after its retries the
+    /// client gives up with the `ASK` error. A pipeline is written in one piece: nothing comes
+    /// between.
+    async fn asking(
+        &self,
+        conn: &mut ClusterConnection,
+        route: ::redis::cluster_routing::SingleNodeRoutingInfo,
+    ) -> RedisResult<Value> {
+        let mut with_source = false;
+        loop {
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("ASKING").add_command(self.command(with_source));
+            let mut replies = conn.route_pipeline(pipe, 0, 2, route.clone()).await?;
+            let reply = replies.pop().unwrap_or(Value::Nil);
+            match reply {
+                Value::ServerError(err)
+                    if !with_source && err.kind() == Some(ServerErrorKind::NoScript) =>
+                {
+                    self.recheck.store(true, Ordering::Release);
+                    with_source = true;
+                }
+                Value::ServerError(err) => return Err(err.into()),
+                reply => return Ok(reply),
+            }
+        }
+    }
+}
+
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// The route to `host:port`, as a redirection names a node.
+fn node_route(node: &str) -> Option<::redis::cluster_routing::SingleNodeRoutingInfo> {
+    let (host, port) = node.rsplit_once(':')?;
+    Some(::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+        host: host.to_owned(),
+        port: port.parse().ok()?,
+    })
 }
 
 impl fmt::Debug for RedisStore {
