@@ -1,8 +1,10 @@
 #![cfg(feature = "redis")]
 //! `RedisStore` against a real `redis-server` that the harness starts (tests/support/redis.rs):
-//! the conformance suite, round trips, a server restart, a hung server, garbage under the
-//! prefix, several processes on the same keys, the attribute, cancellation, and the
-//! `redis_orders` example.
+//! the conformance suite on a server and on a cluster, round trips, a server restart, a hung
+//! server, garbage under the prefix, several processes on the same keys, the attribute,
+//! cancellation at each point of a call, waiting on a slow server, the server settings checked
+//! at connect and what happens at `maxmemory` (issue 19), a cluster resharded and failed over
+//! under load (issue 21), and the `redis_orders` example.
 
 mod support;
 
@@ -1458,4 +1460,231 @@ mod resharding {
             runs.len()
         );
     }
+}
+
+/// Issue 13: at most once under cancellation, against a real server. A call cancelled while its
+/// claim is on its way, or while its body runs, gives its key back; a call cancelled after its
+/// body returned `Ok` never does, and its result is stored.
+mod cancellation {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use idem::{Error, Idempotent, OnConflict, RedisStore, Status};
+
+    use super::{RedisServer, fresh_prefix, store_on};
+
+    /// Stops serving writes (every script) for `ms` milliseconds; reads are still served.
+    fn pause_writes(server: &RedisServer, ms: u64) {
+        let reply = server.cmd(&["CLIENT", "PAUSE", &ms.to_string(), "WRITE"]);
+        assert_eq!(reply, super::Resp::Simple("OK".into()), "CLIENT PAUSE");
+    }
+
+    /// The body returned `Ok` and the server holds its completion (writes paused); the caller's
+    /// timeout fires then. The claim is not released: the retry waits and replays, the body ran
+    /// once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_cancelled_while_its_result_is_stored_is_replayed_not_run_again() {
+        let server = Arc::new(RedisServer::start());
+        let store = store_on(&server.url(), "cancel-complete").await;
+        let runs = AtomicUsize::new(0);
+        let returned = tokio::sync::Notify::new();
+        let call = Idempotent::new(&store, "paid").name("test").run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || pause_writes(&server, 1000))
+                .await
+                .unwrap();
+            returned.notify_one();
+            Ok::<_, Error>(42u32)
+        });
+        tokio::select! {
+            result = call => panic!("the completion cannot finish while writes are paused: {result:?}"),
+            () = async {
+                returned.notified().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            } => {}
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let again = Idempotent::new(&store, "paid")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(0u32)
+            })
+            .await
+            .expect("the retry waits out the pause");
+        assert!(again.status.is_replay(), "{:?}", again.status);
+        assert_eq!(again.value, 42);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran again");
+    }
+
+    /// A call cancelled while its claim waits in the server (writes paused) never ran its body;
+    /// when the server goes on, the claim lands and is released at once (the store releases a
+    /// claim whose reply it never read), so the key is not held for the lease (30 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_cancelled_while_its_claim_is_on_its_way_does_not_hold_the_key() {
+        let server = RedisServer::start();
+        let store = store_on(&server.url(), "cancel-claim").await;
+        let runs = AtomicUsize::new(0);
+        pause_writes(&server, 300);
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            Idempotent::new(&store, "k").name("test").run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1u8)
+            }),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the claim is held in the server");
+        let mut busy = 0;
+        let out = loop {
+            match Idempotent::new(&store, "k")
+                .name("test")
+                .on_conflict(OnConflict::Reject)
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(2u8)
+                })
+                .await
+            {
+                Ok(out) => break out,
+                // The release may reach the server just after this call's claim.
+                Err(Error::InProgress { .. }) if busy < 40 => {
+                    busy += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("the cancelled claim still holds the key: {err}"),
+            }
+        };
+        assert_eq!((out.status, out.value), (Status::Executed, 2));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// The body ran, and its completion failed (the server went down meanwhile): the call
+    /// returns the value, and the store keeps trying in the background; once the server is back
+    /// (with its append-only file, the claim survived), the result is stored and the retry
+    /// replays it, well before the claim's lease would have freed the key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completion_that_failed_is_finished_in_the_background() {
+        let server = Arc::new(RedisServer::start_persistent());
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("complete-later"))
+            .timeout(Duration::from_millis(500))
+            .connect(&server.url())
+            .await
+            .unwrap();
+        let runs = AtomicUsize::new(0);
+        let out = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let server = server.clone();
+                tokio::task::spawn_blocking(move || server.stop())
+                    .await
+                    .unwrap();
+                Ok::<_, Error>(7u32)
+            })
+            .await
+            .expect("the body ran: its value is returned");
+        assert_eq!(out.value, 7);
+        assert_eq!(
+            out.expires_in, None,
+            "the server was down: nothing stored yet"
+        );
+
+        let restarted = server.clone();
+        tokio::task::spawn_blocking(move || restarted.restart())
+            .await
+            .unwrap();
+        let mut tries = 0;
+        let again = loop {
+            tries += 1;
+            match Idempotent::new(&store, "k")
+                .name("test")
+                .on_conflict(OnConflict::Reject)
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(0u32)
+                })
+                .await
+            {
+                Ok(out) => break out,
+                Err(Error::InProgress { .. } | Error::Store(_)) if tries < 100 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("the result was not stored in the background: {err}"),
+            }
+        };
+        assert_eq!((again.status, again.value), (Status::Replayed, 7));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// Waiting when the server is slow: waiters back off (a bounded number of polls each), get the
+/// holder's result, and take nothing the calls on other keys need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
+    const WAITERS: usize = 20;
+    const OTHERS: u32 = 10;
+    let server = RedisServer::start();
+    let proxy = CountingProxy::start_slow(server.port(), Duration::from_millis(20));
+    let store = Arc::new(store_on(&proxy.url(), "slow").await);
+    let held = Key::new("test", "held");
+    let token = match store.claim(held, None, Duration::from_secs(30)).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("{other:?}"),
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let before = proxy.commands();
+    let started = Instant::now();
+    let mut waiters = tokio::task::JoinSet::new();
+    for _ in 0..WAITERS {
+        let (store, runs) = (store.clone(), runs.clone());
+        waiters.spawn(async move {
+            Idempotent::new(&*store, "held")
+                .name("test")
+                .run_with_outcome(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(0u32)
+                })
+                .await
+        });
+    }
+    for i in 0..OTHERS {
+        let v = Idempotent::new(&*store, ("other", i))
+            .name("test")
+            .run(|| async move { Ok::<_, Error>(i) })
+            .await
+            .expect("calls on other keys are served while the waiters wait");
+        assert_eq!(v, i);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done = store
+        .complete(
+            held,
+            token,
+            Bytes::from_static(b"5"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done.ok(), Some(idem::Completion::Stored));
+    let held_for = started.elapsed();
+    while let Some(joined) = waiters.join_next().await {
+        let out = joined.unwrap().expect("a waiter gets the holder's result");
+        assert_eq!((out.status, out.value), (Status::Waited, 5));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // Every command but the holder's completion, the other keys' claims and completions, and
+    // each waiter's claim before and after its wait, is a poll.
+    let commands = proxy.commands() - before;
+    let polls = commands - 1 - 2 * OTHERS as usize - 2 * WAITERS;
+    // 5, 10, 20, 40, 80 ms, then one poll per 100 ms at the most (and one more at the end).
+    let bound_each = 5 + usize::try_from(held_for.as_millis() / 100).unwrap() + 2;
+    assert!(
+        polls <= WAITERS * bound_each,
+        "{polls} polls by {WAITERS} waiters in {held_for:?}: more than {bound_each} each"
+    );
+    println!("{polls} polls by {WAITERS} waiters in {held_for:?}");
 }
