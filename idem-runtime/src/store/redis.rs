@@ -295,8 +295,9 @@ pub enum IfUnsafe {
 ///
 /// # Server settings
 ///
-/// At-most-once needs a server that keeps what it was told. When it connects, and again before
-/// the first operation after a connection error or a `NOSCRIPT` (a node that may be new), the
+/// At-most-once needs a server that keeps what it was told. When it connects, and again after a
+/// connection error or a `NOSCRIPT` (the node may be another server), before the next claim
+/// (which fails if the settings cannot be read: no body starts on a server nobody checked), the
 /// store reads `maxmemory-policy`, `appendonly` and `save` on the server, or on every master of
 /// a cluster:
 ///
@@ -607,8 +608,8 @@ impl ConnectionLike for Conn {
 /// The first pause of [`RedisStore`]'s wait poll.
 const FIRST_POLL: Duration = Duration::from_millis(5);
 
-/// While settings must be read again and the last attempt failed or found them refused, how
-/// long until the next attempt (operations in between go on, or are refused, as last found).
+/// While settings must be read again, how often an operation other than a claim tries (a claim
+/// always does, first).
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
@@ -951,20 +952,26 @@ impl RedisStore {
     }
 
     /// Before an operation: reads the settings again if a connection error or a `NOSCRIPT` asked
-    /// for it. Only a claim is refused by a setting: a claim already granted is better completed,
-    /// renewed or released on any server than abandoned.
+    /// for it (the server may be another one).
+    ///
+    /// A claim waits for the reading and fails if it fails: no body starts on a server whose
+    /// settings were not read. Other operations go on whatever the reading says (a claim already
+    /// granted is better completed, renewed or released on any server than abandoned), and try
+    /// to read at most once per [`RECHECK_EVERY`].
     async fn settle(&self, op: &'static str) -> Result<(), Error> {
         let health = &*self.health;
         if !health.recheck.load(Ordering::Acquire) {
             return Ok(());
         }
+        let claim = op == "claim";
         {
             let _one = health.checking.lock().await;
             let due = health.recheck.load(Ordering::Acquire)
-                && health
-                    .state()
-                    .last_attempt
-                    .is_none_or(|at| at.elapsed() >= RECHECK_EVERY);
+                && (claim
+                    || health
+                        .state()
+                        .last_attempt
+                        .is_none_or(|at| at.elapsed() >= RECHECK_EVERY));
             if due {
                 // Cleared first: a connection error while reading sets it again.
                 health.recheck.store(false, Ordering::Release);
@@ -973,7 +980,7 @@ impl RedisStore {
                     Ok(nodes) => {
                         let refusal = health.judge(&nodes);
                         if let Some(refusal) = &refusal {
-                            // Until the setting is fixed: read again now and then.
+                            // Read again before each claim until the setting is fixed.
                             health.recheck.store(true, Ordering::Release);
                             if health.state().warned.insert(refusal.message.clone()) {
                                 tracing::warn!(
@@ -985,19 +992,19 @@ impl RedisStore {
                         health.state().refusal = refusal;
                     }
                     Err(err) => {
-                        // The operation goes on, and fails by itself if the server is gone.
                         health.recheck.store(true, Ordering::Release);
+                        if claim {
+                            return Err(failure("claim (reading the server's settings)", err));
+                        }
                         tracing::debug!(
                             target: "idem", error = %err,
-                            "could not read the Redis settings; trying again before a later operation"
+                            "could not read the Redis settings; trying again before the next claim"
                         );
                     }
                 }
             }
         }
-        if op == "claim"
-            && let Some(refusal) = health.state().refusal.clone()
-        {
+        if claim && let Some(refusal) = health.state().refusal.clone() {
             return Err(Error::store(refusal));
         }
         Ok(())
