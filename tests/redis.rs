@@ -1688,3 +1688,53 @@ async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
     );
     println!("{polls} polls by {WAITERS} waiters in {held_for:?}");
 }
+
+/// A result longer than the server accepts in one argument (`proto-max-bulk-len`) is not sent:
+/// Redis would close the connection that every call shares, failing the calls in flight, and
+/// the background completion would do it again and again. The call gets its value, unstored,
+/// and the connection is never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_servers_limit_breaks_no_other_call() {
+    let server = RedisServer::start_configured(false, &["--proto-max-bulk-len", "1mb"]);
+    let store = Arc::new(store_on(&server.url(), "too-large").await);
+    let connections = || {
+        server
+            .info("stats")
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("INFO stats")
+    };
+    let before = connections();
+    let mut others = tokio::task::JoinSet::new();
+    for i in 0..20u32 {
+        let store = store.clone();
+        others.spawn(async move {
+            Idempotent::new(&*store, ("other", i))
+                .name("test")
+                .run(|| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, Error>(i)
+                })
+                .await
+        });
+    }
+    let big = "b".repeat(1 << 20);
+    let got = Idempotent::new(&*store, "big")
+        .name("test")
+        .run_with_outcome(|| async { Ok::<_, Error>(big.clone()) })
+        .await
+        .expect("the body ran: its value is returned");
+    assert!(got.value == big && got.expires_in.is_none());
+    while let Some(joined) = others.join_next().await {
+        joined
+            .unwrap()
+            .expect("a call in flight meanwhile is not failed by it");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        connections() - before,
+        1,
+        "the store's connection was dropped (only this INFO's connection is new)"
+    );
+}

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -346,6 +346,10 @@ pub enum IfUnsafe {
 ///   the runtime ([`Store::complete_on_drop`]), which tries again with backoff for up to a
 ///   minute while the server is unreachable. Both need a tokio runtime; outside one, the claim
 ///   is left to its lease.
+/// - A result longer than the server accepts in one argument (`proto-max-bulk-len`, read with
+///   the other settings; 512 MB by default) is not sent, because Redis would close the
+///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
+///   claim is left to its lease.
 /// - A value under the prefix that is not an idem record (another type, a hash without the
 ///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] and is left untouched,
 ///   by every operation, [`Store::remove`] included: delete it by hand if it is garbage. A
@@ -548,6 +552,7 @@ impl RedisStoreBuilder {
                     if_not_persistent: self.if_not_persistent,
                     recheck: AtomicBool::new(false),
                     checking: tokio::sync::Mutex::new(()),
+                    max_value: AtomicU64::new(DEFAULT_MAX_BULK),
                     state: Mutex::new(HealthState::default()),
                 }),
             };
@@ -612,6 +617,9 @@ const FIRST_POLL: Duration = Duration::from_millis(5);
 /// always does, first).
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// Redis's default `proto-max-bulk-len`: the longest argument it accepts.
+const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
+
 /// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
 /// unreachable.
 const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
@@ -627,6 +635,9 @@ struct Health {
     recheck: AtomicBool,
     /// One reading at a time.
     checking: tokio::sync::Mutex<()>,
+    /// The longest argument every node accepts (`proto-max-bulk-len`, 512 MB unless read): a
+    /// longer one makes Redis close the connection, which every call shares.
+    max_value: AtomicU64,
     state: Mutex<HealthState>,
 }
 
@@ -646,6 +657,7 @@ struct NodeSettings {
     policy: Value,
     appendonly: Value,
     save: Value,
+    max_bulk: Value,
 }
 
 impl Health {
@@ -656,6 +668,13 @@ impl Health {
     /// Judges what the nodes reported: warns (once per server and setting) where the builder
     /// says to, and returns the first refusal.
     fn judge(&self, nodes: &[NodeSettings]) -> Option<Unsafe> {
+        let max_value = nodes
+            .iter()
+            .filter_map(|node| config_value(&node.max_bulk, "proto-max-bulk-len").ok())
+            .filter_map(|max| max.parse::<u64>().ok())
+            .min()
+            .unwrap_or(DEFAULT_MAX_BULK);
+        self.max_value.store(max_value, Ordering::Release);
         let mut refusal = None;
         for node in nodes {
             for finding in assess(node) {
@@ -891,6 +910,7 @@ impl RedisStore {
             config("maxmemory-policy"),
             config("appendonly"),
             config("save"),
+            config("proto-max-bulk-len"),
         ];
         match self.conn.clone() {
             Conn::Single(mut conn) => {
@@ -908,6 +928,7 @@ impl RedisStore {
                     policy: next(),
                     appendonly: next(),
                     save: next(),
+                    max_bulk: next(),
                 }])
             }
             Conn::Cluster(conn) => {
@@ -926,9 +947,14 @@ impl RedisStore {
                         }
                     }
                 };
-                let [info, policy, appendonly, save] = cmds;
-                let (info, policy, appendonly, save) =
-                    tokio::try_join!(ask(info), ask(policy), ask(appendonly), ask(save))?;
+                let [info, policy, appendonly, save, max_bulk] = cmds;
+                let (info, policy, appendonly, save, max_bulk) = tokio::try_join!(
+                    ask(info),
+                    ask(policy),
+                    ask(appendonly),
+                    ask(save),
+                    ask(max_bulk)
+                )?;
                 let reply_of = |replies: &[(Value, Value)], addr: &str| {
                     replies
                         .iter()
@@ -944,6 +970,7 @@ impl RedisStore {
                         policy: reply_of(&policy, &addr),
                         appendonly: reply_of(&appendonly, &addr),
                         save: reply_of(&save, &addr),
+                        max_bulk: reply_of(&max_bulk, &addr),
                         addr,
                     })
                     .collect())
@@ -1152,6 +1179,13 @@ impl RedisStore {
         value: &Bytes,
         ttl: Duration,
     ) -> Result<Completion, Error> {
+        let max = self.health.max_value.load(Ordering::Acquire);
+        if u64::try_from(value.len()).unwrap_or(u64::MAX) > max {
+            return Err(Error::store(TooLarge {
+                len: value.len(),
+                max,
+            }));
+        }
         let token_hex = token_hex(token);
         let ttl_ms = millis(ttl);
         let args: [&[u8]; 3] = [token_hex.as_bytes(), value, ttl_ms.as_bytes()];
@@ -1623,6 +1657,27 @@ impl std::error::Error for OutOfMemory {
     }
 }
 
+/// A result longer than the server accepts in one argument.
+#[derive(Debug)]
+struct TooLarge {
+    len: usize,
+    max: u64,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the result is {} bytes, more than the {} Redis accepts in one argument \
+             (proto-max-bulk-len): it was not sent (Redis would close the connection every call \
+             shares); raise proto-max-bulk-len or return a smaller result",
+            self.len, self.max
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
 /// A server setting puts at-most-once at risk and the builder says to refuse it.
 #[derive(Clone, Debug)]
 struct Unsafe {
@@ -1844,6 +1899,7 @@ mod tests {
             policy,
             appendonly,
             save,
+            max_bulk: config("proto-max-bulk-len", "1048576"),
         }
     }
 
@@ -1953,6 +2009,10 @@ mod tests {
             op: "complete",
             after: Duration::from_secs(1)
         })));
+        assert!(
+            !worth_retrying(&Error::store(TooLarge { len: 2, max: 1 })),
+            "a result over the server's limit breaks the shared connection each time it is sent"
+        );
         assert!(!worth_retrying(&Error::store(Foreign {
             name: "k".into(),
             reason: "not a hash".into()
