@@ -1,8 +1,10 @@
 #![cfg(feature = "redis")]
 //! `RedisStore` against a real `redis-server` that the harness starts (tests/support/redis.rs):
-//! the conformance suite, round trips, a server restart, a hung server, garbage under the
-//! prefix, several processes on the same keys, the attribute, cancellation, and the
-//! `redis_orders` example.
+//! the conformance suite on a server and on a cluster, round trips, a server restart, a hung
+//! server, garbage under the prefix, several processes on the same keys, the attribute,
+//! cancellation at each point of a call, waiting on a slow server, the server settings checked
+//! at connect and what happens at `maxmemory` (issue 19), a cluster resharded and failed over
+//! under load (issue 21), and the `redis_orders` example.
 
 mod support;
 
@@ -260,7 +262,7 @@ async fn server_restart_mid_run() {
         );
         let started = Instant::now();
         let claimed = store
-            .claim(Key::new("", "during"), None, Duration::from_secs(5))
+            .claim(Key::new("test", "during"), None, Duration::from_secs(5))
             .await;
         assert!(matches!(claimed, Err(Error::Store(_))), "{claimed:?}");
         assert!(started.elapsed() < timeout + Duration::from_millis(500));
@@ -342,7 +344,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     let prefix = store.prefix().to_owned();
 
     // Neighbours: a real record, a plain key under the prefix, a key outside it.
-    let neighbour_key = Key::new("", "neighbour");
+    let neighbour_key = Key::new("test", "neighbour");
     Idempotent::new(&store, "neighbour")
         .name("test")
         .run(|| async { Ok::<_, Error>(41u32) })
@@ -410,7 +412,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
 
     for (i, (what, setup)) in cases.iter().enumerate() {
         let key_value = format!("garbage {i}");
-        let key = Key::new("", key_value.as_str());
+        let key = Key::new("test", key_value.as_str());
         let name = store.record_name(&key);
         assert!(name.starts_with(&prefix) && name.ends_with(&key.to_hex()));
         for cmd in *setup {
@@ -500,7 +502,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
     }
 
     // A completed record whose value is not the function's type: a codec error.
-    let key = Key::new("", "not json");
+    let key = Key::new("test", "not json");
     let name = store.record_name(&key);
     server.cmd(&[
         "HSET",
@@ -734,7 +736,10 @@ async fn a_cancelled_call_releases_its_claim_at_once() {
     assert!(cancelled.is_err(), "the call was cancelled");
     let started = Instant::now();
     loop {
-        match store.claim(Key::new("", "cancelled"), None, lease).await {
+        match store
+            .claim(Key::new("test", "cancelled"), None, lease)
+            .await
+        {
             Ok(Claim::Acquired(_)) => break,
             Ok(Claim::Busy { .. }) if started.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -805,4 +810,931 @@ fn redis_orders_example_charges_each_order_once() {
             "{stdout}"
         );
     }
+}
+
+/// Every check of the conformance suite runs on one server and on the cluster: the suite's
+/// list of checks is compared with the tests this binary has, so a check added to
+/// `conformance::CHECKS` and missing from `conformance_tests!` fails here.
+#[test]
+fn every_conformance_check_runs_on_a_server_and_on_the_cluster() {
+    let me = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(me)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .expect("list this binary's tests");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let tests: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .collect();
+    for check in idem::conformance::CHECKS {
+        for module in ["conformance", "cluster"] {
+            let name = format!("{module}::{check}");
+            assert!(
+                tests.contains(&name.as_str()),
+                "{name} is not a test of this binary:\n{listed}"
+            );
+        }
+    }
+}
+
+/// Issue 19: the server settings at-most-once relies on are checked when the store connects,
+/// and again after a reconnection; what happens at `maxmemory`.
+mod settings {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use idem::store::redis::IfUnsafe;
+    use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
+
+    use super::support::LogCapture;
+    use super::{RedisServer, Resp, fresh_prefix};
+
+    fn store_error(result: Result<RedisStore, Error>) -> String {
+        match result {
+            Err(Error::Store(err)) => err.to_string(),
+            Err(other) => panic!("expected Error::Store, got {other:?}"),
+            Ok(_) => panic!("expected the connection to be refused"),
+        }
+    }
+
+    fn info_stat(server: &RedisServer, field: &str) -> u64 {
+        server
+            .info("stats")
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("INFO stats has no {field}"))
+    }
+
+    /// Every idem record has a ttl, so a `volatile-*` policy evicts them as an `allkeys-*` one
+    /// does: both are refused by default, with the setting and the fix in the message; told to,
+    /// the store connects, with one warning or none.
+    #[tokio::test]
+    async fn an_evicting_policy_is_refused_at_connect_unless_accepted() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start_configured(
+            true,
+            &["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"],
+        );
+        let url = server.url();
+        let refused = store_error(RedisStore::connect(&url).await);
+        for part in [
+            "maxmemory-policy allkeys-lru",
+            "noeviction",
+            &format!("127.0.0.1:{}", server.port()),
+            "if_evicting",
+        ] {
+            assert!(refused.contains(part), "{part}: {refused}");
+        }
+        server.cmd(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]);
+        let refused = store_error(RedisStore::connect(&url).await);
+        assert!(refused.contains("volatile-lru"), "{refused}");
+        assert!(
+            !logs.contains("WARN"),
+            "a refusal is an error, not a warning: {}",
+            logs.text()
+        );
+
+        let warned = RedisStore::builder()
+            .prefix(fresh_prefix("evicting-warn"))
+            .if_evicting(IfUnsafe::Warn)
+            .connect(&url)
+            .await
+            .expect("told to warn, the store connects");
+        let v = Idempotent::new(&warned, "k")
+            .name("test")
+            .run(|| async { Ok::<_, Error>(1u8) })
+            .await
+            .expect("and runs");
+        assert_eq!(v, 1);
+        let text = logs.text();
+        assert_eq!(
+            text.matches("maxmemory-policy volatile-lru").count(),
+            1,
+            "one warning: {text}"
+        );
+
+        let logs = LogCapture::install();
+        RedisStore::builder()
+            .if_evicting(IfUnsafe::Accept)
+            .connect(&url)
+            .await
+            .expect("accepted, the store connects");
+        assert!(!logs.contains("WARN"), "accepted silently: {}", logs.text());
+    }
+
+    /// A server without an append-only file is warned about once (not again when the store
+    /// reconnects to it), and refused when the builder says so; a persistent one is not.
+    #[tokio::test]
+    async fn missing_persistence_is_warned_about_once_or_refused() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start();
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("no-aof"))
+            .connect(&server.url())
+            .await
+            .expect("only a warning by default");
+        // A reconnection (the server drops every client) reads the settings again.
+        assert!(matches!(
+            server.cmd(&["CLIENT", "KILL", "TYPE", "normal"]),
+            Resp::Int(n) if n >= 1
+        ));
+        for i in 0..3u8 {
+            let v = Idempotent::new(&store, i)
+                .name("test")
+                .run(|| async move { Ok::<_, Error>(i) })
+                .await
+                .expect("the store reconnects");
+            assert_eq!(v, i);
+        }
+        let text = logs.text();
+        assert_eq!(
+            text.matches("persists nothing").count(),
+            1,
+            "warned once: {text}"
+        );
+        assert!(text.contains("appendonly yes"), "{text}");
+
+        let refused = store_error(
+            RedisStore::builder()
+                .if_not_persistent(IfUnsafe::Refuse)
+                .connect(&server.url())
+                .await,
+        );
+        assert!(
+            refused.contains("appendonly") && refused.contains("if_not_persistent"),
+            "{refused}"
+        );
+
+        let logs = LogCapture::install();
+        let persistent = RedisServer::start_persistent();
+        RedisStore::builder()
+            .if_not_persistent(IfUnsafe::Refuse)
+            .connect(&persistent.url())
+            .await
+            .expect("appendonly yes is persistence");
+        assert!(!logs.contains("WARN"), "{}", logs.text());
+    }
+
+    /// Managed services rename `CONFIG` away or do not permit it: the store says once that it
+    /// could not check, and goes on (it cannot tell an evicting policy it cannot read).
+    #[tokio::test]
+    async fn settings_that_cannot_be_read_are_a_warning_not_a_refusal() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start_configured(
+            false,
+            &[
+                "--maxmemory-policy",
+                "allkeys-lru",
+                "--rename-command",
+                "CONFIG",
+                "",
+            ],
+        );
+        assert!(matches!(
+            server.cmd(&["CONFIG", "GET", "maxmemory-policy"]),
+            Resp::Error(_)
+        ));
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("no-config"))
+            .connect(&server.url())
+            .await
+            .expect("settings it cannot read do not stop the store");
+        let v = Idempotent::new(&store, "k")
+            .name("test")
+            .run(|| async { Ok::<_, Error>(7u8) })
+            .await
+            .unwrap();
+        assert_eq!(v, 7);
+        let text = logs.text();
+        assert_eq!(
+            text.matches("could not read the settings").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("CONFIG GET"), "{text}");
+    }
+
+    /// A server whose policy becomes evicting is noticed at the next reconnection, before the
+    /// next claim: new claims are refused with the setting and the fix; a claim granted before
+    /// is still completed (abandoning it would be worse); once the setting is fixed, claims work
+    /// again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_setting_changed_under_the_store_is_found_before_the_next_claim() {
+        let server = RedisServer::start_persistent();
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("changed"))
+            .connect(&server.url())
+            .await
+            .unwrap();
+        let granted = Key::new("test", "granted before");
+        let token = match store.claim(granted, None, idem::DEFAULT_LEASE).await {
+            Ok(idem::Claim::Acquired(token)) => token,
+            other => panic!("{other:?}"),
+        };
+
+        server.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lfu"]);
+        server.cmd(&["CLIENT", "KILL", "TYPE", "normal"]);
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let call = |k: &'static str| {
+            Idempotent::new(&store, k).name("test").run(|| async {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, Error>(k.len())
+            })
+        };
+        match call("after the change").await {
+            Err(Error::Store(err)) => {
+                let msg = err.to_string();
+                assert!(
+                    msg.contains("maxmemory-policy allkeys-lfu") && msg.contains("noeviction"),
+                    "{msg}"
+                );
+            }
+            other => panic!("a claim on an evicting server must be refused: {other:?}"),
+        }
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(
+            store
+                .complete(
+                    granted,
+                    token,
+                    idem::Bytes::from_static(b"1"),
+                    idem::DEFAULT_TTL
+                )
+                .await
+                .ok(),
+            Some(idem::Completion::Stored),
+            "a claim granted before is completed, not abandoned"
+        );
+
+        server.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+        let started = std::time::Instant::now();
+        loop {
+            match call("after the fix").await {
+                Ok(v) => {
+                    assert_eq!(v, "after the fix".len());
+                    break;
+                }
+                Err(Error::Store(err))
+                    if started.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    assert!(err.to_string().contains("maxmemory-policy"), "{err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("claims must work again once the setting is fixed: {err}"),
+            }
+        }
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// Runs `n` calls with 1 KB results on fresh keys `from..from + n`, 16 at a time; returns
+    /// the keys that were executed and stored, and the errors.
+    async fn fill(
+        store: &RedisStore,
+        from: u32,
+        n: u32,
+        runs: &Arc<Mutex<HashMap<u32, u32>>>,
+    ) -> (Vec<u32>, Vec<Error>) {
+        let mut stored = Vec::new();
+        let mut errors = Vec::new();
+        let mut next = from;
+        while next < from + n {
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in next..(next + 16).min(from + n) {
+                let (store, runs) = (store.clone(), runs.clone());
+                tasks.spawn(async move {
+                    let out = Idempotent::new(&store, ("fill", k))
+                        .name("test")
+                        .run_with_outcome(|| async {
+                            *runs.lock().unwrap().entry(k).or_default() += 1;
+                            Ok::<_, Error>(format!("{k:01024}"))
+                        })
+                        .await;
+                    (k, out)
+                });
+            }
+            next = (next + 16).min(from + n);
+            while let Some(joined) = tasks.join_next().await {
+                match joined.expect("a call task") {
+                    (k, Ok(out)) if out.expires_in.is_some() => stored.push(k),
+                    (k, Ok(out)) => panic!("key {k}: executed but not stored: {out:?}"),
+                    (_, Err(err)) => errors.push(err),
+                }
+            }
+        }
+        (stored, errors)
+    }
+
+    /// `noeviction` at `maxmemory`: a new claim fails with `Error::Store` saying so and its body
+    /// does not run; no record is lost; every stored record is still replayed (one round trip,
+    /// nothing written); claims granted before the limit still complete (their bodies ran),
+    /// renew and release.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_maxmemory_with_noeviction_no_record_is_lost_and_replays_work() {
+        let server = RedisServer::start_configured(
+            false,
+            &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+        );
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("oom"))
+            .if_not_persistent(IfUnsafe::Accept)
+            .connect(&server.url())
+            .await
+            .unwrap();
+        let runs = Arc::new(Mutex::new(HashMap::new()));
+        // Claims granted before the limit, to be settled after it.
+        let mut granted = Vec::new();
+        for i in 0..3u32 {
+            let key = Key::new("test", &("granted", i));
+            match store.claim(key, None, idem::DEFAULT_LEASE).await {
+                Ok(idem::Claim::Acquired(token)) => granted.push((key, token)),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        let mut stored = Vec::new();
+        let mut refused = Vec::new();
+        let mut from = 0;
+        while refused.len() < 16 {
+            assert!(from < 20_000, "4 MB never filled up");
+            let (s, e) = fill(&store, from, 512, &runs).await;
+            stored.extend(s);
+            refused.extend(e);
+            from += 512;
+        }
+        for err in &refused {
+            let msg = err.to_string();
+            assert!(
+                matches!(err, Error::Store(_)) && msg.contains("maxmemory"),
+                "a claim at maxmemory fails with Error::Store saying why: {msg}"
+            );
+        }
+        assert_eq!(info_stat(&server, "evicted_keys"), 0);
+
+        // Claims granted before the limit: their bodies ran, so they are completed even now.
+        let (done, renewed, released) = (&granted[0], &granted[1], &granted[2]);
+        let value = idem::Bytes::from(vec![b'7'; 1024]);
+        assert_eq!(
+            store
+                .complete(done.0, done.1, value.clone(), idem::DEFAULT_TTL)
+                .await
+                .ok(),
+            Some(idem::Completion::Stored),
+            "a completion at maxmemory is stored"
+        );
+        assert_eq!(
+            store
+                .renew(renewed.0, renewed.1, idem::DEFAULT_LEASE)
+                .await
+                .ok(),
+            Some(true)
+        );
+        assert_eq!(store.release(released.0, released.1).await.ok(), Some(true));
+        match store.claim(done.0, None, idem::DEFAULT_LEASE).await {
+            Ok(idem::Claim::Completed(c)) => assert_eq!(c.value, value),
+            other => panic!("the completion made at maxmemory must replay: {other:?}"),
+        }
+
+        // Every stored record replays, and no body ran twice.
+        for &k in &stored {
+            let out = Idempotent::new(&store, ("fill", k))
+                .name("test")
+                .run_with_outcome(|| async { Ok::<_, Error>(String::new()) })
+                .await
+                .unwrap_or_else(|err| panic!("key {k} must replay at maxmemory: {err}"));
+            assert_eq!(out.status, Status::Replayed, "key {k}");
+            assert_eq!(out.value, format!("{k:01024}"));
+        }
+        let runs = runs.lock().unwrap();
+        assert!(runs.values().all(|&n| n == 1), "a body ran twice");
+        assert_eq!(
+            runs.len(),
+            stored.len(),
+            "a refused claim never ran its body"
+        );
+        assert_eq!(
+            info_stat(&server, "evicted_keys"),
+            0,
+            "noeviction evicts nothing"
+        );
+        println!(
+            "noeviction at 4 MB: {} records stored and replayed, {} claims refused",
+            stored.len(),
+            refused.len()
+        );
+    }
+
+    /// Issue 19's report, with the refusal turned off: `allkeys-lru` at `maxmemory 4mb`, no
+    /// persistence; one key completed, then other keys with 1 KB results until Redis has
+    /// evicted the first record: its retry runs the body again. This is why an evicting policy
+    /// is refused by default.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_evicting_policy_runs_bodies_again_which_is_why_it_is_refused() {
+        let server = RedisServer::start_configured(
+            false,
+            &["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"],
+        );
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("evicted"))
+            .if_evicting(IfUnsafe::Accept)
+            .if_not_persistent(IfUnsafe::Accept)
+            .connect(&server.url())
+            .await
+            .expect("the refusal is turned off");
+        let runs = Arc::new(Mutex::new(HashMap::new()));
+        let first = || {
+            let runs = runs.clone();
+            Idempotent::new(&store, ("fill", u32::MAX))
+                .name("test")
+                .run_with_outcome(move || async move {
+                    *runs.lock().unwrap().entry(u32::MAX).or_default() += 1;
+                    Ok::<_, Error>("the first result".to_owned())
+                })
+        };
+        assert_eq!(first().await.unwrap().status, Status::Executed);
+        let first_record = store.record_name(&Key::new("test", &("fill", u32::MAX)));
+
+        let mut written = 0;
+        while server.cmd(&["EXISTS", &first_record]) == Resp::Int(1) {
+            assert!(
+                written < 20_000,
+                "20,000 records and the first was never evicted"
+            );
+            let (stored, errors) = fill(&store, written, 500, &runs).await;
+            assert!(errors.is_empty(), "{errors:?}");
+            written += 500;
+            assert_eq!(stored.len(), 500);
+        }
+        let evicted = info_stat(&server, "evicted_keys");
+        assert!(evicted > 0);
+
+        let again = first().await.unwrap();
+        assert_eq!(
+            again.status,
+            Status::Executed,
+            "the evicted record is gone: the retry runs the body"
+        );
+        assert_eq!(
+            runs.lock().unwrap()[&u32::MAX],
+            2,
+            "the body of the first key ran twice"
+        );
+        println!(
+            "allkeys-lru at 4 MB: {written} records written after the first, {evicted} evicted, \
+             the first key's body ran twice"
+        );
+    }
+}
+
+/// Issue 21: a Redis Cluster that changes under the store. Records hashed to one slot (a hash
+/// tag in the prefix) while a fourth master joins and the slot migrates to it (`ASK`
+/// redirections while it is half-way, then `MOVED`), and then while a replica of that master
+/// is promoted (`CLUSTER FAILOVER`).
+mod resharding {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use idem::{Error, Idempotent, RedisStore, Status, Token};
+
+    use super::RedisCluster;
+
+    /// What every call did: each key's body runs once, and a key is replayed only once done.
+    #[derive(Default)]
+    struct Ledger {
+        runs: Mutex<HashMap<u64, u32>>,
+        done: Mutex<HashSet<u64>>,
+        calls: Mutex<u64>,
+    }
+
+    impl Ledger {
+        fn done(&self) -> Vec<u64> {
+            let mut done: Vec<u64> = self.done.lock().unwrap().iter().copied().collect();
+            done.sort_unstable();
+            done
+        }
+    }
+
+    async fn call(store: &RedisStore, ledger: &Ledger, k: u64) -> Result<(), String> {
+        let out = Idempotent::new(store, ("reshard", k))
+            .name("test")
+            .run_with_outcome(|| async {
+                *ledger.runs.lock().unwrap().entry(k).or_default() += 1;
+                Ok::<_, Error>(k * 3)
+            })
+            .await
+            .map_err(|err| format!("key {k}: {err}"))?;
+        *ledger.calls.lock().unwrap() += 1;
+        if out.value != k * 3 {
+            return Err(format!("key {k}: got {}", out.value));
+        }
+        match out.status {
+            Status::Executed => {
+                ledger.done.lock().unwrap().insert(k);
+            }
+            Status::Replayed | Status::Waited => {
+                if !ledger.done.lock().unwrap().contains(&k) {
+                    return Err(format!("key {k} replayed before it was executed"));
+                }
+            }
+            other => return Err(format!("key {k}: {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// New keys `fresh`, then a replay of every key done so far: each must succeed.
+    async fn phase(store: &RedisStore, ledger: &Ledger, what: &str, fresh: std::ops::Range<u64>) {
+        for k in fresh {
+            if let Err(err) = call(store, ledger, k).await {
+                panic!("{what}: a new key failed: {err}");
+            }
+        }
+        for k in ledger.done() {
+            if let Err(err) = call(store, ledger, k).await {
+                panic!("{what}: a replay failed: {err}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_moving_to_a_new_master_and_a_failover_lose_no_call() {
+        let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+        let prefix = format!("{{idem-{}}}:", Token::generate().as_u128());
+        let connect = || {
+            RedisStore::builder()
+                .prefix(prefix.clone())
+                .timeout(Duration::from_secs(5))
+                .connect_cluster(cluster.urls())
+        };
+
+        // Every master's settings are checked, not only the one the client reached first.
+        let odd = &cluster.nodes()[2];
+        odd.cmd(&["CONFIG", "SET", "maxmemory-policy", "volatile-ttl"]);
+        match connect().await {
+            Err(Error::Store(err)) => {
+                let msg = err.to_string();
+                assert!(
+                    msg.contains("volatile-ttl") && msg.contains(&odd.port().to_string()),
+                    "{msg}"
+                );
+            }
+            other => panic!(
+                "an evicting master must be refused: {:?}",
+                other.map(|_| ())
+            ),
+        }
+        odd.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+
+        let store = connect().await.expect("connect to the cluster");
+        let ledger = Arc::new(Ledger::default());
+        let slot = cluster.slot_of(&prefix);
+        let owner = cluster.owner_of(slot);
+        phase(&store, &ledger, "before", 0..20).await;
+
+        // Calls all along, on new keys and old ones, while the cluster changes.
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = {
+            let (store, ledger, stop) = (store.clone(), ledger.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                let mut k = 1_000_000u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if let Err(err) = call(&store, &ledger, k).await {
+                        errors.push(err);
+                    }
+                    if let Err(err) = call(&store, &ledger, k % 20).await {
+                        errors.push(err);
+                    }
+                    k += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                errors
+            })
+        };
+
+        // A fourth master joins after the store connected; the slot starts moving to it.
+        let joined = tokio::task::block_in_place(|| cluster.add_node());
+        tokio::task::block_in_place(|| cluster.begin_migration(slot, owner, joined));
+        phase(&store, &ledger, "migrating", 100..120).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        phase(&store, &ledger, "still migrating", 120..140).await;
+
+        // Half-way: some records already moved, others not yet.
+        let moved = tokio::task::block_in_place(|| cluster.migrate_keys(slot, owner, joined, 15));
+        assert!(moved > 0);
+        phase(&store, &ledger, "half moved", 200..220).await;
+
+        tokio::task::block_in_place(|| cluster.finish_migration(slot, owner, joined));
+        phase(&store, &ledger, "moved", 300..320).await;
+
+        // A replica of the new master is promoted: it never ran a script of ours.
+        let replica = tokio::task::block_in_place(|| cluster.add_node());
+        tokio::task::block_in_place(|| cluster.replicate(replica, joined));
+        phase(&store, &ledger, "replicated", 400..420).await;
+        tokio::task::block_in_place(|| cluster.failover(replica));
+        assert_eq!(
+            tokio::task::block_in_place(|| cluster.owner_of(slot)),
+            replica
+        );
+        phase(&store, &ledger, "failed over", 500..520).await;
+
+        stop.store(true, Ordering::SeqCst);
+        let errors = driver.await.expect("the driver");
+        assert!(
+            errors.is_empty(),
+            "calls failed while the cluster changed: {errors:?}"
+        );
+        let runs = ledger.runs.lock().unwrap();
+        let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(twice.is_empty(), "bodies ran more than once: {twice:?}");
+        assert_eq!(
+            runs.len(),
+            ledger.done.lock().unwrap().len(),
+            "no claim was lost"
+        );
+        println!(
+            "resharding: {} calls, {} keys executed once each",
+            ledger.calls.lock().unwrap(),
+            runs.len()
+        );
+    }
+}
+
+/// Issue 13: at most once under cancellation, against a real server. A call cancelled while its
+/// claim is on its way, or while its body runs, gives its key back; a call cancelled after its
+/// body returned `Ok` never does, and its result is stored.
+mod cancellation {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use idem::{Error, Idempotent, OnConflict, RedisStore, Status};
+
+    use super::{RedisServer, fresh_prefix, store_on};
+
+    /// Stops serving writes (every script) for `ms` milliseconds; reads are still served.
+    fn pause_writes(server: &RedisServer, ms: u64) {
+        let reply = server.cmd(&["CLIENT", "PAUSE", &ms.to_string(), "WRITE"]);
+        assert_eq!(reply, super::Resp::Simple("OK".into()), "CLIENT PAUSE");
+    }
+
+    /// The body returned `Ok` and the server holds its completion (writes paused); the caller's
+    /// timeout fires then. The claim is not released: the retry waits and replays, the body ran
+    /// once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_cancelled_while_its_result_is_stored_is_replayed_not_run_again() {
+        let server = Arc::new(RedisServer::start());
+        let store = store_on(&server.url(), "cancel-complete").await;
+        let runs = AtomicUsize::new(0);
+        let returned = tokio::sync::Notify::new();
+        let call = Idempotent::new(&store, "paid").name("test").run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || pause_writes(&server, 1000))
+                .await
+                .unwrap();
+            returned.notify_one();
+            Ok::<_, Error>(42u32)
+        });
+        tokio::select! {
+            result = call => panic!("the completion cannot finish while writes are paused: {result:?}"),
+            () = async {
+                returned.notified().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            } => {}
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let again = Idempotent::new(&store, "paid")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(0u32)
+            })
+            .await
+            .expect("the retry waits out the pause");
+        assert!(again.status.is_replay(), "{:?}", again.status);
+        assert_eq!(again.value, 42);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran again");
+    }
+
+    /// A call cancelled while its claim waits in the server (writes paused) never ran its body;
+    /// when the server goes on, the claim lands and is released at once (the store releases a
+    /// claim whose reply it never read), so the key is not held for the lease (30 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_cancelled_while_its_claim_is_on_its_way_does_not_hold_the_key() {
+        let server = RedisServer::start();
+        let store = store_on(&server.url(), "cancel-claim").await;
+        let runs = AtomicUsize::new(0);
+        pause_writes(&server, 300);
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            Idempotent::new(&store, "k").name("test").run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1u8)
+            }),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the claim is held in the server");
+        let mut busy = 0;
+        let out = loop {
+            match Idempotent::new(&store, "k")
+                .name("test")
+                .on_conflict(OnConflict::Reject)
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(2u8)
+                })
+                .await
+            {
+                Ok(out) => break out,
+                // The release may reach the server just after this call's claim.
+                Err(Error::InProgress { .. }) if busy < 40 => {
+                    busy += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("the cancelled claim still holds the key: {err}"),
+            }
+        };
+        assert_eq!((out.status, out.value), (Status::Executed, 2));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// The body ran, and its completion failed (the server went down meanwhile): the call
+    /// returns the value, and the store keeps trying in the background; once the server is back
+    /// (with its append-only file, the claim survived), the result is stored and the retry
+    /// replays it, well before the claim's lease would have freed the key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completion_that_failed_is_finished_in_the_background() {
+        let server = Arc::new(RedisServer::start_persistent());
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("complete-later"))
+            .timeout(Duration::from_millis(500))
+            .connect(&server.url())
+            .await
+            .unwrap();
+        let runs = AtomicUsize::new(0);
+        let out = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let server = server.clone();
+                tokio::task::spawn_blocking(move || server.stop())
+                    .await
+                    .unwrap();
+                Ok::<_, Error>(7u32)
+            })
+            .await
+            .expect("the body ran: its value is returned");
+        assert_eq!(out.value, 7);
+        assert_eq!(
+            out.expires_in, None,
+            "the server was down: nothing stored yet"
+        );
+
+        let restarted = server.clone();
+        tokio::task::spawn_blocking(move || restarted.restart())
+            .await
+            .unwrap();
+        let mut tries = 0;
+        let again = loop {
+            tries += 1;
+            match Idempotent::new(&store, "k")
+                .name("test")
+                .on_conflict(OnConflict::Reject)
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(0u32)
+                })
+                .await
+            {
+                Ok(out) => break out,
+                Err(Error::InProgress { .. } | Error::Store(_)) if tries < 100 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("the result was not stored in the background: {err}"),
+            }
+        };
+        assert_eq!((again.status, again.value), (Status::Replayed, 7));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// Waiting when the server is slow: waiters back off (a bounded number of polls each), get the
+/// holder's result, and take nothing the calls on other keys need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
+    const WAITERS: usize = 20;
+    const OTHERS: u32 = 10;
+    let server = RedisServer::start();
+    let proxy = CountingProxy::start_slow(server.port(), Duration::from_millis(20));
+    let store = Arc::new(store_on(&proxy.url(), "slow").await);
+    let held = Key::new("test", "held");
+    let token = match store.claim(held, None, Duration::from_secs(30)).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("{other:?}"),
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let before = proxy.commands();
+    let started = Instant::now();
+    let mut waiters = tokio::task::JoinSet::new();
+    for _ in 0..WAITERS {
+        let (store, runs) = (store.clone(), runs.clone());
+        waiters.spawn(async move {
+            Idempotent::new(&*store, "held")
+                .name("test")
+                .run_with_outcome(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(0u32)
+                })
+                .await
+        });
+    }
+    for i in 0..OTHERS {
+        let v = Idempotent::new(&*store, ("other", i))
+            .name("test")
+            .run(|| async move { Ok::<_, Error>(i) })
+            .await
+            .expect("calls on other keys are served while the waiters wait");
+        assert_eq!(v, i);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done = store
+        .complete(
+            held,
+            token,
+            Bytes::from_static(b"5"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done.ok(), Some(idem::Completion::Stored));
+    let held_for = started.elapsed();
+    while let Some(joined) = waiters.join_next().await {
+        let out = joined.unwrap().expect("a waiter gets the holder's result");
+        assert_eq!((out.status, out.value), (Status::Waited, 5));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // Every command but the holder's completion, the other keys' claims and completions, and
+    // each waiter's claim before and after its wait, is a poll.
+    let commands = proxy.commands() - before;
+    let polls = commands - 1 - 2 * OTHERS as usize - 2 * WAITERS;
+    // 5, 10, 20, 40, 80 ms, then one poll per 100 ms at the most (and one more at the end).
+    let bound_each = 5 + usize::try_from(held_for.as_millis() / 100).unwrap() + 2;
+    assert!(
+        polls <= WAITERS * bound_each,
+        "{polls} polls by {WAITERS} waiters in {held_for:?}: more than {bound_each} each"
+    );
+    println!("{polls} polls by {WAITERS} waiters in {held_for:?}");
+}
+
+/// A result longer than the server accepts in one argument (`proto-max-bulk-len`) is not sent:
+/// Redis would close the connection that every call shares, failing the calls in flight, and
+/// the background completion would do it again and again. The call gets its value, unstored,
+/// and the connection is never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_servers_limit_breaks_no_other_call() {
+    let server = RedisServer::start_configured(false, &["--proto-max-bulk-len", "1mb"]);
+    let store = Arc::new(store_on(&server.url(), "too-large").await);
+    let connections = || {
+        server
+            .info("stats")
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("INFO stats")
+    };
+    let before = connections();
+    let mut others = tokio::task::JoinSet::new();
+    for i in 0..20u32 {
+        let store = store.clone();
+        others.spawn(async move {
+            Idempotent::new(&*store, ("other", i))
+                .name("test")
+                .run(|| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, Error>(i)
+                })
+                .await
+        });
+    }
+    let big = "b".repeat(1 << 20);
+    let got = Idempotent::new(&*store, "big")
+        .name("test")
+        .run_with_outcome(|| async { Ok::<_, Error>(big.clone()) })
+        .await
+        .expect("the body ran: its value is returned");
+    assert!(got.value == big && got.expires_in.is_none());
+    while let Some(joined) = others.join_next().await {
+        joined
+            .unwrap()
+            .expect("a call in flight meanwhile is not failed by it");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        connections() - before,
+        1,
+        "the store's connection was dropped (only this INFO's connection is new)"
+    );
 }

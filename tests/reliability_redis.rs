@@ -8,7 +8,10 @@
 //!   resumed cannot overwrite the new holder's result, and warns `lease_lost`;
 //! - outages: the server is stopped and restarted twice during a run of many calls: every call
 //!   ends with its value or `Error::Store` within the store's timeout, none hangs, every key is
-//!   served afterwards, and no key whose record was stored runs twice.
+//!   served afterwards, and no key whose record was stored runs twice;
+//! - cancellation: hundreds of calls dropped at random points (before, during the claim, in the
+//!   body, right after it returned `Ok`, during the completion): no key's body returns `Ok`
+//!   twice, and every result that was returned is stored.
 //!
 //! Each test writes its counts to `<target dir>/reliability/<test>.txt` (see docs/reliability.md).
 
@@ -174,17 +177,24 @@ async fn take_over(store: &RedisStore, port: u16, prefix: &str, key: &str) -> Du
     started.into_inner().unwrap().expect("the body ran")
 }
 
-/// What is left of the lease on `key`'s record, by the server's clock (zero if none).
+/// What is left of the lease on `key`'s record, by the server's clock (zero if none): the
+/// record's expiry less its grace (a running record outlives its lease by that much).
 fn lease_left(server: &RedisServer, store: &RedisStore, key: &str) -> Duration {
-    let name = store.record_name(&Key::new("", key));
-    match server.cmd(&["PTTL", &name]) {
-        support::redis::Resp::Int(ms) => Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    use support::redis::Resp;
+    let name = store.record_name(&Key::new("test", key));
+    let pttl = match server.cmd(&["PTTL", &name]) {
+        Resp::Int(ms) => u64::try_from(ms).unwrap_or(0),
         other => panic!("PTTL {name}: {other:?}"),
-    }
+    };
+    let grace = match server.cmd(&["HGET", &name, "grace"]) {
+        Resp::Bulk(Some(ms)) => String::from_utf8_lossy(&ms).parse().unwrap_or(0),
+        _ => 0,
+    };
+    Duration::from_millis(pttl.saturating_sub(grace))
 }
 
 async fn stored_value(store: &RedisStore, key: &str) -> String {
-    match store.claim(Key::new("", key), None, LEASE).await {
+    match store.claim(Key::new("test", key), None, LEASE).await {
         Ok(Claim::Completed(done)) => String::from_utf8_lossy(&done.value).into_owned(),
         other => panic!("the record of {key} must be completed, got {other:?}"),
     }
@@ -321,4 +331,229 @@ async fn server_outages_mid_run_lose_nothing_and_hang_nothing() {
     )
     .await;
     chaos::report("outage_redis", &counts);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancellation (issue 13).
+
+/// Where a call of [`calls_cancelled_at_random_points_never_double_an_execution`] is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Cut {
+    /// Not at all.
+    Never,
+    /// Before it is first polled: nothing was sent.
+    BeforeClaim,
+    /// After a random 0-2 ms: during the claim, a wait for another holder, or later.
+    Early,
+    /// While the body runs (it has started, and not returned).
+    InBody,
+    /// At the first moment after the body returned `Ok`: the completion has just been sent.
+    AfterOk,
+    /// A random 0-2 ms after the body returned `Ok`: during the completion, or after it.
+    DuringComplete,
+}
+
+/// A call, dropped when `cut` says; `None` if it was.
+async fn cut_call<F: std::future::Future>(
+    call: F,
+    cut: Cut,
+    delay: Duration,
+    started: &std::sync::atomic::AtomicBool,
+    returned: &std::sync::atomic::AtomicBool,
+) -> Option<F::Output> {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::task::Poll;
+    let mut call = std::pin::pin!(call);
+    match cut {
+        Cut::Never => Some(call.await),
+        Cut::BeforeClaim => None,
+        Cut::Early => tokio::time::timeout(delay, call).await.ok(),
+        Cut::InBody | Cut::AfterOk => {
+            let flag = if cut == Cut::InBody {
+                started
+            } else {
+                returned
+            };
+            std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
+                Poll::Ready(out) => Poll::Ready(Some(out)),
+                Poll::Pending if flag.load(SeqCst) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await
+        }
+        Cut::DuringComplete => {
+            let mut cut_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(out) = call.as_mut().poll(cx) {
+                    return Poll::Ready(Some(out));
+                }
+                if returned.load(SeqCst) {
+                    let sleep = cut_at.get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift), seeded so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Hundreds of calls over a few keys at a time, each dropped at a random point (before its
+/// claim, during it or a wait, while its body runs, right after its body returned `Ok`, during
+/// its completion) or not at all, eight at once, with a lease no call outlives. Per key, at most
+/// one body returns `Ok` (a cancelled body may be followed by another: it returned nothing), every
+/// call that gets a value gets that body's value, and afterwards every key whose body returned
+/// `Ok` replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cancelled_at_random_points_never_double_an_execution() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+
+    const ROUNDS: u64 = 40;
+    const KEYS: u64 = 4;
+    const CALLS_PER_ROUND: u64 = 20;
+    const AT_ONCE: usize = 8;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let seed = chaos::env_u64("IDEM_CANCEL_SEED", now | 1);
+    println!("cancel_redis: IDEM_CANCEL_SEED={seed}");
+    let mut rng = Rng(seed);
+    let server = RedisServer::shared();
+    let store = Arc::new(store_on(&server.url(), &fresh_prefix("cancel")).await);
+
+    let cuts = [
+        Cut::Never,
+        Cut::BeforeClaim,
+        Cut::Early,
+        Cut::InBody,
+        Cut::AfterOk,
+        Cut::DuringComplete,
+    ];
+    let mut by_cut: BTreeMap<Cut, u64> = BTreeMap::new();
+    let (mut cancellations, mut doubled, mut calls) = (0u64, 0u64, 0u64);
+    let (mut bodies_started, mut bodies_ok, mut stored) = (0u64, 0u64, 0u64);
+    for round in 0..ROUNDS {
+        // Per key: bodies started, bodies that returned Ok, and the value of the last of those.
+        let started_bodies: Arc<Vec<AtomicU64>> =
+            Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+        let ok_bodies: Arc<Vec<AtomicU64>> =
+            Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+        let ok_value: Arc<Vec<AtomicU64>> =
+            Arc::new((0..KEYS).map(|_| AtomicU64::new(u64::MAX)).collect());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut results = Vec::new();
+        for i in 0..CALLS_PER_ROUND {
+            let k = rng.below(KEYS);
+            let cut = cuts[rng.below(cuts.len() as u64) as usize];
+            let delay = Duration::from_micros(rng.below(2000));
+            let body_sleep = Duration::from_micros(rng.below(3000));
+            *by_cut.entry(cut).or_default() += 1;
+            let value = round * 1000 + i;
+            let (store, started_bodies, ok_bodies, ok_value) = (
+                store.clone(),
+                started_bodies.clone(),
+                ok_bodies.clone(),
+                ok_value.clone(),
+            );
+            tasks.spawn(async move {
+                let (started, returned) = (AtomicBool::new(false), AtomicBool::new(false));
+                let call = Idempotent::new(&*store, ("cancel", round, k))
+                    .name("test")
+                    .run_with_outcome(|| async {
+                        started_bodies[k as usize].fetch_add(1, SeqCst);
+                        started.store(true, SeqCst);
+                        tokio::time::sleep(body_sleep).await;
+                        ok_bodies[k as usize].fetch_add(1, SeqCst);
+                        ok_value[k as usize].store(value, SeqCst);
+                        returned.store(true, SeqCst);
+                        Ok::<_, Error>(value)
+                    });
+                let out = cut_call(call, cut, delay, &started, &returned).await;
+                (k, out)
+            });
+            while tasks.len() >= AT_ONCE {
+                results.push(
+                    tasks
+                        .join_next()
+                        .await
+                        .expect("a call")
+                        .expect("a call task"),
+                );
+            }
+        }
+        while let Some(joined) = tasks.join_next().await {
+            results.push(joined.expect("a call task"));
+        }
+        for (k, out) in results {
+            calls += 1;
+            match out {
+                None => cancellations += 1,
+                Some(Ok(out)) => {
+                    assert_ne!(out.status, Status::LeaseLost, "no lease may run out here");
+                    assert_eq!(
+                        out.value,
+                        ok_value[k as usize].load(SeqCst),
+                        "round {round} key {k}: a call got another body's value (seed {seed})"
+                    );
+                }
+                Some(Err(err)) => panic!("round {round} key {k}: a call failed: {err}"),
+            }
+        }
+        for k in 0..KEYS {
+            let oks = ok_bodies[k as usize].load(SeqCst);
+            bodies_started += started_bodies[k as usize].load(SeqCst);
+            bodies_ok += oks;
+            doubled += oks.saturating_sub(1);
+            if oks == 0 {
+                continue;
+            }
+            // The body that returned Ok is stored (in the background, where its call was
+            // dropped during the completion): a later call replays it, or waits for it.
+            let out = Idempotent::new(&*store, ("cancel", round, k))
+                .name("test")
+                .run_with_outcome(|| async { Ok::<_, Error>(u64::MAX) })
+                .await
+                .expect("a last call");
+            assert!(
+                out.status.is_replay() && out.value == ok_value[k as usize].load(SeqCst),
+                "round {round} key {k}: the body that returned Ok was not stored: {out:?} \
+                 (seed {seed})"
+            );
+            stored += 1;
+        }
+        assert_eq!(
+            doubled, 0,
+            "round {round}: a body returned Ok twice for one key (seed {seed}); started: {:?}",
+            started_bodies
+        );
+    }
+    println!(
+        "cancel_redis: {calls} calls, {cancellations} cancelled (cut at {by_cut:?}); bodies: \
+         {bodies_started} started, {bodies_ok} returned Ok, {stored} results stored"
+    );
+    chaos::report(
+        "cancel_redis",
+        &[
+            ("cancellations", cancellations),
+            ("executions_doubled", doubled),
+        ],
+    );
 }

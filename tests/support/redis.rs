@@ -112,6 +112,13 @@ impl RedisServer {
         RedisServer::start_with(true, false, Vec::new())
     }
 
+    /// A server with more settings (`["--maxmemory", "4mb", ...]`), with or without an
+    /// append-only file fsynced on every write.
+    pub fn start_configured(persistent: bool, settings: &[&str]) -> RedisServer {
+        let extra = settings.iter().map(|s| (*s).to_owned()).collect();
+        RedisServer::start_with(persistent, false, extra)
+    }
+
     /// One server for the whole test binary, started on first use.
     pub fn shared() -> &'static RedisServer {
         static SHARED: OnceLock<RedisServer> = OnceLock::new();
@@ -330,18 +337,7 @@ impl RedisCluster {
     }
 
     fn start_with(n: usize, watchdog_cleans_up: bool) -> RedisCluster {
-        // Only what Redis 6 understands, so that older distributions' servers work too.
-        let extra: Vec<String> = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect();
+        let extra = cluster_args();
         let nodes: Vec<RedisServer> = (0..n)
             .map(|_| RedisServer::start_with(false, watchdog_cleans_up, extra.clone()))
             .collect();
@@ -391,6 +387,252 @@ impl RedisCluster {
     /// The nodes.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
+    }
+
+    /// Starts one more node, empty (no slots), and introduces it to the cluster (`CLUSTER MEET`);
+    /// returns its index once every node knows it.
+    pub fn add_node(&mut self) -> usize {
+        let node = RedisServer::start_with(false, false, cluster_args());
+        let reply = self.nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &node.port().to_string()]);
+        assert_eq!(reply, Resp::Simple("OK".into()), "CLUSTER MEET");
+        self.nodes.push(node);
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
+        self.wait_until(
+            "every node knows the new one, and the new one every slot",
+            |node| {
+                let info = node.cluster_info();
+                info.contains(&known)
+                    && info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+            },
+        );
+        self.nodes.len() - 1
+    }
+
+    /// Makes node `replica` a replica of node `master` and waits until it has synced.
+    pub fn replicate(&self, replica: usize, master: usize) {
+        let master_id = self.nodes[master].node_id();
+        let reply = self.nodes[replica].cmd(&["CLUSTER", "REPLICATE", &master_id]);
+        assert_eq!(reply, Resp::Simple("OK".into()), "CLUSTER REPLICATE");
+        let started = Instant::now();
+        while !self.nodes[replica]
+            .info("replication")
+            .contains("master_link_status:up")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the replica did not sync within 30s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The masters vote in a failover only for a replica they know as one.
+        let replica_id = self.nodes[replica].node_id();
+        self.wait_until("every node knows the replica", |node| {
+            cluster_nodes(node).lines().any(|l| {
+                l.starts_with(&replica_id) && l.contains("slave") && l.contains(&master_id)
+            })
+        });
+    }
+
+    /// Promotes node `replica` with `CLUSTER FAILOVER` (coordinated: no acknowledged write is
+    /// lost) and waits until every node sees it as the master of its slots.
+    pub fn failover(&self, replica: usize) {
+        let id = self.nodes[replica].node_id();
+        let promoted = |node: &RedisServer| {
+            cluster_nodes(node)
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("myself,master"))
+        };
+        // A manual failover that does not complete within its own timeout (5 s) is abandoned:
+        // ask again.
+        let started = Instant::now();
+        while !promoted(&self.nodes[replica]) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the replica was not promoted within 30s"
+            );
+            let reply = self.nodes[replica].cmd(&["CLUSTER", "FAILOVER"]);
+            assert_eq!(reply, Resp::Simple("OK".into()), "CLUSTER FAILOVER");
+            let asked = Instant::now();
+            while !promoted(&self.nodes[replica]) && asked.elapsed() < Duration::from_secs(6) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.wait_until("the promoted replica is a master everywhere", |node| {
+            cluster_nodes(node)
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("master"))
+        });
+    }
+
+    /// The slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        match self.nodes[0].cmd(&["CLUSTER", "KEYSLOT", key]) {
+            Resp::Int(slot) => u16::try_from(slot).expect("a slot"),
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        }
+    }
+
+    /// The index of the node that serves `slot` (as node 0 sees it).
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let nodes = cluster_nodes(&self.nodes[0]);
+        let owner = nodes
+            .lines()
+            .find(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                fields.get(2).is_some_and(|flags| flags.contains("master"))
+                    && fields.iter().skip(8).any(|range| {
+                        let mut ends = range.split('-').map(|n| n.parse::<u16>().ok());
+                        match (ends.next().flatten(), ends.next()) {
+                            (Some(one), None) => one == slot,
+                            (Some(lo), Some(Some(hi))) => (lo..=hi).contains(&slot),
+                            _ => false,
+                        }
+                    })
+            })
+            .and_then(|line| line.split(' ').next())
+            .unwrap_or_else(|| panic!("nobody serves slot {slot}:\n{nodes}"))
+            .to_owned();
+        self.nodes
+            .iter()
+            .position(|node| node.node_id() == owner)
+            .expect("the owner is one of ours")
+    }
+
+    /// Starts moving `slot` from node `from` to node `to` (`IMPORTING` on `to`, then `MIGRATING`
+    /// on `from`): from now on, keys of the slot that `from` does not hold are answered with
+    /// `ASK` redirections to `to`.
+    pub fn begin_migration(&self, slot: u16, from: usize, to: usize) {
+        let slot = slot.to_string();
+        let (from_id, to_id) = (self.nodes[from].node_id(), self.nodes[to].node_id());
+        let ok = Resp::Simple("OK".into());
+        assert_eq!(
+            self.nodes[to].cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
+            ok
+        );
+        assert_eq!(
+            self.nodes[from].cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
+            ok
+        );
+    }
+
+    /// Moves up to `count` of the keys of `slot` that node `from` still holds to node `to`
+    /// (`MIGRATE`); returns how many it moved.
+    pub fn migrate_keys(&self, slot: u16, from: usize, to: usize, count: usize) -> usize {
+        let keys = match self.nodes[from].cmd(&[
+            "CLUSTER",
+            "GETKEYSINSLOT",
+            &slot.to_string(),
+            &count.to_string(),
+        ]) {
+            Resp::Array(Some(keys)) => keys,
+            other => panic!("CLUSTER GETKEYSINSLOT: {other:?}"),
+        };
+        if keys.is_empty() {
+            return 0;
+        }
+        let port = self.nodes[to].port().to_string();
+        let mut cmd: Vec<Vec<u8>> = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"]
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect();
+        for key in &keys {
+            match key {
+                Resp::Bulk(Some(key)) => cmd.push(key.clone()),
+                other => panic!("a key: {other:?}"),
+            }
+        }
+        let args: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
+        let reply = self.nodes[from].cmd_bytes(&args);
+        assert!(
+            matches!(&reply, Resp::Simple(s) if s == "OK" || s == "NOKEY"),
+            "MIGRATE: {reply:?}"
+        );
+        keys.len()
+    }
+
+    /// Ends the move of `slot` to node `to`: the remaining keys are migrated, and every master
+    /// is told the new owner (`SETSLOT ... NODE`, the new owner first).
+    pub fn finish_migration(&self, slot: u16, from: usize, to: usize) {
+        while self.migrate_keys(slot, from, to, 100) > 0 {}
+        let to_id = self.nodes[to].node_id();
+        let slot_text = slot.to_string();
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for i in order {
+            // Replicas refuse SETSLOT; they learn it from their masters.
+            let reply = self.nodes[i].cmd(&["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+            assert!(
+                reply == Resp::Simple("OK".into())
+                    || matches!(&reply, Resp::Error(e) if e.contains("replica") || e.contains("slave")),
+                "CLUSTER SETSLOT NODE on node {i}: {reply:?}"
+            );
+        }
+        self.wait_until("every node sees the slot's new owner", |node| {
+            node.cluster_info().contains("cluster_state:ok")
+        });
+        let started = Instant::now();
+        while self.owner_of(slot) != to {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "slot {slot} did not move"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_until(&self, what: &str, ready: impl Fn(&RedisServer) -> bool) {
+        let started = Instant::now();
+        while !self.nodes.iter().all(&ready) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the cluster did not settle within 30s: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What a cluster node needs on its command line: only what Redis 6 understands, so that older
+/// distributions' servers work too.
+fn cluster_args() -> Vec<String> {
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "5000",
+        // A replica syncs at once, not after the default 5 s wait for more replicas.
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+fn cluster_nodes(node: &RedisServer) -> String {
+    match node.cmd(&["CLUSTER", "NODES"]) {
+        Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("CLUSTER NODES: {other:?}"),
+    }
+}
+
+impl RedisServer {
+    /// This node's cluster id (`CLUSTER MYID`).
+    pub fn node_id(&self) -> String {
+        match self.cmd(&["CLUSTER", "MYID"]) {
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+            other => panic!("CLUSTER MYID: {other:?}"),
+        }
+    }
+
+    fn cluster_info(&self) -> String {
+        match self.cmd(&["CLUSTER", "INFO"]) {
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+            _ => String::new(),
+        }
     }
 }
 
@@ -468,6 +710,12 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// A proxy to the server on `target_port`, listening on a free loopback port.
     pub fn start(target_port: u16) -> CountingProxy {
+        CountingProxy::start_slow(target_port, Duration::ZERO)
+    }
+
+    /// A proxy that holds what clients send for `delay` before passing it on: a slow server (or
+    /// link), as its clients see it.
+    pub fn start_slow(target_port: u16, delay: Duration) -> CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let commands = Arc::new(AtomicUsize::new(0));
@@ -490,7 +738,9 @@ impl CountingProxy {
                     let _ = std::io::copy(&mut from, &mut to);
                     let _ = to.shutdown(Shutdown::Both);
                 });
-                std::thread::spawn(move || forward_counting(client_read, server_write, &counter));
+                std::thread::spawn(move || {
+                    forward_counting(client_read, server_write, &counter, delay)
+                });
             }
         });
         CountingProxy { port, commands }
@@ -507,7 +757,12 @@ impl CountingProxy {
     }
 }
 
-fn forward_counting(mut from: TcpStream, mut to: TcpStream, counter: &AtomicUsize) {
+fn forward_counting(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    counter: &AtomicUsize,
+    delay: Duration,
+) {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     loop {
@@ -520,6 +775,9 @@ fn forward_counting(mut from: TcpStream, mut to: TcpStream, counter: &AtomicUsiz
         while let Some(len) = command_len(&pending) {
             counter.fetch_add(1, Ordering::SeqCst);
             pending.drain(..len);
+        }
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         if to.write_all(&chunk[..n]).is_err() {
             break;

@@ -1,16 +1,23 @@
 //! The Redis store (feature `redis`): records shared by many processes and machines.
 //!
-//! See [`RedisStore`] for what it promises and how it keeps records.
+//! See [`RedisStore`] for what it promises and how it keeps records, and [`IfUnsafe`] for the
+//! server settings it checks when it connects.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
+use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+use ::redis::{
+    Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script,
+    ServerErrorKind, Value,
+};
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -24,16 +31,20 @@ use crate::record::{Claim, Completed, Completion, Token};
 /// A record is ours only if it is a hash whose `idem` field is the format version, `1`, with an
 /// expiry and well-formed fields. `load(key, with_value)` returns `nil` for no record,
 /// `false, why` for a value that is not an idem record (left untouched by every script), or a
-/// table `{state, token, fp, ttl, value}`. It costs two commands on the hot paths (`HMGET` under
-/// `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`): each
+/// table `{state, token, fp, ttl, grace, value}`. It costs two commands on the hot paths (`HMGET`
+/// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`): each
 /// `redis.call` is several microseconds of server time, and the replay benchmark showed five.
+///
+/// A running record lives `grace` milliseconds past its lease (see [`RedisStore`], "Records"):
+/// its lease has `ttl - grace` left, and it has lapsed when that is not positive. Records
+/// without `grace` (written before it existed) have none.
 const PRELUDE: &str = r#"
 local function load(key, with_value)
   local f
   if with_value then
-    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'value')
+    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace', 'value')
   else
-    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp')
+    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace')
   end
   if f.err then return false, 'not a hash' end
   if not f[1] and not f[2] and not f[3] and not f[4] then
@@ -46,59 +57,82 @@ local function load(key, with_value)
   if f[2] ~= 'running' and f[2] ~= 'done' then return false, 'a record in an unknown state' end
   if not f[3] or #f[3] ~= 32 then return false, 'a record without a valid token' end
   if f[4] and #f[4] ~= 32 then return false, 'a record with a malformed fingerprint' end
+  local grace = 0
+  if f[5] then
+    if #f[5] > 15 or not string.match(f[5], '^%d+$') then
+      return false, 'a record with a malformed grace'
+    end
+    grace = tonumber(f[5])
+  end
   if f[2] == 'done' then
     local has_value
-    if with_value then has_value = f[5] else has_value = redis.call('HEXISTS', key, 'value') == 1 end
+    if with_value then has_value = f[6] else has_value = redis.call('HEXISTS', key, 'value') == 1 end
     if not has_value then return false, 'a completed record without a value' end
   end
-  return {state = f[2], token = f[3], fp = f[4] or '', ttl = ttl, value = f[5]}
+  return {state = f[2], token = f[3], fp = f[4] or '', ttl = ttl, grace = grace, value = f[6]}
 end
 "#;
 
-/// claim(KEYS[1] = record, ARGV = token, lease ms, fingerprint or '').
+/// claim(KEYS[1] = record, ARGV = token, lease ms, fingerprint or '', lease + grace ms).
 ///
 /// A record that already holds this very token is this claim, retried after a lost reply: it is
-/// acquired again (claims are idempotent).
+/// acquired again (claims are idempotent). A running record whose lease lapsed is taken over.
+/// The first write is `HSET`, which Redis refuses at `maxmemory`: a claim that would write fails
+/// there, while a replay or a busy answer (no write at all) is still served.
 const CLAIM: &str = r#"
 local r, why = load(KEYS[1], true)
 if r == false then return {'foreign', why} end
-if r == nil then
-  if ARGV[3] == '' then
-    redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'running', 'token', ARGV[1])
-  else
-    redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'running', 'token', ARGV[1], 'fp', ARGV[3])
-  end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'acquired'}
+if r then
+  if r.state == 'done' then return {'done', r.ttl, r.fp, r.value} end
+  if r.token ~= ARGV[1] and r.ttl > r.grace then return {'busy', r.ttl - r.grace} end
 end
-if r.state == 'done' then
-  return {'done', r.ttl, r.fp, r.value}
+if ARGV[3] == '' then
+  redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'running', 'token', ARGV[1], 'grace', ARGV[2])
+  if r then redis.call('HDEL', KEYS[1], 'fp') end
+else
+  redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'running', 'token', ARGV[1], 'grace', ARGV[2],
+    'fp', ARGV[3])
 end
-if r.token == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'acquired'}
-end
-return {'busy', r.ttl}
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'acquired'}
 "#;
 
-/// complete(KEYS[1] = record, ARGV = token, value, ttl ms). The completed record keeps the
-/// token, so a retried complete whose first reply was lost reports `ok` again.
+/// complete(KEYS[1] = record, ARGV = token, value, ttl ms): the rule of [`Store::complete`].
+///
+/// The completed record keeps the token, so a complete repeated after its reply was lost
+/// reports `ok` again and keeps the first value. A record that is gone (the lapsed claim's grace
+/// ran out too, or an operator removed it) is written anew, without the fingerprint, which only
+/// the claim knew.
+///
+/// Redis refuses a script's first write that may grow memory at `maxmemory`, but never a later
+/// one (it cannot stop a script halfway). The first write here is a `PEXPIRE`, which Redis never
+/// refuses: so a body that ran is stored even at `maxmemory` (only new claims are refused there),
+/// going past the limit by at most the results of the calls already running.
 const COMPLETE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
-if r == nil or r.token ~= ARGV[1] then return {'lost'} end
-if r.state == 'done' then return {'ok'} end
-redis.call('HSET', KEYS[1], 'state', 'done', 'value', ARGV[2])
+if r then
+  if r.token ~= ARGV[1] then return {'lost'} end
+  if r.state == 'done' then return {'ok'} end
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if r then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'value', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'done', 'token', ARGV[1], 'value', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 return {'ok'}
 "#;
 
-/// renew(KEYS[1] = record, ARGV = token, lease ms).
+/// renew(KEYS[1] = record, ARGV = token, lease ms, lease + grace ms). `PEXPIRE` first, so that
+/// the `HSET` is not the script's first write (see [`COMPLETE`]): renewal works at `maxmemory`.
 const RENEW: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] then return {'lost'} end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'grace', ARGV[2])
 return {'ok'}
 "#;
 
@@ -120,17 +154,26 @@ redis.call('DEL', KEYS[1])
 return {'ok'}
 "#;
 
-/// One script: its source (for `SCRIPT LOAD`) and its hash (for `EVALSHA`).
+/// peek(KEYS[1] = record): whether a live claim holds the key, for [`Store::wait`]. Writes
+/// nothing.
+const PEEK: &str = r#"
+local r, why = load(KEYS[1])
+if r == false then return {'foreign', why} end
+if r == nil or r.state ~= 'running' or r.ttl <= r.grace then return {'free'} end
+return {'held', r.ttl - r.grace}
+"#;
+
+/// One script: its source (for `SCRIPT LOAD` and `EVAL`) and its hash (for `EVALSHA`).
 struct Lua {
     source: String,
-    script: Script,
+    hash: String,
 }
 
 impl Lua {
     fn new(body: &str) -> Lua {
         let source = format!("{PRELUDE}{body}");
-        let script = Script::new(&source);
-        Lua { source, script }
+        let hash = Script::new(&source).get_hash().to_owned();
+        Lua { source, hash }
     }
 }
 
@@ -141,6 +184,7 @@ struct Scripts {
     renew: Lua,
     release: Lua,
     remove: Lua,
+    peek: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -149,18 +193,48 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     renew: Lua::new(RENEW),
     release: Lua::new(RELEASE),
     remove: Lua::new(REMOVE),
+    peek: Lua::new(PEEK),
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 5] {
+    fn all(&self) -> [&Lua; 6] {
         [
             &self.claim,
             &self.complete,
             &self.renew,
             &self.release,
             &self.remove,
+            &self.peek,
         ]
     }
+}
+
+/// What a [`RedisStore`] does about a server setting that puts at-most-once at risk: see
+/// [`RedisStoreBuilder::if_evicting`] and [`RedisStoreBuilder::if_not_persistent`].
+///
+/// ```no_run
+/// use idem_runtime::store::redis::{IfUnsafe, RedisStore};
+///
+/// # #[tokio::main] async fn main() -> Result<(), idem_runtime::Error> {
+/// // A cache server shared with other data: keep its LRU policy, knowingly.
+/// let store = RedisStore::builder()
+///     .if_evicting(IfUnsafe::Warn)
+///     .if_not_persistent(IfUnsafe::Accept)
+///     .connect("redis://cache.internal:6379/")
+///     .await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IfUnsafe {
+    /// Do not run on it: connecting fails with [`Error::Store`] naming the setting and the fix;
+    /// found on a server the store reconnected to, new claims fail with that error (records
+    /// already claimed are still completed, renewed and released) until the setting is fixed.
+    Refuse,
+    /// Run, and say so once per server with a `tracing` warning naming the setting and the fix.
+    Warn,
+    /// Run, knowingly: nothing is logged but a `debug` event.
+    Accept,
 }
 
 /// An idempotency store in Redis, shared by every process and machine that points at the same
@@ -188,6 +262,7 @@ impl Scripts {
 /// digits ([`Key::to_hex`]); [`RedisStore::record_name`] gives it. Every operation touches that
 /// one key only, so the store works unchanged on Redis Cluster
 /// ([`RedisStoreBuilder::connect_cluster`]): each operation goes to the node that owns its key.
+/// Give the prefix a hash tag (`{idem}:`) to keep every record on one node.
 /// A record is a hash:
 ///
 /// | field | value |
@@ -196,32 +271,63 @@ impl Scripts {
 /// | `state` | `running` (a claim is held) or `done` (the result is stored) |
 /// | `token` | the fencing token of the claim, 32 hex digits |
 /// | `fp` | the fingerprint, 32 bytes; absent when the call gave none |
-/// | `value` | the result, as the executor encoded it (`done` only) |
+/// | `grace` | (`running`) how many milliseconds the record outlives its lease |
+/// | `value` | (`done`) the result, as the executor encoded it |
 ///
-/// Expiry is Redis's own: a running record expires (`PEXPIRE`) with its lease, a completed one
-/// with its ttl, so the clocks of the clients never matter, an expired lease is simply an absent
-/// key, and nothing has to be swept.
+/// Expiry is Redis's own (`PEXPIRE`), so the clocks of the clients never matter and nothing has
+/// to be swept. A completed record expires with its ttl. A running record expires one lease
+/// after its lease (the grace): once the lease has run out, another call takes the key over at
+/// once, but until then a completion that comes late still finds its claim and its fingerprint.
+/// A completion that finds no record at all (the grace ran out too) is stored all the same,
+/// without the fingerprint (the rule of [`Store::complete`]).
 ///
 /// # One atomic step per operation
 ///
-/// Each operation is one Lua script run by `EVALSHA` (the scripts are loaded when the store
-/// connects; after the server lost its script cache, `NOSCRIPT` makes the `redis` crate load
-/// the script and run it again). A script reads the record, checks the fencing token on the
-/// server and writes, atomically. `claim` returns a completed record's value in the same reply,
-/// so a replay costs **one round trip** and a first execution **two** (claim, complete), plus
-/// one per lease renewal for bodies that run longer than a third of the lease.
+/// Each operation is one Lua script run by `EVALSHA` (the scripts are loaded into every node
+/// when the store connects). A node that does not know a script (restarted, its script cache
+/// flushed, promoted from replica, or added to a cluster after the store connected: a slot
+/// migrating to it sends `ASK` redirections there) answers `NOSCRIPT`, and the operation sends
+/// the script's source with `EVAL` there, once, in the same operation. A script reads the
+/// record, checks the fencing token on the server and writes, atomically. `claim` returns a
+/// completed record's value in the same reply, so a replay costs **one round trip** and a first
+/// execution **two** (claim, complete), plus one per lease renewal for bodies that run longer
+/// than a third of the lease.
+///
+/// # Server settings
+///
+/// At-most-once needs a server that keeps what it was told. When it connects, and again after a
+/// connection error or a `NOSCRIPT` (the node may be another server), before the next claim
+/// (which fails if the settings cannot be read: no body starts on a server nobody checked), the
+/// store reads `maxmemory-policy`, `appendonly` and `save` on the server, or on every master of
+/// a cluster:
+///
+/// - any policy but `noeviction` evicts idem records at `maxmemory` (every record has a ttl, so
+///   the `volatile-*` policies evict them too), and a completed record that is evicted lets its
+///   body run again: refused by default ([`RedisStoreBuilder::if_evicting`]);
+/// - without `appendonly yes`, a restart loses the records written since the last snapshot (all
+///   of them without `save`): warned about by default
+///   ([`RedisStoreBuilder::if_not_persistent`]);
+/// - where `CONFIG GET` is renamed away or not permitted (managed services), a warning says that
+///   the settings could not be checked, once per server, and the store goes on.
+///
+/// With `noeviction`, a server at `maxmemory` refuses new claims ([`Error::Store`], saying so)
+/// and keeps every record: replays are still served (a replay writes nothing), and claims
+/// already granted still complete, renew and release (those scripts are never refused at
+/// `maxmemory`; completions go past it by at most the results of the calls in flight).
 ///
 /// # Waiting
 ///
-/// [`Store::wait`] polls the record's state with a bounded exponential backoff: first after
-/// 5 ms, then doubling up to [`RedisStoreBuilder::max_poll_interval`] (100 ms unless set),
-/// and never past the caller's timeout. Polling rather than pub/sub, because a poll needs no
-/// second connection per store, cannot miss a notification across a reconnect or a failover,
-/// works the same on Cluster (where `PUBLISH` is broadcast to every node), and notices a holder
-/// that died without a word when its lease expires. It costs at most one poll interval of
-/// latency and, per waiting caller, at most ten cheap `HGET`s a second.
+/// [`Store::wait`] polls the record with a bounded exponential backoff: first after 5 ms, then
+/// doubling up to [`RedisStoreBuilder::max_poll_interval`] (100 ms unless set), never past the
+/// caller's timeout, and one poll at a time per waiting caller, so a slow server is polled less,
+/// not more. Polling rather than pub/sub, because a poll needs no second connection per store,
+/// cannot miss a notification across a reconnect or a failover, works the same on Cluster (where
+/// `PUBLISH` is broadcast to every node), and notices a holder that died without a word when its
+/// lease runs out. It costs at most one poll interval of latency and, per waiting caller, at
+/// most ten cheap read-only scripts a second, on the multiplexed connection every call shares
+/// (a waiter holds nothing a claim needs).
 ///
-/// # Failures
+/// # Failures and cancellation
 ///
 /// - Every operation returns within the store's timeout ([`RedisStore::DEFAULT_TIMEOUT`], 2 s,
 ///   unless set with [`RedisStoreBuilder::timeout`]): a server that is down, unreachable or
@@ -232,15 +338,22 @@ impl Scripts {
 ///   on a broken connection is sent once more on a fresh one within the same timeout; every
 ///   operation is safe to repeat (a claim or a completion repeated with its own token is
 ///   recognised as itself).
-/// - An operation cut off by the timeout may still have run on the server: a claim made that
-///   way is held until its lease runs out.
+/// - A claim whose reply never came (cut off by the timeout, or its call dropped while the claim
+///   was on its way) is released in the background, so the key is not left held for a lease by
+///   a call that will never run its body.
+/// - A call dropped while its body runs releases its claim ([`Store::release_on_drop`]); a call
+///   dropped once its body returned `Ok`, or whose completion failed, hands the completion to
+///   the runtime ([`Store::complete_on_drop`]), which tries again with backoff for up to a
+///   minute while the server is unreachable. Both need a tokio runtime; outside one, the claim
+///   is left to its lease.
+/// - A result longer than the server accepts in one argument (`proto-max-bulk-len`, read with
+///   the other settings; 512 MB by default) is not sent, because Redis would close the
+///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
+///   claim is left to its lease.
 /// - A value under the prefix that is not an idem record (another type, a hash without the
 ///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] and is left untouched,
 ///   by every operation, [`Store::remove`] included: delete it by hand if it is garbage. A
 ///   stored result that does not decode is reported by the executor as [`Error::Codec`].
-/// - [`Store::release_on_drop`] (a cancelled or panicking body) hands the release to the
-///   current tokio runtime without blocking; outside a runtime it does nothing and the claim
-///   expires with its lease.
 ///
 /// Create the store inside the tokio runtime that uses it: the connection's I/O runs on that
 /// runtime. The store is cheap to clone; clones share the connection.
@@ -250,6 +363,7 @@ pub struct RedisStore {
     prefix: Arc<str>,
     timeout: Duration,
     max_poll_interval: Duration,
+    health: Arc<Health>,
 }
 
 /// Settings of a [`RedisStore`] before it connects: made by [`RedisStore::builder`].
@@ -259,6 +373,8 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     max_poll_interval: Duration,
+    if_evicting: IfUnsafe,
+    if_not_persistent: IfUnsafe,
 }
 
 impl Default for RedisStoreBuilder {
@@ -267,6 +383,8 @@ impl Default for RedisStoreBuilder {
             prefix: RedisStore::DEFAULT_PREFIX.to_owned(),
             timeout: RedisStore::DEFAULT_TIMEOUT,
             max_poll_interval: RedisStore::DEFAULT_MAX_POLL_INTERVAL,
+            if_evicting: IfUnsafe::Refuse,
+            if_not_persistent: IfUnsafe::Warn,
         }
     }
 }
@@ -274,7 +392,8 @@ impl Default for RedisStoreBuilder {
 impl RedisStoreBuilder {
     /// The prefix of every record's Redis key ([`RedisStore::DEFAULT_PREFIX`] unless set).
     ///
-    /// Stores with different prefixes never see each other's records, on one server.
+    /// Stores with different prefixes never see each other's records, on one server. On a
+    /// cluster, a prefix with a hash tag (`{idem}:`) puts every record in one slot.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -294,11 +413,37 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects to the server at `url` (`redis://[user:password@]host[:port][/db]`, or
-    /// `rediss://` with the `redis` crate's TLS features, or `redis+unix:///path`).
+    /// What to do with a server whose `maxmemory-policy` is not `noeviction`
+    /// ([`IfUnsafe::Refuse`] unless set).
     ///
-    /// Fails with [`Error::Store`] if the URL is malformed or the server cannot be reached
-    /// within the timeout.
+    /// At `maxmemory`, such a server evicts keys to make room, idem records included: every
+    /// record has a ttl, so the `volatile-*` policies evict them as readily as the `allkeys-*`
+    /// ones. A completed record that is evicted is a key with no record, so its retry runs the
+    /// body again. Accept it only for a server that never reaches `maxmemory`.
+    pub fn if_evicting(mut self, action: IfUnsafe) -> Self {
+        self.if_evicting = action;
+        self
+    }
+
+    /// What to do with a server without an append-only file (`appendonly no`)
+    /// ([`IfUnsafe::Warn`] unless set).
+    ///
+    /// Such a server loses, when it restarts or crashes, every record written since its last
+    /// RDB snapshot (all of them if `save` is off), and the retries of those calls run their
+    /// bodies again. A replica promoted by a failover may lack the last writes as well, whatever
+    /// the persistence: replication is asynchronous.
+    pub fn if_not_persistent(mut self, action: IfUnsafe) -> Self {
+        self.if_not_persistent = action;
+        self
+    }
+
+    /// Connects to the server at `url` (`redis://[user:password@]host[:port][/db]`, or
+    /// `rediss://` with the `redis` crate's TLS features, or `redis+unix:///path`), and checks
+    /// its settings (see [`RedisStore`], "Server settings").
+    ///
+    /// Fails with [`Error::Store`] if the URL is malformed, the server cannot be reached within
+    /// the timeout, or a setting is refused ([`RedisStoreBuilder::if_evicting`],
+    /// [`RedisStoreBuilder::if_not_persistent`]).
     pub async fn connect(self, url: &str) -> Result<RedisStore, Error> {
         let client = Client::open(url).map_err(|source| failure("connect", source))?;
         self.connect_client(client).await
@@ -314,6 +459,7 @@ impl RedisStoreBuilder {
     /// ```
     pub async fn connect_client(self, client: Client) -> Result<RedisStore, Error> {
         require_tokio("connect")?;
+        let server = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -332,19 +478,21 @@ impl RedisStoreBuilder {
             load.exec_async(&mut conn).await?;
             Ok::<_, RedisError>(Conn::Single(conn))
         };
-        self.finish(connect).await
+        self.finish(connect, server).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; the
-    /// others are discovered).
+    /// others are discovered), and checks the settings of every master.
     ///
     /// Every record is one key and every operation one script on that key, so each operation
     /// goes to the node that owns the key's slot, in one round trip as on a single server; the
-    /// client follows `MOVED` and `ASK` redirections and reconnects to nodes by itself.
+    /// client follows `MOVED` and `ASK` redirections and reconnects to nodes by itself, and a
+    /// node that joined later gets the scripts the first time it is asked to run one.
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), idem_runtime::Error> {
     /// let store = idem_runtime::RedisStore::builder()
+    ///     .prefix("{idem}:")
     ///     .connect_cluster(["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"])
     ///     .await?;
     /// # let _ = store; Ok(()) }
@@ -381,29 +529,49 @@ impl RedisStoreBuilder {
             }
             Ok::<_, RedisError>(Conn::Cluster(conn))
         };
-        self.finish(connect).await
+        self.finish(connect, "the cluster".to_owned()).await
     }
 
+    /// Connects, then checks the server's settings: both within the timeout.
     async fn finish(
         self,
         connect: impl Future<Output = RedisResult<Conn>>,
+        server: String,
     ) -> Result<RedisStore, Error> {
-        let conn = match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(source)) => return Err(failure("connect", source)),
-            Err(_) => {
-                return Err(Error::store(TimedOut {
-                    op: "connect",
-                    after: self.timeout,
-                }));
+        let timeout = self.timeout;
+        let work = async {
+            let conn = connect.await.map_err(|source| failure("connect", source))?;
+            let store = RedisStore {
+                conn,
+                prefix: Arc::from(self.prefix),
+                timeout: self.timeout,
+                max_poll_interval: self.max_poll_interval,
+                health: Arc::new(Health {
+                    server,
+                    if_evicting: self.if_evicting,
+                    if_not_persistent: self.if_not_persistent,
+                    recheck: AtomicBool::new(false),
+                    checking: tokio::sync::Mutex::new(()),
+                    max_value: AtomicU64::new(DEFAULT_MAX_BULK),
+                    state: Mutex::new(HealthState::default()),
+                }),
+            };
+            let nodes = store
+                .read_settings()
+                .await
+                .map_err(|source| failure("connect (reading the server's settings)", source))?;
+            if let Some(refusal) = store.health.judge(&nodes) {
+                return Err(Error::store(refusal));
             }
+            Ok(store)
         };
-        Ok(RedisStore {
-            conn,
-            prefix: Arc::from(self.prefix),
-            timeout: self.timeout,
-            max_poll_interval: self.max_poll_interval,
-        })
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::store(TimedOut {
+                op: "connect",
+                after: timeout,
+            })),
+        }
     }
 }
 
@@ -445,6 +613,239 @@ impl ConnectionLike for Conn {
 /// The first pause of [`RedisStore`]'s wait poll.
 const FIRST_POLL: Duration = Duration::from_millis(5);
 
+/// While settings must be read again, how often an operation other than a claim tries (a claim
+/// always does, first).
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Redis's default `proto-max-bulk-len`: the longest argument it accepts.
+const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
+
+/// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
+/// unreachable.
+const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
+
+/// What the store knows of the server's settings, shared by its clones.
+struct Health {
+    /// The server the store connected to, for messages.
+    server: String,
+    if_evicting: IfUnsafe,
+    if_not_persistent: IfUnsafe,
+    /// Set when the settings must be read again before the next operation: after a connection
+    /// error or a `NOSCRIPT` (the node may be another server), or while a setting is refused.
+    recheck: AtomicBool,
+    /// One reading at a time.
+    checking: tokio::sync::Mutex<()>,
+    /// The longest argument every node accepts (`proto-max-bulk-len`, 512 MB unless read): a
+    /// longer one makes Redis close the connection, which every call shares.
+    max_value: AtomicU64,
+    state: Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    last_attempt: Option<Instant>,
+    /// Why new claims are refused, as last found.
+    refusal: Option<Unsafe>,
+    /// What was warned about already: `server id|setting`.
+    warned: HashSet<String>,
+}
+
+/// What one node reported: each reply may be an error (`CONFIG` renamed away, not permitted).
+struct NodeSettings {
+    addr: String,
+    info: Value,
+    policy: Value,
+    appendonly: Value,
+    save: Value,
+    max_bulk: Value,
+}
+
+impl Health {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Judges what the nodes reported: warns (once per server and setting) where the builder
+    /// says to, and returns the first refusal.
+    fn judge(&self, nodes: &[NodeSettings]) -> Option<Unsafe> {
+        let max_value = nodes
+            .iter()
+            .filter_map(|node| config_value(&node.max_bulk, "proto-max-bulk-len").ok())
+            .filter_map(|max| max.parse::<u64>().ok())
+            .min()
+            .unwrap_or(DEFAULT_MAX_BULK);
+        self.max_value.store(max_value, Ordering::Release);
+        let mut refusal = None;
+        for node in nodes {
+            for finding in assess(node) {
+                let action = match &finding.risk {
+                    Risk::Evicting => self.if_evicting,
+                    Risk::NotPersistent => self.if_not_persistent,
+                    Risk::Unreadable => IfUnsafe::Warn,
+                };
+                match action {
+                    IfUnsafe::Refuse => {
+                        refusal.get_or_insert(Unsafe {
+                            message: finding.message(true),
+                        });
+                    }
+                    IfUnsafe::Warn => {
+                        if self.state().warned.insert(finding.id.clone()) {
+                            tracing::warn!(
+                                target: "idem", server = %finding.addr,
+                                "{}", finding.message(false)
+                            );
+                        }
+                    }
+                    IfUnsafe::Accept => {
+                        tracing::debug!(
+                            target: "idem", server = %finding.addr,
+                            "accepted: {}", finding.message(false)
+                        );
+                    }
+                }
+            }
+        }
+        refusal
+    }
+}
+
+/// A setting that puts at-most-once at risk, found on one node.
+struct Finding {
+    addr: String,
+    /// `server id|setting`, to warn once.
+    id: String,
+    risk: Risk,
+    detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Risk {
+    Evicting,
+    NotPersistent,
+    Unreadable,
+}
+
+impl Finding {
+    /// What is wrong, why it matters, and the fix; `refused` adds how to accept it instead.
+    fn message(&self, refused: bool) -> String {
+        let addr = &self.addr;
+        let detail = &self.detail;
+        match self.risk {
+            Risk::Evicting => {
+                let mut m = format!(
+                    "Redis at {addr} has maxmemory-policy {detail}: at maxmemory it evicts keys, \
+                     idem records included (each has a ttl, so the volatile-* policies evict them \
+                     too), and a completed record that is evicted lets its body run again. Set \
+                     `maxmemory-policy noeviction` (in redis.conf, and CONFIG SET \
+                     maxmemory-policy noeviction)"
+                );
+                if refused {
+                    m.push_str(
+                        ", or accept the risk with RedisStoreBuilder::if_evicting(IfUnsafe::Warn)",
+                    );
+                }
+                m
+            }
+            Risk::NotPersistent => {
+                let mut m = if detail.is_empty() {
+                    format!(
+                        "Redis at {addr} persists nothing (appendonly no, save \"\"): a restart \
+                         loses every idem record, and retries run their bodies again"
+                    )
+                } else {
+                    format!(
+                        "Redis at {addr} keeps no append-only file (appendonly no; RDB snapshots \
+                         only, save \"{detail}\"): a restart loses the records written since the \
+                         last snapshot, and their retries run their bodies again"
+                    )
+                };
+                m.push_str(
+                    ". Set `appendonly yes` (with appendfsync everysec a crash loses at most the \
+                     last second of records; with always, none)",
+                );
+                if refused {
+                    m.push_str(
+                        ", or accept the risk with \
+                         RedisStoreBuilder::if_not_persistent(IfUnsafe::Warn)",
+                    );
+                }
+                m
+            }
+            Risk::Unreadable => format!(
+                "could not read the settings of Redis at {addr} ({detail}): idem cannot check \
+                 that maxmemory-policy is noeviction and that appendonly is yes; make sure they \
+                 are (CONFIG GET is renamed away or not permitted, as on some managed services)"
+            ),
+        }
+    }
+}
+
+/// The risks in what one node reported.
+fn assess(node: &NodeSettings) -> Vec<Finding> {
+    let id = info_field(&node.info, "run_id").unwrap_or_else(|| node.addr.clone());
+    let finding = |risk: Risk, detail: String| Finding {
+        addr: node.addr.clone(),
+        id: format!("{id}|{risk:?}"),
+        risk,
+        detail,
+    };
+    let mut found = Vec::new();
+    let mut unreadable = Vec::new();
+    match config_value(&node.policy, "maxmemory-policy") {
+        Ok(policy) if policy == "noeviction" => {}
+        Ok(policy) => found.push(finding(Risk::Evicting, policy)),
+        Err(why) => unreadable.push(why),
+    }
+    match (
+        config_value(&node.appendonly, "appendonly"),
+        config_value(&node.save, "save"),
+    ) {
+        (Ok(aof), _) if aof == "yes" => {}
+        (Ok(_), Ok(save)) => found.push(finding(Risk::NotPersistent, save)),
+        (Err(why), _) | (_, Err(why)) => unreadable.push(why),
+    }
+    if let Some(why) = unreadable.into_iter().next() {
+        found.push(finding(Risk::Unreadable, why));
+    }
+    found
+}
+
+/// The value of `name` in a `CONFIG GET name` reply, or why there is none.
+fn config_value(reply: &Value, name: &str) -> Result<String, String> {
+    let pairs: Vec<(&Value, &Value)> = match reply {
+        Value::ServerError(err) => return Err(format!("CONFIG GET {name}: {err}")),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|p| p.first().zip(p.get(1)))
+            .collect(),
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        other => return Err(format!("CONFIG GET {name} replied {other:?}")),
+    };
+    pairs
+        .into_iter()
+        .find(|(k, _)| as_text(k).is_some_and(|k| k.eq_ignore_ascii_case(name)))
+        .and_then(|(_, v)| as_text(v))
+        .ok_or_else(|| format!("CONFIG GET {name} did not report it"))
+}
+
+/// A `field:value` line of an `INFO` reply.
+fn info_field(reply: &Value, field: &str) -> Option<String> {
+    let text = as_text(reply)?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
+fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
 impl RedisStore {
     /// The key prefix unless one is set: `idem:`.
     pub const DEFAULT_PREFIX: &'static str = "idem:";
@@ -469,7 +870,8 @@ impl RedisStore {
         RedisStoreBuilder::default().connect_client(client).await
     }
 
-    /// Settings for a store: prefix, timeout, poll interval.
+    /// Settings for a store: prefix, timeout, poll interval, and what to do about a server
+    /// whose settings put at-most-once at risk.
     pub fn builder() -> RedisStoreBuilder {
         RedisStoreBuilder::default()
     }
@@ -493,8 +895,151 @@ impl RedisStore {
         name
     }
 
+    /// Reads `maxmemory-policy`, `appendonly`, `save` and the run id of the server, or of every
+    /// master of the cluster: one round trip.
+    async fn read_settings(&self) -> RedisResult<Vec<NodeSettings>> {
+        let config = |name: &str| {
+            let mut cmd = ::redis::cmd("CONFIG");
+            cmd.arg("GET").arg(name);
+            cmd
+        };
+        let mut info = ::redis::cmd("INFO");
+        info.arg("server");
+        let cmds = [
+            info,
+            config("maxmemory-policy"),
+            config("appendonly"),
+            config("save"),
+            config("proto-max-bulk-len"),
+        ];
+        match self.conn.clone() {
+            Conn::Single(mut conn) => {
+                let mut pipe = ::redis::pipe();
+                pipe.ignore_errors();
+                for cmd in &cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                let mut replies = replies.into_iter();
+                let mut next = || replies.next().unwrap_or(Value::Nil);
+                Ok(vec![NodeSettings {
+                    addr: self.health.server.clone(),
+                    info: next(),
+                    policy: next(),
+                    appendonly: next(),
+                    save: next(),
+                    max_bulk: next(),
+                }])
+            }
+            Conn::Cluster(conn) => {
+                let ask = |cmd: Cmd| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let all =
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        match conn.route_command(cmd, all).await? {
+                            Value::Map(per_node) => Ok(per_node),
+                            other => Err(RedisError::from((
+                                ErrorKind::Client,
+                                "a per-node reply was expected",
+                                format!("{other:?}"),
+                            ))),
+                        }
+                    }
+                };
+                let [info, policy, appendonly, save, max_bulk] = cmds;
+                let (info, policy, appendonly, save, max_bulk) = tokio::try_join!(
+                    ask(info),
+                    ask(policy),
+                    ask(appendonly),
+                    ask(save),
+                    ask(max_bulk)
+                )?;
+                let reply_of = |replies: &[(Value, Value)], addr: &str| {
+                    replies
+                        .iter()
+                        .find(|(a, _)| as_text(a).as_deref() == Some(addr))
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or(Value::Nil)
+                };
+                Ok(info
+                    .iter()
+                    .filter_map(|(addr, _)| as_text(addr))
+                    .map(|addr| NodeSettings {
+                        info: reply_of(&info, &addr),
+                        policy: reply_of(&policy, &addr),
+                        appendonly: reply_of(&appendonly, &addr),
+                        save: reply_of(&save, &addr),
+                        max_bulk: reply_of(&max_bulk, &addr),
+                        addr,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Before an operation: reads the settings again if a connection error or a `NOSCRIPT` asked
+    /// for it (the server may be another one).
+    ///
+    /// A claim waits for the reading and fails if it fails: no body starts on a server whose
+    /// settings were not read. Other operations go on whatever the reading says (a claim already
+    /// granted is better completed, renewed or released on any server than abandoned), and try
+    /// to read at most once per [`RECHECK_EVERY`].
+    async fn settle(&self, op: &'static str) -> Result<(), Error> {
+        let health = &*self.health;
+        if !health.recheck.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let claim = op == "claim";
+        {
+            let _one = health.checking.lock().await;
+            let due = health.recheck.load(Ordering::Acquire)
+                && (claim
+                    || health
+                        .state()
+                        .last_attempt
+                        .is_none_or(|at| at.elapsed() >= RECHECK_EVERY));
+            if due {
+                // Cleared first: a connection error while reading sets it again.
+                health.recheck.store(false, Ordering::Release);
+                health.state().last_attempt = Some(Instant::now());
+                match self.read_settings().await {
+                    Ok(nodes) => {
+                        let refusal = health.judge(&nodes);
+                        if let Some(refusal) = &refusal {
+                            // Read again before each claim until the setting is fixed.
+                            health.recheck.store(true, Ordering::Release);
+                            if health.state().warned.insert(refusal.message.clone()) {
+                                tracing::warn!(
+                                    target: "idem",
+                                    "new claims are refused: {}", refusal.message
+                                );
+                            }
+                        }
+                        health.state().refusal = refusal;
+                    }
+                    Err(err) => {
+                        health.recheck.store(true, Ordering::Release);
+                        if claim {
+                            return Err(failure("claim (reading the server's settings)", err));
+                        }
+                        tracing::debug!(
+                            target: "idem", error = %err,
+                            "could not read the Redis settings; trying again before the next claim"
+                        );
+                    }
+                }
+            }
+        }
+        if claim && let Some(refusal) = health.state().refusal.clone() {
+            return Err(Error::store(refusal));
+        }
+        Ok(())
+    }
+
     /// Runs one command against the server within the timeout; a command that fails on a broken
-    /// connection is sent once more (the connection manager has started to reconnect by then).
+    /// connection is sent once more (the connection manager has started to reconnect by then),
+    /// after the server's settings are read again.
     async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> Fut,
@@ -502,14 +1047,19 @@ impl RedisStore {
     {
         require_tokio(op)?;
         let work = async {
+            self.settle(op).await?;
             match attempt(self.conn.clone()).await {
-                Err(err) if is_connection_error(&err) => attempt(self.conn.clone()).await,
+                Err(err) if is_connection_error(&err) => {
+                    self.health.recheck.store(true, Ordering::Release);
+                    self.settle(op).await?;
+                    attempt(self.conn.clone()).await
+                }
                 other => other,
             }
+            .map_err(|err| self.failed(op, err))
         };
         match tokio::time::timeout(self.timeout, work).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(failure(op, source)),
+            Ok(result) => result,
             Err(_) => Err(Error::store(TimedOut {
                 op,
                 after: self.timeout,
@@ -517,25 +1067,37 @@ impl RedisStore {
         }
     }
 
-    /// Runs one of our scripts on the record of `key`; `foreign` replies become errors.
+    /// The error of a failed command; a failure that may mean another server asks for its
+    /// settings to be read again.
+    fn failed(&self, op: &'static str, err: RedisError) -> Error {
+        if is_connection_error(&err) || err.is_cluster_error() {
+            self.health.recheck.store(true, Ordering::Release);
+        }
+        if err.code() == Some("OOM") {
+            return Error::store(OutOfMemory { op, source: err });
+        }
+        failure(op, err)
+    }
+
+    /// Runs one of our scripts on the record of `key` ([`ScriptCall::send`]); `foreign` replies
+    /// become errors.
     async fn script(
         &self,
         op: &'static str,
-        script: &'static Lua,
+        lua: &'static Lua,
         key: &Key,
         args: &[&[u8]],
     ) -> Result<Vec<Value>, Error> {
         let name = self.record_name(key);
-        let mut invocation = script.script.key(name.as_str());
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let invocation = &invocation;
-        let reply: Value = self
-            .run(op, move |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
+        let name = name.as_str();
+        let call = ScriptCall {
+            lua,
+            name,
+            args,
+            recheck: &self.health.recheck,
+        };
+        let call = &call;
+        let reply: Value = self.run(op, move |conn| call.send(conn)).await?;
         let items = match reply {
             Value::Array(items) if !items.is_empty() => items,
             other => return Err(bad_reply(op, &other)),
@@ -546,7 +1108,10 @@ impl RedisStore {
                 .and_then(as_bytes)
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
-            return Err(Error::store(Foreign { name, reason }));
+            return Err(Error::store(Foreign {
+                name: name.to_owned(),
+                reason,
+            }));
         }
         Ok(items)
     }
@@ -555,11 +1120,11 @@ impl RedisStore {
     async fn ok_or_lost(
         &self,
         op: &'static str,
-        script: &'static Lua,
+        lua: &'static Lua,
         key: &Key,
         args: &[&[u8]],
     ) -> Result<bool, Error> {
-        let items = self.script(op, script, key, args).await?;
+        let items = self.script(op, lua, key, args).await?;
         match as_bytes(&items[0]) {
             Some(b"ok") => Ok(true),
             Some(b"lost") => Ok(false),
@@ -573,22 +1138,109 @@ impl RedisStore {
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
+        // A refused claim is refused before it is sent: nothing to release.
+        self.settle("claim").await?;
         let token = Token::generate();
         let token_hex = token_hex(token);
-        let lease_ms = millis(lease);
+        let (lease_ms, total_ms) = lease_millis(lease);
         let fp: &[u8] = match &fingerprint {
             Some(fp) => fp.as_bytes(),
             None => b"",
         };
-        let args: [&[u8]; 3] = [token_hex.as_bytes(), lease_ms.as_bytes(), fp];
-        let items = self.script("claim", &SCRIPTS.claim, &key, &args).await?;
-        parse_claim(token, items)
+        let args: [&[u8]; 4] = [
+            token_hex.as_bytes(),
+            lease_ms.as_bytes(),
+            fp,
+            total_ms.as_bytes(),
+        ];
+        // Until its reply is read, the claim may have been granted to a call that will never
+        // run the body (it was dropped, or the reply timed out): release it then.
+        let mut unanswered = Unanswered {
+            store: self,
+            key,
+            token,
+            armed: true,
+        };
+        let claim = self
+            .script("claim", &SCRIPTS.claim, &key, &args)
+            .await
+            .and_then(|items| parse_claim(token, items));
+        unanswered.armed = match &claim {
+            Ok(_) => false,
+            Err(err) => !wrote_nothing(err),
+        };
+        claim
+    }
+
+    async fn complete_now(
+        &self,
+        key: Key,
+        token: Token,
+        value: &Bytes,
+        ttl: Duration,
+    ) -> Result<Completion, Error> {
+        let max = self.health.max_value.load(Ordering::Acquire);
+        if u64::try_from(value.len()).unwrap_or(u64::MAX) > max {
+            return Err(Error::store(TooLarge {
+                len: value.len(),
+                max,
+            }));
+        }
+        let token_hex = token_hex(token);
+        let ttl_ms = millis(ttl);
+        let args: [&[u8]; 3] = [token_hex.as_bytes(), value, ttl_ms.as_bytes()];
+        let stored = self
+            .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
+            .await?;
+        Ok(if stored {
+            Completion::Stored
+        } else {
+            Completion::LeaseLost
+        })
+    }
+
+    /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the server
+    /// is unreachable, for up to [`BACKGROUND_COMPLETION`].
+    async fn complete_in_background(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        let deadline = crate::clock::after(Instant::now(), BACKGROUND_COMPLETION);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.complete_now(key, token, &value, ttl).await {
+                Ok(Completion::Stored) => {
+                    tracing::debug!(target: "idem", key = %key, "stored a result in the background");
+                    return;
+                }
+                Ok(Completion::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key,
+                        "the lease ran out and another call took the key over before this call's \
+                         result was stored: the body may have run twice; raise `lease` above the \
+                         body's run time"
+                    );
+                    return;
+                }
+                Err(err) if worth_retrying(&err) && Instant::now() + pause < deadline => {
+                    tracing::debug!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store a result yet; trying again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store the result of a call whose body ran; a retry after its \
+                         lease runs the body again"
+                    );
+                    return;
+                }
+            }
+        }
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = crate::clock::after(Instant::now(), timeout);
-        let name = self.record_name(&key);
-        let name = name.as_str();
         let mut pause = FIRST_POLL;
         loop {
             let now = Instant::now();
@@ -597,17 +1249,11 @@ impl RedisStore {
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(self.max_poll_interval);
-            let state: Option<Vec<u8>> = self
-                .run("wait", move |mut conn| async move {
-                    ::redis::cmd("HGET")
-                        .arg(name)
-                        .arg("state")
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            if state.as_deref() != Some(b"running") {
-                return Ok(());
+            let items = self.script("wait", &SCRIPTS.peek, &key, &[]).await?;
+            match as_bytes(&items[0]) {
+                Some(b"free") => return Ok(()),
+                Some(b"held") => {}
+                _ => return Err(bad_reply("wait", &items[0])),
             }
         }
     }
@@ -619,12 +1265,140 @@ impl RedisStore {
     }
 }
 
+/// Releases, from its destructor, a claim whose reply was not read (see `claim_now`).
+struct Unanswered<'a> {
+    store: &'a RedisStore,
+    key: Key,
+    token: Token,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.release_on_drop(self.key, self.token);
+        }
+    }
+}
+
+/// One script run on one record, as [`RedisStore::run`] attempts it.
+struct ScriptCall<'a> {
+    lua: &'static Lua,
+    name: &'a str,
+    args: &'a [&'a [u8]],
+    /// Set on `NOSCRIPT`: the node may be one whose settings were never read.
+    recheck: &'a AtomicBool,
+}
+
+impl ScriptCall<'_> {
+    fn command(&self, with_source: bool) -> Cmd {
+        let mut cmd = if with_source {
+            let mut cmd = ::redis::cmd("EVAL");
+            cmd.arg(&self.lua.source);
+            cmd
+        } else {
+            let mut cmd = ::redis::cmd("EVALSHA");
+            cmd.arg(&self.lua.hash);
+            cmd
+        };
+        cmd.arg(1).arg(self.name);
+        for arg in self.args {
+            cmd.arg(*arg);
+        }
+        cmd
+    }
+
+    /// `EVALSHA` first; a node that does not have the script (`NOSCRIPT`: restarted, flushed,
+    /// promoted, or new to the cluster and reached through a redirection) gets its source with
+    /// `EVAL`, which runs it and caches it there. `SCRIPT LOAD` would not do: it goes to the
+    /// nodes the client knows, and a node a slot is migrating to is not among them.
+    ///
+    /// On a cluster, an `ASK` redirection that the client gave up on is followed here.
+    async fn send(&self, mut conn: Conn) -> RedisResult<Value> {
+        let mut rounds = 0;
+        loop {
+            let result = match self.command(false).query_async(&mut conn).await {
+                Err(err) if is_noscript(&err) => {
+                    self.recheck.store(true, Ordering::Release);
+                    self.command(true).query_async(&mut conn).await
+                }
+                other => other,
+            };
+            let err = match result {
+                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::Ask) => err,
+                other => return other,
+            };
+            let (Conn::Cluster(cluster), Some(route)) = (
+                &mut conn,
+                err.redirect_node().and_then(|(node, _)| node_route(node)),
+            ) else {
+                return Err(err);
+            };
+            match self.asking(cluster, route).await {
+                // The client dropped its connection to that node (a node that serves no slot
+                // yet is forgotten when the slot map is read again): the next send through the
+                // redirection connects again.
+                Err(err) if err.kind() == ErrorKind::ClusterConnectionNotFound && rounds < 3 => {
+                    rounds += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `ASKING` and the script to the node an `ASK` redirection names, in one pipeline.
+    ///
+    /// The `redis` cluster client follows `ASK` by sending `ASKING` and then the command as two
+    /// requests on the node's shared connection, so another call's command can come between them
+    /// and take the `ASKING`: its command is then redirected back, and after its retries the
+    /// client gives up with the `ASK` error. A pipeline is written in one piece: nothing comes
+    /// between.
+    async fn asking(
+        &self,
+        conn: &mut ClusterConnection,
+        route: ::redis::cluster_routing::SingleNodeRoutingInfo,
+    ) -> RedisResult<Value> {
+        let mut with_source = false;
+        loop {
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("ASKING").add_command(self.command(with_source));
+            let mut replies = conn.route_pipeline(pipe, 0, 2, route.clone()).await?;
+            let reply = replies.pop().unwrap_or(Value::Nil);
+            match reply {
+                Value::ServerError(err)
+                    if !with_source && err.kind() == Some(ServerErrorKind::NoScript) =>
+                {
+                    self.recheck.store(true, Ordering::Release);
+                    with_source = true;
+                }
+                Value::ServerError(err) => return Err(err.into()),
+                reply => return Ok(reply),
+            }
+        }
+    }
+}
+
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// The route to `host:port`, as a redirection names a node.
+fn node_route(node: &str) -> Option<::redis::cluster_routing::SingleNodeRoutingInfo> {
+    let (host, port) = node.rsplit_once(':')?;
+    Some(::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+        host: host.to_owned(),
+        port: port.parse().ok()?,
+    })
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("max_poll_interval", &self.max_poll_interval)
+            .field("if_evicting", &self.health.if_evicting)
+            .field("if_not_persistent", &self.health.if_not_persistent)
             .finish_non_exhaustive()
     }
 }
@@ -646,26 +1420,18 @@ impl Store for RedisStore {
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        Box::pin(async move {
-            let token_hex = token_hex(token);
-            let ttl_ms = millis(ttl);
-            let args: [&[u8]; 3] = [token_hex.as_bytes(), &value, ttl_ms.as_bytes()];
-            let stored = self
-                .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
-                .await?;
-            Ok(if stored {
-                Completion::Stored
-            } else {
-                Completion::LeaseLost
-            })
-        })
+        Box::pin(async move { self.complete_now(key, token, &value, ttl).await })
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
             let token_hex = token_hex(token);
-            let lease_ms = millis(lease);
-            let args: [&[u8]; 2] = [token_hex.as_bytes(), lease_ms.as_bytes()];
+            let (lease_ms, total_ms) = lease_millis(lease);
+            let args: [&[u8]; 3] = [
+                token_hex.as_bytes(),
+                lease_ms.as_bytes(),
+                total_ms.as_bytes(),
+            ];
             self.ok_or_lost("renew", &SCRIPTS.renew, &key, &args).await
         })
     }
@@ -696,6 +1462,20 @@ impl Store for RedisStore {
                     "could not release a dropped claim; it frees when its lease runs out"
                 );
             }
+        });
+    }
+
+    /// Spawns the completion on the current tokio runtime and returns at once. The task tries
+    /// again with backoff while the server is unreachable, for up to a minute; a completion that
+    /// already reached the server is recognised as itself and keeps its value. Outside a runtime
+    /// it does nothing (the claim is left to its lease).
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            store.complete_in_background(key, token, value, ttl).await;
         });
     }
 }
@@ -766,11 +1546,23 @@ fn token_hex(token: Token) -> String {
     format!("{:032x}", token.as_u128())
 }
 
+/// The longest expiry the store sets: about 1000 years (Redis refuses expiry times that
+/// overflow).
+const MAX_MS: u128 = 1000 * 365 * 24 * 60 * 60 * 1000;
+
 /// A duration as whole milliseconds for `PEXPIRE`: at least 1 (0 would delete the key), at most
-/// about 1000 years (Redis refuses expiry times that overflow).
+/// [`MAX_MS`].
 fn millis(d: Duration) -> String {
-    const MAX_MS: u128 = 1000 * 365 * 24 * 60 * 60 * 1000;
     d.as_millis().clamp(1, MAX_MS).to_string()
+}
+
+/// A lease as the claim and renew scripts take it: the lease, and the lease with its grace (the
+/// record's expiry), both in milliseconds. The grace is one more lease, cut short where the sum
+/// would pass [`MAX_MS`].
+fn lease_millis(lease: Duration) -> (String, String) {
+    let lease = lease.as_millis().clamp(1, MAX_MS);
+    let grace = lease.min(MAX_MS - lease);
+    (lease.to_string(), (lease + grace).to_string())
 }
 
 /// The connection and the timeouts run on tokio: polled elsewhere, fail rather than panic.
@@ -783,6 +1575,25 @@ fn require_tokio(op: &'static str) -> Result<(), Error> {
 
 fn is_connection_error(err: &RedisError) -> bool {
     err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+}
+
+/// Whether a failed operation certainly wrote nothing (so a claim it was need not be released).
+fn wrote_nothing(err: &Error) -> bool {
+    match err {
+        Error::Store(source) => source.is::<Foreign>() || source.is::<Unsafe>(),
+        _ => false,
+    }
+}
+
+/// Whether an operation that failed this way may succeed if sent again later (the server was
+/// unreachable, slow, or out of memory), as opposed to a refusal or a record that is not ours.
+fn worth_retrying(err: &Error) -> bool {
+    match err {
+        Error::Store(source) => {
+            source.is::<Failure>() || source.is::<TimedOut>() || source.is::<OutOfMemory>()
+        }
+        _ => false,
+    }
 }
 
 fn failure(op: &'static str, source: RedisError) -> Error {
@@ -820,6 +1631,66 @@ impl std::error::Error for Failure {
         Some(&self.source)
     }
 }
+
+/// Redis is at `maxmemory` with `noeviction` and refused a write.
+#[derive(Debug)]
+struct OutOfMemory {
+    op: &'static str,
+    source: RedisError,
+}
+
+impl fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Redis refused the {} because it is at maxmemory: new claims fail until memory is \
+             freed (records expire with their ttl) or maxmemory is raised; records already \
+             stored are kept and still replayed",
+            self.op
+        )
+    }
+}
+
+impl std::error::Error for OutOfMemory {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A result longer than the server accepts in one argument.
+#[derive(Debug)]
+struct TooLarge {
+    len: usize,
+    max: u64,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the result is {} bytes, more than the {} Redis accepts in one argument \
+             (proto-max-bulk-len): it was not sent (Redis would close the connection every call \
+             shares); raise proto-max-bulk-len or return a smaller result",
+            self.len, self.max
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// A server setting puts at-most-once at risk and the builder says to refuse it.
+#[derive(Clone, Debug)]
+struct Unsafe {
+    message: String,
+}
+
+impl fmt::Display for Unsafe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Unsafe {}
 
 /// Redis did not answer within the store's timeout.
 #[derive(Debug)]
@@ -966,6 +1837,20 @@ mod tests {
     }
 
     #[test]
+    fn a_running_record_outlives_its_lease_by_a_lease_within_the_bound() {
+        let l = |d: Duration| lease_millis(d);
+        assert_eq!(l(Duration::ZERO), ("1".into(), "2".into()));
+        assert_eq!(l(Duration::from_secs(30)), ("30000".into(), "60000".into()));
+        // Near the bound the grace shrinks; the lease itself is never cut by it.
+        assert_eq!(
+            l(Duration::MAX),
+            ("31536000000000".into(), "31536000000000".into())
+        );
+        let century = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+        assert_eq!(l(century), ("3153600000000".into(), "6307200000000".into()));
+    }
+
+    #[test]
     fn connecting_outside_a_runtime_is_an_error_not_a_panic() {
         let connect = RedisStore::connect("redis://127.0.0.1:1/");
         let waker = std::task::Waker::noop();
@@ -996,10 +1881,145 @@ mod tests {
         let all = SCRIPTS.all();
         for (i, a) in all.iter().enumerate() {
             assert!(a.source.starts_with(PRELUDE));
-            assert_eq!(Script::new(&a.source).get_hash(), a.script.get_hash());
+            assert_eq!(Script::new(&a.source).get_hash(), a.hash);
             for b in &all[i + 1..] {
-                assert_ne!(a.script.get_hash(), b.script.get_hash());
+                assert_ne!(a.hash, b.hash);
             }
         }
+    }
+
+    fn config(name: &str, value: &str) -> Value {
+        Value::Array(vec![bulk(name.as_bytes()), bulk(value.as_bytes())])
+    }
+
+    fn node(policy: Value, appendonly: Value, save: Value) -> NodeSettings {
+        NodeSettings {
+            addr: "10.0.0.1:6379".into(),
+            info: bulk(b"# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\ntcp_port:6379\r\n"),
+            policy,
+            appendonly,
+            save,
+            max_bulk: config("proto-max-bulk-len", "1048576"),
+        }
+    }
+
+    fn risks(node: &NodeSettings) -> Vec<(Risk, String)> {
+        assess(node)
+            .into_iter()
+            .map(|f| (f.risk, f.detail))
+            .collect()
+    }
+
+    #[test]
+    fn settings_are_judged_as_documented() {
+        let safe = node(
+            config("maxmemory-policy", "noeviction"),
+            config("appendonly", "yes"),
+            config("save", ""),
+        );
+        assert_eq!(risks(&safe), vec![]);
+
+        for policy in [
+            "allkeys-lru",
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let evicting = node(
+                config("maxmemory-policy", policy),
+                config("appendonly", "yes"),
+                config("save", ""),
+            );
+            assert_eq!(risks(&evicting), vec![(Risk::Evicting, policy.into())]);
+        }
+
+        let rdb_only = node(
+            config("maxmemory-policy", "noeviction"),
+            config("appendonly", "no"),
+            config("save", "3600 1 300 100"),
+        );
+        assert_eq!(
+            risks(&rdb_only),
+            vec![(Risk::NotPersistent, "3600 1 300 100".into())]
+        );
+
+        // RESP3 maps, and a server that hides its settings.
+        let resp3 = node(
+            Value::Map(vec![(bulk(b"maxmemory-policy"), bulk(b"noeviction"))]),
+            Value::Map(vec![(bulk(b"appendonly"), bulk(b"yes"))]),
+            Value::Map(vec![]),
+        );
+        assert_eq!(risks(&resp3), vec![]);
+        let hidden = node(
+            Value::Array(vec![]),
+            config("appendonly", "yes"),
+            Value::Nil,
+        );
+        assert_eq!(assess(&hidden)[0].risk, Risk::Unreadable);
+    }
+
+    #[test]
+    fn findings_name_the_setting_the_fix_and_the_way_out() {
+        let evicting = node(
+            config("maxmemory-policy", "allkeys-lru"),
+            config("appendonly", "no"),
+            config("save", ""),
+        );
+        let found = assess(&evicting);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].id, "abc123|Evicting", "warned once per server run");
+        let refused = found[0].message(true);
+        for part in [
+            "10.0.0.1:6379",
+            "maxmemory-policy allkeys-lru",
+            "noeviction",
+            "if_evicting(IfUnsafe::Warn)",
+        ] {
+            assert!(refused.contains(part), "{part}: {refused}");
+        }
+        assert!(!found[0].message(false).contains("IfUnsafe"));
+        let persistence = found[1].message(true);
+        for part in ["persists nothing", "appendonly yes", "if_not_persistent"] {
+            assert!(persistence.contains(part), "{part}: {persistence}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_setting_is_a_warning_with_the_servers_answer() {
+        let denied = ::redis::parse_redis_value(
+            b"-ERR unknown command 'CONFIG', with args beginning with: 'GET'\r\n",
+        )
+        .unwrap_or(Value::Nil);
+        assert!(matches!(denied, Value::ServerError(_)), "{denied:?}");
+        let renamed = node(denied.clone(), denied.clone(), denied);
+        let found = assess(&renamed);
+        assert_eq!(found.len(), 1, "one warning, not one per setting");
+        let message = found[0].message(false);
+        assert!(
+            message.contains("CONFIG GET maxmemory-policy") && message.contains("make sure"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_errors_that_are_worth_retrying_in_the_background() {
+        let io = || RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(worth_retrying(&failure("complete", io())));
+        assert!(worth_retrying(&Error::store(TimedOut {
+            op: "complete",
+            after: Duration::from_secs(1)
+        })));
+        assert!(
+            !worth_retrying(&Error::store(TooLarge { len: 2, max: 1 })),
+            "a result over the server's limit breaks the shared connection each time it is sent"
+        );
+        assert!(!worth_retrying(&Error::store(Foreign {
+            name: "k".into(),
+            reason: "not a hash".into()
+        })));
+        assert!(wrote_nothing(&Error::store(Unsafe {
+            message: "x".into()
+        })));
+        assert!(!wrote_nothing(&failure("claim", io())));
     }
 }
