@@ -536,7 +536,9 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
         .claim(neighbour_key, None, Duration::from_secs(5))
         .await
     {
-        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"41"),
+        Ok(Claim::Completed(done)) => {
+            assert_eq!(idem::codec::from_slice::<u64>(&done.value).ok(), Some(41));
+        }
         other => panic!("the neighbouring record changed: {other:?}"),
     }
 }
@@ -1664,7 +1666,7 @@ async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
         .complete(
             held,
             token,
-            Bytes::from_static(b"5"),
+            Bytes::from(idem::codec::to_vec(&5u64).unwrap()),
             Duration::from_secs(60),
         )
         .await;
