@@ -141,6 +141,7 @@ pub use idem_runtime::RedisStoreBuilder;
 /// The stores, one module each: builders, constants and the types their APIs name (for
 /// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).
 pub mod store {
+    pub use idem_runtime::store::IfUnsafe;
     pub use idem_runtime::store::memory;
     /// The PostgreSQL store (needs the `postgres` feature).
     #[cfg(feature = "postgres")]

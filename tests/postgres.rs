@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use idem::store::postgres::OnRisk;
+use idem::store::postgres::IfUnsafe;
 use idem::store::postgres::tokio_postgres;
 use idem::{
     Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
@@ -1606,7 +1606,7 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     let logs = support::LogCapture::install();
     let warned = PostgresStore::builder()
         .table(table)
-        .on_unlogged_table(OnRisk::Warn)
+        .if_unlogged(IfUnsafe::Warn)
         .from_url(&url)
         .unwrap();
     warned.migrate().await.expect("warned, not refused");
@@ -1625,7 +1625,7 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     );
     let accepted = PostgresStore::builder()
         .table(table)
-        .on_unlogged_table(OnRisk::Accept)
+        .if_unlogged(IfUnsafe::Accept)
         .from_url(&url)
         .unwrap();
     accepted.migrate().await.expect("accepted");
@@ -1672,7 +1672,7 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
     );
 
     let refusing = PostgresStore::builder()
-        .on_synchronous_commit_off(OnRisk::Refuse)
+        .if_synchronous_commit_off(IfUnsafe::Refuse)
         .from_url(&url)
         .unwrap();
     let err = refusing.migrate().await.expect_err("refused on request");
@@ -1687,7 +1687,7 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
     assert!(matches!(first_op, Err(Error::Store(_))), "{first_op:?}");
 
     let accepting = PostgresStore::builder()
-        .on_synchronous_commit_off(OnRisk::Accept)
+        .if_synchronous_commit_off(IfUnsafe::Accept)
         .from_url(&url)
         .unwrap();
     accepting.migrate().await.expect("accepted");

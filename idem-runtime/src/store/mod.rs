@@ -17,6 +17,22 @@ pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+/// What a store does about a server setting that can lose an acknowledged record, and so let a
+/// body run twice: a Redis eviction policy or missing persistence, an unlogged PostgreSQL table
+/// or `synchronous_commit = off`. Each store's builder says which settings it checks and which
+/// answer is its default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IfUnsafe {
+    /// Do not run on it: fail with [`Error::Store`] naming the setting and the fix.
+    Refuse,
+    /// Run, and say so once through a `tracing` warning (target `idem`) naming the setting and
+    /// the fix.
+    Warn,
+    /// Run, knowingly.
+    Accept,
+}
+
 /// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

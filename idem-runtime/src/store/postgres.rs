@@ -103,10 +103,10 @@
 //!
 //! - the table is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties
 //!   it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
-//!   [`PostgresStoreBuilder::on_unlogged_table`] chooses otherwise;
+//!   [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
 //! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
 //!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
-//!   once by default, through `tracing`; [`PostgresStoreBuilder::on_synchronous_commit_off`]
+//!   once by default, through `tracing`; [`PostgresStoreBuilder::if_synchronous_commit_off`]
 //!   chooses otherwise.
 //!
 //! # Expired rows
@@ -226,19 +226,12 @@ const MIGRATE_ATTEMPTS: usize = 8;
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-/// What the store does when a setting of the database can lose acknowledged records (see the
-/// [module documentation](self#durability)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OnRisk {
-    /// Fail: [`PostgresStore::migrate`], [`PostgresStore::check_settings`] and every operation
-    /// return [`Error::Store`] naming the setting and how to fix it.
-    Refuse,
-    /// Work, and say so once through a `tracing` warning (target `idem`).
-    Warn,
-    /// Work, silently: the risk is known and accepted.
-    Accept,
-}
+/// What the store does when a setting of the database can lose acknowledged records (the
+/// shared `IfUnsafe` of `idem::store`; see the [module documentation](self#durability)). On
+/// PostgreSQL, `Refuse` makes [`PostgresStore::migrate`], [`PostgresStore::check_settings`] and
+/// every operation return [`Error::Store`] naming the setting and how to fix it; `Warn` says so
+/// once through `tracing`; `Accept` is silent.
+pub use super::IfUnsafe;
 
 /// An idempotency store in PostgreSQL, on a `deadpool-postgres` connection pool.
 ///
@@ -275,8 +268,8 @@ struct Inner {
     prepared: bool,
     /// Mixed into every key lock, so that two tables never share one.
     lock_salt: i64,
-    on_unlogged: OnRisk,
-    on_async_commit: OnRisk,
+    on_unlogged: IfUnsafe,
+    on_async_commit: IfUnsafe,
     /// The outcome of the latest settings check, once one has been made.
     verdict: RwLock<Option<Verdict>>,
     warned_unlogged: AtomicBool,
@@ -433,8 +426,8 @@ pub struct PostgresStoreBuilder {
     lock_timeout: Option<Duration>,
     pool_size: usize,
     transaction_pooler: bool,
-    on_unlogged: OnRisk,
-    on_async_commit: OnRisk,
+    on_unlogged: IfUnsafe,
+    on_async_commit: IfUnsafe,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -448,8 +441,8 @@ impl Default for PostgresStoreBuilder {
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
             pool_size: DEFAULT_POOL_SIZE,
             transaction_pooler: false,
-            on_unlogged: OnRisk::Refuse,
-            on_async_commit: OnRisk::Warn,
+            on_unlogged: IfUnsafe::Refuse,
+            on_async_commit: IfUnsafe::Warn,
         }
     }
 }
@@ -524,19 +517,19 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// What to do when the records table is `UNLOGGED` ([`OnRisk::Refuse`] unless set): a crash
+    /// What to do when the records table is `UNLOGGED` ([`IfUnsafe::Refuse`] unless set): a crash
     /// of the server empties an unlogged table, so every completed record vanishes and every
     /// body runs again. Accept it only for records that may be lost.
-    pub fn on_unlogged_table(mut self, on_risk: OnRisk) -> Self {
+    pub fn if_unlogged(mut self, on_risk: IfUnsafe) -> Self {
         self.on_unlogged = on_risk;
         self
     }
 
     /// What to do when the store's sessions run with `synchronous_commit = off`
-    /// ([`OnRisk::Warn`] unless set): a crash of the server can lose the last commits it
+    /// ([`IfUnsafe::Warn`] unless set): a crash of the server can lose the last commits it
     /// acknowledged (up to three times `wal_writer_delay`, 600 ms by default), and with them
     /// completed records whose bodies then run again.
-    pub fn on_synchronous_commit_off(mut self, on_risk: OnRisk) -> Self {
+    pub fn if_synchronous_commit_off(mut self, on_risk: IfUnsafe) -> Self {
         self.on_async_commit = on_risk;
         self
     }
@@ -711,7 +704,7 @@ impl fmt::Display for Corrupt {
 impl std::error::Error for Corrupt {}
 
 /// A database setting that can lose acknowledged records, refused by the store's
-/// [`OnRisk`] choice.
+/// [`IfUnsafe`] choice.
 #[derive(Clone, Debug)]
 struct Refused(String);
 
@@ -1004,8 +997,8 @@ impl PostgresStore {
     /// Checks what can lose an acknowledged record (see the [module docs](self#durability)):
     /// whether the records table is `UNLOGGED`, and whether the store's sessions run with
     /// `synchronous_commit = off`; then refuses, warns or accepts as the builder chose
-    /// ([`PostgresStoreBuilder::on_unlogged_table`],
-    /// [`PostgresStoreBuilder::on_synchronous_commit_off`]).
+    /// ([`PostgresStoreBuilder::if_unlogged`],
+    /// [`PostgresStoreBuilder::if_synchronous_commit_off`]).
     ///
     /// [`migrate`](Self::migrate) calls it, and so does the store's first operation; call it
     /// yourself to check again (after an operator changed a setting, say). A refusal is
@@ -1059,7 +1052,7 @@ impl PostgresStore {
                 "the idem records table {table} is UNLOGGED: a crash of the PostgreSQL server \
                  empties it, so completed records vanish and their bodies run again. Make it \
                  durable with `ALTER TABLE {table} SET LOGGED`, or accept the risk with \
-                 `PostgresStoreBuilder::on_unlogged_table(OnRisk::Accept)`"
+                 `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
             );
             verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
         }
@@ -1070,7 +1063,7 @@ impl PostgresStore {
                  completed records of {table} whose bodies then run again. Set it to `on` for \
                  the store's role or database (`ALTER ROLE ... SET synchronous_commit = on`), \
                  or accept the risk with \
-                 `PostgresStoreBuilder::on_synchronous_commit_off(OnRisk::Accept)`"
+                 `PostgresStoreBuilder::if_synchronous_commit_off(IfUnsafe::Accept)`"
             );
             verdict = verdict.and(judge(
                 inner.on_async_commit,
@@ -1439,17 +1432,17 @@ impl PostgresStore {
     }
 }
 
-/// Applies an [`OnRisk`] choice to one risky setting.
-fn judge(on_risk: OnRisk, warned: &AtomicBool, why: String) -> Verdict {
+/// Applies an [`IfUnsafe`] choice to one risky setting.
+fn judge(on_risk: IfUnsafe, warned: &AtomicBool, why: String) -> Verdict {
     match on_risk {
-        OnRisk::Refuse => Err(Refused(why)),
-        OnRisk::Warn => {
+        IfUnsafe::Refuse => Err(Refused(why)),
+        IfUnsafe::Warn => {
             if !warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(target: "idem", "{why}");
             }
             Ok(())
         }
-        OnRisk::Accept => Ok(()),
+        IfUnsafe::Accept => Ok(()),
     }
 }
 

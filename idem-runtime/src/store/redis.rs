@@ -209,8 +209,13 @@ impl Scripts {
     }
 }
 
-/// What a [`RedisStore`] does about a server setting that puts at-most-once at risk: see
-/// [`RedisStoreBuilder::if_evicting`] and [`RedisStoreBuilder::if_not_persistent`].
+/// What the store does about a server setting that puts at-most-once at risk (the shared
+/// `IfUnsafe` of `idem::store`): see [`RedisStoreBuilder::if_evicting`] and
+/// [`RedisStoreBuilder::if_not_persistent`]. On Redis, `Refuse` fails the connection with
+/// [`Error::Store`] naming the setting and the fix; found on a server the store reconnected to,
+/// new claims fail with that error (records already claimed are still completed, renewed and
+/// released) until the setting is fixed. `Warn` says so once per server; `Accept` logs only a
+/// `debug` event.
 ///
 /// ```no_run
 /// use idem_runtime::store::redis::{IfUnsafe, RedisStore};
@@ -224,18 +229,7 @@ impl Scripts {
 ///     .await?;
 /// # let _ = store; Ok(()) }
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum IfUnsafe {
-    /// Do not run on it: connecting fails with [`Error::Store`] naming the setting and the fix;
-    /// found on a server the store reconnected to, new claims fail with that error (records
-    /// already claimed are still completed, renewed and released) until the setting is fixed.
-    Refuse,
-    /// Run, and say so once per server with a `tracing` warning naming the setting and the fix.
-    Warn,
-    /// Run, knowingly: nothing is logged but a `debug` event.
-    Accept,
-}
+pub use super::IfUnsafe;
 
 /// An idempotency store in Redis, shared by every process and machine that points at the same
 /// server and prefix.
