@@ -609,11 +609,17 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                     value: (ops.into_any)((ops.clone)(&value)),
                     encode: ops.encode,
                 });
-                Ok(memory.complete_value(key, token, kept, policy.ttl))
+                Ok(memory.complete_value(key, token, call.fingerprint, kept, policy.ttl))
             }
             (Some(memory), _, _) => {
                 guard.stage = Stage::Settled;
-                Ok(memory.complete_value(key, token, Value::Bytes(encoded), policy.ttl))
+                Ok(memory.complete_value(
+                    key,
+                    token,
+                    call.fingerprint,
+                    Value::Bytes(encoded),
+                    policy.ttl,
+                ))
             }
             (None, _, _) => {
                 guard.stage = Stage::Completing {

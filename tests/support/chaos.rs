@@ -20,6 +20,9 @@
 //!   lost (Redis expires it);
 //! - `complete` repeated with the token that completed a record may report `Stored` (Redis: a
 //!   retried completion whose first reply was lost) but must not change the stored value;
+//! - `complete` where no live record is (absent, or expired and not yet dropped) stores the
+//!   result, whatever the token (the rule of `Store::complete`); where another claim's live
+//!   record is, it reports the lease as lost;
 //! - `remove` of an expired record may find it or not.
 
 #![allow(dead_code)]
@@ -393,7 +396,12 @@ pub async fn run_model(
                             }
                         }
                     }
-                    State::Completed { token: held, .. } if held == token => {
+                    State::Completed {
+                        token: held,
+                        lo,
+                        hi,
+                        ..
+                    } if held == token && live(lo, hi, t0, t1) == Live::Yes => {
                         // A repeated completion: `Stored` (Redis, retry-safe) or `LeaseLost`,
                         // and the value is unchanged either way (checked by later claims).
                         if !matches!(got, Completion::Stored | Completion::LeaseLost) {
@@ -401,12 +409,38 @@ pub async fn run_model(
                         }
                     }
                     _ => {
-                        if got != Completion::LeaseLost {
-                            return Err(ctx(format!(
-                                "a token that does not hold the key completed it ({got:?}); record {state:?}"
-                            )));
+                        // No live claim of this token: the rule of `Store::complete` stores the
+                        // result where no other live record is (absent or expired: the claim
+                        // ran out and was dropped, or was released or removed), and reports the
+                        // lease as lost where one is.
+                        let liveness = match &state {
+                            State::Absent => Live::No,
+                            State::InProgress { lo, hi, .. } | State::Completed { lo, hi, .. } => {
+                                live(*lo, *hi, t0, t1)
+                            }
+                        };
+                        match (got, liveness) {
+                            (Completion::LeaseLost, Live::Yes | Live::Either) => counts.fenced += 1,
+                            (Completion::Stored, Live::No | Live::Either) => {
+                                if liveness == Live::Either {
+                                    counts.ambiguous += 1;
+                                }
+                                counts.stored += 1;
+                                states[k] = State::Completed {
+                                    token,
+                                    fp: None,
+                                    value,
+                                    ttl,
+                                    lo: t0 + ttl,
+                                    hi: t1 + ttl,
+                                };
+                            }
+                            (got, _) => {
+                                return Err(ctx(format!(
+                                    "complete with a token that holds nothing got {got:?}; record {state:?}"
+                                )));
+                            }
                         }
-                        counts.fenced += 1;
                     }
                 }
             }

@@ -35,12 +35,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 ///   polling.
 /// - Time is tokio's clock ([`tokio::time::Instant`]), so tests can pause and advance it.
 /// - Memory is bounded: expired records are swept (lazily on access, and in bulk at most once a
-///   second when records are inserted), and the store holds at most `max_entries` records
-///   ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]), exactly, even
-///   under concurrent inserts. At the bound a claim of a *new* key sweeps expired records (at most
-///   once a second); if the store is still full it fails with [`Error::Store`] rather than evict a
-///   live record (evicting a completed record would let its body run twice). Keys already in the
-///   store are served as usual. [`MemoryStore::sweep`] sweeps at once.
+///   second when records are inserted), and claims let the store hold at most `max_entries`
+///   records ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]), exactly,
+///   even under concurrent inserts; a result is always stored, even one whose claim expired and
+///   was swept before it arrived (its body ran), which may take the store past the bound by the
+///   number of such late completions. At the bound a claim of a *new* key sweeps expired records
+///   (at most once a second); if the store is still full it fails with [`Error::Store`] rather
+///   than evict a live record (evicting a completed record would let its body run twice). Keys
+///   already in the store are served as usual. [`MemoryStore::sweep`] sweeps at once.
 ///
 /// ```
 /// use idem_runtime::{Idempotent, MemoryStore};
@@ -73,6 +75,8 @@ enum Record {
     Completed {
         value: Value,
         fingerprint: Option<Fingerprint>,
+        /// The claim that completed it: a repeated completion of the same claim is recognised.
+        token: Token,
         expires_at: Instant,
     },
 }
@@ -117,9 +121,14 @@ pub(crate) enum ValueClaim {
 
 impl Record {
     fn is_live(&self, now: Instant) -> bool {
+        self.expiry() > now
+    }
+
+    /// When the record stops being live.
+    fn expiry(&self) -> Instant {
         match self {
-            Record::InProgress { lease_until, .. } => *lease_until > now,
-            Record::Completed { expires_at, .. } => *expires_at > now,
+            Record::InProgress { lease_until, .. } => *lease_until,
+            Record::Completed { expires_at, .. } => *expires_at,
         }
     }
 
@@ -281,6 +290,7 @@ impl MemoryStore {
                 value,
                 fingerprint,
                 expires_at,
+                ..
             } if *expires_at > now => Some(ValueClaim::Completed {
                 value: value.clone(),
                 fingerprint: *fingerprint,
@@ -295,37 +305,57 @@ impl MemoryStore {
         }
     }
 
-    /// `complete`, synchronously, keeping the value as given.
+    /// `complete`, synchronously, keeping the value as given: the rule of [`Store::complete`].
+    ///
+    /// `fingerprint` is the call's, for a record written where its claim is gone (the claim's
+    /// own is kept otherwise); the [`Store`] trait passes none.
     pub(crate) fn complete_value(
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Value,
         ttl: Duration,
     ) -> Completion {
         let now = Instant::now();
-        let Some(mut record) = self.records.get_mut(&key) else {
-            return Completion::LeaseLost;
+        let completed = |fingerprint| Record::Completed {
+            value,
+            fingerprint,
+            token,
+            expires_at: after(now, ttl),
         };
-        let fingerprint = match &*record {
-            Record::InProgress {
-                token: held,
-                fingerprint,
-                ..
-            } if *held == token => *fingerprint,
-            _ => return Completion::LeaseLost,
-        };
-        let old = std::mem::replace(
-            &mut *record,
-            Record::Completed {
-                value,
-                fingerprint,
-                expires_at: after(now, ttl),
-            },
-        );
-        drop(record);
-        old.wake_waiters();
-        Completion::Stored
+        match self.records.entry(key) {
+            Entry::Occupied(mut entry) => {
+                let fingerprint = match entry.get() {
+                    Record::InProgress {
+                        token: held,
+                        fingerprint,
+                        ..
+                    } if *held == token => *fingerprint,
+                    // Completed by this claim already (a repeated completion): the first value
+                    // stays.
+                    Record::Completed {
+                        token: held,
+                        expires_at,
+                        ..
+                    } if *held == token && *expires_at > now => return Completion::Stored,
+                    record if record.is_live(now) => return Completion::LeaseLost,
+                    // An expired record, not yet swept: as if absent.
+                    _ => fingerprint,
+                };
+                let old = entry.insert(completed(fingerprint));
+                drop(entry);
+                old.wake_waiters();
+                Completion::Stored
+            }
+            Entry::Vacant(entry) => {
+                // The claim expired and was swept (or an operator removed it), and no other call
+                // took the key: the body ran, so its result is stored, past the bound if need be.
+                self.len.fetch_add(1, Ordering::AcqRel);
+                entry.insert(completed(fingerprint));
+                Completion::Stored
+            }
+        }
     }
 
     fn renew_now(&self, key: Key, token: Token, lease: Duration) -> bool {
@@ -448,7 +478,7 @@ impl Store for MemoryStore {
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        let result = self.complete_value(key, token, Value::Bytes(value), ttl);
+        let result = self.complete_value(key, token, None, Value::Bytes(value), ttl);
         Box::pin(std::future::ready(Ok(result)))
     }
 
@@ -476,6 +506,11 @@ impl Store for MemoryStore {
 
     fn release_on_drop(&self, key: Key, token: Token) {
         self.release_now(key, token);
+    }
+
+    /// Completes at once: the in-memory store has nothing to wait for.
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        self.complete_value(key, token, None, Value::Bytes(value), ttl);
     }
 
     fn as_memory(&self) -> Option<&MemoryStore> {
