@@ -608,6 +608,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                 let kept = Value::Typed(Typed {
                     value: (ops.into_any)((ops.clone)(&value)),
                     encode: ops.encode,
+                    size: encoded.len(),
                 });
                 Ok(memory.complete_value(key, token, call.fingerprint, kept, policy.ttl))
             }
