@@ -159,6 +159,10 @@ enum State {
     Completed {
         token: Token,
         fp: Option<Fingerprint>,
+        /// The record may hold no fingerprint instead of `fp`: a completion after the claim's
+        /// lease ran out, where the store may have dropped the claim (and its fingerprint) first;
+        /// `Store::complete` takes none. Pinned by the next replay.
+        fp_or_none: bool,
         value: Bytes,
         ttl: Duration,
         lo: Instant,
@@ -326,7 +330,14 @@ pub async fn run_model(
                         counts.busy += 1;
                     }
                     Claim::Completed(done) => {
-                        let State::Completed { fp, value, ttl, .. } = state else {
+                        let State::Completed {
+                            fp,
+                            fp_or_none,
+                            value,
+                            ttl,
+                            ..
+                        } = state
+                        else {
                             return Err(ctx(format!(
                                 "replayed {done:?}, but the record is {state:?}"
                             )));
@@ -334,7 +345,9 @@ pub async fn run_model(
                         if liveness == Live::No {
                             return Err(ctx(format!("replayed an expired record: {state:?}")));
                         }
-                        if done.value != *value || done.fingerprint != *fp {
+                        let fp_matches =
+                            done.fingerprint == *fp || (*fp_or_none && done.fingerprint.is_none());
+                        if done.value != *value || !fp_matches {
                             return Err(ctx(format!(
                                 "replayed {done:?}, but the record holds value {value:?} fp {fp:?}"
                             )));
@@ -346,6 +359,10 @@ pub async fn run_model(
                             )));
                         }
                         counts.replayed += 1;
+                        if let State::Completed { fp, fp_or_none, .. } = &mut states[k] {
+                            *fp = done.fingerprint;
+                            *fp_or_none = false;
+                        }
                     }
                     other => return Err(ctx(format!("unknown claim result {other:?}"))),
                 }
@@ -374,11 +391,12 @@ pub async fn run_model(
                     } if held == token => {
                         let liveness = live(lo, hi, t0, t1);
                         match (got, liveness) {
-                            (Completion::Stored, _) => {
+                            (Completion::Stored, liveness) => {
                                 counts.stored += 1;
                                 states[k] = State::Completed {
                                     token,
                                     fp,
+                                    fp_or_none: liveness != Live::Yes,
                                     value,
                                     ttl,
                                     lo: t0 + ttl,
@@ -429,6 +447,7 @@ pub async fn run_model(
                                 states[k] = State::Completed {
                                     token,
                                     fp: None,
+                                    fp_or_none: false,
                                     value,
                                     ttl,
                                     lo: t0 + ttl,
