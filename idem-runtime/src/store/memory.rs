@@ -125,10 +125,12 @@ const EVICT_BUDGET: usize = 32;
 ///     .max_entries(100_000)
 ///     .max_bytes(256 << 20)
 ///     .build();
-/// let first = Idempotent::new(&store, ("greet", 7u64))
+/// let first = Idempotent::new(&store, 7u64)
+///     .name("greet")
 ///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("hello")) })
 ///     .await;
-/// let again = Idempotent::new(&store, ("greet", 7u64))
+/// let again = Idempotent::new(&store, 7u64)
+///     .name("greet")
 ///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("not run")) })
 ///     .await;
 /// assert_eq!(first.unwrap(), again.unwrap());
