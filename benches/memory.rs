@@ -362,9 +362,11 @@ fn resident_bytes() -> Option<u64> {
 /// records expire as fast as new ones arrive. The first million claims, as the store grows, are
 /// timed too (a table that doubles is a stall). After a fill of two million claims, three
 /// million claims are each timed on their own, by the wall clock and by the thread's CPU time; the
-/// completion that follows each is timed apart, and so is an empty timed section (what the OS
-/// and the clocks alone cost). The distribution is recorded by the harness, not by criterion's
-/// sampling: a stall once a second is what this measures, and a mean would hide it.
+/// completion that follows each is timed apart, and so are, as controls, an empty timed section
+/// (what the clocks cost) and a spin as long as a median claim that touches no memory (what the
+/// OS and the hypervisor add to any section that long: its tail is the machine's, not the
+/// store's). The distribution is recorded by the harness, not by criterion's sampling: a stall
+/// once a second is what this measures, and a mean would hide it.
 fn expiry(c: &mut Criterion) {
     const LIVE: u64 = 1_000_000;
     const MEASURED: usize = 3_000_000;
@@ -405,7 +407,7 @@ fn expiry(c: &mut Criterion) {
         }
         [claimed, claimed_cpu, completed]
     };
-    let mut recorded: Option<[Vec<u64>; 5]> = None;
+    let mut recorded: Option<[Vec<u64>; 6]> = None;
     let mut group = c.benchmark_group("expiry_1m_live");
     group.sample_size(10);
     group.bench_function("claim_new_key", |b| {
@@ -441,10 +443,15 @@ fn expiry(c: &mut Criterion) {
                             &mut cpu,
                         );
                     }
+                    let mut steady = Vec::with_capacity(LIVE as usize);
                     for _ in 0..LIVE {
-                        one().await;
+                        steady.push(one().await[0]);
                     }
-                    let mut samples = [0; 5].map(|_| Vec::with_capacity(MEASURED));
+                    // The control: a spin as long as the median claim of the fill's last
+                    // (steady) half.
+                    steady.sort_unstable();
+                    let spins = calibrate_spin(Duration::from_nanos(steady[steady.len() / 2]));
+                    let mut samples = [0; 6].map(|_| Vec::with_capacity(MEASURED));
                     for _ in 0..MEASURED {
                         for (i, t) in one().await.into_iter().enumerate() {
                             samples[i].push(t);
@@ -454,6 +461,9 @@ fn expiry(c: &mut Criterion) {
                         black_box(&start);
                         samples[3].push(start.elapsed().as_nanos() as u64);
                         samples[4].push(thread_cpu_ns().zip(cpu).map_or(0, |(b, a)| b - a));
+                        let start = Instant::now();
+                        spin(spins);
+                        samples[5].push(start.elapsed().as_nanos() as u64);
                     }
                     let mean = samples[0].iter().sum::<u64>() / MEASURED as u64;
                     recorded = Some(samples);
@@ -475,6 +485,7 @@ fn expiry(c: &mut Criterion) {
             mut completes,
             mut empty,
             mut empty_cpu,
+            mut spun,
         ],
     ) = recorded
     {
@@ -491,7 +502,29 @@ fn expiry(c: &mut Criterion) {
         if thread_cpu_ns().is_some() {
             percentiles("empty timed section (thread CPU time)", &mut empty_cpu);
         }
+        percentiles(
+            "spin as long as a median claim (wall: the machine's tail)",
+            &mut spun,
+        );
     }
+}
+
+/// Spins `n` rounds of arithmetic on registers only.
+fn spin(n: u64) -> u64 {
+    let mut x = black_box(0x9e37_79b9_7f4a_7c15_u64);
+    for _ in 0..n {
+        x = black_box(x.rotate_left(5) ^ 0x2545_f491);
+    }
+    x
+}
+
+/// How many rounds of [`spin`] take about `target`.
+fn calibrate_spin(target: Duration) -> u64 {
+    let rounds = 1_000_000;
+    let start = Instant::now();
+    spin(rounds);
+    let per_round = start.elapsed().as_nanos().max(1) as f64 / rounds as f64;
+    (target.as_nanos() as f64 / per_round).max(1.0) as u64
 }
 
 criterion_group!(benches, parts, replay, first_execution, racing, expiry);
