@@ -41,17 +41,19 @@ const NOTIFY_ALLOCATION: usize = (2 * size_of::<usize>() + size_of::<Notify>()).
 
 /// How many records a shard of the map holds at the entry bound, about. A shard's table grows
 /// (and, after many removals, rehashes in place) all at once under its lock, in time that grows
-/// with its size: measured at 0.3–0.5 ms for a shard of 125,000 records (a million records in the
-/// 8 shards `dashmap` picks on two cores), so about 15 µs at 4,096 (benches/memory.rs,
-/// `expiry_1m_live`). More shards cost a little on every claim (about 0.1–0.3 µs more with 1,024
-/// shards than with 256 at a million records, in the same benchmark) and 128 bytes each.
+/// with its size: up to 0.5 ms of CPU for a shard of 125,000 records (a million records in the 8
+/// shards `dashmap` picks on two cores), so about 15 µs at 4,096 (benches/memory.rs,
+/// `expiry_1m_live`, claims while the store grows).
 const RECORDS_PER_SHARD: usize = 4096;
 
 /// The fewest shards: enough that claims on many cores rarely wait for one another.
 const MIN_SHARDS: usize = 64;
 
-/// The most shards (512 KiB of locks).
-const MAX_SHARDS: usize = 4096;
+/// The most shards. Each shard's lock is a cache line of its own, and past a few hundred a claim
+/// of a new key misses on it: first executions into a store of millions of records took 1.8–1.9
+/// µs with 256 shards, 1.95 with 512, 2.2 with 1,024 or 4,096 (benches/memory.rs,
+/// `first_execution`). A store bounded above two million records has bigger shards instead.
+const MAX_SHARDS: usize = 512;
 
 /// The shard count of a store bounded at `max_entries` records: 256 at the default bound.
 fn shards_for(max_entries: usize) -> usize {
@@ -149,8 +151,42 @@ pub struct MemoryStore {
     max_bytes: usize,
 }
 
-/// An expiry queue: `(due, key)` pairs in time order.
-type Queue = BTreeSet<(Instant, Key)>;
+/// An expiry queue: `(due, key)` pairs in time order, and the earliest `due` kept apart, so that
+/// an insert that finds nothing due touches no node of the tree (its oldest nodes are the
+/// coldest: a look at them was a few cache misses on every insert).
+#[derive(Default)]
+struct Queue {
+    entries: BTreeSet<(Instant, Key)>,
+    head: Option<Instant>,
+}
+
+impl Queue {
+    fn insert(&mut self, due: Instant, key: Key) {
+        self.entries.insert((due, key));
+        if self.head.is_none_or(|head| due < head) {
+            self.head = Some(due);
+        }
+    }
+
+    fn remove(&mut self, due: Instant, key: Key) {
+        if self.entries.remove(&(due, key)) && self.head == Some(due) {
+            self.head = self.entries.first().map(|(due, _)| *due);
+        }
+    }
+
+    /// The earliest entry, taken out, if it is due at `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, Key)> {
+        if self.head.is_none_or(|head| head > now) {
+            return None;
+        }
+        let popped = self.entries.pop_first();
+        self.head = self.entries.first().map(|(due, _)| *due);
+        popped
+    }
+}
+
+/// Due entries taken out of a queue by an insert, to handle once its shard lock is released.
+type Due = [Option<(Instant, Key)>; EXPIRE_PER_INSERT];
 
 /// A record and the time of its entry in the expiry queue.
 struct Record {
@@ -436,20 +472,41 @@ impl MemoryStore {
     fn requeue(&self, key: Key, from: Option<Instant>, to: Option<Instant>) {
         let mut queue = lock(&self.queues[Self::queue_of(&key)]);
         if let Some(from) = from {
-            queue.remove(&(from, key));
+            queue.remove(from, key);
         }
         if let Some(to) = to {
-            queue.insert((to, key));
+            queue.insert(to, key);
+        }
+    }
+
+    /// Queues the entry of a new record of `key` at `due`, and takes out, in the same look at the
+    /// queue, up to [`EXPIRE_PER_INSERT`] entries that are due at `now`: the expiry work of an
+    /// insert, for [`expire_due`](Self::expire_due) once the key's shard lock is released. Called
+    /// under that lock.
+    fn queue_new(&self, key: Key, due: Instant, now: Instant) -> Due {
+        let mut queue = lock(&self.queues[Self::queue_of(&key)]);
+        queue.insert(due, key);
+        let mut taken = [None; EXPIRE_PER_INSERT];
+        for slot in &mut taken {
+            *slot = queue.pop_due(now);
+            if slot.is_none() {
+                break;
+            }
+        }
+        taken
+    }
+
+    /// Handles the entries [`queue_new`](Self::queue_new) took out of `key`'s queue.
+    fn expire_due(&self, key: &Key, taken: Due, now: Instant) {
+        let queue = Self::queue_of(key);
+        for (due, key) in taken.into_iter().flatten() {
+            self.expire(queue, due, key, now);
         }
     }
 
     /// The earliest entry of `queue`, taken out of it, if it is due at `now`.
     fn pop_due(&self, queue: usize, now: Instant) -> Option<(Instant, Key)> {
-        let mut queue = lock(&self.queues[queue]);
-        match queue.first() {
-            Some((due, _)) if *due <= now => queue.pop_first(),
-            _ => None,
-        }
+        lock(&self.queues[queue]).pop_due(now)
     }
 
     /// Handles an entry popped from `queue`: removes its record if it expired, queues it again at
@@ -465,7 +522,7 @@ impl MemoryStore {
         }
         let expiry = entry.get().state.expiry();
         if expiry > now {
-            lock(&self.queues[queue]).insert((expiry, key));
+            lock(&self.queues[queue]).insert(expiry, key);
             entry.get_mut().due = expiry;
             return false;
         }
@@ -473,16 +530,6 @@ impl MemoryStore {
         self.forget(&old.state);
         old.state.wake_waiters();
         true
-    }
-
-    /// Handles up to [`EXPIRE_PER_INSERT`] due entries of `queue`: the expiry work of an insert.
-    fn expire_some(&self, queue: usize, now: Instant) {
-        for _ in 0..EXPIRE_PER_INSERT {
-            let Some((due, key)) = self.pop_due(queue, now) else {
-                return;
-            };
-            self.expire(queue, due, key, now);
-        }
     }
 
     /// At the bound: removes expired records, starting with `key`'s queue and going round the
@@ -609,12 +656,12 @@ impl MemoryStore {
                 }
                 Entry::Vacant(entry) => match self.reserve() {
                     Ok(()) => {
-                        self.requeue(key, None, Some(lease_until));
+                        let taken = self.queue_new(key, lease_until, now);
                         drop(entry.insert(Record {
                             state: State::in_progress(token, lease_until, fingerprint),
                             due: lease_until,
                         }));
-                        self.expire_some(Self::queue_of(&key), now);
+                        self.expire_due(&key, taken, now);
                         return Ok(ValueClaim::Acquired(token));
                     }
                     Err(full) => {
@@ -707,7 +754,7 @@ impl MemoryStore {
                 // call took the key: the body ran, so its result is stored, past the bounds if
                 // need be.
                 self.count(size);
-                self.requeue(key, None, Some(expires_at));
+                let taken = self.queue_new(key, expires_at, now);
                 drop(entry.insert(Record {
                     state: State::Completed {
                         value,
@@ -717,7 +764,7 @@ impl MemoryStore {
                     },
                     due: expires_at,
                 }));
-                self.expire_some(Self::queue_of(&key), now);
+                self.expire_due(&key, taken, now);
                 Completion::Stored
             }
         }
@@ -921,12 +968,17 @@ mod tests {
 
     /// Every record has exactly one queue entry, at its `due`, and the counters match the map.
     fn assert_consistent(store: &MemoryStore) {
-        let queued: usize = store.queues.iter().map(|q| lock(q).len()).sum();
+        let queued: usize = store.queues.iter().map(|q| lock(q).entries.len()).sum();
+        for queue in store.queues.iter() {
+            let queue = lock(queue);
+            let first = queue.entries.first().map(|(due, _)| *due);
+            assert_eq!(queue.head, first, "the head is the earliest due");
+        }
         assert_eq!(queued, store.records.len(), "one queue entry per record");
         for record in store.records.iter() {
             let queue = lock(&store.queues[MemoryStore::queue_of(record.key())]);
             assert!(
-                queue.contains(&(record.due, *record.key())),
+                queue.entries.contains(&(record.due, *record.key())),
                 "a record without its entry"
             );
             assert!(
@@ -1071,6 +1123,7 @@ mod tests {
         assert_eq!(shards_for(DEFAULT_MAX_ENTRIES), 256);
         assert_eq!(shards_for(1), MIN_SHARDS);
         assert_eq!(shards_for(usize::MAX), MAX_SHARDS);
+        assert_eq!(shards_for(2 * DEFAULT_MAX_ENTRIES), 512);
     }
 
     /// Every operation keeps one queue entry per record and the counters exact.
