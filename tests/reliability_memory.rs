@@ -1,6 +1,7 @@
 //! Reliability of the in-memory store (issue 6): random interleavings checked against a model of
-//! DESIGN.md's record states, racing executor calls that fail, succeed and are cancelled, and a
-//! soak over a million keys that must stay within the store's documented bound.
+//! DESIGN.md's record states, racing executor calls that fail, succeed and are cancelled, calls
+//! cancelled at every point a cancellation can land, and a soak over a million keys that must
+//! stay within the store's documented bounds.
 //!
 //! Each test writes its counts to `<target dir>/reliability/<test>.txt` (see docs/reliability.md).
 //! `IDEM_RELIABILITY_CASES` multiplies the number of random cases for longer runs.
@@ -10,7 +11,7 @@ mod support;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem::{Bytes, Claim, Completion, Error, Idempotent, Key, MemoryStore, Status, Store};
@@ -219,8 +220,9 @@ fn soak_key(k: u64) -> Key {
 }
 
 /// A million distinct keys through a store with a short ttl (tokio's paused clock, advanced by
-/// hand): the store never holds more than its bound (`len() <= max_entries`), expired records
-/// are swept so that it never fills up, and every key's record is served while it lives.
+/// hand): the inserts remove expired records as they go (a few each), so the store holds the
+/// live records and at most a batch more, with no sweep and never near its bounds, and every
+/// key's record is served while it lives.
 #[test]
 fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
     const KEYS: u64 = 1_000_000;
@@ -229,6 +231,8 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
     let ttl = Duration::from_millis(500);
     let lease = Duration::from_secs(30);
     let step = Duration::from_millis(10); // per batch: 2,000 keys per 10 ms, 100,000 per ttl
+    // Live at any time: ttl / step batches of keys, and one executor key per batch.
+    let live = (ttl.as_millis() / step.as_millis()) as u64 * (BATCH + 1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -236,10 +240,9 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
         .expect("runtime");
     let store = MemoryStore::with_max_entries(MAX_ENTRIES);
     let runs = AtomicUsize::new(0);
-    let (peak, sweeps_seen) = runtime.block_on(async {
+    let (peak, peak_bytes, left) = runtime.block_on(async {
         let mut peak = 0;
-        let mut sweeps_seen = 0u64;
-        let mut last_len = 0;
+        let mut peak_bytes = 0;
         for batch in 0..KEYS / BATCH {
             // The store's own operations (what the executor calls), to keep a million keys fast
             // in a debug build; the executor path is checked on one key per batch below.
@@ -258,14 +261,12 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
             }
             let len = store.len();
             assert!(
-                len <= store.max_entries(),
-                "{len} records, bound {MAX_ENTRIES}"
+                len as u64 <= live + BATCH,
+                "{len} records, {live} live: expired records are not removed as new ones arrive"
             );
-            if len < last_len {
-                sweeps_seen += 1;
-            }
-            last_len = len;
+            assert!(store.bytes() <= store.max_bytes());
             peak = peak.max(len);
+            peak_bytes = peak_bytes.max(store.bytes());
             // A key of this batch is still replayed, not run again.
             let k = batch * BATCH;
             match store.claim(soak_key(k), None, lease).await {
@@ -281,32 +282,280 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
             assert_eq!((out.value, out.status), (batch, Status::Executed));
             tokio::time::advance(step).await;
         }
-        // Once every ttl ran out, a sweep leaves nothing behind.
+        // Once every ttl ran out, a sweep removes what the last inserts had no reason to.
+        let left = store.len();
         tokio::time::advance(ttl * 2).await;
-        store.sweep();
-        assert_eq!(store.len(), 0, "expired records left after a sweep");
-        (peak, sweeps_seen)
+        assert_eq!(store.sweep(), left);
+        assert_eq!(
+            (store.len(), store.bytes()),
+            (0, 0),
+            "records left after a sweep"
+        );
+        (peak, peak_bytes, left)
     });
     assert_eq!(
         runs.load(Ordering::Relaxed) as u64,
         KEYS,
         "each key ran once"
     );
-    assert!(sweeps_seen > 0, "expired records were never swept");
-    // Live records at any time: ttl / step * BATCH = 100,000, plus at most one sweep interval
-    // (1 s: 200,000 keys) of expired ones not yet swept.
-    assert!(
-        peak <= 300_000,
-        "peak {peak}: expired records are not swept"
-    );
     chaos::report(
         "soak_memory",
         &[
             ("keys", KEYS),
             ("max_entries", MAX_ENTRIES as u64),
+            ("live", live),
             ("peak_len", peak as u64),
-            ("sweeps_seen", sweeps_seen),
+            ("peak_bytes", peak_bytes as u64),
+            ("swept_at_the_end", left as u64),
             ("executions_doubled", 0),
         ],
+    );
+}
+
+/// Where a cancelled call was when its future was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Stage {
+    /// Not polled yet, or waiting for another call's key (the in-memory claim is synchronous:
+    /// there is no await inside it to cancel at).
+    BeforeBody = 0,
+    /// At one of the body's awaits.
+    InBody = 1,
+    /// The body returned `Ok` and the completion was awaited (a store reached through the
+    /// trait, whose `complete` yields): the claim must be completed on drop, never released.
+    AfterOk = 2,
+}
+
+/// The in-memory store reached through the `Store` trait (no `as_memory`), with a `complete`
+/// that yields once before it completes: the one way a cancellation can land between a body's
+/// `Ok` and its stored result. Dropped there, the executor hands the completion to
+/// `complete_on_drop`, which the in-memory store finishes at once.
+struct YieldingComplete(Arc<MemoryStore>);
+
+impl Store for YieldingComplete {
+    fn claim(
+        &self,
+        key: Key,
+        fingerprint: Option<idem::Fingerprint>,
+        lease: Duration,
+    ) -> idem::BoxFuture<'_, Result<Claim, Error>> {
+        self.0.claim(key, fingerprint, lease)
+    }
+    fn complete(
+        &self,
+        key: Key,
+        token: idem::Token,
+        value: Bytes,
+        ttl: Duration,
+    ) -> idem::BoxFuture<'_, Result<Completion, Error>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.0.complete(key, token, value, ttl).await
+        })
+    }
+    fn renew(
+        &self,
+        key: Key,
+        token: idem::Token,
+        lease: Duration,
+    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.0.renew(key, token, lease)
+    }
+    fn release(&self, key: Key, token: idem::Token) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.0.release(key, token)
+    }
+    fn wait(&self, key: Key, timeout: Duration) -> idem::BoxFuture<'_, Result<(), Error>> {
+        self.0.wait(key, timeout)
+    }
+    fn remove(&self, key: Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.0.remove(key)
+    }
+    fn release_on_drop(&self, key: Key, token: idem::Token) {
+        self.0.release_on_drop(key, token)
+    }
+    fn complete_on_drop(&self, key: Key, token: idem::Token, value: Bytes, ttl: Duration) {
+        self.0.complete_on_drop(key, token, value, ttl)
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failing round can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Calls over a few keys on a multi-threaded runtime, cancelled at random points: before their
+/// first poll, while waiting for another call's key, at the body's awaits, and (through a store
+/// whose completion yields) after the body returned `Ok`, before its result was stored. Bodies
+/// that returned `Ok` are counted per key against the stored results: every key whose body ran
+/// has exactly one stored result, that body's value, and no body ran twice. Reached directly,
+/// the in-memory store completes in the same poll as the body's `Ok`, so no cancellation can
+/// land between the two (counted: none does).
+#[test]
+fn calls_cancelled_at_random_points_never_double_an_execution() {
+    const KEYS: u64 = 3;
+    const CALLS: u64 = 12;
+    let rounds = 200 * u64::from(scale());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let memory = Arc::new(MemoryStore::new());
+    let through_trait = Arc::new(YieldingComplete(memory.clone()));
+    let next_value = Arc::new(AtomicU64::new(1));
+    // Cancellations by stage and store path (0: direct, 1: through the trait).
+    let cancelled: Arc<[[AtomicU64; 3]; 2]> = Arc::default();
+    let (mut calls, mut executions, mut stored, mut doubled) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..rounds {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (round + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let ran: Arc<Mutex<HashMap<u64, Vec<u64>>>> = Arc::default();
+        let results = runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..CALLS {
+                let key = rng.below(KEYS);
+                let via_trait = rng.below(2) == 1;
+                let body_yields = rng.below(6);
+                // None: runs to the end; Some(0): dropped before its first poll; Some(n):
+                // dropped after n yields of its caller, wherever the call is then.
+                let cancel = match rng.below(3) {
+                    0 => None,
+                    _ => Some(rng.below(12)),
+                };
+                let (memory, through_trait, ran, next_value, cancelled) = (
+                    memory.clone(),
+                    through_trait.clone(),
+                    ran.clone(),
+                    next_value.clone(),
+                    cancelled.clone(),
+                );
+                tasks.spawn(async move {
+                    let stage = AtomicU8::new(Stage::BeforeBody as u8);
+                    let body = || async {
+                        stage.store(Stage::InBody as u8, Ordering::SeqCst);
+                        for _ in 0..body_yields {
+                            tokio::task::yield_now().await;
+                        }
+                        let v = next_value.fetch_add(1, Ordering::SeqCst);
+                        ran.lock().unwrap().entry(key).or_default().push(v);
+                        stage.store(Stage::AfterOk as u8, Ordering::SeqCst);
+                        Ok::<u64, Error>(v)
+                    };
+                    let name = format!("cancel.{round}");
+                    let call: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                        if via_trait {
+                            Box::pin(Idempotent::new(&*through_trait, key).name(name).run(body))
+                        } else {
+                            Box::pin(Idempotent::new(&*memory, key).name(name).run(body))
+                        };
+                    let result = match cancel {
+                        None => Some(call.await),
+                        Some(0) => None,
+                        Some(after) => tokio::select! {
+                            r = call => Some(r),
+                            () = async { for _ in 0..after { tokio::task::yield_now().await; } } => None,
+                        },
+                    };
+                    if result.is_none() {
+                        let at = stage.load(Ordering::SeqCst) as usize;
+                        cancelled[usize::from(via_trait)][at].fetch_add(1, Ordering::SeqCst);
+                    }
+                    (key, result)
+                });
+            }
+            let mut results = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                results.push(joined.expect("no caller panics"));
+            }
+            results
+        });
+        calls += CALLS;
+        let ran = ran.lock().unwrap();
+        // Every key whose body ran holds exactly that body's result.
+        for key in 0..KEYS {
+            let bodies = ran.get(&key).cloned().unwrap_or_default();
+            executions += bodies.len() as u64;
+            doubled += bodies.len().saturating_sub(1) as u64;
+            let record = runtime.block_on(async {
+                Store::claim(
+                    &*memory,
+                    Key::new(&format!("cancel.{round}"), &key),
+                    None,
+                    Duration::from_secs(30),
+                )
+                .await
+            });
+            match (record, bodies.first()) {
+                (Ok(Claim::Completed(done)), Some(v)) => {
+                    assert_eq!(
+                        done.value,
+                        v.to_string().into_bytes(),
+                        "round {round} key {key}"
+                    );
+                    stored += 1;
+                }
+                (Ok(Claim::Acquired(_)), None) => {}
+                (other, first) => panic!(
+                    "round {round} key {key}: bodies {bodies:?} ran (first {first:?}), the store has {other:?}"
+                ),
+            }
+        }
+        for (key, result) in results {
+            match result {
+                None => {}
+                Some(Ok(v)) => assert_eq!(
+                    Some(&v),
+                    ran.get(&key).and_then(|b| b.first()),
+                    "round {round} key {key}"
+                ),
+                Some(Err(e)) => panic!("round {round} key {key}: {e}"),
+            }
+        }
+        assert_eq!(doubled, 0, "round {round}: executions doubled: {ran:?}");
+    }
+    let count = |path: usize, stage: Stage| cancelled[path][stage as usize].load(Ordering::SeqCst);
+    let total: u64 = (0..2)
+        .map(|p| {
+            [Stage::BeforeBody, Stage::InBody, Stage::AfterOk]
+                .iter()
+                .map(|s| count(p, *s))
+                .sum::<u64>()
+        })
+        .sum();
+    println!(
+        "cancel_memory: {calls} calls, {total} cancelled (direct: {} before the body, {} in it, {} after its Ok; \
+         through the trait: {} before, {} in, {} after its Ok), {executions} executions, {stored} stored",
+        count(0, Stage::BeforeBody),
+        count(0, Stage::InBody),
+        count(0, Stage::AfterOk),
+        count(1, Stage::BeforeBody),
+        count(1, Stage::InBody),
+        count(1, Stage::AfterOk),
+    );
+    assert_eq!(
+        executions, stored,
+        "every body that ran has its result stored"
+    );
+    assert_eq!(
+        count(0, Stage::AfterOk),
+        0,
+        "the direct path completes in the poll of the body's Ok"
+    );
+    assert!(
+        count(1, Stage::AfterOk) > 0,
+        "no cancellation landed between a body's Ok and its completion"
+    );
+    assert!(
+        count(0, Stage::InBody) + count(1, Stage::InBody) > 0 && count(0, Stage::BeforeBody) > 0
+    );
+    chaos::report(
+        "cancel_memory",
+        &[("cancellations", total), ("executions_doubled", doubled)],
     );
 }

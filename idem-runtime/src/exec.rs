@@ -635,12 +635,19 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                 let kept = Value::Typed(Typed {
                     value: (ops.into_any)((ops.clone)(&value)),
                     encode: ops.encode,
+                    size: encoded.len(),
                 });
-                Ok(memory.complete_value(key, token, kept, policy.ttl))
+                Ok(memory.complete_value(key, token, call.fingerprint, kept, policy.ttl))
             }
             (Some(memory), _, _) => {
                 guard.stage = Stage::Settled;
-                Ok(memory.complete_value(key, token, Value::Bytes(encoded), policy.ttl))
+                Ok(memory.complete_value(
+                    key,
+                    token,
+                    call.fingerprint,
+                    Value::Bytes(encoded),
+                    policy.ttl,
+                ))
             }
             (None, _, _) => {
                 let completion = complete(store, &mut guard, encoded.clone(), policy.ttl).await;

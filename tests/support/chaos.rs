@@ -20,6 +20,9 @@
 //!   lost (Redis expires it);
 //! - `complete` repeated with the token that completed a record may report `Stored` (Redis: a
 //!   retried completion whose first reply was lost) but must not change the stored value;
+//! - `complete` where no live record is (absent, or expired and not yet dropped) stores the
+//!   result, whatever the token (the rule of `Store::complete`); where another claim's live
+//!   record is, it reports the lease as lost;
 //! - `remove` of an expired record may find it or not.
 
 #![allow(dead_code)]
@@ -156,6 +159,10 @@ enum State {
     Completed {
         token: Token,
         fp: Option<Fingerprint>,
+        /// The record may hold no fingerprint instead of `fp`: a completion after the claim's
+        /// lease ran out, where the store may have dropped the claim (and its fingerprint) first;
+        /// `Store::complete` takes none. Pinned by the next replay.
+        fp_or_none: bool,
         value: Bytes,
         ttl: Duration,
         lo: Instant,
@@ -323,7 +330,14 @@ pub async fn run_model(
                         counts.busy += 1;
                     }
                     Claim::Completed(done) => {
-                        let State::Completed { fp, value, ttl, .. } = state else {
+                        let State::Completed {
+                            fp,
+                            fp_or_none,
+                            value,
+                            ttl,
+                            ..
+                        } = state
+                        else {
                             return Err(ctx(format!(
                                 "replayed {done:?}, but the record is {state:?}"
                             )));
@@ -331,7 +345,9 @@ pub async fn run_model(
                         if liveness == Live::No {
                             return Err(ctx(format!("replayed an expired record: {state:?}")));
                         }
-                        if done.value != *value || done.fingerprint != *fp {
+                        let fp_matches =
+                            done.fingerprint == *fp || (*fp_or_none && done.fingerprint.is_none());
+                        if done.value != *value || !fp_matches {
                             return Err(ctx(format!(
                                 "replayed {done:?}, but the record holds value {value:?} fp {fp:?}"
                             )));
@@ -343,6 +359,10 @@ pub async fn run_model(
                             )));
                         }
                         counts.replayed += 1;
+                        if let State::Completed { fp, fp_or_none, .. } = &mut states[k] {
+                            *fp = done.fingerprint;
+                            *fp_or_none = false;
+                        }
                     }
                     other => return Err(ctx(format!("unknown claim result {other:?}"))),
                 }
@@ -371,11 +391,12 @@ pub async fn run_model(
                     } if held == token => {
                         let liveness = live(lo, hi, t0, t1);
                         match (got, liveness) {
-                            (Completion::Stored, _) => {
+                            (Completion::Stored, liveness) => {
                                 counts.stored += 1;
                                 states[k] = State::Completed {
                                     token,
                                     fp,
+                                    fp_or_none: liveness != Live::Yes,
                                     value,
                                     ttl,
                                     lo: t0 + ttl,
@@ -393,7 +414,12 @@ pub async fn run_model(
                             }
                         }
                     }
-                    State::Completed { token: held, .. } if held == token => {
+                    State::Completed {
+                        token: held,
+                        lo,
+                        hi,
+                        ..
+                    } if held == token && live(lo, hi, t0, t1) == Live::Yes => {
                         // A repeated completion: `Stored` (Redis, retry-safe) or `LeaseLost`,
                         // and the value is unchanged either way (checked by later claims).
                         if !matches!(got, Completion::Stored | Completion::LeaseLost) {
@@ -401,12 +427,39 @@ pub async fn run_model(
                         }
                     }
                     _ => {
-                        if got != Completion::LeaseLost {
-                            return Err(ctx(format!(
-                                "a token that does not hold the key completed it ({got:?}); record {state:?}"
-                            )));
+                        // No live claim of this token: the rule of `Store::complete` stores the
+                        // result where no other live record is (absent or expired: the claim
+                        // ran out and was dropped, or was released or removed), and reports the
+                        // lease as lost where one is.
+                        let liveness = match &state {
+                            State::Absent => Live::No,
+                            State::InProgress { lo, hi, .. } | State::Completed { lo, hi, .. } => {
+                                live(*lo, *hi, t0, t1)
+                            }
+                        };
+                        match (got, liveness) {
+                            (Completion::LeaseLost, Live::Yes | Live::Either) => counts.fenced += 1,
+                            (Completion::Stored, Live::No | Live::Either) => {
+                                if liveness == Live::Either {
+                                    counts.ambiguous += 1;
+                                }
+                                counts.stored += 1;
+                                states[k] = State::Completed {
+                                    token,
+                                    fp: None,
+                                    fp_or_none: false,
+                                    value,
+                                    ttl,
+                                    lo: t0 + ttl,
+                                    hi: t1 + ttl,
+                                };
+                            }
+                            (got, _) => {
+                                return Err(ctx(format!(
+                                    "complete with a token that holds nothing got {got:?}; record {state:?}"
+                                )));
+                            }
                         }
-                        counts.fenced += 1;
                     }
                 }
             }

@@ -1,9 +1,11 @@
 //! The embedded in-memory store.
 
 use std::any::Any;
+use std::collections::BTreeSet;
 use std::fmt;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,8 +23,55 @@ use crate::record::{Claim, Completed, Completion, Token};
 /// How many records a [`MemoryStore`] holds at the most unless told otherwise.
 pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 
-/// How often, at the most, inserting a record sweeps the expired ones out.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How many bytes a [`MemoryStore`]'s records take at the most unless told otherwise: 1 GiB, by
+/// the store's accounting (each record's [`RECORD_OVERHEAD`] plus its result's encoded size).
+pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
+
+/// The bytes a [`MemoryStore`] counts for each record on top of its result: its key, the record,
+/// its slot in the map (with the map's spare capacity), its entry in the expiry queue and the
+/// waiters of an in-progress claim. 480 on 64-bit targets: an estimate that errs high (a million
+/// records of 1-byte results measured about 450 bytes resident each), so that a store of many
+/// tiny records is bounded too.
+pub const RECORD_OVERHEAD: usize =
+    2 * size_of::<(Key, Record)>() + 2 * size_of::<(Instant, Key)>() + NOTIFY_ALLOCATION;
+
+/// The allocation of an in-progress claim's `Arc<Notify>` (two counters and the `Notify`,
+/// rounded up to the allocator's size class).
+const NOTIFY_ALLOCATION: usize = (2 * size_of::<usize>() + size_of::<Notify>()).next_power_of_two();
+
+/// How many records a shard of the map holds at the entry bound, about. A shard's table grows
+/// (and, after many removals, rehashes in place) all at once under its lock, in time that grows
+/// with its size: up to 0.5 ms of CPU for a shard of 125,000 records (a million records in the 8
+/// shards `dashmap` picks on two cores), so about 15 µs at 4,096 (benches/memory.rs,
+/// `expiry_1m_live`, claims while the store grows).
+const RECORDS_PER_SHARD: usize = 4096;
+
+/// The fewest shards: enough that claims on many cores rarely wait for one another.
+const MIN_SHARDS: usize = 64;
+
+/// The most shards. Each shard's lock is a cache line of its own, and past a few hundred a claim
+/// of a new key misses on it: first executions into a store of millions of records took 1.8–1.9
+/// µs with 256 shards, 1.95 with 512, 2.2 with 1,024 or 4,096 (benches/memory.rs,
+/// `first_execution`). A store bounded above two million records has bigger shards instead.
+const MAX_SHARDS: usize = 512;
+
+/// The shard count of a store bounded at `max_entries` records: 256 at the default bound.
+fn shards_for(max_entries: usize) -> usize {
+    (max_entries / RECORDS_PER_SHARD)
+        .clamp(MIN_SHARDS, MAX_SHARDS)
+        .next_power_of_two()
+}
+
+/// How many expiry queues the store has; a key's queue is chosen by its digest. Few enough that
+/// a claim at the bound looks at the head of every one.
+const QUEUES: usize = 16;
+
+/// How many due entries of its queue an insert (a claim of a new key, a completion that writes a
+/// record) handles, at the most: more than the one record it adds, so expiry keeps up.
+const EXPIRE_PER_INSERT: usize = 4;
+
+/// How many due entries a claim at the bound handles, at the most, to make room.
+const EVICT_BUDGET: usize = 32;
 
 /// An idempotency store in this process's memory, on a sharded concurrent map (`dashmap`).
 ///
@@ -34,36 +83,120 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// - Waiters for an in-progress key are woken the moment its holder completes or releases: no
 ///   polling.
 /// - Time is tokio's clock ([`tokio::time::Instant`]), so tests can pause and advance it.
-/// - Memory is bounded: expired records are swept (lazily on access, and in bulk at most once a
-///   second when records are inserted), and the store holds at most `max_entries` records
-///   ([`DEFAULT_MAX_ENTRIES`] unless set with [`MemoryStore::with_max_entries`]), exactly, even
-///   under concurrent inserts. At the bound a claim of a *new* key sweeps expired records (at most
-///   once a second); if the store is still full it fails with [`Error::Store`] rather than evict a
-///   live record (evicting a completed record would let its body run twice). Keys already in the
-///   store are served as usual. [`MemoryStore::sweep`] sweeps at once.
+///
+/// # Bounds
+///
+/// The store is bounded in records and in bytes: at most `max_entries` records
+/// ([`DEFAULT_MAX_ENTRIES`], a million) whose accounted size is at most `max_bytes`
+/// ([`DEFAULT_MAX_BYTES`], 1 GiB). A record is accounted as [`RECORD_OVERHEAD`] bytes plus its
+/// result's encoded size (a result kept typed is counted by its encoding too). Set them with
+/// [`MemoryStore::builder`], [`with_max_entries`](MemoryStore::with_max_entries) or
+/// [`with_max_bytes`](MemoryStore::with_max_bytes); [`MemoryStore::new`] and
+/// [`MemoryStore::global`] use the defaults.
+///
+/// - **At the bound**, a claim of a *new* key first removes expired records on the spot (a
+///   store full of expired records accepts a new key at once); if none has expired it fails with
+///   [`Error::Store`], whose message names the bound and how to raise it. No live record is
+///   evicted: evicting a completed record would let its body run twice. Keys already in the
+///   store are served as usual (replays, waits, takeovers of their own expired records).
+/// - **A result is always stored**: a call that holds a claim completes it even when the store
+///   is at its bound, because its body has run. So the accounted bytes may exceed `max_bytes` by
+///   the results of the calls in flight, and a result whose claim expired and was removed before
+///   it arrived (a late completion) is stored as a new record, which may take the record count
+///   past `max_entries` by the number of such completions. Claims never take the store past
+///   either bound.
+///
+/// # Expiry
+///
+/// Each record has an entry in a time-ordered expiry queue. Every insert (a claim of a new key,
+/// or a late completion) removes up to four records whose time has come from its queue, so
+/// expiry keeps pace with inserts; a claim at the bound looks at up to 32 more, across all
+/// queues. No caller ever scans the store: the expiry work of any call is bounded by these
+/// constants, whatever the number of records. Replays do no expiry work at all (a read under
+/// the shard's read lock, and a clone of the value). An expired record that no insert has
+/// removed yet is never served: a claim sees it as absent and takes it over.
+///
+/// [`MemoryStore::sweep`] removes every expired record now; its cost is in proportion to the
+/// number of records that fell due, not to the size of the store.
 ///
 /// ```
 /// use idem_runtime::{Idempotent, MemoryStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let store = MemoryStore::new();
-/// let first = Idempotent::new(&store, ("greet", 7u64))
+/// let store = MemoryStore::builder()
+///     .max_entries(100_000)
+///     .max_bytes(256 << 20)
+///     .build();
+/// let first = Idempotent::new(&store, 7u64)
+///     .name("greet")
 ///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("hello")) })
 ///     .await;
-/// let again = Idempotent::new(&store, ("greet", 7u64))
+/// let again = Idempotent::new(&store, 7u64)
+///     .name("greet")
 ///     .run(|| async { Ok::<_, idem_runtime::Error>(String::from("not run")) })
 ///     .await;
 /// assert_eq!(first.unwrap(), again.unwrap());
+/// assert_eq!(store.len(), 1);
 /// # }
 /// ```
 pub struct MemoryStore {
     records: DashMap<Key, Record>,
+    /// Per queue, `(due, key)` of every record whose key falls in it: exactly one entry per
+    /// record, at the record's `due`. Changed only under the key's shard lock (taken first), or
+    /// by a pop that takes no shard lock while it holds the queue.
+    queues: Box<[Mutex<Queue>]>,
     len: AtomicUsize,
+    bytes: AtomicUsize,
     max_entries: usize,
-    last_sweep: Mutex<Instant>,
+    max_bytes: usize,
 }
 
-enum Record {
+/// An expiry queue: `(due, key)` pairs in time order, and the earliest `due` kept apart, so that
+/// an insert that finds nothing due touches no node of the tree (its oldest nodes are the
+/// coldest: a look at them was a few cache misses on every insert).
+#[derive(Default)]
+struct Queue {
+    entries: BTreeSet<(Instant, Key)>,
+    head: Option<Instant>,
+}
+
+impl Queue {
+    fn insert(&mut self, due: Instant, key: Key) {
+        self.entries.insert((due, key));
+        if self.head.is_none_or(|head| due < head) {
+            self.head = Some(due);
+        }
+    }
+
+    fn remove(&mut self, due: Instant, key: Key) {
+        if self.entries.remove(&(due, key)) && self.head == Some(due) {
+            self.head = self.entries.first().map(|(due, _)| *due);
+        }
+    }
+
+    /// The earliest entry, taken out, if it is due at `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, Key)> {
+        if self.head.is_none_or(|head| head > now) {
+            return None;
+        }
+        let popped = self.entries.pop_first();
+        self.head = self.entries.first().map(|(due, _)| *due);
+        popped
+    }
+}
+
+/// Due entries taken out of a queue by an insert, to handle once its shard lock is released.
+type Due = [Option<(Instant, Key)>; EXPIRE_PER_INSERT];
+
+/// A record and the time of its entry in the expiry queue.
+struct Record {
+    state: State,
+    /// When the expiry queue looks at the record next: never later than its expiry (a renewal
+    /// pushes the lease out without moving it; the record is queued again when it comes due).
+    due: Instant,
+}
+
+enum State {
     InProgress {
         token: Token,
         lease_until: Instant,
@@ -73,6 +206,8 @@ enum Record {
     Completed {
         value: Value,
         fingerprint: Option<Fingerprint>,
+        /// The claim that completed it: a repeated completion of the same claim is recognised.
+        token: Token,
         expires_at: Instant,
     },
 }
@@ -90,6 +225,8 @@ pub(crate) enum Value {
 pub(crate) struct Typed {
     pub(crate) value: Arc<dyn Any + Send + Sync>,
     pub(crate) encode: fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error>,
+    /// The size of its encoding, in bytes: what the store counts against its byte bound.
+    pub(crate) size: usize,
 }
 
 impl Value {
@@ -98,6 +235,14 @@ impl Value {
         match self {
             Value::Bytes(bytes) => Ok(bytes.clone()),
             Value::Typed(typed) => (typed.encode)(&*typed.value).map(Bytes::from),
+        }
+    }
+
+    /// The bytes it counts against the store's byte bound.
+    fn size(&self) -> usize {
+        match self {
+            Value::Bytes(bytes) => bytes.len(),
+            Value::Typed(typed) => typed.size,
         }
     }
 }
@@ -115,65 +260,159 @@ pub(crate) enum ValueClaim {
     },
 }
 
-impl Record {
-    fn is_live(&self, now: Instant) -> bool {
+impl State {
+    fn in_progress(token: Token, lease_until: Instant, fingerprint: Option<Fingerprint>) -> State {
+        State::InProgress {
+            token,
+            lease_until,
+            fingerprint,
+            waiters: Arc::new(Notify::new()),
+        }
+    }
+
+    /// When the record stops being live.
+    fn expiry(&self) -> Instant {
         match self {
-            Record::InProgress { lease_until, .. } => *lease_until > now,
-            Record::Completed { expires_at, .. } => *expires_at > now,
+            State::InProgress { lease_until, .. } => *lease_until,
+            State::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+
+    /// The bytes its value counts (an in-progress claim has none).
+    fn value_size(&self) -> usize {
+        match self {
+            State::InProgress { .. } => 0,
+            State::Completed { value, .. } => value.size(),
         }
     }
 
     fn wake_waiters(&self) {
-        if let Record::InProgress { waiters, .. } = self {
+        if let State::InProgress { waiters, .. } = self {
             waiters.notify_waiters();
         }
     }
 }
 
-/// The store is full of live records; see [`MemoryStore`].
+/// A claim of a new key met a bound; see [`MemoryStore`].
 #[derive(Debug)]
-struct Full {
-    max_entries: usize,
+enum Full {
+    Entries { max_entries: usize },
+    Bytes { bytes: usize, max_bytes: usize },
 }
 
 impl fmt::Display for Full {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the in-memory store holds {} live records, its bound; raise it with \
-             MemoryStore::with_max_entries or lower the ttl",
-            self.max_entries
-        )
+        match self {
+            Full::Entries { max_entries } => write!(
+                f,
+                "the in-memory store is full: it holds {max_entries} live records, its \
+                 max_entries bound; raise it with MemoryStore::builder().max_entries(..) (or \
+                 MemoryStore::with_max_entries), or lower the ttl"
+            ),
+            Full::Bytes { bytes, max_bytes } => write!(
+                f,
+                "the in-memory store is full: its live records take {bytes} bytes of its \
+                 max_bytes bound of {max_bytes}; raise it with \
+                 MemoryStore::builder().max_bytes(..) (or MemoryStore::with_max_bytes), or lower \
+                 the ttl or the size of the results"
+            ),
+        }
     }
 }
 
 impl std::error::Error for Full {}
 
-static GLOBAL: LazyLock<MemoryStore> = LazyLock::new(MemoryStore::new);
+/// Builds a [`MemoryStore`] with bounds of its own: `MemoryStore::builder().max_entries(n)
+/// .max_bytes(b).build()`. A bound left unset keeps its default.
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+}
 
-impl MemoryStore {
-    /// An empty store that holds at most [`DEFAULT_MAX_ENTRIES`] records.
-    pub fn new() -> MemoryStore {
-        MemoryStore::with_max_entries(DEFAULT_MAX_ENTRIES)
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        MemoryStoreBuilder {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most records the store holds (at least one; [`DEFAULT_MAX_ENTRIES`] unless set).
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
     }
 
-    /// An empty store that holds at most `max_entries` records (at least one).
-    pub fn with_max_entries(max_entries: usize) -> MemoryStore {
+    /// The most bytes the store's records take, by its accounting: [`RECORD_OVERHEAD`] per record
+    /// plus each result's encoded size (at least one record's overhead; [`DEFAULT_MAX_BYTES`]
+    /// unless set).
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(RECORD_OVERHEAD);
+        self
+    }
+
+    /// The empty store.
+    pub fn build(self) -> MemoryStore {
         MemoryStore {
-            records: DashMap::new(),
+            records: DashMap::with_shard_amount(shards_for(self.max_entries)),
+            queues: (0..QUEUES).map(|_| Mutex::default()).collect(),
             len: AtomicUsize::new(0),
-            max_entries: max_entries.max(1),
-            last_sweep: Mutex::new(Instant::now()),
+            bytes: AtomicUsize::new(0),
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
         }
+    }
+}
+
+static GLOBAL: LazyLock<MemoryStore> = LazyLock::new(MemoryStore::new);
+
+/// Locks an expiry queue. A queue is never left half-changed by a panic (its only panic is an
+/// allocation failure, which aborts), so a poisoned lock is taken as it is.
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Queue entries handled on this thread: what the tests count expiry work by.
+    static EXAMINED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl MemoryStore {
+    /// An empty store with the default bounds: [`DEFAULT_MAX_ENTRIES`] records,
+    /// [`DEFAULT_MAX_BYTES`] bytes.
+    pub fn new() -> MemoryStore {
+        MemoryStore::builder().build()
+    }
+
+    /// A builder, to set both bounds.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// An empty store that holds at most `max_entries` records (at least one), and the default
+    /// [`DEFAULT_MAX_BYTES`].
+    pub fn with_max_entries(max_entries: usize) -> MemoryStore {
+        MemoryStore::builder().max_entries(max_entries).build()
+    }
+
+    /// An empty store whose records take at most `max_bytes` bytes by its accounting (see
+    /// [`MemoryStoreBuilder::max_bytes`]), and the default [`DEFAULT_MAX_ENTRIES`].
+    pub fn with_max_bytes(max_bytes: usize) -> MemoryStore {
+        MemoryStore::builder().max_bytes(max_bytes).build()
     }
 
     /// The process-wide store that `#[idempotent]` uses when no `store = ...` is given, created
-    /// on first use.
+    /// on first use, with the default bounds.
     pub fn global() -> &'static MemoryStore {
         &GLOBAL
     }
 
-    /// How many records the store holds, live or expired but not yet swept.
+    /// How many records the store holds, live or expired but not yet removed.
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
@@ -183,36 +422,196 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The most records the store holds.
+    /// How many bytes the store's records take by its accounting: [`RECORD_OVERHEAD`] per record
+    /// plus each result's encoded size.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most records a claim lets the store hold.
     pub fn max_entries(&self) -> usize {
         self.max_entries
     }
 
+    /// The most bytes a claim lets the store's records take.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Removes every expired record now; returns how many were removed.
+    ///
+    /// It does not scan the store: it takes the entries that fell due from the expiry queues,
+    /// so its cost is in proportion to their number (each one a queue pop and a map update, with
+    /// no lock held from one to the next). Calls need not wait for it: inserts remove expired
+    /// records as they go, and a claim at the bound makes room on the spot.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let mut removed = 0;
-        self.records.retain(|_, record| {
-            let live = record.is_live(now);
-            if !live {
-                record.wake_waiters();
-                removed += 1;
+        for queue in 0..QUEUES {
+            while let Some((due, key)) = self.pop_due(queue, now) {
+                removed += usize::from(self.expire(queue, due, key, now));
             }
-            live
-        });
-        self.len.fetch_sub(removed, Ordering::Relaxed);
+        }
         removed
     }
 
-    fn sweep_if_due(&self, now: Instant) {
-        // One sweeper at a time; the others go on without waiting.
-        let Ok(mut last) = self.last_sweep.try_lock() else {
-            return;
+    /// The expiry queue of `key`.
+    fn queue_of(key: &Key) -> usize {
+        let bytes = key.as_bytes();
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&bytes[..8]);
+        hi.copy_from_slice(&bytes[8..16]);
+        let mixed = (u64::from_le_bytes(lo) ^ u64::from_le_bytes(hi).rotate_left(29))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (mixed >> 60) as usize % QUEUES
+    }
+
+    /// Moves the queue entry of `key` from `from` (if there is one) to `to`. Called under the
+    /// key's shard lock.
+    fn requeue(&self, key: Key, from: Option<Instant>, to: Option<Instant>) {
+        let mut queue = lock(&self.queues[Self::queue_of(&key)]);
+        if let Some(from) = from {
+            queue.remove(from, key);
+        }
+        if let Some(to) = to {
+            queue.insert(to, key);
+        }
+    }
+
+    /// Queues the entry of a new record of `key` at `due`, and takes out, in the same look at the
+    /// queue, up to [`EXPIRE_PER_INSERT`] entries that are due at `now`: the expiry work of an
+    /// insert, for [`expire_due`](Self::expire_due) once the key's shard lock is released. Called
+    /// under that lock.
+    fn queue_new(&self, key: Key, due: Instant, now: Instant) -> Due {
+        let mut queue = lock(&self.queues[Self::queue_of(&key)]);
+        queue.insert(due, key);
+        let mut taken = [None; EXPIRE_PER_INSERT];
+        for slot in &mut taken {
+            *slot = queue.pop_due(now);
+            if slot.is_none() {
+                break;
+            }
+        }
+        taken
+    }
+
+    /// Handles the entries [`queue_new`](Self::queue_new) took out of `key`'s queue.
+    fn expire_due(&self, key: &Key, taken: Due, now: Instant) {
+        let queue = Self::queue_of(key);
+        for (due, key) in taken.into_iter().flatten() {
+            self.expire(queue, due, key, now);
+        }
+    }
+
+    /// The earliest entry of `queue`, taken out of it, if it is due at `now`.
+    fn pop_due(&self, queue: usize, now: Instant) -> Option<(Instant, Key)> {
+        lock(&self.queues[queue]).pop_due(now)
+    }
+
+    /// Handles an entry popped from `queue`: removes its record if it expired, queues it again at
+    /// its expiry if it lives on (a renewed lease). Returns whether a record was removed.
+    fn expire(&self, queue: usize, due: Instant, key: Key, now: Instant) -> bool {
+        #[cfg(test)]
+        EXAMINED.with(|n| n.set(n.get() + 1));
+        let Entry::Occupied(mut entry) = self.records.entry(key) else {
+            return false; // released or removed since it was queued
         };
-        if now.duration_since(*last) >= SWEEP_EVERY {
-            *last = now;
-            drop(last);
-            self.sweep();
+        if entry.get().due != due {
+            return false; // the record has another entry, queued since
+        }
+        let expiry = entry.get().state.expiry();
+        if expiry > now {
+            lock(&self.queues[queue]).insert(expiry, key);
+            entry.get_mut().due = expiry;
+            return false;
+        }
+        let (_, old) = entry.remove_entry();
+        self.forget(&old.state);
+        old.state.wake_waiters();
+        true
+    }
+
+    /// At the bound: removes expired records, starting with `key`'s queue and going round the
+    /// others, until a new record fits or [`EVICT_BUDGET`] entries were handled. Returns whether
+    /// a record was removed.
+    fn make_room(&self, key: &Key, now: Instant) -> bool {
+        let first = Self::queue_of(key);
+        let mut budget = EVICT_BUDGET;
+        let mut removed = false;
+        for i in 0..QUEUES {
+            let queue = (first + i) % QUEUES;
+            while budget > 0 && !self.has_room() {
+                let Some((due, key)) = self.pop_due(queue, now) else {
+                    break;
+                };
+                budget -= 1;
+                removed |= self.expire(queue, due, key, now);
+            }
+            if budget == 0 || self.has_room() {
+                break;
+            }
+        }
+        removed
+    }
+
+    /// Whether a claim of a new key would fit now.
+    fn has_room(&self) -> bool {
+        self.len() < self.max_entries
+            && self
+                .bytes()
+                .checked_add(RECORD_OVERHEAD)
+                .is_some_and(|b| b <= self.max_bytes)
+    }
+
+    /// Counts a new record for a claim, if it fits under both bounds; racing claims cannot
+    /// overshoot either.
+    fn reserve(&self) -> Result<(), Full> {
+        let max_entries = self.max_entries;
+        if self
+            .len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_entries).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(Full::Entries { max_entries });
+        }
+        let max_bytes = self.max_bytes;
+        let reserved = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(RECORD_OVERHEAD).filter(|&b| b <= max_bytes)
+            });
+        match reserved {
+            Ok(_) => Ok(()),
+            Err(bytes) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                Err(Full::Bytes { bytes, max_bytes })
+            }
+        }
+    }
+
+    /// Counts a new record that is stored whatever the bounds (a late completion).
+    fn count(&self, value_size: usize) {
+        self.len.fetch_add(1, Ordering::AcqRel);
+        self.bytes
+            .fetch_add(RECORD_OVERHEAD + value_size, Ordering::AcqRel);
+    }
+
+    /// Uncounts a record that left the map.
+    fn forget(&self, state: &State) {
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        self.bytes
+            .fetch_sub(RECORD_OVERHEAD + state.value_size(), Ordering::AcqRel);
+    }
+
+    /// Accounts a record whose value changed in place.
+    fn resize(&self, old: usize, new: usize) {
+        if new > old {
+            self.bytes.fetch_add(new - old, Ordering::AcqRel);
+        } else if old > new {
+            self.bytes.fetch_sub(old - new, Ordering::AcqRel);
         }
     }
 
@@ -223,121 +622,166 @@ impl MemoryStore {
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<ValueClaim, Error> {
-        let now = Instant::now();
-        // A replay or a busy key only reads: look under the shard's read lock first.
+        let mut now = Instant::now();
+        // A replay or a busy key only reads: look under the shard's read lock first. No expiry
+        // work here: replays stay as cheap as a map read.
         if let Some(record) = self.records.get(&key)
-            && let Some(found) = Self::live(&record, now)
+            && let Some(found) = Self::live(&record.state, now)
         {
             return Ok(found);
         }
-        if self.len() >= self.max_entries {
-            // Full: make room from expired records, at most once a second (a store full of live
-            // records must not rescan itself on every claim).
-            self.sweep_if_due(now);
-        }
         let token = Token::generate();
-        let fresh = || Record::InProgress {
-            token,
-            lease_until: after(now, lease),
-            fingerprint,
-            waiters: Arc::new(Notify::new()),
-        };
-        let inserted = match self.records.entry(key) {
-            Entry::Occupied(mut entry) => {
-                // Looked at again under the write lock: another claim may have come first.
-                if let Some(found) = Self::live(entry.get(), now) {
-                    return Ok(found);
+        let mut made_room = false;
+        loop {
+            let lease_until = after(now, lease);
+            match self.records.entry(key) {
+                Entry::Occupied(mut entry) => {
+                    // Looked at again under the write lock: another claim may have come first.
+                    if let Some(found) = Self::live(&entry.get().state, now) {
+                        return Ok(found);
+                    }
+                    // Expired: take over, in the same slot. Waiters of a lapsed claim look again
+                    // at once.
+                    let record = entry.get_mut();
+                    self.requeue(key, Some(record.due), Some(lease_until));
+                    record.due = lease_until;
+                    let old = std::mem::replace(
+                        &mut record.state,
+                        State::in_progress(token, lease_until, fingerprint),
+                    );
+                    drop(entry);
+                    self.resize(old.value_size(), 0);
+                    old.wake_waiters();
+                    return Ok(ValueClaim::Acquired(token));
                 }
-                // Expired: take over. Waiters of a lapsed claim look again at once.
-                let old = entry.insert(fresh());
-                old.wake_waiters();
-                false
+                Entry::Vacant(entry) => match self.reserve() {
+                    Ok(()) => {
+                        let taken = self.queue_new(key, lease_until, now);
+                        drop(entry.insert(Record {
+                            state: State::in_progress(token, lease_until, fingerprint),
+                            due: lease_until,
+                        }));
+                        self.expire_due(&key, taken, now);
+                        return Ok(ValueClaim::Acquired(token));
+                    }
+                    Err(full) => {
+                        // Make room outside the shard lock (the records removed may share it).
+                        drop(entry);
+                        if made_room || !self.make_room(&key, now) {
+                            return Err(Error::store(full));
+                        }
+                        made_room = true;
+                        now = Instant::now();
+                    }
+                },
             }
-            Entry::Vacant(entry) => {
-                // Reserve a slot first, so racing inserts cannot overshoot the bound.
-                let max = self.max_entries;
-                let reserved = self
-                    .len
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < max).then_some(n + 1)
-                    });
-                if reserved.is_err() {
-                    return Err(Error::store(Full { max_entries: max }));
-                }
-                entry.insert(fresh());
-                true
-            }
-        };
-        if inserted {
-            self.sweep_if_due(now);
         }
-        Ok(ValueClaim::Acquired(token))
     }
 
     /// What a claim finds in a live record: its completed value, or that it is busy.
-    fn live(record: &Record, now: Instant) -> Option<ValueClaim> {
-        match record {
-            Record::Completed {
+    fn live(state: &State, now: Instant) -> Option<ValueClaim> {
+        match state {
+            State::Completed {
                 value,
                 fingerprint,
                 expires_at,
+                ..
             } if *expires_at > now => Some(ValueClaim::Completed {
                 value: value.clone(),
                 fingerprint: *fingerprint,
                 expires_in: *expires_at - now,
             }),
-            Record::InProgress { lease_until, .. } if *lease_until > now => {
-                Some(ValueClaim::Busy {
-                    lease_left: *lease_until - now,
-                })
-            }
+            State::InProgress { lease_until, .. } if *lease_until > now => Some(ValueClaim::Busy {
+                lease_left: *lease_until - now,
+            }),
             _ => None,
         }
     }
 
-    /// `complete`, synchronously, keeping the value as given.
+    /// `complete`, synchronously, keeping the value as given: the rule of [`Store::complete`].
+    ///
+    /// `fingerprint` is the call's, for a record written where its claim is gone (the claim's
+    /// own is kept otherwise); the [`Store`] trait passes none.
     pub(crate) fn complete_value(
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Value,
         ttl: Duration,
     ) -> Completion {
         let now = Instant::now();
-        let Some(mut record) = self.records.get_mut(&key) else {
-            return Completion::LeaseLost;
-        };
-        let fingerprint = match &*record {
-            Record::InProgress {
-                token: held,
-                fingerprint,
-                ..
-            } if *held == token => *fingerprint,
-            _ => return Completion::LeaseLost,
-        };
-        let old = std::mem::replace(
-            &mut *record,
-            Record::Completed {
-                value,
-                fingerprint,
-                expires_at: after(now, ttl),
-            },
-        );
-        drop(record);
-        old.wake_waiters();
-        Completion::Stored
+        let expires_at = after(now, ttl);
+        let size = value.size();
+        match self.records.entry(key) {
+            Entry::Occupied(mut entry) => {
+                let record = entry.get_mut();
+                let fingerprint = match &record.state {
+                    State::InProgress {
+                        token: held,
+                        fingerprint,
+                        ..
+                    } if *held == token => *fingerprint,
+                    // Completed by this claim already (a repeated completion): the first value
+                    // stays.
+                    State::Completed {
+                        token: held,
+                        expires_at,
+                        ..
+                    } if *held == token && *expires_at > now => return Completion::Stored,
+                    state if state.expiry() > now => return Completion::LeaseLost,
+                    // An expired record, not yet removed: as if absent.
+                    _ => fingerprint,
+                };
+                self.requeue(key, Some(record.due), Some(expires_at));
+                record.due = expires_at;
+                let old = std::mem::replace(
+                    &mut record.state,
+                    State::Completed {
+                        value,
+                        fingerprint,
+                        token,
+                        expires_at,
+                    },
+                );
+                drop(entry);
+                self.resize(old.value_size(), size);
+                old.wake_waiters();
+                Completion::Stored
+            }
+            Entry::Vacant(entry) => {
+                // The claim expired and was removed (or an operator removed it), and no other
+                // call took the key: the body ran, so its result is stored, past the bounds if
+                // need be.
+                self.count(size);
+                let taken = self.queue_new(key, expires_at, now);
+                drop(entry.insert(Record {
+                    state: State::Completed {
+                        value,
+                        fingerprint,
+                        token,
+                        expires_at,
+                    },
+                    due: expires_at,
+                }));
+                self.expire_due(&key, taken, now);
+                Completion::Stored
+            }
+        }
     }
 
     fn renew_now(&self, key: Key, token: Token, lease: Duration) -> bool {
         let Some(mut record) = self.records.get_mut(&key) else {
             return false;
         };
-        match &mut *record {
-            Record::InProgress {
+        match &mut record.state {
+            State::InProgress {
                 token: held,
                 lease_until,
                 ..
             } if *held == token => {
+                // The queue entry stays where it is: when it comes due, the record is queued
+                // again at its new expiry.
                 *lease_until = after(Instant::now(), lease);
                 true
             }
@@ -345,30 +789,30 @@ impl MemoryStore {
         }
     }
 
-    fn release_now(&self, key: Key, token: Token) -> bool {
-        let removed = self.records.remove_if(
-            &key,
-            |_, record| matches!(record, Record::InProgress { token: held, .. } if *held == token),
-        );
-        match removed {
-            Some((_, record)) => {
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                record.wake_waiters();
-                true
-            }
-            None => false,
+    /// Removes the record of `key` if `which` says so, with its queue entry.
+    fn remove_where(&self, key: Key, which: impl FnOnce(&State) -> bool) -> bool {
+        let Entry::Occupied(entry) = self.records.entry(key) else {
+            return false;
+        };
+        if !which(&entry.get().state) {
+            return false;
         }
+        self.requeue(key, Some(entry.get().due), None);
+        let (_, old) = entry.remove_entry();
+        self.forget(&old.state);
+        old.state.wake_waiters();
+        true
+    }
+
+    fn release_now(&self, key: Key, token: Token) -> bool {
+        self.remove_where(
+            key,
+            |state| matches!(state, State::InProgress { token: held, .. } if *held == token),
+        )
     }
 
     fn remove_now(&self, key: Key) -> bool {
-        match self.records.remove(&key) {
-            Some((_, record)) => {
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                record.wake_waiters();
-                true
-            }
-            None => false,
-        }
+        self.remove_where(key, |_| true)
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) {
@@ -377,8 +821,8 @@ impl MemoryStore {
             let Some(record) = self.records.get(&key) else {
                 return;
             };
-            match &*record {
-                Record::InProgress {
+            match &record.state {
+                State::InProgress {
                     lease_until,
                     waiters,
                     ..
@@ -391,7 +835,7 @@ impl MemoryStore {
         // Register before looking again, so a wake-up between the two cannot be missed.
         notified.as_mut().enable();
         let still_held = self.records.get(&key).is_some_and(|record| {
-            matches!(&*record, Record::InProgress { waiters: w, .. } if Arc::ptr_eq(w, &waiters))
+            matches!(&record.state, State::InProgress { waiters: w, .. } if Arc::ptr_eq(w, &waiters))
         });
         if !still_held {
             return;
@@ -412,6 +856,8 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
             .field("max_entries", &self.max_entries)
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.max_bytes)
             .finish()
     }
 }
@@ -448,7 +894,7 @@ impl Store for MemoryStore {
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        let result = self.complete_value(key, token, Value::Bytes(value), ttl);
+        let result = self.complete_value(key, token, None, Value::Bytes(value), ttl);
         Box::pin(std::future::ready(Ok(result)))
     }
 
@@ -478,7 +924,258 @@ impl Store for MemoryStore {
         self.release_now(key, token);
     }
 
+    /// Completes at once: the in-memory store has nothing to wait for.
+    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+        self.complete_value(key, token, None, Value::Bytes(value), ttl);
+    }
+
     fn as_memory(&self) -> Option<&MemoryStore> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn key(n: u64) -> Key {
+        Key::new("memory.tests", &n)
+    }
+
+    /// Queue entries handled on this thread since the last call.
+    fn examined() -> usize {
+        EXAMINED.with(|n| n.replace(0))
+    }
+
+    fn acquire(store: &MemoryStore, key: Key, lease: Duration) -> Token {
+        match store.claim_value(key, None, lease) {
+            Ok(ValueClaim::Acquired(token)) => token,
+            Ok(_) => panic!("the key is taken"),
+            Err(err) => panic!("claim failed: {err}"),
+        }
+    }
+
+    fn insert(store: &MemoryStore, n: u64, ttl: Duration) {
+        let token = acquire(store, key(n), LEASE);
+        let value = Value::Bytes(Bytes::from_static(b"1"));
+        assert_eq!(
+            store.complete_value(key(n), token, None, value, ttl),
+            Completion::Stored
+        );
+    }
+
+    /// Every record has exactly one queue entry, at its `due`, and the counters match the map.
+    fn assert_consistent(store: &MemoryStore) {
+        let queued: usize = store.queues.iter().map(|q| lock(q).entries.len()).sum();
+        for queue in store.queues.iter() {
+            let queue = lock(queue);
+            let first = queue.entries.first().map(|(due, _)| *due);
+            assert_eq!(queue.head, first, "the head is the earliest due");
+        }
+        assert_eq!(queued, store.records.len(), "one queue entry per record");
+        for record in store.records.iter() {
+            let queue = lock(&store.queues[MemoryStore::queue_of(record.key())]);
+            assert!(
+                queue.entries.contains(&(record.due, *record.key())),
+                "a record without its entry"
+            );
+            assert!(
+                record.due <= record.state.expiry(),
+                "queued after its expiry"
+            );
+        }
+        assert_eq!(store.len(), store.records.len());
+        let bytes: usize = store
+            .records
+            .iter()
+            .map(|r| RECORD_OVERHEAD + r.state.value_size())
+            .sum();
+        assert_eq!(store.bytes(), bytes);
+    }
+
+    /// With 20,000 expired records waiting, each claim of a new key handles at most
+    /// `EXPIRE_PER_INSERT` of them, and together the claims remove them all.
+    #[tokio::test(start_paused = true)]
+    async fn an_insert_does_a_bounded_slice_of_expiry_work() {
+        let store = MemoryStore::new();
+        for n in 0..20_000 {
+            insert(&store, n, Duration::from_secs(1));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        examined();
+        let mut most = 0;
+        for n in 20_000..30_000 {
+            acquire(&store, key(n), LEASE);
+            most = most.max(examined());
+        }
+        assert!(
+            (1..=EXPIRE_PER_INSERT).contains(&most),
+            "a claim handled {most} entries"
+        );
+        assert_eq!(store.len(), 10_000, "the expired records were all removed");
+        assert_consistent(&store);
+    }
+
+    /// Replays and busy answers do no expiry work, however much is waiting.
+    #[tokio::test(start_paused = true)]
+    async fn replays_do_no_expiry_work() {
+        let store = MemoryStore::new();
+        for n in 0..1_000 {
+            insert(&store, n, Duration::from_secs(1));
+        }
+        insert(&store, 1_000, Duration::from_secs(3600));
+        acquire(&store, key(1_001), Duration::from_secs(3600));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        examined();
+        for _ in 0..100 {
+            assert!(matches!(
+                store.claim_value(key(1_000), None, LEASE),
+                Ok(ValueClaim::Completed { .. })
+            ));
+            assert!(matches!(
+                store.claim_value(key(1_001), None, LEASE),
+                Ok(ValueClaim::Busy { .. })
+            ));
+        }
+        assert_eq!(examined(), 0);
+        assert_eq!(store.len(), 1_002);
+    }
+
+    /// A store full of expired records takes a new key at once, handling a bounded number of
+    /// entries; a store full of live ones refuses it after looking at the queues' heads only.
+    #[tokio::test(start_paused = true)]
+    async fn at_the_bound_a_claim_does_a_bounded_slice_of_work() {
+        let store = MemoryStore::with_max_entries(1_000);
+        for n in 0..1_000 {
+            insert(&store, n, Duration::from_secs(1));
+        }
+        examined();
+        assert!(store.claim_value(key(5_000), None, LEASE).is_err());
+        assert_eq!(examined(), 0, "nothing is due: nothing to handle");
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for n in 1_000..2_000 {
+            acquire(&store, key(n), LEASE);
+            let handled = examined();
+            assert!(
+                handled <= EVICT_BUDGET + EXPIRE_PER_INSERT,
+                "claim {n} handled {handled} entries"
+            );
+        }
+        assert_eq!(store.len(), 1_000);
+        assert_consistent(&store);
+    }
+
+    /// Claims whose leases were renewed come due without having expired: at the bound, a claim
+    /// queues at most `EVICT_BUDGET` of them again, then gives up.
+    #[tokio::test(start_paused = true)]
+    async fn renewed_claims_cost_a_claim_at_the_bound_a_bounded_slice() {
+        let store = MemoryStore::with_max_entries(500);
+        let tokens: Vec<Token> = (0..500)
+            .map(|n| acquire(&store, key(n), Duration::from_secs(1)))
+            .collect();
+        for (n, token) in tokens.iter().enumerate() {
+            assert!(store.renew_now(key(n as u64), *token, Duration::from_secs(3600)));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        examined();
+        for n in 500..600 {
+            assert!(store.claim_value(key(n), None, LEASE).is_err());
+            assert!(examined() <= EVICT_BUDGET);
+        }
+        assert_consistent(&store);
+        // Every renewed claim is still held.
+        for n in 0..500 {
+            assert!(matches!(
+                store.claim_value(key(n), None, LEASE),
+                Ok(ValueClaim::Busy { .. })
+            ));
+        }
+    }
+
+    /// `sweep` handles the entries that fell due, not the whole store.
+    #[tokio::test(start_paused = true)]
+    async fn sweep_handles_only_what_fell_due() {
+        let store = MemoryStore::new();
+        for n in 0..10_000 {
+            let ttl = if n % 100 == 0 { 1 } else { 3600 };
+            insert(&store, n, Duration::from_secs(ttl));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        examined();
+        assert_eq!(store.sweep(), 100);
+        assert_eq!(examined(), 100);
+        assert_eq!(store.len(), 9_900);
+        assert_consistent(&store);
+    }
+
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn the_record_overhead_is_what_the_docs_say() {
+        // RECORD_OVERHEAD's docs and the README give this number: update them with it.
+        assert_eq!(RECORD_OVERHEAD, 480);
+    }
+
+    #[test]
+    fn the_shard_count_follows_the_entry_bound() {
+        assert_eq!(shards_for(DEFAULT_MAX_ENTRIES), 256);
+        assert_eq!(shards_for(1), MIN_SHARDS);
+        assert_eq!(shards_for(usize::MAX), MAX_SHARDS);
+        assert_eq!(shards_for(2 * DEFAULT_MAX_ENTRIES), 512);
+    }
+
+    /// Every operation keeps one queue entry per record and the counters exact.
+    #[tokio::test(start_paused = true)]
+    async fn operations_keep_the_queues_and_counters_exact() {
+        let store = MemoryStore::with_max_entries(64);
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut tokens: Vec<Token> = Vec::new();
+        for _ in 0..20_000 {
+            let k = key(next() % 96);
+            let span = Duration::from_millis(next() % 2_000 + 1);
+            match next() % 7 {
+                0 | 1 => {
+                    if let Ok(ValueClaim::Acquired(token)) = store.claim_value(k, None, span) {
+                        tokens.push(token);
+                    }
+                }
+                2 => {
+                    let token = tokens
+                        .get((next() as usize) % (tokens.len() + 1))
+                        .copied()
+                        .unwrap_or_else(Token::generate);
+                    let size = (next() % 64) as usize;
+                    let value = Value::Bytes(Bytes::from(vec![7u8; size]));
+                    store.complete_value(k, token, None, value, span);
+                }
+                3 => {
+                    if let Some(token) = tokens.get((next() as usize) % (tokens.len() + 1)) {
+                        store.renew_now(k, *token, span);
+                    }
+                }
+                4 => {
+                    if let Some(token) = tokens.get((next() as usize) % (tokens.len() + 1)) {
+                        store.release_now(k, *token);
+                    }
+                }
+                5 => {
+                    store.remove_now(k);
+                }
+                _ => tokio::time::advance(Duration::from_millis(next() % 300)).await,
+            }
+        }
+        assert_consistent(&store);
+        tokio::time::advance(Duration::from_secs(3_600)).await;
+        store.sweep();
+        assert_consistent(&store);
+        assert_eq!((store.len(), store.bytes()), (0, 0));
     }
 }
