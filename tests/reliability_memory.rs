@@ -494,8 +494,8 @@ fn calls_cancelled_at_random_points_never_double_an_execution() {
             match (record, bodies.first()) {
                 (Ok(Claim::Completed(done)), Some(v)) => {
                     assert_eq!(
-                        done.value,
-                        v.to_string().into_bytes(),
+                        idem::codec::from_slice::<u64>(&done.value).ok(),
+                        Some(u64::from(*v)),
                         "round {round} key {key}"
                     );
                     stored += 1;
