@@ -495,7 +495,7 @@ fn calls_cancelled_at_random_points_never_double_an_execution() {
                 (Ok(Claim::Completed(done)), Some(v)) => {
                     assert_eq!(
                         idem::codec::from_slice::<u64>(&done.value).ok(),
-                        Some(u64::from(*v)),
+                        Some(*v),
                         "round {round} key {key}"
                     );
                     stored += 1;
