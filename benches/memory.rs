@@ -398,7 +398,7 @@ fn expiry(c: &mut Criterion) {
         };
         let start = Instant::now();
         let done = store
-            .complete(key, token, Bytes::from_static(b"1"), ttl)
+            .complete(key, token, None, Bytes::from_static(b"1"), ttl)
             .await;
         let completed = start.elapsed().as_nanos() as u64;
         black_box(done.ok());

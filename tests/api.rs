@@ -669,7 +669,7 @@ async fn a_record_written_through_the_trait_replays_into_a_typed_function() {
         other => panic!("{other:?}"),
     };
     let bytes = idem::Bytes::from(idem::codec::to_vec(&stored).unwrap());
-    idem::Store::complete(&t.store, key, token, bytes, Duration::from_secs(60))
+    idem::Store::complete(&t.store, key, token, None, bytes, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(t.profile(2).await.unwrap(), stored);

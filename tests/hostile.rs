@@ -361,6 +361,7 @@ fn any_stored_bytes_decode_or_give_a_codec_error() {
                     .complete(
                         key,
                         token,
+                        None,
                         Bytes::from(bytes.clone()),
                         Duration::from_secs(60),
                     )
@@ -783,6 +784,7 @@ mod redis {
             .complete(
                 key,
                 token,
+                None,
                 Bytes::from(vec![b'x'; limit + 1]),
                 Duration::from_secs(60),
             )
@@ -793,6 +795,7 @@ mod redis {
             .complete(
                 key,
                 token,
+                None,
                 Bytes::from_static(b"1"),
                 Duration::from_secs(60),
             )
@@ -907,7 +910,7 @@ mod redis {
                 let (claim, complete, renew, release, call) = runtime.block_on(async {
                     let claim = store.claim(key, None, lease).await;
                     let complete = store
-                        .complete(key, token, Bytes::from_static(b"1"), lease)
+                        .complete(key, token, None, Bytes::from_static(b"1"), lease)
                         .await
                         .map(|_| ());
                     let renew = store.renew(key, token, lease).await.map(|_| ());
@@ -1107,7 +1110,7 @@ mod postgres {
                     let t = idem::Token::generate();
                     let _ = store.claim(key, None, lease).await;
                     let _ = store
-                        .complete(key, t, Bytes::from_static(b"1"), lease)
+                        .complete(key, t, None, Bytes::from_static(b"1"), lease)
                         .await;
                     let _ = store.renew(key, t, lease).await;
                     let _ = store.release(key, t).await;
@@ -1206,7 +1209,7 @@ async fn extreme_durations_on(
                     "renew" => drop(store.renew(key, token, span).await),
                     "complete" => drop(
                         store
-                            .complete(key, token, Bytes::from_static(b"1"), span)
+                            .complete(key, token, None, Bytes::from_static(b"1"), span)
                             .await,
                     ),
                     "wait" => {

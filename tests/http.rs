@@ -567,6 +567,7 @@ impl Store for DownStore {
         &self,
         _: Key,
         _: Token,
+        _: Option<idem::Fingerprint>,
         _: Bytes,
         _: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
@@ -635,6 +636,7 @@ impl Store for GarbageStore {
         &self,
         _: Key,
         _: Token,
+        _: Option<idem::Fingerprint>,
         _: Bytes,
         _: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {

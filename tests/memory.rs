@@ -379,7 +379,7 @@ async fn inserts_remove_expired_records_without_a_sweep() {
     for n in 0..5_000 {
         let token = acquired(store.claim(key(n), None, lease).await);
         let done = store
-            .complete(key(n), token, Bytes::from_static(b"1"), ttl)
+            .complete(key(n), token, None, Bytes::from_static(b"1"), ttl)
             .await;
         assert_eq!(done.ok(), Some(Completion::Stored));
     }
@@ -387,7 +387,7 @@ async fn inserts_remove_expired_records_without_a_sweep() {
     for n in 5_000..10_000 {
         let token = acquired(store.claim(key(n), None, lease).await);
         let done = store
-            .complete(key(n), token, Bytes::from_static(b"1"), ttl)
+            .complete(key(n), token, None, Bytes::from_static(b"1"), ttl)
             .await;
         assert_eq!(done.ok(), Some(Completion::Stored));
     }
@@ -414,7 +414,7 @@ async fn sweep_removes_every_expired_record() {
             Duration::from_secs(3600)
         };
         store
-            .complete(key, token, Bytes::from_static(b"x"), ttl)
+            .complete(key, token, None, Bytes::from_static(b"x"), ttl)
             .await
             .unwrap();
     }
@@ -446,6 +446,7 @@ async fn a_late_completion_whose_claim_was_removed_is_stored_past_the_bound() {
         .complete(
             late,
             token,
+            None,
             Bytes::from_static(b"late"),
             Duration::from_secs(60),
         )
@@ -461,6 +462,7 @@ async fn a_late_completion_whose_claim_was_removed_is_stored_past_the_bound() {
         .complete(
             late,
             token,
+            None,
             Bytes::from_static(b"again"),
             Duration::from_secs(60),
         )
@@ -524,6 +526,7 @@ async fn complete_on_drop_completes_at_once() {
     store.complete_on_drop(
         key,
         idem::Token::generate(),
+        None,
         Bytes::from_static(b"no"),
         Duration::from_secs(60),
     );
@@ -534,6 +537,7 @@ async fn complete_on_drop_completes_at_once() {
     store.complete_on_drop(
         key,
         token,
+        None,
         Bytes::from_static(b"yes"),
         Duration::from_secs(60),
     );

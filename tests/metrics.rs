@@ -259,10 +259,11 @@ impl idem::Store for Passthrough {
         &self,
         key: idem::Key,
         token: idem::Token,
+        fingerprint: Option<idem::Fingerprint>,
         value: idem::Bytes,
         ttl: Duration,
     ) -> idem::BoxFuture<'_, Result<idem::Completion, Error>> {
-        self.0.complete(key, token, value, ttl)
+        self.0.complete(key, token, fingerprint, value, ttl)
     }
     fn renew(
         &self,

@@ -224,6 +224,7 @@ impl Store for Down {
         &self,
         _: Key,
         _: Token,
+        _: Option<idem::Fingerprint>,
         _: Bytes,
         _: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {

@@ -282,6 +282,7 @@ async fn large_values_and_hostile_keys_round_trip_exactly() {
             .complete(
                 key,
                 token,
+                None,
                 Bytes::from(value.clone()),
                 Duration::from_secs(60),
             )
@@ -341,7 +342,7 @@ async fn purge_removes_expired_rows_only() {
             Duration::from_secs(600)
         };
         store
-            .complete(key, token, Bytes::from_static(b"v"), ttl)
+            .complete(key, token, None, Bytes::from_static(b"v"), ttl)
             .await
             .unwrap();
     }

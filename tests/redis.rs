@@ -464,7 +464,7 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
         assert!(
             matches!(
                 store
-                    .complete(key, token, Bytes::from_static(b"1"), lease)
+                    .complete(key, token, None, Bytes::from_static(b"1"), lease)
                     .await,
                 Err(Error::Store(_))
             ),
@@ -1061,6 +1061,7 @@ mod settings {
                 .complete(
                     granted,
                     token,
+                    None,
                     idem::Bytes::from_static(b"1"),
                     idem::DEFAULT_TTL
                 )
@@ -1179,7 +1180,7 @@ mod settings {
         let value = idem::Bytes::from(vec![b'7'; 1024]);
         assert_eq!(
             store
-                .complete(done.0, done.1, value.clone(), idem::DEFAULT_TTL)
+                .complete(done.0, done.1, None, value.clone(), idem::DEFAULT_TTL)
                 .await
                 .ok(),
             Some(idem::Completion::Stored),
@@ -1666,6 +1667,7 @@ async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
         .complete(
             held,
             token,
+            None,
             Bytes::from(idem::codec::to_vec(&5u64).unwrap()),
             Duration::from_secs(60),
         )

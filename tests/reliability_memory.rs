@@ -252,7 +252,7 @@ fn a_million_keys_with_a_short_ttl_stay_within_the_bound() {
                     Ok(Claim::Acquired(token)) => {
                         runs.fetch_add(1, Ordering::Relaxed);
                         let done = store
-                            .complete(key, token, Bytes::from_static(b"1"), ttl)
+                            .complete(key, token, None, Bytes::from_static(b"1"), ttl)
                             .await;
                         assert_eq!(done.ok(), Some(Completion::Stored), "key {k}");
                     }
@@ -345,12 +345,13 @@ impl Store for YieldingComplete {
         &self,
         key: Key,
         token: idem::Token,
+        fingerprint: Option<idem::Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> idem::BoxFuture<'_, Result<Completion, Error>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
-            self.0.complete(key, token, value, ttl).await
+            self.0.complete(key, token, fingerprint, value, ttl).await
         })
     }
     fn renew(
@@ -373,8 +374,15 @@ impl Store for YieldingComplete {
     fn release_on_drop(&self, key: Key, token: idem::Token) {
         self.0.release_on_drop(key, token)
     }
-    fn complete_on_drop(&self, key: Key, token: idem::Token, value: Bytes, ttl: Duration) {
-        self.0.complete_on_drop(key, token, value, ttl)
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: idem::Token,
+        fingerprint: Option<idem::Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        self.0.complete_on_drop(key, token, fingerprint, value, ttl)
     }
 }
 

@@ -103,7 +103,7 @@ async fn acquire(store: &dyn Store, key: Key, lease: Duration) -> Token {
 
 async fn complete(store: &dyn Store, key: Key, token: Token, value: &'static [u8], ttl: Duration) {
     let done = store
-        .complete(key, token, Bytes::from_static(value), ttl)
+        .complete(key, token, None, Bytes::from_static(value), ttl)
         .await;
     assert_eq!(
         done.ok(),
@@ -185,7 +185,7 @@ pub async fn stale_token_cannot_complete_renew_or_release(store: Arc<dyn Store>)
     let fresh = acquire(&*store, key, LONG).await;
 
     let done = store
-        .complete(key, stale, Bytes::from_static(b"stale"), LONG)
+        .complete(key, stale, None, Bytes::from_static(b"stale"), LONG)
         .await;
     assert_eq!(
         done.ok(),
@@ -267,7 +267,7 @@ pub async fn remove_forgets_a_record(store: Arc<dyn Store>) {
     let other = acquire(&*store, key, LONG).await;
     assert_eq!(
         store
-            .complete(key, token, Bytes::from_static(b"x"), LONG)
+            .complete(key, token, None, Bytes::from_static(b"x"), LONG)
             .await
             .ok(),
         Some(Completion::LeaseLost),
@@ -379,7 +379,7 @@ pub async fn values_round_trip_exactly(store: Arc<dyn Store>) {
         let key = fresh_key("values_round_trip_exactly");
         let token = acquire(&*store, key, LONG).await;
         let done = store
-            .complete(key, token, Bytes::from(value.clone()), LONG)
+            .complete(key, token, None, Bytes::from(value.clone()), LONG)
             .await;
         assert_eq!(done.ok(), Some(Completion::Stored));
         match store.claim(key, None, LONG).await {
@@ -411,21 +411,61 @@ pub async fn keys_do_not_interfere(store: Arc<dyn Store>) {
 }
 
 /// `complete` after the lease ran out, with no other call having taken the key over, stores
-/// the result (the same rule on every store, whether or not it still keeps the expired claim).
+/// the result (the same rule on every store, whether or not it still keeps the expired claim),
+/// with the claim's fingerprint, also where the claim's own record is gone.
 pub async fn late_completion_is_stored(store: Arc<dyn Store>) {
+    let fp = Fingerprint::of("the request");
+    for gone in [false, true] {
+        let key = fresh_key("late_completion_is_stored");
+        let token = match store.claim(key, Some(fp), SHORT_LEASE).await {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("claim of a free key must acquire it, got {other:?}"),
+        };
+        tokio::time::sleep(SHORT_LEASE * 2).await;
+        if gone {
+            // As a purge or a sweep would have done with the lapsed claim.
+            let _ = store.remove(key).await;
+        }
+        let done = store
+            .complete(key, token, Some(fp), Bytes::from_static(b"late"), LONG)
+            .await;
+        assert_eq!(
+            done.ok(),
+            Some(Completion::Stored),
+            "a completion after the lease ran out, with no takeover, must be stored (record gone: \
+             {gone})"
+        );
+        match store.claim(key, Some(fp), LONG).await {
+            Ok(Claim::Completed(done)) => {
+                assert_eq!(&done.value[..], b"late");
+                assert_eq!(
+                    done.fingerprint,
+                    Some(fp),
+                    "the late result keeps the claim's fingerprint (record gone: {gone})"
+                );
+            }
+            other => panic!("the late result must replay, got {other:?}"),
+        }
+    }
+
+    // A holder whose key was taken over by a call that then lapsed too (it crashed): the lapsed
+    // claim holds the key no more, so the first holder's late result is stored.
     let key = fresh_key("late_completion_is_stored");
-    let token = acquire(&*store, key, SHORT_LEASE).await;
+    let first = acquire(&*store, key, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let second = acquire(&*store, key, SHORT_LEASE).await;
+    assert_ne!(first, second);
     tokio::time::sleep(SHORT_LEASE * 2).await;
     let done = store
-        .complete(key, token, Bytes::from_static(b"late"), LONG)
+        .complete(key, first, None, Bytes::from_static(b"first"), LONG)
         .await;
     assert_eq!(
         done.ok(),
         Some(Completion::Stored),
-        "a completion after the lease ran out, with no takeover, must be stored"
+        "a late completion over another claim whose lease ran out too must be stored"
     );
     match store.claim(key, None, LONG).await {
-        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"late"),
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"first"),
         other => panic!("the late result must replay, got {other:?}"),
     }
 }
@@ -437,7 +477,7 @@ pub async fn complete_is_idempotent_for_its_token(store: Arc<dyn Store>) {
     let token = acquire(&*store, key, LONG).await;
     complete(&*store, key, token, b"first", LONG).await;
     let again = store
-        .complete(key, token, Bytes::from_static(b"second"), LONG)
+        .complete(key, token, None, Bytes::from_static(b"second"), LONG)
         .await;
     assert_eq!(
         again.ok(),
@@ -1084,6 +1124,7 @@ impl Store for GatedComplete {
         &self,
         _key: Key,
         _token: Token,
+        _fingerprint: Option<Fingerprint>,
         _value: Bytes,
         _ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
@@ -1107,8 +1148,16 @@ impl Store for GatedComplete {
     fn release_on_drop(&self, key: Key, token: Token) {
         self.inner.release_on_drop(key, token)
     }
-    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
-        self.inner.complete_on_drop(key, token, value, ttl)
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        self.inner
+            .complete_on_drop(key, token, fingerprint, value, ttl)
     }
 }
 

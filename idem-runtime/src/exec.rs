@@ -605,6 +605,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             store,
             key,
             token,
+            fingerprint: call.fingerprint,
             stage: Stage::Running,
         };
         let body = catch_panics(body, panicked);
@@ -667,7 +668,13 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                                 // The store is down: finish the completion in the background
                                 // where the store can, so that if it recovers within the lease
                                 // a retry replays rather than runs again.
-                                store.complete_on_drop(key, token, encoded, policy.ttl);
+                                store.complete_on_drop(
+                                    key,
+                                    token,
+                                    call.fingerprint,
+                                    encoded,
+                                    policy.ttl,
+                                );
                                 Err(err)
                             }
                         }
@@ -752,7 +759,9 @@ async fn complete<S: Store + ?Sized>(
         ttl,
     };
     let started = metrics::start();
-    let completion = store.complete(guard.key, guard.token, value, ttl).await;
+    let completion = store
+        .complete(guard.key, guard.token, guard.fingerprint, value, ttl)
+        .await;
     metrics::store_operation("complete", started);
     guard.stage = Stage::Settled;
     completion
@@ -832,6 +841,7 @@ struct ClaimGuard<'a, S: Store + ?Sized> {
     store: &'a S,
     key: Key,
     token: Token,
+    fingerprint: Option<Fingerprint>,
     stage: Stage,
 }
 
@@ -858,9 +868,10 @@ impl<S: Store + ?Sized> Drop for ClaimGuard<'_, S> {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.stage, Stage::Settled) {
             Stage::Running => self.store.release_on_drop(self.key, self.token),
-            Stage::Completing { value, ttl } => self
-                .store
-                .complete_on_drop(self.key, self.token, value, ttl),
+            Stage::Completing { value, ttl } => {
+                self.store
+                    .complete_on_drop(self.key, self.token, self.fingerprint, value, ttl)
+            }
             Stage::Settled => {}
         }
     }

@@ -160,8 +160,8 @@ enum State {
         token: Token,
         fp: Option<Fingerprint>,
         /// The record may hold no fingerprint instead of `fp`: a completion after the claim's
-        /// lease ran out, where the store may have dropped the claim (and its fingerprint) first;
-        /// `Store::complete` takes none. Pinned by the next replay.
+        /// lease ran out, where the store may have dropped the claim first, is written with the
+        /// fingerprint `complete` is given, and the model gives none. Pinned by the next replay.
         fp_or_none: bool,
         value: Bytes,
         ttl: Duration,
@@ -377,7 +377,9 @@ pub async fn run_model(
                 let token = pick(&issued[k], token);
                 let value = value_bytes(value);
                 let ttl = span(long);
-                let got = store.complete(keys[k], token, value.clone(), ttl).await;
+                let got = store
+                    .complete(keys[k], token, None, value.clone(), ttl)
+                    .await;
                 let t1 = Instant::now();
                 let got = got.map_err(|e| ctx(format!("complete failed: {e}")))?;
                 let state = states[k].clone();

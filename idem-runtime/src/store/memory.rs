@@ -891,10 +891,11 @@ impl Store for MemoryStore {
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        let result = self.complete_value(key, token, None, Value::Bytes(value), ttl);
+        let result = self.complete_value(key, token, fingerprint, Value::Bytes(value), ttl);
         Box::pin(std::future::ready(Ok(result)))
     }
 
@@ -925,8 +926,15 @@ impl Store for MemoryStore {
     }
 
     /// Completes at once: the in-memory store has nothing to wait for.
-    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
-        self.complete_value(key, token, None, Value::Bytes(value), ttl);
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        self.complete_value(key, token, fingerprint, Value::Bytes(value), ttl);
     }
 
     fn as_memory(&self) -> Option<&MemoryStore> {

@@ -69,24 +69,28 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> BoxFuture<'_, Result<Claim, Error>>;
 
-    /// Completes the claim `token` holds: writes `Completed { value }` to live for `ttl`, by the
-    /// store's clock.
+    /// Completes the claim `token` holds: writes `Completed { value, fingerprint }` to live for
+    /// `ttl`, by the store's clock. `fingerprint` is the claim's (the executor passes what it
+    /// claimed with): it is what the record keeps when the claim's own record is gone.
     ///
     /// The rule, the same on every store (the [conformance suite](crate::conformance) checks it):
     ///
     /// - the record is `InProgress` under `token` → it is completed: [`Completion::Stored`]. This
     ///   holds even if the lease ran out, as long as no other call took the key over: the body
     ///   ran, and storing its result is what keeps a retry from running it again;
-    /// - the key has no record (the lease ran out and the store already dropped the claim, or an
-    ///   operator removed it) → the completed record is written: [`Completion::Stored`];
+    /// - the key has no live record (the lease ran out and the store already dropped the claim,
+    ///   or an operator removed it; or the only record is a claim of another token whose lease
+    ///   ran out too, or an expired completed record) → the completed record is written:
+    ///   [`Completion::Stored`];
     /// - the record is already completed under `token` (a `complete` repeated after its reply was
     ///   lost) → nothing changes, the first value stays: [`Completion::Stored`];
-    /// - another claim holds the key, or a completed record of another claim is there → nothing
-    ///   is written: [`Completion::LeaseLost`].
+    /// - another claim holds the key (its lease is live), or a live completed record of another
+    ///   claim is there → nothing is written: [`Completion::LeaseLost`].
     fn complete(
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>>;
@@ -126,8 +130,15 @@ pub trait Store: Send + Sync {
     /// that can finish the completion does, synchronously or by handing it to its runtime, with
     /// the rule of [`complete`](Store::complete) (a completion that already reached the store is
     /// recognised as itself). The default does nothing: the claim is then left to its lease.
-    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
-        let _ = (key, token, value, ttl);
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        let _ = (key, token, fingerprint, value, ttl);
     }
 
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
@@ -144,8 +155,8 @@ macro_rules! forward_store {
             fn claim(&self, key: Key, fingerprint: Option<Fingerprint>, lease: Duration) -> BoxFuture<'_, Result<Claim, Error>> {
                 (**self).claim(key, fingerprint, lease)
             }
-            fn complete(&self, key: Key, token: Token, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<Completion, Error>> {
-                (**self).complete(key, token, value, ttl)
+            fn complete(&self, key: Key, token: Token, fingerprint: Option<Fingerprint>, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<Completion, Error>> {
+                (**self).complete(key, token, fingerprint, value, ttl)
             }
             fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
                 (**self).renew(key, token, lease)
@@ -162,8 +173,8 @@ macro_rules! forward_store {
             fn release_on_drop(&self, key: Key, token: Token) {
                 (**self).release_on_drop(key, token)
             }
-            fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
-                (**self).complete_on_drop(key, token, value, ttl)
+            fn complete_on_drop(&self, key: Key, token: Token, fingerprint: Option<Fingerprint>, value: Bytes, ttl: Duration) {
+                (**self).complete_on_drop(key, token, fingerprint, value, ttl)
             }
             fn as_memory(&self) -> Option<&memory::MemoryStore> {
                 (**self).as_memory()

@@ -341,16 +341,23 @@ impl Sql {
                 "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($5) AS free), \
                  done AS ( \
                    INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
-                   SELECT $1, $2, NULL, $3, {ttl} FROM gate WHERE gate.free \
+                   SELECT $1, $2, $6, $3, {ttl} FROM gate WHERE gate.free \
                    ON CONFLICT (key) DO UPDATE \
-                     SET value = CASE WHEN r.value IS NULL THEN excluded.value ELSE r.value END, \
-                         expires_at = CASE WHEN r.value IS NULL THEN {ttl} \
-                                      ELSE r.expires_at END \
-                     WHERE r.token = excluded.token \
+                     SET token = excluded.token, \
+                         fingerprint = CASE WHEN {keep} THEN r.fingerprint \
+                                       WHEN r.token = excluded.token \
+                                         THEN coalesce(excluded.fingerprint, r.fingerprint) \
+                                       ELSE excluded.fingerprint END, \
+                         value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
+                         expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
+                     WHERE r.token = excluded.token OR r.expires_at <= clock_timestamp() \
                    RETURNING 1 \
                  ) \
                  SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
                 ttl = from_now!("$4"),
+                // A completion repeated after it was stored keeps the first value.
+                keep = "(r.token = excluded.token AND r.value IS NOT NULL \
+                         AND r.expires_at > clock_timestamp())",
             ),
             renew: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($4) AS free), \
@@ -1355,6 +1362,7 @@ impl PostgresStore {
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> Result<Completion, Error> {
@@ -1364,12 +1372,14 @@ impl PostgresStore {
         let ttl = micros(ttl);
         let value = &value[..];
         let lock = self.lock_id(key);
+        let fp = fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
         let params: &Params<'_> = &[
             (&key_bytes, Type::BYTEA),
             (&&token_bytes[..], Type::BYTEA),
             (&value, Type::BYTEA),
             (&ttl, Type::FLOAT8),
             (&lock, Type::INT8),
+            (&fp, Type::BYTEA),
         ];
         let stored = self
             .gated("complete", &self.inner.sql.complete, params)
@@ -1556,10 +1566,11 @@ impl Store for PostgresStore {
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        Box::pin(self.complete_now(key, token, value, ttl))
+        Box::pin(self.complete_now(key, token, fingerprint, value, ttl))
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
@@ -1633,11 +1644,18 @@ impl Store for PostgresStore {
     /// of [`complete`](Store::complete), so a completion that already landed is recognised as
     /// itself and the first value stays. Without a runtime, or if it fails, the claim is left
     /// to its lease.
-    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let store = self.clone();
             handle.spawn(async move {
-                match store.complete(key, token, value, ttl).await {
+                match store.complete(key, token, fingerprint, value, ttl).await {
                     Ok(Completion::Stored) => {}
                     Ok(Completion::LeaseLost) => tracing::warn!(
                         target: "idem", key = %key,
@@ -2022,6 +2040,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                     (&encoded, Type::BYTEA),
                     (&ttl, Type::FLOAT8),
                     (&lock, Type::INT8),
+                    (&fp, Type::BYTEA),
                 ];
                 let finish = run(on, prepared, &store.inner.sql.complete, params);
                 match tokio::time::timeout(limit, finish).await {

@@ -97,12 +97,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {'acquired'}
 "#;
 
-/// complete(KEYS[1] = record, ARGV = token, value, ttl ms): the rule of [`Store::complete`].
+/// complete(KEYS[1] = record, ARGV = token, value, ttl ms, fingerprint or ''): the rule of
+/// [`Store::complete`].
 ///
 /// The completed record keeps the token, so a complete repeated after its reply was lost
 /// reports `ok` again and keeps the first value. A record that is gone (the lapsed claim's grace
-/// ran out too, or an operator removed it) is written anew, without the fingerprint, which only
-/// the claim knew.
+/// ran out too, or an operator removed it) is written anew, with the fingerprint the executor
+/// passes (the claim's).
 ///
 /// Redis refuses a script's first write that may grow memory at `maxmemory`, but never a later
 /// one (it cannot stop a script halfway). The first write here is a `PEXPIRE`, which Redis never
@@ -112,14 +113,29 @@ const COMPLETE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r then
-  if r.token ~= ARGV[1] then return {'lost'} end
-  if r.state == 'done' then return {'ok'} end
+  if r.state == 'done' then
+    if r.token == ARGV[1] then return {'ok'} end
+    return {'lost'}
+  end
+  -- Another claim's record: lost while its lease is live; lapsed, it holds the key no more.
+  if r.token ~= ARGV[1] and r.ttl > r.grace then return {'lost'} end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if r then
+if r and r.token == ARGV[1] then
   redis.call('HSET', KEYS[1], 'state', 'done', 'value', ARGV[2])
+elseif r then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'token', ARGV[1], 'value', ARGV[2])
+  if ARGV[4] == '' then
+    redis.call('HDEL', KEYS[1], 'fp')
+  else
+    redis.call('HSET', KEYS[1], 'fp', ARGV[4])
+  end
 else
-  redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'done', 'token', ARGV[1], 'value', ARGV[2])
+  if ARGV[4] == '' then
+    redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'done', 'token', ARGV[1], 'value', ARGV[2])
+  else
+    redis.call('HSET', KEYS[1], 'idem', '1', 'state', 'done', 'token', ARGV[1], 'value', ARGV[2], 'fp', ARGV[4])
+  end
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 return {'ok'}
@@ -272,8 +288,8 @@ pub use super::IfUnsafe;
 /// to be swept. A completed record expires with its ttl. A running record expires one lease
 /// after its lease (the grace): once the lease has run out, another call takes the key over at
 /// once, but until then a completion that comes late still finds its claim and its fingerprint.
-/// A completion that finds no record at all (the grace ran out too) is stored all the same,
-/// without the fingerprint (the rule of [`Store::complete`]).
+/// A completion that finds no record at all (the grace ran out too) is stored all the same, with
+/// the fingerprint the executor passes (the rule of [`Store::complete`]).
 ///
 /// # One atomic step per operation
 ///
@@ -1170,6 +1186,7 @@ impl RedisStore {
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: &Bytes,
         ttl: Duration,
     ) -> Result<Completion, Error> {
@@ -1182,7 +1199,11 @@ impl RedisStore {
         }
         let token_hex = token_hex(token);
         let ttl_ms = millis(ttl);
-        let args: [&[u8]; 3] = [token_hex.as_bytes(), value, ttl_ms.as_bytes()];
+        let fp: &[u8] = match &fingerprint {
+            Some(fp) => fp.as_bytes(),
+            None => b"",
+        };
+        let args: [&[u8]; 4] = [token_hex.as_bytes(), value, ttl_ms.as_bytes(), fp];
         let stored = self
             .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
             .await?;
@@ -1195,11 +1216,21 @@ impl RedisStore {
 
     /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the server
     /// is unreachable, for up to [`BACKGROUND_COMPLETION`].
-    async fn complete_in_background(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+    async fn complete_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
         let deadline = crate::clock::after(Instant::now(), BACKGROUND_COMPLETION);
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.complete_now(key, token, &value, ttl).await {
+            match self
+                .complete_now(key, token, fingerprint, &value, ttl)
+                .await
+            {
                 Ok(Completion::Stored) => {
                     tracing::debug!(target: "idem", key = %key, "stored a result in the background");
                     return;
@@ -1411,10 +1442,14 @@ impl Store for RedisStore {
         &self,
         key: Key,
         token: Token,
+        fingerprint: Option<Fingerprint>,
         value: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Completion, Error>> {
-        Box::pin(async move { self.complete_now(key, token, &value, ttl).await })
+        Box::pin(async move {
+            self.complete_now(key, token, fingerprint, &value, ttl)
+                .await
+        })
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
@@ -1463,13 +1498,22 @@ impl Store for RedisStore {
     /// again with backoff while the server is unreachable, for up to a minute; a completion that
     /// already reached the server is recognised as itself and keeps its value. Outside a runtime
     /// it does nothing (the claim is left to its lease).
-    fn complete_on_drop(&self, key: Key, token: Token, value: Bytes, ttl: Duration) {
+    fn complete_on_drop(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let store = self.clone();
         runtime.spawn(async move {
-            store.complete_in_background(key, token, value, ttl).await;
+            store
+                .complete_in_background(key, token, fingerprint, value, ttl)
+                .await;
         });
     }
 }
