@@ -1374,6 +1374,10 @@ async fn compression_inside_the_layer_is_replayed_only_to_the_same_accept_encodi
     assert!(is_gzip(&retry));
     assert_eq!(retry.body, first.body);
     assert_eq!(server.shared.calls(), 1);
+    chaos::report(
+        "topology_http_compression",
+        &[("calls", 4), ("wrong_answers", 0)],
+    );
 }
 
 #[tokio::test]

@@ -1388,6 +1388,13 @@ async fn through_pgbouncer_in_transaction_mode_every_call_succeeds_once() {
             "transactional key {i} wrote once"
         );
     }
+    crate::support::chaos::report(
+        "topology_pgbouncer",
+        &[
+            ("calls", (2 * STORES * TASKS * KEYS) as u64),
+            ("wrong_answers", 0),
+        ],
+    );
 }
 
 /// A new database on the shared server whose sessions default to `level`.
@@ -1475,6 +1482,11 @@ async fn strict_default_isolation_gives_retries_not_errors() {
             assert_eq!(values.len(), 1, "{level}, round {round}: one result");
         }
     }
+    // Two isolation levels, four rounds of twelve callers each.
+    crate::support::chaos::report(
+        "topology_postgres_isolation",
+        &[("calls", 2 * 4 * 12), ("wrong_answers", 0)],
+    );
 }
 
 /// 48 stores (six tables, eight stores each) migrate into one new schema at once: every
@@ -1517,6 +1529,10 @@ async fn concurrent_migrations_into_one_new_schema_all_succeed() {
     )
     .await;
     assert_eq!(tables, 6);
+    crate::support::chaos::report(
+        "topology_postgres_migrations",
+        &[("calls", 48), ("wrong_answers", 0)],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1648,6 +1664,7 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
         .run(|| async { Ok::<_, Error>(9u8) })
         .await;
     assert_eq!(out.unwrap(), 9);
+    crate::support::chaos::report("settings_postgres_unlogged", &[("configurations", 3)]);
 }
 
 /// Sessions with `synchronous_commit = off` (set on their database) are warned about once by
@@ -1696,5 +1713,9 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
         logs.text().matches("synchronous_commit = off").count(),
         1,
         "accepted silently"
+    );
+    crate::support::chaos::report(
+        "settings_postgres_synchronous_commit",
+        &[("configurations", 1)],
     );
 }

@@ -924,6 +924,8 @@ mod settings {
             .await
             .expect("accepted, the store connects");
         assert!(!logs.contains("WARN"), "accepted silently: {}", logs.text());
+        // allkeys-lru and volatile-lru refused, warned, accepted.
+        crate::support::chaos::report("settings_redis_eviction", &[("configurations", 4)]);
     }
 
     /// A server without an append-only file is warned about once (not again when the store
@@ -977,6 +979,7 @@ mod settings {
             .await
             .expect("appendonly yes is persistence");
         assert!(!logs.contains("WARN"), "{}", logs.text());
+        crate::support::chaos::report("settings_redis_persistence", &[("configurations", 3)]);
     }
 
     /// Managed services rename `CONFIG` away or do not permit it: the store says once that it
@@ -1016,6 +1019,7 @@ mod settings {
             "{text}"
         );
         assert!(text.contains("CONFIG GET"), "{text}");
+        crate::support::chaos::report("settings_redis_unreadable", &[("configurations", 1)]);
     }
 
     /// A server whose policy becomes evicting is noticed at the next reconnection, before the
@@ -1089,6 +1093,7 @@ mod settings {
             }
         }
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        crate::support::chaos::report("settings_redis_changed", &[("configurations", 1)]);
     }
 
     /// Runs `n` calls with 1 KB results on fresh keys `from..from + n`, 16 at a time; returns
@@ -1226,6 +1231,7 @@ mod settings {
             stored.len(),
             refused.len()
         );
+        crate::support::chaos::report("settings_redis_maxmemory", &[("configurations", 1)]);
     }
 
     /// Issue 19's report, with the refusal turned off: `allkeys-lru` at `maxmemory 4mb`, no
@@ -1461,6 +1467,12 @@ mod resharding {
             "resharding: {} calls, {} keys executed once each",
             ledger.calls.lock().unwrap(),
             runs.len()
+        );
+        let calls = *ledger.calls.lock().unwrap();
+        drop(runs);
+        crate::support::chaos::report(
+            "topology_redis_resharding",
+            &[("calls", calls), ("wrong_answers", 0)],
         );
     }
 }

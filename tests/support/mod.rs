@@ -3,23 +3,40 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
-/// Captures the `tracing` events of the current thread as text, for as long as it lives.
-pub struct LogCapture {
-    buffer: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
+type Buffer = Arc<Mutex<Vec<u8>>>;
+
+thread_local! {
+    /// The buffers of the captures alive on this thread; events go to the innermost.
+    static CAPTURES: RefCell<Vec<Buffer>> = const { RefCell::new(Vec::new()) };
 }
 
-#[derive(Clone)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
+/// Captures the `tracing` events of the current thread as text, for as long as it lives.
+///
+/// One global subscriber, installed by the first capture, formats every event and writes it to
+/// the innermost capture of the thread that emitted it (or nowhere). A subscriber per thread
+/// (`set_default`) loses events: `tracing` caches a callsite's interest globally, and a callsite
+/// first hit on a thread with no subscriber while another thread installs one can stay cached as
+/// "never interested".
+pub struct LogCapture {
+    buffer: Buffer,
+}
 
-impl Write for Sink {
+/// Writes to the innermost capture of the current thread.
+struct ThreadSink;
+
+impl Write for ThreadSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut out) = self.0.lock() {
-            out.extend_from_slice(buf);
-        }
+        CAPTURES.with(|captures| {
+            if let Some(buffer) = captures.borrow().last()
+                && let Ok(mut out) = buffer.lock()
+            {
+                out.extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -28,23 +45,21 @@ impl Write for Sink {
 }
 
 impl LogCapture {
-    /// Installs a subscriber for the current thread (use a current-thread runtime).
+    /// Starts capturing this thread's events (use a current-thread runtime, so the events of
+    /// the calls under test are emitted on this thread).
     pub fn install() -> LogCapture {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = Sink(buffer.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
-        // A callsite first hit on another thread (with no subscriber) may have cached "never
-        // interested"; look again now that this thread has one, or its events can be lost.
-        tracing::callsite::rebuild_interest_cache();
-        LogCapture {
-            buffer,
-            _guard: guard,
-        }
+        static GLOBAL: Once = Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(|| ThreadSink)
+                .finish();
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        });
+        let buffer = Buffer::default();
+        CAPTURES.with(|captures| captures.borrow_mut().push(buffer.clone()));
+        LogCapture { buffer }
     }
 
     /// Everything logged so far.
@@ -58,6 +73,16 @@ impl LogCapture {
     /// Whether the log contains `needle`.
     pub fn contains(&self, needle: &str) -> bool {
         self.text().contains(needle)
+    }
+}
+
+impl Drop for LogCapture {
+    fn drop(&mut self) {
+        CAPTURES.with(|captures| {
+            captures
+                .borrow_mut()
+                .retain(|buffer| !Arc::ptr_eq(buffer, &self.buffer));
+        });
     }
 }
 

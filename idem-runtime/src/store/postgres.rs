@@ -345,7 +345,7 @@ impl Sql {
                    ON CONFLICT (key) DO UPDATE \
                      SET token = excluded.token, \
                          fingerprint = CASE WHEN {keep} THEN r.fingerprint \
-                                       WHEN r.token = excluded.token \
+                                       WHEN r.token = excluded.token AND r.value IS NULL \
                                          THEN coalesce(excluded.fingerprint, r.fingerprint) \
                                        ELSE excluded.fingerprint END, \
                          value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
