@@ -101,6 +101,9 @@
 //! - `http`: `IdempotencyLayer`, `Idempotency-Key` semantics for
 //!   tower and axum services.
 //! - `uuid`: [`uuid::Uuid`](https://docs.rs/uuid) as a key part.
+//! - `metrics`: counters of calls by outcome and histograms of body, wait and store-operation
+//!   latency, through the [`metrics`](https://docs.rs/metrics) facade (see `idem_runtime::metrics`
+//!   for the list).
 //!
 //! Every store passes the same [`conformance`] suite; a store of your own implements [`Store`]
 //! and runs it with [`conformance_tests!`].
