@@ -1,18 +1,20 @@
 //! Through `#[idempotent]`, a replay returns the first call's result exactly, on the in-memory
-//! store (where `Clone` results are kept typed) as on the others, and a result that cannot be
-//! replayed faithfully is refused when it is stored, the same way on every store.
+//! store (where `Clone` results are kept typed) as on Redis and PostgreSQL, and a result that
+//! cannot be replayed faithfully is refused when it is stored, the same way on every store.
 //! (`idem::conformance::results_replay_faithfully` covers the function API on every store.)
+
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem::{Error, MemoryStore, idempotent};
+use idem::{Error, Store, Token, idempotent};
 use serde::{Deserialize, Serialize};
 
 /// Returns `value` the first time its key is seen: a generic function, so one definition covers
 /// every type (each instantiation has a namespace of its own).
 #[idempotent(key = key, store = store)]
-async fn first<T>(store: &MemoryStore, runs: &AtomicUsize, key: u64, value: T) -> Result<T, Error>
+async fn first<T>(store: &dyn Store, runs: &AtomicUsize, key: u64, value: T) -> Result<T, Error>
 where
     T: Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
 {
@@ -20,12 +22,18 @@ where
     Ok(value)
 }
 
+/// A key no other test or run uses (the servers of a test binary are shared).
+fn fresh() -> u64 {
+    Token::generate().as_u128() as u64
+}
+
 /// `first(value)` then `first(other)` under one key: the second call replays `value`.
-async fn replays<T>(store: &MemoryStore, key: u64, value: T, other: T) -> T
+async fn replays<T>(store: &dyn Store, value: T, other: T) -> T
 where
     T: Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
 {
     let runs = AtomicUsize::new(0);
+    let key = fresh();
     first(store, &runs, key, value).await.unwrap();
     let again = first(store, &runs, key, other).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
@@ -49,48 +57,37 @@ enum Ambiguous {
     U(u32),
 }
 
-#[tokio::test]
-async fn typed_replays_are_exact() {
-    let store = MemoryStore::new();
+/// Values that JSON replays wrong or refuses, each replayed exactly.
+async fn typed_replays_are_exact(store: &dyn Store) {
     assert_eq!(
-        replays(&store, 1, Some(None::<u32>), Some(Some(1))).await,
+        replays(store, Some(None::<u32>), Some(Some(1))).await,
         Some(None)
     );
-    assert_eq!(replays(&store, 2, Some(()), None).await, Some(()));
-    assert!(replays(&store, 3, f64::NAN, 0.0).await.is_nan());
+    assert_eq!(replays(store, Some(()), None).await, Some(()));
+    assert!(replays(store, f64::NAN, 0.0).await.is_nan());
     assert_eq!(
-        replays(&store, 4, f64::NEG_INFINITY, 0.0).await,
+        replays(store, f64::NEG_INFINITY, 0.0).await,
         f64::NEG_INFINITY
     );
     let map = HashMap::from([((1u32, 2u32), 3u64)]);
-    assert_eq!(replays(&store, 5, map.clone(), HashMap::new()).await, map);
+    assert_eq!(replays(store, map.clone(), HashMap::new()).await, map);
     let tree = BTreeMap::from([((1u8, 2u8), 3u8)]);
-    assert_eq!(
-        replays(&store, 6, tree.clone(), BTreeMap::new()).await,
-        tree
-    );
+    assert_eq!(replays(store, tree.clone(), BTreeMap::new()).await, tree);
     let event = Event::Created {
         id: 7,
         note: Some(None),
     };
-    assert_eq!(
-        replays(&store, 7, event.clone(), Event::Cancelled).await,
-        event
-    );
+    assert_eq!(replays(store, event.clone(), Event::Cancelled).await, event);
     let json = serde_json::json!({"a": null, "b": [1.5, "x"]});
-    assert_eq!(
-        replays(&store, 8, Some(json.clone()), None).await,
-        Some(json)
-    );
+    assert_eq!(replays(store, Some(json.clone()), None).await, Some(json));
 }
 
-/// The in-memory store refuses what a remote store would: an untagged enum that would replay
-/// as another variant gives its first caller the value, and later callers `Error::Codec`.
-#[tokio::test]
-async fn unfaithful_results_are_refused_on_the_in_memory_store_too() {
-    let store = MemoryStore::new();
+/// An untagged enum that would replay as another variant gives its first caller the value, and
+/// later callers `Error::Codec`; the body does not run again.
+async fn unfaithful_results_are_refused(store: &dyn Store) {
     let runs = AtomicUsize::new(0);
-    let got = first(&store, &runs, 1, vec![Ambiguous::U(5)])
+    let key = fresh();
+    let got = first(store, &runs, key, vec![Ambiguous::U(5)])
         .await
         .unwrap();
     assert_eq!(
@@ -98,7 +95,68 @@ async fn unfaithful_results_are_refused_on_the_in_memory_store_too() {
         vec![Ambiguous::U(5)],
         "the first caller gets its value"
     );
-    let again = first(&store, &runs, 1, vec![Ambiguous::U(6)]).await;
+    let again = first(store, &runs, key, vec![Ambiguous::U(6)]).await;
     assert!(matches!(again, Err(Error::Codec(_))), "{again:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the body did not run again");
+}
+
+mod memory {
+    use idem::MemoryStore;
+
+    #[tokio::test]
+    async fn typed_replays_are_exact() {
+        super::typed_replays_are_exact(&MemoryStore::new()).await;
+    }
+
+    /// The in-memory store refuses what a remote store would.
+    #[tokio::test]
+    async fn unfaithful_results_are_refused() {
+        super::unfaithful_results_are_refused(&MemoryStore::new()).await;
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::support::redis::RedisServer;
+
+    async fn store() -> idem::RedisStore {
+        let url = RedisServer::shared().url();
+        idem::RedisStore::builder()
+            .prefix(format!("idem-test:results:{}:", super::fresh()))
+            .connect(&url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
+    }
+
+    #[tokio::test]
+    async fn typed_replays_are_exact() {
+        super::typed_replays_are_exact(&store().await).await;
+    }
+
+    #[tokio::test]
+    async fn unfaithful_results_are_refused() {
+        super::unfaithful_results_are_refused(&store().await).await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::support::postgres::PgServer;
+
+    async fn store() -> idem::PostgresStore {
+        let store =
+            idem::PostgresStore::from_url(&PgServer::shared().url()).expect("store from URL");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
+    #[tokio::test]
+    async fn typed_replays_are_exact() {
+        super::typed_replays_are_exact(&store().await).await;
+    }
+
+    #[tokio::test]
+    async fn unfaithful_results_are_refused() {
+        super::unfaithful_results_are_refused(&store().await).await;
+    }
 }
