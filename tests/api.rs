@@ -701,3 +701,47 @@ async fn two_call_sites_without_a_name_never_share_records() {
     assert_eq!(one_call_site(&store, 3).await, 3);
     assert_eq!(one_call_site(&store, 4).await, 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Outside a tokio runtime: no panic.
+
+/// Polls `fut` to completion on this thread, with no runtime (a spinning executor).
+fn block_on_without_runtime<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn calls_outside_a_tokio_runtime_run_and_replay_without_panicking() {
+    let store = MemoryStore::new();
+    let call = || {
+        Idempotent::new(&store, 1u8)
+            .name("no-runtime")
+            .run_with_outcome(|| async { Ok::<_, Error>(5u8) })
+    };
+    let first = block_on_without_runtime(call()).unwrap();
+    assert_eq!((first.value, first.status), (5, Status::Executed));
+    let again = block_on_without_runtime(call()).unwrap();
+    assert_eq!((again.value, again.status), (5, Status::Replayed));
+    // A busy key is refused at once rather than waited for (waiting needs tokio's timers).
+    let held = Idempotent::new(&store, 2u8)
+        .name("no-runtime")
+        .run(|| async {
+            let waiter = Idempotent::new(&store, 2u8)
+                .name("no-runtime")
+                .run(|| async { Ok::<_, Error>(0u8) });
+            let waited = waiter.await;
+            assert!(
+                matches!(waited, Err(Error::InProgress { .. })),
+                "{waited:?}"
+            );
+            Ok::<_, Error>(1u8)
+        });
+    assert_eq!(block_on_without_runtime(held).unwrap(), 1);
+}

@@ -113,7 +113,9 @@ pub(crate) async fn wait_turn<S: Store + ?Sized>(
 ) -> Turn {
     let now = Instant::now();
     let deadline = *deadline.get_or_insert(after(now, policy.wait_timeout));
-    if policy.on_conflict == OnConflict::Reject || now >= deadline {
+    // Waiting needs tokio's timers; polled outside a runtime, the call is refused rather than
+    // made to spin or panic.
+    if policy.on_conflict == OnConflict::Reject || now >= deadline || !in_runtime() {
         return Turn::Rejected;
     }
     let started = metrics::start();
@@ -783,6 +785,13 @@ async fn catch_panics<Fut: Future>(body: Fut, panicked: &AtomicBool) -> Fut::Out
     .await
 }
 
+/// Whether this call is polled inside a tokio runtime, whose timers renewal and waiting use.
+/// (A runtime built without timers still panics on them: idem needs tokio's `time` driver, which
+/// `#[tokio::main]` and `Runtime::new` enable.)
+fn in_runtime() -> bool {
+    tokio::runtime::Handle::try_current().is_ok()
+}
+
 /// Runs `body` while renewing the lease every third of it. Renewal is driven by this future, so
 /// a holder that is no longer polled stops renewing and loses its lease.
 async fn renewing<S, Fut>(
@@ -796,6 +805,15 @@ where
     S: Store + ?Sized,
     Fut: Future,
 {
+    if !in_runtime() {
+        // Renewal needs tokio's timers. Outside a runtime the body runs on its first lease
+        // alone, which a body shorter than the lease never notices.
+        tracing::warn!(
+            target: "idem", key = %key,
+            "not polled inside a tokio runtime: the lease is not renewed while the body runs"
+        );
+        return body.await;
+    }
     let every = (lease / 3).max(Duration::from_millis(1));
     let renew = async {
         loop {

@@ -816,6 +816,11 @@ impl MemoryStore {
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            // Waiting needs tokio's timers; outside a runtime, return at once (callers claim
+            // again to see the state).
+            return;
+        }
         let now = Instant::now();
         let (waiters, lease_left) = {
             let Some(record) = self.records.get(&key) else {
