@@ -745,3 +745,30 @@ fn calls_outside_a_tokio_runtime_run_and_replay_without_panicking() {
         });
     assert_eq!(block_on_without_runtime(held).unwrap(), 1);
 }
+
+/// One call site in a generic function: each instantiation is a namespace of its own (the
+/// body's type names the function's type arguments).
+async fn generic_call_site<
+    T: Default + Serialize + serde::de::DeserializeOwned + Send + 'static,
+>(
+    store: &MemoryStore,
+    runs: &std::sync::atomic::AtomicUsize,
+) -> T {
+    Idempotent::new(store, 9u64)
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(T::default())
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_generic_call_site_keeps_its_instantiations_apart() {
+    let store = MemoryStore::new();
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    assert_eq!(generic_call_site::<u8>(&store, &runs).await, 0);
+    assert_eq!(generic_call_site::<String>(&store, &runs).await, "");
+    assert_eq!(generic_call_site::<u8>(&store, &runs).await, 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "one body per instantiation");
+}

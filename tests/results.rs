@@ -119,7 +119,7 @@ mod memory {
 mod redis {
     use super::support::redis::RedisServer;
 
-    async fn store() -> idem::RedisStore {
+    pub(super) async fn store() -> idem::RedisStore {
         let url = RedisServer::shared().url();
         idem::RedisStore::builder()
             .prefix(format!("idem-test:results:{}:", super::fresh()))
@@ -143,7 +143,7 @@ mod redis {
 mod postgres {
     use super::support::postgres::PgServer;
 
-    async fn store() -> idem::PostgresStore {
+    pub(super) async fn store() -> idem::PostgresStore {
         let store =
             idem::PostgresStore::from_url(&PgServer::shared().url()).expect("store from URL");
         store.migrate().await.expect("migrate");
@@ -158,5 +158,131 @@ mod postgres {
     #[tokio::test]
     async fn unfaithful_results_are_refused() {
         super::unfaithful_results_are_refused(&store().await).await;
+    }
+}
+
+/// A `Serialize` that loses data before it reaches the format (a skipped field): the encodings
+/// of the value and of its replay agree, but the replay is not `==` to it. With `PartialEq` the
+/// attribute catches it when the result is stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Session {
+    user: u64,
+    #[serde(skip)]
+    secret: String,
+}
+
+#[idempotent(key = key, store = store)]
+async fn login(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Session, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(Session {
+        user: key,
+        secret: "s3cr3t".to_owned(),
+    })
+}
+
+async fn lossy_serialize_is_refused(store: &dyn Store) {
+    let runs = AtomicUsize::new(0);
+    let key = fresh();
+    let first = login(store, &runs, key).await.unwrap();
+    assert_eq!(first.secret, "s3cr3t", "the first caller gets its value");
+    let again = login(store, &runs, key).await;
+    assert!(
+        matches!(&again, Err(Error::Codec(e)) if e.to_string().contains("not `==`")),
+        "{again:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body did not run again");
+}
+
+/// A result whose `Serialize` panics after the body returned `Ok`: the panic reaches the
+/// caller, and the claim is not released (a retry would run the body again): later calls get
+/// `Error::Codec`.
+#[derive(Clone, Debug)]
+struct Exploding;
+
+impl Serialize for Exploding {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("Serialize panicked");
+    }
+}
+
+impl<'de> Deserialize<'de> for Exploding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <()>::deserialize(d).map(|()| Exploding)
+    }
+}
+
+#[idempotent(key = key, store = store)]
+async fn explode(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Exploding, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(Exploding)
+}
+
+async fn a_panicking_serialize_never_runs_the_body_again(store: &(dyn Store + Sync)) {
+    let runs = AtomicUsize::new(0);
+    let key = fresh();
+    let first = std::panic::AssertUnwindSafe(explode(store, &runs, key));
+    let caught = futures_catch_unwind(first).await;
+    assert!(caught.is_err(), "the panic reaches the caller");
+    // Remote stores complete in the background: give them a moment.
+    for _ in 0..50 {
+        match explode(store, &runs, key).await {
+            Err(Error::Codec(e)) => {
+                assert!(e.to_string().contains("panicked"), "{e}");
+                break;
+            }
+            Err(Error::InProgress { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            other => panic!("expected Error::Codec, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body did not run again");
+}
+
+/// Polls `fut` to completion, catching a panic from one of its polls.
+async fn futures_catch_unwind<F: std::future::Future>(
+    fut: std::panic::AssertUnwindSafe<F>,
+) -> std::thread::Result<F::Output> {
+    let mut fut = std::pin::pin!(fut.0);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(out)) => std::task::Poll::Ready(Ok(out)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+mod refusals {
+    use idem::MemoryStore;
+
+    #[tokio::test]
+    async fn lossy_serialize_is_refused_in_memory() {
+        super::lossy_serialize_is_refused(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn a_panicking_serialize_never_runs_the_body_again_in_memory() {
+        super::a_panicking_serialize_never_runs_the_body_again(&MemoryStore::new()).await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn lossy_serialize_is_refused_on_redis() {
+        super::lossy_serialize_is_refused(&super::redis::store().await).await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_panicking_serialize_never_runs_the_body_again_on_redis() {
+        super::a_panicking_serialize_never_runs_the_body_again(&super::redis::store().await).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_panicking_serialize_never_runs_the_body_again_on_postgres() {
+        super::a_panicking_serialize_never_runs_the_body_again(&super::postgres::store().await)
+            .await;
     }
 }

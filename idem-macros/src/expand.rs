@@ -181,6 +181,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             __idem_fingerprint,
             &__idem_policy,
             __idem_typed,
+            __idem_eq,
             __idem_body,
         )
         .await
@@ -201,6 +202,11 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
                 #[allow(unused_imports)]
                 use #krate::__private::{ViaClone as _, ViaEncoding as _};
                 (&#krate::__private::Probe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).typed_ops()
+            };
+            let __idem_eq = {
+                #[allow(unused_imports)]
+                use #krate::__private::{ViaPartialEq as _, WithoutPartialEq as _};
+                (&#krate::__private::EqProbe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).eq_fn()
             };
             let __idem_body = async #block;
             #run

@@ -107,6 +107,7 @@ pub async fn run<T, E, Fut>(
     fingerprint: Option<Fingerprint>,
     policy: &Policy,
     typed: Option<TypedOps<T>>,
+    eq: Option<fn(&T, &T) -> bool>,
     body: Fut,
 ) -> Result<T, E>
 where
@@ -120,9 +121,52 @@ where
         fingerprint,
         policy,
     };
-    crate::exec::execute(store, call, typed, body)
+    crate::exec::execute(store, call, typed, eq, body)
         .await
         .map(|outcome| outcome.value)
+}
+
+/// Finds `T`'s equality by autoref specialisation: `(&EqProbe::<T>::new()).eq_fn()` is
+/// `Some(<T as PartialEq>::eq)` when `T: PartialEq`, `None` otherwise. The executor uses it to
+/// check, when a result is stored, that its replay is equal to it (which catches a `Serialize`
+/// that loses data before it is encoded). Works where `T` is concrete, as in the expansion.
+pub struct EqProbe<T>(PhantomData<fn() -> T>);
+
+impl<T> EqProbe<T> {
+    /// A probe for `T`.
+    pub const fn new() -> EqProbe<T> {
+        EqProbe(PhantomData)
+    }
+}
+
+impl<T> Default for EqProbe<T> {
+    fn default() -> Self {
+        EqProbe::new()
+    }
+}
+
+/// The probe's answer for a `T: PartialEq` (found first, by value).
+pub trait ViaPartialEq<T> {
+    /// `Some(<T as PartialEq>::eq)`.
+    fn eq_fn(&self) -> Option<fn(&T, &T) -> bool>;
+}
+
+impl<T: PartialEq> ViaPartialEq<T> for EqProbe<T> {
+    fn eq_fn(&self) -> Option<fn(&T, &T) -> bool> {
+        Some(<T as PartialEq>::eq)
+    }
+}
+
+/// The probe's answer for any other `T` (found after autoref).
+pub trait WithoutPartialEq<T> {
+    /// `None`: the encodings alone are compared.
+    fn eq_fn(&self) -> Option<fn(&T, &T) -> bool>;
+}
+
+impl<T> WithoutPartialEq<T> for &EqProbe<T> {
+    fn eq_fn(&self) -> Option<fn(&T, &T) -> bool> {
+        None
+    }
 }
 
 /// Finds [`TypedOps`] for `T` by autoref specialisation: `(&Probe::<T>::new()).typed_ops()` is

@@ -297,20 +297,40 @@ impl std::error::Error for NotStored {}
 pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<Vec<u8>, Unfaithful> {
+    encode_checked_replay(value, None).map(|(bytes, _)| bytes)
+}
+
+/// [`encode_checked`], also handing back the decoded value (what a replay from the record
+/// returns), and, where the type has one, checking it with the type's own equality: with `eq`,
+/// a value that is equal to itself (no NaN inside) must be `eq` to its replay, which catches a
+/// `Serialize` that loses data before it reaches the format (`#[serde(skip)]`, a lossy
+/// `with`/`into`, untagged variants of the same shape) and a `Deserialize` that reorders a
+/// sequence; the replay being `eq` also accepts encodings that differ only in order.
+pub(crate) fn encode_checked_replay<T: Serialize + DeserializeOwned>(
+    value: &T,
+    eq: Option<fn(&T, &T) -> bool>,
+) -> Result<(Vec<u8>, T), Unfaithful> {
     let first = encode(value)?;
     let replay: T =
         decode_value(&first).map_err(|err| Unfaithful::new::<T>(Reason::Decode(err)))?;
+    // The type's equality, where it is reflexive for this value (NaN is not equal to itself).
+    let eq = eq.filter(|eq| eq(value, value));
+    if let Some(eq) = eq
+        && !eq(value, &replay)
+    {
+        return Err(Unfaithful::new::<T>(Reason::NotEqual));
+    }
     let second = encode_record(&replay, first.len())
         .map_err(|err| Unfaithful::new::<T>(Reason::Reencode(err)))?;
-    if first == second {
-        return Ok(first);
+    if first == second || eq.is_some() {
+        return Ok((first, replay));
     }
     // Not byte for byte: the same up to the order of elements (a HashMap), or a different value.
     let (Ok(stored), Ok(replayed)) = (canonical(&first), canonical(&second)) else {
         return Err(Unfaithful::new::<T>(Reason::Differs(None)));
     };
     if stored == replayed {
-        return Ok(first);
+        return Ok((first, replay));
     }
     Err(Unfaithful::new::<T>(Reason::Differs(difference(
         &first, &second,
@@ -375,6 +395,8 @@ enum Reason {
     Reencode(EncodeError),
     /// The decoded value differs from the value; where, when it could be found.
     Differs(Option<Difference>),
+    /// The decoded value is not `==` to the value (by the type's own `PartialEq`).
+    NotEqual,
 }
 
 impl Unfaithful {
@@ -425,6 +447,14 @@ impl fmt::Display for Unfaithful {
                     at.stored, at.replayed
                 )
             }
+            Reason::NotEqual => write!(
+                f,
+                "a result of type `{ty}` cannot be stored faithfully: it decodes to a value that \
+                 is not `==` to it, so its Serialize or Deserialize loses or changes something \
+                 (a `#[serde(skip)]` field, a lossy `with`, `into` or `from`, untagged variants \
+                 of the same shape, a Deserialize that reorders or drops data); make the two \
+                 agree, or store a type that round-trips"
+            ),
             Reason::Differs(None) => write!(
                 f,
                 "a result of type `{ty}` cannot be stored faithfully: a replay would differ from \

@@ -218,7 +218,9 @@ pub struct Outcome<T> {
 pub struct Idempotent<'s, S: ?Sized, K> {
     store: &'s S,
     key: K,
-    name: Cow<'static, str>,
+    /// The namespace `name` gave; without one, the call site and the body's type make it.
+    name: Option<Cow<'static, str>>,
+    site: &'static std::panic::Location<'static>,
     fingerprint: Option<Fingerprint>,
     policy: Policy,
 }
@@ -226,18 +228,21 @@ pub struct Idempotent<'s, S: ?Sized, K> {
 impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
     /// A call keyed by `key` in `store`, with the default [`Policy`].
     ///
-    /// Until [`name`](Self::name) gives one, the namespace of the key is this call site
-    /// (`file:line:column` of the code that calls `new`), so two call sites never share records
-    /// even when their keys are equal. That namespace changes when the code moves: give a
-    /// [`name`](Self::name) to records that must outlive a deployment, or that other processes
+    /// Until [`name`](Self::name) gives one, the namespace of the key is the path of the body's
+    /// type (for a closure: its crate, module, function and that function's type arguments)
+    /// and this call site (`file:line:column` of the code that calls `new`), so two call sites,
+    /// two crates, and two instantiations of a generic function never share records even when
+    /// their keys are equal. (Two calls written in one `macro_rules!` body and expanded at one
+    /// place do share a call site: name them.) That namespace changes when the code moves: give
+    /// a [`name`](Self::name) to records that must outlive a deployment, or that other processes
     /// or an operator must find.
     #[track_caller]
     pub fn new(store: &'s S, key: K) -> Self {
-        let site = std::panic::Location::caller();
         Idempotent {
             store,
             key,
-            name: Cow::Owned(format!("{}:{}:{}", site.file(), site.line(), site.column())),
+            name: None,
+            site: std::panic::Location::caller(),
             fingerprint: None,
             policy: Policy::new(),
         }
@@ -247,7 +252,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
     /// `#[idempotent(name = n, key = key)]` address the same record, and an operator finds it as
     /// `Key::new(n, &key)`.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -303,15 +308,31 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
-        let key = Key::new(&self.name, &self.key);
+        let name = match self.name {
+            Some(name) => name,
+            None => Cow::Owned(call_site_namespace::<F>(self.site)),
+        };
+        let key = Key::new(&name, &self.key);
         let call = Call {
-            name: &self.name,
+            name: &name,
             key,
             fingerprint: self.fingerprint,
             policy: &self.policy,
         };
-        execute(self.store, call, None, async move { body().await }).await
+        execute(self.store, call, None, None, async move { body().await }).await
     }
+}
+
+/// The namespace of a call made without a name: the path of the body's type (a closure's
+/// includes its crate, module, function and that function's type arguments) and the call site,
+/// so two call sites, two crates or two instantiations of a generic function never share
+/// records.
+fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> String {
+    let mut body = std::any::type_name::<F>();
+    while let Some(outer) = body.strip_suffix("::{{closure}}") {
+        body = outer;
+    }
+    format!("{body}@{}:{}:{}", site.file(), site.line(), site.column())
 }
 
 /// Everything the executor needs to know about one call besides its store and body.
@@ -472,6 +493,7 @@ pub(crate) async fn execute<S, T, E, Fut>(
     store: &S,
     call: Call<'_>,
     typed: Option<TypedOps<T>>,
+    eq: Option<fn(&T, &T) -> bool>,
     body: Fut,
 ) -> Result<Outcome<T>, E>
 where
@@ -567,7 +589,7 @@ where
         panicked: &panicked,
         report: &mut report,
     };
-    Box::pin(claimed.run(typed, body)).await
+    Box::pin(claimed.run(typed, eq, body)).await
 }
 
 /// A key this call holds: what [`Claimed::run`] needs to run the body and settle the claim.
@@ -588,7 +610,12 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
     /// result is being stored hands the completion to the store
     /// ([`Store::complete_on_drop`]), or leaves the claim to its lease. Releasing a claim whose
     /// body succeeded would let a retry run the body a second time.
-    async fn run<T, E, Fut>(self, typed: Option<TypedOps<T>>, body: Fut) -> Result<Outcome<T>, E>
+    async fn run<T, E, Fut>(
+        self,
+        typed: Option<TypedOps<T>>,
+        eq: Option<fn(&T, &T) -> bool>,
+        body: Fut,
+    ) -> Result<Outcome<T>, E>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
@@ -625,18 +652,31 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             }
         };
 
-        // The body returned `Ok`: from here on the claim is completed or left to its lease.
-        let (encoded, mut unstorable) = match encode_result(&value) {
-            Ok(bytes) => (Bytes::from(bytes), None),
-            Err(err) => (Bytes::from(unstorable_result(&err)), Some(err)),
+        // The body returned `Ok`: from here on the claim is completed or left to its lease, never
+        // released. Should the result's own Serialize, Deserialize or Clone panic while it is
+        // checked, the unwinding call stores a record saying so (a retry must not run the body
+        // again).
+        guard.stage = Stage::Completing {
+            value: Bytes::from(codec::unstorable(
+                "the result's Serialize or Deserialize panicked while it was checked",
+            )),
+            ttl: policy.ttl,
         };
-        let completion = match (store.as_memory(), typed, &unstorable) {
-            // Kept typed: a replay clones it, with nothing to decode later. No await: the
-            // completion cannot be cancelled halfway.
-            (Some(memory), Some(ops), None) => {
+        let (encoded, replay, mut unstorable) = match codec::encode_checked_replay(&value, eq) {
+            Ok((bytes, replay)) => (Bytes::from(bytes), Some(replay), None),
+            Err(err) => {
+                let err = Error::codec(err);
+                (Bytes::from(unstorable_result(&err)), None, Some(err))
+            }
+        };
+        let completion = match (store.as_memory(), typed, replay) {
+            // Kept typed: a replay clones the decoded value (exactly what a store of bytes
+            // would replay), with nothing to decode later. No await: the completion cannot be
+            // cancelled halfway.
+            (Some(memory), Some(ops), Some(replay)) => {
                 guard.stage = Stage::Settled;
                 let kept = Value::Typed(Typed {
-                    value: (ops.into_any)((ops.clone)(&value)),
+                    value: (ops.into_any)(replay),
                     encode: ops.encode,
                     size: encoded.len(),
                 });
