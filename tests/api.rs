@@ -772,3 +772,133 @@ async fn a_generic_call_site_keeps_its_instantiations_apart() {
     assert_eq!(generic_call_site::<u8>(&store, &runs).await, 0);
     assert_eq!(runs.load(Ordering::SeqCst), 2, "one body per instantiation");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A store that fails or lags: the in-memory store behind a wrapper that is reached only through
+// the `Store` trait.
+
+/// Fails the first `complete` (the value never reaches the store), or answers claims late.
+struct Troubled {
+    inner: MemoryStore,
+    fail_completes: std::sync::atomic::AtomicUsize,
+    claim_delay: Duration,
+    renewals: std::sync::atomic::AtomicUsize,
+}
+
+impl Troubled {
+    fn new(fail_completes: usize, claim_delay: Duration) -> Troubled {
+        Troubled {
+            inner: MemoryStore::new(),
+            fail_completes: std::sync::atomic::AtomicUsize::new(fail_completes),
+            claim_delay,
+            renewals: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl idem::Store for Troubled {
+    fn claim(
+        &self,
+        key: idem::Key,
+        fingerprint: Option<idem::Fingerprint>,
+        lease: Duration,
+    ) -> idem::BoxFuture<'_, Result<idem::Claim, Error>> {
+        Box::pin(async move {
+            let claim = self.inner.claim(key, fingerprint, lease).await;
+            tokio::time::sleep(self.claim_delay).await; // the reply is slow
+            claim
+        })
+    }
+    fn complete(
+        &self,
+        key: idem::Key,
+        token: idem::Token,
+        fingerprint: Option<idem::Fingerprint>,
+        value: idem::Bytes,
+        ttl: Duration,
+    ) -> idem::BoxFuture<'_, Result<idem::Completion, Error>> {
+        let failing = self
+            .fail_completes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Box::pin(async { Err(Error::store("connection reset")) });
+        }
+        self.inner.complete(key, token, fingerprint, value, ttl)
+    }
+    fn renew(
+        &self,
+        key: idem::Key,
+        token: idem::Token,
+        lease: Duration,
+    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        self.inner.renew(key, token, lease)
+    }
+    fn release(
+        &self,
+        key: idem::Key,
+        token: idem::Token,
+    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.inner.release(key, token)
+    }
+    fn wait(&self, key: idem::Key, timeout: Duration) -> idem::BoxFuture<'_, Result<(), Error>> {
+        self.inner.wait(key, timeout)
+    }
+    fn remove(&self, key: idem::Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        self.inner.remove(key)
+    }
+    fn complete_on_drop(
+        &self,
+        key: idem::Key,
+        token: idem::Token,
+        fingerprint: Option<idem::Fingerprint>,
+        value: idem::Bytes,
+        ttl: Duration,
+    ) {
+        self.inner
+            .complete_on_drop(key, token, fingerprint, value, ttl)
+    }
+}
+
+/// A `complete` that fails once (a connection reset) leaves the result to the background
+/// completion: the retry replays it, never an error in its place, and the body runs once.
+#[tokio::test]
+async fn a_transient_completion_failure_stores_the_result_in_the_background() {
+    let store = Troubled::new(1, Duration::ZERO);
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let call = || {
+        Idempotent::new(&store, 1u8)
+            .name("troubled")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(String::from("precious"))
+            })
+    };
+    let first = call().await.unwrap();
+    assert_eq!(first.value, "precious", "the caller gets its value");
+    assert_eq!(
+        first.expires_in, None,
+        "nothing was stored by the call itself"
+    );
+    let again = call().await.unwrap();
+    assert_eq!(
+        (again.value.as_str(), again.status),
+        ("precious", Status::Replayed)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A claim whose reply took half the lease or more is renewed before the body starts: the lease
+/// counted on the store may have run out while the reply travelled.
+#[tokio::test(start_paused = true)]
+async fn a_slow_claim_reply_is_renewed_before_the_body_starts() {
+    let store = Troubled::new(0, Duration::from_millis(60));
+    let renewals_before_body = Idempotent::new(&store, 1u8)
+        .name("troubled")
+        .lease(Duration::from_millis(100))
+        .run(|| async { Ok::<_, Error>(store.renewals.load(Ordering::SeqCst)) })
+        .await
+        .unwrap();
+    assert_eq!(renewals_before_body, 1, "renewed once, before the body");
+}

@@ -31,8 +31,12 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// seconds; then it fails with [`Error::InProgress`].
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The shortest lease or ttl the executor uses; shorter ones are raised to it.
+/// The shortest ttl the executor uses; shorter ones are raised to it.
 const MIN_DURATION: Duration = Duration::from_millis(1);
+/// The shortest lease the executor uses; shorter ones are raised to it. A lease is renewed every
+/// third of it, by timers whose resolution is a millisecond: below this, a live holder could not
+/// renew in time.
+const MIN_LEASE: Duration = Duration::from_millis(10);
 
 /// What a caller does while another call holds its key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,7 +84,7 @@ impl Policy {
     pub(crate) fn bounded(&self) -> Policy {
         Policy {
             ttl: self.ttl.clamp(MIN_DURATION, FOREVER),
-            lease: self.lease.clamp(MIN_DURATION, FOREVER),
+            lease: self.lease.clamp(MIN_LEASE, FOREVER),
             wait_timeout: self.wait_timeout.min(FOREVER),
             on_conflict: self.on_conflict,
         }
@@ -422,6 +426,25 @@ pub(crate) fn unstorable_result(why: &Error) -> Vec<u8> {
     codec::unstorable(&why)
 }
 
+/// A result larger than its store takes ([`Store::max_value_len`]).
+#[derive(Debug)]
+struct TooLarge {
+    len: usize,
+    max: usize,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the result is {} bytes, more than the {} bytes the store takes",
+            self.len, self.max
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
 /// Claims through the in-memory store directly when that is the store (no boxed future), or
 /// through the trait.
 async fn claim<S: Store + ?Sized>(
@@ -465,6 +488,8 @@ fn decode<T: DeserializeOwned + 'static>(
 struct Unreported<'c, 'a> {
     call: &'c Call<'a>,
     panicked: &'c AtomicBool,
+    /// Set once the body returned `Ok`: a drop after it leaves a result to store.
+    body_ok: &'c AtomicBool,
     armed: bool,
 }
 
@@ -483,6 +508,16 @@ impl Drop for Unreported<'_, '_> {
         let call = self.call;
         if self.panicked.load(Ordering::Relaxed) || std::thread::panicking() {
             outcome!(WARN, call, "panicked");
+        } else if self.body_ok.load(Ordering::Relaxed) {
+            outcome!(
+                WARN,
+                call,
+                "cancelled",
+                after_body = true,
+                "the call was dropped after its body ran: its result is stored in the background \
+                 if the store and the runtime allow it, otherwise the claim is left to its lease \
+                 and a retry after it runs the body again"
+            );
         } else {
             outcome!(DEBUG, call, "cancelled");
         }
@@ -503,9 +538,11 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let panicked = AtomicBool::new(false);
+    let body_ok = AtomicBool::new(false);
     let mut report = Unreported {
         call: &call,
         panicked: &panicked,
+        body_ok: &body_ok,
         armed: true,
     };
     let policy = &call.policy.bounded();
@@ -514,6 +551,8 @@ where
     let mut waited = false;
     let mut wait_started: Option<metrics::Stopwatch> = None;
     let token = loop {
+        // Remote stores only: the in-memory claim takes no time, and a replay reads no clock.
+        let asked = store.as_memory().is_none().then(Instant::now);
         let claim = match claim(store, &call, policy.lease).await {
             Ok(claim) => claim,
             Err(err) => {
@@ -526,7 +565,24 @@ where
             metrics::waited(call.name, started);
         }
         match claim {
-            ValueClaim::Acquired(token) => break token,
+            ValueClaim::Acquired(token) => {
+                // A reply that took half the lease or more may have come after the lease (counted
+                // from the grant, on the store) ran out: renew before the body starts, and claim
+                // again if another call took the key over meanwhile.
+                if asked.is_some_and(|asked| asked.elapsed() >= policy.lease / 2) {
+                    match store.renew(call.key, token, policy.lease).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(err) => {
+                            store.release_on_drop(call.key, token);
+                            report.reported();
+                            outcome!(WARN, call, "store_error", error = %err, step = "claim");
+                            return Err(err.into());
+                        }
+                    }
+                }
+                break token;
+            }
             ValueClaim::Completed {
                 value,
                 fingerprint,
@@ -652,6 +708,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             }
         };
 
+        report.body_ok.store(true, Ordering::Relaxed);
         // The body returned `Ok`: from here on the claim is completed or left to its lease, never
         // released. Should the result's own Serialize, Deserialize or Clone panic while it is
         // checked, the unwinding call stores a record saying so (a retry must not run the body
@@ -693,33 +750,31 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                 ))
             }
             (None, _, _) => {
+                // A result larger than the store takes is refused deterministically: record that
+                // it could not be stored (later calls get an error, the body never runs again)
+                // rather than send it.
+                let (encoded, refused) = match store.max_value_len() {
+                    Some(max) if unstorable.is_none() && encoded.len() > max => {
+                        let err = Error::store(TooLarge {
+                            len: encoded.len(),
+                            max,
+                        });
+                        (Bytes::from(unstorable_result(&err)), Some(err))
+                    }
+                    _ => (encoded, None),
+                };
+                if refused.is_some() {
+                    unstorable = refused;
+                }
                 let completion = complete(store, &mut guard, encoded.clone(), policy.ttl).await;
                 match completion {
-                    Err(err) if unstorable.is_none() => {
-                        // The store refused the result or failed. Record that it could not be
-                        // stored, so later calls get an error instead of running the body
-                        // again. If the first completion did land after all, it stays: a
-                        // completion repeated with the same token keeps the first value.
-                        let tombstone = Bytes::from(unstorable_result(&err));
-                        match complete(store, &mut guard, tombstone, policy.ttl).await {
-                            Ok(done) => {
-                                unstorable = Some(err);
-                                Ok(done)
-                            }
-                            Err(_) => {
-                                // The store is down: finish the completion in the background
-                                // where the store can, so that if it recovers within the lease
-                                // a retry replays rather than runs again.
-                                store.complete_on_drop(
-                                    key,
-                                    token,
-                                    call.fingerprint,
-                                    encoded,
-                                    policy.ttl,
-                                );
-                                Err(err)
-                            }
-                        }
+                    Err(err) => {
+                        // The store failed (down, slow, a lock): the value may or may not have
+                        // landed. Finish the completion in the background where the store can
+                        // (a completion that landed is recognised as itself), so that once the
+                        // store is back a retry replays rather than runs again.
+                        store.complete_on_drop(key, token, call.fingerprint, encoded, policy.ttl);
+                        Err(err)
                     }
                     other => other,
                 }
@@ -774,9 +829,9 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                     "store_error",
                     error = %err,
                     step = "complete",
-                    "the body ran but neither its result nor the fact that it could not be \
-                     stored reached the store; it is stored in the background if the store \
-                     recovers, otherwise a retry after the lease runs the body again"
+                    "the body ran but its result could not be stored yet; it is stored in the \
+                     background once the store recovers, otherwise a retry after the lease runs \
+                     the body again"
                 );
                 Ok(Outcome {
                     value,
@@ -855,12 +910,17 @@ where
         return body.await;
     }
     let every = (lease / 3).max(Duration::from_millis(1));
+    // After a failed renewal, try again soon: the next regular renewal could come after the
+    // lease has run out, and a live holder would lose its key.
+    let again = (lease / 10).max(Duration::from_millis(1));
     let renew = async {
+        let mut pause = every;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(pause).await;
             let started = metrics::start();
             let renewed = store.renew(key, token, lease).await;
             metrics::store_operation("renew", started);
+            pause = if renewed.is_err() { again } else { every };
             match renewed {
                 Ok(true) => {}
                 Ok(false) => return, // taken over: `complete` will report the lost lease

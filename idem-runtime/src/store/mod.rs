@@ -141,6 +141,15 @@ pub trait Store: Send + Sync {
         let _ = (key, token, fingerprint, value, ttl);
     }
 
+    /// The largest value [`complete`](Store::complete) accepts, in bytes, if the store has such a
+    /// limit (Redis's `proto-max-bulk-len`, PostgreSQL's 1 GB `bytea`). The executor records a
+    /// larger result as one that could not be stored (later calls get
+    /// [`Error::Codec`](crate::Error::Codec), and the body does not run again) instead of
+    /// sending it. `None`, the default: no limit the store knows of.
+    fn max_value_len(&self) -> Option<usize> {
+        None
+    }
+
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
     /// without boxed futures, and keep results typed. Not for other stores to implement.
     #[doc(hidden)]
@@ -175,6 +184,9 @@ macro_rules! forward_store {
             }
             fn complete_on_drop(&self, key: Key, token: Token, fingerprint: Option<Fingerprint>, value: Bytes, ttl: Duration) {
                 (**self).complete_on_drop(key, token, fingerprint, value, ttl)
+            }
+            fn max_value_len(&self) -> Option<usize> {
+                (**self).max_value_len()
             }
             fn as_memory(&self) -> Option<&memory::MemoryStore> {
                 (**self).as_memory()

@@ -1624,6 +1624,11 @@ impl Store for PostgresStore {
         })
     }
 
+    /// PostgreSQL's largest `bytea` value, 1 GB.
+    fn max_value_len(&self) -> Option<usize> {
+        Some((1 << 30) - 1)
+    }
+
     /// Hands the release to the current tokio runtime, if there is one; otherwise (or if it
     /// fails) the claim frees when its lease runs out.
     fn release_on_drop(&self, key: Key, token: Token) {

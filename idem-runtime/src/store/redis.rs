@@ -1477,6 +1477,13 @@ impl Store for RedisStore {
         Box::pin(async move { self.ok_or_lost("remove", &SCRIPTS.remove, &key, &[]).await })
     }
 
+    /// The server's `proto-max-bulk-len` (read at connect and after a reconnection): a larger
+    /// result would make Redis close the connection.
+    fn max_value_len(&self) -> Option<usize> {
+        let max = self.health.max_value.load(Ordering::Acquire);
+        Some(usize::try_from(max).unwrap_or(usize::MAX))
+    }
+
     /// Spawns the release on the current tokio runtime and returns at once; outside a runtime
     /// it does nothing (the claim expires with its lease, which is no longer renewed).
     fn release_on_drop(&self, key: Key, token: Token) {
