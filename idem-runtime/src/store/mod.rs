@@ -144,7 +144,7 @@ pub trait Store: Send + Sync {
     /// The largest value [`complete`](Store::complete) accepts, in bytes, if the store has such a
     /// limit (Redis's `proto-max-bulk-len`, PostgreSQL's 1 GB `bytea`). The executor records a
     /// larger result as one that could not be stored (later calls get
-    /// [`Error::Codec`](crate::Error::Codec), and the body does not run again) instead of
+    /// [`Error::Codec`], and the body does not run again) instead of
     /// sending it. `None`, the default: no limit the store knows of.
     fn max_value_len(&self) -> Option<usize> {
         None
