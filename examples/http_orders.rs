@@ -6,6 +6,13 @@
 //! `Idempotency-Key`, and on the third try gets the first response back (`Idempotent-Replayed:
 //! true`). One order was created, not three.
 //!
+//! The service is laid out as a real one should be: an authentication layer *outside* the
+//! idempotency layer rejects unknown credentials and puts the customer it found in the request's
+//! extensions, and the idempotency layer scopes keys (and quotas) by that customer. At the end the
+//! server shuts down gracefully and waits for the idempotency layer to
+//! [`drain`](idem::IdempotencyLayer::drain): a handler whose client went away still finishes
+//! before the process exits.
+//!
 //! ```text
 //! cargo run --example http_orders --features http
 //! ```
@@ -16,8 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request as AxumRequest, State};
 use axum::http::{HeaderName, Request, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -33,6 +42,34 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone, Default)]
 struct Orders {
     created: Arc<AtomicU64>,
+}
+
+/// The customers and their API tokens. A real service checks a signed token or a database.
+const CUSTOMERS: [(&str, &str); 2] = [("tok_4f1c2a9e", "acme"), ("tok_77d0b3c1", "globex")];
+
+/// The customer the authentication layer found, in the request's extensions.
+#[derive(Clone)]
+struct Customer(&'static str);
+
+/// The authentication layer: a request without known credentials is answered `401` here, before
+/// it reaches the idempotency layer, so made-up credentials never make a client (nor a quota).
+async fn authenticate(mut req: AxumRequest, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let customer = CUSTOMERS
+        .iter()
+        .find(|(known, _)| Some(*known) == token)
+        .map(|&(_, customer)| Customer(customer));
+    match customer {
+        Some(customer) => {
+            req.extensions_mut().insert(customer);
+            next.run(req).await
+        }
+        None => (StatusCode::UNAUTHORIZED, "unknown credentials").into_response(),
+    }
 }
 
 /// `POST /orders`: creates an order. Not idempotent by itself: every call makes a new one.
@@ -66,19 +103,30 @@ pub struct Report {
 /// Starts the service and the lossy link, and lets the client create one order.
 pub async fn run() -> Result<Report, BoxError> {
     let orders = Orders::default();
-    // Clients are told apart by their `Authorization` header (this one sends none, so it is the
-    // anonymous client), each with its own keys and quota.
+    // Keys (and quotas) belong to the customer the authentication layer found: two customers
+    // that pick the same key never see each other's responses.
     let idempotency = IdempotencyLayer::new(MemoryStore::new())
         .ttl(Duration::from_secs(24 * 60 * 60))
-        .require_key(true);
-    // The layer goes right around the handler: rate limiting, authentication, validation and
-    // compression would be added after it, outside, so that their answers are never stored.
+        .require_key(true)
+        .scope(|req| req.extensions.get::<Customer>().map(|c| c.0.to_owned()));
+    // The idempotency layer goes right around the handlers; what answers in their place goes
+    // outside it, added after it: authentication here, and timeouts, rate limiting, validation
+    // and compression in a real service, so that their answers are never stored.
     let app = Router::new()
-        .route("/orders", post(create_order).layer(idempotency))
+        .route("/orders", post(create_order))
+        .layer(idempotency.clone())
+        .layer(middleware::from_fn(authenticate))
         .with_state(orders.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = listener.local_addr()?;
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
     let link = lossy_link(server_addr, 2).await?;
     println!("order service on http://{server_addr}; the client reaches it through a lossy link");
 
@@ -88,6 +136,7 @@ pub async fn run() -> Result<Report, BoxError> {
     let result = loop {
         attempts += 1;
         let request = Request::post(format!("http://{link}/orders"))
+            .header(header::AUTHORIZATION, "Bearer tok_4f1c2a9e")
             .header("idempotency-key", key)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::from(r#"{"sku":"book-42","qty":1}"#))?;
@@ -123,7 +172,12 @@ pub async fn run() -> Result<Report, BoxError> {
             Err(err) => return Err(err.into()),
         }
     };
-    server.abort();
+    // Shut down as a deployment does: stop taking connections, let those open finish, then wait
+    // for the keyed requests whose clients went away (bounded by what the deployment allows).
+    drop(client);
+    let _ = stop.send(());
+    server.await??;
+    tokio::time::timeout(Duration::from_secs(10), idempotency.drain()).await?;
     let orders_created = orders.created.load(Ordering::SeqCst);
     println!("orders created: {orders_created}");
     Ok(Report {

@@ -113,6 +113,13 @@ where
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
         match &self.rest {
+            // Trailers need a chunked HTTP/1.1 message: an exact size would make the server send
+            // `Content-Length`, and drop the trailers.
+            None if self.trailers.is_some() => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(prefix);
+                hint
+            }
             None => SizeHint::with_exact(prefix),
             Some(rest) => {
                 let inner = rest.size_hint();

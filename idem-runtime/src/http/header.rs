@@ -11,6 +11,9 @@ pub(crate) enum KeyError {
     Repeated,
     /// The value is neither a Structured Field String nor a bare token of visible ASCII.
     Malformed,
+    /// A bare value with a comma or whitespace inside: a list of keys (two headers folded into
+    /// one, `a, b`), not one key.
+    List,
     /// The value is empty.
     Empty,
     /// The key is longer than the limit (its length in bytes, after unquoting).
@@ -21,7 +24,10 @@ pub(crate) enum KeyError {
 ///
 /// The value is accepted in two forms, which name the same key:
 /// - the IETF draft's Structured Field String: `"abc"`, with `\"` and `\\` as the only escapes;
-/// - the bare token that Stripe's clients send: `abc` (visible ASCII; inner spaces allowed).
+/// - the bare token that Stripe's clients send: `abc` (visible ASCII but `"` and `,`; no space
+///   or tab inside). A bare value with a comma or whitespace inside is refused: `a, b` is what a
+///   proxy makes of two `Idempotency-Key` headers folded into one, and taking it for one key
+///   would hide that the request carried two.
 ///
 /// Surrounding spaces and tabs are ignored. `max_len` bounds the key's length in bytes.
 pub(crate) fn idempotency_key(
@@ -90,9 +96,12 @@ fn parse_sf_string(raw: &[u8]) -> Result<String, KeyError> {
     Err(KeyError::Malformed)
 }
 
-/// A bare key: visible ASCII and inner spaces, no double quote.
+/// A bare key: visible ASCII, no double quote, no comma, no space or tab.
 fn parse_token(raw: &[u8]) -> Result<String, KeyError> {
-    if raw.iter().all(|&b| (0x20..=0x7e).contains(&b) && b != b'"') {
+    if raw.iter().any(|&b| matches!(b, b',' | b' ' | b'\t')) {
+        return Err(KeyError::List);
+    }
+    if raw.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b'"') {
         // Only ASCII: the conversion cannot fail, but stay panic-free anyway.
         String::from_utf8(raw.to_vec()).map_err(|_| KeyError::Malformed)
     } else {
@@ -134,6 +143,12 @@ mod tests {
         assert_eq!(key(b""), Err(KeyError::Empty));
         assert_eq!(key(b"\"\""), Err(KeyError::Empty));
         assert_eq!(key(b"ab\"c"), Err(KeyError::Malformed));
+        // Folded headers, or a key with spaces: a list, not one key. Quoted, they are one key.
+        assert_eq!(key(b"a, b"), Err(KeyError::List));
+        assert_eq!(key(b"a,b"), Err(KeyError::List));
+        assert_eq!(key(b"a b"), Err(KeyError::List));
+        assert_eq!(key(b"a\tb"), Err(KeyError::List));
+        assert_eq!(key(b"\"a, b\""), Ok(Some("a, b".into())));
         assert_eq!(key("ключ".as_bytes()), Err(KeyError::Malformed));
         assert_eq!(
             key(b"0123456789abcdef"),

@@ -1,31 +1,35 @@
 //! A guarded request with a key: scope, buffer, fingerprint, then claim, run the handler and
-//! store its response through the executor, in a task the client's going away does not cancel.
+//! store its response through the executor, in a task the client's going away does not cancel
+//! once the handler has started.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, request};
+use http::{Extensions, Request, Response, Uri, request};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use tokio::sync::oneshot;
 use tower_service::Service;
 use tracing::Instrument;
 
 use super::IDEMPOTENT_NOT_STORED;
 use super::body::{self, Buffered, ResponseBody};
+use super::drain::Tracker;
 use super::layer::Config;
 use super::problem::Problem;
-use super::quota::{Limits, OverQuota, Quotas};
+use super::quota::{Bound, Limits, OverQuota, Quotas, RUNNING_ROOM};
 use super::record::{StoredHead, StoredResponse};
-use super::service::RequestBody;
+use super::service::{Guarded, RequestBody};
 use crate::error::{BoxError, Error};
 use crate::exec::Idempotent;
 use crate::key::{Encoder, KeyPart};
-
-/// Room for a stored response's headers, on top of its body: what a running request holds of
-/// its client's byte quota besides [`max_response_bytes`](super::IdempotencyLayer::max_response_bytes).
-pub(super) const HEAD_ROOM: usize = 16 * 1024;
 
 /// How the handler's run ended when it gives no response to store.
 enum Unstored<B, E> {
@@ -75,10 +79,30 @@ impl KeyPart for RequestFingerprint<'_> {
     }
 }
 
+/// The request target a keyed request is fingerprinted with: its path and query as the client
+/// sent them. With the `axum` feature, that is axum's [`OriginalUri`](axum::extract::OriginalUri)
+/// when a router put one in the extensions: a router `nest`ed in another sees its path with the
+/// prefix taken off (`/charges` for `/accounts/1/charges`), and two accounts' charges must not
+/// be one request.
+pub(super) fn target<'a>(uri: &'a Uri, extensions: &'a Extensions) -> &'a str {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(original)) = extensions.get() {
+        return path_and_query(original);
+    }
+    #[cfg(not(feature = "axum"))]
+    let _ = extensions;
+    path_and_query(uri)
+}
+
+fn path_and_query(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |pq| pq.as_str())
+}
+
 /// Answers a guarded request with a key.
 pub(super) async fn serve<S, ReqB, ResB>(
     config: Arc<Config>,
     quotas: Arc<Quotas>,
+    tracker: Arc<Tracker>,
     inner: S,
     req: Request<ReqB>,
     key: String,
@@ -92,13 +116,26 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let Some(scope) = (config.scope)(&parts) else {
-        let detail = "this request does not say which client sent it, so its Idempotency-Key \
-                      cannot be scoped";
+        let detail = "the server could not tell which client sent this request (with the default \
+                      scope: it carries no Authorization header), so its Idempotency-Key cannot \
+                      be kept apart from other clients' keys: authenticate; or the server must \
+                      tell clients apart with scope(...) or scope_header(...), or opt in to one \
+                      key space shared by all with scope_shared()";
         tracing::debug!(target: "idem", detail, "idempotency layer refused a request");
         return Ok(Problem::ClientUnknown.response(detail, None));
     };
+    if !timers_ready() {
+        let detail = "the server's tokio runtime has no timers, which the idempotency layer \
+                      needs to renew a running request's lease; the request was not processed";
+        tracing::error!(
+            target: "idem",
+            "the idempotency layer runs on a tokio runtime without timers: build the runtime \
+             with enable_time() (or enable_all()); keyed requests are refused with 500"
+        );
+        return Ok(Problem::RuntimeUnsupported.response(detail, None));
+    }
 
     let too_large = || {
         Problem::RequestTooLarge.response(
@@ -127,15 +164,80 @@ where
                 .response("the request body failed before it was read whole", None));
         }
     };
+    // The body is held against its client while the request is in the layer, waiting included.
+    let hold = match quotas.hold_body(&scope, body.len(), config.max_bytes_per_client) {
+        Ok(hold) => hold,
+        Err(over) => return Ok(over_quota(&over, &config)),
+    };
+    // An idempotency layer inside this one lets the request through.
+    parts.extensions.insert(Guarded);
 
-    let keyed = run(config, quotas, inner, parts, body, scope, key);
+    // Dropped with this future, when the client goes away: the keyed request then stops if its
+    // handler has not started.
+    let (_client_here, client_gone) = oneshot::channel::<()>();
+    let tracked = tracker.enter();
+    let keyed = async move {
+        let _tracked = tracked;
+        let _hold = hold;
+        let started = AtomicBool::new(false);
+        let call = run(config, quotas, inner, parts, body, scope, key, &started);
+        unless_gone(call, client_gone, &started).await
+    };
     match detach(keyed).await {
-        Some(response) => response,
+        Some(Some(response)) => response,
+        // Nobody is left to read it.
+        Some(None) => Ok(Problem::Interrupted.response("the client went away", None)),
         None => Ok(Problem::Interrupted.response(
             "the server shut down while the request ran; retry it with the same Idempotency-Key",
             None,
         )),
     }
+}
+
+/// Whether the current tokio runtime has timers, which the executor needs to renew leases and
+/// bound waits: a runtime built without `enable_time` panics on the first timer. Checked once
+/// per thread (the check itself panics, caught, where the answer is no). Outside a runtime the
+/// executor does without timers, so the answer is yes.
+fn timers_ready() -> bool {
+    thread_local! {
+        static READY: Cell<bool> = const { Cell::new(false) };
+    }
+    if tokio::runtime::Handle::try_current().is_err() || READY.with(Cell::get) {
+        return true;
+    }
+    let ready = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok();
+    if ready {
+        READY.with(|r| r.set(true));
+    }
+    ready
+}
+
+/// Polls `call` to its end, unless the client goes away (`client_gone` resolves) before
+/// `started` is set, that is before the handler starts: then `call` is dropped, which releases
+/// its claim if it made one, and `None` is returned. Once the handler has started, the call runs
+/// to completion whatever the client does.
+async fn unless_gone<F: Future>(
+    call: F,
+    client_gone: oneshot::Receiver<()>,
+    started: &AtomicBool,
+) -> Option<F::Output> {
+    let mut call = std::pin::pin!(call);
+    let mut client_gone = Some(client_gone);
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = call.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        // Read after the call was polled: the handler may have started in that very poll.
+        if started.load(Ordering::SeqCst) {
+            client_gone = None;
+        } else if let Some(gone) = client_gone.as_mut()
+            && Pin::new(gone).poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Runs `future` in a task of its own on the current tokio runtime and waits for it, so that
@@ -163,7 +265,8 @@ where
 }
 
 /// Claim, check the quota, run the handler, store its response: the part of a keyed request
-/// that runs to completion once started.
+/// that runs to completion once its handler has started (`started` says when).
+#[allow(clippy::too_many_arguments)]
 async fn run<S, ReqB, ResB>(
     config: Arc<Config>,
     quotas: Arc<Quotas>,
@@ -172,6 +275,7 @@ async fn run<S, ReqB, ResB>(
     body: Bytes,
     scope: String,
     key: String,
+    started: &AtomicBool,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -181,7 +285,7 @@ where
     let config = &*config;
     let fingerprint = RequestFingerprint {
         method: parts.method.as_str(),
-        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        target: target(&parts.uri, &parts.extensions),
         names: &config.fingerprint_headers,
         headers: &parts.headers,
         body: &body,
@@ -197,10 +301,8 @@ where
     let limits = Limits {
         records: config.max_records_per_client,
         bytes: config.max_bytes_per_client,
-        room: config
-            .max_response_bytes
-            .saturating_add(HEAD_ROOM)
-            .min(config.max_bytes_per_client),
+        running: config.max_running_per_client,
+        room: RUNNING_ROOM.min(config.max_bytes_per_client),
         ttl: config.ttl,
     };
     // Kept to capture the values a response varies on, and to check them on replay.
@@ -213,10 +315,16 @@ where
             let reservation = quotas
                 .admit(scope_name, limits)
                 .map_err(Unstored::OverQuota)?;
+            // From here on the handler runs to completion, whatever the client does.
+            started.store(true, Ordering::SeqCst);
             let mut inner = inner;
             let response = inner.call(req).await.map_err(Unstored::Service)?;
             let (mut head, body) = response.into_parts();
-            let not_stored = if head.status.is_server_error() {
+            let not_stored = if head.status.is_informational() {
+                // `101 Switching Protocols` and the like: not an answer that can be replayed
+                // (the connection is now another protocol's), whatever the policy says.
+                Some("informational")
+            } else if head.status.is_server_error() {
                 Some("server-error")
             } else if !(config.store_if)(&head) {
                 Some("policy")
@@ -231,16 +339,11 @@ where
             }
             let stored_head = StoredHead::new(&head, first_headers);
             let head_size = stored_head.size();
-            let limit = config
-                .max_response_bytes
-                .min(reservation.room().saturating_sub(head_size));
-            let buffered = if head_size > reservation.room() {
-                Buffered::TooLarge(ResponseBody::passthrough(body))
-            } else {
-                body::buffer(body, limit).await
-            };
-            match buffered {
+            let limit = config.max_response_bytes;
+            match body::buffer(body, limit).await {
                 Buffered::Whole { data, trailers } => {
+                    // Counted at its real size: a response that ran is never refused for the
+                    // quota.
                     reservation.settle(head_size.saturating_add(data.len()));
                     Ok(StoredResponse::new(head, stored_head, data, trailers))
                 }
@@ -248,9 +351,8 @@ where
                     tracing::warn!(
                         target: "idem",
                         limit,
-                        "response larger than max_response_bytes (or, with its headers, than \
-                         the room a request holds of its client's byte quota): sent but not \
-                         stored, so a retry with the same Idempotency-Key runs the handler again"
+                        "response larger than max_response_bytes: sent but not stored, so a \
+                         retry with the same Idempotency-Key runs the handler again"
                     );
                     head.headers
                         .insert(IDEMPOTENT_NOT_STORED, HeaderValue::from_static("too-large"));
@@ -258,9 +360,20 @@ where
                         head, body,
                     ))))
                 }
-                Buffered::Failed(body) => Err(Unstored::Response(Box::new(Response::from_parts(
-                    head, body,
-                )))),
+                Buffered::Failed(body) => {
+                    tracing::warn!(
+                        target: "idem",
+                        "the handler's response body failed: sent as far as it went, not \
+                         stored, so a retry with the same Idempotency-Key runs the handler again"
+                    );
+                    head.headers.insert(
+                        IDEMPOTENT_NOT_STORED,
+                        HeaderValue::from_static("body-error"),
+                    );
+                    Err(Unstored::Response(Box::new(Response::from_parts(
+                        head, body,
+                    ))))
+                }
             }
         })
         .await;
@@ -269,7 +382,13 @@ where
         Ok(outcome) if outcome.status.is_replay() => {
             match outcome.value.vary_mismatch(&request_headers) {
                 Some(name) => Ok(variant_mismatch(name, &key)),
-                None => Ok(outcome.value.into_replay()),
+                None => {
+                    // How long ago it was stored: the ttl it was stored with, less what is left.
+                    let age = outcome
+                        .expires_in
+                        .map(|left| config.ttl.saturating_sub(left));
+                    Ok(outcome.value.into_replay(age))
+                }
             }
         }
         Ok(outcome) => Ok(outcome.value.into_first()),
@@ -282,23 +401,35 @@ where
 
 /// The answer to a client over its quota.
 fn over_quota<B>(over: &OverQuota, config: &Config) -> Response<ResponseBody<B>> {
-    let detail = if over.bytes {
-        format!(
-            "this client's stored responses take {} bytes, and {} more are held for its \
-             requests running; the limit is {} bytes: retry when its oldest record expires",
-            over.usage.bytes, over.usage.reserved_bytes, config.max_bytes_per_client
-        )
-    } else {
-        format!(
-            "this client holds {} idempotency records; the limit is {}: retry when its oldest \
-             record expires",
-            over.usage.records, config.max_records_per_client
-        )
+    let usage = &over.usage;
+    let detail = match over.bound {
+        Bound::Records => format!(
+            "this client holds {} idempotency records ({} of them running); the limit is {}: \
+             retry after Retry-After",
+            usage.records, usage.running, config.max_records_per_client
+        ),
+        Bound::Bytes => format!(
+            "this client's stored responses take {} bytes, and {} more are held for its {} \
+             requests running; the limit is {} bytes: retry after Retry-After",
+            usage.bytes, usage.reserved_bytes, usage.running, config.max_bytes_per_client
+        ),
+        Bound::Running => format!(
+            "this client has {} keyed requests running; the limit is {}: retry when one ends",
+            usage.running, config.max_running_per_client
+        ),
+        Bound::Buffered => format!(
+            "the server holds {} bytes of this client's keyed request bodies; the limit is {} \
+             bytes: retry when its requests in progress end",
+            usage.buffered_bytes, config.max_bytes_per_client
+        ),
     };
     tracing::info!(
         target: "idem",
-        records = over.usage.records,
-        bytes = over.usage.bytes,
+        bound = ?over.bound,
+        records = usage.records,
+        bytes = usage.bytes,
+        running = usage.running,
+        buffered_bytes = usage.buffered_bytes,
         "a client is over its idempotency quota"
     );
     Problem::QuotaExceeded.response(&detail, Some(over.retry_after))

@@ -9,11 +9,13 @@ use http::header::{self, HeaderName};
 use http::{Method, request, response};
 use tower_layer::Layer;
 
+use super::drain::Tracker;
 use super::quota::{ClientUsage, Quotas};
 use super::service::IdempotencyService;
 use super::{
     DEFAULT_MAX_BYTES_PER_CLIENT, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_RECORDS_PER_CLIENT,
-    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_NAMESPACE, store_by_default,
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_RUNNING_PER_CLIENT,
+    DEFAULT_NAMESPACE, store_by_default,
 };
 use crate::exec::{DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, OnConflict};
 use crate::store::Store;
@@ -23,19 +25,21 @@ pub(super) type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<String> + Send +
 /// Says whether a response is stored.
 pub(super) type StoreIfFn = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
 
-/// The scope of a request without `Authorization` under the default scope function.
-pub(super) const ANONYMOUS_SCOPE: &str = "anonymous";
-
 /// A tower [`Layer`] that gives `POST` and `PATCH` requests `Idempotency-Key` semantics: see
 /// the [module documentation](super) for what each request gets.
 ///
 /// Configure it with the builder methods; every service it makes (axum makes one per route)
-/// shares one configuration, one store and one count of each client's records.
+/// shares one configuration and one store. Every layer made from it, by `clone` and builder
+/// calls alike, and every service those make, share one count of each client's records (so a
+/// client's quota is one across every router it guards) and one count of running requests
+/// (so [`drain`](Self::drain) on any of them waits for all). Only
+/// [`IdempotencyLayer::new`] starts new counts.
 #[derive(Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct IdempotencyLayer {
     pub(super) config: Arc<Config>,
     pub(super) quotas: Arc<Quotas>,
+    pub(super) tracker: Arc<Tracker>,
 }
 
 #[derive(Clone)]
@@ -49,6 +53,7 @@ pub(super) struct Config {
     pub(super) max_response_bytes: usize,
     pub(super) max_records_per_client: usize,
     pub(super) max_bytes_per_client: usize,
+    pub(super) max_running_per_client: usize,
     pub(super) ttl: Duration,
     pub(super) lease: Duration,
     pub(super) on_conflict: OnConflict,
@@ -64,9 +69,10 @@ impl IdempotencyLayer {
     /// [`DEFAULT_TTL`]; [`DEFAULT_LEASE`]; [`DEFAULT_MAX_KEY_LEN`];
     /// [`DEFAULT_MAX_REQUEST_BYTES`]; [`DEFAULT_MAX_RESPONSE_BYTES`]; `409` while a request with
     /// the key is running ([`OnConflict::Reject`]); clients told apart by their `Authorization`
-    /// header ([`scope_authorization`](Self::scope_authorization)), each held to
-    /// [`DEFAULT_MAX_RECORDS_PER_CLIENT`] records and [`DEFAULT_MAX_BYTES_PER_CLIENT`] bytes;
-    /// responses stored by [`store_by_default`]; `Content-Type` and `Content-Encoding` part of
+    /// header ([`scope_authorization`](Self::scope_authorization); a keyed request without it
+    /// is refused with `403`), each held to [`DEFAULT_MAX_RECORDS_PER_CLIENT`] records,
+    /// [`DEFAULT_MAX_BYTES_PER_CLIENT`] bytes and [`DEFAULT_MAX_RUNNING_PER_CLIENT`] requests
+    /// running; responses stored by [`store_by_default`]; `Content-Type` and `Content-Encoding` part of
     /// the request fingerprint.
     pub fn new(store: impl Store + 'static) -> Self {
         IdempotencyLayer {
@@ -80,6 +86,7 @@ impl IdempotencyLayer {
                 max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
                 max_records_per_client: DEFAULT_MAX_RECORDS_PER_CLIENT,
                 max_bytes_per_client: DEFAULT_MAX_BYTES_PER_CLIENT,
+                max_running_per_client: DEFAULT_MAX_RUNNING_PER_CLIENT,
                 ttl: DEFAULT_TTL,
                 lease: DEFAULT_LEASE,
                 on_conflict: OnConflict::Reject,
@@ -89,13 +96,14 @@ impl IdempotencyLayer {
                 fingerprint_headers: vec![header::CONTENT_TYPE, header::CONTENT_ENCODING],
             }),
             quotas: Arc::new(Quotas::default()),
+            tracker: Arc::new(Tracker::default()),
         }
     }
 
+    /// The same layer, configured with `change`. Its counts stay shared with this one's: a
+    /// client's quota is one across every router guarded by a layer made from the same `new`.
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
-        // A layer configured differently counts its clients on its own.
-        self.quotas = Arc::new(Quotas::default());
         self
     }
 
@@ -151,21 +159,36 @@ impl IdempotencyLayer {
         self.with(|c| c.max_records_per_client = records)
     }
 
-    /// The most bytes of stored responses (status, headers and body) one client may hold at
-    /// once. A running request holds room for the largest response it may store
-    /// ([`max_response_bytes`](Self::max_response_bytes) and its headers) until it is known how
-    /// much it stored, so that no response ever takes the client over this bound: a request
-    /// for which that room is not left is answered `429`. Counted by this layer in this
-    /// process. Default: [`DEFAULT_MAX_BYTES_PER_CLIENT`] (64 MiB). `usize::MAX` turns the bound
-    /// off.
+    /// The most bytes of stored responses (status, headers and body) one client may hold. A
+    /// new key of a client at this bound is answered `429 Too Many Requests` with
+    /// `Retry-After`; its existing keys still replay. Counted by this layer in this process.
+    /// Default: [`DEFAULT_MAX_BYTES_PER_CLIENT`] (8 MiB). `usize::MAX` turns the bound off.
     ///
-    /// The room held also bounds how many keyed requests one client has running at once: about
-    /// `max_bytes_per_client / (max_response_bytes + 16 KiB)`, 63 with the defaults. For
-    /// clients that send many keyed requests at once, lower
-    /// [`max_response_bytes`](Self::max_response_bytes) to what the endpoints answer (64 KiB
-    /// gives room for about 800), or raise this bound.
+    /// A running request holds 16 KiB of it until its response is stored; the response is then
+    /// counted at its real size, whatever that is: a response whose handler ran is never
+    /// refused for the quota (a retry would run the handler again). So a client may go past
+    /// this bound by what its running requests store at once, at most
+    /// [`max_running_per_client`](Self::max_running_per_client) ×
+    /// [`max_response_bytes`](Self::max_response_bytes) (16 MiB with the defaults), and then
+    /// gets `429` for new keys until its records expire.
+    ///
+    /// The same bound applies, separately, to the request bodies the layer holds for a
+    /// client's keyed requests at once (running, or waiting for another request with their key
+    /// with [`OnConflict::Wait`]): one more is answered `429` with `Retry-After: 1`.
     pub fn max_bytes_per_client(self, bytes: usize) -> Self {
         self.with(|c| c.max_bytes_per_client = bytes)
+    }
+
+    /// The most keyed requests of one client whose handlers run at once. One more (with a new
+    /// key) is answered `429 Too Many Requests` with `Retry-After: 1`, without running its
+    /// handler; retries of stored keys are still replayed. Counted by this layer in this
+    /// process. Default: [`DEFAULT_MAX_RUNNING_PER_CLIENT`] (16); at least 1.
+    ///
+    /// It bounds what a client's responses stored at once can take past
+    /// [`max_bytes_per_client`](Self::max_bytes_per_client), and how much of the server's work
+    /// one client holds.
+    pub fn max_running_per_client(self, requests: usize) -> Self {
+        self.with(|c| c.max_running_per_client = requests.max(1))
     }
 
     /// What a request does while another request with its key is running:
@@ -250,6 +273,9 @@ impl IdempotencyLayer {
     /// Clients told apart by the value of a request header (an API key): a request without it
     /// (or with a value that is not UTF-8, or with the header repeated) is refused with `403`
     /// when it carries a key.
+    ///
+    /// The value is taken as it is: unless an authentication layer outside this one rejects
+    /// unknown values, a client can make up a new one per request, and with it a new quota.
     pub fn scope_header(self, name: HeaderName) -> Self {
         self.scope(move |req| {
             let mut values = req.headers.get_all(&name).iter();
@@ -264,18 +290,24 @@ impl IdempotencyLayer {
     }
 
     /// Clients told apart by their `Authorization` header, the default: requests with
-    /// different credentials never share a key (nor a quota); requests without the header
-    /// share one anonymous client. The scope is a digest of the header's value, so the
-    /// credentials themselves are not kept.
+    /// different credentials never share a key (nor a quota). A keyed request without the
+    /// header is refused with `403` [`#idempotency-client-unknown`](super#idempotency-client-unknown):
+    /// anonymous clients are not put in one space, where one could read another's responses
+    /// (`Set-Cookie` included) by guessing its key, and use up everyone's quota
+    /// ([`scope_shared`](Self::scope_shared) does that, when asked for). The scope is a digest
+    /// of the header's value, so the credentials themselves are not kept.
     ///
     /// Credentials that change between a request and its retry (a bearer token refreshed
     /// meanwhile) make the retry another client's, which runs the handler again: with
     /// short-lived tokens, scope by the stable identity your authentication layer finds
     /// instead ([`scope`](Self::scope)). Cookies are not used, for the same reason.
     ///
-    /// The layer does not check the credentials: put the authentication layer outside it, so
-    /// that a client cannot make up a new `Authorization` value (and with it a fresh quota)
-    /// for every request.
+    /// **The layer does not check the credentials.** The header is a client's identity only
+    /// when an authentication layer *outside* this one rejects bad credentials before they
+    /// reach it. Without one, a client can make up a new `Authorization` value for every
+    /// request, and with it a fresh quota: enough made-up clients fill the store, and then
+    /// every client's new keys get `503`. Better still, scope by the identity your
+    /// authentication layer found ([`scope`](Self::scope)).
     pub fn scope_authorization(self) -> Self {
         self.scope(authorization_scope)
     }
@@ -283,24 +315,84 @@ impl IdempotencyLayer {
     /// Every request belongs to one client: all keys in one space, and one quota for all. For
     /// a service with a single caller (another service of yours), or whose keys are chosen by
     /// the server.
+    ///
+    /// What it risks with several callers: a caller that sends another's key (guessed, or
+    /// seen) with the same request gets the other's stored response, `Set-Cookie` and all;
+    /// and one caller that uses up the quota denies every other caller's new keys.
     pub fn scope_shared(self) -> Self {
         self.scope(|_| Some(String::new()))
     }
 
     /// How many records and bytes the client `scope` (as the [scope function](Self::scope)
     /// names it) holds now, as this layer counts them in this process: for metrics, and to
-    /// see a quota at work.
+    /// see a quota at work. With the default scope, whose names are digests, use
+    /// [`client_usage_of`](Self::client_usage_of).
     pub fn client_usage(&self, scope: &str) -> ClientUsage {
         self.quotas.usage(scope)
     }
+
+    /// How many records and bytes the client of `request` holds now (see
+    /// [`client_usage`](Self::client_usage)), found with the [scope function](Self::scope);
+    /// `None` when it finds no client.
+    ///
+    /// ```
+    /// # use idem_runtime::{MemoryStore, http::IdempotencyLayer};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new());
+    /// let request = http::Request::post("/orders")
+    ///     .header("authorization", "Bearer alice")
+    ///     .body(())
+    ///     .map(|r| r.into_parts().0);
+    /// if let Ok(parts) = request {
+    ///     assert_eq!(layer.client_usage_of(&parts).map(|u| u.records), Some(0));
+    /// }
+    /// ```
+    pub fn client_usage_of(&self, request: &request::Parts) -> Option<ClientUsage> {
+        (self.config.scope)(request).map(|scope| self.quotas.usage(&scope))
+    }
+
+    /// Waits until every keyed request this layer (or any layer or service made from it) has
+    /// started is finished: its handler ran to completion and its response is stored.
+    ///
+    /// A keyed request's handler runs in a task of its own, which outlives the connection when
+    /// the client goes away, so a server's graceful shutdown, which waits for connections, does
+    /// not wait for it; a runtime dropped meanwhile cancels the handler mid-way, and the retry
+    /// runs it again once its lease runs out. Await this after the server has stopped and before
+    /// the runtime is dropped (before `main` returns):
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use axum::{Router, routing::post};
+    /// # use idem_runtime::{MemoryStore, http::IdempotencyLayer};
+    /// # async fn create_order() -> &'static str { "ok" }
+    /// # async fn shutdown_signal() {}
+    /// # #[tokio::main] async fn main() -> std::io::Result<()> {
+    /// let idempotency = IdempotencyLayer::new(MemoryStore::new());
+    /// let app = Router::new()
+    ///     .route("/orders", post(create_order))
+    ///     .layer(idempotency.clone());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(shutdown_signal())
+    ///     .await?;
+    /// // The handlers of clients that went away may still run: let them finish (bounded by
+    /// // what the deployment allows before it kills the process).
+    /// let _ = tokio::time::timeout(Duration::from_secs(25), idempotency.drain()).await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A request whose client went away before its handler started stops at once (nothing ran);
+    /// one whose handler started is waited for. Requests that arrive while it waits are waited
+    /// for too.
+    pub fn drain(&self) -> impl Future<Output = ()> + Send + 'static {
+        let tracker = Arc::clone(&self.tracker);
+        async move { tracker.drained().await }
+    }
 }
 
-/// The default scope: a digest of the `Authorization` header's values, or the anonymous client.
+/// The default scope: a digest of the `Authorization` header's values; no client without it.
 fn authorization_scope(req: &request::Parts) -> Option<String> {
     let mut values = req.headers.get_all(header::AUTHORIZATION).iter().peekable();
-    if values.peek().is_none() {
-        return Some(ANONYMOUS_SCOPE.to_owned());
-    }
+    values.peek()?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"idem.http.authorization");
     for value in values {
@@ -323,6 +415,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("max_response_bytes", &c.max_response_bytes)
             .field("max_records_per_client", &c.max_records_per_client)
             .field("max_bytes_per_client", &c.max_bytes_per_client)
+            .field("max_running_per_client", &c.max_running_per_client)
             .field("ttl", &c.ttl)
             .field("lease", &c.lease)
             .field("on_conflict", &c.on_conflict)
@@ -336,7 +429,12 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> IdempotencyService<S> {
-        IdempotencyService::new(inner, Arc::clone(&self.config), Arc::clone(&self.quotas))
+        IdempotencyService::new(
+            inner,
+            Arc::clone(&self.config),
+            Arc::clone(&self.quotas),
+            Arc::clone(&self.tracker),
+        )
     }
 }
 
@@ -357,12 +455,11 @@ mod tests {
 
     #[test]
     fn authorization_scopes_apart_and_hides_credentials() {
-        let anonymous = authorization_scope(&parts(&[]));
-        assert_eq!(anonymous.as_deref(), Some(ANONYMOUS_SCOPE));
+        // No credentials, no client: such a keyed request is refused.
+        assert_eq!(authorization_scope(&parts(&[])), None);
         let alice = authorization_scope(&parts(&["Bearer alice"]));
         let bob = authorization_scope(&parts(&["Bearer bob"]));
         assert_ne!(alice, bob);
-        assert_ne!(alice, anonymous);
         assert_eq!(alice, authorization_scope(&parts(&["Bearer alice"])));
         assert!(alice.is_some_and(|s| !s.contains("alice")));
         // Values are length-prefixed: ["ab", "c"] is not ["a", "bc"].

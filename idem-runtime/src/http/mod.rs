@@ -197,6 +197,7 @@
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |
 
 mod body;
+mod drain;
 mod future;
 mod header;
 mod keyed;
@@ -222,9 +223,10 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The response header set on a replayed response: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The response header set on a response to a keyed request that was not stored, with the
-/// reason: `server-error` (a `5xx`), `policy` (refused by
-/// [`store_if`](IdempotencyLayer::store_if)) or `too-large` (over
-/// [`max_response_bytes`](IdempotencyLayer::max_response_bytes)). A retry runs the handler again.
+/// reason: `server-error` (a `5xx`), `informational` (a `1xx`, such as `101 Switching
+/// Protocols`), `policy` (refused by [`store_if`](IdempotencyLayer::store_if)), `too-large`
+/// (over [`max_response_bytes`](IdempotencyLayer::max_response_bytes)) or `body-error` (the
+/// handler's response body failed while it was read). A retry runs the handler again.
 pub const IDEMPOTENT_NOT_STORED: HeaderName = HeaderName::from_static("idempotent-not-stored");
 
 /// The longest key accepted unless set otherwise: 255 bytes (Stripe's limit).
@@ -234,14 +236,17 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The largest response body stored unless set otherwise: 1 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// The most records one client holds unless set otherwise: 10 000, 1% of
-/// [`MemoryStore`](crate::MemoryStore)'s default bound, so that it takes a hundred clients at
-/// their quota, not one, to fill the default store.
+/// [`MemoryStore`](crate::MemoryStore)'s default bound of a million, so that it takes a hundred
+/// clients at their record quota to fill the default store's entries.
 pub const DEFAULT_MAX_RECORDS_PER_CLIENT: usize = 10_000;
-/// The most bytes of stored responses one client holds unless set otherwise: 64 MiB, room for
-/// 64 responses of [`DEFAULT_MAX_RESPONSE_BYTES`] (or, for responses of a few kilobytes, more
-/// than [`DEFAULT_MAX_RECORDS_PER_CLIENT`] of them), so that one client's large responses
-/// cannot grow the process by more than that.
-pub const DEFAULT_MAX_BYTES_PER_CLIENT: usize = 64 * 1024 * 1024;
+/// The most bytes of stored responses one client holds unless set otherwise: 8 MiB, 1/128 of
+/// [`MemoryStore`](crate::MemoryStore)'s default bound of 1 GiB. A client may go past it by
+/// what its running requests store at once (at most [`DEFAULT_MAX_RUNNING_PER_CLIENT`]
+/// responses of [`DEFAULT_MAX_RESPONSE_BYTES`]: 16 MiB), so it takes 128 clients at their byte
+/// quota, and at least 43 in the worst case (each 24 MiB), to fill the default store's bytes.
+pub const DEFAULT_MAX_BYTES_PER_CLIENT: usize = 8 * 1024 * 1024;
+/// The most keyed requests of one client running at once unless set otherwise: 16.
+pub const DEFAULT_MAX_RUNNING_PER_CLIENT: usize = 16;
 /// The namespace of the keys unless set otherwise.
 pub const DEFAULT_NAMESPACE: &str = "idem.http";
 
@@ -249,13 +254,20 @@ pub const DEFAULT_NAMESPACE: &str = "idem.http";
 /// answer of an executed request, worth replaying to a retry.
 ///
 /// `true` for `2xx`, `3xx` and `4xx`, except `408 Request Timeout`, `425 Too Early`,
-/// `429 Too Many Requests` and any response with a `Retry-After` header: those mean "not
-/// executed, try again", and storing them would replay the refusal to the retry for the whole
-/// ttl. `3xx` is stored because a `303 See Other` after a `POST` is the executed answer. (`5xx`
-/// is never stored, whatever the policy.)
+/// `429 Too Many Requests` and a `4xx` with a `Retry-After` header: those mean "not executed,
+/// try again", and storing them would replay the refusal to the retry for the whole ttl.
+///
+/// `Retry-After` on a `2xx` or `3xx` does not mean that: `202 Accepted` with `Retry-After` is
+/// "accepted, poll later", and on a redirect it is the wait before following it (RFC 9110
+/// §10.2.3); the request was executed, and is stored. `3xx` is stored because a
+/// `303 See Other` after a `POST` is the executed answer. (`1xx` and `5xx` are never stored,
+/// whatever the policy.)
 pub fn store_by_default(head: &response::Parts) -> bool {
     let status = head.status;
-    (status.is_success() || status.is_redirection() || status.is_client_error())
+    if status.is_success() || status.is_redirection() {
+        return true;
+    }
+    status.is_client_error()
         && !matches!(
             status,
             StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
@@ -289,8 +301,12 @@ mod tests {
         for not in [100, 408, 425, 429, 500, 502, 503] {
             assert!(!store_by_default(&head(not, false)), "{not}");
         }
-        for with_retry_after in [201, 303, 400] {
-            assert!(!store_by_default(&head(with_retry_after, true)));
+        // "Accepted, poll later" and "follow after a while" were executed: stored.
+        for executed in [200, 201, 202, 303, 307] {
+            assert!(store_by_default(&head(executed, true)), "{executed}");
+        }
+        for refused in [400, 403, 409, 422] {
+            assert!(!store_by_default(&head(refused, true)), "{refused}");
         }
     }
 }

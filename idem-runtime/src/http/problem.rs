@@ -31,6 +31,7 @@ pub(crate) enum Problem {
     QuotaExceeded,
     VariantMismatch,
     Interrupted,
+    RuntimeUnsupported,
 }
 
 impl Problem {
@@ -101,6 +102,11 @@ impl Problem {
                 "idempotency-interrupted",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The server stopped while the request ran",
+            ),
+            Problem::RuntimeUnsupported => (
+                "idempotency-runtime-unsupported",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server's runtime cannot guard idempotent requests",
             ),
         }
     }

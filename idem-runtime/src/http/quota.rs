@@ -1,12 +1,19 @@
-//! Per-client quotas: how many records and stored bytes each client (scope) holds, as this
-//! layer counts them in this process.
+//! Per-client quotas: how many records, running requests, stored bytes and buffered request
+//! bytes each client (scope) holds, as this layer counts them in this process.
 //!
-//! A request that would create a record is admitted with a [`Reservation`]: one record, and
-//! room for the largest response it may store. When its response is stored the reservation is
-//! [settled](Reservation::settle) into a record of its real size that counts until its ttl runs
-//! out; when nothing is stored (a failure, a response not stored, a panic, a cancellation) the
-//! reservation is dropped and frees what it held. No stored response ever takes a client over
-//! its byte bound, because its room was held before the handler ran.
+//! A request that would create a record is admitted with a [`Reservation`]: one record, one
+//! running request, and a small room ([`RUNNING_ROOM`]) of the client's byte quota. When its
+//! response is stored the reservation is [settled](Reservation::settle) into a record of its
+//! real size, which counts until its ttl runs out, whatever that size (the handler ran: a
+//! response is never refused for the quota); when nothing is stored (a failure, a response not
+//! stored, a panic, a cancellation) the reservation is dropped and frees what it held. So a
+//! client's stored bytes stay under its bound plus what its running requests store at once: at
+//! most `max_running_per_client` responses of `max_response_bytes`.
+//!
+//! Separately, a keyed request's buffered body is [held](Quotas::hold_body) against its
+//! client's byte bound while the request is in the layer (reading its record, waiting for
+//! another request with its key, or running), so that requests waiting with
+//! [`OnConflict::Wait`](crate::OnConflict::Wait) cannot pile up bodies without bound.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -24,10 +31,15 @@ type ClientId = [u8; 32];
 /// back are forgotten without any call doing more than a small, bounded slice of work.
 const SWEEP_PER_CALL: usize = 4;
 
-/// When only running requests hold a client's quota, how long it is told to wait.
+/// When running requests hold what a client needs, how long it is told to wait: they free it
+/// when they end, which nobody can know in advance, so the client looks again soon.
 const RETRY_WHILE_RUNNING: Duration = Duration::from_secs(1);
 
-/// The count of one client's records and stored bytes: see
+/// The room of its client's byte quota a running request holds until its response is stored
+/// and counted at its real size: enough for the headers and body of a small JSON answer.
+pub(super) const RUNNING_ROOM: usize = 16 * 1024;
+
+/// The count of one client's records and bytes: see
 /// [`IdempotencyLayer::client_usage`](super::IdempotencyLayer::client_usage).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -36,8 +48,13 @@ pub struct ClientUsage {
     pub records: usize,
     /// Bytes of the stored responses (status, headers, body).
     pub bytes: usize,
-    /// Bytes held for the responses of the requests running.
+    /// Bytes held for the responses of the requests running (a small room each).
     pub reserved_bytes: usize,
+    /// Requests running: admitted, their handler started or about to.
+    pub running: usize,
+    /// Bytes of the request bodies the layer holds for this client's keyed requests: those
+    /// running, and those reading their record or waiting for another request with their key.
+    pub buffered_bytes: usize,
 }
 
 /// The bounds a request is admitted against.
@@ -47,18 +64,33 @@ pub(super) struct Limits {
     pub(super) records: usize,
     /// The most stored bytes per client.
     pub(super) bytes: usize,
-    /// The room a running request holds: the largest response it may store.
+    /// The most requests running per client.
+    pub(super) running: usize,
+    /// The room a running request holds of the byte quota.
     pub(super) room: usize,
     /// How long a stored response counts.
     pub(super) ttl: Duration,
 }
 
-/// Why a request was not admitted, and when the client's oldest record frees.
+/// Which bound a client is at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Bound {
+    /// Records (running and stored).
+    Records,
+    /// Stored bytes (and the room held by running requests).
+    Bytes,
+    /// Requests running at once.
+    Running,
+    /// Request bodies held at once.
+    Buffered,
+}
+
+/// Why a request was not admitted, and the soonest time room may free.
 #[derive(Debug)]
 pub(super) struct OverQuota {
     pub(super) retry_after: Duration,
     pub(super) usage: ClientUsage,
-    pub(super) bytes: bool,
+    pub(super) bound: Bound,
 }
 
 #[derive(Default)]
@@ -66,6 +98,7 @@ struct Usage {
     running: usize,
     reserved: usize,
     bytes: usize,
+    buffered: usize,
     /// The stored records: when each stops counting, and its size, oldest first.
     stored: VecDeque<(Instant, usize)>,
 }
@@ -82,7 +115,7 @@ impl Usage {
     }
 
     fn is_empty(&self) -> bool {
-        self.running == 0 && self.stored.is_empty()
+        self.running == 0 && self.buffered == 0 && self.stored.is_empty()
     }
 
     fn snapshot(&self) -> ClientUsage {
@@ -90,11 +123,61 @@ impl Usage {
             records: self.running.saturating_add(self.stored.len()),
             bytes: self.bytes,
             reserved_bytes: self.reserved,
+            running: self.running,
+            buffered_bytes: self.buffered,
         }
+    }
+
+    /// The bound one more request would break, if any, and the soonest time room may free for
+    /// it: when the running requests end (if any is running), or when enough stored records
+    /// expire, whichever is sooner; for several bounds, the latest of those times.
+    fn over(&self, limits: Limits, now: Instant) -> Option<(Bound, Duration)> {
+        let running = (self.running > 0).then_some(RETRY_WHILE_RUNNING);
+        let records = self.running.saturating_add(self.stored.len());
+        let mut over: Option<(Bound, Duration)> = None;
+        let mut note = |bound: Bound, by_expiry: Option<Instant>| {
+            let by_expiry = by_expiry.map(|at| at.saturating_duration_since(now));
+            let soonest = match (running, by_expiry) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).unwrap_or(limits.ttl),
+            };
+            over = match over {
+                Some((first, wait)) => Some((first, wait.max(soonest))),
+                None => Some((bound, soonest)),
+            };
+        };
+        if self.running >= limits.running {
+            note(Bound::Running, None);
+        }
+        if records >= limits.records {
+            // The records that must go for one more to fit: the oldest stored ones.
+            let excess = records + 1 - limits.records;
+            note(
+                Bound::Records,
+                self.stored.get(excess - 1).map(|&(at, _)| at),
+            );
+        }
+        let wanted = self
+            .bytes
+            .saturating_add(self.reserved)
+            .saturating_add(limits.room);
+        if wanted > limits.bytes {
+            let mut excess = wanted - limits.bytes;
+            let mut frees = None;
+            for &(at, size) in &self.stored {
+                if excess <= size {
+                    frees = Some(at);
+                    break;
+                }
+                excess -= size;
+            }
+            note(Bound::Bytes, frees);
+        }
+        over
     }
 }
 
-/// The per-client counts of one layer.
+/// The per-client counts of one layer, shared by every layer and service cloned from it.
 #[derive(Default)]
 pub(crate) struct Quotas {
     clients: DashMap<ClientId, Usage>,
@@ -111,7 +194,7 @@ fn client_id(scope: &str) -> ClientId {
 }
 
 impl Quotas {
-    /// Admits one more record for `scope`, holding `limits.room` bytes for its response.
+    /// Admits one more record and running request for `scope`, holding `limits.room` bytes.
     pub(super) fn admit(
         self: &Arc<Self>,
         scope: &str,
@@ -122,21 +205,11 @@ impl Quotas {
         let id = client_id(scope);
         let mut usage = self.clients.entry(id).or_default();
         usage.expire(now);
-        let records = usage.running.saturating_add(usage.stored.len());
-        let bytes_after = usage
-            .bytes
-            .saturating_add(usage.reserved)
-            .saturating_add(limits.room);
-        let over_records = records >= limits.records;
-        if over_records || bytes_after > limits.bytes {
-            let retry_after = match usage.stored.front() {
-                Some(&(expires, _)) => expires.saturating_duration_since(now),
-                None => RETRY_WHILE_RUNNING,
-            };
+        if let Some((bound, retry_after)) = usage.over(limits, now) {
             let over = OverQuota {
                 retry_after,
                 usage: usage.snapshot(),
-                bytes: !over_records,
+                bound,
             };
             let empty = usage.is_empty();
             drop(usage);
@@ -153,6 +226,33 @@ impl Quotas {
             room: limits.room,
             ttl: limits.ttl,
             settled: false,
+        })
+    }
+
+    /// Holds `len` bytes of a request body for `scope` while the request is in the layer: at
+    /// most `limit` bytes per client at once (a body alone is always held, so a limit below
+    /// the largest body never refuses every request).
+    pub(super) fn hold_body(
+        self: &Arc<Self>,
+        scope: &str,
+        len: usize,
+        limit: usize,
+    ) -> Result<BodyHold, OverQuota> {
+        let id = client_id(scope);
+        let mut usage = self.clients.entry(id).or_default();
+        if usage.buffered > 0 && usage.buffered.saturating_add(len) > limit {
+            let over = OverQuota {
+                retry_after: RETRY_WHILE_RUNNING,
+                usage: usage.snapshot(),
+                bound: Bound::Buffered,
+            };
+            return Err(over);
+        }
+        usage.buffered = usage.buffered.saturating_add(len);
+        Ok(BodyHold {
+            quotas: Arc::clone(self),
+            id,
+            len,
         })
     }
 
@@ -215,6 +315,14 @@ impl Quotas {
             }
         }
     }
+
+    /// Lets go of a request body's bytes.
+    fn release_body(&self, id: ClientId, len: usize) {
+        if let Some(mut usage) = self.clients.get_mut(&id) {
+            usage.buffered = usage.buffered.saturating_sub(len);
+        }
+        self.clients.remove_if(&id, |_, u| u.is_empty());
+    }
 }
 
 /// One admitted request's hold on its client's quota: freed when dropped, unless
@@ -228,17 +336,11 @@ pub(super) struct Reservation {
 }
 
 impl Reservation {
-    /// The most bytes the response may take to be stored.
-    pub(super) fn room(&self) -> usize {
-        self.room
-    }
-
-    /// The response was stored and takes `size` bytes (at most [`room`](Self::room)): it
-    /// counts against the client until its ttl runs out.
+    /// The response was stored and takes `size` bytes: it counts against the client until its
+    /// ttl runs out, whatever its size (it ran; it is never refused for the quota).
     pub(super) fn settle(mut self, size: usize) {
         self.settled = true;
-        self.quotas
-            .end(self.id, self.room, Some((size.min(self.room), self.ttl)));
+        self.quotas.end(self.id, self.room, Some((size, self.ttl)));
     }
 }
 
@@ -250,6 +352,19 @@ impl Drop for Reservation {
     }
 }
 
+/// A keyed request's body, held against its client while the request is in the layer.
+pub(super) struct BodyHold {
+    quotas: Arc<Quotas>,
+    id: ClientId,
+    len: usize,
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        self.quotas.release_body(self.id, self.len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +373,7 @@ mod tests {
         Limits {
             records,
             bytes,
+            running: usize::MAX,
             room,
             ttl: Duration::from_secs(60),
         }
@@ -269,42 +385,96 @@ mod tests {
         let l = limits(2, usize::MAX, 10);
         quotas.admit("a", l).map(|r| r.settle(5)).ok();
         tokio::time::advance(Duration::from_secs(10)).await;
-        let running = quotas.admit("a", l).ok();
-        assert!(running.is_some());
+        quotas.admit("a", l).map(|r| r.settle(5)).ok();
         let over = quotas.admit("a", l).err();
-        let over = over.as_ref().map(|o| (o.retry_after, o.bytes));
+        let over = over.as_ref().map(|o| (o.retry_after, o.bound));
         // The oldest record frees 50 s from now; the bound is on records, not bytes.
-        assert_eq!(over, Some((Duration::from_secs(50), false)));
+        assert_eq!(over, Some((Duration::from_secs(50), Bound::Records)));
         // Another client is not affected.
         assert!(quotas.admit("b", l).is_ok());
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(quotas.usage("a").records, 1);
+        let running = quotas.admit("a", l).ok();
+        assert!(running.is_some());
+        // A request running holds the quota: the client is told to look again soon, not when
+        // the stored record expires.
+        let over = quotas.admit("a", l).err();
+        let over = over.as_ref().map(|o| (o.retry_after, o.bound));
+        assert_eq!(over, Some((RETRY_WHILE_RUNNING, Bound::Records)));
         // A request that stores nothing frees its record.
         drop(running);
         assert_eq!(quotas.usage("a").records, 1);
-        assert!(quotas.admit("a", l).is_ok());
-        tokio::time::advance(Duration::from_secs(50)).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(quotas.usage("a"), ClientUsage::default());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn bytes_never_exceed_the_bound() {
+    async fn stored_bytes_count_at_their_size_and_free_with_their_ttl() {
         let quotas = Arc::new(Quotas::default());
-        let l = limits(usize::MAX, 100, 30);
+        let l = limits(usize::MAX, 100, 10);
         let mut admitted = 0;
         while let Ok(r) = quotas.admit("a", l) {
             r.settle(30);
             admitted += 1;
-            assert!(quotas.usage("a").bytes <= 100);
+            tokio::time::advance(Duration::from_secs(1)).await;
         }
-        assert_eq!(admitted, 3);
+        // At 0, 30, 60 and 90 bytes there is room for the 10 a request holds; the fourth
+        // response takes the client past its bound (it ran: it is stored), and at 120 no more
+        // is admitted.
+        assert_eq!(admitted, 4);
+        assert_eq!(quotas.usage("a").bytes, 120);
         let over = quotas.admit("a", l).err();
-        assert!(over.is_some_and(|o| o.bytes));
-        // Room held by running requests counts too.
-        let b1 = quotas.admit("b", l).ok();
-        let b2 = quotas.admit("b", l).ok();
-        let b3 = quotas.admit("b", l).ok();
-        assert!(b1.is_some() && b2.is_some() && b3.is_some());
+        // One record (the oldest, 56 s from now) must expire for 10 more bytes to fit.
+        let over = over.as_ref().map(|o| (o.retry_after, o.bound));
+        assert_eq!(over, Some((Duration::from_secs(56), Bound::Bytes)));
+        // A response larger than the room held is stored all the same, and counted whole.
+        let b = quotas.admit("b", l).ok();
+        assert!(b.is_some());
+        if let Some(r) = b {
+            r.settle(500);
+        }
+        assert_eq!(quotas.usage("b").bytes, 500);
         assert!(quotas.admit("b", l).is_err());
-        assert_eq!(quotas.usage("b").reserved_bytes, 90);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_requests_are_bounded_per_client() {
+        let quotas = Arc::new(Quotas::default());
+        let l = Limits {
+            running: 2,
+            ..limits(usize::MAX, usize::MAX, 10)
+        };
+        let r1 = quotas.admit("a", l).ok();
+        let r2 = quotas.admit("a", l).ok();
+        assert!(r1.is_some() && r2.is_some());
+        let over = quotas.admit("a", l).err();
+        let over = over.as_ref().map(|o| (o.retry_after, o.bound));
+        assert_eq!(over, Some((RETRY_WHILE_RUNNING, Bound::Running)));
+        assert_eq!(quotas.usage("a").running, 2);
+        assert_eq!(quotas.usage("a").reserved_bytes, 20);
+        if let Some(r) = r1 {
+            r.settle(1);
+        }
+        assert!(quotas.admit("a", l).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn buffered_bodies_are_bounded_per_client() {
+        let quotas = Arc::new(Quotas::default());
+        // One body is always held, even over the limit.
+        let big = quotas.hold_body("a", 500, 100).ok();
+        assert!(big.is_some());
+        assert!(quotas.hold_body("a", 1, 100).is_err());
+        drop(big);
+        let holds: Vec<_> = (0..4)
+            .map_while(|_| quotas.hold_body("a", 30, 100).ok())
+            .collect();
+        assert_eq!(holds.len(), 3);
+        assert_eq!(quotas.usage("a").buffered_bytes, 90);
+        assert!(quotas.hold_body("b", 30, 100).is_ok(), "another client");
+        drop(holds);
+        assert_eq!(quotas.usage("a"), ClientUsage::default());
+        assert!(quotas.clients.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! values of the headers the response varies on.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -113,14 +114,26 @@ impl StoredResponse {
         }
     }
 
-    /// The stored response, with `Idempotent-Replayed: true`.
-    pub(crate) fn into_replay<B>(self) -> Response<ResponseBody<B>> {
+    /// The stored response, with `Idempotent-Replayed: true` and, when `age` is known (how long
+    /// ago it was stored), `Age` (RFC 9111 §5.1): the seconds it has spent in the store, added to
+    /// the `Age` the response carried when it was stored, as a cache adds its resident time.
+    pub(crate) fn into_replay<B>(self, age: Option<Duration>) -> Response<ResponseBody<B>> {
         let mut response = Response::new(ResponseBody::full(self.body, None));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        let headers = response.headers_mut();
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        if let Some(age) = age {
+            // A stored `Age` that is not a number is replaced (RFC 9111 §5.1: a cache that
+            // cannot parse it must not use it).
+            let stored = headers
+                .get(header::AGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let age = stored.saturating_add(age.as_secs());
+            headers.insert(header::AGE, HeaderValue::from(age));
+        }
         response
     }
 }
@@ -324,8 +337,9 @@ mod tests {
         assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
         assert!(back.first.is_none());
 
-        let replay = back.into_replay::<()>();
+        let replay = back.into_replay::<()>(Some(Duration::from_millis(2500)));
         assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(replay.headers()[header::AGE], "2");
     }
 
     #[test]

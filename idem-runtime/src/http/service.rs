@@ -11,6 +11,7 @@ use http_body_util::{Either, Full};
 use tower_service::Service;
 
 use super::body::ResponseBody;
+use super::drain::Tracker;
 use super::future::ResponseFuture;
 use super::header::{self, KeyError};
 use super::keyed;
@@ -28,19 +29,35 @@ use crate::error::BoxError;
 /// A keyed request's handler runs in a task of its own on the current tokio runtime (inline
 /// when there is none), so that it runs to completion and its response is stored even when
 /// the client goes away: `S`, its future and its response body must be `Send + 'static`.
+///
+/// A request that an idempotency layer outside this one already guards (the layer applied
+/// twice: on a router and on one of its routes, say) passes through this one untouched: the
+/// outermost layer answers for it.
 #[derive(Clone)]
 pub struct IdempotencyService<S> {
     inner: S,
     config: Arc<Config>,
     quotas: Arc<Quotas>,
+    tracker: Arc<Tracker>,
 }
 
+/// The mark an idempotency layer leaves in the extensions of a keyed request it guards, so that
+/// another idempotency layer inside it lets the request through.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Guarded;
+
 impl<S> IdempotencyService<S> {
-    pub(super) fn new(inner: S, config: Arc<Config>, quotas: Arc<Quotas>) -> Self {
+    pub(super) fn new(
+        inner: S,
+        config: Arc<Config>,
+        quotas: Arc<Quotas>,
+        tracker: Arc<Tracker>,
+    ) -> Self {
         IdempotencyService {
             inner,
             config,
             quotas,
+            tracker,
         }
     }
 
@@ -91,7 +108,7 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let config = &self.config;
-        if !config.methods.contains(req.method()) {
+        if !config.methods.contains(req.method()) || req.extensions().get::<Guarded>().is_some() {
             return ResponseFuture::passthrough(self.inner.call(req.map(Either::Right)));
         }
         let key = match header::idempotency_key(req.headers(), config.max_key_len) {
@@ -103,7 +120,7 @@ where
                 let detail = format!(
                     "{} {} requires an Idempotency-Key header",
                     req.method(),
-                    req.uri().path()
+                    keyed::target(req.uri(), req.extensions())
                 );
                 return refuse(Problem::KeyMissing, &detail);
             }
@@ -124,6 +141,13 @@ where
                         Problem::KeyInvalid,
                         "the Idempotency-Key is empty".to_owned(),
                     ),
+                    KeyError::List => (
+                        Problem::KeyInvalid,
+                        "the Idempotency-Key holds a comma or a space: it is a list of keys (two \
+                         headers folded into one?), not one key; send one key, or quote it as a \
+                         Structured Field String (\"a b\")"
+                            .to_owned(),
+                    ),
                     KeyError::Malformed => (
                         Problem::KeyInvalid,
                         "the Idempotency-Key must be a Structured Field String (\"abc\") or a \
@@ -139,8 +163,9 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         let quotas = Arc::clone(&self.quotas);
+        let tracker = Arc::clone(&self.tracker);
         ResponseFuture::keyed(Box::pin(async move {
-            let response = keyed::serve(config, quotas, inner, req, key).await;
+            let response = keyed::serve(config, quotas, tracker, inner, req, key).await;
             if let Ok(response) = &response {
                 crate::metrics::http_response(
                     response.status().as_u16(),
