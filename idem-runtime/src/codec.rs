@@ -151,9 +151,13 @@
 //!   (`enum E { F(f64), U(u32) }` replays `U(5)` as `F(5.0)`; an earlier `String` variant takes a
 //!   unit variant's name, an earlier `Option` variant takes a unit struct as `None`);
 //! - serde's buffer for `#[serde(flatten)]`, untagged and internally tagged enums has no `u128`
-//!   or `i128`, so such a value there does not decode at all.
+//!   or `i128`, so such a value there does not decode at all (nor does a validated newtype
+//!   there: see Reading).
 //!
-//! A `Deserialize` impl that drops or changes data is refused the same way.
+//! A `Deserialize` impl that drops or changes data is refused the same way. A value that does
+//! not decode back is refused with the decode error's own words (serde's, the type's, or the
+//! decoder's, and where); serde's buffer is named only when the error is one of its known
+//! limitations.
 
 use std::fmt::{self, Write as _};
 
@@ -433,14 +437,33 @@ impl fmt::Display for Unfaithful {
                 "a result of type `{ty}` cannot be stored faithfully: it decodes, but the \
                  decoded value does not encode: {err}"
             ),
-            Reason::Decode(err) => write!(
-                f,
-                "a result of type `{ty}` cannot be stored faithfully: it would not decode back \
-                 as `{ty}` ({err}). serde's buffer for `#[serde(flatten)]`, untagged and \
-                 internally tagged enums cannot hold some values (u128 and i128 among them); \
-                 move such fields out of them, or give the type a Deserialize that reads what \
-                 its Serialize writes"
-            ),
+            Reason::Decode(err) => {
+                write!(
+                    f,
+                    "a result of type `{ty}` cannot be stored faithfully: it does not decode \
+                     back as `{ty}`: {}",
+                    err.cause()
+                )?;
+                match err.known_serde_limit() {
+                    Some(SerdeLimit::Wide) => write!(
+                        f,
+                        ". serde's buffer for `#[serde(flatten)]`, untagged and internally \
+                         tagged enums cannot hold a u128 or an i128; move such fields out of \
+                         them"
+                    ),
+                    Some(SerdeLimit::Newtype) => write!(
+                        f,
+                        ". If that newtype struct is inside an untagged or internally tagged \
+                         enum or a `#[serde(flatten)]`: serde's buffer there reads no newtype \
+                         struct as its inner value, so a `try_from` or `from` newtype needs \
+                         `into` too, to write its inner value"
+                    ),
+                    None => write!(
+                        f,
+                        "; its Deserialize does not read back what its Serialize writes"
+                    ),
+                }
+            }
             Reason::Differs(Some(at)) => {
                 write!(
                     f,
@@ -536,6 +559,60 @@ impl DecodeError {
     fn or_at(mut self, at: usize) -> DecodeError {
         self.0.at.get_or_insert(at);
         self
+    }
+
+    /// What went wrong, in the words of whoever found it (the type's `Deserialize`, serde, or
+    /// the decoder) and where: for a record that was just encoded, at store time.
+    fn cause(&self) -> Cause<'_> {
+        Cause(self)
+    }
+
+    /// The limitation of serde's buffer (`Content`) this error is, if it is one, known by
+    /// serde's words for it.
+    fn known_serde_limit(&self) -> Option<SerdeLimit> {
+        let DecodeErrorKind::Mismatch(what) = &self.0.kind else {
+            return None;
+        };
+        // serde ≥ 1.0.2xx: "invalid type: integer `1` as u128, expected any value" from its
+        // buffer's visitor; older releases: "u128 is not supported".
+        let wide = ["u128", "i128"].iter().any(|ty| {
+            what.contains(&format!("as {ty}, expected any value"))
+                || what.contains(&format!("{ty} is not supported"))
+        });
+        if wide {
+            Some(SerdeLimit::Wide)
+        } else if what.starts_with("invalid type: newtype struct") {
+            Some(SerdeLimit::Newtype)
+        } else {
+            None
+        }
+    }
+}
+
+/// The limitations of serde's buffer for `#[serde(flatten)]`, untagged and internally tagged
+/// enums that a store-time refusal names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SerdeLimit {
+    /// It has no `u128` or `i128`.
+    Wide,
+    /// It reads no newtype struct as its inner value (only a typed request to the decoder does).
+    Newtype,
+}
+
+/// A [`DecodeError`] shown as its cause: "missing field `n` (at byte 9)".
+struct Cause<'a>(&'a DecodeError);
+
+impl fmt::Display for Cause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.0.0.kind, self.0.0.at) {
+            (DecodeErrorKind::Mismatch(what) | DecodeErrorKind::Corrupt(what), Some(at)) => {
+                write!(f, "{what} (at byte {at} of its encoding)")
+            }
+            (DecodeErrorKind::Mismatch(what) | DecodeErrorKind::Corrupt(what), None) => {
+                f.write_str(what)
+            }
+            _ => write!(f, "{}", self.0),
+        }
     }
 }
 
@@ -3385,9 +3462,118 @@ mod tests {
             id: 1,
             inner: Big { v: 1 },
         });
-        assert!(why.contains("would not decode back"), "{why}");
+        assert!(why.contains("does not decode back"), "{why}");
         assert!(why.contains("u128"), "{why}");
         round_trips(Big { v: u128::MAX }); // outside a buffer, a u128 is fine
+    }
+
+    #[test]
+    fn refusals_say_what_failed() {
+        // A field its Serialize skips and its Deserialize requires: serde's words, and no
+        // mention of serde's buffer, which has nothing to do with it.
+        #[derive(Serialize, Deserialize, Debug)]
+        struct SkipIfZero {
+            #[serde(skip_serializing_if = "is_zero")]
+            n: u32,
+        }
+        fn is_zero(n: &u32) -> bool {
+            *n == 0
+        }
+        let why = refused(&SkipIfZero { n: 0 });
+        assert!(
+            why.contains("it does not decode back as `")
+                && why.contains("SkipIfZero`: missing field `n` (at byte ")
+                && why.contains("its Deserialize does not read back what its Serialize writes"),
+            "{why}"
+        );
+        assert!(!why.contains("buffer"), "{why}");
+        // A Deserialize that fails: its own words.
+        #[derive(Serialize, Debug)]
+        struct Fails(u8);
+        impl<'de> Deserialize<'de> for Fails {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                u8::deserialize(d)?;
+                Err(de::Error::custom("the checksum does not match"))
+            }
+        }
+        let why = refused(&Fails(1));
+        assert!(
+            why.contains(": the checksum does not match (at byte "),
+            "{why}"
+        );
+        assert!(!why.contains("buffer"), "{why}");
+        // A Deserialize that leaves part of the value unread: not "a corrupt record".
+        #[derive(Serialize, Debug)]
+        struct Unread(u8, u8);
+        impl<'de> Deserialize<'de> for Unread {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Lazy;
+                impl<'de> Visitor<'de> for Lazy {
+                    type Value = Unread;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("anything")
+                    }
+                    fn visit_some<D: Deserializer<'de>>(self, _: D) -> Result<Unread, D::Error> {
+                        Ok(Unread(0, 0))
+                    }
+                }
+                d.deserialize_option(Lazy)
+            }
+        }
+        let why = refused(&Unread(1, 2));
+        assert!(
+            why.contains(": trailing bytes after the value (at byte "),
+            "{why}"
+        );
+        assert!(!why.contains("corrupt") && !why.contains("buffer"), "{why}");
+        // serde's buffer has no u128 or i128: said so, with serde's words first.
+        let why = refused(&FlatBig {
+            id: 1,
+            inner: Big { v: 1 },
+        });
+        assert!(why.contains("integer `1` as u128"), "{why}");
+        assert!(
+            why.contains("serde's buffer") && why.contains("u128 or an i128"),
+            "{why}"
+        );
+        #[derive(Serialize, Deserialize, Debug)]
+        struct Wide {
+            big: i128,
+        }
+        #[derive(Serialize, Deserialize, Debug)]
+        #[serde(tag = "kind")]
+        enum Tagged {
+            W(Wide),
+        }
+        let why = refused(&Tagged::W(Wide { big: -1 }));
+        assert!(why.contains("integer `-1` as i128"), "{why}");
+        assert!(why.contains("serde's buffer"), "{why}");
+        // A validated newtype in serde's buffer: the buffer named, conditionally.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Contact {
+            email: Email,
+        }
+        #[derive(Serialize, Deserialize, Debug)]
+        struct Flattened {
+            id: u8,
+            #[serde(flatten)]
+            contact: Contact,
+        }
+        let why = refused(&Flattened {
+            id: 1,
+            contact: Contact {
+                email: Email("a@b.c".into()),
+            },
+        });
+        assert!(
+            why.contains("invalid type: newtype struct, expected a string")
+                && why.contains("serde's buffer there reads no newtype struct"),
+            "{why}"
+        );
+        // Outside a buffer it replays.
+        round_trips(Contact {
+            email: Email("a@b.c".into()),
+        })
     }
 
     #[test]
