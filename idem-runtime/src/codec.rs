@@ -135,21 +135,40 @@
 //!
 //! # The store-time check
 //!
-//! `encode_checked` encodes the value, decodes it as its own type, encodes that again, and
-//! stores the first encoding only if the two are equal: byte for byte (one `memcmp`, the common
-//! case), or else after sorting the elements of every sequence and map by their encoded bytes,
-//! recursively, since a `HashMap` or `HashSet` iterates its elements in another order in every
-//! instance. That acceptance is deliberately structural: serde serializes a `HashSet` and a `Vec`
-//! alike, so a type whose `Deserialize` reorders a sequence's elements passes the check too (it
-//! replays the same elements in its own order). Anything else that differs is refused with an
-//! `Unfaithful` that says where and how the replay would differ (a path of `.field`, `.0`,
-//! `[index]` for sequence elements, compared by position, and `[key]` for map entries, compared
-//! by key; values in Rust-like notation: "at `.lines[1]` it holds `3u32`, but would replay as
-//! `3.0f64`"). serde itself loses two kinds of value, in any format, which the check catches:
+//! `encode_checked_replay(value, eq)` encodes the value, decodes that as its own type (the
+//! replay: what a later call gets), and encodes the replay again. `eq` is the type's own
+//! `PartialEq::eq`, which the executor passes when the attribute finds one. What decides whether
+//! the value is stored:
+//!
+//! - **With `eq`, for a value `eq` to itself**, the type's equality: the replay must be `eq` to
+//!   the value, and the encodings are not compared. This catches what no encoding can show, a
+//!   `Serialize` that loses data before the format sees it (a `#[serde(skip)]` field, a lossy
+//!   `with`, `into` or `from`, untagged variants of one shape, a `#[serde(flatten)]` `Option`
+//!   whose `None` and `Some` serialize alike), and a `Deserialize` that reorders a `Vec`; it
+//!   accepts a `HashMap` or `HashSet`, whose replay is `eq` in any order. A value that is not
+//!   `eq` to itself (one holding a NaN: `NaN != NaN`) cannot be checked this way, and is checked
+//!   as without `eq`.
+//! - **Without `eq`**, the encodings: they must be equal byte for byte (one `memcmp`, the common
+//!   case), or else after sorting the elements of every sequence and map by their encoded bytes,
+//!   recursively. That acceptance of other orders is needed for a `HashMap` or `HashSet`, which
+//!   iterates its elements in another order in every instance, and it is structural: serde
+//!   serializes a `HashSet` and a `Vec` alike, so **without `eq`, a `Deserialize` that reorders a
+//!   `Vec`'s elements passes** (it replays the same elements in its own order). Likewise a
+//!   `Serialize` that loses data before the format sees it writes the value and its replay
+//!   alike, so without `eq` nothing shows the loss. These are the check's documented limits;
+//!   `PartialEq` on the result type closes both.
+//!
+//! A replay that differs otherwise is refused with an `Unfaithful` that says where and how (a
+//! path of `.field`, `.0`, `[index]` for sequence elements, compared by position, and `[key]` for
+//! map entries, compared by key; values in Rust-like notation: "at `.lines[1]` it holds `3u32`,
+//! but would replay as `3.0f64`"), or, with `eq`, that it is not `==`. serde itself loses two
+//! kinds of value, in any format, which the check catches:
 //!
 //! - an untagged enum whose variants accept the same data replays as the first that accepts it
 //!   (`enum E { F(f64), U(u32) }` replays `U(5)` as `F(5.0)`; an earlier `String` variant takes a
-//!   unit variant's name, an earlier `Option` variant takes a unit struct as `None`);
+//!   unit variant's name, an earlier `Option` variant takes a unit struct as `None`): caught by
+//!   the encodings where the variants' data differ in type, and only by `eq` where they are of
+//!   one shape (`Cents(u64)` and `Points(u64)`, or unit variants, which untagged serialize as `()`);
 //! - serde's buffer for `#[serde(flatten)]`, untagged and internally tagged enums has no `u128`
 //!   or `i128`, so such a value there does not decode at all (nor does a validated newtype
 //!   there: see Reading).
@@ -311,7 +330,8 @@ impl std::error::Error for NotStored {}
 /// Encodes `value` for a store, after checking that it replays faithfully: encode, decode as `T`,
 /// encode again, and the two encodings must be equal (exactly, or up to the order of the elements
 /// of sequences and maps, which is how two `HashMap`s or `HashSet`s with the same elements
-/// differ). `Err` says why not, in words a user can act on.
+/// differ). `Err` says why not, in words a user can act on. With no `PartialEq` to check with,
+/// it has the limits [`encode_checked_replay`] states for that case.
 pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<Vec<u8>, Unfaithful> {
@@ -319,11 +339,18 @@ pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
 }
 
 /// [`encode_checked`], also handing back the decoded value (what a replay from the record
-/// returns), and, where the type has one, checking it with the type's own equality: with `eq`,
-/// a value that is equal to itself (no NaN inside) must be `eq` to its replay, which catches a
-/// `Serialize` that loses data before it reaches the format (`#[serde(skip)]`, a lossy
-/// `with`/`into`, untagged variants of the same shape) and a `Deserialize` that reorders a
-/// sequence; the replay being `eq` also accepts encodings that differ only in order.
+/// returns), and checking it with the type's own equality where it has one (`eq`, passed by the
+/// executor when the attribute finds `PartialEq`):
+///
+/// - With `eq`, a value that is `eq` to itself must be `eq` to its replay, and the encodings
+///   are not compared. That catches a `Serialize` that loses data before it reaches the format
+///   (`#[serde(skip)]`, a lossy `with`/`into`/`from`, untagged variants of one shape) and a
+///   `Deserialize` that reorders a `Vec`, and accepts a `HashMap` or `HashSet` in any order.
+/// - Without `eq`, or for a value not `eq` to itself (a NaN inside), the encodings of the value
+///   and of the replay must be equal, exactly or up to the order of the elements of sequences
+///   and maps (needed for `HashMap` and `HashSet`). So a `Deserialize` that reorders a `Vec`'s
+///   elements passes, and so does a `Serialize` that loses data before the format, since both
+///   encodings lose it alike: the documented limits of a check without `PartialEq`.
 pub(crate) fn encode_checked_replay<T: Serialize + DeserializeOwned>(
     value: &T,
     eq: Option<fn(&T, &T) -> bool>,
@@ -3601,8 +3628,9 @@ mod tests {
             .map(|i| (i.to_string(), (0..i).collect()))
             .collect();
         round_trips(map);
-        // The check cannot tell a HashSet's sequence from a Vec's, so a Deserialize that
-        // reorders a Vec passes too (documented in the module docs): same elements, its order.
+        // Without `==`, the check cannot tell a HashSet's sequence from a Vec's, so a Deserialize
+        // that reorders a Vec passes too (the documented limit; with `==` it is caught, see
+        // `element_order_is_accepted_without_eq_and_judged_by_eq_with_it`).
         let replayed = replay(&Reversing(vec![1, 2, 3]));
         assert_eq!(replayed, Reversing(vec![3, 2, 1]));
         // Different elements are not an order difference.
@@ -3763,6 +3791,97 @@ mod tests {
         assert_eq!(
             std::mem::size_of::<DecodeError>(),
             std::mem::size_of::<usize>()
+        );
+    }
+
+    // --- The check with the type's `==` ---------------------------------------------------------
+
+    /// The check as the executor runs it when the attribute finds `PartialEq`: the replay.
+    fn checked_eq<T: Serialize + DeserializeOwned + PartialEq>(value: &T) -> Result<T, String> {
+        encode_checked_replay(value, Some(PartialEq::eq))
+            .map(|(_, replay)| replay)
+            .map_err(|err| err.to_string())
+    }
+
+    /// The check without `==`: the replay.
+    fn checked_without_eq<T: Serialize + DeserializeOwned>(value: &T) -> Result<T, String> {
+        encode_checked_replay(value, None)
+            .map(|(_, replay)| replay)
+            .map_err(|err| err.to_string())
+    }
+
+    /// Asserts that the check with `==` refuses `value` as not `==` to its replay.
+    #[track_caller]
+    fn refused_with_eq<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
+        match checked_eq(value) {
+            Ok(replay) => panic!("{value:?} stored, replays as {replay:?}"),
+            Err(why) => assert!(why.contains("not `==` to it"), "{why}"),
+        }
+    }
+
+    /// Asserts the documented limit: without `==`, `value` is stored and replays as `wrong`.
+    #[track_caller]
+    fn wrong_without_eq<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T, wrong: T) {
+        assert_ne!(*value, wrong);
+        assert_eq!(checked_without_eq(value).as_ref(), Ok(&wrong));
+    }
+
+    #[test]
+    fn element_order_is_accepted_without_eq_and_judged_by_eq_with_it() {
+        // A Deserialize that reorders a Vec: without `==` the encodings differ only in order,
+        // which the check must accept for HashMap and HashSet, so it passes (the documented
+        // limit); with `==` it is caught.
+        let value = Reversing(vec![1, 2, 3]);
+        wrong_without_eq(&value, Reversing(vec![3, 2, 1]));
+        refused_with_eq(&value);
+        // A HashSet (and a HashMap) is accepted both ways, though its replay iterates in
+        // another order.
+        let set: HashSet<u32> = (0..500).collect();
+        let replay = checked_without_eq(&set).unwrap_or_else(|why| panic!("{why}"));
+        assert_eq!(replay, set);
+        // (The replay's hasher differs, so its encoding differs in order: the sorted comparison
+        // accepted it, not the byte-for-byte one.)
+        assert_ne!(encode(&replay).unwrap(), encode(&set).unwrap());
+        assert_eq!(checked_eq(&set).as_ref(), Ok(&set));
+        let map: HashMap<String, HashSet<u8>> = (0..50u8)
+            .map(|i| (i.to_string(), (0..i).collect()))
+            .collect();
+        assert_eq!(checked_without_eq(&map).as_ref(), Ok(&map));
+        assert_eq!(checked_eq(&map).as_ref(), Ok(&map));
+        // A value holding a NaN is not `==` to itself, so `==` cannot judge its replay: it is
+        // checked by its encodings, and accepted with `eq` (the NaN replays with its bits).
+        let nan = (f64::NAN, vec![1u32, 2], Some(-0.0f32));
+        let replay = checked_eq(&nan).unwrap_or_else(|why| panic!("{why}"));
+        assert_eq!(replay.0.to_bits(), f64::NAN.to_bits());
+        assert_eq!(
+            (&replay.1, replay.2.map(f32::to_bits)),
+            (&nan.1, Some((-0.0f32).to_bits()))
+        );
+        // … and so, holding a NaN, even a reordering Deserialize passes with `eq` (the limit
+        // again: only the encodings judge it).
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Measured {
+            value: f64,
+            samples: Reversing,
+        }
+        let measured = Measured {
+            value: f64::NAN,
+            samples: Reversing(vec![1, 2]),
+        };
+        let replay = checked_eq(&measured).unwrap_or_else(|why| panic!("{why}"));
+        assert_eq!(replay.samples, Reversing(vec![2, 1]));
+        // Not NaN, it is caught.
+        refused_with_eq(&Measured {
+            value: 1.0,
+            samples: Reversing(vec![1, 2]),
+        });
+        // Different elements are refused without `eq` as with it.
+        assert!(
+            checked_without_eq(&Lossy {
+                kept: 1,
+                dropped: "x".into()
+            })
+            .is_err()
         );
     }
 
