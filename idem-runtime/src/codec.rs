@@ -3885,6 +3885,115 @@ mod tests {
         );
     }
 
+    /// The reviewer's lossy cases: each `Serialize` (or serde's untagged and flatten handling)
+    /// loses data before the format sees it, so the value and its replay encode alike. With
+    /// `==`, each is refused when stored; without it, each is stored and replays wrong (the
+    /// documented limit, asserted by `wrong_without_eq`).
+    #[test]
+    fn lossy_serializations_are_refused_with_eq() {
+        // A skipped field.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Skipped {
+            id: u32,
+            #[serde(skip)]
+            secret: String,
+        }
+        let skipped = Skipped {
+            id: 7,
+            secret: "s3cr3t".into(),
+        };
+        refused_with_eq(&skipped);
+        wrong_without_eq(
+            &skipped,
+            Skipped {
+                id: 7,
+                secret: String::new(),
+            },
+        );
+
+        // `from`/`into` through a u8 that clamps.
+        #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+        #[serde(from = "u8", into = "u8")]
+        struct Percent(u32);
+        impl From<u8> for Percent {
+            fn from(v: u8) -> Percent {
+                Percent(v.into())
+            }
+        }
+        impl From<Percent> for u8 {
+            fn from(p: Percent) -> u8 {
+                p.0.min(100) as u8
+            }
+        }
+        refused_with_eq(&Percent(250));
+        wrong_without_eq(&Percent(250), Percent(100));
+        assert_eq!(checked_eq(&Percent(40)), Ok(Percent(40)));
+
+        // Untagged variants of one shape.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        #[serde(untagged)]
+        enum Amount {
+            Cents(u64),
+            Points(u64),
+        }
+        refused_with_eq(&Amount::Points(5));
+        wrong_without_eq(&Amount::Points(5), Amount::Cents(5));
+        assert_eq!(checked_eq(&Amount::Cents(5)), Ok(Amount::Cents(5)));
+
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        #[serde(untagged)]
+        enum Payment {
+            Card { id: String },
+            Bank { id: String },
+        }
+        let bank = Payment::Bank {
+            id: "acct-1".into(),
+        };
+        refused_with_eq(&bank);
+        wrong_without_eq(
+            &bank,
+            Payment::Card {
+                id: "acct-1".into(),
+            },
+        );
+
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        #[serde(untagged)]
+        enum Status {
+            Pending,
+            Done,
+        }
+        refused_with_eq(&Status::Done);
+        wrong_without_eq(&Status::Done, Status::Pending);
+
+        // A flattened Option whose None and Some(all fields absent) serialize alike.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct AllOptional {
+            #[serde(skip_serializing_if = "Option::is_none", default)]
+            note: Option<String>,
+        }
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct FlatOpt {
+            id: u8,
+            #[serde(flatten)]
+            extra: Option<AllOptional>,
+        }
+        let none = FlatOpt { id: 1, extra: None };
+        refused_with_eq(&none);
+        wrong_without_eq(
+            &none,
+            FlatOpt {
+                id: 1,
+                extra: Some(AllOptional { note: None }),
+            },
+        );
+        let some = FlatOpt {
+            id: 1,
+            extra: Some(AllOptional { note: None }),
+        };
+        assert_eq!(checked_eq(&some).as_ref(), Ok(&some));
+    }
+
     // --- Validated newtypes: a newtype struct read as its inner shape ---------------------------
 
     /// The validated-newtype pattern: `Serialize` derives a newtype struct, `Deserialize` reads a
