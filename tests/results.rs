@@ -100,8 +100,87 @@ async fn unfaithful_results_are_refused(store: &dyn Store) {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the body did not run again");
 }
 
+/// The validated-newtype pattern, which JSON round-trips: `Serialize` derives a newtype struct,
+/// `Deserialize` reads the inner type and validates it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(try_from = "String")]
+struct Email(String);
+
+impl TryFrom<String> for Email {
+    type Error = String;
+    fn try_from(s: String) -> Result<Email, String> {
+        if s.contains('@') {
+            Ok(Email(s))
+        } else {
+            Err(format!("{s:?} is not an email address"))
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(try_from = "i64")]
+struct Even(i64);
+
+impl TryFrom<i64> for Even {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Even, String> {
+        if v % 2 == 0 {
+            Ok(Even(v))
+        } else {
+            Err(format!("{v} is odd"))
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Subscription {
+    email: Email,
+    every_days: Even,
+}
+
+/// A concrete result type, so that the attribute finds its `PartialEq` (as `first<T>` cannot).
+#[idempotent(key = key, store = store)]
+async fn subscribe(
+    store: &dyn Store,
+    runs: &AtomicUsize,
+    key: u64,
+    email: &str,
+) -> Result<Subscription, Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    Ok(Subscription {
+        email: Email(email.to_owned()),
+        every_days: Even(14),
+    })
+}
+
+/// Validated newtypes are stored and replayed exactly (they were refused on every path).
+async fn validated_newtypes_replay(store: &dyn Store) {
+    let email = Email("a@b.c".to_owned());
+    assert_eq!(
+        replays(store, email.clone(), Email("x@y.z".to_owned())).await,
+        email
+    );
+    assert_eq!(replays(store, Even(-4), Even(6)).await, Even(-4));
+    assert_eq!(
+        replays(store, vec![Some(Even(2)), None], vec![]).await,
+        vec![Some(Even(2)), None]
+    );
+    let runs = AtomicUsize::new(0);
+    let key = fresh();
+    let first = subscribe(store, &runs, key, "first@x.y").await.unwrap();
+    let again = subscribe(store, &runs, key, "second@x.y").await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(again.email, Email("first@x.y".to_owned()));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+}
+
 mod memory {
     use idem::MemoryStore;
+
+    #[tokio::test]
+    async fn validated_newtypes_replay() {
+        super::validated_newtypes_replay(&MemoryStore::new()).await;
+    }
 
     #[tokio::test]
     async fn typed_replays_are_exact() {
@@ -137,6 +216,11 @@ mod redis {
     async fn unfaithful_results_are_refused() {
         super::unfaithful_results_are_refused(&store().await).await;
     }
+
+    #[tokio::test]
+    async fn validated_newtypes_replay() {
+        super::validated_newtypes_replay(&store().await).await;
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -158,6 +242,11 @@ mod postgres {
     #[tokio::test]
     async fn unfaithful_results_are_refused() {
         super::unfaithful_results_are_refused(&store().await).await;
+    }
+
+    #[tokio::test]
+    async fn validated_newtypes_replay() {
+        super::validated_newtypes_replay(&store().await).await;
     }
 }
 
