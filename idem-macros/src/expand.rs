@@ -1,7 +1,7 @@
 //! Writes the expansion: the body moves into an async block handed to one generic runtime
 //! function, so each annotated function adds a few lines, not a copy of the executor.
 
-use proc_macro2::{Literal, TokenStream};
+use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{AttrStyle, Attribute, ItemFn, TraitItemFn};
@@ -91,11 +91,17 @@ fn duration(krate: &TokenStream, arg: Option<&DurationArg>, default: TokenStream
     }
 }
 
-fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
-    let krate = match &args.krate {
+/// The path of the `idem` crate; the default `::idem` takes `span`, so that a bound of an item
+/// named through it is reported where the caller of this function wants it.
+fn krate_at(args: &Args, span: Span) -> TokenStream {
+    match &args.krate {
         Some(path) => quote!(#path),
-        None => quote!(::idem),
-    };
+        None => quote_spanned!(span=> ::idem),
+    }
+}
+
+fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
+    let krate = krate_at(args, Span::call_site());
     let ItemFn {
         attrs,
         vis,
@@ -173,8 +179,9 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
 
     // The result's bounds are one bound, checked at the return type, so a missing `Serialize`
     // or `From<idem::Error>` is reported once, where the user wrote the type.
+    let krate_at_ret = krate_at(args, ret.span());
     let run = quote_spanned! {ret.span()=>
-        #krate::__private::run(
+        #krate_at_ret::__private::run(
             __idem_store,
             __idem_name,
             __idem_key,
@@ -185,6 +192,18 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             __idem_body,
         )
         .await
+    };
+
+    // A return edge that is never taken types the body's output as the function's return type
+    // before the body is checked (tracing-attributes' "fake return edge"): a type error in the
+    // body is then reported at the expression, as it would be without the attribute, and `?` and
+    // `return` convert into the declared type. A `match` on `None` rather than a diverging `let`,
+    // so that no code is unreachable for crates that deny `unreachable_code`.
+    let return_edge = quote! {
+        match ::core::option::Option::<#ret>::None {
+            ::core::option::Option::Some(__idem_out) => return __idem_out,
+            ::core::option::Option::None => {}
+        }
     };
 
     quote! {
@@ -208,7 +227,10 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
                 use #krate::__private::{ViaPartialEq as _, WithoutPartialEq as _};
                 (&#krate::__private::EqProbe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).eq_fn()
             };
-            let __idem_body = async #block;
+            let __idem_body = async {
+                #return_edge
+                #block
+            };
             #run
         }
     }
