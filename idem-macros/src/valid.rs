@@ -3,8 +3,8 @@
 use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType, Type,
-    TypeParamBound,
+    FnArg, GenericArgument, Ident, ItemFn, Lifetime, Pat, PathArguments, ReceiverKind, ReturnType,
+    Type, TypeParamBound, TypeReference,
 };
 
 use crate::attr::{Args, Errors};
@@ -196,12 +196,20 @@ fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Op
     };
     if let PathArguments::AngleBracketed(generic) = &last.arguments
         && let Some(GenericArgument::Type(ok)) = generic.args.first()
-        && let Some(span) = borrowed(ok)
+        && let Some(borrow) = borrowed(ok)
     {
-        errors.push(syn::Error::new(
-            span,
-            "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow; return `String`, `Vec<T>` or another owned type",
-        ));
+        const OWNED: &str = "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow";
+        const RETURN: &str = "return `String`, `Vec<T>` or another owned type";
+        errors.push(match borrow {
+            Borrow::Reference(r) if is_static(r.lifetime.as_ref()) => syn::Error::new_spanned(
+                r,
+                format!(
+                    "{OWNED}, not even for `'static`: a replay decodes the result from stored bytes that do not live for `'static`; {RETURN}"
+                ),
+            ),
+            Borrow::Reference(r) => syn::Error::new_spanned(r, format!("{OWNED}; {RETURN}")),
+            Borrow::Lifetime(l) => syn::Error::new_spanned(l, format!("{OWNED}; {RETURN}")),
+        });
         return None;
     }
     Some(ty.clone())
@@ -215,13 +223,23 @@ fn is_primitive(ident: &Ident) -> bool {
     PRIMITIVES.iter().any(|p| ident == p)
 }
 
-/// The span of a borrow (a reference or a non-`'static` lifetime) inside `ty`, if any.
-fn borrowed(ty: &Type) -> Option<Span> {
+/// A borrow in a result type.
+enum Borrow<'a> {
+    /// A reference, `'static` ones included: a replay decodes a new value, which no reference
+    /// of the function's caller can point to (`&'static str` is not `DeserializeOwned`).
+    Reference(&'a TypeReference),
+    /// A lifetime argument other than `'static` (`Cow<'a, str>`).
+    Lifetime(&'a Lifetime),
+}
+
+fn is_static(lifetime: Option<&Lifetime>) -> bool {
+    lifetime.is_some_and(|l| l.ident == "static")
+}
+
+/// The first borrow inside `ty`, if any.
+fn borrowed(ty: &Type) -> Option<Borrow<'_>> {
     match ty {
-        Type::Reference(r) => match &r.lifetime {
-            Some(l) if l.ident == "static" => borrowed(&r.elem),
-            _ => Some(r.span()),
-        },
+        Type::Reference(r) => Some(Borrow::Reference(r)),
         Type::Paren(p) => borrowed(&p.elem),
         Type::Group(g) => borrowed(&g.elem),
         Type::Slice(s) => borrowed(&s.elem),
@@ -230,7 +248,7 @@ fn borrowed(ty: &Type) -> Option<Span> {
         Type::Path(p) => p.path.segments.iter().find_map(|seg| match &seg.arguments {
             PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
                 GenericArgument::Type(t) => borrowed(t),
-                GenericArgument::Lifetime(l) if l.ident != "static" => Some(l.span()),
+                GenericArgument::Lifetime(l) if !is_static(Some(l)) => Some(Borrow::Lifetime(l)),
                 _ => None,
             }),
             _ => None,
