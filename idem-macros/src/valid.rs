@@ -1,10 +1,11 @@
 //! The rules of the contract, checked against the function's signature.
 
-use proc_macro2::Span;
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{
     FnArg, GenericArgument, Ident, ItemFn, Lifetime, Pat, PathArguments, ReceiverKind, ReturnType,
-    Type, TypeParamBound, TypeReference,
+    Signature, Type, TypeParamBound, TypeReference,
 };
 
 use crate::attr::{Args, Errors};
@@ -25,6 +26,15 @@ pub(crate) struct Checked {
 
 pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<Checked> {
     let sig = &item.sig;
+    if sig.asyncness.is_none() && rewritten_by_async_trait(sig) {
+        // Every other rule would be checked against async-trait's rewrite, not what the user
+        // wrote ("write `async fn`" under their `async fn`): this is the only error.
+        errors.push(syn::Error::new(
+            Span::call_site(),
+            "`#[idempotent]` cannot be used on a method of an `#[async_trait]` impl: `#[async_trait]` has already rewritten this `async fn` into a `fn` returning a boxed future; put `#[idempotent]` on an inherent `async fn` and call it from the trait method, or drop `#[async_trait]` and use `async fn` in the trait itself (Rust 1.75 and later)",
+        ));
+        return None;
+    }
     if sig.asyncness.is_none() {
         errors.push(syn::Error::new(
             sig.fn_token.span(),
@@ -121,6 +131,30 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
     }
 
     ret.map(|ret| Checked { key_args, ret })
+}
+
+/// Whether `sig` is the shape `#[async_trait]` gives an `async fn`: a `fn` generic over
+/// `'async_trait` that returns `Pin<Box<dyn Future<Output = ...> + Send + 'async_trait>>`.
+fn rewritten_by_async_trait(sig: &Signature) -> bool {
+    fn names_async_trait(tokens: TokenStream) -> bool {
+        let mut after_quote = false;
+        tokens.into_iter().any(|tree| match tree {
+            TokenTree::Group(group) => names_async_trait(group.stream()),
+            TokenTree::Punct(punct) => {
+                after_quote = punct.as_char() == '\'';
+                false
+            }
+            TokenTree::Ident(ident) => std::mem::take(&mut after_quote) && ident == "async_trait",
+            TokenTree::Literal(_) => {
+                after_quote = false;
+                false
+            }
+        })
+    }
+    sig.generics
+        .lifetimes()
+        .any(|param| param.lifetime.ident == "async_trait")
+        || names_async_trait(sig.output.to_token_stream())
 }
 
 /// The first `&mut` borrow that a value of type `ty` holds, looking through references, tuples,
