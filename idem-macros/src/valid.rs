@@ -5,7 +5,7 @@ use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{
     FnArg, GenericArgument, Ident, ItemFn, Lifetime, Pat, PathArguments, ReceiverKind, ReturnType,
-    Signature, Type, TypeParamBound, TypeReference,
+    Signature, Type, TypeImplTrait, TypeParamBound, TypeReference,
 };
 
 use crate::attr::{Args, Errors};
@@ -225,11 +225,33 @@ fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Op
         _ => None,
     };
     let Some(last) = last.filter(|seg| !is_primitive(&seg.ident) && seg.ident != "Option") else {
-        errors.push(syn::Error::new(ty.span(), MUST));
+        errors.push(syn::Error::new_spanned(ty, MUST));
         return None;
     };
-    if let PathArguments::AngleBracketed(generic) = &last.arguments
-        && let Some(GenericArgument::Type(ok)) = generic.args.first()
+    let ok = match &last.arguments {
+        PathArguments::AngleBracketed(generic) => match generic.args.first() {
+            Some(GenericArgument::Type(ok)) => Some(ok),
+            _ => None,
+        },
+        _ => None,
+    };
+    // The expansion names the return type (`<R as IdemResult>::Ok`, the body's declared output),
+    // where `impl Trait` is not allowed: without this, rustc's E0562 points into the expansion.
+    if let Some(opaque) = ok.and_then(impl_trait) {
+        errors.push(syn::Error::new_spanned(
+            opaque,
+            "`#[idempotent]` functions cannot have `impl Trait` in the `Ok` type: a replay decodes the stored result into that type, so it must be named; write the concrete type",
+        ));
+        return None;
+    }
+    if let Some(opaque) = impl_trait(ty) {
+        errors.push(syn::Error::new_spanned(
+            opaque,
+            "`#[idempotent]` functions cannot have `impl Trait` in their return type: the attribute names the `Ok` and error types, so they must be written out; write the concrete type",
+        ));
+        return None;
+    }
+    if let Some(ok) = ok
         && let Some(borrow) = borrowed(ok)
     {
         const OWNED: &str = "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow";
@@ -255,6 +277,46 @@ fn is_primitive(ident: &Ident) -> bool {
         "i32", "i64", "i128", "isize", "f32", "f64", "Vec", "Box",
     ];
     PRIMITIVES.iter().any(|p| ident == p)
+}
+
+/// The first `impl Trait` inside `ty`, if any.
+fn impl_trait(ty: &Type) -> Option<&TypeImplTrait> {
+    fn in_args(args: &PathArguments) -> Option<&TypeImplTrait> {
+        match args {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                GenericArgument::Type(t) => impl_trait(t),
+                GenericArgument::AssocType(assoc) => impl_trait(&assoc.ty),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+
+    match ty {
+        Type::ImplTrait(t) => Some(t),
+        Type::Reference(r) => impl_trait(&r.elem),
+        Type::Ptr(p) => impl_trait(&p.elem),
+        Type::Paren(p) => impl_trait(&p.elem),
+        Type::Group(g) => impl_trait(&g.elem),
+        Type::Slice(s) => impl_trait(&s.elem),
+        Type::Array(a) => impl_trait(&a.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(impl_trait),
+        Type::Path(p) => p.qself.iter().find_map(|q| impl_trait(&q.ty)).or_else(|| {
+            p.path
+                .segments
+                .iter()
+                .find_map(|seg| in_args(&seg.arguments))
+        }),
+        Type::TraitObject(t) => t.bounds.iter().find_map(|bound| match bound {
+            TypeParamBound::Trait(t) => t
+                .path
+                .segments
+                .iter()
+                .find_map(|seg| in_args(&seg.arguments)),
+            _ => None,
+        }),
+        _ => None,
+    }
 }
 
 /// A borrow in a result type.
