@@ -129,12 +129,22 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
 
     let key = match &args.key {
         Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
+        // One argument is the key itself, so `Key::new(name, &id)` and the function API's
+        // `Idempotent::new(&store, id).name(name)` address its record; several are a tuple, in
+        // the order of the signature; none is `()`.
         None => {
-            let parts = checked.key_args.iter().map(|arg| {
-                let ident = &arg.ident;
-                quote_spanned!(arg.ty_span=> #krate::__private::key_part(&#ident))
-            });
-            quote!(&(#(#parts,)*))
+            let parts: Vec<TokenStream> = checked
+                .key_args
+                .iter()
+                .map(|arg| {
+                    let ident = &arg.ident;
+                    quote_spanned!(arg.ty_span=> #krate::__private::key_part(&#ident))
+                })
+                .collect();
+            match parts.as_slice() {
+                [one] => one.clone(),
+                parts => quote!(&(#(#parts,)*)),
+            }
         }
     };
 
