@@ -38,7 +38,7 @@
 //!
 //! | option | meaning | default |
 //! | --- | --- | --- |
-//! | `key = EXPR` | expression over the arguments whose value is the key ([`KeyPart`]) | all arguments but `self` and `skip(...)` ones |
+//! | `key = EXPR` | expression over the arguments whose value is the key ([`KeyPart`]) | all arguments but `self` and `skip(...)` ones: one is the key itself, several a tuple |
 //! | `skip(a, b)` | arguments left out of the default key | none |
 //! | `store = EXPR` | the [`Store`]: `S`, `&S`, `Arc<S>` or `Arc<dyn Store>`; may use `self` | [`MemoryStore::global()`] |
 //! | `ttl = "24h"` | how long a completed result is remembered (literal or `Duration` expression) | 24 hours |

@@ -234,6 +234,50 @@ async fn a_named_function_replays_what_the_function_api_stored() {
     assert_eq!(charge(&store, 7).await.unwrap(), 5);
 }
 
+// The default key of one argument is that argument itself, not a 1-tuple of it: with a name, its
+// record is `Key::new(name, &id)`, the one `key = id` and the function API address.
+#[idempotent(name = "payments.charge.v1", store = store, skip(store))]
+async fn charge_by_default_key(store: &dyn Store, id: u64) -> Result<u64, Error> {
+    Ok(2999)
+}
+
+#[tokio::test]
+async fn one_default_key_argument_is_the_key_itself() {
+    let store = MemoryStore::new();
+    assert_eq!(charge_by_default_key(&store, 42).await.unwrap(), 2999);
+
+    let key = Key::new("payments.charge.v1", &42u64);
+    assert_eq!(key.to_hex(), CHARGE_42);
+    assert!(
+        is_completed(&store, key).await,
+        "the record is at Key::new(name, &id)"
+    );
+    assert_eq!(
+        charge(&store, 42).await.unwrap(),
+        2999,
+        "`key = id` under the same name reads the default key's record"
+    );
+    let out = Idempotent::new(&store, 42u64)
+        .name("payments.charge.v1")
+        .run_with_outcome(|| async { Ok::<_, Error>(0u64) })
+        .await
+        .unwrap();
+    assert_eq!((out.value, out.status), (2999, Status::Replayed));
+}
+
+// Several default-key arguments are a tuple of them, in the order of the signature.
+#[idempotent(name = "ledger.transfer.v1", store = store, skip(store))]
+async fn transfer(store: &dyn Store, from: u64, to: &str) -> Result<u64, Error> {
+    Ok(from)
+}
+
+#[tokio::test]
+async fn several_default_key_arguments_are_a_tuple() {
+    let store = MemoryStore::new();
+    assert_eq!(transfer(&store, 1, "bob").await.unwrap(), 1);
+    assert!(is_completed(&store, Key::new("ledger.transfer.v1", &(1u64, "bob"))).await);
+}
+
 struct Ledger<T>(std::marker::PhantomData<T>);
 
 static LEDGER_RUNS: AtomicUsize = AtomicUsize::new(0);

@@ -1,7 +1,7 @@
 //! Writes the expansion: the body moves into an async block handed to one generic runtime
 //! function, so each annotated function adds a few lines, not a copy of the executor.
 
-use proc_macro2::{Literal, TokenStream};
+use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{AttrStyle, Attribute, ItemFn, TraitItemFn};
@@ -91,11 +91,32 @@ fn duration(krate: &TokenStream, arg: Option<&DurationArg>, default: TokenStream
     }
 }
 
-fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
-    let krate = match &args.krate {
+/// The path of the `idem` crate; the default `::idem` takes `span`, so that a bound of an item
+/// named through it is reported where the caller of this function wants it.
+fn krate_at(args: &Args, span: Span) -> TokenStream {
+    match &args.krate {
         Some(path) => quote!(#path),
-        None => quote!(::idem),
-    };
+        None => quote_spanned!(span=> ::idem),
+    }
+}
+
+fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
+    let krate = krate_at(args, Span::call_site());
+    // The expansion's own locals resolve at the macro's definition site (`mixed_site`): user
+    // code can neither see them (an argument named `__idem_key` is the argument in the body and
+    // in `key = ...`) nor shadow them. `at` only says where a diagnostic that names one points.
+    let local = |name: &str, at: Span| Ident::new(name, Span::mixed_site().located_at(at));
+    let here = Span::call_site();
+    let name_var = local("__idem_name", here);
+    let owner_var = local("__idem_store_owner", here);
+    let store_var = local("__idem_store", here);
+    let key_var = local("__idem_key", here);
+    let fingerprint_var = local("__idem_fingerprint", here);
+    let policy_var = local("__idem_policy", here);
+    let typed_var = local("__idem_typed", here);
+    let eq_var = local("__idem_eq", here);
+    let body_var = local("__idem_body", here);
+    let out_var = local("__idem_out", here);
     let ItemFn {
         attrs,
         vis,
@@ -123,24 +144,37 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
 
     let key = match &args.key {
         Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
+        // One argument is the key itself, so `Key::new(name, &id)` and the function API's
+        // `Idempotent::new(&store, id).name(name)` address its record; several are a tuple, in
+        // the order of the signature; none is `()`.
         None => {
-            let parts = checked.key_args.iter().map(|arg| {
-                let ident = &arg.ident;
-                quote_spanned!(arg.ty_span=> #krate::__private::key_part(&#ident))
-            });
-            quote!(&(#(#parts,)*))
+            let parts: Vec<TokenStream> = checked
+                .key_args
+                .iter()
+                .map(|arg| {
+                    let ident = &arg.ident;
+                    quote_spanned!(arg.ty_span=> #krate::__private::key_part(&#ident))
+                })
+                .collect();
+            match parts.as_slice() {
+                [one] => one.clone(),
+                parts => quote!(&(#(#parts,)*)),
+            }
         }
     };
 
     // `let x = &(expr);` keeps a temporary store alive for the whole call.
     let (store_owner, store) = match &args.store {
-        Some(expr) => (
-            quote_spanned!(expr.span()=> &(#expr)),
-            quote_spanned!(expr.span()=> #krate::__private::store(__idem_store_owner)),
-        ),
+        Some(expr) => {
+            let owner = local("__idem_store_owner", expr.span());
+            (
+                quote_spanned!(expr.span()=> &(#expr)),
+                quote_spanned!(expr.span()=> #krate::__private::store(#owner)),
+            )
+        }
         None => (
             quote!(#krate::__private::default_store()),
-            quote!(__idem_store_owner),
+            quote!(#owner_var),
         ),
     };
 
@@ -173,18 +207,33 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
 
     // The result's bounds are one bound, checked at the return type, so a missing `Serialize`
     // or `From<idem::Error>` is reported once, where the user wrote the type.
+    let krate_at_ret = krate_at(args, ret.span());
+    // The arguments in `run`'s order, located at the return type like the call itself.
+    let run_args = [
+        &store_var,
+        &name_var,
+        &key_var,
+        &fingerprint_var,
+        &policy_var,
+        &typed_var,
+        &eq_var,
+        &body_var,
+    ]
+    .map(|var| local(&var.to_string(), ret.span()));
     let run = quote_spanned! {ret.span()=>
-        #krate::__private::run(
-            __idem_store,
-            __idem_name,
-            __idem_key,
-            __idem_fingerprint,
-            &__idem_policy,
-            __idem_typed,
-            __idem_eq,
-            __idem_body,
-        )
-        .await
+        #krate_at_ret::__private::run(#(#run_args),*).await
+    };
+
+    // A return edge that is never taken types the body's output as the function's return type
+    // before the body is checked (tracing-attributes' "fake return edge"): a type error in the
+    // body is then reported at the expression, as it would be without the attribute, and `?` and
+    // `return` convert into the declared type. A `match` on `None` rather than a diverging `let`,
+    // so that no code is unreachable for crates that deny `unreachable_code`.
+    let return_edge = quote! {
+        match ::core::option::Option::<#ret>::None {
+            ::core::option::Option::Some(#out_var) => return #out_var,
+            ::core::option::Option::None => {}
+        }
     };
 
     quote! {
@@ -192,23 +241,26 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         #vis #sig {
             #(#inner)*
             const _: () = #krate::__private::version_check::<#major, #minor, #patch>();
-            let __idem_name: &'static str = #name;
-            let __idem_store_owner = #store_owner;
-            let __idem_store = #store;
-            let __idem_key = #krate::__private::Key::new(__idem_name, #key);
-            let __idem_fingerprint = #fingerprint;
-            let __idem_policy = #krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
-            let __idem_typed = {
+            let #name_var: &'static str = #name;
+            let #owner_var = #store_owner;
+            let #store_var = #store;
+            let #key_var = #krate::__private::Key::new(#name_var, #key);
+            let #fingerprint_var = #fingerprint;
+            let #policy_var = &#krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
+            let #typed_var = {
                 #[allow(unused_imports)]
                 use #krate::__private::{ViaClone as _, ViaEncoding as _};
                 (&#krate::__private::Probe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).typed_ops()
             };
-            let __idem_eq = {
+            let #eq_var = {
                 #[allow(unused_imports)]
                 use #krate::__private::{ViaPartialEq as _, WithoutPartialEq as _};
                 (&#krate::__private::EqProbe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).eq_fn()
             };
-            let __idem_body = async #block;
+            let #body_var = async {
+                #return_edge
+                #block
+            };
             #run
         }
     }

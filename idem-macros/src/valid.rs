@@ -1,10 +1,11 @@
 //! The rules of the contract, checked against the function's signature.
 
-use proc_macro2::Span;
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{
-    FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReceiverKind, ReturnType, Type,
-    TypeParamBound,
+    FnArg, GenericArgument, Ident, ItemFn, Lifetime, Pat, PathArguments, ReceiverKind, ReturnType,
+    Signature, Type, TypeImplTrait, TypeParamBound, TypeReference,
 };
 
 use crate::attr::{Args, Errors};
@@ -25,6 +26,15 @@ pub(crate) struct Checked {
 
 pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<Checked> {
     let sig = &item.sig;
+    if sig.asyncness.is_none() && rewritten_by_async_trait(sig) {
+        // Every other rule would be checked against async-trait's rewrite, not what the user
+        // wrote ("write `async fn`" under their `async fn`): this is the only error.
+        errors.push(syn::Error::new(
+            Span::call_site(),
+            "`#[idempotent]` cannot be used on a method of an `#[async_trait]` impl: `#[async_trait]` has already rewritten this `async fn` into a `fn` returning a boxed future; put `#[idempotent]` on an inherent `async fn` and call it from the trait method, or drop `#[async_trait]` and use `async fn` in the trait itself (Rust 1.75 and later)",
+        ));
+        return None;
+    }
     if sig.asyncness.is_none() {
         errors.push(syn::Error::new(
             sig.fn_token.span(),
@@ -123,6 +133,30 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
     ret.map(|ret| Checked { key_args, ret })
 }
 
+/// Whether `sig` is the shape `#[async_trait]` gives an `async fn`: a `fn` generic over
+/// `'async_trait` that returns `Pin<Box<dyn Future<Output = ...> + Send + 'async_trait>>`.
+fn rewritten_by_async_trait(sig: &Signature) -> bool {
+    fn names_async_trait(tokens: TokenStream) -> bool {
+        let mut after_quote = false;
+        tokens.into_iter().any(|tree| match tree {
+            TokenTree::Group(group) => names_async_trait(group.stream()),
+            TokenTree::Punct(punct) => {
+                after_quote = punct.as_char() == '\'';
+                false
+            }
+            TokenTree::Ident(ident) => std::mem::take(&mut after_quote) && ident == "async_trait",
+            TokenTree::Literal(_) => {
+                after_quote = false;
+                false
+            }
+        })
+    }
+    sig.generics
+        .lifetimes()
+        .any(|param| param.lifetime.ident == "async_trait")
+        || names_async_trait(sig.output.to_token_stream())
+}
+
 /// The first `&mut` borrow that a value of type `ty` holds, looking through references, tuples,
 /// arrays, slices and type arguments (`Option<&mut T>`, `(u8, &mut u8)`, `Box<&mut T>`).
 ///
@@ -191,17 +225,47 @@ fn check_return(name_span: Span, output: &ReturnType, errors: &mut Errors) -> Op
         _ => None,
     };
     let Some(last) = last.filter(|seg| !is_primitive(&seg.ident) && seg.ident != "Option") else {
-        errors.push(syn::Error::new(ty.span(), MUST));
+        errors.push(syn::Error::new_spanned(ty, MUST));
         return None;
     };
-    if let PathArguments::AngleBracketed(generic) = &last.arguments
-        && let Some(GenericArgument::Type(ok)) = generic.args.first()
-        && let Some(span) = borrowed(ok)
-    {
-        errors.push(syn::Error::new(
-            span,
-            "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow; return `String`, `Vec<T>` or another owned type",
+    let ok = match &last.arguments {
+        PathArguments::AngleBracketed(generic) => match generic.args.first() {
+            Some(GenericArgument::Type(ok)) => Some(ok),
+            _ => None,
+        },
+        _ => None,
+    };
+    // The expansion names the return type (`<R as IdemResult>::Ok`, the body's declared output),
+    // where `impl Trait` is not allowed: without this, rustc's E0562 points into the expansion.
+    if let Some(opaque) = ok.and_then(impl_trait) {
+        errors.push(syn::Error::new_spanned(
+            opaque,
+            "`#[idempotent]` functions cannot have `impl Trait` in the `Ok` type: a replay decodes the stored result into that type, so it must be named; write the concrete type",
         ));
+        return None;
+    }
+    if let Some(opaque) = impl_trait(ty) {
+        errors.push(syn::Error::new_spanned(
+            opaque,
+            "`#[idempotent]` functions cannot have `impl Trait` in their return type: the attribute names the `Ok` and error types, so they must be written out; write the concrete type",
+        ));
+        return None;
+    }
+    if let Some(ok) = ok
+        && let Some(borrow) = borrowed(ok)
+    {
+        const OWNED: &str = "`#[idempotent]` functions must return owned data: the result is stored and replayed to later callers, possibly in another process, so it cannot borrow";
+        const RETURN: &str = "return `String`, `Vec<T>` or another owned type";
+        errors.push(match borrow {
+            Borrow::Reference(r) if is_static(r.lifetime.as_ref()) => syn::Error::new_spanned(
+                r,
+                format!(
+                    "{OWNED}, not even for `'static`: a replay decodes the result from stored bytes that do not live for `'static`; {RETURN}"
+                ),
+            ),
+            Borrow::Reference(r) => syn::Error::new_spanned(r, format!("{OWNED}; {RETURN}")),
+            Borrow::Lifetime(l) => syn::Error::new_spanned(l, format!("{OWNED}; {RETURN}")),
+        });
         return None;
     }
     Some(ty.clone())
@@ -215,13 +279,63 @@ fn is_primitive(ident: &Ident) -> bool {
     PRIMITIVES.iter().any(|p| ident == p)
 }
 
-/// The span of a borrow (a reference or a non-`'static` lifetime) inside `ty`, if any.
-fn borrowed(ty: &Type) -> Option<Span> {
+/// The first `impl Trait` inside `ty`, if any.
+fn impl_trait(ty: &Type) -> Option<&TypeImplTrait> {
+    fn in_args(args: &PathArguments) -> Option<&TypeImplTrait> {
+        match args {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                GenericArgument::Type(t) => impl_trait(t),
+                GenericArgument::AssocType(assoc) => impl_trait(&assoc.ty),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+
     match ty {
-        Type::Reference(r) => match &r.lifetime {
-            Some(l) if l.ident == "static" => borrowed(&r.elem),
-            _ => Some(r.span()),
-        },
+        Type::ImplTrait(t) => Some(t),
+        Type::Reference(r) => impl_trait(&r.elem),
+        Type::Ptr(p) => impl_trait(&p.elem),
+        Type::Paren(p) => impl_trait(&p.elem),
+        Type::Group(g) => impl_trait(&g.elem),
+        Type::Slice(s) => impl_trait(&s.elem),
+        Type::Array(a) => impl_trait(&a.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(impl_trait),
+        Type::Path(p) => p.qself.iter().find_map(|q| impl_trait(&q.ty)).or_else(|| {
+            p.path
+                .segments
+                .iter()
+                .find_map(|seg| in_args(&seg.arguments))
+        }),
+        Type::TraitObject(t) => t.bounds.iter().find_map(|bound| match bound {
+            TypeParamBound::Trait(t) => t
+                .path
+                .segments
+                .iter()
+                .find_map(|seg| in_args(&seg.arguments)),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+/// A borrow in a result type.
+enum Borrow<'a> {
+    /// A reference, `'static` ones included: a replay decodes a new value, which no reference
+    /// of the function's caller can point to (`&'static str` is not `DeserializeOwned`).
+    Reference(&'a TypeReference),
+    /// A lifetime argument other than `'static` (`Cow<'a, str>`).
+    Lifetime(&'a Lifetime),
+}
+
+fn is_static(lifetime: Option<&Lifetime>) -> bool {
+    lifetime.is_some_and(|l| l.ident == "static")
+}
+
+/// The first borrow inside `ty`, if any.
+fn borrowed(ty: &Type) -> Option<Borrow<'_>> {
+    match ty {
+        Type::Reference(r) => Some(Borrow::Reference(r)),
         Type::Paren(p) => borrowed(&p.elem),
         Type::Group(g) => borrowed(&g.elem),
         Type::Slice(s) => borrowed(&s.elem),
@@ -230,7 +344,7 @@ fn borrowed(ty: &Type) -> Option<Span> {
         Type::Path(p) => p.path.segments.iter().find_map(|seg| match &seg.arguments {
             PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
                 GenericArgument::Type(t) => borrowed(t),
-                GenericArgument::Lifetime(l) if l.ident != "static" => Some(l.span()),
+                GenericArgument::Lifetime(l) if !is_static(Some(l)) => Some(Borrow::Lifetime(l)),
                 _ => None,
             }),
             _ => None,

@@ -59,6 +59,12 @@ async fn callbacks(
     Ok(id)
 }
 
+// A `'static` lifetime argument that owns its data when decoded (`Cow` decodes as `Owned`).
+#[idempotent(key = id)]
+async fn label(id: u64) -> Result<std::borrow::Cow<'static, str>, idem::Error> {
+    Ok(std::borrow::Cow::Borrowed("paid"))
+}
+
 // Methods of a generic impl and of a generic trait's impl.
 struct Repo<T>(std::marker::PhantomData<T>);
 
@@ -100,6 +106,7 @@ fn main() {
     let _ = impl_trait(1, 5u8);
     let _ = const_generic::<3>(1);
     let _ = callbacks(1, |v| v.clear(), |x| *x += 1);
+    let _ = label(1);
     let _ = Repo::<u8>::load(1);
     let _ = Consumer.handle(1);
     let _ = outer();
