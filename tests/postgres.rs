@@ -1719,3 +1719,47 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
         &[("configurations", 1)],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The second review of the store: leases granted after a lock wait, the purge and key locks,
+// the transactional mode's namespace, idle holders and misuse, partitions, poolers, table
+// locks, the store's messages, read-only servers, shadowed functions and squatted names.
+
+/// The store's errors carry the server's message and SQLSTATE (not "db error"); `migrate`
+/// without the privileges to create the table says to apply `migration_sql()` as an owner.
+#[tokio::test]
+async fn store_errors_carry_the_server_message_and_migrate_names_the_fix() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE idem_no_privileges LOGIN; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .unwrap();
+    let url_np = url.replace("postgres://postgres@", "postgres://idem_no_privileges@");
+    let store = PostgresStore::builder()
+        .table("no_privileges_records")
+        .from_url(&url_np)
+        .unwrap();
+    let err = store.migrate().await.expect_err("no CREATE on public");
+    let text = err.to_string();
+    assert!(
+        text.contains("permission denied") && text.contains("42501"),
+        "the server's message and SQLSTATE: {text}"
+    );
+    assert!(
+        text.contains("migration_sql"),
+        "says to apply migration_sql() as an owner: {text}"
+    );
+    // Created by an owner, but no privileges granted: a call says what the server said.
+    db.batch_execute(&store.migration_sql()).await.unwrap();
+    let call = Idempotent::new(&store, 1u8)
+        .name("no-privileges")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await;
+    assert!(
+        matches!(&call, Err(e) if e.to_string().contains("permission denied for table no_privileges_records")),
+        "{call:?}"
+    );
+}

@@ -723,6 +723,61 @@ impl fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// A failure of PostgreSQL or of its driver, as the store reports it: what the server said (its
+/// message, SQLSTATE, detail and hint, which the driver's own `Display` leaves out: it prints
+/// "db error"), and what to do about it where the store knows. The driver's error is the
+/// [`source`](std::error::Error::source), for callers that match on it.
+#[derive(Debug)]
+struct DbFailure {
+    /// The store operation that failed.
+    op: &'static str,
+    source: tokio_postgres::Error,
+    advice: Option<String>,
+}
+
+impl fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.source.as_db_error() {
+            Some(db) => {
+                write!(
+                    f,
+                    "PostgreSQL {} in `{}`: {} (SQLSTATE {})",
+                    db.severity(),
+                    self.op,
+                    db.message(),
+                    db.code().code()
+                )?;
+                if let Some(detail) = db.detail() {
+                    write!(f, "; detail: {detail}")?;
+                }
+                if let Some(hint) = db.hint() {
+                    write!(f, "; hint: {hint}")?;
+                }
+            }
+            None => {
+                // Not the server's answer (a closed connection, an I/O error): the driver's words
+                // and their causes.
+                write!(f, "PostgreSQL `{}` failed: {}", self.op, self.source)?;
+                let mut cause = std::error::Error::source(&self.source);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+            }
+        }
+        if let Some(advice) = &self.advice {
+            write!(f, ". {advice}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DbFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Why a statement failed: the driver (kept, so that callers can recognise a lock timeout or a
 /// serialization failure) or anything else.
 enum Failure {
@@ -741,9 +796,9 @@ impl Failure {
         matches!(self, Failure::Db(e) if is_conflict(e))
     }
 
-    fn into_error(self) -> Error {
+    fn into_error(self, store: &PostgresStore, op: &'static str) -> Error {
         match self {
-            Failure::Db(e) => Error::store(e),
+            Failure::Db(e) => store.db_error(op, e),
             Failure::Other(e) => e,
         }
     }
@@ -931,7 +986,7 @@ impl PostgresStore {
                 Err(Failure::Db(e)) if attempt < MIGRATE_ATTEMPTS && concurrent_ddl(&e) => {
                     tokio::time::sleep(FIRST_POLL * attempt as u32).await;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, "migrate")),
             }
         }
         self.check_settings().await
@@ -1043,7 +1098,7 @@ impl PostgresStore {
                 &[(&table, Type::TEXT)],
             )
             .await
-            .map_err(Failure::into_error)?;
+            .map_err(|failure| failure.into_error(self, "check_settings"))?;
         let Some(row) = rows.first() else {
             return Err(Error::store(Corrupt("no answer to the settings check")));
         };
@@ -1122,7 +1177,7 @@ impl PostgresStore {
                     conflicts += 1;
                     continue;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, "purge_expired")),
             };
             total += deleted;
             if deleted < PURGE_BATCH.unsigned_abs() {
@@ -1160,7 +1215,7 @@ impl PostgresStore {
     async fn connection_until(&self, op: &'static str, deadline: Instant) -> Result<Object, Error> {
         match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(err)) => Err(Error::store(err)),
+            Ok(Err(err)) => Err(self.pool_error(op, err)),
             Err(_) => Err(self.timed_out(op)),
         }
     }
@@ -1174,9 +1229,53 @@ impl PostgresStore {
         match tokio::time::timeout(self.inner.timeout, get).await {
             Ok(Ok(conn)) => Ok(Some(conn)),
             Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Ok(None),
-            Ok(Err(err)) => Err(Error::store(err)),
+            Ok(Err(err)) => Err(self.pool_error("wait", err)),
             Err(_) => Err(self.timed_out("wait")),
         }
+    }
+
+    /// A driver error as the store reports it ([`DbFailure`]): the server's message, SQLSTATE,
+    /// detail and hint, and what to do where the store knows.
+    fn db_error(&self, op: &'static str, err: tokio_postgres::Error) -> Error {
+        let advice = self.advice(op, &err);
+        Error::store(DbFailure {
+            op,
+            source: err,
+            advice,
+        })
+    }
+
+    /// A pool's failure to hand out a connection: the driver's error when opening one failed.
+    fn pool_error(&self, op: &'static str, err: PoolError) -> Error {
+        match err {
+            PoolError::Backend(err) => self.db_error(op, err),
+            other => Error::store(other),
+        }
+    }
+
+    /// What to do about a server error, where the store knows.
+    fn advice(&self, op: &'static str, err: &tokio_postgres::Error) -> Option<String> {
+        let table = self.table();
+        let code = err.code()?;
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            return Some(if op == "migrate" {
+                format!(
+                    "The store's role may not create the records table or its schema: apply \
+                     `PostgresStore::migration_sql()` with a role that owns the schema (your \
+                     migration tool, an administrator), and grant the store's role SELECT, \
+                     INSERT, UPDATE and DELETE on {table}; `migrate()` then only checks the table"
+                )
+            } else {
+                format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
+            });
+        }
+        if *code == SqlState::UNDEFINED_TABLE {
+            return Some(format!(
+                "Create the records table {table}: call `PostgresStore::migrate()`, or apply \
+                 `PostgresStore::migration_sql()`"
+            ));
+        }
+        None
     }
 
     fn timed_out(&self, op: &'static str) -> Error {
@@ -1265,7 +1364,7 @@ impl PostgresStore {
                     }
                 }
                 Err(failure) if failure.is_conflict() => {}
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, op)),
             }
             let now = Instant::now();
             if now + pause >= deadline {
@@ -1336,7 +1435,7 @@ impl PostgresStore {
                         });
                     }
                     if !failure.is_conflict() {
-                        return Err(failure.into_error());
+                        return Err(failure.into_error(self, "claim"));
                     }
                     // A serialization failure or deadlock rolled it back: run it again.
                 }
@@ -1425,7 +1524,7 @@ impl PostgresStore {
                         }
                     }
                     Ok(Err(err)) if is_conflict(&err) => {}
-                    Ok(Err(err)) => return Err(Error::store(err)),
+                    Ok(Err(err)) => return Err(self.db_error("wait", err)),
                     Err(_) => {
                         drop(Object::take(conn));
                         return Err(self.timed_out("wait"));
@@ -1940,7 +2039,7 @@ impl<K: KeyPart> Transactional<'_, K> {
         .await;
         let tx = match begun {
             Ok(Ok(tx)) => tx,
-            Ok(Err(err)) => return fail("begin", Error::store(err)),
+            Ok(Err(err)) => return fail("begin", store.db_error("begin", err)),
             Err(_) => return discard("begin"),
         };
 
@@ -1979,7 +2078,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 return (Attempt::Again, false);
             }
-            Ok(Err(err)) => return fail("claim", Error::store(err)),
+            Ok(Err(err)) => return fail("claim", store.db_error("claim", err)),
             Err(_) => return discard("claim"),
         };
 
@@ -2057,7 +2156,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                             Error::store(Corrupt("the claim vanished inside its own transaction")),
                         );
                     }
-                    Ok(Err(err)) => return fail("complete", Error::store(err)),
+                    Ok(Err(err)) => return fail("complete", store.db_error("complete", err)),
                     Err(_) => return discard("complete"),
                 }
                 match tokio::time::timeout(limit, tx.commit()).await {
@@ -2070,7 +2169,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                         };
                         (Attempt::Done(Ok(outcome)), false)
                     }
-                    Ok(Err(err)) => fail("commit", Error::store(err)),
+                    Ok(Err(err)) => fail("commit", store.db_error("commit", err)),
                     Err(_) => discard("commit"),
                 }
             }
