@@ -48,7 +48,13 @@
 //!   transactional call that has not committed), the answer is [`Claim::Busy`] at once.
 //!   With the lock it runs `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired>`.
 //!   When a conflicting row was committed after the statement's snapshot, the statement returns
-//!   no row and is run again with a new snapshot.
+//!   no row and is run again with a new snapshot. A granted claim also returns the lease left
+//!   at the end of the statement: an `INSERT` computes its row before it checks for a
+//!   conflicting one, and that check waits for a session deleting or updating the expired row
+//!   (a cleanup job of your own, say), so after such a wait the lease written can be short, or
+//!   already over. The store then renews it (one `UPDATE` more) before it answers
+//!   [`Claim::Acquired`], and claims again if the key was taken over meanwhile: no caller is
+//!   granted less than its whole lease.
 //! - **complete**: an upsert under the key lock: the row holding this token (lease live or
 //!   lapsed) is completed, an absent key gets the completed record, a record already completed
 //!   by this token is left as it is (the first value stays) and reported stored, and a row of
@@ -114,7 +120,11 @@
 //! A claim takes over an expired row in place, so keys that are reused never pile up. Rows of
 //! keys that never come back are deleted by [`PostgresStore::purge_expired`], in batches that
 //! the index on `expires_at` keeps cheap; schedule it (for example every few minutes, from one
-//! process or all of them: batches skip rows another purge has locked).
+//! process or all of them). A purge tries each row's key lock and leaves a row whose lock is
+//! taken (by a claim of that key in flight, a transactional call, another purge), so it never
+//! makes a claim wait for its row. A cleanup job of your own that deletes rows holds their row
+//! locks to the end of its transaction, and a claim of such a key waits for it (the claim's
+//! lease is then renewed, see above): prefer `purge_expired`, or short transactions.
 //!
 //! # Waiting
 //!
@@ -219,8 +229,10 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
-/// Rows deleted per statement by [`PostgresStore::purge_expired`].
-const PURGE_BATCH: i64 = 10_000;
+/// Rows deleted per statement by [`PostgresStore::purge_expired`] at the most. Each takes a key
+/// lock (an advisory lock, held to the end of the statement), and PostgreSQL's lock table is
+/// sized for about `max_locks_per_transaction` (64) times `max_connections` of them.
+const PURGE_BATCH: i64 = 1_000;
 /// How many times `migrate` runs when it meets a concurrent creator that does not take its lock.
 const MIGRATE_ATTEMPTS: usize = 8;
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
@@ -309,6 +321,12 @@ impl Sql {
             // nothing (an `ON CONFLICT DO UPDATE ... WHERE false` would lock the row, making
             // every replay a write). Only then is the key lock tried: taken elsewhere, the key
             // is busy (state 2), without waiting on anyone's row.
+            //
+            // A granted claim (state 1) returns the lease left at the end of the statement: an
+            // inserted row's expiry is computed before the `INSERT` checks for a conflicting
+            // row, and that check waits for a session that is deleting or updating the row (a
+            // cleanup job's `DELETE`), so after such a wait the lease can be short, or over.
+            // The store then renews it before answering (see `claim_now`).
             claim: format!(
                 "WITH live AS ( \
                    SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
@@ -323,9 +341,10 @@ impl Sql {
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
                          value = NULL, expires_at = {lease} \
                      WHERE r.expires_at <= clock_timestamp() \
-                   RETURNING 1 \
+                   RETURNING (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000000)::int8 \
+                     AS left_us \
                  ) \
-                 SELECT 1::int2, NULL::bytea, NULL::bytea, 0::int8 FROM claimed \
+                 SELECT 1::int2, NULL::bytea, NULL::bytea, c.left_us FROM claimed c \
                  UNION ALL \
                  SELECT 2::int2, NULL, NULL, 0 FROM gate WHERE NOT gate.free \
                  UNION ALL \
@@ -398,10 +417,28 @@ impl Sql {
                  ) \
                  SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
             ),
+            // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
+            // ones whose key lock this statement gets (a claim of the key in flight, or a
+            // transactional call holding it, keeps its row: the purge never makes a claim wait
+            // on its row lock, and two purges split the rows); deleted if still expired (a
+            // claim may have taken one over since the statement's snapshot). Returns how many
+            // rows it looked at and how many it deleted. The key lock is computed as
+            // `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian, xor the
+            // table's salt.
             purge: format!(
-                "DELETE FROM {table} WHERE key IN ( \
+                "WITH candidates AS MATERIALIZED ( \
                    SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
-                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                   ORDER BY expires_at LIMIT $1 \
+                 ), free AS MATERIALIZED ( \
+                   SELECT key FROM candidates \
+                   WHERE pg_try_advisory_xact_lock( \
+                     ('x' || encode(substring(key FROM 1 FOR 8), 'hex'))::bit(64)::int8 # $2) \
+                 ), gone AS ( \
+                   DELETE FROM {table} \
+                   WHERE key IN (SELECT key FROM free) AND expires_at <= clock_timestamp() \
+                   RETURNING 1 \
+                 ) \
+                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone)"
             ),
         }
     }
@@ -869,18 +906,53 @@ fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
-/// Reads the row the claim statement returned (`None`: no row, run the statement again).
-fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Claim>, Error> {
+/// What the claim statement answered.
+enum Answer {
+    /// The claim, and for a granted one how much of its lease was left at the end of the
+    /// statement, in microseconds (less than asked after a wait on a row lock; see `Sql::new`).
+    Claim(Claim, Option<i64>),
+    /// No row: a conflicting row was committed after the statement's snapshot; run it again.
+    Again,
+}
+
+/// Reads the row the claim statement returned.
+fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Answer, Error> {
+    read_claim_row(rows, token, lease).map(|read| match read {
+        Some((claim, left)) => Answer::Claim(claim, left),
+        None => Answer::Again,
+    })
+}
+
+/// Whether a claim granted with `left_us` of its lease left got materially less than `lease`:
+/// the statement waited (for a row lock) between computing the expiry and writing it.
+fn short_grant(left_us: i64, lease: Duration) -> bool {
+    let lease = lease.min(MAX_SPAN);
+    let slack = (lease / 20).max(Duration::from_millis(2));
+    let enough = i64::try_from((lease - lease.min(slack)).as_micros()).unwrap_or(i64::MAX);
+    left_us < enough
+}
+
+fn read_claim_row(
+    rows: &[Row],
+    token: Token,
+    lease: Duration,
+) -> Result<Option<(Claim, Option<i64>)>, Error> {
     let Some(row) = rows.first() else {
         return Ok(None);
     };
     let state: i16 = row.try_get(0).map_err(Error::store)?;
     match state {
-        1 => return Ok(Some(Claim::Acquired(token))),
+        1 => {
+            let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
+            return Ok(Some((Claim::Acquired(token), left)));
+        }
         2 => {
-            return Ok(Some(Claim::Busy {
-                lease_left: BUSY_HINT.min(lease),
-            }));
+            return Ok(Some((
+                Claim::Busy {
+                    lease_left: BUSY_HINT.min(lease),
+                },
+                None,
+            )));
         }
         _ => {}
     }
@@ -888,7 +960,7 @@ fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Clai
     let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
     let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
     let left = from_micros(left.unwrap_or(1));
-    Ok(Some(match value {
+    let claim = match value {
         None => Claim::Busy { lease_left: left },
         Some(value) => {
             let fingerprint = match fingerprint {
@@ -900,7 +972,8 @@ fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Clai
             };
             Claim::Completed(Completed::new(Bytes::from(value), fingerprint, left))
         }
-    }))
+    };
+    Ok(Some((claim, None)))
 }
 
 /// Reads the `(free, rows)` answer of a statement under the key lock: `None` when the lock
@@ -1158,29 +1231,39 @@ impl PostgresStore {
 
     /// Deletes every expired row (completed records past their ttl, and claims whose lease ran
     /// out long enough ago that no one took them over); returns how many. Runs in batches of
-    /// 10 000 rows, each one statement using the `expires_at` index, skipping rows locked by a
-    /// concurrent purge or claim. Schedule it, for example with `tokio::time::interval`.
+    /// at most 1 000 rows, each one statement using the `expires_at` index. A row whose key
+    /// lock is taken (a claim of that key in flight, a transactional call holding it, another
+    /// purge) is left for a later run, so a purge never makes a claim wait for its row.
+    /// Schedule it, for example with `tokio::time::interval`.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         loop {
-            let deleted = match self
-                .execute(
+            let salt = self.inner.lock_salt;
+            let rows = match self
+                .query(
                     "purge_expired",
                     &self.inner.sql.purge,
-                    &[(&PURGE_BATCH, Type::INT8)],
+                    &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
                 )
                 .await
             {
-                Ok(n) => n,
+                Ok(rows) => rows,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
                     continue;
                 }
                 Err(failure) => return Err(failure.into_error(self, "purge_expired")),
             };
-            total += deleted;
-            if deleted < PURGE_BATCH.unsigned_abs() {
+            let Some(row) = rows.first() else {
+                return Err(Error::store(Corrupt("the purge returned no row")));
+            };
+            let seen: i64 = row.try_get(0).map_err(Error::store)?;
+            let deleted: i64 = row.try_get(1).map_err(Error::store)?;
+            total += deleted.unsigned_abs();
+            // A short batch was the last; a batch that deleted nothing (every row of it held)
+            // would find the same rows again.
+            if seen < PURGE_BATCH || deleted == 0 {
                 return Ok(total);
             }
         }
@@ -1318,37 +1401,6 @@ impl PostgresStore {
         }
     }
 
-    /// Like [`query`](Self::query), for statements that return a row count.
-    async fn execute(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &Params<'_>,
-    ) -> Result<u64, Failure> {
-        let deadline = after(Instant::now(), self.inner.timeout);
-        let conn = self
-            .connection_until(op, deadline)
-            .await
-            .map_err(Failure::Other)?;
-        let run = async {
-            if self.inner.prepared {
-                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-                let statement = conn.prepare_typed_cached(sql, &types).await?;
-                conn.execute(&statement, &values).await
-            } else {
-                conn.execute_typed(sql, params).await
-            }
-        };
-        match tokio::time::timeout_at(deadline, run).await {
-            Ok(result) => result.map_err(Failure::Db),
-            Err(_) => {
-                drop(Object::take(conn));
-                Err(Failure::Other(self.timed_out(op)))
-            }
-        }
-    }
-
     /// Runs a statement under the key lock (complete, renew, release, remove) and returns how
     /// many rows it changed. While another caller holds the key lock (a claim of the key in
     /// flight) or the server reports a serialization failure, pauses outside the pool and runs
@@ -1420,11 +1472,28 @@ impl PostgresStore {
             match answer {
                 Ok(Ok(rows)) => {
                     drop(conn);
-                    if let Some(claim) = read_claim(&rows, token, lease)? {
-                        return Ok(claim);
+                    match read_claim(&rows, token, lease)? {
+                        Answer::Claim(Claim::Acquired(token), Some(left_us))
+                            if short_grant(left_us, lease) =>
+                        {
+                            // The statement waited on a row lock after computing the lease: the
+                            // grant must not be shorter than asked (another caller could take
+                            // the key over at once). Renew it, from now.
+                            match self.renew(key, token, lease).await {
+                                Ok(true) => return Ok(Claim::Acquired(token)),
+                                // Taken over, or deleted, meanwhile: claim again.
+                                Ok(false) => {}
+                                Err(err) => {
+                                    self.release_on_drop(key, token);
+                                    return Err(err);
+                                }
+                            }
+                        }
+                        Answer::Claim(claim, _) => return Ok(claim),
+                        // The conflicting row was committed after this statement's snapshot:
+                        // run it again, with a snapshot that sees the row.
+                        Answer::Again => {}
                     }
-                    // The conflicting row was committed after this statement's snapshot: run
-                    // it again, with a snapshot that sees the row.
                 }
                 Ok(Err(err)) => {
                     drop(conn);
@@ -2062,8 +2131,9 @@ impl<K: KeyPart> Transactional<'_, K> {
         let claimed = run(on, prepared, &store.inner.sql.claim, params);
         let claim = match tokio::time::timeout(limit, claimed).await {
             Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
-                Ok(Some(claim)) => claim,
-                Ok(None) => {
+                // The lease of an uncommitted claim is seen by no one (the key lock guards it).
+                Ok(Answer::Claim(claim, _)) => claim,
+                Ok(Answer::Again) => {
                     // A row committed after the snapshot (which, past READ COMMITTED, the
                     // transaction keeps): start over in a new transaction.
                     let _ = tokio::time::timeout(limit, tx.rollback()).await;
@@ -2200,6 +2270,18 @@ mod tests {
         ] {
             assert!(check_ident("table", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_grant_is_short_when_the_claim_statement_waited() {
+        let lease = Duration::from_secs(2);
+        assert!(!short_grant(1_999_000, lease));
+        assert!(short_grant(1_000_000, lease));
+        assert!(short_grant(-843_000, lease), "granted already over");
+        let tiny = Duration::from_millis(10);
+        assert!(!short_grant(9_000, tiny));
+        assert!(short_grant(7_000, tiny));
+        assert!(!short_grant(i64::MAX, Duration::MAX), "no overflow");
     }
 
     #[test]
