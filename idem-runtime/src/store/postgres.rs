@@ -146,9 +146,13 @@
 //! driver's error as its source; nothing here panics on what the server returns.
 //!
 //! A call dropped while its claim statement is in flight releases that claim on the same
-//! connection, after the statement (so the key is not left held until its lease runs out); a
-//! call dropped while its `complete` is under way has the completion finished in the
-//! background ([`Store::complete_on_drop`]).
+//! connection, after the statement (so the key is not left held until its lease runs out). A
+//! call dropped while its `complete` is under way, or whose `complete` failed (the server is
+//! down, restarting, or timed out), has the completion finished in the background
+//! ([`Store::complete_on_drop`]): tried again with backoff (50 ms doubling to 1 s) for up to
+//! a minute while the failure can pass, so a result whose body ran during a
+//! short outage is stored once the server is back, and a retry replays it (a retry that comes
+//! meanwhile waits for the claim, whose lease outlives the outage if it is longer).
 //!
 //! # Transactional mode
 //!
@@ -235,6 +239,9 @@ const BUSY_HINT: Duration = Duration::from_secs(1);
 const PURGE_BATCH: i64 = 1_000;
 /// How many times `migrate` runs when it meets a concurrent creator that does not take its lock.
 const MIGRATE_ATTEMPTS: usize = 8;
+/// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
+/// unreachable (or answers with an error that can pass): a minute.
+const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
@@ -1559,6 +1566,57 @@ impl PostgresStore {
         })
     }
 
+    /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the
+    /// failure can pass (the server down or restarting, a timeout, the key lock taken), for up
+    /// to [`BACKGROUND_COMPLETION`].
+    async fn complete_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        let deadline = after(Instant::now(), BACKGROUND_COMPLETION);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self
+                .complete_now(key, token, fingerprint, value.clone(), ttl)
+                .await
+            {
+                Ok(Completion::Stored) => {
+                    tracing::debug!(target: "idem", key = %key, "stored a result in the background");
+                    return;
+                }
+                Ok(Completion::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key,
+                        "the lease ran out and another call took the key over before this call's \
+                         result was stored: the body may have run twice; raise `lease` above the \
+                         body's run time"
+                    );
+                    return;
+                }
+                Err(err) if worth_retrying(&err) && Instant::now() + pause < deadline => {
+                    tracing::debug!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store a result yet; trying again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store the result of a call whose body ran; the claim is left \
+                         to its lease, after which a retry runs the body again"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = after(Instant::now(), timeout);
         let key_bytes = &key.as_bytes()[..];
@@ -1608,6 +1666,37 @@ impl PostgresStore {
             pause = (pause * 2).min(MAX_POLL);
         }
     }
+}
+
+/// Whether a failed operation may succeed if run again later: the server did not answer (down,
+/// restarting, unreachable: no SQLSTATE), the operation timed out or met the key lock, or the
+/// server answered with an error of a class that passes (a connection failure, a shutdown,
+/// resources, a conflict, a read-only server being promoted, ...). Not: a refused setting, an
+/// unreadable record, or an error the same statement meets again (data, integrity,
+/// authorization, a missing database or schema, syntax or privileges, program limits,
+/// internal errors).
+fn worth_retrying(err: &Error) -> bool {
+    let Error::Store(source) = err else {
+        return false;
+    };
+    if let Some(db) = source.downcast_ref::<DbFailure>() {
+        return match db.source.code() {
+            None => true,
+            Some(code) => {
+                let class = code.code().get(..2).unwrap_or("");
+                !matches!(
+                    class,
+                    "0A" | "22" | "23" | "28" | "2B" | "3D" | "3F" | "42" | "54" | "XX"
+                )
+            }
+        };
+    }
+    source.is::<TimedOut>()
+        || source.is::<KeyLocked>()
+        || matches!(
+            source.downcast_ref::<PoolError>(),
+            Some(PoolError::Timeout(_))
+        )
 }
 
 /// Applies an [`IfUnsafe`] choice to one risky setting.
@@ -1813,10 +1902,13 @@ impl Store for PostgresStore {
         }
     }
 
-    /// Hands the completion to the current tokio runtime, if there is one. It follows the rule
-    /// of [`complete`](Store::complete), so a completion that already landed is recognised as
-    /// itself and the first value stays. Without a runtime, or if it fails, the claim is left
-    /// to its lease.
+    /// Hands the completion to the current tokio runtime, if there is one: called when a call
+    /// whose body returned `Ok` is dropped while it stores the result, and when storing it
+    /// failed. It follows the rule of [`complete`](Store::complete), so a completion that
+    /// already landed is recognised as itself and the first value stays; while the server is
+    /// unreachable or answers with an error that can pass, it is tried again with backoff (50 ms
+    /// doubling to 1 s) for up to a minute. Without a runtime, or once that minute is over, the
+    /// claim is left to its lease.
     fn complete_on_drop(
         &self,
         key: Key,
@@ -1828,19 +1920,9 @@ impl Store for PostgresStore {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let store = self.clone();
             handle.spawn(async move {
-                match store.complete(key, token, fingerprint, value, ttl).await {
-                    Ok(Completion::Stored) => {}
-                    Ok(Completion::LeaseLost) => tracing::warn!(
-                        target: "idem", key = %key,
-                        "the result of a cancelled call was not stored: another call took the \
-                         key over after its lease ran out; the body may have run twice"
-                    ),
-                    Err(err) => tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store the result of a cancelled call; the claim is left to \
-                         its lease, after which a retry runs the body again"
-                    ),
-                }
+                store
+                    .complete_in_background(key, token, fingerprint, value, ttl)
+                    .await;
             });
         }
     }
