@@ -1719,3 +1719,216 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
         &[("configurations", 1)],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The second review of the store: leases granted after a lock wait, the purge and key locks,
+// the transactional mode's namespace, idle holders and misuse, partitions, poolers, table
+// locks, the store's messages, read-only servers, shadowed functions and squatted names.
+
+/// Makes `k` (in namespace `name`) an expired completed record.
+async fn expired_record(store: &PostgresStore, name: &'static str, k: &str) {
+    Idempotent::new(store, k.to_owned())
+        .name(name)
+        .ttl(Duration::from_millis(1))
+        .run(|| async { Ok::<_, Error>(0u8) })
+        .await
+        .expect("the record that will expire");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// What a cleanup job does: deletes the expired row of `key` in `table` in a transaction of its
+/// own, and keeps that transaction open for `hold`. `deleted` says how many rows it deleted,
+/// once it did.
+fn delete_and_hold(
+    url: String,
+    table: &'static str,
+    key: Key,
+    hold: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<u64>,
+) {
+    let (deleted_tx, deleted) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let db = client(&url).await;
+        db.batch_execute("BEGIN").await.unwrap();
+        let n = db
+            .execute(
+                &format!("DELETE FROM {table} WHERE key = $1 AND expires_at <= now()"),
+                &[&&key.as_bytes()[..]],
+            )
+            .await
+            .unwrap();
+        let _ = deleted_tx.send(n);
+        tokio::time::sleep(hold).await;
+        db.batch_execute("COMMIT").await.unwrap();
+    });
+    (task, deleted)
+}
+
+/// A session deletes a key's expired row and keeps its transaction open longer than the lease;
+/// a claim of the key waits for that row lock. It must still be granted its whole lease: a
+/// second claim right after the grant finds the key held (through the store), and through the
+/// executor (the reviewer's run: lease 2 s, the row held 3 s, a second call 100 ms into the
+/// first's body) the body runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_that_waited_on_a_deleting_session_is_granted_its_whole_lease() {
+    let url = PgServer::shared().url();
+    let store = Arc::new(shared_store().await);
+
+    // The store alone: the first claim waits 2 s on the row, with a lease of 1 s.
+    let k = unique("grant-delete");
+    let key = Key::new("grant.delete", &k);
+    expired_record(&store, "grant.delete", &k).await;
+    let (cleaner, deleted) =
+        delete_and_hold(url.clone(), "idem_records", key, Duration::from_secs(2));
+    assert_eq!(deleted.await.unwrap(), 1, "the session deleted the row");
+    let lease = Duration::from_secs(1);
+    let first = store.claim(key, None, lease).await.unwrap();
+    assert!(matches!(first, Claim::Acquired(_)), "{first:?}");
+    let second = store.claim(key, None, lease).await.unwrap();
+    assert!(
+        matches!(second, Claim::Busy { .. }),
+        "a claim right after another's grant must find the key held, got {second:?}: the \
+         first was granted a lease that had already run out"
+    );
+    cleaner.await.unwrap();
+
+    // Through the executor.
+    let k = unique("grant-delete-exec");
+    let key = Key::new("grant.delete", &k);
+    expired_record(&store, "grant.delete", &k).await;
+    let (cleaner, deleted) =
+        delete_and_hold(url.clone(), "idem_records", key, Duration::from_secs(3));
+    assert_eq!(deleted.await.unwrap(), 1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let a = {
+        let (store, k, runs) = (store.clone(), k.clone(), runs.clone());
+        tokio::spawn(async move {
+            Idempotent::new(&*store, k)
+                .name("grant.delete")
+                .lease(Duration::from_secs(2))
+                .run(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = started_tx.send(());
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok::<_, Error>(String::from("A"))
+                })
+                .await
+        })
+    };
+    started.await.expect("the first call's body starts");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = Idempotent::new(&*store, k)
+        .name("grant.delete")
+        .lease(Duration::from_secs(2))
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(String::from("B"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(a.await.unwrap().unwrap(), "A");
+    assert_eq!(b, "A", "the second call gets the first's result");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    cleaner.await.unwrap();
+}
+
+/// `purge_expired` leaves alone an expired row whose key lock another session holds (as a
+/// claim of that key in flight does), so that the purge never makes a claim wait on its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purge_skips_a_row_whose_key_lock_is_taken() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("purge_locked")
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let k = unique("purge-locked");
+    expired_record(&store, "purge.locked", &k).await;
+    // The number of the key lock, as the server shows it while a transactional call holds it
+    // (the call then rolls back, leaving the expired record as it was).
+    let lock = Arc::new(std::sync::Mutex::new(None));
+    let out = {
+        let lock = lock.clone();
+        store
+            .transactional(k.clone())
+            .name("purge.locked")
+            .run(move |tx| {
+                Box::pin(async move {
+                    let row = tx
+                        .query_one(
+                            "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_locks l \
+                             WHERE l.locktype = 'advisory' AND l.objsubid = 1 \
+                               AND l.pid = pg_backend_pid()",
+                            &[],
+                        )
+                        .await?;
+                    *lock.lock().unwrap() = Some(row.get::<_, i64>(0));
+                    Err::<u8, _>(TxError::Declined)
+                })
+            })
+            .await
+    };
+    assert!(matches!(out, Err(TxError::Declined)), "{out:?}");
+    let lock = lock.lock().unwrap().expect("the key lock was seen");
+
+    let holder = client(&url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+        .await
+        .unwrap();
+    let db = client(&url).await;
+    let rows = || count(&db, "SELECT count(*) FROM purge_locked", &[]);
+    assert_eq!(rows().await, 1);
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "the row whose key lock is taken is skipped"
+    );
+    assert_eq!(rows().await, 1);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(store.purge_expired().await.unwrap(), 1);
+    assert_eq!(rows().await, 0);
+}
+
+/// The store's errors carry the server's message and SQLSTATE (not "db error"); `migrate`
+/// without the privileges to create the table says to apply `migration_sql()` as an owner.
+#[tokio::test]
+async fn store_errors_carry_the_server_message_and_migrate_names_the_fix() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE idem_no_privileges LOGIN; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .unwrap();
+    let url_np = url.replace("postgres://postgres@", "postgres://idem_no_privileges@");
+    let store = PostgresStore::builder()
+        .table("no_privileges_records")
+        .from_url(&url_np)
+        .unwrap();
+    let err = store.migrate().await.expect_err("no CREATE on public");
+    let text = err.to_string();
+    assert!(
+        text.contains("permission denied") && text.contains("42501"),
+        "the server's message and SQLSTATE: {text}"
+    );
+    assert!(
+        text.contains("migration_sql"),
+        "says to apply migration_sql() as an owner: {text}"
+    );
+    // Created by an owner, but no privileges granted: a call says what the server said.
+    db.batch_execute(&store.migration_sql()).await.unwrap();
+    let call = Idempotent::new(&store, 1u8)
+        .name("no-privileges")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await;
+    assert!(
+        matches!(&call, Err(e) if e.to_string().contains("permission denied for table no_privileges_records")),
+        "{call:?}"
+    );
+}

@@ -341,6 +341,65 @@ async fn server_crashes_mid_run_lose_nothing_and_hang_nothing() {
     chaos::report("outage_postgres", &counts);
 }
 
+/// The server goes down while a body runs, so the body's `Ok` cannot be stored; it comes back
+/// about two seconds later. The completion is tried again in the background until it lands:
+/// the retry (which waits for the claim, whose lease outlives the outage) replays the first
+/// call's result, and the body ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_that_failed_while_the_server_was_down_lands_once_it_is_back() {
+    let server = Arc::new(PgServer::start());
+    let store = store_on(&server.url()).await;
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let lease = Duration::from_secs(15);
+    let first = {
+        let (server, runs) = (server.clone(), runs.clone());
+        Idempotent::new(&store, "restart")
+            .name("restart")
+            .lease(lease)
+            .run_with_outcome(|| async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::task::spawn_blocking(move || server.kill())
+                    .await
+                    .expect("kill the server");
+                Ok::<_, Error>(String::from("charged once"))
+            })
+            .await
+            .expect("the body's value comes back even though it could not be stored")
+    };
+    assert_eq!(first.value, "charged once");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || server.restart())
+            .await
+            .expect("restart the server");
+    }
+    let retry = Idempotent::new(&store, "restart")
+        .name("restart")
+        .lease(lease)
+        .wait_timeout(Duration::from_secs(60))
+        .run_with_outcome(|| async {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, Error>(String::from("charged again"))
+        })
+        .await
+        .expect("the retry");
+    assert_eq!(
+        (retry.value.as_str(), retry.status.is_replay()),
+        ("charged once", true),
+        "the retry gets the first call's result"
+    );
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the body ran once"
+    );
+    chaos::report(
+        "outage_postgres_completion_retried",
+        &[("outages_survived", 1), ("executions_doubled", 0)],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cancellation at random points.
 

@@ -48,7 +48,13 @@
 //!   transactional call that has not committed), the answer is [`Claim::Busy`] at once.
 //!   With the lock it runs `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <the row expired>`.
 //!   When a conflicting row was committed after the statement's snapshot, the statement returns
-//!   no row and is run again with a new snapshot.
+//!   no row and is run again with a new snapshot. A granted claim also returns the lease left
+//!   at the end of the statement: an `INSERT` computes its row before it checks for a
+//!   conflicting one, and that check waits for a session deleting or updating the expired row
+//!   (a cleanup job of your own, say), so after such a wait the lease written can be short, or
+//!   already over. The store then renews it (one `UPDATE` more) before it answers
+//!   [`Claim::Acquired`], and claims again if the key was taken over meanwhile: no caller is
+//!   granted less than its whole lease.
 //! - **complete**: an upsert under the key lock: the row holding this token (lease live or
 //!   lapsed) is completed, an absent key gets the completed record, a record already completed
 //!   by this token is left as it is (the first value stays) and reported stored, and a row of
@@ -114,7 +120,11 @@
 //! A claim takes over an expired row in place, so keys that are reused never pile up. Rows of
 //! keys that never come back are deleted by [`PostgresStore::purge_expired`], in batches that
 //! the index on `expires_at` keeps cheap; schedule it (for example every few minutes, from one
-//! process or all of them: batches skip rows another purge has locked).
+//! process or all of them). A purge tries each row's key lock and leaves a row whose lock is
+//! taken (by a claim of that key in flight, a transactional call, another purge), so it never
+//! makes a claim wait for its row. A cleanup job of your own that deletes rows holds their row
+//! locks to the end of its transaction, and a claim of such a key waits for it (the claim's
+//! lease is then renewed, see above): prefer `purge_expired`, or short transactions.
 //!
 //! # Waiting
 //!
@@ -136,9 +146,13 @@
 //! driver's error as its source; nothing here panics on what the server returns.
 //!
 //! A call dropped while its claim statement is in flight releases that claim on the same
-//! connection, after the statement (so the key is not left held until its lease runs out); a
-//! call dropped while its `complete` is under way has the completion finished in the
-//! background ([`Store::complete_on_drop`]).
+//! connection, after the statement (so the key is not left held until its lease runs out). A
+//! call dropped while its `complete` is under way, or whose `complete` failed (the server is
+//! down, restarting, or timed out), has the completion finished in the background
+//! ([`Store::complete_on_drop`]): tried again with backoff (50 ms doubling to 1 s) for up to
+//! a minute while the failure can pass, so a result whose body ran during a
+//! short outage is stored once the server is back, and a retry replays it (a retry that comes
+//! meanwhile waits for the claim, whose lease outlives the outage if it is longer).
 //!
 //! # Transactional mode
 //!
@@ -219,10 +233,15 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
-/// Rows deleted per statement by [`PostgresStore::purge_expired`].
-const PURGE_BATCH: i64 = 10_000;
+/// Rows deleted per statement by [`PostgresStore::purge_expired`] at the most. Each takes a key
+/// lock (an advisory lock, held to the end of the statement), and PostgreSQL's lock table is
+/// sized for about `max_locks_per_transaction` (64) times `max_connections` of them.
+const PURGE_BATCH: i64 = 1_000;
 /// How many times `migrate` runs when it meets a concurrent creator that does not take its lock.
 const MIGRATE_ATTEMPTS: usize = 8;
+/// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
+/// unreachable (or answers with an error that can pass): a minute.
+const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
@@ -309,6 +328,12 @@ impl Sql {
             // nothing (an `ON CONFLICT DO UPDATE ... WHERE false` would lock the row, making
             // every replay a write). Only then is the key lock tried: taken elsewhere, the key
             // is busy (state 2), without waiting on anyone's row.
+            //
+            // A granted claim (state 1) returns the lease left at the end of the statement: an
+            // inserted row's expiry is computed before the `INSERT` checks for a conflicting
+            // row, and that check waits for a session that is deleting or updating the row (a
+            // cleanup job's `DELETE`), so after such a wait the lease can be short, or over.
+            // The store then renews it before answering (see `claim_now`).
             claim: format!(
                 "WITH live AS ( \
                    SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
@@ -323,9 +348,10 @@ impl Sql {
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
                          value = NULL, expires_at = {lease} \
                      WHERE r.expires_at <= clock_timestamp() \
-                   RETURNING 1 \
+                   RETURNING (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000000)::int8 \
+                     AS left_us \
                  ) \
-                 SELECT 1::int2, NULL::bytea, NULL::bytea, 0::int8 FROM claimed \
+                 SELECT 1::int2, NULL::bytea, NULL::bytea, c.left_us FROM claimed c \
                  UNION ALL \
                  SELECT 2::int2, NULL, NULL, 0 FROM gate WHERE NOT gate.free \
                  UNION ALL \
@@ -398,10 +424,28 @@ impl Sql {
                  ) \
                  SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
             ),
+            // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
+            // ones whose key lock this statement gets (a claim of the key in flight, or a
+            // transactional call holding it, keeps its row: the purge never makes a claim wait
+            // on its row lock, and two purges split the rows); deleted if still expired (a
+            // claim may have taken one over since the statement's snapshot). Returns how many
+            // rows it looked at and how many it deleted. The key lock is computed as
+            // `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian, xor the
+            // table's salt.
             purge: format!(
-                "DELETE FROM {table} WHERE key IN ( \
+                "WITH candidates AS MATERIALIZED ( \
                    SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
-                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                   ORDER BY expires_at LIMIT $1 \
+                 ), free AS MATERIALIZED ( \
+                   SELECT key FROM candidates \
+                   WHERE pg_try_advisory_xact_lock( \
+                     ('x' || encode(substring(key FROM 1 FOR 8), 'hex'))::bit(64)::int8 # $2) \
+                 ), gone AS ( \
+                   DELETE FROM {table} \
+                   WHERE key IN (SELECT key FROM free) AND expires_at <= clock_timestamp() \
+                   RETURNING 1 \
+                 ) \
+                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone)"
             ),
         }
     }
@@ -723,6 +767,61 @@ impl fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// A failure of PostgreSQL or of its driver, as the store reports it: what the server said (its
+/// message, SQLSTATE, detail and hint, which the driver's own `Display` leaves out: it prints
+/// "db error"), and what to do about it where the store knows. The driver's error is the
+/// [`source`](std::error::Error::source), for callers that match on it.
+#[derive(Debug)]
+struct DbFailure {
+    /// The store operation that failed.
+    op: &'static str,
+    source: tokio_postgres::Error,
+    advice: Option<String>,
+}
+
+impl fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.source.as_db_error() {
+            Some(db) => {
+                write!(
+                    f,
+                    "PostgreSQL {} in `{}`: {} (SQLSTATE {})",
+                    db.severity(),
+                    self.op,
+                    db.message(),
+                    db.code().code()
+                )?;
+                if let Some(detail) = db.detail() {
+                    write!(f, "; detail: {detail}")?;
+                }
+                if let Some(hint) = db.hint() {
+                    write!(f, "; hint: {hint}")?;
+                }
+            }
+            None => {
+                // Not the server's answer (a closed connection, an I/O error): the driver's words
+                // and their causes.
+                write!(f, "PostgreSQL `{}` failed: {}", self.op, self.source)?;
+                let mut cause = std::error::Error::source(&self.source);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+            }
+        }
+        if let Some(advice) = &self.advice {
+            write!(f, ". {advice}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DbFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Why a statement failed: the driver (kept, so that callers can recognise a lock timeout or a
 /// serialization failure) or anything else.
 enum Failure {
@@ -741,9 +840,9 @@ impl Failure {
         matches!(self, Failure::Db(e) if is_conflict(e))
     }
 
-    fn into_error(self) -> Error {
+    fn into_error(self, store: &PostgresStore, op: &'static str) -> Error {
         match self {
-            Failure::Db(e) => Error::store(e),
+            Failure::Db(e) => store.db_error(op, e),
             Failure::Other(e) => e,
         }
     }
@@ -814,18 +913,53 @@ fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
-/// Reads the row the claim statement returned (`None`: no row, run the statement again).
-fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Claim>, Error> {
+/// What the claim statement answered.
+enum Answer {
+    /// The claim, and for a granted one how much of its lease was left at the end of the
+    /// statement, in microseconds (less than asked after a wait on a row lock; see `Sql::new`).
+    Claim(Claim, Option<i64>),
+    /// No row: a conflicting row was committed after the statement's snapshot; run it again.
+    Again,
+}
+
+/// Reads the row the claim statement returned.
+fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Answer, Error> {
+    read_claim_row(rows, token, lease).map(|read| match read {
+        Some((claim, left)) => Answer::Claim(claim, left),
+        None => Answer::Again,
+    })
+}
+
+/// Whether a claim granted with `left_us` of its lease left got materially less than `lease`:
+/// the statement waited (for a row lock) between computing the expiry and writing it.
+fn short_grant(left_us: i64, lease: Duration) -> bool {
+    let lease = lease.min(MAX_SPAN);
+    let slack = (lease / 20).max(Duration::from_millis(2));
+    let enough = i64::try_from((lease - lease.min(slack)).as_micros()).unwrap_or(i64::MAX);
+    left_us < enough
+}
+
+fn read_claim_row(
+    rows: &[Row],
+    token: Token,
+    lease: Duration,
+) -> Result<Option<(Claim, Option<i64>)>, Error> {
     let Some(row) = rows.first() else {
         return Ok(None);
     };
     let state: i16 = row.try_get(0).map_err(Error::store)?;
     match state {
-        1 => return Ok(Some(Claim::Acquired(token))),
+        1 => {
+            let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
+            return Ok(Some((Claim::Acquired(token), left)));
+        }
         2 => {
-            return Ok(Some(Claim::Busy {
-                lease_left: BUSY_HINT.min(lease),
-            }));
+            return Ok(Some((
+                Claim::Busy {
+                    lease_left: BUSY_HINT.min(lease),
+                },
+                None,
+            )));
         }
         _ => {}
     }
@@ -833,7 +967,7 @@ fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Clai
     let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
     let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
     let left = from_micros(left.unwrap_or(1));
-    Ok(Some(match value {
+    let claim = match value {
         None => Claim::Busy { lease_left: left },
         Some(value) => {
             let fingerprint = match fingerprint {
@@ -845,7 +979,8 @@ fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Option<Clai
             };
             Claim::Completed(Completed::new(Bytes::from(value), fingerprint, left))
         }
-    }))
+    };
+    Ok(Some((claim, None)))
 }
 
 /// Reads the `(free, rows)` answer of a statement under the key lock: `None` when the lock
@@ -931,7 +1066,7 @@ impl PostgresStore {
                 Err(Failure::Db(e)) if attempt < MIGRATE_ATTEMPTS && concurrent_ddl(&e) => {
                     tokio::time::sleep(FIRST_POLL * attempt as u32).await;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, "migrate")),
             }
         }
         self.check_settings().await
@@ -1043,7 +1178,7 @@ impl PostgresStore {
                 &[(&table, Type::TEXT)],
             )
             .await
-            .map_err(Failure::into_error)?;
+            .map_err(|failure| failure.into_error(self, "check_settings"))?;
         let Some(row) = rows.first() else {
             return Err(Error::store(Corrupt("no answer to the settings check")));
         };
@@ -1103,29 +1238,39 @@ impl PostgresStore {
 
     /// Deletes every expired row (completed records past their ttl, and claims whose lease ran
     /// out long enough ago that no one took them over); returns how many. Runs in batches of
-    /// 10 000 rows, each one statement using the `expires_at` index, skipping rows locked by a
-    /// concurrent purge or claim. Schedule it, for example with `tokio::time::interval`.
+    /// at most 1 000 rows, each one statement using the `expires_at` index. A row whose key
+    /// lock is taken (a claim of that key in flight, a transactional call holding it, another
+    /// purge) is left for a later run, so a purge never makes a claim wait for its row.
+    /// Schedule it, for example with `tokio::time::interval`.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         loop {
-            let deleted = match self
-                .execute(
+            let salt = self.inner.lock_salt;
+            let rows = match self
+                .query(
                     "purge_expired",
                     &self.inner.sql.purge,
-                    &[(&PURGE_BATCH, Type::INT8)],
+                    &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
                 )
                 .await
             {
-                Ok(n) => n,
+                Ok(rows) => rows,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
                     continue;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, "purge_expired")),
             };
-            total += deleted;
-            if deleted < PURGE_BATCH.unsigned_abs() {
+            let Some(row) = rows.first() else {
+                return Err(Error::store(Corrupt("the purge returned no row")));
+            };
+            let seen: i64 = row.try_get(0).map_err(Error::store)?;
+            let deleted: i64 = row.try_get(1).map_err(Error::store)?;
+            total += deleted.unsigned_abs();
+            // A short batch was the last; a batch that deleted nothing (every row of it held)
+            // would find the same rows again.
+            if seen < PURGE_BATCH || deleted == 0 {
                 return Ok(total);
             }
         }
@@ -1160,7 +1305,7 @@ impl PostgresStore {
     async fn connection_until(&self, op: &'static str, deadline: Instant) -> Result<Object, Error> {
         match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(err)) => Err(Error::store(err)),
+            Ok(Err(err)) => Err(self.pool_error(op, err)),
             Err(_) => Err(self.timed_out(op)),
         }
     }
@@ -1174,9 +1319,53 @@ impl PostgresStore {
         match tokio::time::timeout(self.inner.timeout, get).await {
             Ok(Ok(conn)) => Ok(Some(conn)),
             Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Ok(None),
-            Ok(Err(err)) => Err(Error::store(err)),
+            Ok(Err(err)) => Err(self.pool_error("wait", err)),
             Err(_) => Err(self.timed_out("wait")),
         }
+    }
+
+    /// A driver error as the store reports it ([`DbFailure`]): the server's message, SQLSTATE,
+    /// detail and hint, and what to do where the store knows.
+    fn db_error(&self, op: &'static str, err: tokio_postgres::Error) -> Error {
+        let advice = self.advice(op, &err);
+        Error::store(DbFailure {
+            op,
+            source: err,
+            advice,
+        })
+    }
+
+    /// A pool's failure to hand out a connection: the driver's error when opening one failed.
+    fn pool_error(&self, op: &'static str, err: PoolError) -> Error {
+        match err {
+            PoolError::Backend(err) => self.db_error(op, err),
+            other => Error::store(other),
+        }
+    }
+
+    /// What to do about a server error, where the store knows.
+    fn advice(&self, op: &'static str, err: &tokio_postgres::Error) -> Option<String> {
+        let table = self.table();
+        let code = err.code()?;
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            return Some(if op == "migrate" {
+                format!(
+                    "The store's role may not create the records table or its schema: apply \
+                     `PostgresStore::migration_sql()` with a role that owns the schema (your \
+                     migration tool, an administrator), and grant the store's role SELECT, \
+                     INSERT, UPDATE and DELETE on {table}; `migrate()` then only checks the table"
+                )
+            } else {
+                format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
+            });
+        }
+        if *code == SqlState::UNDEFINED_TABLE {
+            return Some(format!(
+                "Create the records table {table}: call `PostgresStore::migrate()`, or apply \
+                 `PostgresStore::migration_sql()`"
+            ));
+        }
+        None
     }
 
     fn timed_out(&self, op: &'static str) -> Error {
@@ -1219,37 +1408,6 @@ impl PostgresStore {
         }
     }
 
-    /// Like [`query`](Self::query), for statements that return a row count.
-    async fn execute(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &Params<'_>,
-    ) -> Result<u64, Failure> {
-        let deadline = after(Instant::now(), self.inner.timeout);
-        let conn = self
-            .connection_until(op, deadline)
-            .await
-            .map_err(Failure::Other)?;
-        let run = async {
-            if self.inner.prepared {
-                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-                let statement = conn.prepare_typed_cached(sql, &types).await?;
-                conn.execute(&statement, &values).await
-            } else {
-                conn.execute_typed(sql, params).await
-            }
-        };
-        match tokio::time::timeout_at(deadline, run).await {
-            Ok(result) => result.map_err(Failure::Db),
-            Err(_) => {
-                drop(Object::take(conn));
-                Err(Failure::Other(self.timed_out(op)))
-            }
-        }
-    }
-
     /// Runs a statement under the key lock (complete, renew, release, remove) and returns how
     /// many rows it changed. While another caller holds the key lock (a claim of the key in
     /// flight) or the server reports a serialization failure, pauses outside the pool and runs
@@ -1265,7 +1423,7 @@ impl PostgresStore {
                     }
                 }
                 Err(failure) if failure.is_conflict() => {}
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(failure.into_error(self, op)),
             }
             let now = Instant::now();
             if now + pause >= deadline {
@@ -1321,11 +1479,28 @@ impl PostgresStore {
             match answer {
                 Ok(Ok(rows)) => {
                     drop(conn);
-                    if let Some(claim) = read_claim(&rows, token, lease)? {
-                        return Ok(claim);
+                    match read_claim(&rows, token, lease)? {
+                        Answer::Claim(Claim::Acquired(token), Some(left_us))
+                            if short_grant(left_us, lease) =>
+                        {
+                            // The statement waited on a row lock after computing the lease: the
+                            // grant must not be shorter than asked (another caller could take
+                            // the key over at once). Renew it, from now.
+                            match self.renew(key, token, lease).await {
+                                Ok(true) => return Ok(Claim::Acquired(token)),
+                                // Taken over, or deleted, meanwhile: claim again.
+                                Ok(false) => {}
+                                Err(err) => {
+                                    self.release_on_drop(key, token);
+                                    return Err(err);
+                                }
+                            }
+                        }
+                        Answer::Claim(claim, _) => return Ok(claim),
+                        // The conflicting row was committed after this statement's snapshot:
+                        // run it again, with a snapshot that sees the row.
+                        Answer::Again => {}
                     }
-                    // The conflicting row was committed after this statement's snapshot: run
-                    // it again, with a snapshot that sees the row.
                 }
                 Ok(Err(err)) => {
                     drop(conn);
@@ -1336,7 +1511,7 @@ impl PostgresStore {
                         });
                     }
                     if !failure.is_conflict() {
-                        return Err(failure.into_error());
+                        return Err(failure.into_error(self, "claim"));
                     }
                     // A serialization failure or deadlock rolled it back: run it again.
                 }
@@ -1391,6 +1566,57 @@ impl PostgresStore {
         })
     }
 
+    /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the
+    /// failure can pass (the server down or restarting, a timeout, the key lock taken), for up
+    /// to [`BACKGROUND_COMPLETION`].
+    async fn complete_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+    ) {
+        let deadline = after(Instant::now(), BACKGROUND_COMPLETION);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self
+                .complete_now(key, token, fingerprint, value.clone(), ttl)
+                .await
+            {
+                Ok(Completion::Stored) => {
+                    tracing::debug!(target: "idem", key = %key, "stored a result in the background");
+                    return;
+                }
+                Ok(Completion::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key,
+                        "the lease ran out and another call took the key over before this call's \
+                         result was stored: the body may have run twice; raise `lease` above the \
+                         body's run time"
+                    );
+                    return;
+                }
+                Err(err) if worth_retrying(&err) && Instant::now() + pause < deadline => {
+                    tracing::debug!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store a result yet; trying again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, error = %err,
+                        "could not store the result of a call whose body ran; the claim is left \
+                         to its lease, after which a retry runs the body again"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = after(Instant::now(), timeout);
         let key_bytes = &key.as_bytes()[..];
@@ -1425,7 +1651,7 @@ impl PostgresStore {
                         }
                     }
                     Ok(Err(err)) if is_conflict(&err) => {}
-                    Ok(Err(err)) => return Err(Error::store(err)),
+                    Ok(Err(err)) => return Err(self.db_error("wait", err)),
                     Err(_) => {
                         drop(Object::take(conn));
                         return Err(self.timed_out("wait"));
@@ -1440,6 +1666,37 @@ impl PostgresStore {
             pause = (pause * 2).min(MAX_POLL);
         }
     }
+}
+
+/// Whether a failed operation may succeed if run again later: the server did not answer (down,
+/// restarting, unreachable: no SQLSTATE), the operation timed out or met the key lock, or the
+/// server answered with an error of a class that passes (a connection failure, a shutdown,
+/// resources, a conflict, a read-only server being promoted, ...). Not: a refused setting, an
+/// unreadable record, or an error the same statement meets again (data, integrity,
+/// authorization, a missing database or schema, syntax or privileges, program limits,
+/// internal errors).
+fn worth_retrying(err: &Error) -> bool {
+    let Error::Store(source) = err else {
+        return false;
+    };
+    if let Some(db) = source.downcast_ref::<DbFailure>() {
+        return match db.source.code() {
+            None => true,
+            Some(code) => {
+                let class = code.code().get(..2).unwrap_or("");
+                !matches!(
+                    class,
+                    "0A" | "22" | "23" | "28" | "2B" | "3D" | "3F" | "42" | "54" | "XX"
+                )
+            }
+        };
+    }
+    source.is::<TimedOut>()
+        || source.is::<KeyLocked>()
+        || matches!(
+            source.downcast_ref::<PoolError>(),
+            Some(PoolError::Timeout(_))
+        )
 }
 
 /// Applies an [`IfUnsafe`] choice to one risky setting.
@@ -1645,10 +1902,13 @@ impl Store for PostgresStore {
         }
     }
 
-    /// Hands the completion to the current tokio runtime, if there is one. It follows the rule
-    /// of [`complete`](Store::complete), so a completion that already landed is recognised as
-    /// itself and the first value stays. Without a runtime, or if it fails, the claim is left
-    /// to its lease.
+    /// Hands the completion to the current tokio runtime, if there is one: called when a call
+    /// whose body returned `Ok` is dropped while it stores the result, and when storing it
+    /// failed. It follows the rule of [`complete`](Store::complete), so a completion that
+    /// already landed is recognised as itself and the first value stays; while the server is
+    /// unreachable or answers with an error that can pass, it is tried again with backoff (50 ms
+    /// doubling to 1 s) for up to a minute. Without a runtime, or once that minute is over, the
+    /// claim is left to its lease.
     fn complete_on_drop(
         &self,
         key: Key,
@@ -1660,19 +1920,9 @@ impl Store for PostgresStore {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let store = self.clone();
             handle.spawn(async move {
-                match store.complete(key, token, fingerprint, value, ttl).await {
-                    Ok(Completion::Stored) => {}
-                    Ok(Completion::LeaseLost) => tracing::warn!(
-                        target: "idem", key = %key,
-                        "the result of a cancelled call was not stored: another call took the \
-                         key over after its lease ran out; the body may have run twice"
-                    ),
-                    Err(err) => tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store the result of a cancelled call; the claim is left to \
-                         its lease, after which a retry runs the body again"
-                    ),
-                }
+                store
+                    .complete_in_background(key, token, fingerprint, value, ttl)
+                    .await;
             });
         }
     }
@@ -1940,7 +2190,7 @@ impl<K: KeyPart> Transactional<'_, K> {
         .await;
         let tx = match begun {
             Ok(Ok(tx)) => tx,
-            Ok(Err(err)) => return fail("begin", Error::store(err)),
+            Ok(Err(err)) => return fail("begin", store.db_error("begin", err)),
             Err(_) => return discard("begin"),
         };
 
@@ -1963,8 +2213,9 @@ impl<K: KeyPart> Transactional<'_, K> {
         let claimed = run(on, prepared, &store.inner.sql.claim, params);
         let claim = match tokio::time::timeout(limit, claimed).await {
             Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
-                Ok(Some(claim)) => claim,
-                Ok(None) => {
+                // The lease of an uncommitted claim is seen by no one (the key lock guards it).
+                Ok(Answer::Claim(claim, _)) => claim,
+                Ok(Answer::Again) => {
                     // A row committed after the snapshot (which, past READ COMMITTED, the
                     // transaction keeps): start over in a new transaction.
                     let _ = tokio::time::timeout(limit, tx.rollback()).await;
@@ -1979,7 +2230,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 return (Attempt::Again, false);
             }
-            Ok(Err(err)) => return fail("claim", Error::store(err)),
+            Ok(Err(err)) => return fail("claim", store.db_error("claim", err)),
             Err(_) => return discard("claim"),
         };
 
@@ -2057,7 +2308,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                             Error::store(Corrupt("the claim vanished inside its own transaction")),
                         );
                     }
-                    Ok(Err(err)) => return fail("complete", Error::store(err)),
+                    Ok(Err(err)) => return fail("complete", store.db_error("complete", err)),
                     Err(_) => return discard("complete"),
                 }
                 match tokio::time::timeout(limit, tx.commit()).await {
@@ -2070,7 +2321,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                         };
                         (Attempt::Done(Ok(outcome)), false)
                     }
-                    Ok(Err(err)) => fail("commit", Error::store(err)),
+                    Ok(Err(err)) => fail("commit", store.db_error("commit", err)),
                     Err(_) => discard("commit"),
                 }
             }
@@ -2101,6 +2352,18 @@ mod tests {
         ] {
             assert!(check_ident("table", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_grant_is_short_when_the_claim_statement_waited() {
+        let lease = Duration::from_secs(2);
+        assert!(!short_grant(1_999_000, lease));
+        assert!(short_grant(1_000_000, lease));
+        assert!(short_grant(-843_000, lease), "granted already over");
+        let tiny = Duration::from_millis(10);
+        assert!(!short_grant(9_000, tiny));
+        assert!(short_grant(7_000, tiny));
+        assert!(!short_grant(i64::MAX, Duration::MAX), "no overflow");
     }
 
     #[test]
