@@ -47,7 +47,29 @@
 //! | `name = "payments.charge.v1"` | the namespace of the keys, exactly as written: the key is [`Key::new`]`(name, &key)` | the function's full path: module, impl type and trait with their arguments, type and const arguments |
 //! | `fingerprint = EXPR` | a value that must match on replay; another one for the same key is [`Error::KeyReused`] | none |
 //! | `on_conflict = wait` / `reject` | while another call holds the key: wait for its result, or fail with [`Error::InProgress`] | `wait` |
+//! | `outcome` | the function returns `Result<`[`Outcome`]`<T>, E>`: the value with its [`Status`] (executed or replayed) and `expires_in`; the body still returns `Result<T, E>` | off: `Result<T, E>` |
 //! | `crate = path` | where the `idem` crate is, for re-exporters | `::idem` |
+//!
+//! With `outcome`, a caller can tell a replay from an execution (to set `Idempotent-Replayed`,
+//! or count replays):
+//!
+//! ```
+//! # use idem::{idempotent, Outcome, Status};
+//! # #[derive(Debug)] struct MyError(idem::Error);
+//! # impl From<idem::Error> for MyError { fn from(e: idem::Error) -> Self { MyError(e) } }
+//! #[idempotent(key = id, outcome)]
+//! async fn reserve(id: u64) -> Result<Outcome<String>, MyError> {
+//!     Ok(format!("seat {id}")) // the body returns `Result<String, MyError>`
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), MyError> {
+//! let first = reserve(9).await?;
+//! assert_eq!((first.status, first.value.as_str()), (Status::Executed, "seat 9"));
+//! let retry = reserve(9).await?;
+//! assert_eq!(retry.status, Status::Replayed);
+//! assert!(retry.expires_in.is_some());
+//! # Ok(()) }
+//! ```
 //!
 //! Only an explicit `name` is stable across compiler versions and renames: the default namespace
 //! is the path `std::any::type_name` prints for the function, whose format Rust does not promise.

@@ -902,3 +902,68 @@ async fn a_slow_claim_reply_is_renewed_before_the_body_starts() {
         .unwrap();
     assert_eq!(renewals_before_body, 1, "renewed once, before the body");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `outcome`: attribute users learn whether a call executed, waited or replayed (issue 16).
+
+struct Seats {
+    store: MemoryStore,
+    runs: AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Seats {
+    #[idempotent(store = self.store, key = seat, ttl = "1h", outcome)]
+    async fn reserve(&self, seat: u64) -> Result<idem::Outcome<Receipt>, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if seat == 0 {
+            return Err(AppError::Declined);
+        }
+        // Held until the test lets it finish, so that a second call can wait for it.
+        if let Ok(permit) = self.gate.acquire().await {
+            permit.forget();
+        }
+        Ok(Receipt { order: seat, run })
+    }
+}
+
+#[tokio::test]
+async fn the_outcome_option_tells_executed_waited_and_replayed_apart() {
+    let seats = Arc::new(Seats {
+        store: MemoryStore::new(),
+        runs: AtomicUsize::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let first = tokio::spawn({
+        let seats = seats.clone();
+        async move { seats.reserve(7).await }
+    });
+    while seats.runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = tokio::spawn({
+        let seats = seats.clone();
+        async move { seats.reserve(7).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    seats.gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(first.status, Status::Executed);
+    assert_eq!(second.status, Status::Waited);
+    assert_eq!(first.value, second.value);
+    let left = first.expires_in.expect("stored");
+    assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600));
+
+    let replay = seats.reserve(7).await.unwrap();
+    assert_eq!(replay.status, Status::Replayed);
+    assert_eq!(replay.value, Receipt { order: 7, run: 1 });
+    assert!(
+        replay
+            .expires_in
+            .is_some_and(|left| left <= Duration::from_secs(3600))
+    );
+
+    assert!(matches!(seats.reserve(0).await, Err(AppError::Declined)));
+    assert_eq!(seats.runs.load(Ordering::SeqCst), 2);
+}

@@ -26,11 +26,12 @@ mod kw {
     syn::custom_keyword!(name);
     syn::custom_keyword!(fingerprint);
     syn::custom_keyword!(on_conflict);
+    syn::custom_keyword!(outcome);
 }
 
 /// The options, in the order the documentation lists them.
 const OPTIONS: &str =
-    "key, skip, store, ttl, lease, wait_timeout, name, fingerprint, on_conflict, crate";
+    "key, skip, store, ttl, lease, wait_timeout, name, fingerprint, on_conflict, outcome, crate";
 
 /// A duration option: a literal parsed at compile time, or an expression of type `Duration`.
 pub(crate) enum DurationArg {
@@ -56,6 +57,8 @@ pub(crate) struct Args {
     pub name: Option<LitStr>,
     pub fingerprint: Option<Expr>,
     pub on_conflict: Option<OnConflict>,
+    /// `outcome`, where it was written: the function returns `Result<Outcome<T>, E>`.
+    pub outcome: Option<Span>,
     pub krate: Option<Path>,
     /// Every mistake in the options; the options that were well formed are set above, so the
     /// function's signature is still checked against them.
@@ -91,6 +94,7 @@ enum Kind {
     Name,
     Fingerprint,
     OnConflict,
+    Outcome,
     Crate,
 }
 
@@ -106,6 +110,7 @@ impl Kind {
             Kind::Name => "name",
             Kind::Fingerprint => "fingerprint",
             Kind::OnConflict => "on_conflict",
+            Kind::Outcome => "outcome",
             Kind::Crate => "crate",
         }
     }
@@ -121,6 +126,7 @@ impl Kind {
             Kind::Name => "`name = \"payments.charge.v1\"`",
             Kind::Fingerprint => "`fingerprint = request.body_hash`",
             Kind::OnConflict => "`on_conflict = wait` or `on_conflict = reject`",
+            Kind::Outcome => "`outcome`",
             Kind::Crate => "`crate = ::my_facade::idem`",
         }
     }
@@ -147,6 +153,7 @@ impl Kind {
             name => Kind::Name,
             fingerprint => Kind::Fingerprint,
             on_conflict => Kind::OnConflict,
+            outcome => Kind::Outcome,
         }
         if input.peek(Token![crate]) {
             let token = input.parse::<Token![crate]>()?;
@@ -163,6 +170,8 @@ enum Value {
     Duration(DurationArg),
     Name(LitStr),
     OnConflict(OnConflict),
+    /// An option without a value (`outcome`).
+    Flag,
     Crate(Path),
 }
 
@@ -214,14 +223,14 @@ impl Parse for Args {
                 continue;
             }
             seen.push(kind);
-            args.set(kind, value);
+            args.set(kind, span, value);
         }
         Ok(args)
     }
 }
 
 impl Args {
-    fn set(&mut self, kind: Kind, value: Value) {
+    fn set(&mut self, kind: Kind, span: Span, value: Value) {
         match (kind, value) {
             (Kind::Key, Value::Expr(expr)) => self.key = Some(expr),
             (Kind::Store, Value::Expr(expr)) => self.store = Some(expr),
@@ -232,6 +241,7 @@ impl Args {
             (Kind::WaitTimeout, Value::Duration(d)) => self.wait_timeout = Some(d),
             (Kind::Name, Value::Name(lit)) => self.name = Some(lit),
             (Kind::OnConflict, Value::OnConflict(policy)) => self.on_conflict = Some(policy),
+            (Kind::Outcome, Value::Flag) => self.outcome = Some(span),
             (Kind::Crate, Value::Crate(path)) => self.krate = Some(path),
             // `parse_value` makes each kind's own value.
             _ => {}
@@ -246,6 +256,12 @@ fn parse_option(input: ParseStream) -> syn::Result<(Kind, Span, Value)> {
     };
     let value = match kind {
         Kind::Skip => parse_skip(input, span)?,
+        Kind::Outcome if input.peek(Token![=]) => {
+            return Err(input.error(
+                "option `outcome` takes no value: write `outcome`, and declare the return type as `Result<idem::Outcome<T>, E>`",
+            ));
+        }
+        Kind::Outcome => Value::Flag,
         _ => {
             parse_eq(input, kind, span)?;
             parse_value(input, kind)?
@@ -321,7 +337,9 @@ fn parse_value(input: ParseStream, kind: Kind) -> syn::Result<Value> {
         Kind::Name => Value::Name(name(expr)?),
         Kind::OnConflict => Value::OnConflict(on_conflict(expr)?),
         Kind::Crate => Value::Crate(crate_path(expr)?),
-        Kind::Key | Kind::Store | Kind::Fingerprint | Kind::Skip => Value::Expr(expr),
+        Kind::Key | Kind::Store | Kind::Fingerprint | Kind::Skip | Kind::Outcome => {
+            Value::Expr(expr)
+        }
     })
 }
 

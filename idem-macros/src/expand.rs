@@ -220,8 +220,13 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         &body_var,
     ]
     .map(|var| local(&var.to_string(), ret.span()));
+    // With `outcome`, the function returns the value with its status and expiry.
+    let runner = match args.outcome {
+        Some(_) => Ident::new("run_with_outcome", ret.span()),
+        None => Ident::new("run", ret.span()),
+    };
     let run = quote_spanned! {ret.span()=>
-        #krate_at_ret::__private::run(#(#run_args),*).await
+        #krate_at_ret::__private::#runner(#(#run_args),*).await
     };
 
     // A return edge that is never taken types the body's output as the function's return type

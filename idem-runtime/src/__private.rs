@@ -115,15 +115,36 @@ where
     E: FromIdemError,
     Fut: Future<Output = Result<T, E>>,
 {
+    run_with_outcome(store, name, key, fingerprint, policy, typed, eq, body)
+        .await
+        .map(|outcome| outcome.value)
+}
+
+/// [`run`] for a function with the `outcome` option: its return type is
+/// `Result<Outcome<T>, E>` (or an alias of it).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with_outcome<T, E, Fut>(
+    store: &dyn Store,
+    name: &str,
+    key: Key,
+    fingerprint: Option<Fingerprint>,
+    policy: &Policy,
+    typed: Option<TypedOps<T>>,
+    eq: Option<fn(&T, &T) -> bool>,
+    body: Fut,
+) -> Result<crate::Outcome<T>, E>
+where
+    T: Storable,
+    E: FromIdemError,
+    Fut: Future<Output = Result<T, E>>,
+{
     let call = crate::exec::Call {
         name,
         key,
         fingerprint,
         policy,
     };
-    crate::exec::execute(store, call, typed, eq, body)
-        .await
-        .map(|outcome| outcome.value)
+    crate::exec::execute(store, call, typed, eq, body).await
 }
 
 /// Finds `T`'s equality by autoref specialisation: `(&EqProbe::<T>::new()).eq_fn()` is

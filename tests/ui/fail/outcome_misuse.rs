@@ -1,0 +1,25 @@
+use idem::{idempotent, Error, Outcome};
+
+// `outcome` needs `Result<Outcome<T>, E>`.
+#[idempotent(outcome)]
+async fn plain(order: u64) -> Result<u64, Error> {
+    Ok(order)
+}
+
+// It takes no value.
+#[idempotent(outcome = true)]
+async fn valued(order: u64) -> Result<Outcome<u64>, Error> {
+    Ok(order)
+}
+
+// Without `outcome`, an `Outcome` would be stored as the value.
+#[idempotent(outcome)]
+async fn nothing(_order: u64) {}
+
+// The body returns `Result<T, E>`, not the `Outcome`.
+#[idempotent(outcome)]
+async fn wrapped(order: u64) -> Result<Outcome<u64>, Error> {
+    Ok(Outcome { value: order })
+}
+
+fn main() {}
