@@ -967,3 +967,55 @@ async fn the_outcome_option_tells_executed_waited_and_replayed_apart() {
     assert!(matches!(seats.reserve(0).await, Err(AppError::Declined)));
     assert_eq!(seats.runs.load(Ordering::SeqCst), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review 2, finding 5: a body whose type names no single body needs a name.
+
+type Job = Box<dyn FnOnce() -> idem::BoxFuture<'static, Result<String, Error>> + Send>;
+
+fn job(label: &'static str, runs: &'static AtomicUsize) -> Job {
+    Box::new(move || {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(label.to_owned())
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_trait_object_or_fn_pointer_body_without_a_name_is_refused() {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let store = MemoryStore::new();
+    let run = |body: Job| Idempotent::new(&store, 1u64).run(body);
+    let charged = run(job("charged", &RUNS)).await;
+    assert!(
+        matches!(&charged, Err(Error::NameRequired { body }) if body.contains("dyn")),
+        "{charged:?}"
+    );
+    assert_eq!(RUNS.load(Ordering::SeqCst), 0, "nothing ran");
+    assert!(store.is_empty(), "nothing was claimed");
+
+    async fn plain() -> Result<u8, Error> {
+        Ok(1)
+    }
+    let pointer: fn() -> _ = || plain();
+    let refused = Idempotent::new(&store, 2u64).run(pointer).await;
+    assert!(
+        matches!(refused, Err(Error::NameRequired { .. })),
+        "{refused:?}"
+    );
+
+    // Named, the same bodies are two operations.
+    let named = |name: &'static str, body: Job| Idempotent::new(&store, 1u64).name(name).run(body);
+    assert_eq!(
+        named("charge", job("charged", &RUNS)).await.unwrap(),
+        "charged"
+    );
+    assert_eq!(
+        named("email", job("emailed", &RUNS)).await.unwrap(),
+        "emailed"
+    );
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+    // A fn item has a type of its own: no name needed.
+    assert_eq!(Idempotent::new(&store, 3u64).run(plain).await.unwrap(), 1);
+}

@@ -59,6 +59,8 @@ pub(crate) struct Args {
     pub on_conflict: Option<OnConflict>,
     /// `outcome`, where it was written: the function returns `Result<Outcome<T>, E>`.
     pub outcome: Option<Span>,
+    /// `outcome` was written, with a mistake (already reported).
+    pub outcome_invalid: bool,
     pub krate: Option<Path>,
     /// Every mistake in the options; the options that were well formed are set above, so the
     /// function's signature is still checked against them.
@@ -183,19 +185,24 @@ enum Item {
         span: Span,
         value: Value,
     },
-    Invalid(syn::Error),
+    /// A mistake, and the option it was in when it started with one's keyword.
+    Invalid(syn::Error, Option<Kind>),
 }
 
 impl Parse for Item {
     fn parse(input: ParseStream) -> syn::Result<Self> {
+        let started = Kind::parse(&input.fork())
+            .ok()
+            .flatten()
+            .map(|(kind, _)| kind);
         let item = match parse_option(input) {
             Ok((kind, span, value)) => match expect_end_of_option(input, kind) {
                 Ok(()) => Item::Option { kind, span, value },
-                Err(err) => Item::Invalid(err),
+                Err(err) => Item::Invalid(err, Some(kind)),
             },
-            Err(err) => Item::Invalid(err),
+            Err(err) => Item::Invalid(err, started),
         };
-        if let Item::Invalid(_) = item {
+        if let Item::Invalid(..) = item {
             skip_to_comma(input)?;
         }
         Ok(item)
@@ -210,8 +217,11 @@ impl Parse for Args {
         for item in items {
             let (kind, span, value) = match item {
                 Item::Option { kind, span, value } => (kind, span, value),
-                Item::Invalid(err) => {
+                Item::Invalid(err, kind) => {
                     args.errors.push(err);
+                    if kind == Some(Kind::Outcome) {
+                        args.outcome_invalid = true;
+                    }
                     continue;
                 }
             };

@@ -45,6 +45,22 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
                 .err()
                 .map(syn::Error::into_compile_error)
                 .unwrap_or_default();
+            // A function that returns an `Outcome` has a body that returns `Result<T, E>`: its
+            // body is left out, so that the only errors are the ones above.
+            if valid::idem_outcome(&func.sig.output).is_some() {
+                let ItemFn {
+                    attrs, vis, sig, ..
+                } = &func;
+                let outer = attrs
+                    .iter()
+                    .filter(|attr| matches!(attr.style, AttrStyle::Outer));
+                return quote! {
+                    #error
+                    #(#outer)*
+                    #[allow(unused_variables)]
+                    #vis #sig { ::core::unimplemented!() }
+                };
+            }
             quote!(#error #func)
         }
     }

@@ -63,7 +63,19 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
                 None
             }
         },
-        None => Some(sig.output.clone()),
+        None => {
+            if args.outcome_invalid {
+                None
+            } else if let Some(outcome) = idem_outcome(&sig.output) {
+                errors.push(syn::Error::new_spanned(
+                    outcome,
+                    "this function returns an `Outcome`: add the `outcome` option (`#[idempotent(outcome, ...)]`), and the body returns `Result<T, E>` while callers get `Outcome<T>` (if `Outcome` is a type of your own, write it with its module path, as `crate::Outcome<T>`)",
+                ));
+                None
+            } else {
+                Some(sig.output.clone())
+            }
+        }
     };
     let ret = output.and_then(|output| check_return(sig.ident.span(), &output, errors));
 
@@ -218,6 +230,38 @@ fn pat_display(pat: &Pat) -> String {
         Pat::Ident(p) => p.ident.to_string(),
         _ => "the argument".to_owned(),
     }
+}
+
+/// The `Ok` type of a return type written `Result<Outcome<T>, E>` or `Result<idem::Outcome<T>,
+/// E>` (or an alias's first argument likewise), if it is one.
+pub(crate) fn idem_outcome(output: &ReturnType) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    let Type::Path(path) = &**ty else {
+        return None;
+    };
+    let PathArguments::AngleBracketed(generic) = &path.path.segments.last()?.arguments else {
+        return None;
+    };
+    let Some(GenericArgument::Type(ok)) = generic.args.first() else {
+        return None;
+    };
+    let Type::Path(ok_path) = ok else {
+        return None;
+    };
+    let segments: Vec<String> = ok_path
+        .path
+        .segments
+        .iter()
+        .map(|seg| seg.ident.to_string())
+        .collect();
+    let is_idem = match segments.as_slice() {
+        [last] => last == "Outcome",
+        [.., krate, last] => krate == "idem" && last == "Outcome",
+        [] => false,
+    };
+    (ok_path.qself.is_none() && is_idem).then_some(ok)
 }
 
 /// With `outcome`, the function returns `Result<Outcome<T>, E>` (any path ending in `Outcome`,

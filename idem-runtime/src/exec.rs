@@ -314,7 +314,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
     {
         let name = match self.name {
             Some(name) => name,
-            None => Cow::Owned(call_site_namespace::<F>(self.site)),
+            None => Cow::Owned(call_site_namespace::<F>(self.site)?),
         };
         let key = Key::new(&name, &self.key);
         let call = Call {
@@ -331,12 +331,35 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
 /// includes its crate, module, function and that function's type arguments) and the call site,
 /// so two call sites, two crates or two instantiations of a generic function never share
 /// records.
-fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> String {
-    let mut body = std::any::type_name::<F>();
+///
+/// A body whose type names no single body (a trait object, a `fn` pointer) is
+/// [`Error::NameRequired`]: every body of that type at the call site would share records.
+fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> Result<String, Error> {
+    let full = std::any::type_name::<F>();
+    if !identifies_a_body(full) {
+        return Err(Error::NameRequired { body: full });
+    }
+    let mut body = full;
     while let Some(outer) = body.strip_suffix("::{{closure}}") {
         body = outer;
     }
-    format!("{body}@{}:{}:{}", site.file(), site.line(), site.column())
+    Ok(format!(
+        "{body}@{}:{}:{}",
+        site.file(),
+        site.line(),
+        site.column()
+    ))
+}
+
+/// Whether a body type's name is one body's: not a trait object (`dyn`) nor a `fn` pointer
+/// anywhere in it (`Box<dyn FnOnce() -> ..>`, `&dyn Fn() -> ..`, `fn() -> ..`,
+/// `Arc<dyn Fn() -> ..>`). Closures and `fn` items have a type of their own.
+fn identifies_a_body(type_name: &str) -> bool {
+    // A `fn` pointer prints as `fn(..)`, `unsafe fn(..)` or `extern "C" fn(..)`; no path has a
+    // segment named `dyn` or `fn` (keywords).
+    !type_name
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|word| word == "dyn" || word == "fn")
 }
 
 /// Everything the executor needs to know about one call besides its store and body.

@@ -22,4 +22,21 @@ async fn wrapped(order: u64) -> Result<Outcome<u64>, Error> {
     Ok(Outcome { value: order })
 }
 
+// `Outcome` in the return type without the option.
+#[idempotent]
+async fn forgotten(order: u64) -> Result<Outcome<u64>, Error> {
+    Ok(order)
+}
+
+// A type of one's own named `Outcome`, with its path: stored as any result.
+mod mine {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Outcome<T>(pub T);
+}
+
+#[idempotent]
+async fn own(order: u64) -> Result<mine::Outcome<u64>, Error> {
+    Ok(mine::Outcome(order))
+}
+
 fn main() {}
