@@ -445,6 +445,92 @@ mod loose_eq {
     }
 }
 
+/// Review 2, findings 2 and 3: in-memory replays were clones of a kept value, so a lossy
+/// `Clone` changed them, and replays shared the kept value's `Arc`s (a replay's change showed in
+/// the next). Every replay is now decoded from the record, as on Redis and PostgreSQL.
+mod replays_are_their_own_values {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    pub struct Cached {
+        pub id: u64,
+        pub cache: Option<u64>,
+    }
+
+    /// A `Clone` that drops the cache, as some caches' do.
+    impl Clone for Cached {
+        fn clone(&self) -> Self {
+            Cached {
+                id: self.id,
+                cache: None,
+            }
+        }
+    }
+
+    /// A list behind a shared lock: its `Clone` shares the list.
+    #[derive(Clone, Debug)]
+    pub struct Shared(pub Arc<Mutex<Vec<u8>>>);
+
+    impl Serialize for Shared {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let list = self.0.lock().map(|l| l.clone()).unwrap_or_default();
+            list.serialize(s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Shared {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Vec::<u8>::deserialize(d).map(|list| Shared(Arc::new(Mutex::new(list))))
+        }
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn cached(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Cached, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Cached {
+            id: key,
+            cache: Some(9),
+        })
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn shared(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Shared, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Shared(Arc::new(Mutex::new(vec![1]))))
+    }
+
+    async fn check(store: &dyn Store) {
+        let runs = AtomicUsize::new(0);
+        let key = fresh();
+        cached(store, &runs, key).await.unwrap();
+        let replay = cached(store, &runs, key).await.unwrap();
+        assert_eq!(replay.cache, Some(9), "a replay is not a clone");
+
+        let key = fresh();
+        shared(store, &runs, key).await.unwrap();
+        let one = shared(store, &runs, key).await.unwrap();
+        one.0.lock().unwrap().push(66);
+        let two = shared(store, &runs, key).await.unwrap();
+        assert_eq!(*two.0.lock().unwrap(), vec![1], "replays share nothing");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn in_memory() {
+        check(&idem::MemoryStore::new()).await;
+        // The process-wide default store, through the attribute without `store = ...`.
+        check(idem::MemoryStore::global()).await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn on_redis() {
+        check(&super::redis::store().await).await;
+    }
+}
+
 mod refusals {
     use idem::MemoryStore;
 

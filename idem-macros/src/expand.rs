@@ -129,7 +129,6 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     let key_var = local("__idem_key", here);
     let fingerprint_var = local("__idem_fingerprint", here);
     let policy_var = local("__idem_policy", here);
-    let typed_var = local("__idem_typed", here);
     let eq_var = local("__idem_eq", here);
     let body_var = local("__idem_body", here);
     let out_var = local("__idem_out", here);
@@ -231,7 +230,6 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         &key_var,
         &fingerprint_var,
         &policy_var,
-        &typed_var,
         &eq_var,
         &body_var,
     ]
@@ -268,11 +266,6 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let #key_var = #krate::__private::Key::new(#name_var, #key);
             let #fingerprint_var = #fingerprint;
             let #policy_var = &#krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
-            let #typed_var = {
-                #[allow(unused_imports)]
-                use #krate::__private::{ViaClone as _, ViaEncoding as _};
-                (&#krate::__private::Probe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).typed_ops()
-            };
             let #eq_var = {
                 #[allow(unused_imports)]
                 use #krate::__private::{ViaPartialEq as _, WithoutPartialEq as _};
