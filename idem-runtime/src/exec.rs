@@ -384,6 +384,7 @@ macro_rules! outcome {
 }
 
 /// Encodes a result for a store, refusing one that would not replay equal to itself.
+#[cfg(feature = "postgres")]
 pub(crate) fn encode_result<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
     codec::to_vec(value)
 }
