@@ -1754,3 +1754,175 @@ async fn a_result_over_the_servers_limit_breaks_no_other_call() {
         "the store's connection was dropped (only this INFO's connection is new)"
     );
 }
+
+/// Outages around a call, through a proxy or with the server itself stopped, paused or
+/// replaced behind its address: what the review of the Redis store found.
+mod outages {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use idem::store::redis::IfUnsafe;
+    use idem::{Error, Idempotent, RedisStore, Status};
+
+    use super::support::LogCapture;
+    use super::support::redis::{ChaosProxy, Cut};
+    use super::{RedisServer, Resp, fresh_prefix};
+
+    async fn store_with_timeout(url: &str, test: &str, timeout: Duration) -> RedisStore {
+        RedisStore::builder()
+            .prefix(fresh_prefix(test))
+            .timeout(timeout)
+            .if_not_persistent(IfUnsafe::Accept)
+            .connect(url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
+    }
+
+    /// Sends `sig` to the process `pid` (read before the server is paused: a paused server
+    /// does not answer `INFO`).
+    fn signal(pid: u32, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig}");
+    }
+
+    /// Whether the log says that another call took the key over: the background completion took
+    /// its own completion, which had landed, for another's.
+    const TAKEN_OVER: &str = "another call took the key over";
+    const STORED_LATER: &str = "stored a result in the background";
+
+    /// Waits (a bounded number of polls) until the background completion says it stored the
+    /// result, and checks that it did not take its own landed completion for another call's.
+    async fn background_completion_recognised(logs: &LogCapture) {
+        for _ in 0..200 {
+            if logs.contains(STORED_LATER) || logs.contains(TAKEN_OVER) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = logs.text();
+        assert!(
+            text.contains(STORED_LATER) && !text.contains(TAKEN_OVER),
+            "the background completion must store the result, or recognise the completion that \
+             landed as its own: {text}"
+        );
+    }
+
+    /// Review finding 1: a blip of the connection while the result is sent (the completion is
+    /// cut off before it reaches the server, and once more when the store sends it again) used
+    /// to leave a record saying the result could not be stored, for the whole ttl, although the
+    /// value was in hand. The result is stored (in the background) and the retry replays it;
+    /// the body ran once.
+    #[tokio::test]
+    async fn a_completion_cut_off_on_its_way_is_stored_and_replayed() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start();
+        let proxy = ChaosProxy::start(server.port());
+        let store = store_with_timeout(&proxy.url(), "cut-before", Duration::from_secs(2)).await;
+        let runs = AtomicUsize::new(0);
+        let call = |value: &'static str| {
+            let runs = &runs;
+            Idempotent::new(&store, "k")
+                .name("test")
+                .run_with_outcome(move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(value.to_owned())
+                })
+        };
+        proxy.cut_on(b"PRECIOUS-RESULT", 2, Cut::Before, false);
+        let first = call("PRECIOUS-RESULT-42").await.expect("the body ran");
+        assert_eq!(first.value, "PRECIOUS-RESULT-42");
+        assert_eq!(proxy.cuts(), 2, "the completion and its retry were cut off");
+        background_completion_recognised(&logs).await;
+        let again = call("SECOND").await.expect("the retry replays");
+        assert_eq!(
+            (again.status, again.value.as_str()),
+            (Status::Replayed, "PRECIOUS-RESULT-42")
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// Review finding 1: the completion reaches the server and runs, but its reply is lost (the
+    /// connection is cut, and the server cannot be reached for 1.5 s). The background
+    /// completion, sent again once the server is back, recognises the record its own completion
+    /// wrote (same token: stored, not "lease lost"); the retry replays; the body ran once.
+    #[tokio::test]
+    async fn a_completion_that_landed_before_the_outage_is_recognised_as_itself() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start();
+        let proxy = ChaosProxy::start(server.port());
+        let store = store_with_timeout(&proxy.url(), "cut-after", Duration::from_millis(500)).await;
+        let runs = AtomicUsize::new(0);
+        proxy.cut_on(b"PRECIOUS-RESULT", 1, Cut::After, true);
+        let first = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>("PRECIOUS-RESULT-42".to_owned())
+            })
+            .await
+            .expect("the body ran");
+        assert_eq!(first.expires_in, None, "the reply was lost");
+        assert_eq!(proxy.cuts(), 1);
+        let name = store.record_name(&idem::Key::new("test", "k"));
+        assert_eq!(
+            server.cmd(&["HGET", &name, "state"]),
+            Resp::Bulk(Some(b"done".to_vec())),
+            "the completion ran on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.refuse(false);
+        background_completion_recognised(&logs).await;
+        let again = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(String::new())
+            })
+            .await
+            .expect("the retry replays");
+        assert_eq!(
+            (again.status, again.value.as_str()),
+            (Status::Replayed, "PRECIOUS-RESULT-42")
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// Review finding 1: the server is paused (SIGSTOP) as the body returns, so the completion
+    /// waits in it past the store's timeout; the store goes on trying in the background. When
+    /// the server resumes, it runs the first completion, and the ones sent after it are
+    /// recognised as the same; the retry replays; the body ran once.
+    #[tokio::test]
+    async fn a_server_paused_while_the_result_is_stored_keeps_it() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start();
+        let store = store_with_timeout(&server.url(), "paused", Duration::from_millis(300)).await;
+        let pid = server.pid();
+        let runs = AtomicUsize::new(0);
+        let first = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                signal(pid, "-STOP");
+                Ok::<_, Error>(7u32)
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        signal(pid, "-CONT");
+        let first = first.expect("the body ran");
+        assert_eq!((first.value, first.expires_in), (7, None));
+        background_completion_recognised(&logs).await;
+        let again = Idempotent::new(&store, "k")
+            .name("test")
+            .run_with_outcome(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(0u32)
+            })
+            .await
+            .expect("the retry replays");
+        assert_eq!((again.status, again.value), (Status::Replayed, 7));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
