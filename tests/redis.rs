@@ -1925,4 +1925,137 @@ mod outages {
         assert_eq!((again.status, again.value), (Status::Replayed, 7));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
+
+    /// Review finding 2: after an outage longer than the connection manager's few reconnection
+    /// attempts, the first call once the server is back used to fail: the settings read that
+    /// follows a connection error got the cached failure of the last reconnection and was not
+    /// sent again. It is, on a fresh connection, like any operation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_call_after_an_outage_succeeds() {
+        let server = RedisServer::start_persistent();
+        let store = store_with_timeout(&server.url(), "after-outage", Duration::from_secs(2)).await;
+        let runs = AtomicUsize::new(0);
+        let call = |k: u32| {
+            let runs = &runs;
+            Idempotent::new(&store, k)
+                .name("test")
+                .run(move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(k)
+                })
+        };
+        assert_eq!(call(1).await.unwrap(), 1);
+        tokio::task::block_in_place(|| server.stop());
+        assert!(matches!(call(2).await, Err(Error::Store(_))), "down");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::task::block_in_place(|| server.restart());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match call(3).await {
+            Ok(v) => assert_eq!(v, 3),
+            Err(err) => panic!("the first call after the server came back failed: {err}"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+        // The same through a proxy that cuts every connection and refuses new ones for 1.5 s.
+        let proxy = ChaosProxy::start(server.port());
+        let store = store_with_timeout(&proxy.url(), "after-refusal", Duration::from_secs(2)).await;
+        let call = |k: u32| {
+            let runs = &runs;
+            Idempotent::new(&store, k)
+                .name("test")
+                .run(move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(k)
+                })
+        };
+        assert_eq!(call(1).await.unwrap(), 1);
+        proxy.refuse(true);
+        proxy.cut_all();
+        assert!(matches!(call(2).await, Err(Error::Store(_))), "refused");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.refuse(false);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match call(3).await {
+            Ok(v) => assert_eq!(v, 3),
+            Err(err) => panic!("the first call after the outage failed: {err}"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+    }
+
+    /// Review finding 3: a failover behind one address, to a server whose policy evicts (refused
+    /// by default). The settings read after the connection error is cut off, once by its
+    /// caller (dropped) and once by the store's timeout (the new server is slow to answer at
+    /// first): neither may let a later claim skip the check, nor may a claim that comes while
+    /// another's reading is under way. Every claim is refused once the settings are read; no
+    /// body runs on the unchecked server, and nothing is written there. The claim, its reading
+    /// included, fails within the store's timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_settings_read_cut_off_is_done_again_before_any_claim() {
+        let a = RedisServer::start();
+        let b = RedisServer::start_configured(false, &["--maxmemory-policy", "allkeys-lru"]);
+        let proxy = ChaosProxy::start(a.port());
+        let store = store_with_timeout(&proxy.url(), "failover", Duration::from_millis(500)).await;
+        let runs = AtomicUsize::new(0);
+        let call = |k: u32| {
+            let runs = &runs;
+            Idempotent::new(&store, k)
+                .name("test")
+                .run(move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(k)
+                })
+        };
+        assert_eq!(call(0).await.unwrap(), 0);
+
+        proxy.switch_to(b.port());
+        proxy.hold(true);
+        proxy.cut_all();
+        let dropped = tokio::time::timeout(Duration::from_millis(100), call(1)).await;
+        assert!(dropped.is_err(), "B does not answer yet: {dropped:?}");
+        // The outer bound only keeps a claim whose settings read is unbounded from hanging the
+        // test; the claim, its reading included, must fail within the store's timeout.
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(Duration::from_secs(10), call(2)).await {
+            Ok(Err(Error::Store(_))) => {}
+            Ok(other) => panic!("B does not answer yet: {other:?}"),
+            Err(_) => panic!("the claim's settings read is not bounded by the store's timeout"),
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500 + 300),
+            "a claim whose settings read gets no answer fails by the store's timeout (500 ms), \
+             took {took:?}"
+        );
+        // A claim that comes while another's reading is under way waits for that reading: it
+        // does not take the reading for done. B answers 100 ms in.
+        let (three, four, ()) = tokio::join!(
+            call(3),
+            async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                call(4).await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                proxy.hold(false);
+            }
+        );
+        for (k, result) in [(3, three), (4, four)] {
+            match result {
+                Err(Error::Store(err)) if err.to_string().contains("allkeys-lru") => {}
+                other => panic!("claim {k} on a server nobody checked: {other:?}"),
+            }
+        }
+        for k in 5..8 {
+            match call(k).await {
+                Err(Error::Store(err)) if err.to_string().contains("allkeys-lru") => {}
+                other => panic!("claim {k} on a server nobody checked: {other:?}"),
+            }
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "a body ran on B");
+        let keys = |server: &RedisServer| match server.cmd(&["DBSIZE"]) {
+            Resp::Int(n) => n,
+            other => panic!("DBSIZE: {other:?}"),
+        };
+        assert_eq!(keys(&b), 0, "a claim was written on B");
+    }
 }

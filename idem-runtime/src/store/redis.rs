@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -309,7 +309,10 @@ pub use super::IfUnsafe;
 /// connection error or a `NOSCRIPT` (the node may be another server), before the next claim
 /// (which fails if the settings cannot be read: no body starts on a server nobody checked), the
 /// store reads `maxmemory-policy`, `appendonly` and `save` on the server, or on every master of
-/// a cluster:
+/// a cluster. The reading is sent again on a fresh connection if the connection breaks, within
+/// the claim's timeout; one that fails or is cut off (the call dropped, the timeout run out) is
+/// done again before the next claim, and a claim that comes while a reading is under way waits
+/// for it. What the store checks:
 ///
 /// - any policy but `noeviction` evicts idem records at `maxmemory` (every record has a ttl, so
 ///   the `volatile-*` policies evict them too), and a completed record that is evicted lets its
@@ -560,7 +563,7 @@ impl RedisStoreBuilder {
                     server,
                     if_evicting: self.if_evicting,
                     if_not_persistent: self.if_not_persistent,
-                    recheck: AtomicBool::new(false),
+                    recheck: Recheck::default(),
                     checking: tokio::sync::Mutex::new(()),
                     max_value: AtomicU64::new(DEFAULT_MAX_BULK),
                     state: Mutex::new(HealthState::default()),
@@ -627,6 +630,10 @@ const FIRST_POLL: Duration = Duration::from_millis(5);
 /// always does, first).
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How many times a settings reading is sent when it fails on a broken connection: each failure
+/// starts a new connection attempt, which the next one waits for.
+const SETTINGS_ATTEMPTS: u32 = 3;
+
 /// Redis's default `proto-max-bulk-len`: the longest argument it accepts.
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 
@@ -640,15 +647,53 @@ struct Health {
     server: String,
     if_evicting: IfUnsafe,
     if_not_persistent: IfUnsafe,
-    /// Set when the settings must be read again before the next operation: after a connection
+    /// Whether the settings must be read again before the next operation: after a connection
     /// error or a `NOSCRIPT` (the node may be another server), or while a setting is refused.
-    recheck: AtomicBool,
+    recheck: Recheck,
     /// One reading at a time.
     checking: tokio::sync::Mutex<()>,
     /// The longest argument every node accepts (`proto-max-bulk-len`, 512 MB unless read): a
     /// longer one makes Redis close the connection, which every call shares.
     max_value: AtomicU64,
     state: Mutex<HealthState>,
+}
+
+/// Whether the server's settings must be read again: every request for a reading has a number,
+/// and a reading that succeeds answers the requests made before it started.
+///
+/// A flag cleared when a reading starts would be cleared for good by a reading that then fails,
+/// or whose caller is dropped or cut off by the timeout, and claims would run unchecked on what
+/// may be another server; and while a reading runs, other calls would take it as done. A flag
+/// cleared when a reading succeeds would lose a request made while it ran. Two counters do
+/// neither.
+#[derive(Default)]
+struct Recheck {
+    /// Requests so far.
+    asked: AtomicU64,
+    /// The requests that a successful reading answered (those made before it started).
+    answered: AtomicU64,
+}
+
+impl Recheck {
+    /// Asks for a reading before the next operation.
+    fn ask(&self) {
+        self.asked.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a request is not answered yet.
+    fn needed(&self) -> bool {
+        self.asked.load(Ordering::Acquire) > self.answered.load(Ordering::Acquire)
+    }
+
+    /// Before a reading: the requests it answers if it succeeds.
+    fn begin(&self) -> u64 {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// After a successful reading that began at `begun`.
+    fn answered(&self, begun: u64) {
+        self.answered.fetch_max(begun, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -995,41 +1040,45 @@ impl RedisStore {
     /// settings were not read. Other operations go on whatever the reading says (a claim already
     /// granted is better completed, renewed or released on any server than abandoned), and try
     /// to read at most once per [`RECHECK_EVERY`].
+    ///
+    /// The request for a reading is answered only by a reading that succeeds: one that fails,
+    /// or is cut off (its caller dropped, or the timeout ran out), leaves it for the next
+    /// operation. The caller bounds this by the store's timeout.
     async fn settle(&self, op: &'static str) -> Result<(), Error> {
         let health = &*self.health;
-        if !health.recheck.load(Ordering::Acquire) {
+        if !health.recheck.needed() {
             return Ok(());
         }
         let claim = op == "claim";
         {
             let _one = health.checking.lock().await;
-            let due = health.recheck.load(Ordering::Acquire)
+            let due = health.recheck.needed()
                 && (claim
                     || health
                         .state()
                         .last_attempt
                         .is_none_or(|at| at.elapsed() >= RECHECK_EVERY));
             if due {
-                // Cleared first: a connection error while reading sets it again.
-                health.recheck.store(false, Ordering::Release);
+                let begun = health.recheck.begin();
                 health.state().last_attempt = Some(Instant::now());
-                match self.read_settings().await {
+                match self.read_settings_afresh().await {
                     Ok(nodes) => {
                         let refusal = health.judge(&nodes);
                         if let Some(refusal) = &refusal {
-                            // Read again before each claim until the setting is fixed.
-                            health.recheck.store(true, Ordering::Release);
+                            // Not answered: read again before each claim until the setting is
+                            // fixed.
                             if health.state().warned.insert(refusal.message.clone()) {
                                 tracing::warn!(
                                     target: "idem",
                                     "new claims are refused: {}", refusal.message
                                 );
                             }
+                        } else {
+                            health.recheck.answered(begun);
                         }
                         health.state().refusal = refusal;
                     }
                     Err(err) => {
-                        health.recheck.store(true, Ordering::Release);
                         if claim {
                             return Err(failure("claim (reading the server's settings)", err));
                         }
@@ -1047,6 +1096,25 @@ impl RedisStore {
         Ok(())
     }
 
+    /// [`RedisStore::read_settings`], sent again on a fresh connection after a connection
+    /// error, up to [`SETTINGS_ATTEMPTS`] times in all.
+    ///
+    /// A reading is asked for after a connection error, and the connection manager hands the
+    /// first command after a failed reconnection that failure (`Connection refused`, cached
+    /// from the outage) while it starts a new attempt: sent once, the first claim after an
+    /// outage would fail on a server that is back.
+    async fn read_settings_afresh(&self) -> RedisResult<Vec<NodeSettings>> {
+        let mut attempt = 1;
+        loop {
+            match self.read_settings().await {
+                Err(err) if is_connection_error(&err) && attempt < SETTINGS_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs one command against the server within the timeout; a command that fails on a broken
     /// connection is sent once more (the connection manager has started to reconnect by then),
     /// after the server's settings are read again.
@@ -1060,7 +1128,7 @@ impl RedisStore {
             self.settle(op).await?;
             match attempt(self.conn.clone()).await {
                 Err(err) if is_connection_error(&err) => {
-                    self.health.recheck.store(true, Ordering::Release);
+                    self.health.recheck.ask();
                     self.settle(op).await?;
                     attempt(self.conn.clone()).await
                 }
@@ -1081,7 +1149,7 @@ impl RedisStore {
     /// settings to be read again.
     fn failed(&self, op: &'static str, err: RedisError) -> Error {
         if is_connection_error(&err) || err.is_cluster_error() {
-            self.health.recheck.store(true, Ordering::Release);
+            self.health.recheck.ask();
         }
         if err.code() == Some("OOM") {
             return Error::store(OutOfMemory { op, source: err });
@@ -1142,7 +1210,26 @@ impl RedisStore {
         }
     }
 
+    /// A claim, the reading of the settings it may wait for included, within the timeout.
     async fn claim_now(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        require_tokio("claim")?;
+        match tokio::time::timeout(self.timeout, self.claim_unbounded(key, fingerprint, lease))
+            .await
+        {
+            Ok(claim) => claim,
+            Err(_) => Err(Error::store(TimedOut {
+                op: "claim",
+                after: self.timeout,
+            })),
+        }
+    }
+
+    async fn claim_unbounded(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
@@ -1312,7 +1399,7 @@ struct ScriptCall<'a> {
     name: &'a str,
     args: &'a [&'a [u8]],
     /// Set on `NOSCRIPT`: the node may be one whose settings were never read.
-    recheck: &'a AtomicBool,
+    recheck: &'a Recheck,
 }
 
 impl ScriptCall<'_> {
@@ -1344,7 +1431,7 @@ impl ScriptCall<'_> {
         loop {
             let result = match self.command(false).query_async(&mut conn).await {
                 Err(err) if is_noscript(&err) => {
-                    self.recheck.store(true, Ordering::Release);
+                    self.recheck.ask();
                     self.command(true).query_async(&mut conn).await
                 }
                 other => other,
@@ -1393,7 +1480,7 @@ impl ScriptCall<'_> {
                 Value::ServerError(err)
                     if !with_source && err.kind() == Some(ServerErrorKind::NoScript) =>
                 {
-                    self.recheck.store(true, Ordering::Release);
+                    self.recheck.ask();
                     with_source = true;
                 }
                 Value::ServerError(err) => return Err(err.into()),
