@@ -93,6 +93,41 @@ mod cluster {
         }
     }
 
+    /// Review finding 9: `connect` (one server) pointed at a cluster node used to connect, and
+    /// then the keys whose slots other nodes own failed with `MOVED` while the others worked.
+    /// It fails at once, saying to use `connect_cluster`; and `connect_cluster` to the same
+    /// node works for every key.
+    #[tokio::test]
+    async fn a_cluster_node_given_to_connect_is_refused_with_the_way_to_connect() {
+        let url = RedisCluster::shared().urls()[0].clone();
+        let err = match idem::RedisStore::builder()
+            .prefix(super::fresh_prefix("cluster-as-one"))
+            .connect(&url)
+            .await
+        {
+            Ok(_) => panic!("connect() to a cluster node must fail"),
+            Err(err) => err,
+        };
+        let message = err.to_string();
+        assert!(matches!(err, Error::Store(_)), "{err:?}");
+        for part in ["cluster_enabled:1", "connect_cluster", "MOVED"] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        let store = idem::RedisStore::builder()
+            .prefix(super::fresh_prefix("cluster-as-cluster"))
+            .connect_cluster([url])
+            .await
+            .expect("connect_cluster to the same node");
+        for k in 0..20u32 {
+            let v = Idempotent::new(&store, ("any node", k))
+                .name("test")
+                .run(|| async move { Ok::<_, Error>(k) })
+                .await
+                .expect("every key works through the cluster connection");
+            assert_eq!(v, k);
+        }
+    }
+
     /// Records are spread over every node, and replays come back from each of them.
     #[tokio::test]
     async fn records_spread_over_every_node() {

@@ -272,7 +272,9 @@ pub use super::IfUnsafe;
 /// digits ([`Key::to_hex`]); [`RedisStore::record_name`] gives it. Every operation touches that
 /// one key only, so the store works unchanged on Redis Cluster
 /// ([`RedisStoreBuilder::connect_cluster`]): each operation goes to the node that owns its key.
-/// Give the prefix a hash tag (`{idem}:`) to keep every record on one node.
+/// Give the prefix a hash tag (`{idem}:`) to keep every record on one node. A cluster node
+/// given to [`RedisStoreBuilder::connect`] is refused, with an error that says to use
+/// `connect_cluster` (through one node, the keys other nodes own would fail with `MOVED`).
 /// A record is a hash:
 ///
 /// | field | value |
@@ -455,14 +457,20 @@ impl RedisStoreBuilder {
     /// its settings (see [`RedisStore`], "Server settings").
     ///
     /// Fails with [`Error::Store`] if the URL is malformed, the server cannot be reached within
-    /// the timeout, or a setting is refused ([`RedisStoreBuilder::if_evicting`],
-    /// [`RedisStoreBuilder::if_not_persistent`]).
+    /// the timeout, a setting is refused ([`RedisStoreBuilder::if_evicting`],
+    /// [`RedisStoreBuilder::if_not_persistent`]), or the server is a Redis Cluster node
+    /// (`cluster_enabled:1` in `INFO cluster`): through one node, the keys other nodes own fail
+    /// with `MOVED`, so the error says to use [`RedisStoreBuilder::connect_cluster`], which
+    /// follows the cluster's slot map. (The store does not switch to a cluster connection by
+    /// itself: the URL's credentials, TLS and database would have to be carried over, and a
+    /// cluster connection is better asked for by name.)
     pub async fn connect(self, url: &str) -> Result<RedisStore, Error> {
         let client = Client::open(url).map_err(|source| failure("connect", source))?;
         self.connect_client(client).await
     }
 
-    /// Connects with an existing `redis` (version 1) client.
+    /// Connects with an existing `redis` (version 1) client. Fails as
+    /// [`RedisStoreBuilder::connect`] does, a Redis Cluster node included.
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -709,6 +717,9 @@ struct HealthState {
 struct NodeSettings {
     addr: String,
     info: Value,
+    /// `INFO cluster`, read through a connection to one server only: a cluster node there is
+    /// refused ([`single_on_cluster`]). `Nil` on a cluster connection.
+    cluster: Value,
     policy: Value,
     appendonly: Value,
     save: Value,
@@ -723,6 +734,9 @@ impl Health {
     /// Judges what the nodes reported: warns (once per server and setting) where the builder
     /// says to, and returns the first refusal.
     fn judge(&self, nodes: &[NodeSettings]) -> Option<Unsafe> {
+        if let Some(refusal) = nodes.iter().find_map(single_on_cluster) {
+            return Some(refusal);
+        }
         let max_value = nodes
             .iter()
             .filter_map(|node| config_value(&node.max_bulk, "proto-max-bulk-len").ok())
@@ -866,6 +880,25 @@ fn assess(node: &NodeSettings) -> Vec<Finding> {
     found
 }
 
+/// A Redis Cluster node reached through a connection to one server
+/// ([`RedisStoreBuilder::connect`]): refused whatever the builder says, because through it every
+/// key whose slot another node owns fails with `MOVED`, and which keys work depends on their
+/// digests. [`RedisStoreBuilder::connect_cluster`] is the way to a cluster.
+fn single_on_cluster(node: &NodeSettings) -> Option<Unsafe> {
+    if info_field(&node.cluster, "cluster_enabled").as_deref() != Some("1") {
+        return None;
+    }
+    let addr = &node.addr;
+    Some(Unsafe {
+        message: format!(
+            "Redis at {addr} is a Redis Cluster node (cluster_enabled:1), reached through a \
+             connection to one server: the records whose slots other nodes own would fail with \
+             MOVED. Connect with RedisStoreBuilder::connect_cluster([\"redis://{addr}/\"]) (any \
+             of the cluster's nodes; the others are discovered)"
+        ),
+    })
+}
+
 /// The value of `name` in a `CONFIG GET name` reply, or why there is none.
 fn config_value(reply: &Value, name: &str) -> Result<String, String> {
     let pairs: Vec<(&Value, &Value)> = match reply {
@@ -974,6 +1007,8 @@ impl RedisStore {
                 for cmd in &cmds {
                     pipe.add_command(cmd.clone());
                 }
+                // Its own command: before Redis 7, INFO takes one section.
+                pipe.cmd("INFO").arg("cluster");
                 let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
                 let mut replies = replies.into_iter();
                 let mut next = || replies.next().unwrap_or(Value::Nil);
@@ -984,6 +1019,7 @@ impl RedisStore {
                     appendonly: next(),
                     save: next(),
                     max_bulk: next(),
+                    cluster: next(),
                 }])
             }
             Conn::Cluster(conn) => {
@@ -1026,6 +1062,7 @@ impl RedisStore {
                         appendonly: reply_of(&appendonly, &addr),
                         save: reply_of(&save, &addr),
                         max_bulk: reply_of(&max_bulk, &addr),
+                        cluster: Value::Nil,
                         addr,
                     })
                     .collect())
@@ -2032,6 +2069,7 @@ mod tests {
             appendonly,
             save,
             max_bulk: config("proto-max-bulk-len", "1048576"),
+            cluster: bulk(b"# Cluster\r\ncluster_enabled:0\r\n"),
         }
     }
 
@@ -2113,6 +2151,32 @@ mod tests {
         let persistence = found[1].message(true);
         for part in ["persists nothing", "appendonly yes", "if_not_persistent"] {
             assert!(persistence.contains(part), "{part}: {persistence}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_node_reached_as_one_server_is_refused_with_the_way_to_connect() {
+        let mut single = node(
+            config("maxmemory-policy", "noeviction"),
+            config("appendonly", "yes"),
+            config("save", ""),
+        );
+        assert!(single_on_cluster(&single).is_none());
+        single.cluster = Value::Nil;
+        assert!(
+            single_on_cluster(&single).is_none(),
+            "INFO cluster not permitted"
+        );
+        single.cluster = bulk(b"# Cluster\r\ncluster_enabled:1\r\n");
+        let refusal = single_on_cluster(&single).map(|r| r.message);
+        let message = refusal.as_deref().unwrap_or_default();
+        for part in [
+            "10.0.0.1:6379",
+            "cluster_enabled:1",
+            "MOVED",
+            "connect_cluster",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
         }
     }
 
