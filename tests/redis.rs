@@ -481,6 +481,17 @@ async fn garbage_under_the_prefix_is_an_error_and_left_alone() {
                     msg.contains(&name) && msg.contains("not an idem record"),
                     "{what}: {msg}"
                 );
+                // Who wrote it: not idem; the prefix is shared with another program.
+                assert!(
+                    msg.contains("another program") && msg.contains(&format!("{prefix:?}")),
+                    "{what}: {msg}"
+                );
+                let kind = match *what {
+                    "a string" => "holds a string (not a hash)",
+                    "a list" => "holds a list (not a hash)",
+                    _ => "holds a",
+                };
+                assert!(msg.contains(kind), "{what}: {msg}");
             }
             other => panic!("{what}: expected Error::Store, got {other:?}"),
         }
@@ -2092,5 +2103,136 @@ mod outages {
             other => panic!("DBSIZE: {other:?}"),
         };
         assert_eq!(keys(&b), 0, "a claim was written on B");
+    }
+}
+
+/// Servers whose ACL does not let the store's user do what it needs: the error names the command
+/// or the key refused and the rule to add, and no ACL refusal is taken for a foreign value.
+mod acl {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use idem::store::redis::IfUnsafe;
+    use idem::{Error, Idempotent, RedisStore};
+
+    use super::support::LogCapture;
+    use super::{RedisServer, fresh_prefix};
+
+    /// A user `name` on `server` with `rules` after `on >pw`, and its URL.
+    fn user(server: &RedisServer, name: &str, rules: &[&str]) -> String {
+        let mut args = vec!["ACL", "SETUSER", name, "on", ">pw"];
+        args.extend_from_slice(rules);
+        let reply = server.cmd(&args);
+        assert!(
+            matches!(reply, super::Resp::Simple(ref ok) if ok == "OK"),
+            "{reply:?}"
+        );
+        format!("redis://{name}:pw@127.0.0.1:{}/", server.port())
+    }
+
+    async fn connect(url: &str, prefix: &str) -> Result<RedisStore, Error> {
+        RedisStore::builder()
+            .prefix(prefix)
+            .if_not_persistent(IfUnsafe::Accept)
+            .connect(url)
+            .await
+    }
+
+    /// One call's error, with the body never run.
+    async fn call_error(store: &RedisStore) -> String {
+        let runs = AtomicUsize::new(0);
+        let result = Idempotent::new(store, 7u32)
+            .name("acl")
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(7u32)
+            })
+            .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no body runs unclaimed");
+        match result {
+            Err(Error::Store(err)) => err.to_string(),
+            other => panic!("expected Error::Store, got {other:?}"),
+        }
+    }
+
+    fn assert_says(message: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(message.contains(part), "{part:?} missing from: {message}");
+        }
+    }
+
+    /// `NOPERM` for a command the store sends, for the keys under its prefix, and for the
+    /// scripts' `SCRIPT LOAD` at connect: each error names what was refused and the rule.
+    #[tokio::test]
+    async fn a_noperm_reply_names_the_command_or_key_and_the_rule_to_add() {
+        let server = RedisServer::start();
+
+        let url = user(&server, "noevalsha", &["~*", "+@all", "-evalsha"]);
+        let store = connect(&url, &fresh_prefix("acl")).await.expect("connect");
+        let message = call_error(&store).await;
+        assert_says(
+            &message,
+            &["NOPERM", "EVALSHA", "ACL SETUSER noevalsha +evalsha"],
+        );
+
+        let url = user(&server, "otherkeys", &["~other:*", "+@all"]);
+        let prefix = fresh_prefix("acl");
+        let store = connect(&url, &prefix).await.expect("connect");
+        let message = call_error(&store).await;
+        let record = store.record_name(&idem::Key::new("acl", &7u32));
+        assert_says(
+            &message,
+            &[
+                "NOPERM",
+                &record,
+                &format!("ACL SETUSER otherkeys ~{prefix}*"),
+            ],
+        );
+        assert!(!message.contains("not an idem record"), "{message}");
+
+        let url = user(&server, "noload", &["~*", "+@all", "-script|load"]);
+        match connect(&url, &fresh_prefix("acl")).await {
+            Ok(_) => panic!("connect without SCRIPT LOAD must fail"),
+            Err(err) => assert_says(
+                &err.to_string(),
+                &["NOPERM", "SCRIPT|LOAD", "ACL SETUSER noload +script|load"],
+            ),
+        }
+    }
+
+    /// A command a script runs on the record, refused by the ACL: Redis does not name it, the
+    /// error does (the store asks the server which ones the user may not run). `HMGET` refused
+    /// used to read as "the key holds not a hash".
+    #[tokio::test]
+    async fn a_command_refused_inside_a_script_is_named_with_its_rule() {
+        let server = RedisServer::start();
+        for (name, denied) in [("nohset", "hset"), ("nohmget", "hmget")] {
+            let minus = format!("-{denied}");
+            let url = user(&server, name, &["~*", "+@all", &minus]);
+            let store = connect(&url, &fresh_prefix("acl")).await.expect("connect");
+            let message = call_error(&store).await;
+            assert_says(
+                &message,
+                &[
+                    &denied.to_ascii_uppercase(),
+                    &format!("ACL SETUSER {name} +{denied}"),
+                ],
+            );
+            assert!(!message.contains("not an idem record"), "{message}");
+        }
+    }
+
+    /// `CONFIG GET` refused: the warning that the settings could not be checked says which rule
+    /// lets the store read them.
+    #[tokio::test]
+    async fn config_refused_by_the_acl_is_a_warning_with_the_rule() {
+        let logs = LogCapture::install();
+        let server = RedisServer::start();
+        let url = user(&server, "noconfig", &["~*", "+@all", "-config"]);
+        let store = connect(&url, &fresh_prefix("acl")).await.expect("connect");
+        drop(store);
+        assert_says(
+            &logs.text(),
+            &["no permissions", "ACL SETUSER <user> +config|get"],
+        );
     }
 }

@@ -32,7 +32,8 @@ use crate::record::{Claim, Completed, Completion, Token};
 /// expiry and well-formed fields. `load(key, with_value)` returns `nil` for no record,
 /// `false, why` for a value that is not an idem record (left untouched by every script), or a
 /// table `{state, token, fp, ttl, grace, value}`. It costs two commands on the hot paths (`HMGET`
-/// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`): each
+/// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`; any other
+/// error of `HMGET` is raised): each
 /// `redis.call` is several microseconds of server time, and the replay benchmark showed five.
 ///
 /// A running record lives `grace` milliseconds past its lease (see [`RedisStore`], "Records"):
@@ -46,7 +47,11 @@ local function load(key, with_value)
   else
     f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace')
   end
-  if f.err then return false, 'not a hash' end
+  if f.err then
+    -- WRONGTYPE: a value of another type. Anything else (an ACL that denies HMGET) is an error.
+    if not string.find(f.err, 'WRONGTYPE', 1, true) then error(f) end
+    return false, 'a ' .. redis.call('TYPE', key).ok .. ' (not a hash)'
+  end
   if not f[1] and not f[2] and not f[3] and not f[4] then
     if redis.call('EXISTS', key) == 0 then return nil end
     return false, 'a hash without the idem record marker (idem = 1)'
@@ -366,9 +371,16 @@ pub use super::IfUnsafe;
 ///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
 ///   claim is left to its lease.
 /// - A value under the prefix that is not an idem record (another type, a hash without the
-///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] and is left untouched,
-///   by every operation, [`Store::remove`] included: delete it by hand if it is garbage. A
-///   stored result that does not decode is reported by the executor as [`Error::Codec`].
+///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] naming the key and what
+///   it holds: another program writes under the same prefix. It is left untouched, by every
+///   operation, [`Store::remove`] included: give the store a prefix of its own, or delete it by
+///   hand if it is garbage. A stored result that does not decode is reported by the executor as
+///   [`Error::Codec`].
+/// - An ACL that refuses the store's user a command or a key (`NOPERM`, or a command a script
+///   runs) gives [`Error::Store`] naming the command or the key and the rule to add (`ACL
+///   SETUSER <user> +evalsha`, `~<prefix>*`). The store sends `EVALSHA`, `EVAL`, `SCRIPT LOAD`,
+///   `INFO` and `CONFIG GET`; its scripts run `HMGET`, `EXISTS`, `PTTL`, `HEXISTS`, `HSET`,
+///   `HDEL`, `PEXPIRE`, `DEL` and `TYPE` on the keys under its prefix.
 ///
 /// Create the store inside the tokio runtime that uses it: the connection's I/O runs on that
 /// runtime. The store is cheap to clone; clones share the connection.
@@ -481,6 +493,13 @@ impl RedisStoreBuilder {
     pub async fn connect_client(self, client: Client) -> Result<RedisStore, Error> {
         require_tokio("connect")?;
         let server = client.get_connection_info().addr().to_string();
+        // Without a user name, Redis authenticates the `default` user.
+        let user = client
+            .get_connection_info()
+            .redis_settings()
+            .username()
+            .unwrap_or("default")
+            .to_owned();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -499,7 +518,7 @@ impl RedisStoreBuilder {
             load.exec_async(&mut conn).await?;
             Ok::<_, RedisError>(Conn::Single(conn))
         };
-        self.finish(connect, server).await
+        self.finish(connect, server, user).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; the
@@ -550,7 +569,8 @@ impl RedisStoreBuilder {
             }
             Ok::<_, RedisError>(Conn::Cluster(conn))
         };
-        self.finish(connect, "the cluster".to_owned()).await
+        self.finish(connect, "the cluster".to_owned(), "<user>".to_owned())
+            .await
     }
 
     /// Connects, then checks the server's settings: both within the timeout.
@@ -558,10 +578,19 @@ impl RedisStoreBuilder {
         self,
         connect: impl Future<Output = RedisResult<Conn>>,
         server: String,
+        user: String,
     ) -> Result<RedisStore, Error> {
         let timeout = self.timeout;
         let work = async {
-            let conn = connect.await.map_err(|source| failure("connect", source))?;
+            let conn = match connect.await {
+                Ok(conn) => conn,
+                Err(source) => {
+                    return Err(match acl_denial(&source, &user, &self.prefix, None) {
+                        Some(denied) => denied.into_error("connect", source),
+                        None => failure("connect", source),
+                    });
+                }
+            };
             let store = RedisStore {
                 conn,
                 prefix: Arc::from(self.prefix),
@@ -569,6 +598,7 @@ impl RedisStoreBuilder {
                 max_poll_interval: self.max_poll_interval,
                 health: Arc::new(Health {
                     server,
+                    user,
                     if_evicting: self.if_evicting,
                     if_not_persistent: self.if_not_persistent,
                     recheck: Recheck::default(),
@@ -653,6 +683,8 @@ const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 struct Health {
     /// The server the store connected to, for messages.
     server: String,
+    /// The ACL user the store connects as, for messages (`<user>` where unknown).
+    user: String,
     if_evicting: IfUnsafe,
     if_not_persistent: IfUnsafe,
     /// Whether the settings must be read again before the next operation: after a connection
@@ -841,11 +873,20 @@ impl Finding {
                 }
                 m
             }
-            Risk::Unreadable => format!(
-                "could not read the settings of Redis at {addr} ({detail}): idem cannot check \
-                 that maxmemory-policy is noeviction and that appendonly is yes; make sure they \
-                 are (CONFIG GET is renamed away or not permitted, as on some managed services)"
-            ),
+            Risk::Unreadable => {
+                let mut m = format!(
+                    "could not read the settings of Redis at {addr} ({detail}): idem cannot \
+                     check that maxmemory-policy is noeviction and that appendonly is yes; make \
+                     sure they are (CONFIG GET is renamed away or not permitted, as on some \
+                     managed services)"
+                );
+                if detail.contains("NOPERM") || detail.contains("no permissions") {
+                    m.push_str(
+                        ", or let the store's ACL user read them: ACL SETUSER <user> +config|get",
+                    );
+                }
+                m
+            }
         }
     }
 }
@@ -1155,7 +1196,7 @@ impl RedisStore {
     /// Runs one command against the server within the timeout; a command that fails on a broken
     /// connection is sent once more (the connection manager has started to reconnect by then),
     /// after the server's settings are read again.
-    async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, Error>
+    async fn run<T, F, Fut>(&self, op: &'static str, name: &str, attempt: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -1163,15 +1204,18 @@ impl RedisStore {
         require_tokio(op)?;
         let work = async {
             self.settle(op).await?;
-            match attempt(self.conn.clone()).await {
+            let result = match attempt(self.conn.clone()).await {
                 Err(err) if is_connection_error(&err) => {
                     self.health.recheck.ask();
                     self.settle(op).await?;
                     attempt(self.conn.clone()).await
                 }
                 other => other,
+            };
+            match result {
+                Ok(reply) => Ok(reply),
+                Err(err) => Err(self.failed(op, name, err).await),
             }
-            .map_err(|err| self.failed(op, err))
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
@@ -1182,16 +1226,38 @@ impl RedisStore {
         }
     }
 
-    /// The error of a failed command; a failure that may mean another server asks for its
-    /// settings to be read again.
-    fn failed(&self, op: &'static str, err: RedisError) -> Error {
+    /// The error of a failed command on the record `name`; a failure that may mean another
+    /// server asks for its settings to be read again. An ACL's refusal names what it refused
+    /// and the rule to add: a command that a script ran is found by asking the server which of
+    /// the scripts' commands the user may not run (Redis does not name it).
+    async fn failed(&self, op: &'static str, name: &str, err: RedisError) -> Error {
         if is_connection_error(&err) || err.is_cluster_error() {
             self.health.recheck.ask();
         }
         if err.code() == Some("OOM") {
             return Error::store(OutOfMemory { op, source: err });
         }
+        let user = &self.health.user;
+        if let Some(denied) = acl_denial(&err, user, &self.prefix, Some(name)) {
+            return denied.into_error(op, err);
+        }
+        if is_script_acl_denial(&err) {
+            let denied = self.denied_script_commands(name).await;
+            return Denied::ScriptCommands(denied).into_error_for(op, user, err);
+        }
         failure(op, err)
+    }
+
+    /// Which of the commands the scripts run on a record the user may not run on `name`
+    /// (`redis.acl_check_cmd`, Redis 7); all of them if the server cannot say.
+    async fn denied_script_commands(&self, name: &str) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(ACL_PROBE).arg(1).arg(name);
+        match cmd.query_async::<Vec<String>>(&mut conn).await {
+            Ok(denied) if !denied.is_empty() => denied,
+            _ => SCRIPT_COMMANDS.iter().map(|c| (*c).to_owned()).collect(),
+        }
     }
 
     /// Runs one of our scripts on the record of `key` ([`ScriptCall::send`]); `foreign` replies
@@ -1212,7 +1278,7 @@ impl RedisStore {
             recheck: &self.health.recheck,
         };
         let call = &call;
-        let reply: Value = self.run(op, move |conn| call.send(conn)).await?;
+        let reply: Value = self.run(op, name, move |conn| call.send(conn)).await?;
         let items = match reply {
             Value::Array(items) if !items.is_empty() => items,
             other => return Err(bad_reply(op, &other)),
@@ -1225,6 +1291,7 @@ impl RedisStore {
                 .unwrap_or_default();
             return Err(Error::store(Foreign {
                 name: name.to_owned(),
+                prefix: self.prefix.to_string(),
                 reason,
             }));
         }
@@ -1749,7 +1816,15 @@ fn is_connection_error(err: &RedisError) -> bool {
 /// Whether a failed operation certainly wrote nothing (so a claim it was need not be released).
 fn wrote_nothing(err: &Error) -> bool {
     match err {
-        Error::Store(source) => source.is::<Foreign>() || source.is::<Unsafe>(),
+        Error::Store(source) => {
+            source.is::<Foreign>()
+                || source.is::<Unsafe>()
+                // Refused before the script ran; a command refused inside the script may come
+                // after one of its writes.
+                || source.downcast_ref::<AclRefused>().is_some_and(|acl| {
+                    matches!(acl.denied, Denied::Command(_) | Denied::Key { .. })
+                })
+        }
         _ => false,
     }
 }
@@ -1902,6 +1977,8 @@ impl std::error::Error for NoRuntime {}
 #[derive(Debug)]
 struct Foreign {
     name: String,
+    prefix: String,
+    /// What the key holds, as the script saw it.
     reason: String,
 }
 
@@ -1909,10 +1986,165 @@ impl fmt::Display for Foreign {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the Redis key {} holds {}, not an idem record; it was left untouched (delete it by \
-             hand if it is garbage)",
-            self.name, self.reason
+            "the Redis key {} holds {}, not an idem record: something other than idem wrote it, \
+             so the prefix {:?} is shared with another program. It was left untouched; give \
+             this store a prefix of its own (RedisStoreBuilder::prefix), or delete the key by \
+             hand if it is garbage",
+            self.name, self.reason, self.prefix
         )
+    }
+}
+
+/// What an ACL refused (`NOPERM`, or a command a script ran).
+#[derive(Debug)]
+enum Denied {
+    /// A command the store sends (lowercase, as in an ACL rule: `evalsha`, `script|load`).
+    Command(String),
+    /// The record's key (or, at connect, a key under the prefix).
+    Key {
+        name: Option<String>,
+        prefix: String,
+    },
+    /// Commands that the scripts run on a record (lowercase).
+    ScriptCommands(Vec<String>),
+}
+
+/// The commands the scripts run on a record, for an ACL rule.
+const SCRIPT_COMMANDS: [&str; 9] = [
+    "hmget", "exists", "pttl", "hexists", "hset", "hdel", "pexpire", "del", "type",
+];
+
+/// Returns which of the scripts' commands the user may not run on `KEYS[1]`.
+const ACL_PROBE: &str = r#"
+local denied = {}
+local probes = {
+  {'HMGET', KEYS[1], 'f'}, {'EXISTS', KEYS[1]}, {'PTTL', KEYS[1]}, {'HEXISTS', KEYS[1], 'f'},
+  {'HSET', KEYS[1], 'f', 'v'}, {'HDEL', KEYS[1], 'f'}, {'PEXPIRE', KEYS[1], '1'},
+  {'DEL', KEYS[1]}, {'TYPE', KEYS[1]}
+}
+for _, p in ipairs(probes) do
+  if not redis.acl_check_cmd(unpack(p)) then table.insert(denied, string.lower(p[1])) end
+end
+return denied
+"#;
+
+/// What a `NOPERM` reply refused, if it is one: `user` and `prefix` make the rule, `name` is
+/// the record the command was about.
+fn acl_denial(err: &RedisError, user: &str, prefix: &str, name: Option<&str>) -> Option<AclDenied> {
+    if err.code() != Some("NOPERM") {
+        return None;
+    }
+    let text = err
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| err.to_string());
+    let denied = if text.contains("keys") {
+        Denied::Key {
+            name: name.map(str::to_owned),
+            prefix: prefix.to_owned(),
+        }
+    } else {
+        let command = text
+            .split('\'')
+            .nth(1)
+            .filter(|c| !c.is_empty())
+            .unwrap_or("?")
+            .to_ascii_lowercase();
+        Denied::Command(command)
+    };
+    Some(AclDenied {
+        denied,
+        user: user.to_owned(),
+    })
+}
+
+/// Whether a script failed because the ACL denies a command it ran (Redis 7 says so with
+/// `ERR`, not `NOPERM`, and does not name the command).
+fn is_script_acl_denial(err: &RedisError) -> bool {
+    let text = err
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| err.to_string());
+    text.contains("can't run this command or subcommand")
+}
+
+/// An ACL refusal and the user it refused.
+struct AclDenied {
+    denied: Denied,
+    user: String,
+}
+
+impl AclDenied {
+    fn into_error(self, op: &'static str, source: RedisError) -> Error {
+        self.denied.into_error_for(op, &self.user, source)
+    }
+}
+
+impl Denied {
+    fn into_error_for(self, op: &'static str, user: &str, source: RedisError) -> Error {
+        Error::store(AclRefused {
+            op,
+            user: user.to_owned(),
+            denied: self,
+            source,
+        })
+    }
+}
+
+/// Redis's ACL refused a command or a key the store needs.
+#[derive(Debug)]
+struct AclRefused {
+    op: &'static str,
+    user: String,
+    denied: Denied,
+    source: RedisError,
+}
+
+impl fmt::Display for AclRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (op, user) = (self.op, &self.user);
+        match &self.denied {
+            Denied::Command(command) => write!(
+                f,
+                "Redis refused the {op}: the ACL of user {user} does not allow the command \
+                 {} (NOPERM). Add it: ACL SETUSER {user} +{command} (idem sends EVALSHA, EVAL, \
+                 SCRIPT LOAD, INFO and CONFIG GET: +evalsha +eval +script|load +info \
+                 +config|get)",
+                command.to_ascii_uppercase()
+            ),
+            Denied::Key { name, prefix } => {
+                write!(
+                    f,
+                    "Redis refused the {op}: the ACL of user {user} does not allow "
+                )?;
+                match name {
+                    Some(name) => write!(f, "the key {name}")?,
+                    None => write!(f, "the keys under the prefix {prefix:?}")?,
+                }
+                write!(
+                    f,
+                    " (NOPERM). Add the rule: ACL SETUSER {user} ~{prefix}* (idem reads and \
+                     writes every key under its prefix)"
+                )
+            }
+            Denied::ScriptCommands(commands) => {
+                let names: Vec<String> = commands.iter().map(|c| c.to_ascii_uppercase()).collect();
+                let rules: Vec<String> = commands.iter().map(|c| format!("+{c}")).collect();
+                write!(
+                    f,
+                    "Redis refused the {op}: the ACL of user {user} does not allow {}, which \
+                     idem's scripts run on its records. Add it: ACL SETUSER {user} {}",
+                    names.join(", "),
+                    rules.join(" ")
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for AclRefused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -2211,7 +2443,8 @@ mod tests {
         );
         assert!(!worth_retrying(&Error::store(Foreign {
             name: "k".into(),
-            reason: "not a hash".into()
+            prefix: "idem:".into(),
+            reason: "a string (not a hash)".into()
         })));
         assert!(wrote_nothing(&Error::store(Unsafe {
             message: "x".into()
