@@ -2236,3 +2236,163 @@ mod acl {
         );
     }
 }
+
+/// Review findings 6 and 7, checked on Redis: the 10 ms minimum lease keeps a herd of callers
+/// with a 1 ms lease out of a live holder's body, and a server that hangs while a result is
+/// stored holds the call up for one store timeout, not two.
+mod bounds {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use idem::store::redis::IfUnsafe;
+    use idem::{Error, Idempotent, Key, OnConflict, RedisStore};
+
+    use super::{RedisServer, Resp, fresh_prefix};
+
+    /// What a herd on one key did: the most bodies running at once, how many ran, how many
+    /// distinct values the callers got, and the record's `grace` field (the granted lease, in
+    /// ms) as the first body saw it.
+    struct Herd {
+        most: usize,
+        runs: usize,
+        values: usize,
+        grace: Option<Resp>,
+    }
+
+    /// Twelve callers of one key with a 1 ms lease and a 60 ms body.
+    async fn herd(store: &Arc<RedisStore>, key: &str) -> Herd {
+        let server = RedisServer::shared();
+        let name = store.record_name(&Key::new("herd", key));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let grace = Arc::new(std::sync::Mutex::new(None));
+        let mut tasks = Vec::new();
+        for i in 0..12usize {
+            let (store, running, most, runs) =
+                (store.clone(), running.clone(), most.clone(), runs.clone());
+            let (grace, name, key) = (grace.clone(), name.clone(), key.to_owned());
+            tasks.push(tokio::spawn(async move {
+                Idempotent::new(&*store, key.as_str())
+                    .name("herd")
+                    .lease(Duration::from_millis(1))
+                    .wait_timeout(Duration::from_secs(30))
+                    .on_conflict(OnConflict::Wait)
+                    .run(|| async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        let field = tokio::task::spawn_blocking(move || {
+                            server.cmd(&["HGET", &name, "grace"])
+                        })
+                        .await
+                        .expect("HGET");
+                        grace
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(field);
+                        tokio::time::sleep(Duration::from_millis(60)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, Error>(i)
+                    })
+                    .await
+            }));
+        }
+        let mut values = std::collections::BTreeSet::new();
+        for task in tasks {
+            values.insert(task.await.expect("task").expect("every call succeeds"));
+        }
+        let grace = grace.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Herd {
+            most: most.load(Ordering::SeqCst),
+            runs: runs.load(Ordering::SeqCst),
+            values: values.len(),
+            grace,
+        }
+    }
+
+    /// Review finding 6: with leases of 1 or 2 ms, the record lapsed between two renewals
+    /// (renewed every millisecond at best) and callers waiting on the key took it over while
+    /// its holder was running and renewing: bodies ran side by side, every time. A lease is at
+    /// least 10 ms, renewed every 3.3 ms: the claim's record says 10, and a herd on one key with
+    /// a 1 ms lease runs one body at a time, and once.
+    ///
+    /// A 10 ms lease is still lost by a process that stalls for more than its slack (about 7 ms),
+    /// which a machine shared with builds does now and then: the herd gets three tries, and
+    /// must run one body at a time in one of them (with the old 1 ms floor, it never does).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_of_one_millisecond_is_ten_and_no_body_runs_beside_a_live_holder() {
+        let store = Arc::new(
+            RedisStore::builder()
+                .prefix(fresh_prefix("min-lease"))
+                .if_not_persistent(IfUnsafe::Accept)
+                .connect(&RedisServer::shared().url())
+                .await
+                .expect("connect"),
+        );
+        let mut tries = Vec::new();
+        for attempt in 0..3 {
+            let herd = herd(&store, &format!("herd {attempt}")).await;
+            assert_eq!(
+                herd.grace,
+                Some(Resp::Bulk(Some(b"10".to_vec()))),
+                "the claim was granted a 10 ms lease"
+            );
+            if (herd.most, herd.runs, herd.values) == (1, 1, 1) {
+                return;
+            }
+            tries.push((herd.most, herd.runs, herd.values));
+        }
+        panic!(
+            "in every try, bodies ran side by side or again (most at once, runs, distinct \
+             values): {tries:?}"
+        );
+    }
+
+    /// Review finding 7: a server that hangs (SIGSTOP) as the body returns used to hold the
+    /// call up for twice the store's timeout while the result was stored. The call returns the
+    /// body's value within about one timeout (the result is stored in the background once the
+    /// server answers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_hung_during_the_completion_holds_the_call_for_one_timeout() {
+        let server = RedisServer::start();
+        let timeout = Duration::from_millis(600);
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("hung-complete"))
+            .timeout(timeout)
+            .if_not_persistent(IfUnsafe::Accept)
+            .connect(&server.url())
+            .await
+            .expect("connect");
+        let pid = server.pid().to_string();
+        let signal = |sig: &str| {
+            let status = std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {sig}");
+        };
+        let returned = std::sync::Mutex::new(None);
+        let outcome = Idempotent::new(&store, "hung")
+            .name("test")
+            .run_with_outcome(|| async {
+                signal("-STOP");
+                *returned.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                Ok::<_, Error>(5u8)
+            })
+            .await;
+        let took = returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed());
+        signal("-CONT");
+        let outcome = outcome.expect("the body ran: its value is returned");
+        assert_eq!((outcome.value, outcome.expires_in), (5, None));
+        let took = took.expect("the body ran");
+        assert!(
+            took >= timeout && took < timeout + Duration::from_millis(400),
+            "from the body's return to the call's: {took:?}, the store's timeout is {timeout:?}"
+        );
+    }
+}
