@@ -2038,7 +2038,9 @@ fn acl_denial(err: &RedisError, user: &str, prefix: &str, name: Option<&str>) ->
         .detail()
         .map(str::to_owned)
         .unwrap_or_else(|| err.to_string());
-    let denied = if text.contains("keys") {
+    // "no permissions to access one of the keys used as arguments"; a command reads "no
+    // permissions to run the 'evalsha' command".
+    let denied = if text.contains("access one of the keys") {
         Denied::Key {
             name: name.map(str::to_owned),
             prefix: prefix.to_owned(),
