@@ -246,13 +246,16 @@ impl Reply {
     }
 
     /// The headers a replay must repeat: all but the ones the server sets per message (and
-    /// `Age`, which a replay adds).
+    /// `Age` and `Idempotent-Expires-In`, which a replay computes anew).
     fn stable_headers(&self) -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<_> = self
             .headers
             .iter()
             .filter(|(name, _)| {
-                *name != header::DATE && *name != IDEMPOTENT_REPLAYED && *name != header::AGE
+                *name != header::DATE
+                    && *name != IDEMPOTENT_REPLAYED
+                    && *name != header::AGE
+                    && *name != IDEMPOTENT_EXPIRES_IN
             })
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect();
