@@ -2247,3 +2247,62 @@ async fn stored_responses_and_replays_say_when_the_record_expires() {
     assert!(!failed.headers.contains_key(IDEMPOTENT_EXPIRES_IN));
     assert_eq!(server.shared.calls(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The second hostile review (scratch harness in review-http2)
+
+/// How a raw exchange ended.
+#[derive(Debug, PartialEq)]
+enum Ended {
+    /// The server closed (or reset) the connection.
+    Closed,
+    /// Nothing more came for a second, the connection still open.
+    Open,
+}
+
+/// Sends `raw` on a new connection and reads what comes back until the server closes the
+/// connection or a second passes without a byte.
+async fn raw_exchange(server: &Server, raw: &[u8]) -> (String, Ended) {
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    conn.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Ended::Closed,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break Ended::Open,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), ended)
+}
+
+/// Round 2, finding 1: a response body that fails mid-way reaches the client as a broken
+/// response (chunked, cut off before its last chunk, the connection closed), as it does without
+/// the layer, never as a complete `2xx` whose `Content-Length` matches the part that was sent.
+#[tokio::test]
+async fn a_response_body_that_fails_midway_reaches_the_client_broken() {
+    let server = serve(layer()).await;
+    let raw = format!(
+        "POST /failbody HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: fb\r\nAuthorization: {CREDENTIALS}\r\n\
+         Content-Length: 1\r\n\r\nx",
+        server.addr
+    );
+    for run in 1..=2 {
+        let (response, ended) = raw_exchange(&server, raw.as_bytes()).await;
+        let lower = response.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{response:?}");
+        assert!(
+            lower.contains("idempotent-not-stored: body-error"),
+            "{response:?}"
+        );
+        assert!(lower.contains(&format!("run {run}, part")), "{response:?}");
+        // Not framed as complete: no length to match, no last chunk, and the connection ends.
+        assert!(!lower.contains("content-length"), "{response:?}");
+        assert!(lower.contains("transfer-encoding: chunked"), "{response:?}");
+        assert!(!response.ends_with("0\r\n\r\n"), "{response:?}");
+        assert_eq!(ended, Ended::Closed, "{response:?}");
+        // Not stored: the retry runs the handler again.
+        assert_eq!(server.shared.calls(), run);
+    }
+}

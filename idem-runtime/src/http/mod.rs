@@ -129,9 +129,15 @@
 //!   is not stored either (never truncated): it is passed through whole, with
 //!   `Idempotent-Not-Stored: too-large` and a `tracing` warning (target `idem`), and a retry runs
 //!   the handler again. Raise the limit for endpoints with large responses.
-//! - A handler that fails (its service returns an error, or its body fails) stores nothing.
+//! - A handler that fails stores nothing. When its service returns an error, the error goes
+//!   to the server. When its response body fails while the layer reads it, the response is
+//!   sent as far as it went, with `Idempotent-Not-Stored: body-error` and a `tracing` warning,
+//!   and then broken off as it would be without the layer: it is sent without a length
+//!   (chunked), and the server closes the connection before its end, so the client can tell it
+//!   is incomplete.
 //!
-//! A response that is not stored frees its key: the retry runs the handler.
+//! A response that is not stored (`5xx`, refused by the policy, too large, or a body that
+//! failed) frees its key: **the retry runs the handler again**.
 //!
 //! # Vary and content negotiation
 //!
