@@ -2306,3 +2306,156 @@ async fn a_response_body_that_fails_midway_reaches_the_client_broken() {
         assert_eq!(server.shared.calls(), run);
     }
 }
+
+/// The head of a keyed `POST /orders` from client `client` (`X-Client`), with `framing`
+/// (`Content-Length: n` or `Transfer-Encoding: chunked`).
+fn upload_head(server: &Server, client: &str, key: &str, framing: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: {key}\r\nX-Client: {client}\r\n\
+         {framing}\r\n\r\n",
+        server.addr
+    )
+}
+
+/// One chunk of a chunked upload.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads a response head (up to the blank line) from `conn`.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn is_quota_refusal(response: &str) -> bool {
+    let lower = response.to_ascii_lowercase();
+    lower.starts_with("http/1.1 429 ")
+        && lower.contains("retry-after: 1\r\n")
+        && lower.contains("#idempotency-quota-exceeded")
+}
+
+/// Round 2, finding 2: a client's keyed uploads are held against its byte bound from before
+/// their bodies are read (at their `Content-Length`), so uploads that stall before their last
+/// byte cannot pile up: one more is refused at once, another client is still served, and the
+/// stalled ones run when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_stall_before_their_last_byte_are_held_against_their_client() {
+    const BODY: usize = 100_000;
+    const STALLED: usize = 3;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_bytes_per_client(STALLED * BODY);
+    let server = serve(idempotency.clone()).await;
+    let usage = || idempotency.client_usage("mallory");
+    let length = format!("Content-Length: {BODY}");
+    let body = vec![b'x'; BODY];
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = upload_head(&server, "mallory", &format!("up-{i}"), &length);
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&body[..BODY - 1]).await.unwrap();
+        stalled.push(conn);
+    }
+    let held = eventually(|| usage().buffered_bytes == STALLED * BODY).await;
+    assert!(held, "{:?}", usage());
+
+    // One more is refused from its head alone, not a byte of its body sent...
+    let head = upload_head(&server, "mallory", "up-more", &length);
+    let (refused, _) = raw_exchange(&server, head.as_bytes()).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    // ... and so is a chunked one, at its first chunk.
+    let mut raw = upload_head(
+        &server,
+        "mallory",
+        "up-chunked",
+        "Transfer-Encoding: chunked",
+    )
+    .into_bytes();
+    raw.extend(chunk(b"sixteen bytes!!!"));
+    let (refused, _) = raw_exchange(&server, &raw).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    assert_eq!(usage().buffered_bytes, STALLED * BODY);
+
+    // Another client is served.
+    let http = Http::new(&server);
+    let bob = http
+        .send(
+            Method::POST,
+            "/orders",
+            &[("idempotency-key", "b-1"), ("x-client", "bob")],
+            "x",
+        )
+        .await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{bob:?}");
+    assert_eq!(server.shared.calls(), 1);
+
+    // The stalled uploads end, and run.
+    for conn in &mut stalled {
+        conn.write_all(b"x").await.unwrap();
+    }
+    for conn in &mut stalled {
+        let head = read_head(conn).await;
+        assert!(head.starts_with("HTTP/1.1 201 "), "{head:?}");
+    }
+    assert_eq!(server.shared.calls(), 1 + STALLED);
+    assert!(
+        eventually(|| usage().buffered_bytes == 0).await,
+        "{:?}",
+        usage()
+    );
+}
+
+/// Round 2, finding 2: a chunked upload (no `Content-Length`) grows its client's hold chunk by
+/// chunk as it is read, and one that would take the client over its byte bound is refused
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_are_held_as_they_are_read() {
+    const BODY: usize = 100_000;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_bytes_per_client(3 * BODY);
+    let server = serve(idempotency.clone()).await;
+    let usage = || idempotency.client_usage("mallory");
+    let chunked = "Transfer-Encoding: chunked";
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut raw = upload_head(&server, "mallory", "c-1", chunked).into_bytes();
+    for _ in 0..2 {
+        raw.extend(chunk(&vec![b'x'; BODY]));
+    }
+    stalled.write_all(&raw).await.unwrap();
+    let held = eventually(|| usage().buffered_bytes == 2 * BODY).await;
+    assert!(held, "{:?}", usage());
+
+    // Another chunked upload fits until it takes the client past its bound.
+    let mut raw = upload_head(&server, "mallory", "c-2", chunked).into_bytes();
+    raw.extend(chunk(&vec![b'y'; BODY / 2]));
+    raw.extend(chunk(&vec![b'y'; BODY / 2 + 1]));
+    raw.extend(b"0\r\n\r\n");
+    let (refused, _) = raw_exchange(&server, &raw).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    assert_eq!(usage().buffered_bytes, 2 * BODY);
+    assert_eq!(server.shared.calls(), 0);
+
+    // The stalled one ends, and runs.
+    stalled.write_all(b"0\r\n\r\n").await.unwrap();
+    let head = read_head(&mut stalled).await;
+    assert!(head.starts_with("HTTP/1.1 201 "), "{head:?}");
+    assert_eq!(server.shared.calls(), 1);
+    assert!(
+        eventually(|| usage().buffered_bytes == 0).await,
+        "{:?}",
+        usage()
+    );
+}

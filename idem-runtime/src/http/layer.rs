@@ -173,8 +173,11 @@ impl IdempotencyLayer {
     /// gets `429` for new keys until its records expire.
     ///
     /// The same bound applies, separately, to the request bodies the layer holds for a
-    /// client's keyed requests at once (running, or waiting for another request with their key
-    /// with [`OnConflict::Wait`]): one more is answered `429` with `Retry-After: 1`.
+    /// client's keyed requests at once: being read (held at their `Content-Length` before the
+    /// first byte is read, or chunk by chunk as a body of unknown length comes), running, or
+    /// waiting for another request with their key with [`OnConflict::Wait`]. A request that
+    /// would take the client past it is answered `429` with `Retry-After: 1` at once, without
+    /// reading the rest of its body.
     pub fn max_bytes_per_client(self, bytes: usize) -> Self {
         self.with(|c| c.max_bytes_per_client = bytes)
     }

@@ -175,7 +175,8 @@
 //!
 //! To fingerprint a request the layer reads its whole body first, up to
 //! [`max_request_bytes`](IdempotencyLayer::max_request_bytes) (a larger one is answered `413`
-//! without running the handler; a `Content-Length` over the limit is refused before reading).
+//! without running the handler; a `Content-Length` over the limit is refused before reading),
+//! holding it against its client's byte quota from before it is read (see [Quotas](#quotas)).
 //! To store a response it reads its whole body before sending it, up to
 //! [`max_response_bytes`](IdempotencyLayer::max_response_bytes). Unguarded requests are not
 //! buffered. Do not guard streaming endpoints (server-sent events) with a key.
