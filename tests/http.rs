@@ -2459,3 +2459,28 @@ async fn chunked_uploads_are_held_as_they_are_read() {
         usage()
     );
 }
+
+/// Round 2, finding 3: `Age` on a replay is how long ago the response was stored, from the ttl
+/// the record was stored with: a deployment that changed the ttl (here from an hour to a day)
+/// replays a response stored a moment ago with an `Age` of about zero, not 23 hours.
+#[tokio::test]
+async fn age_is_counted_from_the_ttl_the_response_was_stored_with() {
+    let store = Arc::new(MemoryStore::new());
+    let before =
+        serve(IdempotencyLayer::new(Arc::clone(&store)).ttl(Duration::from_secs(3600))).await;
+    let after =
+        serve(IdempotencyLayer::new(Arc::clone(&store)).ttl(Duration::from_secs(86_400))).await;
+    let first = Http::new(&before).post("/orders", "ttl-change", "x").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let replay = Http::new(&after).post("/orders", "ttl-change", "x").await;
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(after.shared.calls(), 0);
+    let seconds = |name: &str| -> u64 { replay.headers[name].to_str().unwrap().parse().unwrap() };
+    assert!(seconds("age") <= 2, "{replay:?}");
+    // The record lives as long as it was stored for.
+    assert!(
+        (3590..3600).contains(&seconds("idempotent-expires-in")),
+        "{replay:?}"
+    );
+    assert_eq!(first.body, replay.body);
+}

@@ -398,7 +398,13 @@ where
                     // Counted at its real size: a response that ran is never refused for the
                     // quota.
                     reservation.settle(head_size.saturating_add(data.len()));
-                    Ok(StoredResponse::new(head, stored_head, data, trailers))
+                    Ok(StoredResponse::new(
+                        head,
+                        stored_head,
+                        data,
+                        trailers,
+                        config.ttl,
+                    ))
                 }
                 Buffered::TooLarge(body) => {
                     tracing::warn!(
@@ -435,13 +441,7 @@ where
         Ok(outcome) if outcome.status.is_replay() => {
             match outcome.value.vary_mismatch(&request_headers) {
                 Some(name) => Ok(variant_mismatch(name, &key)),
-                None => {
-                    // How long ago it was stored: the ttl it was stored with, less what is left.
-                    let age = outcome
-                        .expires_in
-                        .map(|left| config.ttl.saturating_sub(left));
-                    Ok(outcome.value.into_replay(age, outcome.expires_in))
-                }
+                None => Ok(outcome.value.into_replay(outcome.expires_in)),
             }
         }
         Ok(outcome) => Ok(outcome.value.into_first(outcome.expires_in)),
