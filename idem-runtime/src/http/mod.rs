@@ -136,6 +136,11 @@
 //! - A `5xx` response is never stored, whatever the policy: it is passed through as it is,
 //!   with `Idempotent-Not-Stored: server-error`, and a retry runs the handler again. A
 //!   response the policy refuses is passed through with `Idempotent-Not-Stored: policy`.
+//!   With [`OnConflict::Wait`](crate::OnConflict::Wait), duplicates sent while the first
+//!   request runs wait for it; when it answers `5xx` nothing is stored for them to get, so
+//!   each in turn takes the key and runs the handler itself: N duplicates of a request whose
+//!   handler answers `5xx` are N executions, one after another. With the default
+//!   [`OnConflict::Reject`](crate::OnConflict::Reject) they get `409` instead, and retry.
 //! - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
 //!   `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-Authenticate`,
 //!   `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is `Content-Length` (the
@@ -182,7 +187,13 @@
 //!   reach the quota;
 //! - **validation** that answers `400` or `422` before the handler: the same, for a retry that
 //!   fixes the request (it must use a new key anyway, as its fingerprint changed);
-//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation).
+//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation);
+//! - **timeouts** (tower-http's `TimeoutLayer` and the like): inside, a timeout cancels the
+//!   handler mid-way and answers `408 Request Timeout`, which is not stored (it means "not
+//!   executed, try again"), so the key is freed and **the retry runs the handler again**, after
+//!   the first run may have done part of its work. Outside, the timeout answers the client
+//!   `408` while the handler, in its own task, runs to completion and its response is stored:
+//!   the retry gets it, and the handler runs once.
 //!
 //! With axum, `router.layer(a).layer(b)` puts `b` outside `a`: add this layer first.
 //!
