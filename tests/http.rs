@@ -246,13 +246,16 @@ impl Reply {
     }
 
     /// The headers a replay must repeat: all but the ones the server sets per message (and
-    /// `Age`, which a replay adds).
+    /// `Age` and `Idempotent-Expires-In`, which a replay computes anew).
     fn stable_headers(&self) -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<_> = self
             .headers
             .iter()
             .filter(|(name, _)| {
-                *name != header::DATE && *name != IDEMPOTENT_REPLAYED && *name != header::AGE
+                *name != header::DATE
+                    && *name != IDEMPOTENT_REPLAYED
+                    && *name != header::AGE
+                    && *name != IDEMPOTENT_EXPIRES_IN
             })
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect();
@@ -2243,4 +2246,241 @@ async fn stored_responses_and_replays_say_when_the_record_expires() {
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!failed.headers.contains_key(IDEMPOTENT_EXPIRES_IN));
     assert_eq!(server.shared.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The second hostile review (scratch harness in review-http2)
+
+/// How a raw exchange ended.
+#[derive(Debug, PartialEq)]
+enum Ended {
+    /// The server closed (or reset) the connection.
+    Closed,
+    /// Nothing more came for a second, the connection still open.
+    Open,
+}
+
+/// Sends `raw` on a new connection and reads what comes back until the server closes the
+/// connection or a second passes without a byte.
+async fn raw_exchange(server: &Server, raw: &[u8]) -> (String, Ended) {
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    conn.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Ended::Closed,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break Ended::Open,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), ended)
+}
+
+/// Round 2, finding 1: a response body that fails mid-way reaches the client as a broken
+/// response (chunked, cut off before its last chunk, the connection closed), as it does without
+/// the layer, never as a complete `2xx` whose `Content-Length` matches the part that was sent.
+#[tokio::test]
+async fn a_response_body_that_fails_midway_reaches_the_client_broken() {
+    let server = serve(layer()).await;
+    let raw = format!(
+        "POST /failbody HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: fb\r\nAuthorization: {CREDENTIALS}\r\n\
+         Content-Length: 1\r\n\r\nx",
+        server.addr
+    );
+    for run in 1..=2 {
+        let (response, ended) = raw_exchange(&server, raw.as_bytes()).await;
+        let lower = response.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{response:?}");
+        assert!(
+            lower.contains("idempotent-not-stored: body-error"),
+            "{response:?}"
+        );
+        assert!(lower.contains(&format!("run {run}, part")), "{response:?}");
+        // Not framed as complete: no length to match, no last chunk, and the connection ends.
+        assert!(!lower.contains("content-length"), "{response:?}");
+        assert!(lower.contains("transfer-encoding: chunked"), "{response:?}");
+        assert!(!response.ends_with("0\r\n\r\n"), "{response:?}");
+        assert_eq!(ended, Ended::Closed, "{response:?}");
+        // Not stored: the retry runs the handler again.
+        assert_eq!(server.shared.calls(), run);
+    }
+}
+
+/// The head of a keyed `POST /orders` from client `client` (`X-Client`), with `framing`
+/// (`Content-Length: n` or `Transfer-Encoding: chunked`).
+fn upload_head(server: &Server, client: &str, key: &str, framing: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nHost: {}\r\nIdempotency-Key: {key}\r\nX-Client: {client}\r\n\
+         {framing}\r\n\r\n",
+        server.addr
+    )
+}
+
+/// One chunk of a chunked upload.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads a response head (up to the blank line) from `conn`.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn is_quota_refusal(response: &str) -> bool {
+    let lower = response.to_ascii_lowercase();
+    lower.starts_with("http/1.1 429 ")
+        && lower.contains("retry-after: 1\r\n")
+        && lower.contains("#idempotency-quota-exceeded")
+}
+
+/// Round 2, finding 2: a client's keyed uploads are held against its byte bound from before
+/// their bodies are read (at their `Content-Length`), so uploads that stall before their last
+/// byte cannot pile up: one more is refused at once, another client is still served, and the
+/// stalled ones run when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_stall_before_their_last_byte_are_held_against_their_client() {
+    const BODY: usize = 100_000;
+    const STALLED: usize = 3;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_bytes_per_client(STALLED * BODY);
+    let server = serve(idempotency.clone()).await;
+    let usage = || idempotency.client_usage("mallory");
+    let length = format!("Content-Length: {BODY}");
+    let body = vec![b'x'; BODY];
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = upload_head(&server, "mallory", &format!("up-{i}"), &length);
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&body[..BODY - 1]).await.unwrap();
+        stalled.push(conn);
+    }
+    let held = eventually(|| usage().buffered_bytes == STALLED * BODY).await;
+    assert!(held, "{:?}", usage());
+
+    // One more is refused from its head alone, not a byte of its body sent...
+    let head = upload_head(&server, "mallory", "up-more", &length);
+    let (refused, _) = raw_exchange(&server, head.as_bytes()).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    // ... and so is a chunked one, at its first chunk.
+    let mut raw = upload_head(
+        &server,
+        "mallory",
+        "up-chunked",
+        "Transfer-Encoding: chunked",
+    )
+    .into_bytes();
+    raw.extend(chunk(b"sixteen bytes!!!"));
+    let (refused, _) = raw_exchange(&server, &raw).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    assert_eq!(usage().buffered_bytes, STALLED * BODY);
+
+    // Another client is served.
+    let http = Http::new(&server);
+    let bob = http
+        .send(
+            Method::POST,
+            "/orders",
+            &[("idempotency-key", "b-1"), ("x-client", "bob")],
+            "x",
+        )
+        .await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{bob:?}");
+    assert_eq!(server.shared.calls(), 1);
+
+    // The stalled uploads end, and run.
+    for conn in &mut stalled {
+        conn.write_all(b"x").await.unwrap();
+    }
+    for conn in &mut stalled {
+        let head = read_head(conn).await;
+        assert!(head.starts_with("HTTP/1.1 201 "), "{head:?}");
+    }
+    assert_eq!(server.shared.calls(), 1 + STALLED);
+    assert!(
+        eventually(|| usage().buffered_bytes == 0).await,
+        "{:?}",
+        usage()
+    );
+}
+
+/// Round 2, finding 2: a chunked upload (no `Content-Length`) grows its client's hold chunk by
+/// chunk as it is read, and one that would take the client over its byte bound is refused
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_are_held_as_they_are_read() {
+    const BODY: usize = 100_000;
+    let idempotency = layer()
+        .scope_header(HeaderName::from_static("x-client"))
+        .max_bytes_per_client(3 * BODY);
+    let server = serve(idempotency.clone()).await;
+    let usage = || idempotency.client_usage("mallory");
+    let chunked = "Transfer-Encoding: chunked";
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut raw = upload_head(&server, "mallory", "c-1", chunked).into_bytes();
+    for _ in 0..2 {
+        raw.extend(chunk(&vec![b'x'; BODY]));
+    }
+    stalled.write_all(&raw).await.unwrap();
+    let held = eventually(|| usage().buffered_bytes == 2 * BODY).await;
+    assert!(held, "{:?}", usage());
+
+    // Another chunked upload fits until it takes the client past its bound.
+    let mut raw = upload_head(&server, "mallory", "c-2", chunked).into_bytes();
+    raw.extend(chunk(&vec![b'y'; BODY / 2]));
+    raw.extend(chunk(&vec![b'y'; BODY / 2 + 1]));
+    raw.extend(b"0\r\n\r\n");
+    let (refused, _) = raw_exchange(&server, &raw).await;
+    assert!(is_quota_refusal(&refused), "{refused:?}");
+    assert_eq!(usage().buffered_bytes, 2 * BODY);
+    assert_eq!(server.shared.calls(), 0);
+
+    // The stalled one ends, and runs.
+    stalled.write_all(b"0\r\n\r\n").await.unwrap();
+    let head = read_head(&mut stalled).await;
+    assert!(head.starts_with("HTTP/1.1 201 "), "{head:?}");
+    assert_eq!(server.shared.calls(), 1);
+    assert!(
+        eventually(|| usage().buffered_bytes == 0).await,
+        "{:?}",
+        usage()
+    );
+}
+
+/// Round 2, finding 3: `Age` on a replay is how long ago the response was stored, from the ttl
+/// the record was stored with: a deployment that changed the ttl (here from an hour to a day)
+/// replays a response stored a moment ago with an `Age` of about zero, not 23 hours.
+#[tokio::test]
+async fn age_is_counted_from_the_ttl_the_response_was_stored_with() {
+    let store = Arc::new(MemoryStore::new());
+    let before =
+        serve(IdempotencyLayer::new(Arc::clone(&store)).ttl(Duration::from_secs(3600))).await;
+    let after =
+        serve(IdempotencyLayer::new(Arc::clone(&store)).ttl(Duration::from_secs(86_400))).await;
+    let first = Http::new(&before).post("/orders", "ttl-change", "x").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let replay = Http::new(&after).post("/orders", "ttl-change", "x").await;
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(after.shared.calls(), 0);
+    let seconds = |name: &str| -> u64 { replay.headers[name].to_str().unwrap().parse().unwrap() };
+    assert!(seconds("age") <= 2, "{replay:?}");
+    // The record lives as long as it was stored for.
+    assert!(
+        (3590..3600).contains(&seconds("idempotent-expires-in")),
+        "{replay:?}"
+    );
+    assert_eq!(first.body, replay.body);
 }

@@ -25,6 +25,8 @@ pub struct ResponseBody<B> {
     rest: Option<Pin<Box<B>>>,
     /// An error the handler's body gave while it was buffered, to report after `prefix`.
     error: Option<BoxError>,
+    /// Whether the body has paused once before reporting `error`: see `poll_frame`.
+    paused: bool,
     /// Trailers to send last.
     trailers: Option<HeaderMap>,
 }
@@ -41,6 +43,7 @@ impl<B> ResponseBody<B> {
             prefix: Some(prefix),
             rest: Some(Box::pin(rest)),
             error: None,
+            paused: false,
             trailers: None,
         }
     }
@@ -51,6 +54,7 @@ impl<B> ResponseBody<B> {
             prefix: Some(data),
             rest: None,
             error: None,
+            paused: false,
             trailers,
         }
     }
@@ -61,6 +65,7 @@ impl<B> ResponseBody<B> {
             prefix: Some(prefix),
             rest: None,
             error: Some(error),
+            paused: false,
             trailers: None,
         }
     }
@@ -94,6 +99,15 @@ where
                 None => this.rest = None,
             }
         }
+        if this.error.is_some() && !this.paused {
+            // A server that reads an error from a body breaks the connection at once, dropping
+            // what it has not written yet: the response head and the part read, here. Pausing
+            // once lets it flush them first, so the client sees the response, and that it
+            // broke off (no last chunk, the connection closed), not nothing at all.
+            this.paused = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if let Some(err) = this.error.take() {
             return Poll::Ready(Some(Err(err)));
         }
@@ -114,8 +128,13 @@ where
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
         match &self.rest {
             // Trailers need a chunked HTTP/1.1 message: an exact size would make the server send
-            // `Content-Length`, and drop the trailers.
-            None if self.trailers.is_some() => {
+            // `Content-Length`, and drop the trailers. A pending error needs one too: with an
+            // exact size the server sends `Content-Length`, stops reading the body once that
+            // many bytes are out, and never sees the error, so the client would get the part
+            // that was read as a complete, well-formed response. Of unknown size, the body is
+            // sent chunked, the error is read, and the server breaks the connection before the
+            // last chunk: the client can tell the response broke, as it can without the layer.
+            None if self.trailers.is_some() || self.error.is_some() => {
                 let mut hint = SizeHint::new();
                 hint.set_lower(prefix);
                 hint
@@ -140,6 +159,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
             .field("prefix_len", &self.prefix.as_ref().map(Bytes::len))
             .field("streaming", &self.rest.is_some())
             .field("error", &self.error)
+            .field("paused", &self.paused)
             .field("trailers", &self.trailers)
             .finish()
     }
@@ -189,6 +209,7 @@ where
                             prefix: Some(data.freeze()),
                             rest: Some(body),
                             error: None,
+                            paused: false,
                             trailers,
                         });
                     }
@@ -248,6 +269,38 @@ mod tests {
         };
         assert_eq!(body.size_hint().lower(), 6);
         assert_eq!(&collect(body).await[..], b"abcdefgh");
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_is_of_unknown_size_and_ends_with_its_error() {
+        let Buffered::Failed(body) = buffer(Fails(Some("partial")), 100).await else {
+            panic!("expected a failed body");
+        };
+        // An exact size would let a server send `Content-Length` and never read the error.
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 7);
+        assert!(!body.is_end_stream());
+        let mut body = Box::pin(body);
+        let first = body.frame().await.map(|f| f.map(Frame::into_data));
+        assert!(matches!(first, Some(Ok(Ok(data))) if &data[..] == b"partial"));
+        assert!(matches!(body.frame().await, Some(Err(_))));
+    }
+
+    /// A body that sends one chunk, then fails.
+    struct Fails(Option<&'static str>);
+
+    impl Body for Fails {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(match self.0.take() {
+                Some(chunk) => Ok(Frame::data(Bytes::from_static(chunk.as_bytes()))),
+                None => Err(std::io::Error::other("the body broke")),
+            }))
+        }
     }
 
     /// A body of several chunks and unknown length.

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Extensions, Request, Response, Uri, request};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use tokio::sync::oneshot;
 use tower_service::Service;
 use tracing::Instrument;
@@ -24,7 +24,7 @@ use super::body::{self, Buffered, ResponseBody};
 use super::drain::Tracker;
 use super::layer::Config;
 use super::problem::Problem;
-use super::quota::{Bound, Limits, OverQuota, Quotas, RUNNING_ROOM};
+use super::quota::{BodyHold, Bound, Limits, OverQuota, Quotas, RUNNING_ROOM};
 use super::record::{StoredHead, StoredResponse};
 use super::service::{Guarded, RequestBody};
 use crate::error::{BoxError, Error};
@@ -154,20 +154,25 @@ where
     if declared.is_some_and(|len| len > config.max_request_bytes as u64) {
         return Ok(too_large());
     }
+    // The body is held against its client from before it is read until the request leaves the
+    // layer (waiting included): at its declared length at once, so that a client's uploads that
+    // stall before their last byte hold no more than its bound; chunk by chunk without one.
+    let declared = declared.and_then(|len| usize::try_from(len).ok());
+    let mut hold =
+        match quotas.hold_body(&scope, declared.unwrap_or(0), config.max_bytes_per_client) {
+            Ok(hold) => hold,
+            Err(over) => return Ok(over_quota(&over, &config)),
+        };
     // Until the body is read nothing is claimed: a client that goes away here cancels nothing.
-    let body = match Limited::new(body, config.max_request_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
-        Err(err) => {
+    let body = match read_body(body, config.max_request_bytes, &mut hold).await {
+        Ok(body) => body,
+        Err(ReadError::TooLarge) => return Ok(too_large()),
+        Err(ReadError::OverQuota(over)) => return Ok(over_quota(&over, &config)),
+        Err(ReadError::Failed(err)) => {
             tracing::debug!(target: "idem", error = %err, "could not read a keyed request's body");
             return Ok(Problem::RequestUnreadable
                 .response("the request body failed before it was read whole", None));
         }
-    };
-    // The body is held against its client while the request is in the layer, waiting included.
-    let hold = match quotas.hold_body(&scope, body.len(), config.max_bytes_per_client) {
-        Ok(hold) => hold,
-        Err(over) => return Ok(over_quota(&over, &config)),
     };
     // An idempotency layer inside this one lets the request through.
     parts.extensions.insert(Guarded);
@@ -192,6 +197,54 @@ where
             None,
         )),
     }
+}
+
+/// Why a keyed request's body was not read whole.
+enum ReadError {
+    /// It is larger than `max_request_bytes`.
+    TooLarge,
+    /// Its client's bodies would take more than its bound.
+    OverQuota(OverQuota),
+    /// It failed while it was read (the client went away mid-upload, a malformed chunk).
+    Failed(BoxError),
+}
+
+/// Reads a keyed request's body whole, up to `limit` bytes, growing `hold` to what was read as
+/// each chunk comes (a body with a `Content-Length` is held at it already).
+async fn read_body<B>(body: B, limit: usize, hold: &mut BodyHold) -> Result<Bytes, ReadError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    // One chunk, the common case, is kept as it is; more are copied into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| ReadError::Failed(err.into()))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // request trailers are not part of the fingerprint
+        };
+        if chunk.is_empty() {
+            continue;
+        }
+        len = len.saturating_add(chunk.len());
+        if len > limit {
+            return Err(ReadError::TooLarge);
+        }
+        hold.grow_to(len).map_err(ReadError::OverQuota)?;
+        match first.take() {
+            None if more.is_empty() => first = Some(chunk),
+            held => {
+                if let Some(held) = held {
+                    more.extend_from_slice(&held);
+                }
+                more.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| more.freeze()))
 }
 
 /// Whether the current tokio runtime has timers, which the executor needs to renew leases and
@@ -345,7 +398,13 @@ where
                     // Counted at its real size: a response that ran is never refused for the
                     // quota.
                     reservation.settle(head_size.saturating_add(data.len()));
-                    Ok(StoredResponse::new(head, stored_head, data, trailers))
+                    Ok(StoredResponse::new(
+                        head,
+                        stored_head,
+                        data,
+                        trailers,
+                        config.ttl,
+                    ))
                 }
                 Buffered::TooLarge(body) => {
                     tracing::warn!(
@@ -382,13 +441,7 @@ where
         Ok(outcome) if outcome.status.is_replay() => {
             match outcome.value.vary_mismatch(&request_headers) {
                 Some(name) => Ok(variant_mismatch(name, &key)),
-                None => {
-                    // How long ago it was stored: the ttl it was stored with, less what is left.
-                    let age = outcome
-                        .expires_in
-                        .map(|left| config.ttl.saturating_sub(left));
-                    Ok(outcome.value.into_replay(age, outcome.expires_in))
-                }
+                None => Ok(outcome.value.into_replay(outcome.expires_in)),
             }
         }
         Ok(outcome) => Ok(outcome.value.into_first(outcome.expires_in)),

@@ -144,7 +144,8 @@ impl IdempotencyLayer {
     }
 
     /// The largest response body stored. A larger one is passed through whole and not stored,
-    /// with `Idempotent-Not-Stored: too-large` and a warning. Default:
+    /// with `Idempotent-Not-Stored: too-large` and a warning: its key is freed, and a retry
+    /// runs the handler again. Default:
     /// [`DEFAULT_MAX_RESPONSE_BYTES`] (1 MiB).
     pub fn max_response_bytes(self, bytes: usize) -> Self {
         self.with(|c| c.max_response_bytes = bytes)
@@ -173,8 +174,11 @@ impl IdempotencyLayer {
     /// gets `429` for new keys until its records expire.
     ///
     /// The same bound applies, separately, to the request bodies the layer holds for a
-    /// client's keyed requests at once (running, or waiting for another request with their key
-    /// with [`OnConflict::Wait`]): one more is answered `429` with `Retry-After: 1`.
+    /// client's keyed requests at once: being read (held at their `Content-Length` before the
+    /// first byte is read, or chunk by chunk as a body of unknown length comes), running, or
+    /// waiting for another request with their key with [`OnConflict::Wait`]. A request that
+    /// would take the client past it is answered `429` with `Retry-After: 1` at once, without
+    /// reading the rest of its body.
     pub fn max_bytes_per_client(self, bytes: usize) -> Self {
         self.with(|c| c.max_bytes_per_client = bytes)
     }
@@ -195,6 +199,12 @@ impl IdempotencyLayer {
     /// [`OnConflict::Reject`] answers `409 Conflict` at once (the default, as the draft and Stripe
     /// do); [`OnConflict::Wait`] waits for the first response (up to
     /// [`wait_timeout`](Self::wait_timeout), then `409`).
+    ///
+    /// A waiting request gets the first response only if it was stored. A `5xx` never is (nor
+    /// a response the [policy](Self::store_if) refuses, a too-large one, or one whose body
+    /// failed): then each waiting duplicate in turn takes the key and runs the handler itself,
+    /// so with `Wait`, N duplicates of a request whose handler answers `5xx` are N executions,
+    /// one after another.
     pub fn on_conflict(self, on_conflict: OnConflict) -> Self {
         self.with(|c| c.on_conflict = on_conflict)
     }

@@ -44,7 +44,7 @@
 //! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
 //! | the same key with a different request (method, path and query, [fingerprinted headers](IdempotencyLayer::fingerprint_headers), or body) | `422 Unprocessable Content` |
 //! | the same key and request, but another value of a header the stored response varies on (`Vary`) | `422 Unprocessable Content`; the handler does not run |
-//! | a new key from a client that holds as many records or bytes as its [quota](#quotas) allows | `429 Too Many Requests` with `Retry-After`; the handler does not run, and the client's existing keys still replay |
+//! | a new key from a client that holds as many records, bytes or running requests as its [quota](#quotas) allows, or a request whose body would take the client's bodies held at once past its byte quota | `429 Too Many Requests` with `Retry-After`; the handler does not run, and the client's existing keys still replay |
 //! | no key, where [`require_key`](IdempotencyLayer::require_key) is set | `400 Bad Request` (without it, the request passes through unguarded) |
 //! | a malformed key, a repeated header, or a key longer than [`max_key_len`](IdempotencyLayer::max_key_len) | `400 Bad Request` |
 //! | a request body larger than [`max_request_bytes`](IdempotencyLayer::max_request_bytes) | `413 Content Too Large` |
@@ -75,37 +75,52 @@
 //! Keys belong to a client: two clients that send the same key never see each other's
 //! responses. By default ([`scope_authorization`](IdempotencyLayer::scope_authorization)) the
 //! client is a digest of the request's `Authorization` header, so requests with different
-//! credentials never share a key space; requests without `Authorization` all belong to one
-//! anonymous client (they share keys and one quota). Cookies are not used: a session cookie
-//! that changes between a request and its retry would make the retry miss its record and run
-//! the handler again. [`scope`](IdempotencyLayer::scope) sets a client of your own (the user
-//! an authentication layer found), [`scope_header`](IdempotencyLayer::scope_header) an API key
-//! header, and [`scope_shared`](IdempotencyLayer::scope_shared) puts every request in one
-//! space, explicitly. A scope function that finds no client refuses the keyed request with
-//! `403`.
+//! credentials never share a key space. A keyed request without `Authorization` has no client,
+//! and is refused with `403` [`#idempotency-client-unknown`](#idempotency-client-unknown): it
+//! is not put in a space shared by every anonymous caller, where one could read another's
+//! responses by guessing its key and use up everyone's quota. Cookies are not used: a session
+//! cookie that changes between a request and its retry would make the retry miss its record
+//! and run the handler again. [`scope`](IdempotencyLayer::scope) sets a client of your own (the
+//! user an authentication layer found), [`scope_header`](IdempotencyLayer::scope_header) an API
+//! key header, and [`scope_shared`](IdempotencyLayer::scope_shared) puts every request in one
+//! space (and one quota), explicitly: the only way keyed requests without credentials are
+//! served. Any scope function that finds no client refuses the keyed request with `403`.
 //!
 //! # Quotas
 //!
 //! One client cannot deny another. Each client may hold at most
 //! [`max_records_per_client`](IdempotencyLayer::max_records_per_client) records (requests
 //! running, and stored responses until their ttl runs out; default
-//! [`DEFAULT_MAX_RECORDS_PER_CLIENT`]) and
+//! [`DEFAULT_MAX_RECORDS_PER_CLIENT`]),
 //! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client) bytes of stored responses
-//! (default [`DEFAULT_MAX_BYTES_PER_CLIENT`]). A request that would make one more record for a
-//! client at its quota is answered `429 Too Many Requests`, with `Retry-After` saying when the
-//! client's oldest record expires, and the handler does not run; that answer is not stored.
+//! (default [`DEFAULT_MAX_BYTES_PER_CLIENT`], 8 MiB), and
+//! [`max_running_per_client`](IdempotencyLayer::max_running_per_client) keyed requests
+//! running at once (default [`DEFAULT_MAX_RUNNING_PER_CLIENT`], 16). A request that would make
+//! one more record for a client at its quota is answered `429 Too Many Requests`, with
+//! `Retry-After` saying when the client's oldest record expires (or `1` when its running
+//! requests hold what it needs), and the handler does not run; that answer is not stored.
 //! Retries of the client's existing keys are still replayed, and every other client is served.
 //!
 //! The quota is checked only when a request would create a record: after its key is claimed,
-//! before its handler runs. A running request holds room for the largest response it may
-//! store, so no stored response ever takes its client over the byte quota; that room also
-//! bounds how many keyed requests a client has running at once (63 with the defaults; see
-//! [`max_bytes_per_client`](IdempotencyLayer::max_bytes_per_client)).
+//! before its handler runs. A running request holds a small room (16 KiB) of the byte quota;
+//! once its response is stored, the response counts at its real size, whatever that is: a
+//! response whose handler ran is never refused for the quota (the retry would run the handler
+//! again). So a client can go over its byte quota, by at most what its running requests store
+//! at once: `max_running_per_client` × [`max_response_bytes`](IdempotencyLayer::max_response_bytes),
+//! 16 MiB with the defaults. Then its new keys get `429` until enough of its records expire.
+//!
+//! The same byte bound applies, separately, to the request bodies the layer holds for a
+//! client's keyed requests at once: from before a body is read (at its `Content-Length`, or
+//! chunk by chunk for a body of unknown length) until the request leaves the layer (waiting
+//! with [`OnConflict::Wait`](crate::OnConflict::Wait) included). A request that would take the
+//! client past it is answered `429` with `Retry-After: 1` at once, before the rest of its body
+//! is read, so uploads that stall before their last byte cannot pile up.
 //!
 //! Each process counts its own: the counts are this layer's, in this process, of the records
 //! it created, not a query of the store. Several processes sharing a store each allow a client
 //! its quota. The defaults keep one client to 1% of [`MemoryStore`](crate::MemoryStore)'s
-//! default bound of 1 000 000 records, and to 64 full-size responses; a client with more keyed
+//! default bound of 1 000 000 records, and to 8 MiB of responses (8 of the largest size
+//! stored), plus what its running requests store at once; a client with more keyed
 //! writes per ttl than that needs a higher quota or a shorter ttl. The quota trusts the scope:
 //! with the default scope, put the authentication layer outside this one, or a client can make
 //! up a new `Authorization` for every request.
@@ -121,6 +136,11 @@
 //! - A `5xx` response is never stored, whatever the policy: it is passed through as it is,
 //!   with `Idempotent-Not-Stored: server-error`, and a retry runs the handler again. A
 //!   response the policy refuses is passed through with `Idempotent-Not-Stored: policy`.
+//!   With [`OnConflict::Wait`](crate::OnConflict::Wait), duplicates sent while the first
+//!   request runs wait for it; when it answers `5xx` nothing is stored for them to get, so
+//!   each in turn takes the key and runs the handler itself: N duplicates of a request whose
+//!   handler answers `5xx` are N executions, one after another. With the default
+//!   [`OnConflict::Reject`](crate::OnConflict::Reject) they get `409` instead, and retry.
 //! - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
 //!   `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-Authenticate`,
 //!   `Proxy-Authorization`, `Proxy-Connection`) are not stored, nor is `Content-Length` (the
@@ -129,9 +149,15 @@
 //!   is not stored either (never truncated): it is passed through whole, with
 //!   `Idempotent-Not-Stored: too-large` and a `tracing` warning (target `idem`), and a retry runs
 //!   the handler again. Raise the limit for endpoints with large responses.
-//! - A handler that fails (its service returns an error, or its body fails) stores nothing.
+//! - A handler that fails stores nothing. When its service returns an error, the error goes
+//!   to the server. When its response body fails while the layer reads it, the response is
+//!   sent as far as it went, with `Idempotent-Not-Stored: body-error` and a `tracing` warning,
+//!   and then broken off as it would be without the layer: it is sent without a length
+//!   (chunked), and the server closes the connection before its end, so the client can tell it
+//!   is incomplete.
 //!
-//! A response that is not stored frees its key: the retry runs the handler.
+//! A response that is not stored (`5xx`, refused by the policy, too large, or a body that
+//! failed) frees its key: **the retry runs the handler again**.
 //!
 //! # Vary and content negotiation
 //!
@@ -161,7 +187,13 @@
 //!   reach the quota;
 //! - **validation** that answers `400` or `422` before the handler: the same, for a retry that
 //!   fixes the request (it must use a new key anyway, as its fingerprint changed);
-//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation).
+//! - **compression and content negotiation**: see [above](#vary-and-content-negotiation);
+//! - **timeouts** (tower-http's `TimeoutLayer` and the like): inside, a timeout cancels the
+//!   handler mid-way and answers `408 Request Timeout`, which is not stored (it means "not
+//!   executed, try again"), so the key is freed and **the retry runs the handler again**, after
+//!   the first run may have done part of its work. Outside, the timeout answers the client
+//!   `408` while the handler, in its own task, runs to completion and its response is stored:
+//!   the retry gets it, and the handler runs once.
 //!
 //! With axum, `router.layer(a).layer(b)` puts `b` outside `a`: add this layer first.
 //!
@@ -169,7 +201,8 @@
 //!
 //! To fingerprint a request the layer reads its whole body first, up to
 //! [`max_request_bytes`](IdempotencyLayer::max_request_bytes) (a larger one is answered `413`
-//! without running the handler; a `Content-Length` over the limit is refused before reading).
+//! without running the handler; a `Content-Length` over the limit is refused before reading),
+//! holding it against its client's byte quota from before it is read (see [Quotas](#quotas)).
 //! To store a response it reads its whole body before sending it, up to
 //! [`max_response_bytes`](IdempotencyLayer::max_response_bytes). Unguarded requests are not
 //! buffered. Do not guard streaming endpoints (server-sent events) with a key.
@@ -191,7 +224,7 @@
 //! | <span id="idempotency-key-in-progress">`#idempotency-key-in-progress`</span> | 409 | another request with the key is running (`Retry-After` says for how long at most) |
 //! | <span id="idempotency-key-reused">`#idempotency-key-reused`</span> | 422 | the key was used for a different request |
 //! | <span id="idempotency-variant-mismatch">`#idempotency-variant-mismatch`</span> | 422 | the stored response varies (`Vary`) on a request header whose value differs from the first request's; the detail names it |
-//! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records or bytes as its quota allows (`Retry-After` says when its oldest record expires) |
+//! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records, bytes, running requests or request bodies as its quota allows (`Retry-After` says when room may free) |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
 //! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |

@@ -10,10 +10,12 @@
 //! client's stored bytes stay under its bound plus what its running requests store at once: at
 //! most `max_running_per_client` responses of `max_response_bytes`.
 //!
-//! Separately, a keyed request's buffered body is [held](Quotas::hold_body) against its
-//! client's byte bound while the request is in the layer (reading its record, waiting for
-//! another request with its key, or running), so that requests waiting with
-//! [`OnConflict::Wait`](crate::OnConflict::Wait) cannot pile up bodies without bound.
+//! Separately, a keyed request's body is [held](Quotas::hold_body) against its client's byte
+//! bound while the request is in the layer: from before it is read (its `Content-Length`, or
+//! chunk by chunk as a body of unknown length is read), then while the request reads its
+//! record, waits for another request with its key, or runs. So neither uploads that stall
+//! before their last byte nor requests waiting with
+//! [`OnConflict::Wait`](crate::OnConflict::Wait) can pile up bodies without bound.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -53,7 +55,9 @@ pub struct ClientUsage {
     /// Requests running: admitted, their handler started or about to.
     pub running: usize,
     /// Bytes of the request bodies the layer holds for this client's keyed requests: those
-    /// running, and those reading their record or waiting for another request with their key.
+    /// being read (counted at their `Content-Length` from before the first byte is read, or,
+    /// without one, at what was read so far), those running, and those reading their record
+    /// or waiting for another request with their key.
     pub buffered_bytes: usize,
 }
 
@@ -229,9 +233,11 @@ impl Quotas {
         })
     }
 
-    /// Holds `len` bytes of a request body for `scope` while the request is in the layer: at
-    /// most `limit` bytes per client at once (a body alone is always held, so a limit below
-    /// the largest body never refuses every request).
+    /// Holds `len` bytes of a request body for `scope` while the request is in the layer, from
+    /// before its body is read (`len` is then its `Content-Length`, or 0 for a body of unknown
+    /// length, which [grows](BodyHold::grow_to) the hold as it is read): at most `limit` bytes
+    /// per client at once (a body alone is always held, so a limit below the largest body
+    /// never refuses every request).
     pub(super) fn hold_body(
         self: &Arc<Self>,
         scope: &str,
@@ -241,18 +247,18 @@ impl Quotas {
         let id = client_id(scope);
         let mut usage = self.clients.entry(id).or_default();
         if usage.buffered > 0 && usage.buffered.saturating_add(len) > limit {
-            let over = OverQuota {
+            return Err(OverQuota {
                 retry_after: RETRY_WHILE_RUNNING,
                 usage: usage.snapshot(),
                 bound: Bound::Buffered,
-            };
-            return Err(over);
+            });
         }
         usage.buffered = usage.buffered.saturating_add(len);
         Ok(BodyHold {
             quotas: Arc::clone(self),
             id,
             len,
+            limit,
         })
     }
 
@@ -356,7 +362,34 @@ impl Drop for Reservation {
 pub(super) struct BodyHold {
     quotas: Arc<Quotas>,
     id: ClientId,
+    /// The bytes held.
     len: usize,
+    /// The most bytes the client's bodies may take at once.
+    limit: usize,
+}
+
+impl BodyHold {
+    /// Grows the hold to `len` bytes (a body of unknown length was read that far): refused
+    /// when the client's other bodies and this one would then take more than its limit. A body
+    /// alone is never refused, as in [`Quotas::hold_body`].
+    pub(super) fn grow_to(&mut self, len: usize) -> Result<(), OverQuota> {
+        let Some(more) = len.checked_sub(self.len).filter(|&more| more > 0) else {
+            return Ok(());
+        };
+        // The entry may have been forgotten while this hold was empty.
+        let mut usage = self.quotas.clients.entry(self.id).or_default();
+        let others = usage.buffered.saturating_sub(self.len);
+        if others > 0 && usage.buffered.saturating_add(more) > self.limit {
+            return Err(OverQuota {
+                retry_after: RETRY_WHILE_RUNNING,
+                usage: usage.snapshot(),
+                bound: Bound::Buffered,
+            });
+        }
+        usage.buffered = usage.buffered.saturating_add(more);
+        self.len = len;
+        Ok(())
+    }
 }
 
 impl Drop for BodyHold {
@@ -474,6 +507,35 @@ mod tests {
         assert!(quotas.hold_body("b", 30, 100).is_ok(), "another client");
         drop(holds);
         assert_eq!(quotas.usage("a"), ClientUsage::default());
+        assert!(quotas.clients.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_of_unknown_length_grows_its_hold_within_the_bound() {
+        let quotas = Arc::new(Quotas::default());
+        // Alone, a body grows past the limit (one body is always held).
+        let mut alone = quotas.hold_body("a", 0, 100).ok();
+        assert!(alone.as_mut().is_some_and(|h| h.grow_to(150).is_ok()));
+        assert_eq!(quotas.usage("a").buffered_bytes, 150);
+        drop(alone);
+        assert!(quotas.clients.is_empty());
+
+        let declared = quotas.hold_body("a", 60, 100).ok();
+        let mut chunked = quotas.hold_body("a", 0, 100).ok();
+        let grown = chunked
+            .as_mut()
+            .map(|h| (h.grow_to(30).is_ok(), h.grow_to(20).is_ok()));
+        // Growing to less than is held changes nothing.
+        assert_eq!(grown, Some((true, true)));
+        assert_eq!(quotas.usage("a").buffered_bytes, 90);
+        let over = chunked.as_mut().and_then(|h| h.grow_to(41).err());
+        assert_eq!(over.map(|o| o.bound), Some(Bound::Buffered));
+        // A refusal holds nothing more; reaching the limit exactly is allowed.
+        assert_eq!(quotas.usage("a").buffered_bytes, 90);
+        assert!(chunked.as_mut().is_some_and(|h| h.grow_to(40).is_ok()));
+        assert_eq!(quotas.usage("a").buffered_bytes, 100);
+        assert!(quotas.hold_body("b", 100, 100).is_ok(), "another client");
+        drop((declared, chunked));
         assert!(quotas.clients.is_empty());
     }
 

@@ -17,6 +17,11 @@ use super::{IDEMPOTENT_EXPIRES_IN, IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
 /// Version of the stored form; a record of another version does not decode (a codec error,
 /// answered with `500`, never a wrong replay). Version 1 kept bytes as JSON text or base64;
 /// version 2 keeps them as bytes, whatever the codec, and adds the `Vary` values.
+///
+/// A version 2 record may also carry `ttl_ms`, the ttl it was stored with, from which a replay
+/// computes its `Age`. The field is optional both ways, so it needs no new version: a record
+/// written before it decodes (and is replayed without `Age`), and a layer that predates it
+/// ignores it.
 const VERSION: u8 = 2;
 
 /// Headers that describe one connection or one transfer, not the response: never stored, so a
@@ -43,6 +48,8 @@ pub(crate) struct StoredResponse {
     body: Bytes,
     /// The first request's values of the headers the response varies on.
     vary: Vary,
+    /// The ttl the response was stored with; `None` for a record written before it was kept.
+    ttl: Option<Duration>,
     /// The handler's response head and trailers, untouched: what the first call sends. Not stored.
     first: Option<(response::Parts, Option<HeaderMap>)>,
 }
@@ -77,20 +84,29 @@ impl StoredHead {
 }
 
 impl StoredResponse {
-    /// The record of a response whose body was read whole.
+    /// The record of a response whose body was read whole, to be stored for `ttl`.
     pub(crate) fn new(
         parts: response::Parts,
         head: StoredHead,
         body: Bytes,
         trailers: Option<HeaderMap>,
+        ttl: Duration,
     ) -> Self {
         StoredResponse {
             status: parts.status,
             headers: head.headers,
             vary: head.vary,
+            ttl: Some(ttl),
             body,
             first: Some((parts, trailers)),
         }
+    }
+
+    /// How long ago the response was stored, from the ttl it was stored with and what is left
+    /// of it (`expires_in`, by the store's clock): not from the ttl the replaying layer is set
+    /// to, which a deployment may have changed since. `None` when either is unknown.
+    fn age(&self, expires_in: Option<Duration>) -> Option<Duration> {
+        Some(self.ttl?.saturating_sub(expires_in?))
     }
 
     /// The first header whose value in `request` differs from the first request's, among
@@ -118,17 +134,15 @@ impl StoredResponse {
         response
     }
 
-    /// The stored response, with `Idempotent-Replayed: true` and, when `age` is known (how long
-    /// ago it was stored), `Age` (RFC 9111 §5.1): the seconds it has spent in the store, added to
-    /// the `Age` the response carried when it was stored, as a cache adds its resident time.
+    /// The stored response, with `Idempotent-Replayed: true` and, when it is known how long ago
+    /// it was stored (the record says its ttl, and `expires_in` what is left of it), `Age`
+    /// (RFC 9111 §5.1): the seconds it has spent in the store, added to the `Age` the response
+    /// carried when it was stored, as a cache adds its resident time.
     ///
     /// `expires_in` (how long the record lives on) is sent as
     /// [`Idempotent-Expires-In`](super::IDEMPOTENT_EXPIRES_IN).
-    pub(crate) fn into_replay<B>(
-        self,
-        age: Option<Duration>,
-        expires_in: Option<Duration>,
-    ) -> Response<ResponseBody<B>> {
+    pub(crate) fn into_replay<B>(self, expires_in: Option<Duration>) -> Response<ResponseBody<B>> {
+        let age = self.age(expires_in);
         let mut response = Response::new(ResponseBody::full(self.body, None));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
@@ -194,7 +208,8 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 // a struct), so any codec can keep it: bytes go through `serialize_bytes`, which a binary codec
 // keeps as they are and JSON writes as an array of numbers.
 //
-// { v: 2, status: 201, headers: [(name, bytes)], body: bytes, vary: [(name, [bytes])] }
+// { v: 2, status: 201, headers: [(name, bytes)], body: bytes, vary: [(name, [bytes])],
+//   ttl_ms: Some(86400000) }      (ttl_ms: absent from records written before it was added)
 
 /// Bytes written with `serialize_bytes`.
 struct ByteStr<'a>(&'a [u8]);
@@ -249,6 +264,7 @@ struct WireRef<'a> {
     headers: Vec<(&'a str, ByteStr<'a>)>,
     body: ByteStr<'a>,
     vary: Vec<(&'a str, Vec<ByteStr<'a>>)>,
+    ttl_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +274,9 @@ struct Wire {
     headers: Vec<(String, ByteBuf)>,
     body: ByteBuf,
     vary: Vec<(String, Vec<ByteBuf>)>,
+    /// Absent from records written before it was added.
+    #[serde(default)]
+    ttl_ms: Option<u64>,
 }
 
 impl Serialize for StoredResponse {
@@ -281,6 +300,9 @@ impl Serialize for StoredResponse {
                     )
                 })
                 .collect(),
+            ttl_ms: self
+                .ttl
+                .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         }
         .serialize(serializer)
     }
@@ -313,6 +335,7 @@ impl<'de> Deserialize<'de> for StoredResponse {
             headers,
             body: Bytes::from(wire.body.0),
             vary: vary::Vary::from_parts(kept),
+            ttl: wire.ttl_ms.map(Duration::from_millis),
             first: None,
         })
     }
@@ -348,7 +371,13 @@ mod tests {
         }
         let (parts, ()) = response.into_parts();
         let head = StoredHead::new(&parts, &req);
-        StoredResponse::new(parts, head, Bytes::from_static(b"\x00\x01binary\xff"), None)
+        StoredResponse::new(
+            parts,
+            head,
+            Bytes::from_static(b"\x00\x01binary\xff"),
+            None,
+            Duration::from_secs(3600),
+        )
     }
 
     #[test]
@@ -364,9 +393,75 @@ mod tests {
         assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
         assert!(back.first.is_none());
 
-        let replay = back.into_replay::<()>(Some(Duration::from_millis(2500)), None);
+        // Stored with a ttl of an hour, 2.5 s of which have passed.
+        let left = Duration::from_millis(3_597_500);
+        let replay = back.into_replay::<()>(Some(left));
         assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
         assert_eq!(replay.headers()[header::AGE], "2");
+        assert_eq!(replay.headers()[&IDEMPOTENT_EXPIRES_IN], "3597");
+    }
+
+    #[test]
+    fn a_record_written_before_its_ttl_was_kept_replays_without_age() {
+        // A version 2 record as the layer wrote it before `ttl_ms`, in the result codec.
+        #[derive(Serialize)]
+        struct Old {
+            v: u8,
+            status: u16,
+            headers: Vec<(&'static str, ByteStr<'static>)>,
+            body: ByteStr<'static>,
+            vary: Vec<(&'static str, Vec<ByteStr<'static>>)>,
+        }
+        let old = Old {
+            v: 2,
+            status: 201,
+            headers: vec![("content-type", ByteStr(b"text/plain"))],
+            body: ByteStr(b"run 1"),
+            vary: vec![],
+        };
+        let bytes = crate::codec::encode(&old).unwrap();
+        let back: StoredResponse = crate::codec::from_slice(&bytes).unwrap();
+        assert_eq!(back.ttl, None);
+        let replay = back.into_replay::<()>(Some(Duration::from_secs(60)));
+        assert_eq!(replay.status(), StatusCode::CREATED);
+        assert_eq!(replay.headers()[header::CONTENT_TYPE], "text/plain");
+        assert_eq!(replay.headers()[&IDEMPOTENT_EXPIRES_IN], "60");
+        assert!(!replay.headers().contains_key(header::AGE));
+        // In JSON too.
+        let json = r#"{"v":2,"status":200,"headers":[],"body":[111,107],"vary":[]}"#;
+        let back: StoredResponse = serde_json::from_str(json).unwrap();
+        assert!(
+            !back
+                .into_replay::<()>(Some(Duration::from_secs(60)))
+                .headers()
+                .contains_key(header::AGE)
+        );
+    }
+
+    #[test]
+    fn the_ttl_a_record_was_stored_with_round_trips_in_the_result_codec() {
+        let record = record("", &[]);
+        let bytes = crate::codec::to_vec(&record).unwrap();
+        let back: StoredResponse = crate::codec::from_slice(&bytes).unwrap();
+        assert_eq!(back.ttl, Some(Duration::from_secs(3600)));
+        // A layer that predates the field reads the record all the same.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldWire {
+            v: u8,
+            status: u16,
+            headers: Vec<(String, ByteBuf)>,
+            body: ByteBuf,
+            vary: Vec<(String, Vec<ByteBuf>)>,
+        }
+        let old: OldWire = crate::codec::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (old.v, old.status, &old.body.0[..]),
+            (2, 201, &record.body[..])
+        );
+        // Replayed by a layer whose own ttl is a day: the age is the record's, not 23 hours.
+        let replay = back.into_replay::<()>(Some(Duration::from_secs(3590)));
+        assert_eq!(replay.headers()[header::AGE], "10");
     }
 
     #[test]
