@@ -1,4 +1,10 @@
 //! Duration literals: `"250ms"`, `"30s"`, `"1h30m"`, `"7d"`.
+//!
+//! Not `humantime::parse_duration` (weighed for issue 17; maintained again since RUSTSEC-2025-0014
+//! was withdrawn): it also accepts fractions, `"2 hours"`, and months and years of averaged
+//! length (a `"1month"` ttl would be 30.44 days), which a ttl or lease written in an attribute
+//! should not silently mean; and its errors cannot say what the attribute accepts. This parser is
+//! fifty lines with the exact grammar the docs state, checked at compile time.
 
 /// Parses a duration literal into nanoseconds, or says what is wrong with it.
 pub(crate) fn parse(text: &str) -> Result<u64, String> {

@@ -1,4 +1,10 @@
 //! Reading the `Idempotency-Key` header.
+//!
+//! Not the `sfv` crate (weighed for issue 17): a Structured Field String is the draft's form, but
+//! Stripe's clients send bare keys such as `8e03978e-40d5` that are not Structured Field tokens
+//! (a token cannot start with a digit), so `sfv` would still need this parser beside it, and it
+//! would accept parameters (`"k";a=1`) that this layer refuses. The grammar here is the two forms
+//! the docs state, nothing else.
 
 use http::HeaderMap;
 

@@ -1,4 +1,8 @@
 //! The layer's own answers: small RFC 9457 problem reports.
+//!
+//! Not `http-api-problem` (weighed for issue 17): the layer writes a fixed set of reports with
+//! four members each, serialized with serde; the crate's builder, extension map and framework
+//! integrations would add a dependency and code paths without making these simpler.
 
 use std::time::Duration;
 
