@@ -1932,3 +1932,70 @@ async fn store_errors_carry_the_server_message_and_migrate_names_the_fix() {
         "{call:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transactional mode: review fixes.
+
+/// `transactional()` without a name gets the call site's namespace, as `Idempotent::new` does:
+/// two operations keyed by the same value at two call sites are two records, not one (it used
+/// to be the namespace `""`, so the second operation replayed the first one's result and its
+/// effect never happened). One call site called twice still replays.
+#[tokio::test]
+async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("two-sites");
+    let record = |k: String| {
+        store.transactional(k.clone()).run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'recorded')",
+                    &[&k],
+                )
+                .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+    };
+    let first = record(k.clone()).await.unwrap();
+    let again = record(k.clone()).await.unwrap();
+    assert_eq!(
+        (first.status, again.status),
+        (Status::Executed, Status::Replayed),
+        "one call site: one record"
+    );
+    let k2 = k.clone();
+    let ship = store
+        .transactional(k.clone())
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'shipped')",
+                    &[&k2],
+                )
+                .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (ship.value, ship.status),
+        (2, Status::Executed),
+        "another call site is another operation"
+    );
+    let notes: Vec<String> = db
+        .query("SELECT note FROM tx_orders WHERE k = $1 ORDER BY id", &[&k])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, ["recorded", "shipped"]);
+    assert!(
+        !record_exists(&db, "", &k).await,
+        "nothing is recorded under the empty namespace"
+    );
+}

@@ -331,7 +331,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
 /// includes its crate, module, function and that function's type arguments) and the call site,
 /// so two call sites, two crates or two instantiations of a generic function never share
 /// records.
-fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> String {
+pub(crate) fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> String {
     let mut body = std::any::type_name::<F>();
     while let Some(outer) = body.strip_suffix("::{{closure}}") {
         body = outer;

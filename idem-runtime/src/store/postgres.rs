@@ -187,8 +187,8 @@ use super::{BoxFuture, Store};
 use crate::clock::after;
 use crate::error::Error;
 use crate::exec::{
-    OnConflict, Outcome, Policy, Status, Turn, decode_result, encode_result, fingerprint_matches,
-    wait_turn,
+    OnConflict, Outcome, Policy, Status, Turn, call_site_namespace, decode_result, encode_result,
+    fingerprint_matches, wait_turn,
 };
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
@@ -1277,11 +1277,19 @@ impl PostgresStore {
     }
 
     /// An idempotent call in transactional mode, keyed by `key`: see [`Transactional`].
+    ///
+    /// Until [`Transactional::name`] gives one, the namespace of the key is the one
+    /// [`Idempotent::new`](crate::Idempotent::new) gives: the path of the body's type and this
+    /// call site (`file:line:column` of the code that calls `transactional`), so two
+    /// operations keyed by the same value at two call sites never share a record. That
+    /// namespace changes when the code moves: name records that must outlive a deployment.
+    #[track_caller]
     pub fn transactional<K: KeyPart>(&self, key: K) -> Transactional<'_, K> {
         Transactional {
             store: self,
             key,
-            name: Cow::Borrowed(""),
+            name: None,
+            site: std::panic::Location::caller(),
             fingerprint: None,
             policy: Policy::new(),
             isolation: IsolationLevel::ReadCommitted,
@@ -1990,7 +1998,9 @@ impl Store for PostgresStore {
 pub struct Transactional<'s, K> {
     store: &'s PostgresStore,
     key: K,
-    name: Cow<'static, str>,
+    /// The namespace `name` gave; without one, the call site and the body's type make it.
+    name: Option<Cow<'static, str>>,
+    site: &'static std::panic::Location<'static>,
     fingerprint: Option<Fingerprint>,
     policy: Policy,
     isolation: IsolationLevel,
@@ -2021,10 +2031,16 @@ enum Attempt<T, E> {
 }
 
 impl<K: KeyPart> Transactional<'_, K> {
-    /// The namespace of the key (the empty one unless set). Same name and key as an
+    /// The namespace of the key, once `run_with_outcome` has settled it.
+    fn namespace(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    /// The namespace of the key, exactly as given (without it: the call site's, see
+    /// [`PostgresStore::transactional`]). Same name and key as an
     /// [`Idempotent`](crate::Idempotent) call → same record.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -2088,12 +2104,18 @@ impl<K: KeyPart> Transactional<'_, K> {
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
-        // The executor's bounds, so a zero or huge ttl means here what it means there.
+        // The executor's bounds, so a zero or huge ttl means here what it means there; and the
+        // executor's namespace when none was given (the body's type and the call site).
+        let name = match self.name {
+            Some(name) => name,
+            None => Cow::Owned(call_site_namespace::<F>(self.site)),
+        };
         let this = Transactional {
             policy: self.policy.bounded(),
+            name: Some(name),
             ..self
         };
-        let key = Key::new(&this.name, &this.key);
+        let key = Key::new(this.namespace(), &this.key);
         let mut deadline = None;
         let mut waited = false;
         let mut again = 0;
@@ -2113,14 +2135,14 @@ impl<K: KeyPart> Transactional<'_, K> {
             match wait_turn(this.store, key, &this.policy, &mut deadline).await {
                 Turn::ClaimAgain => waited = true,
                 Turn::Rejected => {
-                    outcome!(INFO, this.name, key, "rejected", waited);
+                    outcome!(INFO, this.namespace(), key, "rejected", waited);
                     return Err(Error::InProgress {
                         retry_after: lease_left,
                     }
                     .into());
                 }
                 Turn::Failed(err) => {
-                    outcome!(WARN, this.name, key, "store_error", error = %err, step = "wait");
+                    outcome!(WARN, this.namespace(), key, "store_error", error = %err, step = "wait");
                     return Err(err.into());
                 }
             }
@@ -2142,7 +2164,7 @@ impl<K: KeyPart> Transactional<'_, K> {
         let mut conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
-                outcome!(WARN, self.name, key, "store_error", error = %err, step = "begin");
+                outcome!(WARN, self.namespace(), key, "store_error", error = %err, step = "begin");
                 return Attempt::Done(Err(err.into()));
             }
         };
@@ -2171,12 +2193,12 @@ impl<K: KeyPart> Transactional<'_, K> {
         let store = self.store;
         let limit = store.inner.timeout;
         let fail = |step: &'static str, err: Error| {
-            outcome!(WARN, self.name, key, "store_error", error = %err, step);
+            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
             (Attempt::Done(Err(err.into())), false)
         };
         let discard = |step: &'static str| {
             let err = store.timed_out(step);
-            outcome!(WARN, self.name, key, "store_error", error = %err, step);
+            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
             (Attempt::Done(Err(err.into())), true)
         };
         // The connection's statement cache, usable while the transaction borrows the connection.
@@ -2243,13 +2265,13 @@ impl<K: KeyPart> Transactional<'_, K> {
             Claim::Completed(done) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 if !fingerprint_matches(self.fingerprint, done.fingerprint) {
-                    outcome!(INFO, self.name, key, "key_reused");
+                    outcome!(INFO, self.namespace(), key, "key_reused");
                     return (Attempt::Done(Err(Error::KeyReused.into())), false);
                 }
                 match decode_result::<T>(&done.value) {
                     Ok(value) => {
                         let status = Status::replay(waited);
-                        outcome!(DEBUG, self.name, key, status.as_str());
+                        outcome!(DEBUG, self.namespace(), key, status.as_str());
                         let outcome = Outcome {
                             value,
                             status,
@@ -2277,7 +2299,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                                  discards the transaction when the connection closes"
                             );
                         }
-                        outcome!(DEBUG, self.name, key, "executed", failed = true);
+                        outcome!(DEBUG, self.namespace(), key, "executed", failed = true);
                         return (Attempt::Done(Err(err)), false);
                     }
                 };
@@ -2313,7 +2335,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                 }
                 match tokio::time::timeout(limit, tx.commit()).await {
                     Ok(Ok(())) => {
-                        outcome!(DEBUG, self.name, key, "executed");
+                        outcome!(DEBUG, self.namespace(), key, "executed");
                         let outcome = Outcome {
                             value,
                             status: Status::Executed,
