@@ -900,6 +900,7 @@ fn child_process_entry() {
         let store = Arc::new(PostgresStore::from_url(&url).unwrap());
         match role.as_str() {
             "crash" => crash_child(&store, key).await,
+            "freeze" => freeze_child(&store, key).await,
             "hammer" => hammer_child(store, key).await,
             other => panic!("unknown child role {other}"),
         }
@@ -915,6 +916,27 @@ async fn crash_child(store: &PostgresStore, k: String) {
             Box::pin(async move {
                 tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
                     .await?;
+                println!("WROTE");
+                std::future::pending::<()>().await;
+                Ok::<u8, TxError>(0)
+            })
+        })
+        .await;
+}
+
+/// Holds a key in a transactional body with a 1 s lease, says so, and waits (to be frozen).
+async fn freeze_child(store: &PostgresStore, k: String) {
+    let _ = store
+        .transactional(k.clone())
+        .name("tx.frozen")
+        .lease(Duration::from_secs(1))
+        .run(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'frozen')",
+                    &[&k],
+                )
+                .await?;
                 println!("WROTE");
                 std::future::pending::<()>().await;
                 Ok::<u8, TxError>(0)
@@ -1997,5 +2019,111 @@ async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
     assert!(
         !record_exists(&db, "", &k).await,
         "nothing is recorded under the empty namespace"
+    );
+}
+
+/// A transactional holder whose process is frozen (SIGSTOP: a paused VM, a stalled process)
+/// keeps its key only for its lease: the server ends its idle transaction, its write rolls
+/// back, and a duplicate runs. It used to hold the key for as long as the process stayed
+/// frozen, and every duplicate ran out of its wait.
+#[tokio::test]
+async fn a_frozen_transactional_holder_loses_the_key_after_its_lease() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("frozen");
+
+    let mut child = child_process("freeze", &url, &[("IDEM_PG_KEY", &k)]);
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let wrote = BufReader::new(stdout)
+            .lines()
+            .any(|l| l.map(|l| l.contains("WROTE")).unwrap_or(false));
+        let _ = tx.send(wrote);
+    });
+    let wrote = rx.recv_timeout(Duration::from_secs(60));
+    if wrote != Ok(true) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("the child's output");
+        panic!(
+            "the child must report its uncommitted write ({wrote:?}); its stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stopped = Command::new("kill")
+        .args(["-STOP", &child.id().to_string()])
+        .status()
+        .expect("run kill -STOP");
+    assert!(stopped.success());
+
+    let started = Instant::now();
+    let k2 = k.clone();
+    let dup = store
+        .transactional(k.clone())
+        .name("tx.frozen")
+        .wait_timeout(Duration::from_secs(8))
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO tx_orders (k, note) VALUES ($1, 'dup')", &[&k2])
+                    .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    let waited = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let dup = dup.expect("the duplicate runs once the frozen holder's lease is over");
+    assert_eq!(dup.status, Status::Executed);
+    assert!(waited < Duration::from_secs(5), "took {waited:?}");
+    let notes: Vec<String> = db
+        .query("SELECT note FROM tx_orders WHERE k = $1", &[&k])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, ["dup"], "the frozen holder's write rolled back");
+}
+
+/// A transactional body that is polled keeps its transaction even while it awaits something
+/// other than the database for several times its lease (the call sends an empty statement every
+/// third of the lease, so the server's idle limit never ends it).
+#[tokio::test]
+async fn a_polled_transactional_body_outlives_its_lease() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("slow-body");
+    let k2 = k.clone();
+    let out = store
+        .transactional(k.clone())
+        .name("tx.slow")
+        .lease(Duration::from_millis(300))
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                    &[&k2],
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                    &[&k2],
+                )
+                .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .expect("a polled body is not ended by the idle limit");
+    assert_eq!((out.value, out.status), (2, Status::Executed));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        2
     );
 }

@@ -84,7 +84,8 @@
 //!
 //! The store relies on no session setting: not on the isolation level (see above), the time
 //! zone (all times are `timestamptz` arithmetic), `search_path` (every name is
-//! schema-qualified), nor on anything set on a connection before (no `SET`, no session
+//! schema-qualified), nor on anything set on a connection before (no session-level `SET`: the
+//! transactional mode's `SET LOCAL` ends with its transaction; no session
 //! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::from_url`]
 //! passes `statement_timeout` and `lock_timeout` in the connection's startup packet as safety
 //! nets (nothing here waits on a lock); `application_name` is `idem`.
@@ -1676,6 +1677,40 @@ impl PostgresStore {
     }
 }
 
+/// The `idle_in_transaction_session_timeout` of a transactional call, in milliseconds: its lease
+/// (at least 1 ms, at most what the setting holds).
+fn idle_limit_ms(lease: Duration) -> u128 {
+    lease.as_millis().clamp(1, i32::MAX as u128)
+}
+
+/// Runs a transactional body while keeping its transaction from looking idle to the server: an
+/// empty statement every third of the lease while the body awaits something other than the
+/// database. So the server's idle-in-transaction limit (the lease, see
+/// [`Transactional::lease`]) ends only the transaction of a holder that is no longer polled,
+/// like the executor's renewal, which this future drives too.
+async fn heartbeat<F: Future>(tx: &Transaction<'_>, lease: Duration, body: F) -> F::Output {
+    let every = (lease / 3).max(Duration::from_millis(3));
+    let beat = async {
+        let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            // Queued behind the body's own statement if one is running. A failure (the
+            // connection is gone) is the body's to meet: stop beating.
+            if tx.simple_query("").await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(body);
+    tokio::select! {
+        biased;
+        out = &mut body => return out,
+        () = beat => {}
+    }
+    body.await
+}
+
 /// Whether a failed operation may succeed if run again later: the server did not answer (down,
 /// restarting, unreachable: no SQLSTATE), the operation timed out or met the key lock, or the
 /// server answered with an error of a class that passes (a connection failure, a shutdown,
@@ -1963,10 +1998,12 @@ impl Store for PostgresStore {
 /// busy at once, and the caller waits outside the pool (polling, holding no connection) or
 /// rejects per `on_conflict`, like for any in-progress key; once the holder commits it replays,
 /// once it rolls back it runs. So duplicates of one key never starve other keys of connections.
-/// Keep the body short, and mind `idle_in_transaction_session_timeout` if it awaits anything
-/// but the database. The lease does not apply while the transaction is open (the key lock
-/// protects the claim). The connection's `statement_timeout` and `lock_timeout` (see
-/// [`PostgresStoreBuilder`]) apply to the body's statements too.
+/// Keep the body short. The [lease](Self::lease) is the transaction's
+/// `idle_in_transaction_session_timeout`: a holder that froze or is no longer polled has its
+/// transaction ended by the server once the lease is over (its writes roll back, and the key
+/// is free), while a polled body keeps it alive whatever it awaits. The connection's
+/// `statement_timeout` and `lock_timeout` (see [`PostgresStoreBuilder`]) apply to the body's
+/// statements too.
 ///
 /// **Isolation:** the transaction runs at the level set with
 /// [`isolation_level`](Self::isolation_level) (`READ COMMITTED` unless set), whatever the
@@ -2050,9 +2087,16 @@ impl<K: KeyPart> Transactional<'_, K> {
         self
     }
 
-    /// The lease written with the claim ([`DEFAULT_LEASE`](crate::DEFAULT_LEASE) unless set).
-    /// It only matters if the claim were ever visible uncommitted, which it is not; kept for
-    /// symmetry with the executor.
+    /// How long the transaction of a holder that is no longer polled keeps the key
+    /// ([`DEFAULT_LEASE`](crate::DEFAULT_LEASE) unless set), as the executor's lease.
+    ///
+    /// It is the transaction's `idle_in_transaction_session_timeout` (`SET LOCAL`): a holder
+    /// whose process froze (`SIGSTOP`, a paused VM, a partition) or whose future is no longer
+    /// polled sends nothing, and once the lease is over the server ends its session, rolling
+    /// back its writes and freeing the key for the next caller. A body that is polled never
+    /// meets the limit, whatever it awaits: while it runs, this call sends an empty statement
+    /// every third of the lease (its "renewal"). Statements that run longer are not idle; the
+    /// connection's `statement_timeout` bounds them.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.policy.lease = lease;
         self
@@ -2232,7 +2276,23 @@ impl<K: KeyPart> Transactional<'_, K> {
             (&lease, Type::FLOAT8),
             (&lock, Type::INT8),
         ];
-        let claimed = run(on, prepared, &store.inner.sql.claim, params);
+        // The lease bounds how long the transaction may sit idle: a holder that stops sending
+        // (its process frozen, its future no longer polled) has its transaction ended by the
+        // server once the lease is over, which frees the key. `SET LOCAL` ends with the
+        // transaction. Sent pipelined ahead of the claim: no round trip more, and no moment
+        // when the key lock is held without the bound.
+        let idle = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            idle_limit_ms(self.policy.lease)
+        );
+        let claimed = async {
+            let (bounded, claimed) = tokio::join!(
+                tx.batch_execute(&idle),
+                run(on, prepared, &store.inner.sql.claim, params)
+            );
+            bounded?;
+            claimed
+        };
         let claim = match tokio::time::timeout(limit, claimed).await {
             Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
                 // The lease of an uncommitted claim is seen by no one (the key lock guards it).
@@ -2287,7 +2347,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                     // Unreachable: a body runs at most once, and an attempt that ran it returns.
                     return fail("claim", Error::store(Corrupt("the body was already run")));
                 };
-                let value = match body(&tx).await {
+                let value = match heartbeat(&tx, self.policy.lease, body(&tx)).await {
                     Ok(value) => value,
                     Err(err) => {
                         // Not memoized: the writes and the claim go away together.
