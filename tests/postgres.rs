@@ -2127,3 +2127,123 @@ async fn a_polled_transactional_body_outlives_its_lease() {
         2
     );
 }
+
+/// A transactional body's session-level `SET` (not `SET LOCAL`) or `SET ROLE` does not stay on
+/// the pooled connection: it used to, so every later statement of the store on that connection
+/// ran with it (here: commits no longer durable, or another role), unseen by the settings check.
+#[tokio::test]
+async fn a_transactional_body_leaves_no_session_setting_on_the_pool() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE idem_leak_role; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .unwrap();
+    let store = shared_store().await; // the table exists
+    drop(store);
+    // The completion runs in the body's transaction, so as the role the body set.
+    db.batch_execute("GRANT SELECT, INSERT, UPDATE, DELETE ON idem_records TO idem_leak_role")
+        .await
+        .unwrap();
+    // One connection: every call below runs on the connection the first body used, unless it
+    // was replaced.
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let set = store
+        .transactional(unique("leak"))
+        .name("tx.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.batch_execute("SET synchronous_commit = off; SET ROLE idem_leak_role")
+                    .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert_eq!(set.unwrap(), 1);
+    let seen = store
+        .transactional(unique("leak-look"))
+        .name("tx.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one(
+                        "SELECT current_setting('synchronous_commit'), current_user::text",
+                        &[],
+                    )
+                    .await?;
+                Ok::<_, TxError>((row.get::<_, String>(0), row.get::<_, String>(1)))
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, ("on".to_owned(), "postgres".to_owned()));
+}
+
+/// A transactional body that ends the transaction idem opened (COMMIT or ROLLBACK through the
+/// `Transaction`) gets an error saying so, and no record is stored outside that transaction.
+/// It used to succeed: the completion then ran on its own, outside the claim's transaction
+/// (after ROLLBACK the claim was gone and a duplicate could run the body again meanwhile).
+#[tokio::test]
+async fn a_transactional_body_that_ends_the_transaction_is_refused() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    for end in ["COMMIT", "ROLLBACK"] {
+        let k = unique(&format!("ends-{end}"));
+        let k2 = k.clone();
+        let out = store
+            .transactional(k.clone())
+            .name("tx.ends")
+            .run(move |tx| {
+                Box::pin(async move {
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                        .await?;
+                    tx.batch_execute(end).await?;
+                    Ok::<_, TxError>(1u8)
+                })
+            })
+            .await;
+        let text = match &out {
+            Err(TxError::Idem(err)) => error_text(err),
+            other => panic!("{end}: the call must fail, got {other:?}"),
+        };
+        assert!(text.contains("ended the transaction"), "{end}: {text}");
+        let completed = count(
+            &db,
+            "SELECT count(*) FROM idem_records WHERE key = $1 AND value IS NOT NULL",
+            &[&&Key::new("tx.ends", &k).as_bytes()[..]],
+        )
+        .await;
+        assert_eq!(
+            completed, 0,
+            "{end}: no record stored outside the transaction"
+        );
+    }
+    // The connection the bodies left was not handed on: the next call runs in a transaction.
+    let k = unique("ends-next");
+    let k2 = k.clone();
+    let next = store
+        .transactional(k.clone())
+        .name("tx.ends")
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                    .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.status, Status::Executed);
+}

@@ -182,7 +182,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
+use tokio_postgres::{IsolationLevel, NoTls, Row, SimpleQueryMessage, Transaction};
 
 use super::{BoxFuture, Store};
 use crate::clock::after;
@@ -303,6 +303,8 @@ type Verdict = Result<(), Refused>;
 struct Sql {
     claim: String,
     complete: String,
+    /// `complete` in the transactional mode: also checks the transaction is the call's own.
+    complete_tx: String,
     renew: String,
     release: String,
     wait: String,
@@ -364,27 +366,15 @@ impl Sql {
             // The row this token holds is completed (lease live or lapsed); an absent key gets
             // the record; this token's completed record is left as it is (a repeated
             // complete); another token's row is left alone (no row updated: lease lost).
-            complete: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($5) AS free), \
-                 done AS ( \
-                   INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
-                   SELECT $1, $2, $6, $3, {ttl} FROM gate WHERE gate.free \
-                   ON CONFLICT (key) DO UPDATE \
-                     SET token = excluded.token, \
-                         fingerprint = CASE WHEN {keep} THEN r.fingerprint \
-                                       WHEN r.token = excluded.token AND r.value IS NULL \
-                                         THEN coalesce(excluded.fingerprint, r.fingerprint) \
-                                       ELSE excluded.fingerprint END, \
-                         value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
-                         expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
-                     WHERE r.token = excluded.token OR r.expires_at <= clock_timestamp() \
-                   RETURNING 1 \
-                 ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
-                ttl = from_now!("$4"),
-                // A completion repeated after it was stored keeps the first value.
-                keep = "(r.token = excluded.token AND r.value IS NOT NULL \
-                         AND r.expires_at > clock_timestamp())",
+            complete: complete_sql(table, "pg_try_advisory_xact_lock($5)"),
+            // In the transactional mode, the transaction must still be the one the call opened
+            // (a body that ran COMMIT or ROLLBACK would have this statement run on its own,
+            // outside the transaction that holds the claim): otherwise `free` is NULL and
+            // nothing is written.
+            complete_tx: complete_sql(
+                table,
+                "CASE WHEN current_setting('idem.tx', true) IS DISTINCT FROM $7 THEN NULL \
+                 ELSE pg_try_advisory_xact_lock($5) END",
             ),
             renew: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($4) AS free), \
@@ -450,6 +440,33 @@ impl Sql {
             ),
         }
     }
+}
+
+/// The `complete` statement, under the given key-lock `gate` (a `bool`: NULL or false writes
+/// nothing).
+fn complete_sql(table: &str, gate: &str) -> String {
+    format!(
+        "WITH gate AS MATERIALIZED (SELECT {gate} AS free), \
+         done AS ( \
+           INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
+           SELECT $1, $2, $6, $3, {ttl} FROM gate WHERE gate.free \
+           ON CONFLICT (key) DO UPDATE \
+             SET token = excluded.token, \
+                 fingerprint = CASE WHEN {keep} THEN r.fingerprint \
+                               WHEN r.token = excluded.token AND r.value IS NULL \
+                                 THEN coalesce(excluded.fingerprint, r.fingerprint) \
+                               ELSE excluded.fingerprint END, \
+                 value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
+                 expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
+             WHERE r.token = excluded.token OR r.expires_at <= clock_timestamp() \
+           RETURNING 1 \
+         ) \
+         SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+        ttl = from_now!("$4"),
+        // A completion repeated after it was stored keeps the first value.
+        keep = "(r.token = excluded.token AND r.value IS NOT NULL \
+                 AND r.expires_at > clock_timestamp())",
+    )
 }
 
 /// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
@@ -743,6 +760,25 @@ impl fmt::Display for KeyLocked {
 
 impl std::error::Error for KeyLocked {}
 
+/// A transactional body that ended the transaction the call opened (it sent `COMMIT`,
+/// `ROLLBACK` or `END` through the [`Transaction`]).
+#[derive(Debug)]
+struct BodyEndedTransaction;
+
+impl fmt::Display for BodyEndedTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the transactional body ended the transaction idem opened (it ran COMMIT, ROLLBACK \
+             or END): its writes may have committed without their record, or rolled back with \
+             the claim, so a retry can run them again; the result was not stored. Never end the \
+             transaction in the body: use a savepoint (`Transaction::transaction`) to undo part \
+             of it, or return `Err` to roll it all back",
+        )
+    }
+}
+
+impl std::error::Error for BodyEndedTransaction {}
+
 /// A row the store cannot read (written by something else, or corrupted).
 #[derive(Debug)]
 struct Corrupt(&'static str);
@@ -982,6 +1018,15 @@ fn read_claim_row(
         }
     };
     Ok(Some((claim, None)))
+}
+
+/// The `free` column of a gated statement's answer: `None` when it is NULL (the transactional
+/// completion found that the transaction is not the call's own).
+fn read_free(rows: &[Row]) -> Result<Option<bool>, Error> {
+    let Some(row) = rows.first() else {
+        return Err(Error::store(Corrupt("a gated statement returned no row")));
+    };
+    row.try_get(0).map_err(Error::store)
 }
 
 /// Reads the `(free, rows)` answer of a statement under the key lock: `None` when the lock
@@ -1677,6 +1722,21 @@ impl PostgresStore {
     }
 }
 
+/// Whether the transaction is still the one a transactional call opened (its `idem.tx` marker is
+/// set): a body may have ended it with COMMIT or ROLLBACK.
+async fn still_ours(tx: &Transaction<'_>, marker: &str) -> Result<bool, tokio_postgres::Error> {
+    let rows = tx
+        .query_typed(
+            "SELECT current_setting('idem.tx', true) IS NOT DISTINCT FROM $1",
+            &[(&marker, Type::TEXT)],
+        )
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|row| row.try_get::<_, bool>(0).ok())
+        .unwrap_or(false))
+}
+
 /// The `idle_in_transaction_session_timeout` of a transactional call, in milliseconds: its lease
 /// (at least 1 ms, at most what the setting holds).
 fn idle_limit_ms(lease: Duration) -> u128 {
@@ -2005,6 +2065,19 @@ impl Store for PostgresStore {
 /// `statement_timeout` and `lock_timeout` (see [`PostgresStoreBuilder`]) apply to the body's
 /// statements too.
 ///
+/// **The body owns its statements, not the transaction:** it must not end the transaction
+/// (`COMMIT`, `ROLLBACK`, `END` sent through the [`Transaction`]); to undo part of its work it
+/// uses a savepoint ([`Transaction::transaction`]), to undo all of it it returns `Err`. A body
+/// that ends it anyway is detected before anything is stored: the call fails with
+/// [`Error::Store`] saying so, and its connection is closed (what the body wrote before it ended
+/// the transaction may have committed without a record: idem cannot make that exactly-once).
+/// Session state the body leaves behind (a `SET` without `LOCAL`, `SET ROLE`) does not reach
+/// later callers: the commit also checks for it, and such a connection is closed instead of
+/// returned to the pool (behind a [transaction pooler](PostgresStoreBuilder::transaction_pooler),
+/// `RESET ALL` runs with the commit instead). So a pool handed in with session-level settings
+/// made by `SET` (in a connection hook) has its connection replaced after each transactional
+/// call: give such settings in the connection's `options` or with `ALTER ROLE ... SET`.
+///
 /// **Isolation:** the transaction runs at the level set with
 /// [`isolation_level`](Self::isolation_level) (`READ COMMITTED` unless set), whatever the
 /// database's default. A serialization failure or deadlock on the claim starts the attempt
@@ -2214,7 +2287,8 @@ impl<K: KeyPart> Transactional<'_, K> {
         };
         let (attempt, discard) = self.in_transaction(&mut conn, key, waited, body).await;
         if discard {
-            // A statement timed out: the connection may still be busy with it, so it is closed
+            // A statement timed out (the connection may still be busy with it), or the body
+            // left state on the session or ended the transaction: the connection is closed
             // rather than handed to the next caller.
             drop(Object::take(conn));
         }
@@ -2281,8 +2355,11 @@ impl<K: KeyPart> Transactional<'_, K> {
         // server once the lease is over, which frees the key. `SET LOCAL` ends with the
         // transaction. Sent pipelined ahead of the claim: no round trip more, and no moment
         // when the key lock is held without the bound.
+        // With it, a marker of this call's transaction (`idem.tx`, reverted when the
+        // transaction ends), which the completion checks (see `Sql::complete_tx`).
+        let marker = format!("{:032x}", token.as_u128());
         let idle = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{marker}'",
             idle_limit_ms(self.policy.lease)
         );
         let claimed = async {
@@ -2350,7 +2427,17 @@ impl<K: KeyPart> Transactional<'_, K> {
                 let value = match heartbeat(&tx, self.policy.lease, body(&tx)).await {
                     Ok(value) => value,
                     Err(err) => {
-                        // Not memoized: the writes and the claim go away together.
+                        // Not memoized: the writes and the claim go away together, if the
+                        // transaction is still the call's own.
+                        let ours = tokio::time::timeout(limit, still_ours(&tx, &marker)).await;
+                        let ours = matches!(ours, Ok(Ok(true)));
+                        if !ours {
+                            let ended = BodyEndedTransaction;
+                            tracing::error!(
+                                target: "idem", key = %key, error = %ended,
+                                "a failed transactional body"
+                            );
+                        }
                         if let Ok(Err(rollback)) = tokio::time::timeout(limit, tx.rollback()).await
                         {
                             tracing::warn!(
@@ -2360,7 +2447,8 @@ impl<K: KeyPart> Transactional<'_, K> {
                             );
                         }
                         outcome!(DEBUG, self.namespace(), key, "executed", failed = true);
-                        return (Attempt::Done(Err(err)), false);
+                        // A connection whose transaction the body ended may carry anything.
+                        return (Attempt::Done(Err(err)), !ours);
                     }
                 };
                 let encoded = match encode_result(&value) {
@@ -2379,10 +2467,18 @@ impl<K: KeyPart> Transactional<'_, K> {
                     (&ttl, Type::FLOAT8),
                     (&lock, Type::INT8),
                     (&fp, Type::BYTEA),
+                    (&marker, Type::TEXT),
                 ];
-                let finish = run(on, prepared, &store.inner.sql.complete, params);
+                let finish = run(on, prepared, &store.inner.sql.complete_tx, params);
                 match tokio::time::timeout(limit, finish).await {
                     Ok(Ok(rows)) if matches!(read_gated(&rows), Ok(Some(1))) => {}
+                    Ok(Ok(rows)) if matches!(read_free(&rows), Ok(None)) => {
+                        // The body ran COMMIT or ROLLBACK: nothing was written by this
+                        // statement, and the connection's state is the body's.
+                        let err = Error::store(BodyEndedTransaction);
+                        outcome!(ERROR, self.namespace(), key, "store_error", error = %err, step = "complete");
+                        return (Attempt::Done(Err(err.into())), true);
+                    }
                     Ok(Ok(_)) => {
                         let _ = tokio::time::timeout(limit, tx.rollback()).await;
                         return fail(
@@ -2393,15 +2489,33 @@ impl<K: KeyPart> Transactional<'_, K> {
                     Ok(Err(err)) => return fail("complete", store.db_error("complete", err)),
                     Err(_) => return discard("complete"),
                 }
-                match tokio::time::timeout(limit, tx.commit()).await {
-                    Ok(Ok(())) => {
+                // The commit, and in the same message what the body may have left on the
+                // session (a `SET` without `LOCAL`, `SET ROLE`): such a connection is closed
+                // rather than handed to the next caller. Behind a transaction pooler the
+                // session is the pooler's server connection, which only `RESET ALL` in the same
+                // message reaches.
+                let closing = if prepared {
+                    "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_settings WHERE source = 'session') \
+                     OR current_user <> session_user"
+                } else {
+                    "COMMIT; RESET ALL; SELECT false"
+                };
+                let committed = tokio::time::timeout(limit, tx.simple_query(closing)).await;
+                // The transaction is over either way (committed, or rolled back by a failed
+                // COMMIT): nothing for `Transaction`'s drop to roll back.
+                std::mem::forget(tx);
+                match committed {
+                    Ok(Ok(messages)) => {
+                        let leaked = messages.iter().any(|m| {
+                            matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f"))
+                        });
                         outcome!(DEBUG, self.namespace(), key, "executed");
                         let outcome = Outcome {
                             value,
                             status: Status::Executed,
                             expires_in: Some(self.policy.ttl),
                         };
-                        (Attempt::Done(Ok(outcome)), false)
+                        (Attempt::Done(Ok(outcome)), leaked)
                     }
                     Ok(Err(err)) => fail("commit", store.db_error("commit", err)),
                     Err(_) => discard("commit"),
