@@ -2247,3 +2247,71 @@ async fn a_transactional_body_that_ends_the_transaction_is_refused() {
         .unwrap();
     assert_eq!(next.status, Status::Executed);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Durability and server checks: review fixes.
+
+/// A records table partitioned (by whoever runs the database) into `UNLOGGED` partitions is
+/// refused like an `UNLOGGED` table: a crash empties the partitions. It used to pass the check,
+/// which only looked at the (logged) parent.
+#[tokio::test]
+async fn unlogged_partitions_are_refused() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS part_records; \
+         CREATE TABLE part_records ( \
+             key bytea PRIMARY KEY CHECK (octet_length(key) = 32), \
+             token bytea NOT NULL CHECK (octet_length(token) = 16), \
+             fingerprint bytea CHECK (octet_length(fingerprint) = 32), \
+             value bytea, \
+             expires_at timestamptz NOT NULL \
+         ) PARTITION BY HASH (key); \
+         CREATE TABLE part_records_0 PARTITION OF part_records \
+             FOR VALUES WITH (modulus 2, remainder 0) PARTITION BY HASH (key); \
+         CREATE UNLOGGED TABLE part_records_0a PARTITION OF part_records_0 \
+             FOR VALUES WITH (modulus 2, remainder 0); \
+         CREATE TABLE part_records_0b PARTITION OF part_records_0 \
+             FOR VALUES WITH (modulus 2, remainder 1); \
+         CREATE TABLE part_records_1 PARTITION OF part_records \
+             FOR VALUES WITH (modulus 2, remainder 1); \
+         CREATE INDEX part_records_expires_idx ON part_records (expires_at);",
+    )
+    .await
+    .unwrap();
+    let store = PostgresStore::builder()
+        .table("part_records")
+        .from_url(&url)
+        .unwrap();
+    let err = store
+        .migrate()
+        .await
+        .expect_err("an unlogged partition is refused");
+    let text = error_text(&err);
+    assert!(
+        text.contains("part_records_0a")
+            && text.contains("UNLOGGED")
+            && text.contains("SET LOGGED"),
+        "the refusal names the partition and the fix: {text}"
+    );
+    let first_op = PostgresStore::builder()
+        .table("part_records")
+        .from_url(&url)
+        .unwrap()
+        .claim(Key::new("partitions", &1u8), None, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&first_op, Err(Error::Store(e)) if e.to_string().contains("part_records_0a")),
+        "{first_op:?}"
+    );
+    // Logged again: accepted.
+    db.batch_execute("ALTER TABLE part_records_0a SET LOGGED")
+        .await
+        .unwrap();
+    store.migrate().await.expect("all partitions logged");
+    let out = Idempotent::new(&store, 1u8)
+        .name("partitions")
+        .run(|| async { Ok::<_, Error>(7u8) })
+        .await;
+    assert_eq!(out.unwrap(), 7);
+}

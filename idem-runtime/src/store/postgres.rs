@@ -108,8 +108,8 @@
 //! [`check_settings`](PostgresStore::check_settings) is called), what can lose an
 //! acknowledged record:
 //!
-//! - the table is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties
-//!   it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
+//! - the table, or any of its partitions (a table partitioned by whoever runs the database), is
+//!   `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
 //!   [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
 //! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
 //!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
@@ -1220,7 +1220,16 @@ impl PostgresStore {
                 "check_settings",
                 "SELECT (SELECT c.relpersistence::text FROM pg_class c \
                          WHERE c.oid = to_regclass($1)), \
-                        current_setting('synchronous_commit')",
+                        current_setting('synchronous_commit'), \
+                        (WITH RECURSIVE part(oid) AS ( \
+                           SELECT i.inhrelid FROM pg_inherits i \
+                           WHERE i.inhparent = to_regclass($1) \
+                           UNION \
+                           SELECT i.inhrelid FROM pg_inherits i JOIN part ON i.inhparent = part.oid \
+                         ) \
+                         SELECT string_agg(c.oid::regclass::text, ', ' ORDER BY c.oid::regclass::text) \
+                         FROM part JOIN pg_class c ON c.oid = part.oid \
+                         WHERE c.relispartition AND c.relpersistence = 'u')",
                 &[(&table, Type::TEXT)],
             )
             .await
@@ -1230,6 +1239,7 @@ impl PostgresStore {
         };
         let persistence: Option<String> = row.try_get(0).map_err(Error::store)?;
         let synchronous_commit: String = row.try_get(1).map_err(Error::store)?;
+        let unlogged_partitions: Option<String> = row.try_get(2).map_err(Error::store)?;
         let Some(persistence) = persistence else {
             return Ok(None);
         };
@@ -1240,6 +1250,16 @@ impl PostgresStore {
                 "the idem records table {table} is UNLOGGED: a crash of the PostgreSQL server \
                  empties it, so completed records vanish and their bodies run again. Make it \
                  durable with `ALTER TABLE {table} SET LOGGED`, or accept the risk with \
+                 `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
+            );
+            verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
+        }
+        if let Some(partitions) = unlogged_partitions {
+            let why = format!(
+                "partitions of the idem records table {table} are UNLOGGED ({partitions}): a \
+                 crash of the PostgreSQL server empties them, so completed records vanish and \
+                 their bodies run again. Make each durable with `ALTER TABLE <partition> SET \
+                 LOGGED`, or accept the risk with \
                  `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
             );
             verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
