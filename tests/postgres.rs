@@ -2315,3 +2315,60 @@ async fn unlogged_partitions_are_refused() {
         .await;
     assert_eq!(out.unwrap(), 7);
 }
+
+/// Through PgBouncer in transaction mode, a store built without `transaction_pooler(true)` is
+/// refused before any body runs, with an error that says to set it: PgBouncer either refuses
+/// the startup `options` the store sends (now with that advice), or, with
+/// `ignore_startup_parameters = options`, drops them, which the store now detects (the
+/// session does not run with the timeouts it sent). It used to connect, and its named prepared
+/// statements then failed between transactions, mid-call, after bodies had run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooler_without_pooler_mode_is_refused_before_any_body_runs() {
+    let server = PgServer::shared();
+    let _ = shared_store().await; // the table exists
+    for extra in ["", "ignore_startup_parameters = options"] {
+        let bouncer = PgBouncer::start_with(server, 2, extra);
+        let store = PostgresStore::builder()
+            .pool_size(4)
+            .timeout(Duration::from_secs(5))
+            .from_url(&bouncer.url())
+            .unwrap();
+        let err = store
+            .migrate()
+            .await
+            .expect_err("refused without pooler mode");
+        let text = error_text(&err);
+        assert!(
+            text.contains("transaction_pooler(true)"),
+            "[{extra}] says to set transaction_pooler(true): {text}"
+        );
+        let runs = AtomicUsize::new(0);
+        let call = Idempotent::new(&store, unique("bouncer-refused"))
+            .name("bouncer.refused")
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1u8)
+            })
+            .await;
+        assert!(
+            matches!(&call, Err(e) if error_text(e).contains("transaction_pooler(true)")),
+            "[{extra}] {call:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "[{extra}] no body ran");
+
+        // In pooler mode, the same PgBouncer works.
+        let pooled = PostgresStore::builder()
+            .transaction_pooler(true)
+            .from_url(&bouncer.url())
+            .unwrap();
+        pooled
+            .migrate()
+            .await
+            .expect("pooler mode through PgBouncer");
+        let out = Idempotent::new(&pooled, unique("bouncer-ok"))
+            .name("bouncer.refused")
+            .run(|| async { Ok::<_, Error>(2u8) })
+            .await;
+        assert_eq!(out.unwrap(), 2, "[{extra}]");
+    }
+}

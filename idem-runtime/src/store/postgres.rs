@@ -101,6 +101,14 @@
 //! pooler: no session state, transaction-scoped advisory locks only, and the transactional
 //! mode is one transaction. The cost is the server parsing and planning each statement again.
 //!
+//! A store built with `from_url` without this mode checks, with the settings (see
+//! [Durability](#durability)), that its sessions run with the `statement_timeout` and
+//! `lock_timeout` it sent in the startup packet: a pooler that drops them (PgBouncer with
+//! `ignore_startup_parameters = options`) is refused with [`Error::Store`] saying to set
+//! `transaction_pooler(true)`, before any body runs, and so is a pooler that refuses them
+//! (PgBouncer's "unsupported startup parameter"). Errors about prepared statements that vanish
+//! between transactions (`26000`, `42P05`) carry the same advice.
+//!
 //! # Durability
 //!
 //! A completed record that a crash loses makes its body run again. So the store checks, at
@@ -290,6 +298,9 @@ struct Inner {
     lock_salt: i64,
     on_unlogged: IfUnsafe,
     on_async_commit: IfUnsafe,
+    /// The settings `from_url` sent in the startup packet (and the URL did not override), in
+    /// milliseconds: a session that does not run with them is behind a pooler that dropped them.
+    sent_options: Vec<(&'static str, f64)>,
     /// The outcome of the latest settings check, once one has been made.
     verdict: RwLock<Option<Verdict>>,
     warned_unlogged: AtomicBool,
@@ -612,18 +623,24 @@ impl PostgresStoreBuilder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
         }
+        let mut sent = Vec::new();
         if !self.transaction_pooler {
             // Ours first, so that options the URL gives win.
             let mut options = String::new();
-            if let Some(t) = self.statement_timeout {
-                options.push_str(&format!("-c statement_timeout={} ", t.as_millis().max(1)));
+            let existing = config.get_options().unwrap_or("").to_owned();
+            for (name, timeout) in [
+                ("statement_timeout", self.statement_timeout),
+                ("lock_timeout", self.lock_timeout),
+            ] {
+                if let Some(t) = timeout {
+                    let ms = t.as_millis().clamp(1, i32::MAX as u128);
+                    options.push_str(&format!("-c {name}={ms} "));
+                    if !existing.contains(name) {
+                        sent.push((name, ms as f64));
+                    }
+                }
             }
-            if let Some(t) = self.lock_timeout {
-                options.push_str(&format!("-c lock_timeout={} ", t.as_millis().max(1)));
-            }
-            if let Some(existing) = config.get_options() {
-                options.push_str(existing);
-            }
+            options.push_str(&existing);
             let options = options.trim_end().to_owned();
             if !options.is_empty() {
                 config.options(options);
@@ -647,7 +664,9 @@ impl PostgresStoreBuilder {
             .recycle_timeout(Some(self.timeout))
             .build()
             .map_err(Error::store)?;
-        self.from_pool(pool)
+        check_ident("schema", &self.schema)?;
+        check_ident("table", &self.table)?;
+        Ok(self.assemble(pool, sent))
     }
 
     /// A store on a pool the application already has (its TLS, sizes and session settings
@@ -655,11 +674,11 @@ impl PostgresStoreBuilder {
     pub fn from_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
-        Ok(self.assemble(pool))
+        Ok(self.assemble(pool, Vec::new()))
     }
 
     /// The store, with names already checked.
-    fn assemble(self, pool: Pool) -> PostgresStore {
+    fn assemble(self, pool: Pool, sent: Vec<(&'static str, f64)>) -> PostgresStore {
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
         let salt = blake3::hash(format!("idem key lock {qualified}").as_bytes());
         let mut first = [0u8; 8];
@@ -675,6 +694,7 @@ impl PostgresStoreBuilder {
                 lock_salt: i64::from_be_bytes(first),
                 on_unlogged: self.on_unlogged,
                 on_async_commit: self.on_async_commit,
+                sent_options: sent,
                 verdict: RwLock::new(None),
                 warned_unlogged: AtomicBool::new(false),
                 warned_async_commit: AtomicBool::new(false),
@@ -1050,7 +1070,7 @@ impl PostgresStore {
     /// A store on an existing pool, with the default table. See
     /// [`PostgresStoreBuilder::from_pool`].
     pub fn from_pool(pool: Pool) -> PostgresStore {
-        PostgresStoreBuilder::default().assemble(pool)
+        PostgresStoreBuilder::default().assemble(pool, Vec::new())
     }
 
     /// A builder, for another schema, table, timeouts, pool size, pooler mode or durability
@@ -1229,7 +1249,11 @@ impl PostgresStore {
                          ) \
                          SELECT string_agg(c.oid::regclass::text, ', ' ORDER BY c.oid::regclass::text) \
                          FROM part JOIN pg_class c ON c.oid = part.oid \
-                         WHERE c.relispartition AND c.relpersistence = 'u')",
+                         WHERE c.relispartition AND c.relpersistence = 'u'), \
+                        (extract(epoch FROM current_setting('statement_timeout')::interval) \
+                          * 1000)::float8, \
+                        (extract(epoch FROM current_setting('lock_timeout')::interval) \
+                          * 1000)::float8",
                 &[(&table, Type::TEXT)],
             )
             .await
@@ -1240,6 +1264,28 @@ impl PostgresStore {
         let persistence: Option<String> = row.try_get(0).map_err(Error::store)?;
         let synchronous_commit: String = row.try_get(1).map_err(Error::store)?;
         let unlogged_partitions: Option<String> = row.try_get(2).map_err(Error::store)?;
+        let mut dropped = Vec::new();
+        for &(name, sent) in &self.inner.sent_options {
+            let column = if name == "statement_timeout" { 3 } else { 4 };
+            let now: Option<f64> = row.try_get(column).map_err(Error::store)?;
+            if now.is_none_or(|now| (now - sent).abs() > 0.5) {
+                let now = now.map_or_else(|| "none".to_owned(), |ms| format!("{ms} ms"));
+                dropped.push(format!(
+                    "{name} = {sent} ms, but the session runs with {now}"
+                ));
+            }
+        }
+        if !dropped.is_empty() {
+            return Ok(Some(Err(Refused(format!(
+                "the connection did not apply the startup options the store sent ({}): it goes \
+                 through a pooler that drops them (PgBouncer with `ignore_startup_parameters = \
+                 options`?). Behind a pooler in transaction mode the store's prepared statements \
+                 fail between transactions, mid-call: build the store with \
+                 `PostgresStoreBuilder::transaction_pooler(true)`, and set the timeouts on the role \
+                 (`ALTER ROLE ... SET statement_timeout = '30s'`)",
+                dropped.join("; ")
+            )))));
+        }
         let Some(persistence) = persistence else {
             return Ok(None);
         };
@@ -1432,6 +1478,20 @@ impl PostgresStore {
             } else {
                 format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
             });
+        }
+        if *code == SqlState::INVALID_SQL_STATEMENT_NAME
+            || *code == SqlState::DUPLICATE_PSTATEMENT
+            || (*code == SqlState::PROTOCOL_VIOLATION
+                && err
+                    .as_db_error()
+                    .is_some_and(|db| db.message().contains("unsupported startup parameter")))
+        {
+            return Some(
+                "The store seems to reach PostgreSQL through a pooler in transaction mode \
+                 (PgBouncer): build it with `PostgresStoreBuilder::transaction_pooler(true)`, \
+                 which prepares no named statements and sends no startup options"
+                    .to_owned(),
+            );
         }
         if *code == SqlState::UNDEFINED_TABLE {
             return Some(format!(
