@@ -2372,3 +2372,57 @@ async fn a_transaction_pooler_without_pooler_mode_is_refused_before_any_body_run
         assert_eq!(out.unwrap(), 2, "[{extra}]");
     }
 }
+
+/// While an operator's lock on the records table blocks writers (`CREATE INDEX` takes SHARE),
+/// a replay of a completed key still gets its record: the claim meets the lock (its
+/// `lock_timeout`) and the store reads the record instead. It used to answer `InProgress`
+/// (with `on_conflict = reject`; a waiting caller waited out the lock). A new key is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_served_while_a_table_lock_blocks_writers() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("lock_busy_records")
+        .lock_timeout(Some(Duration::from_millis(300)))
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let done = unique("lock-done");
+    Idempotent::new(&store, done.clone())
+        .name("lock.busy")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let (locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE lock_busy_records IN SHARE MODE")
+        .await
+        .unwrap();
+    let replay = Idempotent::new(&store, done.clone())
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run_with_outcome(|| async { Ok::<_, Error>(9u8) })
+        .await;
+    let fresh = Idempotent::new(&store, unique("lock-new"))
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run(|| async { Ok::<_, Error>(2u8) })
+        .await;
+    let tx_replay = store
+        .transactional(done.clone())
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let replay = replay.expect("the completed record is read despite the lock");
+    assert_eq!((replay.value, replay.status), (1, Status::Replayed));
+    let tx_replay = tx_replay.expect("the transactional mode reads it too");
+    assert_eq!((tx_replay.value, tx_replay.status), (1, Status::Replayed));
+    assert!(
+        matches!(fresh, Err(Error::InProgress { .. })),
+        "a new key waits for the lock: {fresh:?}"
+    );
+}

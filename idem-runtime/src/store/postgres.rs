@@ -63,6 +63,13 @@
 //!   the claim's token and `value IS NULL`.
 //! - **remove**: `DELETE ... WHERE key = $1` under the key lock.
 //!
+//! A lock on the table itself that blocks writers (an operator's `CREATE INDEX`, `ALTER
+//! TABLE`, `LOCK TABLE`) makes the claim wait until its `lock_timeout`; the store then reads
+//! the key's completed record with a plain `SELECT` (a reader's lock, which all but `ACCESS
+//! EXCLUSIVE` allow) and replays it, so replays keep being served; a key with no completed
+//! record is reported busy. On a pool without a `lock_timeout` the claim waits up to the
+//! store's timeout instead.
+//!
 //! complete, renew, release and remove, when the key lock is taken (a claim of that key is in
 //! flight), pause outside the pool and try again, within the store's timeout.
 //!
@@ -319,6 +326,8 @@ struct Sql {
     renew: String,
     release: String,
     wait: String,
+    /// The live completed record of a key, read only (see `PostgresStore::replay_read_only`).
+    lookup: String,
     remove: String,
     purge: String,
 }
@@ -418,6 +427,14 @@ impl Sql {
                  SELECT (SELECT left_us FROM live), \
                         CASE WHEN EXISTS (SELECT 1 FROM live) THEN true \
                              ELSE pg_try_advisory_xact_lock($2) END"
+            ),
+            // The claim statement's answer for a completed record (state 3), without its
+            // `INSERT`: it takes only the lock of a reader on the table.
+            lookup: format!(
+                "SELECT 3::int2, value, fingerprint, \
+                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 \
+                 FROM {table} \
+                 WHERE key = $1 AND value IS NOT NULL AND expires_at > clock_timestamp()"
             ),
             remove: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS free), \
@@ -1640,9 +1657,7 @@ impl PostgresStore {
                     drop(conn);
                     let failure = Failure::Db(err);
                     if failure.is_lock_timeout() {
-                        return Ok(Claim::Busy {
-                            lease_left: BUSY_HINT.min(lease),
-                        });
+                        return Ok(self.replay_read_only(key, token, lease).await);
                     }
                     if !failure.is_conflict() {
                         return Err(failure.into_error(self, "claim"));
@@ -1665,6 +1680,32 @@ impl PostgresStore {
         Ok(Claim::Busy {
             lease_left: BUSY_HINT.min(lease),
         })
+    }
+
+    /// The answer to a claim that met a lock on the table itself (`lock_timeout`: `CREATE
+    /// INDEX`, `ALTER TABLE`, `LOCK TABLE` block writers): a completed record is still read
+    /// (a reader's lock goes with all but `ACCESS EXCLUSIVE`) and replayed; otherwise, or if
+    /// that read fails too, the key is reported busy, and the caller waits or rejects.
+    async fn replay_read_only(&self, key: Key, token: Token, lease: Duration) -> Claim {
+        let busy = Claim::Busy {
+            lease_left: BUSY_HINT.min(lease),
+        };
+        let key_bytes = &key.as_bytes()[..];
+        let rows = match self
+            .query(
+                "claim",
+                &self.inner.sql.lookup,
+                &[(&key_bytes, Type::BYTEA)],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(_) => return busy,
+        };
+        match read_claim_row(&rows, token, lease) {
+            Ok(Some((claim @ Claim::Completed(_), _))) => claim,
+            _ => busy,
+        }
     }
 
     async fn complete_now(
@@ -2462,9 +2503,9 @@ impl<K: KeyPart> Transactional<'_, K> {
                 }
                 Err(err) => return fail("claim", err),
             },
-            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Claim::Busy {
-                lease_left: BUSY_HINT.min(self.policy.lease),
-            },
+            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                store.replay_read_only(key, token, self.policy.lease).await
+            }
             Ok(Err(err)) if is_conflict(&err) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 return (Attempt::Again, false);
