@@ -2426,3 +2426,103 @@ async fn a_replay_is_served_while_a_table_lock_blocks_writers() {
         "a new key waits for the lock: {fresh:?}"
     );
 }
+
+/// A store pointed at a hot standby (by mistake, or during a failover): `migrate` fails saying
+/// so (it used to succeed, the table being there), replays of completed records are served
+/// from the standby (they used to fail: the claim is an `INSERT`), and a call that would write
+/// fails before its body runs with an error that says to point the store at the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
+    let primary = PgServer::shared();
+    let store = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&primary.url())
+        .unwrap();
+    store.migrate().await.unwrap();
+    let done = unique("standby-done");
+    Idempotent::new(&store, done.clone())
+        .name("standby")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let standby = PgServer::standby_of(primary);
+    let replica = client(&standby.url()).await;
+    let key = Key::new("standby", &done);
+    let started = Instant::now();
+    loop {
+        let n = count(
+            &replica,
+            "SELECT count(*) FROM standby_records WHERE key = $1 AND value IS NOT NULL",
+            &[&&key.as_bytes()[..]],
+        )
+        .await;
+        if n == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not replicated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let on_standby = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&standby.url())
+        .unwrap();
+    let err = on_standby
+        .migrate()
+        .await
+        .expect_err("migrate on a standby fails");
+    let text = error_text(&err);
+    assert!(
+        text.contains("hot standby") && text.contains("primary"),
+        "{text}"
+    );
+
+    let replay = Idempotent::new(&on_standby, done.clone())
+        .name("standby")
+        .run_with_outcome(|| async { Ok::<_, Error>(9u8) })
+        .await
+        .expect("a completed record is replayed from the standby");
+    assert_eq!((replay.value, replay.status), (1, Status::Replayed));
+    let tx_replay = on_standby
+        .transactional(done.clone())
+        .name("standby")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .await
+        .expect("and in the transactional mode");
+    assert_eq!((tx_replay.value, tx_replay.status), (1, Status::Replayed));
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let fresh = Idempotent::new(&on_standby, unique("standby-new"))
+        .name("standby")
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(2u8)
+        })
+        .await;
+    assert!(
+        matches!(&fresh, Err(e) if error_text(e).contains("read-only")
+            && error_text(e).contains("target_session_attrs")),
+        "{fresh:?}"
+    );
+    let tx_fresh = on_standby
+        .transactional(unique("standby-new"))
+        .name("standby")
+        .run({
+            let runs = runs.clone();
+            move |_tx| {
+                Box::pin(async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(2u8)
+                })
+            }
+        })
+        .await;
+    assert!(
+        matches!(&tx_fresh, Err(e) if error_text(e).contains("target_session_attrs")),
+        "{tx_fresh:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no body ran");
+}

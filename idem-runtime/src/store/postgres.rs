@@ -131,6 +131,15 @@
 //!   once by default, through `tracing`; [`PostgresStoreBuilder::if_synchronous_commit_off`]
 //!   chooses otherwise.
 //!
+//! # Read-only servers
+//!
+//! The store writes its records, so it belongs on the primary. Pointed at a hot standby or a
+//! database with `default_transaction_read_only = on`, [`PostgresStore::migrate`] fails saying
+//! so (even when the table is there), a replay of a completed record is still served (the
+//! claim is refused, and the record is read with a plain `SELECT`), and any other call fails
+//! with [`Error::Store`] before its body runs, with the fix: point the store at the primary
+//! (with several hosts in the URL, `target_session_attrs=read-write`).
+//!
 //! # Expired rows
 //!
 //! A claim takes over an expired row in place, so keys that are reused never pile up. Rows of
@@ -249,6 +258,12 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
+/// What to do about a read-only server.
+const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
+    `default_transaction_read_only = on`): idem writes its records there, so point the store at \
+    the primary (with several hosts in the URL, add `target_session_attrs=read-write`); until \
+    then only completed records are replayed";
+
 /// Rows deleted per statement by [`PostgresStore::purge_expired`] at the most. Each takes a key
 /// lock (an advisory lock, held to the end of the statement), and PostgreSQL's lock table is
 /// sized for about `max_locks_per_transaction` (64) times `max_connections` of them.
@@ -816,6 +831,30 @@ impl fmt::Display for BodyEndedTransaction {
 
 impl std::error::Error for BodyEndedTransaction {}
 
+/// `migrate` on a server that cannot write (a hot standby, or a read-only database).
+#[derive(Debug)]
+struct ReadOnlyServer {
+    standby: bool,
+}
+
+impl fmt::Display for ReadOnlyServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.standby {
+            "a hot standby (pg_is_in_recovery())"
+        } else {
+            "read-only (transaction_read_only = on)"
+        };
+        write!(
+            f,
+            "PostgreSQL `migrate`: the server is {what}, so the idem store cannot write its \
+             records there. Point the store at the primary (with several hosts in the URL, add \
+             `target_session_attrs=read-write`)"
+        )
+    }
+}
+
+impl std::error::Error for ReadOnlyServer {}
+
 /// A row the store cannot read (written by something else, or corrupted).
 #[derive(Debug)]
 struct Corrupt(&'static str);
@@ -906,6 +945,11 @@ enum Failure {
 impl Failure {
     fn is_lock_timeout(&self) -> bool {
         matches!(self, Failure::Db(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE))
+    }
+
+    /// The server refused to write: a hot standby, or `default_transaction_read_only`.
+    fn is_read_only(&self) -> bool {
+        matches!(self, Failure::Db(e) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION))
     }
 
     /// A serialization failure or a deadlock: the statement's transaction was rolled back and
@@ -1183,7 +1227,9 @@ impl PostgresStore {
                 on,
                 prepared,
                 "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
-                        to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL",
+                        to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL, \
+                        pg_is_in_recovery(), \
+                        current_setting('transaction_read_only') = 'on'",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
@@ -1196,6 +1242,12 @@ impl PostgresStore {
                 .ok_or_else(|| Failure::Other(Error::store(Corrupt("no catalog answer"))))?;
             let schema_exists: bool = row.try_get(0)?;
             let present: bool = row.try_get(1)?;
+            let standby: bool = row.try_get(2)?;
+            let read_only: bool = row.try_get(3)?;
+            if standby || read_only {
+                // Even with the table there: a store on this server cannot write a record.
+                return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
+            }
             if present {
                 // Already there: no DDL at all, so no table lock that would queue behind open
                 // transactional bodies (and hold up every claim queued behind it).
@@ -1510,6 +1562,9 @@ impl PostgresStore {
                     .to_owned(),
             );
         }
+        if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            return Some(READ_ONLY_ADVICE.to_owned());
+        }
         if *code == SqlState::UNDEFINED_TABLE {
             return Some(format!(
                 "Create the records table {table}: call `PostgresStore::migrate()`, or apply \
@@ -1659,6 +1714,13 @@ impl PostgresStore {
                     if failure.is_lock_timeout() {
                         return Ok(self.replay_read_only(key, token, lease).await);
                     }
+                    if failure.is_read_only() {
+                        // A standby, or a read-only database: completed records are still
+                        // served; anything else is the server's error, with the fix.
+                        if let Some(completed) = self.read_completed(key, token, lease).await {
+                            return Ok(completed);
+                        }
+                    }
                     if !failure.is_conflict() {
                         return Err(failure.into_error(self, "claim"));
                     }
@@ -1687,24 +1749,30 @@ impl PostgresStore {
     /// (a reader's lock goes with all but `ACCESS EXCLUSIVE`) and replayed; otherwise, or if
     /// that read fails too, the key is reported busy, and the caller waits or rejects.
     async fn replay_read_only(&self, key: Key, token: Token, lease: Duration) -> Claim {
-        let busy = Claim::Busy {
-            lease_left: BUSY_HINT.min(lease),
-        };
+        match self.read_completed(key, token, lease).await {
+            Some(completed) => completed,
+            None => Claim::Busy {
+                lease_left: BUSY_HINT.min(lease),
+            },
+        }
+    }
+
+    /// The key's live completed record as a [`Claim::Completed`], read with a plain `SELECT`
+    /// (for a claim that could not write: a table lock, a read-only server). `None` when there
+    /// is none, or the read failed too.
+    async fn read_completed(&self, key: Key, token: Token, lease: Duration) -> Option<Claim> {
         let key_bytes = &key.as_bytes()[..];
-        let rows = match self
+        let rows = self
             .query(
                 "claim",
                 &self.inner.sql.lookup,
                 &[(&key_bytes, Type::BYTEA)],
             )
             .await
-        {
-            Ok(rows) => rows,
-            Err(_) => return busy,
-        };
+            .ok()?;
         match read_claim_row(&rows, token, lease) {
-            Ok(Some((claim @ Claim::Completed(_), _))) => claim,
-            _ => busy,
+            Ok(Some((claim @ Claim::Completed(_), _))) => Some(claim),
+            _ => None,
         }
     }
 
@@ -2505,6 +2573,12 @@ impl<K: KeyPart> Transactional<'_, K> {
             },
             Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 store.replay_read_only(key, token, self.policy.lease).await
+            }
+            Ok(Err(err)) if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                match store.read_completed(key, token, self.policy.lease).await {
+                    Some(completed) => completed,
+                    None => return fail("claim", store.db_error("claim", err)),
+                }
             }
             Ok(Err(err)) if is_conflict(&err) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
