@@ -2526,3 +2526,71 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 0, "no body ran");
 }
+
+/// `purge_expired` under `default_transaction_isolation = serializable`, while callers keep
+/// claiming and taking over the expiring rows it deletes: no errors, from the purge or the
+/// callers (reviewer's q_purge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_under_serializable_default_isolation_gives_no_errors() {
+    let url = database_with(
+        "idem_serializable",
+        "default_transaction_isolation = 'serializable'",
+    )
+    .await;
+    let store = Arc::new(
+        PostgresStore::builder()
+            .table("purge_serial_records")
+            .pool_size(6)
+            .from_url(&url)
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let stop = Instant::now() + Duration::from_secs(4);
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (store, errors) = (store.clone(), errors.clone());
+        tasks.spawn(async move {
+            while Instant::now() < stop {
+                if let Err(e) = store.purge_expired().await {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("purge: {}", error_text(&e)));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    for w in 0..6u32 {
+        let (store, errors) = (store.clone(), errors.clone());
+        tasks.spawn(async move {
+            let mut i = w;
+            while Instant::now() < stop {
+                i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let k = (i >> 8) % 40;
+                let out = Idempotent::new(&*store, k)
+                    .name("purge.serializable")
+                    .ttl(Duration::from_millis(2))
+                    .run(|| async move { Ok::<_, Error>(k) })
+                    .await;
+                if let Err(e) = out {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("call: {}", error_text(&e)));
+                }
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.iter().take(3).collect::<Vec<_>>()
+    );
+}

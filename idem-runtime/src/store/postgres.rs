@@ -1423,19 +1423,16 @@ impl PostgresStore {
     /// lock is taken (a claim of that key in flight, a transactional call holding it, another
     /// purge) is left for a later run, so a purge never makes a claim wait for its row.
     /// Schedule it, for example with `tokio::time::interval`.
+    ///
+    /// Each batch runs in a `READ COMMITTED` transaction whatever the database's default
+    /// isolation: a purge needs no more (each row is deleted only if it is still expired when
+    /// deleted), and under `SERIALIZABLE` its range scan of the index would keep meeting
+    /// serialization failures with the claims that write the same rows.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         loop {
-            let salt = self.inner.lock_salt;
-            let rows = match self
-                .query(
-                    "purge_expired",
-                    &self.inner.sql.purge,
-                    &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
-                )
-                .await
-            {
+            let rows = match self.purge_batch().await {
                 Ok(rows) => rows,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
@@ -1453,6 +1450,38 @@ impl PostgresStore {
             // would find the same rows again.
             if seen < PURGE_BATCH || deleted == 0 {
                 return Ok(total);
+            }
+        }
+    }
+
+    /// One batch of [`purge_expired`](Self::purge_expired), in a `READ COMMITTED` transaction,
+    /// within the store's timeout.
+    async fn purge_batch(&self) -> Result<Vec<Row>, Failure> {
+        let op = "purge_expired";
+        let mut conn = self.connection(op).await.map_err(Failure::Other)?;
+        let prepared = self.inner.prepared;
+        let cache = Arc::clone(&conn.statement_cache);
+        let salt = self.inner.lock_salt;
+        let batch = async {
+            let tx = tokio_postgres::Client::build_transaction(&mut conn)
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .await?;
+            let rows = run(
+                On::Tx(&tx, &cache),
+                prepared,
+                &self.inner.sql.purge,
+                &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, Failure>(rows)
+        };
+        match tokio::time::timeout(self.inner.timeout, batch).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(Object::take(conn));
+                Err(Failure::Other(self.timed_out(op)))
             }
         }
     }
