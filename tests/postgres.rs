@@ -2594,3 +2594,45 @@ async fn purge_under_serializable_default_isolation_gives_no_errors() {
         errors.iter().take(3).collect::<Vec<_>>()
     );
 }
+
+/// `migrate` gives the table its `expires_at` index even when another relation of the schema
+/// already has the index's name (`<table>_expires_idx`): it used to skip the index
+/// (`CREATE INDEX IF NOT EXISTS` saw the name taken) and then take the name for the index,
+/// leaving every purge a scan of the whole table. Migrating again adds no second index.
+#[tokio::test]
+async fn migrate_indexes_the_table_when_the_index_name_is_taken() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS collide; \
+         DROP TABLE IF EXISTS collide_expires_idx; \
+         CREATE TABLE collide_expires_idx (a int)",
+    )
+    .await
+    .unwrap();
+    let store = PostgresStore::builder()
+        .table("collide")
+        .from_url(&url)
+        .unwrap();
+    let indexes = || async {
+        count(
+            &db,
+            "SELECT count(*) FROM pg_indexes \
+             WHERE schemaname = 'public' AND tablename = 'collide' AND indexdef LIKE '%(expires_at)%'",
+            &[],
+        )
+        .await
+    };
+    store.migrate().await.unwrap();
+    assert_eq!(indexes().await, 1, "the table has its expires_at index");
+    store.migrate().await.unwrap();
+    assert_eq!(indexes().await, 1, "and only one after migrating again");
+    assert_eq!(
+        Idempotent::new(&store, 1u8)
+            .name("collide")
+            .run(|| async { Ok::<_, Error>(3u8) })
+            .await
+            .unwrap(),
+        3
+    );
+}

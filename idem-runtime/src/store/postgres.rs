@@ -1152,7 +1152,10 @@ impl PostgresStore {
 
     /// The DDL that [`migrate`](Self::migrate) applies (without the schema creation and the
     /// locks), for running with a migration tool instead. Idempotent: every statement is
-    /// `IF NOT EXISTS`. The table is a plain, logged table.
+    /// `IF NOT EXISTS`. The table is a plain, logged table. (Where another relation of the
+    /// schema already has the index's name, `<table>_expires_idx`, this SQL skips the index;
+    /// [`migrate`](Self::migrate) checks for an index on `expires_at` by its definition and
+    /// lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
         let table = self.table();
         let index = format!(
@@ -1226,10 +1229,16 @@ impl PostgresStore {
             let rows = run(
                 on,
                 prepared,
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
-                        to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL, \
-                        pg_is_in_recovery(), \
-                        current_setting('transaction_read_only') = 'on'",
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1), \
+                        pg_catalog.to_regclass($2) IS NOT NULL, \
+                        pg_catalog.pg_is_in_recovery(), \
+                        pg_catalog.current_setting('transaction_read_only') = 'on', \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                                JOIN pg_catalog.pg_attribute a \
+                                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                                WHERE i.indrelid = pg_catalog.to_regclass($2) \
+                                  AND a.attname = 'expires_at'), \
+                        pg_catalog.to_regclass($3) IS NOT NULL",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
@@ -1241,9 +1250,14 @@ impl PostgresStore {
                 .first()
                 .ok_or_else(|| Failure::Other(Error::store(Corrupt("no catalog answer"))))?;
             let schema_exists: bool = row.try_get(0)?;
-            let present: bool = row.try_get(1)?;
+            let table_exists: bool = row.try_get(1)?;
             let standby: bool = row.try_get(2)?;
             let read_only: bool = row.try_get(3)?;
+            // An index that leads with `expires_at`, whatever its name; and whether the index's
+            // name is taken (by that index, or by another relation of the schema).
+            let indexed: bool = row.try_get(4)?;
+            let name_taken: bool = row.try_get(5)?;
+            let present = table_exists && indexed;
             if standby || read_only {
                 // Even with the table there: a store on this server cannot write a record.
                 return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
@@ -1258,7 +1272,17 @@ impl PostgresStore {
                 tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"))
                     .await?;
             }
-            tx.batch_execute(&self.migration_sql()).await?;
+            let mut ddl = self.migration_sql();
+            if name_taken {
+                // Another relation has the index's name (`CREATE INDEX IF NOT EXISTS` would
+                // skip, leaving the table without its index): let the server name it.
+                let named = format!(
+                    "CREATE INDEX IF NOT EXISTS \"{}_expires_idx\" ON {table_q}",
+                    self.inner.table
+                );
+                ddl = ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1);
+            }
+            tx.batch_execute(&ddl).await?;
             tx.commit().await?;
             Ok::<_, Failure>(())
         };
