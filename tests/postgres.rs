@@ -2636,3 +2636,44 @@ async fn migrate_indexes_the_table_when_the_index_name_is_taken() {
         3
     );
 }
+
+/// The store's statements name PostgreSQL's own functions (`pg_catalog.clock_timestamp()`,
+/// ...), so a session whose `search_path` puts an application schema first, with a function of
+/// the same name (a test clock, an hour behind), computes leases on the server's real clock:
+/// another store of the same table does not see the lease as long expired and take the key
+/// over. It used to: the two bodies then ran at once.
+#[tokio::test]
+async fn leases_use_the_servers_clock_whatever_the_search_path() {
+    let url = database_with("idem_search_path", "work_mem = '4MB'").await;
+    let db = client(&url).await;
+    db.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS app; \
+         CREATE OR REPLACE FUNCTION app.clock_timestamp() RETURNS timestamptz \
+           LANGUAGE sql AS $$ SELECT pg_catalog.clock_timestamp() - interval '1 hour' $$",
+    )
+    .await
+    .unwrap();
+    let shadowed = PostgresStore::from_url(&format!(
+        "{url}?options=-c%20search_path%3Dapp%2Cpg_catalog"
+    ))
+    .unwrap();
+    shadowed.migrate().await.unwrap();
+    let conn = shadowed.pool().get().await.unwrap();
+    let shown: String = conn
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, "app,pg_catalog", "the session's search_path");
+    drop(conn);
+    let plain = PostgresStore::from_url(&url).unwrap();
+    let key = Key::new("search-path", &unique("k"));
+    let lease = Duration::from_secs(60);
+    let first = shadowed.claim(key, None, lease).await.unwrap();
+    assert!(matches!(first, Claim::Acquired(_)), "{first:?}");
+    let second = plain.claim(key, None, lease).await.unwrap();
+    assert!(
+        matches!(second, Claim::Busy { lease_left } if lease_left > Duration::from_secs(50)),
+        "the lease is live for the other store too: {second:?}"
+    );
+}

@@ -90,8 +90,9 @@
 //! # Session settings
 //!
 //! The store relies on no session setting: not on the isolation level (see above), the time
-//! zone (all times are `timestamptz` arithmetic), `search_path` (every name is
-//! schema-qualified), nor on anything set on a connection before (no session-level `SET`: the
+//! zone (all times are `timestamptz` arithmetic), `search_path` (every table and every function
+//! is schema-qualified: the store's table, and `pg_catalog.clock_timestamp()` and the like, so
+//! an application schema earlier in the path cannot shadow them), nor on anything set on a connection before (no session-level `SET`: the
 //! transactional mode's `SET LOCAL` ends with its transaction; no session
 //! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::from_url`]
 //! passes `statement_timeout` and `lock_timeout` in the connection's startup packet as safety
@@ -352,7 +353,7 @@ struct Sql {
 macro_rules! from_now {
     ($param:literal) => {
         concat!(
-            "clock_timestamp() + ",
+            "pg_catalog.clock_timestamp() + ",
             $param,
             " * interval '1 microsecond'"
         )
@@ -375,9 +376,9 @@ impl Sql {
             claim: format!(
                 "WITH live AS ( \
                    SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
-                   WHERE r.key = $1 AND r.expires_at > clock_timestamp() \
+                   WHERE r.key = $1 AND r.expires_at > pg_catalog.clock_timestamp() \
                  ), gate AS MATERIALIZED ( \
-                   SELECT pg_try_advisory_xact_lock($5) AS free \
+                   SELECT pg_catalog.pg_try_advisory_xact_lock($5) AS free \
                    WHERE NOT EXISTS (SELECT 1 FROM live) \
                  ), claimed AS ( \
                    INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
@@ -385,8 +386,9 @@ impl Sql {
                    ON CONFLICT (key) DO UPDATE \
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
                          value = NULL, expires_at = {lease} \
-                     WHERE r.expires_at <= clock_timestamp() \
-                   RETURNING (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000000)::int8 \
+                     WHERE r.expires_at <= pg_catalog.clock_timestamp() \
+                   RETURNING (extract(epoch FROM r.expires_at - pg_catalog.clock_timestamp()) \
+                     * 1000000)::int8 \
                      AS left_us \
                  ) \
                  SELECT 1::int2, NULL::bytea, NULL::bytea, c.left_us FROM claimed c \
@@ -394,69 +396,76 @@ impl Sql {
                  SELECT 2::int2, NULL, NULL, 0 FROM gate WHERE NOT gate.free \
                  UNION ALL \
                  SELECT 3::int2, l.value, l.fingerprint, \
-                        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000000)::int8 \
+                        (extract(epoch FROM l.expires_at - pg_catalog.clock_timestamp()) * \
+                          1000000)::int8 \
                  FROM live l",
                 lease = from_now!("$4"),
             ),
             // The row this token holds is completed (lease live or lapsed); an absent key gets
             // the record; this token's completed record is left as it is (a repeated
             // complete); another token's row is left alone (no row updated: lease lost).
-            complete: complete_sql(table, "pg_try_advisory_xact_lock($5)"),
+            complete: complete_sql(table, "pg_catalog.pg_try_advisory_xact_lock($5)"),
             // In the transactional mode, the transaction must still be the one the call opened
             // (a body that ran COMMIT or ROLLBACK would have this statement run on its own,
             // outside the transaction that holds the claim): otherwise `free` is NULL and
             // nothing is written.
             complete_tx: complete_sql(
                 table,
-                "CASE WHEN current_setting('idem.tx', true) IS DISTINCT FROM $7 THEN NULL \
-                 ELSE pg_try_advisory_xact_lock($5) END",
+                "CASE WHEN pg_catalog.current_setting('idem.tx', true) IS DISTINCT FROM $7 \
+                 THEN NULL \
+                 ELSE pg_catalog.pg_try_advisory_xact_lock($5) END",
             ),
             renew: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($4) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($4) \
+                 AS free), \
                  done AS ( \
                    UPDATE {table} SET expires_at = {lease} \
                    WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
                    RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
                 lease = from_now!("$3"),
             ),
             release: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($3) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($3) \
+                 AS free), \
                  done AS ( \
                    DELETE FROM {table} \
                    WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
                    RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
             ),
             // A live claim, or a claim still in flight (its key lock taken, its row not
             // committed yet): keep waiting. The lock is only tried when no live claim is seen.
             wait: format!(
                 "WITH live AS ( \
-                   SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 \
+                   SELECT (extract(epoch FROM expires_at - pg_catalog.clock_timestamp()) * \
+                     1000000)::int8 \
                           AS left_us \
                    FROM {table} \
-                   WHERE key = $1 AND value IS NULL AND expires_at > clock_timestamp() \
+                   WHERE key = $1 AND value IS NULL AND expires_at > pg_catalog.clock_timestamp() \
                  ) \
                  SELECT (SELECT left_us FROM live), \
                         CASE WHEN EXISTS (SELECT 1 FROM live) THEN true \
-                             ELSE pg_try_advisory_xact_lock($2) END"
+                             ELSE pg_catalog.pg_try_advisory_xact_lock($2) END"
             ),
             // The claim statement's answer for a completed record (state 3), without its
             // `INSERT`: it takes only the lock of a reader on the table.
             lookup: format!(
                 "SELECT 3::int2, value, fingerprint, \
-                        (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 \
+                        (extract(epoch FROM expires_at - pg_catalog.clock_timestamp()) * \
+                          1000000)::int8 \
                  FROM {table} \
-                 WHERE key = $1 AND value IS NOT NULL AND expires_at > clock_timestamp()"
+                 WHERE key = $1 AND value IS NOT NULL AND expires_at > pg_catalog.clock_timestamp()"
             ),
             remove: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($2) \
+                 AS free), \
                  done AS ( \
                    DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
             ),
             // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
             // ones whose key lock this statement gets (a claim of the key in flight, or a
@@ -468,18 +477,21 @@ impl Sql {
             // table's salt.
             purge: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
+                   SELECT key FROM {table} WHERE expires_at <= pg_catalog.clock_timestamp() \
                    ORDER BY expires_at LIMIT $1 \
                  ), free AS MATERIALIZED ( \
                    SELECT key FROM candidates \
-                   WHERE pg_try_advisory_xact_lock( \
-                     ('x' || encode(substring(key FROM 1 FOR 8), 'hex'))::bit(64)::int8 # $2) \
+                   WHERE pg_catalog.pg_try_advisory_xact_lock( \
+                     ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
+                       'hex'))::bit(64)::int8 # $2) \
                  ), gone AS ( \
                    DELETE FROM {table} \
-                   WHERE key IN (SELECT key FROM free) AND expires_at <= clock_timestamp() \
+                   WHERE key IN (SELECT key FROM free) AND expires_at <= \
+                     pg_catalog.clock_timestamp() \
                    RETURNING 1 \
                  ) \
-                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone)"
+                 SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
+                   pg_catalog.count(*) FROM gone)"
             ),
         }
     }
@@ -501,14 +513,14 @@ fn complete_sql(table: &str, gate: &str) -> String {
                                ELSE excluded.fingerprint END, \
                  value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
                  expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
-             WHERE r.token = excluded.token OR r.expires_at <= clock_timestamp() \
+             WHERE r.token = excluded.token OR r.expires_at <= pg_catalog.clock_timestamp() \
            RETURNING 1 \
          ) \
-         SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+         SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
         ttl = from_now!("$4"),
         // A completion repeated after it was stored keeps the first value.
         keep = "(r.token = excluded.token AND r.value IS NOT NULL \
-                 AND r.expires_at > clock_timestamp())",
+                 AND r.expires_at > pg_catalog.clock_timestamp())",
     )
 }
 
@@ -1217,7 +1229,7 @@ impl PostgresStore {
                 run(
                     on,
                     prepared,
-                    "SELECT pg_advisory_xact_lock(hashtext($1)::int8)",
+                    "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext($1)::int8)",
                     &[(name, Type::TEXT)],
                 )
                 .await?;
@@ -1331,21 +1343,24 @@ impl PostgresStore {
         let rows = self
             .query(
                 "check_settings",
-                "SELECT (SELECT c.relpersistence::text FROM pg_class c \
-                         WHERE c.oid = to_regclass($1)), \
-                        current_setting('synchronous_commit'), \
+                "SELECT (SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+                         WHERE c.oid = pg_catalog.to_regclass($1)), \
+                        pg_catalog.current_setting('synchronous_commit'), \
                         (WITH RECURSIVE part(oid) AS ( \
-                           SELECT i.inhrelid FROM pg_inherits i \
-                           WHERE i.inhparent = to_regclass($1) \
+                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                           WHERE i.inhparent = pg_catalog.to_regclass($1) \
                            UNION \
-                           SELECT i.inhrelid FROM pg_inherits i JOIN part ON i.inhparent = part.oid \
+                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN part ON \
+                             i.inhparent = part.oid \
                          ) \
-                         SELECT string_agg(c.oid::regclass::text, ', ' ORDER BY c.oid::regclass::text) \
-                         FROM part JOIN pg_class c ON c.oid = part.oid \
+                         SELECT pg_catalog.string_agg(c.oid::regclass::text, ', ' ORDER BY \
+                           c.oid::regclass::text) \
+                         FROM part JOIN pg_catalog.pg_class c ON c.oid = part.oid \
                          WHERE c.relispartition AND c.relpersistence = 'u'), \
-                        (extract(epoch FROM current_setting('statement_timeout')::interval) \
+                        (extract(epoch FROM \
+                          pg_catalog.current_setting('statement_timeout')::interval) \
                           * 1000)::float8, \
-                        (extract(epoch FROM current_setting('lock_timeout')::interval) \
+                        (extract(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) \
                           * 1000)::float8",
                 &[(&table, Type::TEXT)],
             )
@@ -1374,7 +1389,8 @@ impl PostgresStore {
                  through a pooler that drops them (PgBouncer with `ignore_startup_parameters = \
                  options`?). Behind a pooler in transaction mode the store's prepared statements \
                  fail between transactions, mid-call: build the store with \
-                 `PostgresStoreBuilder::transaction_pooler(true)`, and set the timeouts on the role \
+                 `PostgresStoreBuilder::transaction_pooler(true)`, and set the timeouts on \
+                   the role \
                  (`ALTER ROLE ... SET statement_timeout = '30s'`)",
                 dropped.join("; ")
             )))));
@@ -1969,7 +1985,7 @@ impl PostgresStore {
 async fn still_ours(tx: &Transaction<'_>, marker: &str) -> Result<bool, tokio_postgres::Error> {
     let rows = tx
         .query_typed(
-            "SELECT current_setting('idem.tx', true) IS NOT DISTINCT FROM $1",
+            "SELECT pg_catalog.current_setting('idem.tx', true) IS NOT DISTINCT FROM $1",
             &[(&marker, Type::TEXT)],
         )
         .await?;
@@ -2743,7 +2759,8 @@ impl<K: KeyPart> Transactional<'_, K> {
                 // session is the pooler's server connection, which only `RESET ALL` in the same
                 // message reaches.
                 let closing = if prepared {
-                    "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_settings WHERE source = 'session') \
+                    "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source \
+                     = 'session') \
                      OR current_user <> session_user"
                 } else {
                     "COMMIT; RESET ALL; SELECT false"
