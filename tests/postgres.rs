@@ -2677,3 +2677,42 @@ async fn leases_use_the_servers_clock_whatever_the_search_path() {
         "the lease is live for the other store too: {second:?}"
     );
 }
+
+/// A transactional body whose statement failed (the common failure: a constraint, a division by
+/// zero) and that returns `Err` is not mistaken for one that ended the transaction: nothing
+/// says so, and the retry runs. (The check of a failed body's transaction must read an aborted
+/// transaction as the call's own.)
+#[tokio::test]
+async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let logs = support::LogCapture::install();
+    let k = unique("failed-statement");
+    let failed = store
+        .transactional(k.clone())
+        .name("tx.failed-statement")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.execute("SELECT 1 / 0", &[]).await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(TxError::Db(_))), "{failed:?}");
+    assert!(
+        !logs.contains("ended the transaction"),
+        "not reported as a body that ended the transaction: {}",
+        logs.text()
+    );
+    let retry = store
+        .transactional(k)
+        .name("tx.failed-statement")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .await
+        .unwrap();
+    assert_eq!((retry.value, retry.status), (2, Status::Executed));
+}

@@ -2694,7 +2694,15 @@ impl<K: KeyPart> Transactional<'_, K> {
                         // Not memoized: the writes and the claim go away together, if the
                         // transaction is still the call's own.
                         let ours = tokio::time::timeout(limit, still_ours(&tx, &marker)).await;
-                        let ours = matches!(ours, Ok(Ok(true)));
+                        let ours = match ours {
+                            Ok(Ok(ours)) => ours,
+                            // A statement of the body failed: the transaction is still open
+                            // (aborted), and the rollback ends it.
+                            Ok(Err(err)) => {
+                                err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+                            }
+                            Err(_) => false,
+                        };
                         if !ours {
                             let ended = BodyEndedTransaction;
                             tracing::error!(
