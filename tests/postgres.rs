@@ -2716,3 +2716,37 @@ async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
         .unwrap();
     assert_eq!((retry.value, retry.status), (2, Status::Executed));
 }
+
+/// A transactional body that swallows a failed statement and returns `Ok` gets an error that
+/// says what happened and what to do (the transaction is aborted: nothing is stored), and the
+/// retry runs.
+#[tokio::test]
+async fn a_transactional_body_that_swallows_a_failed_statement_is_told_why() {
+    let store = shared_store().await;
+    let k = unique("swallow");
+    let out = store
+        .transactional(k.clone())
+        .name("tx.swallow")
+        .run(|tx| {
+            Box::pin(async move {
+                let _ = tx.execute("SELECT 1 / 0", &[]).await;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    let text = match &out {
+        Err(TxError::Idem(err)) => error_text(err),
+        other => panic!("must fail: {other:?}"),
+    };
+    assert!(
+        text.contains("25P02") && text.contains("savepoint"),
+        "names the cause and the fix: {text}"
+    );
+    let retry = store
+        .transactional(k)
+        .name("tx.swallow")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .await
+        .unwrap();
+    assert_eq!(retry.status, Status::Executed);
+}

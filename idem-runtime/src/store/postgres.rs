@@ -1631,6 +1631,15 @@ impl PostgresStore {
                     .to_owned(),
             );
         }
+        if *code == SqlState::IN_FAILED_SQL_TRANSACTION && op == "complete" {
+            return Some(
+                "A statement of the transactional body failed and the body went on to return \
+                 `Ok`: the transaction is aborted, so neither its writes nor the result were \
+                 stored. Return the statement's error from the body, or run the statement in a \
+                 savepoint (`Transaction::transaction`) to recover from its failure"
+                    .to_owned(),
+            );
+        }
         if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
             return Some(READ_ONLY_ADVICE.to_owned());
         }
