@@ -2480,11 +2480,21 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
         "{text}"
     );
 
-    let replay = Idempotent::new(&on_standby, done.clone())
+    let logs = support::LogCapture::install();
+    let fresh_store = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&standby.url())
+        .unwrap();
+    let replay = Idempotent::new(&fresh_store, done.clone())
         .name("standby")
         .run_with_outcome(|| async { Ok::<_, Error>(9u8) })
         .await
         .expect("a completed record is replayed from the standby");
+    assert!(
+        logs.contains("read-only") && logs.contains("target_session_attrs"),
+        "the first operation warns that the server is read-only: {}",
+        logs.text()
+    );
     assert_eq!((replay.value, replay.status), (1, Status::Replayed));
     let tx_replay = on_standby
         .transactional(done.clone())

@@ -139,7 +139,9 @@
 //! so (even when the table is there), a replay of a completed record is still served (the
 //! claim is refused, and the record is read with a plain `SELECT`), and any other call fails
 //! with [`Error::Store`] before its body runs, with the fix: point the store at the primary
-//! (with several hosts in the URL, `target_session_attrs=read-write`).
+//! (with several hosts in the URL, `target_session_attrs=read-write`). The settings check
+//! before the store's first operation also warns once, through `tracing`, that the server is
+//! read-only.
 //!
 //! # Expired rows
 //!
@@ -328,6 +330,7 @@ struct Inner {
     verdict: RwLock<Option<Verdict>>,
     warned_unlogged: AtomicBool,
     warned_async_commit: AtomicBool,
+    warned_read_only: AtomicBool,
 }
 
 /// What the settings check concluded: go on, or refuse with this reason.
@@ -742,6 +745,7 @@ impl PostgresStoreBuilder {
                 verdict: RwLock::new(None),
                 warned_unlogged: AtomicBool::new(false),
                 warned_async_commit: AtomicBool::new(false),
+                warned_read_only: AtomicBool::new(false),
             }),
         }
     }
@@ -1361,7 +1365,9 @@ impl PostgresStore {
                           pg_catalog.current_setting('statement_timeout')::interval) \
                           * 1000)::float8, \
                         (extract(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) \
-                          * 1000)::float8",
+                          * 1000)::float8, \
+                        pg_catalog.pg_is_in_recovery() \
+                          OR pg_catalog.current_setting('transaction_read_only') = 'on'",
                 &[(&table, Type::TEXT)],
             )
             .await
@@ -1372,6 +1378,12 @@ impl PostgresStore {
         let persistence: Option<String> = row.try_get(0).map_err(Error::store)?;
         let synchronous_commit: String = row.try_get(1).map_err(Error::store)?;
         let unlogged_partitions: Option<String> = row.try_get(2).map_err(Error::store)?;
+        let read_only: bool = row.try_get(5).map_err(Error::store)?;
+        if read_only && !self.inner.warned_read_only.swap(true, Ordering::Relaxed) {
+            // Not a refusal: replays are served from here (see the module docs). Calls that
+            // would write fail with the same advice.
+            tracing::warn!(target: "idem", table = %table, "{READ_ONLY_ADVICE}");
+        }
         let mut dropped = Vec::new();
         for &(name, sent) in &self.inner.sent_options {
             let column = if name == "statement_timeout" { 3 } else { 4 };
