@@ -47,11 +47,64 @@
 //! | `name = "payments.charge.v1"` | the namespace of the keys, exactly as written: the key is [`Key::new`]`(name, &key)` | the function's full path: module, impl type and trait with their arguments, type and const arguments |
 //! | `fingerprint = EXPR` | a value that must match on replay; another one for the same key is [`Error::KeyReused`] | none |
 //! | `on_conflict = wait` / `reject` | while another call holds the key: wait for its result, or fail with [`Error::InProgress`] | `wait` |
+//! | `outcome` | the function returns `Result<`[`Outcome`]`<T>, E>`: the value with its [`Status`] (executed or replayed) and `expires_in`; the body still returns `Result<T, E>` | off: `Result<T, E>` |
 //! | `crate = path` | where the `idem` crate is, for re-exporters | `::idem` |
+//!
+//! With `outcome`, a caller can tell a replay from an execution (to set `Idempotent-Replayed`,
+//! or count replays):
+//!
+//! ```
+//! # use idem::{idempotent, Outcome, Status};
+//! # #[derive(Debug)] struct MyError(idem::Error);
+//! # impl From<idem::Error> for MyError { fn from(e: idem::Error) -> Self { MyError(e) } }
+//! #[idempotent(key = id, outcome)]
+//! async fn reserve(id: u64) -> Result<Outcome<String>, MyError> {
+//!     Ok(format!("seat {id}")) // the body returns `Result<String, MyError>`
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), MyError> {
+//! let first = reserve(9).await?;
+//! assert_eq!((first.status, first.value.as_str()), (Status::Executed, "seat 9"));
+//! let retry = reserve(9).await?;
+//! assert_eq!(retry.status, Status::Replayed);
+//! assert!(retry.expires_in.is_some());
+//! # Ok(()) }
+//! ```
 //!
 //! Only an explicit `name` is stable across compiler versions and renames: the default namespace
 //! is the path `std::any::type_name` prints for the function, whose format Rust does not promise.
 //! Give `name` to functions whose records must outlive a compiler upgrade or a refactor.
+//!
+//! A type of your own becomes a key, or a default-key argument, with `#[derive(KeyPart)]`
+//! (encoding and options in [`KeyPart`](trait@KeyPart)):
+//!
+//! ```
+//! use idem::{KeyPart, idempotent};
+//!
+//! #[derive(KeyPart)]
+//! struct Shipment {
+//!     order: u64,
+//!     warehouse: String,
+//!     #[key(skip)]
+//!     note: String, // does not make it another shipment
+//! }
+//!
+//! #[idempotent(name = "shipping.book.v1", ttl = "7d")]
+//! async fn book(shipment: &Shipment) -> Result<String, idem::Error> {
+//!     Ok(format!("label for {} from {}", shipment.order, shipment.warehouse))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem::Error> {
+//! let shipment = Shipment { order: 7, warehouse: "north".into(), note: String::new() };
+//! book(&shipment).await?;
+//! // The struct is the tuple of its fields: any code finds the record from them.
+//! let replay = idem::Idempotent::new(idem::MemoryStore::global(), (7u64, "north"))
+//!     .name("shipping.book.v1")
+//!     .run_with_outcome(|| async { Ok::<String, idem::Error>("not run".into()) })
+//!     .await?;
+//! assert_eq!(replay.value, "label for 7 from north");
+//! # Ok(()) }
+//! ```
 //!
 //! Duration literals are a whole number and a unit: `ns`, `us`, `ms`, `s`, `m`, `h`, `d`
 //! (`"250ms"`, `"30s"`, `"24h"`, `"7d"`), checked at compile time.
@@ -113,7 +166,7 @@
 // so the docs of those items also say in words which feature they need.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub use idem_macros::idempotent;
+pub use idem_macros::{KeyPart, idempotent};
 /// `Idempotency-Key` semantics for tower and axum services (needs the `http` feature).
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

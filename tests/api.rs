@@ -902,3 +902,120 @@ async fn a_slow_claim_reply_is_renewed_before_the_body_starts() {
         .unwrap();
     assert_eq!(renewals_before_body, 1, "renewed once, before the body");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `outcome`: attribute users learn whether a call executed, waited or replayed (issue 16).
+
+struct Seats {
+    store: MemoryStore,
+    runs: AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Seats {
+    #[idempotent(store = self.store, key = seat, ttl = "1h", outcome)]
+    async fn reserve(&self, seat: u64) -> Result<idem::Outcome<Receipt>, AppError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if seat == 0 {
+            return Err(AppError::Declined);
+        }
+        // Held until the test lets it finish, so that a second call can wait for it.
+        if let Ok(permit) = self.gate.acquire().await {
+            permit.forget();
+        }
+        Ok(Receipt { order: seat, run })
+    }
+}
+
+#[tokio::test]
+async fn the_outcome_option_tells_executed_waited_and_replayed_apart() {
+    let seats = Arc::new(Seats {
+        store: MemoryStore::new(),
+        runs: AtomicUsize::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let first = tokio::spawn({
+        let seats = seats.clone();
+        async move { seats.reserve(7).await }
+    });
+    while seats.runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = tokio::spawn({
+        let seats = seats.clone();
+        async move { seats.reserve(7).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    seats.gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(first.status, Status::Executed);
+    assert_eq!(second.status, Status::Waited);
+    assert_eq!(first.value, second.value);
+    let left = first.expires_in.expect("stored");
+    assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600));
+
+    let replay = seats.reserve(7).await.unwrap();
+    assert_eq!(replay.status, Status::Replayed);
+    assert_eq!(replay.value, Receipt { order: 7, run: 1 });
+    assert!(
+        replay
+            .expires_in
+            .is_some_and(|left| left <= Duration::from_secs(3600))
+    );
+
+    assert!(matches!(seats.reserve(0).await, Err(AppError::Declined)));
+    assert_eq!(seats.runs.load(Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Review 2, finding 5: a body whose type names no single body needs a name.
+
+type Job = Box<dyn FnOnce() -> idem::BoxFuture<'static, Result<String, Error>> + Send>;
+
+fn job(label: &'static str, runs: &'static AtomicUsize) -> Job {
+    Box::new(move || {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(label.to_owned())
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_trait_object_or_fn_pointer_body_without_a_name_is_refused() {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let store = MemoryStore::new();
+    let run = |body: Job| Idempotent::new(&store, 1u64).run(body);
+    let charged = run(job("charged", &RUNS)).await;
+    assert!(
+        matches!(&charged, Err(Error::NameRequired { body }) if body.contains("dyn")),
+        "{charged:?}"
+    );
+    assert_eq!(RUNS.load(Ordering::SeqCst), 0, "nothing ran");
+    assert!(store.is_empty(), "nothing was claimed");
+
+    async fn plain() -> Result<u8, Error> {
+        Ok(1)
+    }
+    let pointer: fn() -> _ = || plain();
+    let refused = Idempotent::new(&store, 2u64).run(pointer).await;
+    assert!(
+        matches!(refused, Err(Error::NameRequired { .. })),
+        "{refused:?}"
+    );
+
+    // Named, the same bodies are two operations.
+    let named = |name: &'static str, body: Job| Idempotent::new(&store, 1u64).name(name).run(body);
+    assert_eq!(
+        named("charge", job("charged", &RUNS)).await.unwrap(),
+        "charged"
+    );
+    assert_eq!(
+        named("email", job("emailed", &RUNS)).await.unwrap(),
+        "emailed"
+    );
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+    // A fn item has a type of its own: no name needed.
+    assert_eq!(Idempotent::new(&store, 3u64).run(plain).await.unwrap(), 1);
+}

@@ -18,7 +18,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idem::http::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default};
+use idem::http::{
+    IDEMPOTENT_EXPIRES_IN, IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default,
+};
 use idem::{
     BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
     MemoryStore, OnConflict, Store, Token,
@@ -2214,4 +2216,31 @@ async fn client_usage_of_a_request_works_with_the_default_scope() {
     let stranger = idempotency.client_usage_of(&request(Some("Bearer stranger")));
     assert_eq!(stranger.map(|u| u.records), Some(0));
     assert_eq!(idempotency.client_usage_of(&request(None)), None);
+}
+
+/// Issue 16: the record's expiry is sent with the stored response and every replay, in whole
+/// seconds, and never with a response that was not stored.
+#[tokio::test]
+async fn stored_responses_and_replays_say_when_the_record_expires() {
+    let server = serve(layer().ttl(Duration::from_secs(3600))).await;
+    let http = Http::new(&server);
+    let seconds = |reply: &Reply| -> u64 {
+        reply.headers[IDEMPOTENT_EXPIRES_IN]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let first = http.post("/orders", "exp-1", "x").await;
+    assert!(!first.replayed());
+    assert!((3595..=3600).contains(&seconds(&first)), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let retry = http.post("/orders", "exp-1", "x").await;
+    assert!(retry.replayed());
+    assert!((3590..3600).contains(&seconds(&retry)), "{retry:?}");
+
+    let failed = http.post("/status/503", "exp-2", "x").await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!failed.headers.contains_key(IDEMPOTENT_EXPIRES_IN));
+    assert_eq!(server.shared.calls(), 2);
 }

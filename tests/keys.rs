@@ -79,3 +79,148 @@ fn namespaces_and_type_arguments_separate_keys() {
     // Namespace and value are length-prefixed, so they cannot bleed into each other.
     assert_ne!(Key::new("ab", &"c"), Key::new("a", &"bc"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// `#[derive(KeyPart)]`: a struct is the tuple of its fields, an enum variant the tuple of its
+// name and fields (issue 17).
+
+mod derived {
+    use std::collections::BTreeSet;
+
+    use idem::key::canonical_bytes;
+    use idem::{Key, KeyPart};
+
+    #[derive(KeyPart)]
+    struct Order {
+        id: u64,
+        customer: String,
+        #[key(skip)]
+        #[allow(dead_code)]
+        note: String,
+    }
+
+    #[derive(KeyPart)]
+    #[allow(dead_code)]
+    struct Pair<A, B>(A, #[key(skip)] f64, B)
+    where
+        B: Clone;
+
+    #[derive(KeyPart)]
+    struct Marker;
+
+    #[derive(KeyPart)]
+    struct Nested<'a> {
+        order: &'a Order,
+        tags: BTreeSet<&'static str>,
+    }
+
+    #[derive(KeyPart)]
+    enum Event {
+        Created { order: u64, at: u32 },
+        Paid(u64),
+        Cancelled,
+    }
+
+    #[derive(KeyPart)]
+    enum Never {}
+
+    /// Thirteen fields: more than the tuple impls go up to; the derive has no such limit.
+    #[derive(KeyPart)]
+    struct Wide(u8, u8, u8, u8, u8, u8, u8, u8, u8, u8, u8, u8, u8);
+
+    fn order() -> Order {
+        Order {
+            id: 42,
+            customer: "ada".into(),
+            note: "leave at the door".into(),
+        }
+    }
+
+    #[test]
+    fn a_struct_is_the_tuple_of_its_kept_fields() {
+        assert_eq!(canonical_bytes(&order()), canonical_bytes(&(42u64, "ada")));
+        let other_note = Order {
+            note: "ring twice".into(),
+            ..order()
+        };
+        assert_eq!(
+            Key::new("orders", &order()),
+            Key::new("orders", &other_note),
+            "a skipped field does not change the key"
+        );
+        assert_eq!(
+            canonical_bytes(&Pair(1u8, 0.5, "b".to_owned())),
+            canonical_bytes(&(1u8, "b"))
+        );
+        assert_eq!(canonical_bytes(&Marker), canonical_bytes(&()));
+        let nested = Nested {
+            order: &order(),
+            tags: ["b", "a"].into_iter().collect(),
+        };
+        assert_eq!(
+            canonical_bytes(&nested),
+            canonical_bytes(&(
+                (42u64, "ada"),
+                ["a", "b"].into_iter().collect::<BTreeSet<_>>()
+            ))
+        );
+        // By hand, as a user would write it for a tuple of 13.
+        struct ByHand([u8; 13]);
+        impl KeyPart for ByHand {
+            fn encode(&self, enc: &mut idem::key::Encoder<'_>) {
+                enc.write_tuple_header(13);
+                for part in &self.0 {
+                    part.encode(enc);
+                }
+            }
+        }
+        let wide = Wide(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13);
+        let by_hand = ByHand([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(canonical_bytes(&wide), canonical_bytes(&by_hand));
+    }
+
+    #[test]
+    fn an_enum_variant_is_the_tuple_of_its_name_and_fields() {
+        assert_eq!(
+            canonical_bytes(&Event::Created { order: 7, at: 9 }),
+            canonical_bytes(&("Created", 7u64, 9u32))
+        );
+        assert_eq!(
+            canonical_bytes(&Event::Paid(7)),
+            canonical_bytes(&("Paid", 7u64))
+        );
+        assert_eq!(
+            canonical_bytes(&Event::Cancelled),
+            canonical_bytes(&("Cancelled",))
+        );
+        let _ = |never: &Never| canonical_bytes(never);
+    }
+
+    /// Pinned: a derived type's key must never change, or its records would be orphaned.
+    #[test]
+    fn derived_golden_digests() {
+        assert_eq!(
+            Key::new("orders", &order()).to_hex(),
+            "84ad1f892f27fde343441562eba099b3eab95b411404cf1f697115bb5659c56f"
+        );
+        assert_eq!(
+            Key::new("events", &Event::Created { order: 7, at: 9 }).to_hex(),
+            "28708cfbd251df977a48c7c66c3cdee9def7810102aacb265571c0280a0ba23f"
+        );
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error(transparent)]
+    struct AppError(#[from] idem::Error);
+
+    #[idem::idempotent(name = "keys.derived.ship", store = idem::MemoryStore::new())]
+    async fn ship(order: &Order) -> Result<u64, AppError> {
+        Ok(order.id)
+    }
+
+    /// A derived type is a default-key argument, with the key `Key::new(name, &order)`.
+    #[tokio::test]
+    async fn a_derived_type_is_a_default_key_argument() {
+        assert_eq!(ship(&order()).await.unwrap(), 42);
+    }
+}

@@ -303,7 +303,7 @@ mod http {
         let mut conn = TcpStream::connect(addr).await.unwrap();
         let request = format!(
             "POST /orders HTTP/1.1\r\nhost: test\r\nidempotency-key: {key}\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+             authorization: Bearer t\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(request.as_bytes()).await.unwrap();

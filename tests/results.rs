@@ -343,6 +343,194 @@ async fn futures_catch_unwind<F: std::future::Future>(
     .await
 }
 
+/// Review 2, finding 1: a `Deserialize` that loses or changes data, with an `==` loose enough
+/// not to see it (an entity compared by id, a case-insensitive address, `-0.0 == 0.0`). The
+/// type's `==` adds to the comparison of the encodings; it does not replace it.
+mod loose_eq {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    pub struct Order {
+        pub id: u64,
+        #[serde(skip_deserializing)]
+        pub note: String,
+    }
+
+    impl PartialEq for Order {
+        fn eq(&self, other: &Self) -> bool {
+            self.id == other.id
+        }
+    }
+
+    #[derive(Serialize, Deserialize, Clone, Debug)]
+    pub struct Address(#[serde(deserialize_with = "lowercase")] pub String);
+
+    fn lowercase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        String::deserialize(d).map(|s| s.to_lowercase())
+    }
+
+    impl PartialEq for Address {
+        fn eq(&self, other: &Self) -> bool {
+            self.0.eq_ignore_ascii_case(&other.0)
+        }
+    }
+
+    #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct Temp {
+        #[serde(deserialize_with = "plus_zero")]
+        pub c: f64,
+    }
+
+    fn plus_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        f64::deserialize(d).map(|c| c + 0.0)
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn order(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Order, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Order {
+            id: key,
+            note: "gift wrap".to_owned(),
+        })
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn address(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Address, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Address("Bob@Example.COM".to_owned()))
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn temp(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Temp, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Temp { c: -0.0 })
+    }
+
+    fn refused<T: std::fmt::Debug>(again: &Result<T, Error>) {
+        assert!(matches!(again, Err(Error::Codec(_))), "{again:?}");
+    }
+
+    pub async fn are_refused(store: &dyn Store) {
+        let runs = AtomicUsize::new(0);
+        let key = fresh();
+        assert_eq!(order(store, &runs, key).await.unwrap().note, "gift wrap");
+        refused(&order(store, &runs, key).await);
+        let key = fresh();
+        assert_eq!(
+            address(store, &runs, key).await.unwrap().0,
+            "Bob@Example.COM"
+        );
+        refused(&address(store, &runs, key).await);
+        let key = fresh();
+        assert!(temp(store, &runs, key).await.unwrap().c.is_sign_negative());
+        refused(&temp(store, &runs, key).await);
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "no body ran again");
+    }
+
+    #[tokio::test]
+    async fn in_memory() {
+        are_refused(&idem::MemoryStore::new()).await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn on_redis() {
+        are_refused(&super::redis::store().await).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn on_postgres() {
+        are_refused(&super::postgres::store().await).await;
+    }
+}
+
+/// Review 2, findings 2 and 3: in-memory replays were clones of a kept value, so a lossy
+/// `Clone` changed them, and replays shared the kept value's `Arc`s (a replay's change showed in
+/// the next). Every replay is now decoded from the record, as on Redis and PostgreSQL.
+mod replays_are_their_own_values {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    pub struct Cached {
+        pub id: u64,
+        pub cache: Option<u64>,
+    }
+
+    /// A `Clone` that drops the cache, as some caches' do.
+    impl Clone for Cached {
+        fn clone(&self) -> Self {
+            Cached {
+                id: self.id,
+                cache: None,
+            }
+        }
+    }
+
+    /// A list behind a shared lock: its `Clone` shares the list.
+    #[derive(Clone, Debug)]
+    pub struct Shared(pub Arc<Mutex<Vec<u8>>>);
+
+    impl Serialize for Shared {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let list = self.0.lock().map(|l| l.clone()).unwrap_or_default();
+            list.serialize(s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Shared {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Vec::<u8>::deserialize(d).map(|list| Shared(Arc::new(Mutex::new(list))))
+        }
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn cached(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Cached, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Cached {
+            id: key,
+            cache: Some(9),
+        })
+    }
+
+    #[idempotent(key = key, store = store)]
+    async fn shared(store: &dyn Store, runs: &AtomicUsize, key: u64) -> Result<Shared, Error> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(Shared(Arc::new(Mutex::new(vec![1]))))
+    }
+
+    async fn check(store: &dyn Store) {
+        let runs = AtomicUsize::new(0);
+        let key = fresh();
+        cached(store, &runs, key).await.unwrap();
+        let replay = cached(store, &runs, key).await.unwrap();
+        assert_eq!(replay.cache, Some(9), "a replay is not a clone");
+
+        let key = fresh();
+        shared(store, &runs, key).await.unwrap();
+        let one = shared(store, &runs, key).await.unwrap();
+        one.0.lock().unwrap().push(66);
+        let two = shared(store, &runs, key).await.unwrap();
+        assert_eq!(*two.0.lock().unwrap(), vec![1], "replays share nothing");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn in_memory() {
+        check(&idem::MemoryStore::new()).await;
+        // The process-wide default store, through the attribute without `store = ...`.
+        check(idem::MemoryStore::global()).await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn on_redis() {
+        check(&super::redis::store().await).await;
+    }
+}
+
 mod refusals {
     use idem::MemoryStore;
 

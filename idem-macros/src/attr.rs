@@ -26,11 +26,12 @@ mod kw {
     syn::custom_keyword!(name);
     syn::custom_keyword!(fingerprint);
     syn::custom_keyword!(on_conflict);
+    syn::custom_keyword!(outcome);
 }
 
 /// The options, in the order the documentation lists them.
 const OPTIONS: &str =
-    "key, skip, store, ttl, lease, wait_timeout, name, fingerprint, on_conflict, crate";
+    "key, skip, store, ttl, lease, wait_timeout, name, fingerprint, on_conflict, outcome, crate";
 
 /// A duration option: a literal parsed at compile time, or an expression of type `Duration`.
 pub(crate) enum DurationArg {
@@ -56,6 +57,10 @@ pub(crate) struct Args {
     pub name: Option<LitStr>,
     pub fingerprint: Option<Expr>,
     pub on_conflict: Option<OnConflict>,
+    /// `outcome`, where it was written: the function returns `Result<Outcome<T>, E>`.
+    pub outcome: Option<Span>,
+    /// `outcome` was written, with a mistake (already reported).
+    pub outcome_invalid: bool,
     pub krate: Option<Path>,
     /// Every mistake in the options; the options that were well formed are set above, so the
     /// function's signature is still checked against them.
@@ -91,6 +96,7 @@ enum Kind {
     Name,
     Fingerprint,
     OnConflict,
+    Outcome,
     Crate,
 }
 
@@ -106,6 +112,7 @@ impl Kind {
             Kind::Name => "name",
             Kind::Fingerprint => "fingerprint",
             Kind::OnConflict => "on_conflict",
+            Kind::Outcome => "outcome",
             Kind::Crate => "crate",
         }
     }
@@ -121,6 +128,7 @@ impl Kind {
             Kind::Name => "`name = \"payments.charge.v1\"`",
             Kind::Fingerprint => "`fingerprint = request.body_hash`",
             Kind::OnConflict => "`on_conflict = wait` or `on_conflict = reject`",
+            Kind::Outcome => "`outcome`",
             Kind::Crate => "`crate = ::my_facade::idem`",
         }
     }
@@ -147,6 +155,7 @@ impl Kind {
             name => Kind::Name,
             fingerprint => Kind::Fingerprint,
             on_conflict => Kind::OnConflict,
+            outcome => Kind::Outcome,
         }
         if input.peek(Token![crate]) {
             let token = input.parse::<Token![crate]>()?;
@@ -163,6 +172,8 @@ enum Value {
     Duration(DurationArg),
     Name(LitStr),
     OnConflict(OnConflict),
+    /// An option without a value (`outcome`).
+    Flag,
     Crate(Path),
 }
 
@@ -174,19 +185,24 @@ enum Item {
         span: Span,
         value: Value,
     },
-    Invalid(syn::Error),
+    /// A mistake, and the option it was in when it started with one's keyword.
+    Invalid(syn::Error, Option<Kind>),
 }
 
 impl Parse for Item {
     fn parse(input: ParseStream) -> syn::Result<Self> {
+        let started = Kind::parse(&input.fork())
+            .ok()
+            .flatten()
+            .map(|(kind, _)| kind);
         let item = match parse_option(input) {
             Ok((kind, span, value)) => match expect_end_of_option(input, kind) {
                 Ok(()) => Item::Option { kind, span, value },
-                Err(err) => Item::Invalid(err),
+                Err(err) => Item::Invalid(err, Some(kind)),
             },
-            Err(err) => Item::Invalid(err),
+            Err(err) => Item::Invalid(err, started),
         };
-        if let Item::Invalid(_) = item {
+        if let Item::Invalid(..) = item {
             skip_to_comma(input)?;
         }
         Ok(item)
@@ -201,8 +217,11 @@ impl Parse for Args {
         for item in items {
             let (kind, span, value) = match item {
                 Item::Option { kind, span, value } => (kind, span, value),
-                Item::Invalid(err) => {
+                Item::Invalid(err, kind) => {
                     args.errors.push(err);
+                    if kind == Some(Kind::Outcome) {
+                        args.outcome_invalid = true;
+                    }
                     continue;
                 }
             };
@@ -214,14 +233,14 @@ impl Parse for Args {
                 continue;
             }
             seen.push(kind);
-            args.set(kind, value);
+            args.set(kind, span, value);
         }
         Ok(args)
     }
 }
 
 impl Args {
-    fn set(&mut self, kind: Kind, value: Value) {
+    fn set(&mut self, kind: Kind, span: Span, value: Value) {
         match (kind, value) {
             (Kind::Key, Value::Expr(expr)) => self.key = Some(expr),
             (Kind::Store, Value::Expr(expr)) => self.store = Some(expr),
@@ -232,6 +251,7 @@ impl Args {
             (Kind::WaitTimeout, Value::Duration(d)) => self.wait_timeout = Some(d),
             (Kind::Name, Value::Name(lit)) => self.name = Some(lit),
             (Kind::OnConflict, Value::OnConflict(policy)) => self.on_conflict = Some(policy),
+            (Kind::Outcome, Value::Flag) => self.outcome = Some(span),
             (Kind::Crate, Value::Crate(path)) => self.krate = Some(path),
             // `parse_value` makes each kind's own value.
             _ => {}
@@ -246,6 +266,12 @@ fn parse_option(input: ParseStream) -> syn::Result<(Kind, Span, Value)> {
     };
     let value = match kind {
         Kind::Skip => parse_skip(input, span)?,
+        Kind::Outcome if input.peek(Token![=]) => {
+            return Err(input.error(
+                "option `outcome` takes no value: write `outcome`, and declare the return type as `Result<idem::Outcome<T>, E>`",
+            ));
+        }
+        Kind::Outcome => Value::Flag,
         _ => {
             parse_eq(input, kind, span)?;
             parse_value(input, kind)?
@@ -321,7 +347,9 @@ fn parse_value(input: ParseStream, kind: Kind) -> syn::Result<Value> {
         Kind::Name => Value::Name(name(expr)?),
         Kind::OnConflict => Value::OnConflict(on_conflict(expr)?),
         Kind::Crate => Value::Crate(crate_path(expr)?),
-        Kind::Key | Kind::Store | Kind::Fingerprint | Kind::Skip => Value::Expr(expr),
+        Kind::Key | Kind::Store | Kind::Fingerprint | Kind::Skip | Kind::Outcome => {
+            Value::Expr(expr)
+        }
     })
 }
 

@@ -45,6 +45,22 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
                 .err()
                 .map(syn::Error::into_compile_error)
                 .unwrap_or_default();
+            // A function that returns an `Outcome` has a body that returns `Result<T, E>`: its
+            // body is left out, so that the only errors are the ones above.
+            if valid::idem_outcome(&func.sig.output).is_some() {
+                let ItemFn {
+                    attrs, vis, sig, ..
+                } = &func;
+                let outer = attrs
+                    .iter()
+                    .filter(|attr| matches!(attr.style, AttrStyle::Outer));
+                return quote! {
+                    #error
+                    #(#outer)*
+                    #[allow(unused_variables)]
+                    #vis #sig { ::core::unimplemented!() }
+                };
+            }
             quote!(#error #func)
         }
     }
@@ -113,7 +129,6 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
     let key_var = local("__idem_key", here);
     let fingerprint_var = local("__idem_fingerprint", here);
     let policy_var = local("__idem_policy", here);
-    let typed_var = local("__idem_typed", here);
     let eq_var = local("__idem_eq", here);
     let body_var = local("__idem_body", here);
     let out_var = local("__idem_out", here);
@@ -215,13 +230,17 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         &key_var,
         &fingerprint_var,
         &policy_var,
-        &typed_var,
         &eq_var,
         &body_var,
     ]
     .map(|var| local(&var.to_string(), ret.span()));
+    // With `outcome`, the function returns the value with its status and expiry.
+    let runner = match args.outcome {
+        Some(_) => Ident::new("run_with_outcome", ret.span()),
+        None => Ident::new("run", ret.span()),
+    };
     let run = quote_spanned! {ret.span()=>
-        #krate_at_ret::__private::run(#(#run_args),*).await
+        #krate_at_ret::__private::#runner(#(#run_args),*).await
     };
 
     // A return edge that is never taken types the body's output as the function's return type
@@ -247,11 +266,6 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let #key_var = #krate::__private::Key::new(#name_var, #key);
             let #fingerprint_var = #fingerprint;
             let #policy_var = &#krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
-            let #typed_var = {
-                #[allow(unused_imports)]
-                use #krate::__private::{ViaClone as _, ViaEncoding as _};
-                (&#krate::__private::Probe::<<#ret as #krate::__private::IdemResult>::Ok>::new()).typed_ops()
-            };
             let #eq_var = {
                 #[allow(unused_imports)]
                 use #krate::__private::{ViaPartialEq as _, WithoutPartialEq as _};

@@ -2,6 +2,7 @@
 //! describes the options; this crate only parses, validates and expands.
 
 mod attr;
+mod derive;
 mod duration;
 mod expand;
 mod valid;
@@ -13,4 +14,12 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(args.into(), item.into()).into()
+}
+
+/// Implements `idem::KeyPart` for a struct or enum from its fields, so it can be a key, part of
+/// one, or a default-key argument. See `idem::KeyPart` for the encoding and the `#[key(...)]`
+/// options.
+#[proc_macro_derive(KeyPart, attributes(key))]
+pub fn derive_key_part(input: TokenStream) -> TokenStream {
+    derive::key_part(input.into()).into()
 }

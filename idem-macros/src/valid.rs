@@ -20,7 +20,8 @@ pub(crate) struct KeyArg {
 pub(crate) struct Checked {
     /// The arguments of the default key (empty when `key = ...` is given).
     pub key_args: Vec<KeyArg>,
-    /// The return type, `Result<T, E>`.
+    /// The body's return type, `Result<T, E>`: the function's own, or with `outcome` the
+    /// function's `Result<Outcome<T>, E>` without the `Outcome`.
     pub ret: Type,
 }
 
@@ -54,7 +55,29 @@ pub(crate) fn check(args: &Args, item: &ItemFn, errors: &mut Errors) -> Option<C
         ));
     }
 
-    let ret = check_return(sig.ident.span(), &sig.output, errors);
+    let output = match args.outcome {
+        Some(flag) => match without_outcome(flag, &sig.output) {
+            Ok(output) => Some(output),
+            Err(err) => {
+                errors.push(err);
+                None
+            }
+        },
+        None => {
+            if args.outcome_invalid {
+                None
+            } else if let Some(outcome) = idem_outcome(&sig.output) {
+                errors.push(syn::Error::new_spanned(
+                    outcome,
+                    "this function returns an `Outcome`: add the `outcome` option (`#[idempotent(outcome, ...)]`), and the body returns `Result<T, E>` while callers get `Outcome<T>` (if `Outcome` is a type of your own, write it with its module path, as `crate::Outcome<T>`)",
+                ));
+                None
+            } else {
+                Some(sig.output.clone())
+            }
+        }
+    };
+    let ret = output.and_then(|output| check_return(sig.ident.span(), &output, errors));
 
     let mut typed: Vec<(&Pat, &Type)> = Vec::new();
     for input in &sig.inputs {
@@ -207,6 +230,86 @@ fn pat_display(pat: &Pat) -> String {
         Pat::Ident(p) => p.ident.to_string(),
         _ => "the argument".to_owned(),
     }
+}
+
+/// The `Ok` type of a return type written `Result<Outcome<T>, E>` or `Result<idem::Outcome<T>,
+/// E>` (or an alias's first argument likewise), if it is one.
+pub(crate) fn idem_outcome(output: &ReturnType) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    let Type::Path(path) = &**ty else {
+        return None;
+    };
+    let PathArguments::AngleBracketed(generic) = &path.path.segments.last()?.arguments else {
+        return None;
+    };
+    let Some(GenericArgument::Type(ok)) = generic.args.first() else {
+        return None;
+    };
+    let Type::Path(ok_path) = ok else {
+        return None;
+    };
+    let segments: Vec<String> = ok_path
+        .path
+        .segments
+        .iter()
+        .map(|seg| seg.ident.to_string())
+        .collect();
+    let is_idem = match segments.as_slice() {
+        [last] => last == "Outcome",
+        [.., krate, last] => krate == "idem" && last == "Outcome",
+        [] => false,
+    };
+    (ok_path.qself.is_none() && is_idem).then_some(ok)
+}
+
+/// With `outcome`, the function returns `Result<Outcome<T>, E>` (any path ending in `Outcome`,
+/// as `idem::Outcome<T>`, in the first type argument of `Result` or an alias of it) and its body
+/// `Result<T, E>`: the return type with that `Outcome<T>` replaced by `T`.
+fn without_outcome(flag: Span, output: &ReturnType) -> syn::Result<ReturnType> {
+    const MUST: &str = "with `outcome`, the function must return `Result<idem::Outcome<T>, E>`; its body returns `Result<T, E>`, and callers get the value with its `status` (executed or replayed) and `expires_in`";
+    let ReturnType::Type(arrow, ty) = output else {
+        return Err(syn::Error::new(flag, MUST));
+    };
+    let mut body = (**ty).clone();
+    let first = match &mut body {
+        Type::Path(path) if path.qself.is_none() => {
+            path.path
+                .segments
+                .last_mut()
+                .and_then(|last| match &mut last.arguments {
+                    PathArguments::AngleBracketed(generic) => generic.args.first_mut(),
+                    _ => None,
+                })
+        }
+        _ => None,
+    };
+    let Some(GenericArgument::Type(ok)) = first else {
+        return Err(syn::Error::new_spanned(ty, MUST));
+    };
+    let inner = match &*ok {
+        Type::Path(path) if path.qself.is_none() => path
+            .path
+            .segments
+            .last()
+            .filter(|last| last.ident == "Outcome")
+            .and_then(|last| match &last.arguments {
+                PathArguments::AngleBracketed(generic) if generic.args.len() == 1 => {
+                    match generic.args.first() {
+                        Some(GenericArgument::Type(inner)) => Some(inner.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }),
+        _ => None,
+    };
+    let Some(inner) = inner else {
+        return Err(syn::Error::new_spanned(&*ok, MUST));
+    };
+    *ok = inner;
+    Ok(ReturnType::Type(*arrow, Box::new(body)))
 }
 
 /// The return type must be `Result<T, E>`, or an alias of it (checked by the type checker

@@ -5,7 +5,6 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::exec::TypedOps;
 pub use crate::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Key, KeyPart,
     MemoryStore, OnConflict, Policy, Store,
@@ -106,10 +105,31 @@ pub async fn run<T, E, Fut>(
     key: Key,
     fingerprint: Option<Fingerprint>,
     policy: &Policy,
-    typed: Option<TypedOps<T>>,
     eq: Option<fn(&T, &T) -> bool>,
     body: Fut,
 ) -> Result<T, E>
+where
+    T: Storable,
+    E: FromIdemError,
+    Fut: Future<Output = Result<T, E>>,
+{
+    run_with_outcome(store, name, key, fingerprint, policy, eq, body)
+        .await
+        .map(|outcome| outcome.value)
+}
+
+/// [`run`] for a function with the `outcome` option: its return type is
+/// `Result<Outcome<T>, E>` (or an alias of it).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with_outcome<T, E, Fut>(
+    store: &dyn Store,
+    name: &str,
+    key: Key,
+    fingerprint: Option<Fingerprint>,
+    policy: &Policy,
+    eq: Option<fn(&T, &T) -> bool>,
+    body: Fut,
+) -> Result<crate::Outcome<T>, E>
 where
     T: Storable,
     E: FromIdemError,
@@ -121,9 +141,7 @@ where
         fingerprint,
         policy,
     };
-    crate::exec::execute(store, call, typed, eq, body)
-        .await
-        .map(|outcome| outcome.value)
+    crate::exec::execute(store, call, eq, body).await
 }
 
 /// Finds `T`'s equality by autoref specialisation: `(&EqProbe::<T>::new()).eq_fn()` is
@@ -165,48 +183,6 @@ pub trait WithoutPartialEq<T> {
 
 impl<T> WithoutPartialEq<T> for &EqProbe<T> {
     fn eq_fn(&self) -> Option<fn(&T, &T) -> bool> {
-        None
-    }
-}
-
-/// Finds [`TypedOps`] for `T` by autoref specialisation: `(&Probe::<T>::new()).typed_ops()` is
-/// `Some` when `T: Clone + Serialize + Send + Sync + 'static`, `None` otherwise. It only works
-/// where `T` is a concrete type, which it is in the expansion.
-pub struct Probe<T>(PhantomData<fn() -> T>);
-
-impl<T> Probe<T> {
-    /// A probe for `T`.
-    pub const fn new() -> Probe<T> {
-        Probe(PhantomData)
-    }
-}
-
-impl<T> Default for Probe<T> {
-    fn default() -> Self {
-        Probe::new()
-    }
-}
-
-/// The probe's answer for a cloneable, shareable `T` (found first, by value).
-pub trait ViaClone<T> {
-    /// `Some` operations.
-    fn typed_ops(&self) -> Option<TypedOps<T>>;
-}
-
-impl<T: Clone + Serialize + Send + Sync + 'static> ViaClone<T> for Probe<T> {
-    fn typed_ops(&self) -> Option<TypedOps<T>> {
-        Some(TypedOps::new())
-    }
-}
-
-/// The probe's answer for any other `T` (found after autoref).
-pub trait ViaEncoding<T> {
-    /// `None`: keep the result encoded.
-    fn typed_ops(&self) -> Option<TypedOps<T>>;
-}
-
-impl<T> ViaEncoding<T> for &Probe<T> {
-    fn typed_ops(&self) -> Option<TypedOps<T>> {
         None
     }
 }

@@ -140,23 +140,27 @@
 //! `PartialEq::eq`, which the executor passes when the attribute finds one. What decides whether
 //! the value is stored:
 //!
-//! - **With `eq`, for a value `eq` to itself**, the type's equality: the replay must be `eq` to
-//!   the value, and the encodings are not compared. This catches what no encoding can show, a
-//!   `Serialize` that loses data before the format sees it (a `#[serde(skip)]` field, a lossy
-//!   `with`, `into` or `from`, untagged variants of one shape, a `#[serde(flatten)]` `Option`
-//!   whose `None` and `Some` serialize alike), and a `Deserialize` that reorders a `Vec`; it
-//!   accepts a `HashMap` or `HashSet`, whose replay is `eq` in any order. A value that is not
-//!   `eq` to itself (one holding a NaN: `NaN != NaN`) cannot be checked this way, and is checked
-//!   as without `eq`.
-//! - **Without `eq`**, the encodings: they must be equal byte for byte (one `memcmp`, the common
+//! - **Always, the encodings**: they must be equal byte for byte (one `memcmp`, the common
 //!   case), or else after sorting the elements of every sequence and map by their encoded bytes,
 //!   recursively. That acceptance of other orders is needed for a `HashMap` or `HashSet`, which
-//!   iterates its elements in another order in every instance, and it is structural: serde
-//!   serializes a `HashSet` and a `Vec` alike, so **without `eq`, a `Deserialize` that reorders a
-//!   `Vec`'s elements passes** (it replays the same elements in its own order). Likewise a
-//!   `Serialize` that loses data before the format sees it writes the value and its replay
-//!   alike, so without `eq` nothing shows the loss. These are the check's documented limits;
-//!   `PartialEq` on the result type closes both.
+//!   iterates its elements in another order in every instance. This catches a `Deserialize`
+//!   that drops or changes data (a `skip_deserializing` field, a `deserialize_with` that
+//!   lowercases, `-0.0` read back as `0.0`) whatever the type's `==` says: an entity whose `==`
+//!   compares ids only, or a case-insensitive `==`, is still refused.
+//! - **And with `eq`, for a value `eq` to itself**, the type's equality: the replay must also
+//!   be `eq` to the value. This catches what no encoding can show, a `Serialize` that loses data
+//!   before the format sees it (a `#[serde(skip)]` field, a lossy `with`, `into` or `from`,
+//!   untagged variants of one shape, a `#[serde(flatten)]` `Option` whose `None` and `Some`
+//!   serialize alike), and a `Deserialize` that reorders a `Vec`. A value that is not `eq` to
+//!   itself (one holding a NaN: `NaN != NaN`) cannot be checked this way, and is checked by the
+//!   encodings alone.
+//! - **Without `eq`** (the function API, a generic function whose result type is a type
+//!   parameter, a type without `PartialEq`), the encodings alone. The order-insensitive
+//!   comparison is structural: serde serializes a `HashSet` and a `Vec` alike, so **without
+//!   `eq`, a `Deserialize` that reorders a `Vec`'s elements passes** (it replays the same
+//!   elements in its own order). Likewise a `Serialize` that loses data before the format sees
+//!   it writes the value and its replay alike, so without `eq` nothing shows the loss. These are
+//!   the check's documented limits; `PartialEq` on a concrete result type closes both.
 //!
 //! A replay that differs otherwise is refused with an `Unfaithful` that says where and how (a
 //! path of `.field`, `.0`, `[index]` for sequence elements, compared by position, and `[key]` for
@@ -342,15 +346,18 @@ pub(crate) fn encode_checked<T: Serialize + DeserializeOwned>(
 /// returns), and checking it with the type's own equality where it has one (`eq`, passed by the
 /// executor when the attribute finds `PartialEq`):
 ///
-/// - With `eq`, a value that is `eq` to itself must be `eq` to its replay, and the encodings
-///   are not compared. That catches a `Serialize` that loses data before it reaches the format
+/// - Always, the encodings of the value and of the replay must be equal, exactly or up to the
+///   order of the elements of sequences and maps (needed for `HashMap` and `HashSet`). That
+///   catches a `Deserialize` that drops or changes data (`skip_deserializing`, a lowercasing
+///   `deserialize_with`, `-0.0` read as `0.0`), however loose the type's `==` is.
+/// - With `eq`, a value that is `eq` to itself must also be `eq` to its replay. That catches
+///   what the encodings cannot see: a `Serialize` that loses data before it reaches the format
 ///   (`#[serde(skip)]`, a lossy `with`/`into`/`from`, untagged variants of one shape) and a
-///   `Deserialize` that reorders a `Vec`, and accepts a `HashMap` or `HashSet` in any order.
-/// - Without `eq`, or for a value not `eq` to itself (a NaN inside), the encodings of the value
-///   and of the replay must be equal, exactly or up to the order of the elements of sequences
-///   and maps (needed for `HashMap` and `HashSet`). So a `Deserialize` that reorders a `Vec`'s
-///   elements passes, and so does a `Serialize` that loses data before the format, since both
-///   encodings lose it alike: the documented limits of a check without `PartialEq`.
+///   `Deserialize` that reorders a `Vec`.
+/// - Without `eq`, or for a value not `eq` to itself (a NaN inside), only the encodings are
+///   compared: a `Deserialize` that reorders a `Vec`'s elements passes, and so does a
+///   `Serialize` that loses data before the format, since both encodings lose it alike: the
+///   documented limits of a check without `PartialEq`.
 pub(crate) fn encode_checked_replay<T: Serialize + DeserializeOwned>(
     value: &T,
     eq: Option<fn(&T, &T) -> bool>,
@@ -367,7 +374,7 @@ pub(crate) fn encode_checked_replay<T: Serialize + DeserializeOwned>(
     }
     let second = encode_record(&replay, first.len())
         .map_err(|err| Unfaithful::new::<T>(Reason::Reencode(err)))?;
-    if first == second || eq.is_some() {
+    if first == second {
         return Ok((first, replay));
     }
     // Not byte for byte: the same up to the order of elements (a HashMap), or a different value.

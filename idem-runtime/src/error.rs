@@ -38,6 +38,20 @@ pub enum Error {
     /// a second run of the body.
     #[error("idempotent result codec: {0}")]
     Codec(#[source] BoxError),
+
+    /// A call of the function API without a [`name`](crate::Idempotent::name) whose body's type
+    /// does not identify it (`Box<dyn FnOnce() -> ..>`, `&dyn Fn`, a `fn` pointer): every body
+    /// of that type at that call site would share one namespace, and one would replay
+    /// another's result. Nothing was claimed and the body did not run; give the call a name.
+    #[error(
+        "an idempotent call without a name needs a body whose type identifies it, and `{body}` \
+         does not (every body of this type at this call site would share records): give the \
+         call `.name(\"...\")`"
+    )]
+    NameRequired {
+        /// The body's type, as `std::any::type_name` prints it.
+        body: &'static str,
+    },
 }
 
 impl Error {

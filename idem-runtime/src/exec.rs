@@ -1,10 +1,8 @@
 //! The executor: claim, replay or run, renew, complete or release.
 
-use std::any::Any;
 use std::borrow::Cow;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -20,7 +18,7 @@ use crate::key::{Fingerprint, Key, KeyPart};
 use crate::metrics;
 use crate::record::{Claim, Completion, Token};
 use crate::store::Store;
-use crate::store::memory::{Typed, Value, ValueClaim};
+use crate::store::memory::{Value, ValueClaim};
 
 /// How long a completed result is remembered unless told otherwise: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -314,7 +312,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
     {
         let name = match self.name {
             Some(name) => name,
-            None => Cow::Owned(call_site_namespace::<F>(self.site)),
+            None => Cow::Owned(call_site_namespace::<F>(self.site)?),
         };
         let key = Key::new(&name, &self.key);
         let call = Call {
@@ -323,7 +321,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
             fingerprint: self.fingerprint,
             policy: &self.policy,
         };
-        execute(self.store, call, None, None, async move { body().await }).await
+        execute(self.store, call, None, async move { body().await }).await
     }
 }
 
@@ -331,12 +329,35 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
 /// includes its crate, module, function and that function's type arguments) and the call site,
 /// so two call sites, two crates or two instantiations of a generic function never share
 /// records.
-pub(crate) fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> String {
-    let mut body = std::any::type_name::<F>();
+///
+/// A body whose type names no single body (a trait object, a `fn` pointer) is
+/// [`Error::NameRequired`]: every body of that type at the call site would share records.
+pub(crate) fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> Result<String, Error> {
+    let full = std::any::type_name::<F>();
+    if !identifies_a_body(full) {
+        return Err(Error::NameRequired { body: full });
+    }
+    let mut body = full;
     while let Some(outer) = body.strip_suffix("::{{closure}}") {
         body = outer;
     }
-    format!("{body}@{}:{}:{}", site.file(), site.line(), site.column())
+    Ok(format!(
+        "{body}@{}:{}:{}",
+        site.file(),
+        site.line(),
+        site.column()
+    ))
+}
+
+/// Whether a body type's name is one body's: not a trait object (`dyn`) nor a `fn` pointer
+/// anywhere in it (`Box<dyn FnOnce() -> ..>`, `&dyn Fn() -> ..`, `fn() -> ..`,
+/// `Arc<dyn Fn() -> ..>`). Closures and `fn` items have a type of their own.
+fn identifies_a_body(type_name: &str) -> bool {
+    // A `fn` pointer prints as `fn(..)`, `unsafe fn(..)` or `extern "C" fn(..)`; no path has a
+    // segment named `dyn` or `fn` (keywords).
+    !type_name
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|word| word == "dyn" || word == "fn")
 }
 
 /// Everything the executor needs to know about one call besides its store and body.
@@ -362,50 +383,8 @@ macro_rules! outcome {
     }};
 }
 
-/// How to keep `T` typed in the in-memory store: clone it out on replay instead of decoding it.
-/// `#[idempotent]` finds these for a `T: Clone + Sync` through autoref specialisation, where the
-/// type is concrete; elsewhere results are kept encoded.
-pub struct TypedOps<T> {
-    pub(crate) clone: fn(&T) -> T,
-    pub(crate) into_any: fn(T) -> Arc<dyn Any + Send + Sync>,
-    pub(crate) encode: fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error>,
-}
-
-impl<T> Clone for TypedOps<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for TypedOps<T> {}
-
-impl<T: Clone + Serialize + Send + Sync + 'static> TypedOps<T> {
-    /// The operations of a cloneable, shareable `T`.
-    pub(crate) fn new() -> TypedOps<T> {
-        TypedOps {
-            clone: T::clone,
-            into_any: |value| Arc::new(value),
-            encode: encode_any::<T>,
-        }
-    }
-}
-
-fn encode_any<T: Serialize + 'static>(value: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error> {
-    match value.downcast_ref::<T>() {
-        // Checked when it was stored: encoded again as it is.
-        Some(value) => encode_value(value),
-        None => Err(Error::codec(
-            "a typed record is not of the type it was stored with",
-        )),
-    }
-}
-
-/// Encodes a result that was already checked by [`encode_result`].
-fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    codec::encode(value).map_err(Error::codec)
-}
-
 /// Encodes a result for a store, refusing one that would not replay equal to itself.
+#[cfg(feature = "postgres")]
 pub(crate) fn encode_result<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
     codec::to_vec(value)
 }
@@ -469,18 +448,11 @@ async fn claim<S: Store + ?Sized>(
     })
 }
 
-/// A stored value as `T`: cloned when it is kept typed as `T`, decoded otherwise.
-fn decode<T: DeserializeOwned + 'static>(
-    value: &Value,
-    typed: Option<TypedOps<T>>,
-) -> Result<T, Error> {
-    if let (Value::Typed(stored), Some(ops)) = (value, typed)
-        && let Some(value) = stored.value.downcast_ref::<T>()
-    {
-        return Ok((ops.clone)(value));
-    }
-    let bytes = value.to_bytes()?;
-    decode_result(&bytes)
+/// A stored value as `T`: decoded from its record on every replay, on every store, so a replay
+/// is a value of its own, exactly what any store returns (a clone of a kept value would share
+/// its `Arc`s and go through the type's own `Clone`, which need not be faithful).
+fn decode<T: DeserializeOwned + 'static>(value: &Value) -> Result<T, Error> {
+    decode_result(&value.to_bytes()?)
 }
 
 /// Emits the `cancelled` (or `panicked`) event of a call whose future is dropped before it
@@ -527,7 +499,6 @@ impl Drop for Unreported<'_, '_> {
 pub(crate) async fn execute<S, T, E, Fut>(
     store: &S,
     call: Call<'_>,
-    typed: Option<TypedOps<T>>,
     eq: Option<fn(&T, &T) -> bool>,
     body: Fut,
 ) -> Result<Outcome<T>, E>
@@ -593,7 +564,7 @@ where
                     outcome!(INFO, call, "key_reused");
                     return Err(Error::KeyReused.into());
                 }
-                let value = match decode::<T>(&value, typed) {
+                let value = match decode::<T>(&value) {
                     Ok(value) => value,
                     Err(err) => {
                         outcome!(WARN, call, "store_error", error = %err, step = "decode");
@@ -645,7 +616,7 @@ where
         panicked: &panicked,
         report: &mut report,
     };
-    Box::pin(claimed.run(typed, eq, body)).await
+    Box::pin(claimed.run(eq, body)).await
 }
 
 /// A key this call holds: what [`Claimed::run`] needs to run the body and settle the claim.
@@ -668,7 +639,6 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
     /// body succeeded would let a retry run the body a second time.
     async fn run<T, E, Fut>(
         self,
-        typed: Option<TypedOps<T>>,
         eq: Option<fn(&T, &T) -> bool>,
         body: Fut,
     ) -> Result<Outcome<T>, E>
@@ -719,27 +689,15 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             )),
             ttl: policy.ttl,
         };
-        let (encoded, replay, mut unstorable) = match codec::encode_checked_replay(&value, eq) {
-            Ok((bytes, replay)) => (Bytes::from(bytes), Some(replay), None),
+        let (encoded, mut unstorable) = match codec::encode_checked_replay(&value, eq) {
+            Ok((bytes, _replay)) => (Bytes::from(bytes), None),
             Err(err) => {
                 let err = Error::codec(err);
-                (Bytes::from(unstorable_result(&err)), None, Some(err))
+                (Bytes::from(unstorable_result(&err)), Some(err))
             }
         };
-        let completion = match (store.as_memory(), typed, replay) {
-            // Kept typed: a replay clones the decoded value (exactly what a store of bytes
-            // would replay), with nothing to decode later. No await: the completion cannot be
-            // cancelled halfway.
-            (Some(memory), Some(ops), Some(replay)) => {
-                guard.stage = Stage::Settled;
-                let kept = Value::Typed(Typed {
-                    value: (ops.into_any)(replay),
-                    encode: ops.encode,
-                    size: encoded.len(),
-                });
-                Ok(memory.complete_value(key, token, call.fingerprint, kept, policy.ttl))
-            }
-            (Some(memory), _, _) => {
+        let completion = match store.as_memory() {
+            Some(memory) => {
                 guard.stage = Stage::Settled;
                 Ok(memory.complete_value(
                     key,
@@ -749,7 +707,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                     policy.ttl,
                 ))
             }
-            (None, _, _) => {
+            None => {
                 // A result larger than the store takes is refused deterministically: record that
                 // it could not be stored (later calls get an error, the body never runs again)
                 // rather than send it.

@@ -348,7 +348,16 @@ pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
 /// Floating-point numbers are deliberately not key parts: `0.1 + 0.2 != 0.3` and `NaN != NaN`
 /// would make equal-looking requests different keys.
 ///
-/// For a type of your own, encode what identifies it:
+/// For a type of your own, derive it with the `idem` crate's `#[derive(KeyPart)]`: a struct
+/// encodes as the tuple of its fields in declaration order (`Order { id, customer }` is the key
+/// `(id, customer)`, so another program computes it as `Key::new(name, &(id, customer))`), an
+/// enum variant as the tuple of its name and fields (`Event::Paid(7)` is `("Paid", 7)`, a unit
+/// variant `("Cancelled",)`), and a field marked `#[key(skip)]` is left out. Every field's type
+/// must be a key part (reported at the field), type parameters are bounded by `KeyPart`, unions
+/// are refused, and `#[key(crate = "path::to::idem")]` on the type serves re-exporters. Renaming
+/// a variant or reordering fields changes the key.
+///
+/// Or encode what identifies it by hand:
 ///
 /// ```
 /// use idem_runtime::key::{Encoder, KeyPart};
@@ -365,7 +374,7 @@ pub fn canonical_bytes<V: KeyPart + ?Sized>(value: &V) -> Vec<u8> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of an idempotency key",
     label = "`{Self}` does not implement `idem::KeyPart`",
-    note = "leave this argument out of the key with `skip(...)`, give the key explicitly with `key = ...`, or implement `idem::KeyPart` for the type"
+    note = "leave it out of the key (`skip(...)` for an argument of an `#[idempotent]` function, `#[key(skip)]` for a field of a `#[derive(KeyPart)]` type), give the key explicitly with `key = ...`, or implement `idem::KeyPart` for the type (`#[derive(KeyPart)]`)"
 )]
 pub trait KeyPart {
     /// Writes the canonical encoding of `self`.

@@ -810,3 +810,233 @@ fn command_len(buf: &[u8]) -> Option<usize> {
     }
     Some(at)
 }
+
+/// A TCP proxy in front of a Redis server whose outages a test controls: it can send new
+/// connections to another server (a failover behind one address), cut every live connection,
+/// refuse new ones, hold what clients send (a server slow to answer), and cut the connection that
+/// carries a command with a marker, before the command reaches the server or right after (the
+/// server runs it; its reply is lost).
+pub struct ChaosProxy {
+    port: u16,
+    state: Arc<ChaosState>,
+}
+
+/// Where [`ChaosProxy::cut_on`] cuts a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Before the data with the marker reaches the server: the command never runs.
+    Before,
+    /// Right after it reached the server: the command runs, its reply is lost.
+    After,
+}
+
+struct CutOn {
+    marker: Vec<u8>,
+    times: usize,
+    when: Cut,
+    then_refuse: bool,
+}
+
+#[derive(Default)]
+struct ChaosState {
+    /// Where new connections go.
+    upstream: std::sync::atomic::AtomicU16,
+    refusing: std::sync::atomic::AtomicBool,
+    holding: std::sync::atomic::AtomicBool,
+    /// The marker to cut on, how many more times, where, and whether to refuse new connections
+    /// from then on.
+    cut_on: Mutex<Option<CutOn>>,
+    cuts: AtomicUsize,
+    accepted: AtomicUsize,
+    /// Both sockets of every connection, to cut them.
+    live: Mutex<Vec<(TcpStream, TcpStream)>>,
+}
+
+impl ChaosProxy {
+    /// A proxy to the server on `target_port`, listening on a free loopback port.
+    pub fn start(target_port: u16) -> ChaosProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let state = Arc::new(ChaosState::default());
+        state.upstream.store(target_port, Ordering::SeqCst);
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                if shared.refusing.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let upstream = shared.upstream.load(Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let clones = (
+                    client.try_clone(),
+                    server.try_clone(),
+                    client.try_clone(),
+                    server.try_clone(),
+                );
+                let (Ok(client_read), Ok(server_write), Ok(client_kept), Ok(server_kept)) = clones
+                else {
+                    continue;
+                };
+                shared
+                    .live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((client_kept, server_kept));
+                let muted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let down_muted = muted.clone();
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (server, client);
+                    let mut chunk = [0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if down_muted.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if to.write_all(&chunk[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+                let state = shared.clone();
+                std::thread::spawn(move || {
+                    forward_chaos(client_read, server_write, &state, &muted)
+                });
+            }
+        });
+        ChaosProxy { port, state }
+    }
+
+    /// The `redis://` URL of the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// New connections go to the server on `port` from now on (live ones stay where they are:
+    /// cut them with [`ChaosProxy::cut_all`]).
+    pub fn switch_to(&self, port: u16) {
+        self.state.upstream.store(port, Ordering::SeqCst);
+    }
+
+    /// Cuts every live connection now.
+    pub fn cut_all(&self) {
+        let live = std::mem::take(&mut *self.state.live.lock().unwrap_or_else(|e| e.into_inner()));
+        for (client, server) in live {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Refuses new connections (accepts and closes them at once) while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.state.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds what clients send (passes nothing on to the server) while `on`: a server that does
+    /// not answer. What was held is passed on, in order, when it is turned off.
+    pub fn hold(&self, on: bool) {
+        self.state.holding.store(on, Ordering::SeqCst);
+    }
+
+    /// Cuts the connections whose client data contains `marker`, the next `times` times it is
+    /// seen, [`Cut::Before`] or [`Cut::After`] the data reaches the server; with `then_refuse`,
+    /// refuses new connections from the first cut on (until [`ChaosProxy::refuse`]`(false)`).
+    pub fn cut_on(&self, marker: &[u8], times: usize, when: Cut, then_refuse: bool) {
+        *self.state.cut_on.lock().unwrap_or_else(|e| e.into_inner()) = Some(CutOn {
+            marker: marker.to_vec(),
+            times,
+            when,
+            then_refuse,
+        });
+    }
+
+    /// How many connections [`ChaosProxy::cut_on`] cut so far.
+    pub fn cuts(&self) -> usize {
+        self.state.cuts.load(Ordering::SeqCst)
+    }
+
+    /// How many connections clients opened so far (refused ones included).
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.hold(false);
+        self.cut_all();
+    }
+}
+
+fn forward_chaos(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    state: &ChaosState,
+    muted: &std::sync::atomic::AtomicBool,
+) {
+    // The end of what came before, so that a marker split across two reads is still found.
+    let mut tail: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut window = std::mem::take(&mut tail);
+        window.extend_from_slice(&chunk[..n]);
+        let cut = {
+            let mut armed = state.cut_on.lock().unwrap_or_else(|e| e.into_inner());
+            match armed.as_mut() {
+                Some(on)
+                    if on.times > 0
+                        && !on.marker.is_empty()
+                        && window
+                            .windows(on.marker.len())
+                            .any(|w| w == on.marker.as_slice()) =>
+                {
+                    on.times -= 1;
+                    Some((on.when, on.then_refuse))
+                }
+                _ => None,
+            }
+        };
+        let keep = window.len().min(4096);
+        tail = window[window.len() - keep..].to_vec();
+        if let Some((when, then_refuse)) = cut {
+            if then_refuse {
+                state.refusing.store(true, Ordering::SeqCst);
+            }
+            state.cuts.fetch_add(1, Ordering::SeqCst);
+            if when == Cut::Before {
+                // Neither the command nor anything after it reaches the server.
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        while state.holding.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if to.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        if cut.is_some() {
+            // The server has the command: it runs it, and its reply goes nowhere. The client
+            // sees its connection closed.
+            muted.store(true, Ordering::SeqCst);
+            let _ = from.shutdown(Shutdown::Both);
+        }
+    }
+    // Half-close towards the server, so that it still runs what it was sent before it sees the
+    // end of the connection.
+    let _ = to.shutdown(Shutdown::Write);
+}

@@ -387,11 +387,11 @@ where
                     let age = outcome
                         .expires_in
                         .map(|left| config.ttl.saturating_sub(left));
-                    Ok(outcome.value.into_replay(age))
+                    Ok(outcome.value.into_replay(age, outcome.expires_in))
                 }
             }
         }
-        Ok(outcome) => Ok(outcome.value.into_first()),
+        Ok(outcome) => Ok(outcome.value.into_first(outcome.expires_in)),
         Err(Unstored::Response(response)) => Ok(*response),
         Err(Unstored::Service(err)) => Err(err),
         Err(Unstored::OverQuota(over)) => Ok(over_quota(&over, config)),

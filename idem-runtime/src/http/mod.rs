@@ -39,8 +39,8 @@
 //!
 //! | situation | answer |
 //! | --- | --- |
-//! | first request with this key (from this client) | the handler runs; its response is stored (see [What is stored](#what-is-stored)) and returned |
-//! | the same key and the same request again | the stored response, byte for byte, plus `Idempotent-Replayed: true`; the handler does not run |
+//! | first request with this key (from this client) | the handler runs; its response is stored (see [What is stored](#what-is-stored)) and returned, with [`Idempotent-Expires-In`](IDEMPOTENT_EXPIRES_IN) |
+//! | the same key and the same request again | the stored response, byte for byte, plus `Idempotent-Replayed: true`, `Age` and [`Idempotent-Expires-In`](IDEMPOTENT_EXPIRES_IN); the handler does not run |
 //! | the same key while the first request is still running | `409 Conflict` with `Retry-After` (or, with [`OnConflict::Wait`](crate::OnConflict::Wait), the first response once it is there) |
 //! | the same key with a different request (method, path and query, [fingerprinted headers](IdempotencyLayer::fingerprint_headers), or body) | `422 Unprocessable Content` |
 //! | the same key and request, but another value of a header the stored response varies on (`Vary`) | `422 Unprocessable Content`; the handler does not run |
@@ -228,6 +228,14 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// (over [`max_response_bytes`](IdempotencyLayer::max_response_bytes)) or `body-error` (the
 /// handler's response body failed while it was read). A retry runs the handler again.
 pub const IDEMPOTENT_NOT_STORED: HeaderName = HeaderName::from_static("idempotent-not-stored");
+
+/// The response header that says how long the record of the request's key lives on, in whole
+/// seconds (rounded down), on the response that was stored and on every replay:
+/// `Idempotent-Expires-In: 86399`. Until then a retry with the key gets the stored response;
+/// after it, the handler runs again. Absent when the response was not stored
+/// ([`IDEMPOTENT_NOT_STORED`]) or the store does not know (a record stored late, in the
+/// background).
+pub const IDEMPOTENT_EXPIRES_IN: HeaderName = HeaderName::from_static("idempotent-expires-in");
 
 /// The longest key accepted unless set otherwise: 255 bytes (Stripe's limit).
 pub const DEFAULT_MAX_KEY_LEN: usize = 255;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::body::ResponseBody;
 use super::vary::{self, Vary};
-use super::{IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
+use super::{IDEMPOTENT_EXPIRES_IN, IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED};
 
 /// Version of the stored form; a record of another version does not decode (a codec error,
 /// answered with `500`, never a wrong replay). Version 1 kept bytes as JSON text or base64;
@@ -99,9 +99,11 @@ impl StoredResponse {
         self.vary.mismatch(request)
     }
 
-    /// The response for the call that ran the handler: its own head, the buffered body.
-    pub(crate) fn into_first<B>(self) -> Response<ResponseBody<B>> {
-        match self.first {
+    /// The response for the call that ran the handler: its own head, the buffered body, and
+    /// when it was stored ([`expires_in`](crate::Outcome::expires_in) is known),
+    /// [`Idempotent-Expires-In`](super::IDEMPOTENT_EXPIRES_IN).
+    pub(crate) fn into_first<B>(self, expires_in: Option<Duration>) -> Response<ResponseBody<B>> {
+        let mut response = match self.first {
             Some((parts, trailers)) => {
                 Response::from_parts(parts, ResponseBody::full(self.body, trailers))
             }
@@ -111,18 +113,28 @@ impl StoredResponse {
                 *response.headers_mut() = self.headers;
                 response
             }
-        }
+        };
+        set_expires_in(response.headers_mut(), expires_in);
+        response
     }
 
     /// The stored response, with `Idempotent-Replayed: true` and, when `age` is known (how long
     /// ago it was stored), `Age` (RFC 9111 §5.1): the seconds it has spent in the store, added to
     /// the `Age` the response carried when it was stored, as a cache adds its resident time.
-    pub(crate) fn into_replay<B>(self, age: Option<Duration>) -> Response<ResponseBody<B>> {
+    ///
+    /// `expires_in` (how long the record lives on) is sent as
+    /// [`Idempotent-Expires-In`](super::IDEMPOTENT_EXPIRES_IN).
+    pub(crate) fn into_replay<B>(
+        self,
+        age: Option<Duration>,
+        expires_in: Option<Duration>,
+    ) -> Response<ResponseBody<B>> {
         let mut response = Response::new(ResponseBody::full(self.body, None));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
         let headers = response.headers_mut();
         headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        set_expires_in(headers, expires_in);
         if let Some(age) = age {
             // A stored `Age` that is not a number is replaced (RFC 9111 §5.1: a cache that
             // cannot parse it must not use it).
@@ -135,6 +147,20 @@ impl StoredResponse {
             headers.insert(header::AGE, HeaderValue::from(age));
         }
         response
+    }
+}
+
+/// Sets [`Idempotent-Expires-In`](super::IDEMPOTENT_EXPIRES_IN) to the whole seconds the record
+/// lives on (rounded down: the record lives at least that long), or removes a stored one when
+/// that is not known.
+fn set_expires_in(headers: &mut HeaderMap, expires_in: Option<Duration>) {
+    match expires_in {
+        Some(left) => {
+            headers.insert(IDEMPOTENT_EXPIRES_IN, HeaderValue::from(left.as_secs()));
+        }
+        None => {
+            headers.remove(IDEMPOTENT_EXPIRES_IN);
+        }
     }
 }
 
@@ -154,6 +180,7 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
             || named_by_connection.contains(name)
             || name == IDEMPOTENT_REPLAYED
             || name == IDEMPOTENT_NOT_STORED
+            || name == IDEMPOTENT_EXPIRES_IN
         {
             continue;
         }
@@ -337,7 +364,7 @@ mod tests {
         assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
         assert!(back.first.is_none());
 
-        let replay = back.into_replay::<()>(Some(Duration::from_millis(2500)));
+        let replay = back.into_replay::<()>(Some(Duration::from_millis(2500)), None);
         assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
         assert_eq!(replay.headers()[header::AGE], "2");
     }

@@ -1,6 +1,5 @@
 //! The embedded in-memory store.
 
-use std::any::Any;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::mem::size_of;
@@ -212,29 +211,18 @@ enum State {
     },
 }
 
-/// A completed result as the in-memory store keeps it: encoded (written through the [`Store`]
-/// trait), or typed (written by the executor, which then replays it by cloning, with no decoding).
+/// A completed result as the in-memory store keeps it: its record, as every store keeps it
+/// (replays decode it, so they are exactly what Redis's and PostgreSQL's are).
 #[derive(Clone)]
 pub(crate) enum Value {
     Bytes(Bytes),
-    Typed(Typed),
-}
-
-/// A result kept as its own type, with the function that encodes it for readers that need bytes.
-#[derive(Clone)]
-pub(crate) struct Typed {
-    pub(crate) value: Arc<dyn Any + Send + Sync>,
-    pub(crate) encode: fn(&(dyn Any + Send + Sync)) -> Result<Vec<u8>, Error>,
-    /// The size of its encoding, in bytes: what the store counts against its byte bound.
-    pub(crate) size: usize,
 }
 
 impl Value {
-    /// The encoded value, encoding a typed one.
+    /// The encoded value.
     pub(crate) fn to_bytes(&self) -> Result<Bytes, Error> {
         match self {
             Value::Bytes(bytes) => Ok(bytes.clone()),
-            Value::Typed(typed) => (typed.encode)(&*typed.value).map(Bytes::from),
         }
     }
 
@@ -242,12 +230,11 @@ impl Value {
     fn size(&self) -> usize {
         match self {
             Value::Bytes(bytes) => bytes.len(),
-            Value::Typed(typed) => typed.size,
         }
     }
 }
 
-/// What [`MemoryStore::claim_value`] found: a [`Claim`] whose completed value may be typed.
+/// What [`MemoryStore::claim_value`] found: a [`Claim`] with the completed value as kept.
 pub(crate) enum ValueClaim {
     Acquired(Token),
     Completed {

@@ -1544,7 +1544,9 @@ impl PostgresStore {
     /// [`Idempotent::new`](crate::Idempotent::new) gives: the path of the body's type and this
     /// call site (`file:line:column` of the code that calls `transactional`), so two
     /// operations keyed by the same value at two call sites never share a record. That
-    /// namespace changes when the code moves: name records that must outlive a deployment.
+    /// namespace changes when the code moves: name records that must outlive a deployment. A
+    /// body whose type names no single body (a boxed trait object) needs a name:
+    /// [`Error::NameRequired`] otherwise.
     #[track_caller]
     pub fn transactional<K: KeyPart>(&self, key: K) -> Transactional<'_, K> {
         Transactional {
@@ -2504,7 +2506,10 @@ impl<K: KeyPart> Transactional<'_, K> {
         // executor's namespace when none was given (the body's type and the call site).
         let name = match self.name {
             Some(name) => name,
-            None => Cow::Owned(call_site_namespace::<F>(self.site)),
+            // A body type that names no single body (a boxed trait object) would share its
+            // records with every other such body at this call site: `Error::NameRequired`, as
+            // for `Idempotent`.
+            None => Cow::Owned(call_site_namespace::<F>(self.site)?),
         };
         let this = Transactional {
             policy: self.policy.bounded(),

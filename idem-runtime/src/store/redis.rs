@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -32,7 +32,8 @@ use crate::record::{Claim, Completed, Completion, Token};
 /// expiry and well-formed fields. `load(key, with_value)` returns `nil` for no record,
 /// `false, why` for a value that is not an idem record (left untouched by every script), or a
 /// table `{state, token, fp, ttl, grace, value}`. It costs two commands on the hot paths (`HMGET`
-/// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`): each
+/// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`; any other
+/// error of `HMGET` is raised): each
 /// `redis.call` is several microseconds of server time, and the replay benchmark showed five.
 ///
 /// A running record lives `grace` milliseconds past its lease (see [`RedisStore`], "Records"):
@@ -46,7 +47,11 @@ local function load(key, with_value)
   else
     f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace')
   end
-  if f.err then return false, 'not a hash' end
+  if f.err then
+    -- WRONGTYPE: a value of another type. Anything else (an ACL that denies HMGET) is an error.
+    if not string.find(f.err, 'WRONGTYPE', 1, true) then error(f) end
+    return false, 'a ' .. redis.call('TYPE', key).ok .. ' (not a hash)'
+  end
   if not f[1] and not f[2] and not f[3] and not f[4] then
     if redis.call('EXISTS', key) == 0 then return nil end
     return false, 'a hash without the idem record marker (idem = 1)'
@@ -272,7 +277,9 @@ pub use super::IfUnsafe;
 /// digits ([`Key::to_hex`]); [`RedisStore::record_name`] gives it. Every operation touches that
 /// one key only, so the store works unchanged on Redis Cluster
 /// ([`RedisStoreBuilder::connect_cluster`]): each operation goes to the node that owns its key.
-/// Give the prefix a hash tag (`{idem}:`) to keep every record on one node.
+/// Give the prefix a hash tag (`{idem}:`) to keep every record on one node. A cluster node
+/// given to [`RedisStoreBuilder::connect`] is refused, with an error that says to use
+/// `connect_cluster` (through one node, the keys other nodes own would fail with `MOVED`).
 /// A record is a hash:
 ///
 /// | field | value |
@@ -309,7 +316,10 @@ pub use super::IfUnsafe;
 /// connection error or a `NOSCRIPT` (the node may be another server), before the next claim
 /// (which fails if the settings cannot be read: no body starts on a server nobody checked), the
 /// store reads `maxmemory-policy`, `appendonly` and `save` on the server, or on every master of
-/// a cluster:
+/// a cluster. The reading is sent again on a fresh connection if the connection breaks, within
+/// the claim's timeout; one that fails or is cut off (the call dropped, the timeout run out) is
+/// done again before the next claim, and a claim that comes while a reading is under way waits
+/// for it. What the store checks:
 ///
 /// - any policy but `noeviction` evicts idem records at `maxmemory` (every record has a ttl, so
 ///   the `volatile-*` policies evict them too), and a completed record that is evicted lets its
@@ -361,9 +371,16 @@ pub use super::IfUnsafe;
 ///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
 ///   claim is left to its lease.
 /// - A value under the prefix that is not an idem record (another type, a hash without the
-///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] and is left untouched,
-///   by every operation, [`Store::remove`] included: delete it by hand if it is garbage. A
-///   stored result that does not decode is reported by the executor as [`Error::Codec`].
+///   `idem` marker, no expiry, a malformed field) gives [`Error::Store`] naming the key and what
+///   it holds: another program writes under the same prefix. It is left untouched, by every
+///   operation, [`Store::remove`] included: give the store a prefix of its own, or delete it by
+///   hand if it is garbage. A stored result that does not decode is reported by the executor as
+///   [`Error::Codec`].
+/// - An ACL that refuses the store's user a command or a key (`NOPERM`, or a command a script
+///   runs) gives [`Error::Store`] naming the command or the key and the rule to add (`ACL
+///   SETUSER <user> +evalsha`, `~<prefix>*`). The store sends `EVALSHA`, `EVAL`, `SCRIPT LOAD`,
+///   `INFO` and `CONFIG GET`; its scripts run `HMGET`, `EXISTS`, `PTTL`, `HEXISTS`, `HSET`,
+///   `HDEL`, `PEXPIRE`, `DEL` and `TYPE` on the keys under its prefix.
 ///
 /// Create the store inside the tokio runtime that uses it: the connection's I/O runs on that
 /// runtime. The store is cheap to clone; clones share the connection.
@@ -452,14 +469,20 @@ impl RedisStoreBuilder {
     /// its settings (see [`RedisStore`], "Server settings").
     ///
     /// Fails with [`Error::Store`] if the URL is malformed, the server cannot be reached within
-    /// the timeout, or a setting is refused ([`RedisStoreBuilder::if_evicting`],
-    /// [`RedisStoreBuilder::if_not_persistent`]).
+    /// the timeout, a setting is refused ([`RedisStoreBuilder::if_evicting`],
+    /// [`RedisStoreBuilder::if_not_persistent`]), or the server is a Redis Cluster node
+    /// (`cluster_enabled:1` in `INFO cluster`): through one node, the keys other nodes own fail
+    /// with `MOVED`, so the error says to use [`RedisStoreBuilder::connect_cluster`], which
+    /// follows the cluster's slot map. (The store does not switch to a cluster connection by
+    /// itself: the URL's credentials, TLS and database would have to be carried over, and a
+    /// cluster connection is better asked for by name.)
     pub async fn connect(self, url: &str) -> Result<RedisStore, Error> {
         let client = Client::open(url).map_err(|source| failure("connect", source))?;
         self.connect_client(client).await
     }
 
-    /// Connects with an existing `redis` (version 1) client.
+    /// Connects with an existing `redis` (version 1) client. Fails as
+    /// [`RedisStoreBuilder::connect`] does, a Redis Cluster node included.
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -470,6 +493,13 @@ impl RedisStoreBuilder {
     pub async fn connect_client(self, client: Client) -> Result<RedisStore, Error> {
         require_tokio("connect")?;
         let server = client.get_connection_info().addr().to_string();
+        // Without a user name, Redis authenticates the `default` user.
+        let user = client
+            .get_connection_info()
+            .redis_settings()
+            .username()
+            .unwrap_or("default")
+            .to_owned();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -488,7 +518,7 @@ impl RedisStoreBuilder {
             load.exec_async(&mut conn).await?;
             Ok::<_, RedisError>(Conn::Single(conn))
         };
-        self.finish(connect, server).await
+        self.finish(connect, server, user).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; the
@@ -539,7 +569,8 @@ impl RedisStoreBuilder {
             }
             Ok::<_, RedisError>(Conn::Cluster(conn))
         };
-        self.finish(connect, "the cluster".to_owned()).await
+        self.finish(connect, "the cluster".to_owned(), "<user>".to_owned())
+            .await
     }
 
     /// Connects, then checks the server's settings: both within the timeout.
@@ -547,10 +578,19 @@ impl RedisStoreBuilder {
         self,
         connect: impl Future<Output = RedisResult<Conn>>,
         server: String,
+        user: String,
     ) -> Result<RedisStore, Error> {
         let timeout = self.timeout;
         let work = async {
-            let conn = connect.await.map_err(|source| failure("connect", source))?;
+            let conn = match connect.await {
+                Ok(conn) => conn,
+                Err(source) => {
+                    return Err(match acl_denial(&source, &user, &self.prefix, None) {
+                        Some(denied) => denied.into_error("connect", source),
+                        None => failure("connect", source),
+                    });
+                }
+            };
             let store = RedisStore {
                 conn,
                 prefix: Arc::from(self.prefix),
@@ -558,9 +598,10 @@ impl RedisStoreBuilder {
                 max_poll_interval: self.max_poll_interval,
                 health: Arc::new(Health {
                     server,
+                    user,
                     if_evicting: self.if_evicting,
                     if_not_persistent: self.if_not_persistent,
-                    recheck: AtomicBool::new(false),
+                    recheck: Recheck::default(),
                     checking: tokio::sync::Mutex::new(()),
                     max_value: AtomicU64::new(DEFAULT_MAX_BULK),
                     state: Mutex::new(HealthState::default()),
@@ -627,6 +668,10 @@ const FIRST_POLL: Duration = Duration::from_millis(5);
 /// always does, first).
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How many times a settings reading is sent when it fails on a broken connection: each failure
+/// starts a new connection attempt, which the next one waits for.
+const SETTINGS_ATTEMPTS: u32 = 3;
+
 /// Redis's default `proto-max-bulk-len`: the longest argument it accepts.
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 
@@ -638,17 +683,57 @@ const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 struct Health {
     /// The server the store connected to, for messages.
     server: String,
+    /// The ACL user the store connects as, for messages (`<user>` where unknown).
+    user: String,
     if_evicting: IfUnsafe,
     if_not_persistent: IfUnsafe,
-    /// Set when the settings must be read again before the next operation: after a connection
+    /// Whether the settings must be read again before the next operation: after a connection
     /// error or a `NOSCRIPT` (the node may be another server), or while a setting is refused.
-    recheck: AtomicBool,
+    recheck: Recheck,
     /// One reading at a time.
     checking: tokio::sync::Mutex<()>,
     /// The longest argument every node accepts (`proto-max-bulk-len`, 512 MB unless read): a
     /// longer one makes Redis close the connection, which every call shares.
     max_value: AtomicU64,
     state: Mutex<HealthState>,
+}
+
+/// Whether the server's settings must be read again: every request for a reading has a number,
+/// and a reading that succeeds answers the requests made before it started.
+///
+/// A flag cleared when a reading starts would be cleared for good by a reading that then fails,
+/// or whose caller is dropped or cut off by the timeout, and claims would run unchecked on what
+/// may be another server; and while a reading runs, other calls would take it as done. A flag
+/// cleared when a reading succeeds would lose a request made while it ran. Two counters do
+/// neither.
+#[derive(Default)]
+struct Recheck {
+    /// Requests so far.
+    asked: AtomicU64,
+    /// The requests that a successful reading answered (those made before it started).
+    answered: AtomicU64,
+}
+
+impl Recheck {
+    /// Asks for a reading before the next operation.
+    fn ask(&self) {
+        self.asked.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a request is not answered yet.
+    fn needed(&self) -> bool {
+        self.asked.load(Ordering::Acquire) > self.answered.load(Ordering::Acquire)
+    }
+
+    /// Before a reading: the requests it answers if it succeeds.
+    fn begin(&self) -> u64 {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// After a successful reading that began at `begun`.
+    fn answered(&self, begun: u64) {
+        self.answered.fetch_max(begun, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -664,6 +749,9 @@ struct HealthState {
 struct NodeSettings {
     addr: String,
     info: Value,
+    /// `INFO cluster`, read through a connection to one server only: a cluster node there is
+    /// refused ([`single_on_cluster`]). `Nil` on a cluster connection.
+    cluster: Value,
     policy: Value,
     appendonly: Value,
     save: Value,
@@ -678,6 +766,9 @@ impl Health {
     /// Judges what the nodes reported: warns (once per server and setting) where the builder
     /// says to, and returns the first refusal.
     fn judge(&self, nodes: &[NodeSettings]) -> Option<Unsafe> {
+        if let Some(refusal) = nodes.iter().find_map(single_on_cluster) {
+            return Some(refusal);
+        }
         let max_value = nodes
             .iter()
             .filter_map(|node| config_value(&node.max_bulk, "proto-max-bulk-len").ok())
@@ -782,11 +873,20 @@ impl Finding {
                 }
                 m
             }
-            Risk::Unreadable => format!(
-                "could not read the settings of Redis at {addr} ({detail}): idem cannot check \
-                 that maxmemory-policy is noeviction and that appendonly is yes; make sure they \
-                 are (CONFIG GET is renamed away or not permitted, as on some managed services)"
-            ),
+            Risk::Unreadable => {
+                let mut m = format!(
+                    "could not read the settings of Redis at {addr} ({detail}): idem cannot \
+                     check that maxmemory-policy is noeviction and that appendonly is yes; make \
+                     sure they are (CONFIG GET is renamed away or not permitted, as on some \
+                     managed services)"
+                );
+                if detail.contains("NOPERM") || detail.contains("no permissions") {
+                    m.push_str(
+                        ", or let the store's ACL user read them: ACL SETUSER <user> +config|get",
+                    );
+                }
+                m
+            }
         }
     }
 }
@@ -819,6 +919,25 @@ fn assess(node: &NodeSettings) -> Vec<Finding> {
         found.push(finding(Risk::Unreadable, why));
     }
     found
+}
+
+/// A Redis Cluster node reached through a connection to one server
+/// ([`RedisStoreBuilder::connect`]): refused whatever the builder says, because through it every
+/// key whose slot another node owns fails with `MOVED`, and which keys work depends on their
+/// digests. [`RedisStoreBuilder::connect_cluster`] is the way to a cluster.
+fn single_on_cluster(node: &NodeSettings) -> Option<Unsafe> {
+    if info_field(&node.cluster, "cluster_enabled").as_deref() != Some("1") {
+        return None;
+    }
+    let addr = &node.addr;
+    Some(Unsafe {
+        message: format!(
+            "Redis at {addr} is a Redis Cluster node (cluster_enabled:1), reached through a \
+             connection to one server: the records whose slots other nodes own would fail with \
+             MOVED. Connect with RedisStoreBuilder::connect_cluster([\"redis://{addr}/\"]) (any \
+             of the cluster's nodes; the others are discovered)"
+        ),
+    })
 }
 
 /// The value of `name` in a `CONFIG GET name` reply, or why there is none.
@@ -929,6 +1048,8 @@ impl RedisStore {
                 for cmd in &cmds {
                     pipe.add_command(cmd.clone());
                 }
+                // Its own command: before Redis 7, INFO takes one section.
+                pipe.cmd("INFO").arg("cluster");
                 let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
                 let mut replies = replies.into_iter();
                 let mut next = || replies.next().unwrap_or(Value::Nil);
@@ -939,6 +1060,7 @@ impl RedisStore {
                     appendonly: next(),
                     save: next(),
                     max_bulk: next(),
+                    cluster: next(),
                 }])
             }
             Conn::Cluster(conn) => {
@@ -981,6 +1103,7 @@ impl RedisStore {
                         appendonly: reply_of(&appendonly, &addr),
                         save: reply_of(&save, &addr),
                         max_bulk: reply_of(&max_bulk, &addr),
+                        cluster: Value::Nil,
                         addr,
                     })
                     .collect())
@@ -995,41 +1118,45 @@ impl RedisStore {
     /// settings were not read. Other operations go on whatever the reading says (a claim already
     /// granted is better completed, renewed or released on any server than abandoned), and try
     /// to read at most once per [`RECHECK_EVERY`].
+    ///
+    /// The request for a reading is answered only by a reading that succeeds: one that fails,
+    /// or is cut off (its caller dropped, or the timeout ran out), leaves it for the next
+    /// operation. The caller bounds this by the store's timeout.
     async fn settle(&self, op: &'static str) -> Result<(), Error> {
         let health = &*self.health;
-        if !health.recheck.load(Ordering::Acquire) {
+        if !health.recheck.needed() {
             return Ok(());
         }
         let claim = op == "claim";
         {
             let _one = health.checking.lock().await;
-            let due = health.recheck.load(Ordering::Acquire)
+            let due = health.recheck.needed()
                 && (claim
                     || health
                         .state()
                         .last_attempt
                         .is_none_or(|at| at.elapsed() >= RECHECK_EVERY));
             if due {
-                // Cleared first: a connection error while reading sets it again.
-                health.recheck.store(false, Ordering::Release);
+                let begun = health.recheck.begin();
                 health.state().last_attempt = Some(Instant::now());
-                match self.read_settings().await {
+                match self.read_settings_afresh().await {
                     Ok(nodes) => {
                         let refusal = health.judge(&nodes);
                         if let Some(refusal) = &refusal {
-                            // Read again before each claim until the setting is fixed.
-                            health.recheck.store(true, Ordering::Release);
+                            // Not answered: read again before each claim until the setting is
+                            // fixed.
                             if health.state().warned.insert(refusal.message.clone()) {
                                 tracing::warn!(
                                     target: "idem",
                                     "new claims are refused: {}", refusal.message
                                 );
                             }
+                        } else {
+                            health.recheck.answered(begun);
                         }
                         health.state().refusal = refusal;
                     }
                     Err(err) => {
-                        health.recheck.store(true, Ordering::Release);
                         if claim {
                             return Err(failure("claim (reading the server's settings)", err));
                         }
@@ -1047,10 +1174,29 @@ impl RedisStore {
         Ok(())
     }
 
+    /// [`RedisStore::read_settings`], sent again on a fresh connection after a connection
+    /// error, up to [`SETTINGS_ATTEMPTS`] times in all.
+    ///
+    /// A reading is asked for after a connection error, and the connection manager hands the
+    /// first command after a failed reconnection that failure (`Connection refused`, cached
+    /// from the outage) while it starts a new attempt: sent once, the first claim after an
+    /// outage would fail on a server that is back.
+    async fn read_settings_afresh(&self) -> RedisResult<Vec<NodeSettings>> {
+        let mut attempt = 1;
+        loop {
+            match self.read_settings().await {
+                Err(err) if is_connection_error(&err) && attempt < SETTINGS_ATTEMPTS => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs one command against the server within the timeout; a command that fails on a broken
     /// connection is sent once more (the connection manager has started to reconnect by then),
     /// after the server's settings are read again.
-    async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, Error>
+    async fn run<T, F, Fut>(&self, op: &'static str, name: &str, attempt: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -1058,15 +1204,18 @@ impl RedisStore {
         require_tokio(op)?;
         let work = async {
             self.settle(op).await?;
-            match attempt(self.conn.clone()).await {
+            let result = match attempt(self.conn.clone()).await {
                 Err(err) if is_connection_error(&err) => {
-                    self.health.recheck.store(true, Ordering::Release);
+                    self.health.recheck.ask();
                     self.settle(op).await?;
                     attempt(self.conn.clone()).await
                 }
                 other => other,
+            };
+            match result {
+                Ok(reply) => Ok(reply),
+                Err(err) => Err(self.failed(op, name, err).await),
             }
-            .map_err(|err| self.failed(op, err))
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
@@ -1077,16 +1226,38 @@ impl RedisStore {
         }
     }
 
-    /// The error of a failed command; a failure that may mean another server asks for its
-    /// settings to be read again.
-    fn failed(&self, op: &'static str, err: RedisError) -> Error {
+    /// The error of a failed command on the record `name`; a failure that may mean another
+    /// server asks for its settings to be read again. An ACL's refusal names what it refused
+    /// and the rule to add: a command that a script ran is found by asking the server which of
+    /// the scripts' commands the user may not run (Redis does not name it).
+    async fn failed(&self, op: &'static str, name: &str, err: RedisError) -> Error {
         if is_connection_error(&err) || err.is_cluster_error() {
-            self.health.recheck.store(true, Ordering::Release);
+            self.health.recheck.ask();
         }
         if err.code() == Some("OOM") {
             return Error::store(OutOfMemory { op, source: err });
         }
+        let user = &self.health.user;
+        if let Some(denied) = acl_denial(&err, user, &self.prefix, Some(name)) {
+            return denied.into_error(op, err);
+        }
+        if is_script_acl_denial(&err) {
+            let denied = self.denied_script_commands(name).await;
+            return Denied::ScriptCommands(denied).into_error_for(op, user, err);
+        }
         failure(op, err)
+    }
+
+    /// Which of the commands the scripts run on a record the user may not run on `name`
+    /// (`redis.acl_check_cmd`, Redis 7); all of them if the server cannot say.
+    async fn denied_script_commands(&self, name: &str) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(ACL_PROBE).arg(1).arg(name);
+        match cmd.query_async::<Vec<String>>(&mut conn).await {
+            Ok(denied) if !denied.is_empty() => denied,
+            _ => SCRIPT_COMMANDS.iter().map(|c| (*c).to_owned()).collect(),
+        }
     }
 
     /// Runs one of our scripts on the record of `key` ([`ScriptCall::send`]); `foreign` replies
@@ -1107,7 +1278,7 @@ impl RedisStore {
             recheck: &self.health.recheck,
         };
         let call = &call;
-        let reply: Value = self.run(op, move |conn| call.send(conn)).await?;
+        let reply: Value = self.run(op, name, move |conn| call.send(conn)).await?;
         let items = match reply {
             Value::Array(items) if !items.is_empty() => items,
             other => return Err(bad_reply(op, &other)),
@@ -1120,6 +1291,7 @@ impl RedisStore {
                 .unwrap_or_default();
             return Err(Error::store(Foreign {
                 name: name.to_owned(),
+                prefix: self.prefix.to_string(),
                 reason,
             }));
         }
@@ -1142,7 +1314,26 @@ impl RedisStore {
         }
     }
 
+    /// A claim, the reading of the settings it may wait for included, within the timeout.
     async fn claim_now(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        require_tokio("claim")?;
+        match tokio::time::timeout(self.timeout, self.claim_unbounded(key, fingerprint, lease))
+            .await
+        {
+            Ok(claim) => claim,
+            Err(_) => Err(Error::store(TimedOut {
+                op: "claim",
+                after: self.timeout,
+            })),
+        }
+    }
+
+    async fn claim_unbounded(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
@@ -1312,7 +1503,7 @@ struct ScriptCall<'a> {
     name: &'a str,
     args: &'a [&'a [u8]],
     /// Set on `NOSCRIPT`: the node may be one whose settings were never read.
-    recheck: &'a AtomicBool,
+    recheck: &'a Recheck,
 }
 
 impl ScriptCall<'_> {
@@ -1344,7 +1535,7 @@ impl ScriptCall<'_> {
         loop {
             let result = match self.command(false).query_async(&mut conn).await {
                 Err(err) if is_noscript(&err) => {
-                    self.recheck.store(true, Ordering::Release);
+                    self.recheck.ask();
                     self.command(true).query_async(&mut conn).await
                 }
                 other => other,
@@ -1393,7 +1584,7 @@ impl ScriptCall<'_> {
                 Value::ServerError(err)
                     if !with_source && err.kind() == Some(ServerErrorKind::NoScript) =>
                 {
-                    self.recheck.store(true, Ordering::Release);
+                    self.recheck.ask();
                     with_source = true;
                 }
                 Value::ServerError(err) => return Err(err.into()),
@@ -1625,7 +1816,15 @@ fn is_connection_error(err: &RedisError) -> bool {
 /// Whether a failed operation certainly wrote nothing (so a claim it was need not be released).
 fn wrote_nothing(err: &Error) -> bool {
     match err {
-        Error::Store(source) => source.is::<Foreign>() || source.is::<Unsafe>(),
+        Error::Store(source) => {
+            source.is::<Foreign>()
+                || source.is::<Unsafe>()
+                // Refused before the script ran; a command refused inside the script may come
+                // after one of its writes.
+                || source.downcast_ref::<AclRefused>().is_some_and(|acl| {
+                    matches!(acl.denied, Denied::Command(_) | Denied::Key { .. })
+                })
+        }
         _ => false,
     }
 }
@@ -1778,6 +1977,8 @@ impl std::error::Error for NoRuntime {}
 #[derive(Debug)]
 struct Foreign {
     name: String,
+    prefix: String,
+    /// What the key holds, as the script saw it.
     reason: String,
 }
 
@@ -1785,10 +1986,167 @@ impl fmt::Display for Foreign {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the Redis key {} holds {}, not an idem record; it was left untouched (delete it by \
-             hand if it is garbage)",
-            self.name, self.reason
+            "the Redis key {} holds {}, not an idem record: something other than idem wrote it, \
+             so the prefix {:?} is shared with another program. It was left untouched; give \
+             this store a prefix of its own (RedisStoreBuilder::prefix), or delete the key by \
+             hand if it is garbage",
+            self.name, self.reason, self.prefix
         )
+    }
+}
+
+/// What an ACL refused (`NOPERM`, or a command a script ran).
+#[derive(Debug)]
+enum Denied {
+    /// A command the store sends (lowercase, as in an ACL rule: `evalsha`, `script|load`).
+    Command(String),
+    /// The record's key (or, at connect, a key under the prefix).
+    Key {
+        name: Option<String>,
+        prefix: String,
+    },
+    /// Commands that the scripts run on a record (lowercase).
+    ScriptCommands(Vec<String>),
+}
+
+/// The commands the scripts run on a record, for an ACL rule.
+const SCRIPT_COMMANDS: [&str; 9] = [
+    "hmget", "exists", "pttl", "hexists", "hset", "hdel", "pexpire", "del", "type",
+];
+
+/// Returns which of the scripts' commands the user may not run on `KEYS[1]`.
+const ACL_PROBE: &str = r#"
+local denied = {}
+local probes = {
+  {'HMGET', KEYS[1], 'f'}, {'EXISTS', KEYS[1]}, {'PTTL', KEYS[1]}, {'HEXISTS', KEYS[1], 'f'},
+  {'HSET', KEYS[1], 'f', 'v'}, {'HDEL', KEYS[1], 'f'}, {'PEXPIRE', KEYS[1], '1'},
+  {'DEL', KEYS[1]}, {'TYPE', KEYS[1]}
+}
+for _, p in ipairs(probes) do
+  if not redis.acl_check_cmd(unpack(p)) then table.insert(denied, string.lower(p[1])) end
+end
+return denied
+"#;
+
+/// What a `NOPERM` reply refused, if it is one: `user` and `prefix` make the rule, `name` is
+/// the record the command was about.
+fn acl_denial(err: &RedisError, user: &str, prefix: &str, name: Option<&str>) -> Option<AclDenied> {
+    if err.code() != Some("NOPERM") {
+        return None;
+    }
+    let text = err
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| err.to_string());
+    // "no permissions to access one of the keys used as arguments"; a command reads "no
+    // permissions to run the 'evalsha' command".
+    let denied = if text.contains("access one of the keys") {
+        Denied::Key {
+            name: name.map(str::to_owned),
+            prefix: prefix.to_owned(),
+        }
+    } else {
+        let command = text
+            .split('\'')
+            .nth(1)
+            .filter(|c| !c.is_empty())
+            .unwrap_or("?")
+            .to_ascii_lowercase();
+        Denied::Command(command)
+    };
+    Some(AclDenied {
+        denied,
+        user: user.to_owned(),
+    })
+}
+
+/// Whether a script failed because the ACL denies a command it ran (Redis 7 says so with
+/// `ERR`, not `NOPERM`, and does not name the command).
+fn is_script_acl_denial(err: &RedisError) -> bool {
+    let text = err
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| err.to_string());
+    text.contains("can't run this command or subcommand")
+}
+
+/// An ACL refusal and the user it refused.
+struct AclDenied {
+    denied: Denied,
+    user: String,
+}
+
+impl AclDenied {
+    fn into_error(self, op: &'static str, source: RedisError) -> Error {
+        self.denied.into_error_for(op, &self.user, source)
+    }
+}
+
+impl Denied {
+    fn into_error_for(self, op: &'static str, user: &str, source: RedisError) -> Error {
+        Error::store(AclRefused {
+            op,
+            user: user.to_owned(),
+            denied: self,
+            source,
+        })
+    }
+}
+
+/// Redis's ACL refused a command or a key the store needs.
+#[derive(Debug)]
+struct AclRefused {
+    op: &'static str,
+    user: String,
+    denied: Denied,
+    source: RedisError,
+}
+
+impl fmt::Display for AclRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (op, user) = (self.op, &self.user);
+        match &self.denied {
+            Denied::Command(command) => write!(
+                f,
+                "Redis refused the {op}: the ACL of user {user} does not allow the command \
+                 {} (NOPERM). Add it: ACL SETUSER {user} +{command} (idem sends EVALSHA, EVAL, \
+                 SCRIPT LOAD, INFO and CONFIG GET: +evalsha +eval +script|load +info \
+                 +config|get)",
+                command.to_ascii_uppercase()
+            ),
+            Denied::Key { name, prefix } => {
+                write!(
+                    f,
+                    "Redis refused the {op}: the ACL of user {user} does not allow "
+                )?;
+                match name {
+                    Some(name) => write!(f, "the key {name}")?,
+                    None => write!(f, "the keys under the prefix {prefix:?}")?,
+                }
+                write!(
+                    f,
+                    " (NOPERM). Add the rule: ACL SETUSER {user} ~{prefix}* (idem reads and \
+                     writes every key under its prefix)"
+                )
+            }
+            Denied::ScriptCommands(commands) => {
+                let names: Vec<String> = commands.iter().map(|c| c.to_ascii_uppercase()).collect();
+                let rules: Vec<String> = commands.iter().map(|c| format!("+{c}")).collect();
+                write!(
+                    f,
+                    "Redis refused the {op}: the ACL of user {user} does not allow {}, which \
+                     idem's scripts run on its records. Add it: ACL SETUSER {user} {}",
+                    names.join(", "),
+                    rules.join(" ")
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for AclRefused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -1945,6 +2303,7 @@ mod tests {
             appendonly,
             save,
             max_bulk: config("proto-max-bulk-len", "1048576"),
+            cluster: bulk(b"# Cluster\r\ncluster_enabled:0\r\n"),
         }
     }
 
@@ -2030,6 +2389,32 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_node_reached_as_one_server_is_refused_with_the_way_to_connect() {
+        let mut single = node(
+            config("maxmemory-policy", "noeviction"),
+            config("appendonly", "yes"),
+            config("save", ""),
+        );
+        assert!(single_on_cluster(&single).is_none());
+        single.cluster = Value::Nil;
+        assert!(
+            single_on_cluster(&single).is_none(),
+            "INFO cluster not permitted"
+        );
+        single.cluster = bulk(b"# Cluster\r\ncluster_enabled:1\r\n");
+        let refusal = single_on_cluster(&single).map(|r| r.message);
+        let message = refusal.as_deref().unwrap_or_default();
+        for part in [
+            "10.0.0.1:6379",
+            "cluster_enabled:1",
+            "MOVED",
+            "connect_cluster",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+    }
+
+    #[test]
     fn an_unreadable_setting_is_a_warning_with_the_servers_answer() {
         let denied = ::redis::parse_redis_value(
             b"-ERR unknown command 'CONFIG', with args beginning with: 'GET'\r\n",
@@ -2060,7 +2445,8 @@ mod tests {
         );
         assert!(!worth_retrying(&Error::store(Foreign {
             name: "k".into(),
-            reason: "not a hash".into()
+            prefix: "idem:".into(),
+            reason: "a string (not a hash)".into()
         })));
         assert!(wrote_nothing(&Error::store(Unsafe {
             message: "x".into()
