@@ -2760,3 +2760,44 @@ async fn a_transactional_body_that_swallows_a_failed_statement_is_told_why() {
         .unwrap();
     assert_eq!(retry.status, Status::Executed);
 }
+
+/// Behind PgBouncer in transaction mode, a transactional body's session-level `SET` does not
+/// stay on PgBouncer's server connection for its next client: `RESET ALL` runs in the same
+/// message as the commit. (The store cannot close a pooler's server connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
+    let server = PgServer::shared();
+    let _ = shared_store().await; // the table exists
+    // One server connection: every client below runs on it.
+    let bouncer = PgBouncer::start(server, 1);
+    let store = PostgresStore::builder()
+        .transaction_pooler(true)
+        .from_url(&bouncer.url())
+        .unwrap();
+    let set = store
+        .transactional(unique("bouncer-leak"))
+        .name("bouncer.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.batch_execute("SET synchronous_commit = off").await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert_eq!(set.unwrap(), 1);
+    let other = client(&bouncer.url()).await;
+    let seen: String = other
+        .simple_query("SHOW synchronous_commit")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        seen, "on",
+        "another client of PgBouncer's server connection"
+    );
+}
