@@ -900,6 +900,7 @@ fn child_process_entry() {
         let store = Arc::new(PostgresStore::from_url(&url).unwrap());
         match role.as_str() {
             "crash" => crash_child(&store, key).await,
+            "freeze" => freeze_child(&store, key).await,
             "hammer" => hammer_child(store, key).await,
             other => panic!("unknown child role {other}"),
         }
@@ -915,6 +916,27 @@ async fn crash_child(store: &PostgresStore, k: String) {
             Box::pin(async move {
                 tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
                     .await?;
+                println!("WROTE");
+                std::future::pending::<()>().await;
+                Ok::<u8, TxError>(0)
+            })
+        })
+        .await;
+}
+
+/// Holds a key in a transactional body with a 1 s lease, says so, and waits (to be frozen).
+async fn freeze_child(store: &PostgresStore, k: String) {
+    let _ = store
+        .transactional(k.clone())
+        .name("tx.frozen")
+        .lease(Duration::from_secs(1))
+        .run(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'frozen')",
+                    &[&k],
+                )
+                .await?;
                 println!("WROTE");
                 std::future::pending::<()>().await;
                 Ok::<u8, TxError>(0)
@@ -1930,5 +1952,852 @@ async fn store_errors_carry_the_server_message_and_migrate_names_the_fix() {
     assert!(
         matches!(&call, Err(e) if e.to_string().contains("permission denied for table no_privileges_records")),
         "{call:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactional mode: review fixes.
+
+/// `transactional()` without a name gets the call site's namespace, as `Idempotent::new` does:
+/// two operations keyed by the same value at two call sites are two records, not one (it used
+/// to be the namespace `""`, so the second operation replayed the first one's result and its
+/// effect never happened). One call site called twice still replays.
+#[tokio::test]
+async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("two-sites");
+    let record = |k: String| {
+        store.transactional(k.clone()).run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'recorded')",
+                    &[&k],
+                )
+                .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+    };
+    let first = record(k.clone()).await.unwrap();
+    let again = record(k.clone()).await.unwrap();
+    assert_eq!(
+        (first.status, again.status),
+        (Status::Executed, Status::Replayed),
+        "one call site: one record"
+    );
+    let k2 = k.clone();
+    let ship = store
+        .transactional(k.clone())
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'shipped')",
+                    &[&k2],
+                )
+                .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (ship.value, ship.status),
+        (2, Status::Executed),
+        "another call site is another operation"
+    );
+    let notes: Vec<String> = db
+        .query("SELECT note FROM tx_orders WHERE k = $1 ORDER BY id", &[&k])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, ["recorded", "shipped"]);
+    assert!(
+        !record_exists(&db, "", &k).await,
+        "nothing is recorded under the empty namespace"
+    );
+}
+
+/// A transactional holder whose process is frozen (SIGSTOP: a paused VM, a stalled process)
+/// keeps its key only for its lease: the server ends its idle transaction, its write rolls
+/// back, and a duplicate runs. It used to hold the key for as long as the process stayed
+/// frozen, and every duplicate ran out of its wait.
+#[tokio::test]
+async fn a_frozen_transactional_holder_loses_the_key_after_its_lease() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("frozen");
+
+    let mut child = child_process("freeze", &url, &[("IDEM_PG_KEY", &k)]);
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let wrote = BufReader::new(stdout)
+            .lines()
+            .any(|l| l.map(|l| l.contains("WROTE")).unwrap_or(false));
+        let _ = tx.send(wrote);
+    });
+    let wrote = rx.recv_timeout(Duration::from_secs(60));
+    if wrote != Ok(true) {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("the child's output");
+        panic!(
+            "the child must report its uncommitted write ({wrote:?}); its stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stopped = Command::new("kill")
+        .args(["-STOP", &child.id().to_string()])
+        .status()
+        .expect("run kill -STOP");
+    assert!(stopped.success());
+
+    let started = Instant::now();
+    let k2 = k.clone();
+    let dup = store
+        .transactional(k.clone())
+        .name("tx.frozen")
+        .wait_timeout(Duration::from_secs(8))
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO tx_orders (k, note) VALUES ($1, 'dup')", &[&k2])
+                    .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    let waited = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let dup = dup.expect("the duplicate runs once the frozen holder's lease is over");
+    assert_eq!(dup.status, Status::Executed);
+    assert!(waited < Duration::from_secs(5), "took {waited:?}");
+    let notes: Vec<String> = db
+        .query("SELECT note FROM tx_orders WHERE k = $1", &[&k])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, ["dup"], "the frozen holder's write rolled back");
+}
+
+/// A transactional body that is polled keeps its transaction even while it awaits something
+/// other than the database for several times its lease (the call sends an empty statement every
+/// third of the lease, so the server's idle limit never ends it).
+#[tokio::test]
+async fn a_polled_transactional_body_outlives_its_lease() {
+    let url = PgServer::shared().url();
+    let store = shared_store().await;
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let k = unique("slow-body");
+    let k2 = k.clone();
+    let out = store
+        .transactional(k.clone())
+        .name("tx.slow")
+        .lease(Duration::from_millis(300))
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                    &[&k2],
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tx.execute(
+                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                    &[&k2],
+                )
+                .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .expect("a polled body is not ended by the idle limit");
+    assert_eq!((out.value, out.status), (2, Status::Executed));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        2
+    );
+}
+
+/// A transactional body's session-level `SET` (not `SET LOCAL`) or `SET ROLE` does not stay on
+/// the pooled connection: it used to, so every later statement of the store on that connection
+/// ran with it (here: commits no longer durable, or another role), unseen by the settings check.
+#[tokio::test]
+async fn a_transactional_body_leaves_no_session_setting_on_the_pool() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE idem_leak_role; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .unwrap();
+    let store = shared_store().await; // the table exists
+    drop(store);
+    // The completion runs in the body's transaction, so as the role the body set.
+    db.batch_execute("GRANT SELECT, INSERT, UPDATE, DELETE ON idem_records TO idem_leak_role")
+        .await
+        .unwrap();
+    // One connection: every call below runs on the connection the first body used, unless it
+    // was replaced.
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let set = store
+        .transactional(unique("leak"))
+        .name("tx.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.batch_execute("SET synchronous_commit = off; SET ROLE idem_leak_role")
+                    .await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert_eq!(set.unwrap(), 1);
+    let seen = store
+        .transactional(unique("leak-look"))
+        .name("tx.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one(
+                        "SELECT current_setting('synchronous_commit'), current_user::text",
+                        &[],
+                    )
+                    .await?;
+                Ok::<_, TxError>((row.get::<_, String>(0), row.get::<_, String>(1)))
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, ("on".to_owned(), "postgres".to_owned()));
+}
+
+/// A transactional body that ends the transaction idem opened (COMMIT or ROLLBACK through the
+/// `Transaction`) gets an error saying so, and no record is stored outside that transaction.
+/// It used to succeed: the completion then ran on its own, outside the claim's transaction
+/// (after ROLLBACK the claim was gone and a duplicate could run the body again meanwhile).
+#[tokio::test]
+async fn a_transactional_body_that_ends_the_transaction_is_refused() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    for end in ["COMMIT", "ROLLBACK"] {
+        let k = unique(&format!("ends-{end}"));
+        let k2 = k.clone();
+        let out = store
+            .transactional(k.clone())
+            .name("tx.ends")
+            .run(move |tx| {
+                Box::pin(async move {
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                        .await?;
+                    tx.batch_execute(end).await?;
+                    Ok::<_, TxError>(1u8)
+                })
+            })
+            .await;
+        let text = match &out {
+            Err(TxError::Idem(err)) => error_text(err),
+            other => panic!("{end}: the call must fail, got {other:?}"),
+        };
+        assert!(text.contains("ended the transaction"), "{end}: {text}");
+        let completed = count(
+            &db,
+            "SELECT count(*) FROM idem_records WHERE key = $1 AND value IS NOT NULL",
+            &[&&Key::new("tx.ends", &k).as_bytes()[..]],
+        )
+        .await;
+        assert_eq!(
+            completed, 0,
+            "{end}: no record stored outside the transaction"
+        );
+    }
+    // The connection the bodies left was not handed on: the next call runs in a transaction.
+    let k = unique("ends-next");
+    let k2 = k.clone();
+    let next = store
+        .transactional(k.clone())
+        .name("tx.ends")
+        .run_with_outcome(move |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                    .await?;
+                Ok::<_, TxError>(2u8)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.status, Status::Executed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability and server checks: review fixes.
+
+/// A records table partitioned (by whoever runs the database) into `UNLOGGED` partitions is
+/// refused like an `UNLOGGED` table: a crash empties the partitions. It used to pass the check,
+/// which only looked at the (logged) parent.
+#[tokio::test]
+async fn unlogged_partitions_are_refused() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS part_records; \
+         CREATE TABLE part_records ( \
+             key bytea PRIMARY KEY CHECK (octet_length(key) = 32), \
+             token bytea NOT NULL CHECK (octet_length(token) = 16), \
+             fingerprint bytea CHECK (octet_length(fingerprint) = 32), \
+             value bytea, \
+             expires_at timestamptz NOT NULL \
+         ) PARTITION BY HASH (key); \
+         CREATE TABLE part_records_0 PARTITION OF part_records \
+             FOR VALUES WITH (modulus 2, remainder 0) PARTITION BY HASH (key); \
+         CREATE UNLOGGED TABLE part_records_0a PARTITION OF part_records_0 \
+             FOR VALUES WITH (modulus 2, remainder 0); \
+         CREATE TABLE part_records_0b PARTITION OF part_records_0 \
+             FOR VALUES WITH (modulus 2, remainder 1); \
+         CREATE TABLE part_records_1 PARTITION OF part_records \
+             FOR VALUES WITH (modulus 2, remainder 1); \
+         CREATE INDEX part_records_expires_idx ON part_records (expires_at);",
+    )
+    .await
+    .unwrap();
+    let store = PostgresStore::builder()
+        .table("part_records")
+        .from_url(&url)
+        .unwrap();
+    let err = store
+        .migrate()
+        .await
+        .expect_err("an unlogged partition is refused");
+    let text = error_text(&err);
+    assert!(
+        text.contains("part_records_0a")
+            && text.contains("UNLOGGED")
+            && text.contains("SET LOGGED"),
+        "the refusal names the partition and the fix: {text}"
+    );
+    let first_op = PostgresStore::builder()
+        .table("part_records")
+        .from_url(&url)
+        .unwrap()
+        .claim(Key::new("partitions", &1u8), None, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&first_op, Err(Error::Store(e)) if e.to_string().contains("part_records_0a")),
+        "{first_op:?}"
+    );
+    // Logged again: accepted.
+    db.batch_execute("ALTER TABLE part_records_0a SET LOGGED")
+        .await
+        .unwrap();
+    store.migrate().await.expect("all partitions logged");
+    let out = Idempotent::new(&store, 1u8)
+        .name("partitions")
+        .run(|| async { Ok::<_, Error>(7u8) })
+        .await;
+    assert_eq!(out.unwrap(), 7);
+}
+
+/// Through PgBouncer in transaction mode, a store built without `transaction_pooler(true)` is
+/// refused before any body runs, with an error that says to set it: PgBouncer either refuses
+/// the startup `options` the store sends (now with that advice), or, with
+/// `ignore_startup_parameters = options`, drops them, which the store now detects (the
+/// session does not run with the timeouts it sent). It used to connect, and its named prepared
+/// statements then failed between transactions, mid-call, after bodies had run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooler_without_pooler_mode_is_refused_before_any_body_runs() {
+    let server = PgServer::shared();
+    let _ = shared_store().await; // the table exists
+    for extra in ["", "ignore_startup_parameters = options"] {
+        let bouncer = PgBouncer::start_with(server, 2, extra);
+        let store = PostgresStore::builder()
+            .pool_size(4)
+            .timeout(Duration::from_secs(5))
+            .from_url(&bouncer.url())
+            .unwrap();
+        let err = store
+            .migrate()
+            .await
+            .expect_err("refused without pooler mode");
+        let text = error_text(&err);
+        assert!(
+            text.contains("transaction_pooler(true)"),
+            "[{extra}] says to set transaction_pooler(true): {text}"
+        );
+        let runs = AtomicUsize::new(0);
+        let call = Idempotent::new(&store, unique("bouncer-refused"))
+            .name("bouncer.refused")
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1u8)
+            })
+            .await;
+        assert!(
+            matches!(&call, Err(e) if error_text(e).contains("transaction_pooler(true)")),
+            "[{extra}] {call:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "[{extra}] no body ran");
+
+        // In pooler mode, the same PgBouncer works.
+        let pooled = PostgresStore::builder()
+            .transaction_pooler(true)
+            .from_url(&bouncer.url())
+            .unwrap();
+        pooled
+            .migrate()
+            .await
+            .expect("pooler mode through PgBouncer");
+        let out = Idempotent::new(&pooled, unique("bouncer-ok"))
+            .name("bouncer.refused")
+            .run(|| async { Ok::<_, Error>(2u8) })
+            .await;
+        assert_eq!(out.unwrap(), 2, "[{extra}]");
+    }
+}
+
+/// While an operator's lock on the records table blocks writers (`CREATE INDEX` takes SHARE),
+/// a replay of a completed key still gets its record: the claim meets the lock (its
+/// `lock_timeout`) and the store reads the record instead. It used to answer `InProgress`
+/// (with `on_conflict = reject`; a waiting caller waited out the lock). A new key is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_served_while_a_table_lock_blocks_writers() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("lock_busy_records")
+        .lock_timeout(Some(Duration::from_millis(300)))
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let done = unique("lock-done");
+    Idempotent::new(&store, done.clone())
+        .name("lock.busy")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let (locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE lock_busy_records IN SHARE MODE")
+        .await
+        .unwrap();
+    let replay = Idempotent::new(&store, done.clone())
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run_with_outcome(|| async { Ok::<_, Error>(9u8) })
+        .await;
+    let fresh = Idempotent::new(&store, unique("lock-new"))
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run(|| async { Ok::<_, Error>(2u8) })
+        .await;
+    let tx_replay = store
+        .transactional(done.clone())
+        .name("lock.busy")
+        .on_conflict(idem::OnConflict::Reject)
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let replay = replay.expect("the completed record is read despite the lock");
+    assert_eq!((replay.value, replay.status), (1, Status::Replayed));
+    let tx_replay = tx_replay.expect("the transactional mode reads it too");
+    assert_eq!((tx_replay.value, tx_replay.status), (1, Status::Replayed));
+    assert!(
+        matches!(fresh, Err(Error::InProgress { .. })),
+        "a new key waits for the lock: {fresh:?}"
+    );
+}
+
+/// A store pointed at a hot standby (by mistake, or during a failover): `migrate` fails saying
+/// so (it used to succeed, the table being there), replays of completed records are served
+/// from the standby (they used to fail: the claim is an `INSERT`), and a call that would write
+/// fails before its body runs with an error that says to point the store at the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
+    let primary = PgServer::shared();
+    let store = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&primary.url())
+        .unwrap();
+    store.migrate().await.unwrap();
+    let done = unique("standby-done");
+    Idempotent::new(&store, done.clone())
+        .name("standby")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let standby = PgServer::standby_of(primary);
+    let replica = client(&standby.url()).await;
+    let key = Key::new("standby", &done);
+    let started = Instant::now();
+    loop {
+        let n = count(
+            &replica,
+            "SELECT count(*) FROM standby_records WHERE key = $1 AND value IS NOT NULL",
+            &[&&key.as_bytes()[..]],
+        )
+        .await;
+        if n == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not replicated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let on_standby = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&standby.url())
+        .unwrap();
+    let err = on_standby
+        .migrate()
+        .await
+        .expect_err("migrate on a standby fails");
+    let text = error_text(&err);
+    assert!(
+        text.contains("hot standby") && text.contains("primary"),
+        "{text}"
+    );
+
+    let logs = support::LogCapture::install();
+    let fresh_store = PostgresStore::builder()
+        .table("standby_records")
+        .from_url(&standby.url())
+        .unwrap();
+    let replay = Idempotent::new(&fresh_store, done.clone())
+        .name("standby")
+        .run_with_outcome(|| async { Ok::<_, Error>(9u8) })
+        .await
+        .expect("a completed record is replayed from the standby");
+    assert!(
+        logs.contains("read-only") && logs.contains("target_session_attrs"),
+        "the first operation warns that the server is read-only: {}",
+        logs.text()
+    );
+    assert_eq!((replay.value, replay.status), (1, Status::Replayed));
+    let tx_replay = on_standby
+        .transactional(done.clone())
+        .name("standby")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .await
+        .expect("and in the transactional mode");
+    assert_eq!((tx_replay.value, tx_replay.status), (1, Status::Replayed));
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let fresh = Idempotent::new(&on_standby, unique("standby-new"))
+        .name("standby")
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(2u8)
+        })
+        .await;
+    assert!(
+        matches!(&fresh, Err(e) if error_text(e).contains("read-only")
+            && error_text(e).contains("target_session_attrs")),
+        "{fresh:?}"
+    );
+    let tx_fresh = on_standby
+        .transactional(unique("standby-new"))
+        .name("standby")
+        .run({
+            let runs = runs.clone();
+            move |_tx| {
+                Box::pin(async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(2u8)
+                })
+            }
+        })
+        .await;
+    assert!(
+        matches!(&tx_fresh, Err(e) if error_text(e).contains("target_session_attrs")),
+        "{tx_fresh:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no body ran");
+}
+
+/// `purge_expired` under `default_transaction_isolation = serializable`, while callers keep
+/// claiming and taking over the expiring rows it deletes: no errors, from the purge or the
+/// callers (reviewer's q_purge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_under_serializable_default_isolation_gives_no_errors() {
+    let url = database_with(
+        "idem_serializable",
+        "default_transaction_isolation = 'serializable'",
+    )
+    .await;
+    let store = Arc::new(
+        PostgresStore::builder()
+            .table("purge_serial_records")
+            .pool_size(6)
+            .from_url(&url)
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let stop = Instant::now() + Duration::from_secs(4);
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (store, errors) = (store.clone(), errors.clone());
+        tasks.spawn(async move {
+            while Instant::now() < stop {
+                if let Err(e) = store.purge_expired().await {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("purge: {}", error_text(&e)));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    for w in 0..6u32 {
+        let (store, errors) = (store.clone(), errors.clone());
+        tasks.spawn(async move {
+            let mut i = w;
+            while Instant::now() < stop {
+                i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let k = (i >> 8) % 40;
+                let out = Idempotent::new(&*store, k)
+                    .name("purge.serializable")
+                    .ttl(Duration::from_millis(2))
+                    .run(|| async move { Ok::<_, Error>(k) })
+                    .await;
+                if let Err(e) = out {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("call: {}", error_text(&e)));
+                }
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+/// `migrate` gives the table its `expires_at` index even when another relation of the schema
+/// already has the index's name (`<table>_expires_idx`): it used to skip the index
+/// (`CREATE INDEX IF NOT EXISTS` saw the name taken) and then take the name for the index,
+/// leaving every purge a scan of the whole table. Migrating again adds no second index.
+#[tokio::test]
+async fn migrate_indexes_the_table_when_the_index_name_is_taken() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS collide; \
+         DROP TABLE IF EXISTS collide_expires_idx; \
+         CREATE TABLE collide_expires_idx (a int)",
+    )
+    .await
+    .unwrap();
+    let store = PostgresStore::builder()
+        .table("collide")
+        .from_url(&url)
+        .unwrap();
+    let indexes = || async {
+        count(
+            &db,
+            "SELECT count(*) FROM pg_indexes \
+             WHERE schemaname = 'public' AND tablename = 'collide' AND indexdef LIKE '%(expires_at)%'",
+            &[],
+        )
+        .await
+    };
+    store.migrate().await.unwrap();
+    assert_eq!(indexes().await, 1, "the table has its expires_at index");
+    store.migrate().await.unwrap();
+    assert_eq!(indexes().await, 1, "and only one after migrating again");
+    assert_eq!(
+        Idempotent::new(&store, 1u8)
+            .name("collide")
+            .run(|| async { Ok::<_, Error>(3u8) })
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+/// The store's statements name PostgreSQL's own functions (`pg_catalog.clock_timestamp()`,
+/// ...), so a session whose `search_path` puts an application schema first, with a function of
+/// the same name (a test clock, an hour behind), computes leases on the server's real clock:
+/// another store of the same table does not see the lease as long expired and take the key
+/// over. It used to: the two bodies then ran at once.
+#[tokio::test]
+async fn leases_use_the_servers_clock_whatever_the_search_path() {
+    let url = database_with("idem_search_path", "work_mem = '4MB'").await;
+    let db = client(&url).await;
+    db.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS app; \
+         CREATE OR REPLACE FUNCTION app.clock_timestamp() RETURNS timestamptz \
+           LANGUAGE sql AS $$ SELECT pg_catalog.clock_timestamp() - interval '1 hour' $$",
+    )
+    .await
+    .unwrap();
+    let shadowed = PostgresStore::from_url(&format!(
+        "{url}?options=-c%20search_path%3Dapp%2Cpg_catalog"
+    ))
+    .unwrap();
+    shadowed.migrate().await.unwrap();
+    let conn = shadowed.pool().get().await.unwrap();
+    let shown: String = conn
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, "app,pg_catalog", "the session's search_path");
+    drop(conn);
+    let plain = PostgresStore::from_url(&url).unwrap();
+    let key = Key::new("search-path", &unique("k"));
+    let lease = Duration::from_secs(60);
+    let first = shadowed.claim(key, None, lease).await.unwrap();
+    assert!(matches!(first, Claim::Acquired(_)), "{first:?}");
+    let second = plain.claim(key, None, lease).await.unwrap();
+    assert!(
+        matches!(second, Claim::Busy { lease_left } if lease_left > Duration::from_secs(50)),
+        "the lease is live for the other store too: {second:?}"
+    );
+}
+
+/// A transactional body whose statement failed (the common failure: a constraint, a division by
+/// zero) and that returns `Err` is not mistaken for one that ended the transaction: nothing
+/// says so, and the retry runs. (The check of a failed body's transaction must read an aborted
+/// transaction as the call's own.)
+#[tokio::test]
+async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let logs = support::LogCapture::install();
+    let k = unique("failed-statement");
+    let failed = store
+        .transactional(k.clone())
+        .name("tx.failed-statement")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.execute("SELECT 1 / 0", &[]).await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert!(matches!(failed, Err(TxError::Db(_))), "{failed:?}");
+    assert!(
+        !logs.contains("ended the transaction"),
+        "not reported as a body that ended the transaction: {}",
+        logs.text()
+    );
+    let retry = store
+        .transactional(k)
+        .name("tx.failed-statement")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .await
+        .unwrap();
+    assert_eq!((retry.value, retry.status), (2, Status::Executed));
+}
+
+/// A transactional body that swallows a failed statement and returns `Ok` gets an error that
+/// says what happened and what to do (the transaction is aborted: nothing is stored), and the
+/// retry runs.
+#[tokio::test]
+async fn a_transactional_body_that_swallows_a_failed_statement_is_told_why() {
+    let store = shared_store().await;
+    let k = unique("swallow");
+    let out = store
+        .transactional(k.clone())
+        .name("tx.swallow")
+        .run(|tx| {
+            Box::pin(async move {
+                let _ = tx.execute("SELECT 1 / 0", &[]).await;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    let text = match &out {
+        Err(TxError::Idem(err)) => error_text(err),
+        other => panic!("must fail: {other:?}"),
+    };
+    assert!(
+        text.contains("25P02") && text.contains("savepoint"),
+        "names the cause and the fix: {text}"
+    );
+    let retry = store
+        .transactional(k)
+        .name("tx.swallow")
+        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .await
+        .unwrap();
+    assert_eq!(retry.status, Status::Executed);
+}
+
+/// Behind PgBouncer in transaction mode, a transactional body's session-level `SET` does not
+/// stay on PgBouncer's server connection for its next client: `RESET ALL` runs in the same
+/// message as the commit. (The store cannot close a pooler's server connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
+    let server = PgServer::shared();
+    let _ = shared_store().await; // the table exists
+    // One server connection: every client below runs on it.
+    let bouncer = PgBouncer::start(server, 1);
+    let store = PostgresStore::builder()
+        .transaction_pooler(true)
+        .from_url(&bouncer.url())
+        .unwrap();
+    let set = store
+        .transactional(unique("bouncer-leak"))
+        .name("bouncer.leak")
+        .run(|tx| {
+            Box::pin(async move {
+                tx.batch_execute("SET synchronous_commit = off").await?;
+                Ok::<_, TxError>(1u8)
+            })
+        })
+        .await;
+    assert_eq!(set.unwrap(), 1);
+    let other = client(&bouncer.url()).await;
+    let seen: String = other
+        .simple_query("SHOW synchronous_commit")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        seen, "on",
+        "another client of PgBouncer's server connection"
     );
 }

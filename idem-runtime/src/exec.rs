@@ -332,7 +332,7 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
 ///
 /// A body whose type names no single body (a trait object, a `fn` pointer) is
 /// [`Error::NameRequired`]: every body of that type at the call site would share records.
-fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> Result<String, Error> {
+pub(crate) fn call_site_namespace<F>(site: &std::panic::Location<'_>) -> Result<String, Error> {
     let full = std::any::type_name::<F>();
     if !identifies_a_body(full) {
         return Err(Error::NameRequired { body: full });

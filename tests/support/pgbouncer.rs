@@ -36,6 +36,12 @@ impl PgBouncer {
     /// the server per database and user) in front of `server`, and waits until it accepts
     /// connections.
     pub fn start(server: &PgServer, server_connections: usize) -> PgBouncer {
+        PgBouncer::start_with(server, server_connections, "")
+    }
+
+    /// [`start`](Self::start), with `extra` lines added to the `[pgbouncer]` section (for
+    /// example `ignore_startup_parameters = options`).
+    pub fn start_with(server: &PgServer, server_connections: usize, extra: &str) -> PgBouncer {
         let binary = find_pgbouncer();
         let dir = std::env::temp_dir().join(format!(
             "idem-pgbouncer-{}-{}",
@@ -58,7 +64,8 @@ impl PgBouncer {
              default_pool_size = {server_connections}\n\
              max_client_conn = 1000\n\
              logfile = {dir}/pgbouncer.log\n\
-             pidfile = {dir}/pgbouncer.pid\n",
+             pidfile = {dir}/pgbouncer.pid\n\
+             {extra}\n",
             pg_port = server.port(),
             dir = dir.display(),
         );

@@ -55,28 +55,7 @@ impl PgServer {
 
     /// A new server of its own (for tests that kill it).
     pub fn start() -> PgServer {
-        let bindir = find_bindir();
-        for tool in ["initdb", "postgres", "pg_isready"] {
-            assert!(
-                bindir.join(tool).is_file(),
-                "PostgreSQL's `{tool}` is not in {}: {INSTALL}",
-                bindir.display()
-            );
-        }
-        let dir = std::env::temp_dir().join(format!(
-            "idem-pg-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sock")).expect("create the server's temporary directory");
-        let owner = run_as();
-        if let Some((uid, gid)) = owner {
-            for path in [dir.clone(), dir.join("sock")] {
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-                    .expect("hand the temporary directory to the postgres user");
-            }
-        }
+        let (bindir, dir, owner) = prepare_dir(&["initdb", "postgres", "pg_isready"]);
 
         let mut initdb = Command::new(bindir.join("initdb"));
         initdb
@@ -104,6 +83,46 @@ impl PgServer {
             String::from_utf8_lossy(&out.stderr)
         );
 
+        PgServer::launch(bindir, dir, owner)
+    }
+
+    /// A hot standby of `primary`: a base backup of it (`pg_basebackup -R`, streaming
+    /// replication) running read-only on a port of its own.
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let (bindir, dir, owner) = prepare_dir(&["pg_basebackup", "postgres", "pg_isready"]);
+        let mut backup = Command::new(bindir.join("pg_basebackup"));
+        backup
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null());
+        as_owner(&mut backup, owner);
+        let out = backup
+            .output()
+            .unwrap_or_else(|e| panic!("could not run pg_basebackup ({e}): {INSTALL}"));
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PgServer::launch(bindir, dir, owner)
+    }
+
+    /// Starts `postgres` on the data directory in `dir`, on a free port, and waits for it.
+    fn launch(bindir: PathBuf, dir: PathBuf, owner: Option<(u32, u32)>) -> PgServer {
         let port = free_port();
         let supervisor = spawn_supervisor(&bindir, &dir, port, owner);
         let server = PgServer {
@@ -186,6 +205,34 @@ impl Drop for PgServer {
         let _ = sup.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The binaries' directory (checked for `tools`), a new temporary directory for a server (with
+/// its socket directory), and the user to run the server as.
+fn prepare_dir(tools: &[&str]) -> (PathBuf, PathBuf, Option<(u32, u32)>) {
+    let bindir = find_bindir();
+    for tool in tools {
+        assert!(
+            bindir.join(tool).is_file(),
+            "PostgreSQL's `{tool}` is not in {}: {INSTALL}",
+            bindir.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "idem-pg-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sock")).expect("create the server's temporary directory");
+    let owner = run_as();
+    if let Some((uid, gid)) = owner {
+        for path in [dir.clone(), dir.join("sock")] {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .expect("hand the temporary directory to the postgres user");
+        }
+    }
+    (bindir, dir, owner)
 }
 
 fn spawn_supervisor(bindir: &Path, dir: &Path, port: u16, owner: Option<(u32, u32)>) -> Supervisor {

@@ -63,6 +63,13 @@
 //!   the claim's token and `value IS NULL`.
 //! - **remove**: `DELETE ... WHERE key = $1` under the key lock.
 //!
+//! A lock on the table itself that blocks writers (an operator's `CREATE INDEX`, `ALTER
+//! TABLE`, `LOCK TABLE`) makes the claim wait until its `lock_timeout`; the store then reads
+//! the key's completed record with a plain `SELECT` (a reader's lock, which all but `ACCESS
+//! EXCLUSIVE` allow) and replays it, so replays keep being served; a key with no completed
+//! record is reported busy. On a pool without a `lock_timeout` the claim waits up to the
+//! store's timeout instead.
+//!
 //! complete, renew, release and remove, when the key lock is taken (a claim of that key is in
 //! flight), pause outside the pool and try again, within the store's timeout.
 //!
@@ -83,8 +90,10 @@
 //! # Session settings
 //!
 //! The store relies on no session setting: not on the isolation level (see above), the time
-//! zone (all times are `timestamptz` arithmetic), `search_path` (every name is
-//! schema-qualified), nor on anything set on a connection before (no `SET`, no session
+//! zone (all times are `timestamptz` arithmetic), `search_path` (every table and every function
+//! is schema-qualified: the store's table, and `pg_catalog.clock_timestamp()` and the like, so
+//! an application schema earlier in the path cannot shadow them), nor on anything set on a connection before (no session-level `SET`: the
+//! transactional mode's `SET LOCAL` ends with its transaction; no session
 //! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::from_url`]
 //! passes `statement_timeout` and `lock_timeout` in the connection's startup packet as safety
 //! nets (nothing here waits on a lock); `application_name` is `idem`.
@@ -100,6 +109,14 @@
 //! pooler: no session state, transaction-scoped advisory locks only, and the transactional
 //! mode is one transaction. The cost is the server parsing and planning each statement again.
 //!
+//! A store built with `from_url` without this mode checks, with the settings (see
+//! [Durability](#durability)), that its sessions run with the `statement_timeout` and
+//! `lock_timeout` it sent in the startup packet: a pooler that drops them (PgBouncer with
+//! `ignore_startup_parameters = options`) is refused with [`Error::Store`] saying to set
+//! `transaction_pooler(true)`, before any body runs, and so is a pooler that refuses them
+//! (PgBouncer's "unsupported startup parameter"). Errors about prepared statements that vanish
+//! between transactions (`26000`, `42P05`) carry the same advice.
+//!
 //! # Durability
 //!
 //! A completed record that a crash loses makes its body run again. So the store checks, at
@@ -107,13 +124,24 @@
 //! [`check_settings`](PostgresStore::check_settings) is called), what can lose an
 //! acknowledged record:
 //!
-//! - the table is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties
-//!   it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
+//! - the table, or any of its partitions (a table partitioned by whoever runs the database), is
+//!   `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
 //!   [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
 //! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
 //!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
 //!   once by default, through `tracing`; [`PostgresStoreBuilder::if_synchronous_commit_off`]
 //!   chooses otherwise.
+//!
+//! # Read-only servers
+//!
+//! The store writes its records, so it belongs on the primary. Pointed at a hot standby or a
+//! database with `default_transaction_read_only = on`, [`PostgresStore::migrate`] fails saying
+//! so (even when the table is there), a replay of a completed record is still served (the
+//! claim is refused, and the record is read with a plain `SELECT`), and any other call fails
+//! with [`Error::Store`] before its body runs, with the fix: point the store at the primary
+//! (with several hosts in the URL, `target_session_attrs=read-write`). The settings check
+//! before the store's first operation also warns once, through `tracing`, that the server is
+//! read-only.
 //!
 //! # Expired rows
 //!
@@ -181,14 +209,14 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
+use tokio_postgres::{IsolationLevel, NoTls, Row, SimpleQueryMessage, Transaction};
 
 use super::{BoxFuture, Store};
 use crate::clock::after;
 use crate::error::Error;
 use crate::exec::{
-    OnConflict, Outcome, Policy, Status, Turn, decode_result, encode_result, fingerprint_matches,
-    wait_turn,
+    OnConflict, Outcome, Policy, Status, Turn, call_site_namespace, decode_result, encode_result,
+    fingerprint_matches, wait_turn,
 };
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
@@ -233,6 +261,12 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
+/// What to do about a read-only server.
+const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
+    `default_transaction_read_only = on`): idem writes its records there, so point the store at \
+    the primary (with several hosts in the URL, add `target_session_attrs=read-write`); until \
+    then only completed records are replayed";
+
 /// Rows deleted per statement by [`PostgresStore::purge_expired`] at the most. Each takes a key
 /// lock (an advisory lock, held to the end of the statement), and PostgreSQL's lock table is
 /// sized for about `max_locks_per_transaction` (64) times `max_connections` of them.
@@ -289,10 +323,14 @@ struct Inner {
     lock_salt: i64,
     on_unlogged: IfUnsafe,
     on_async_commit: IfUnsafe,
+    /// The settings `from_url` sent in the startup packet (and the URL did not override), in
+    /// milliseconds: a session that does not run with them is behind a pooler that dropped them.
+    sent_options: Vec<(&'static str, f64)>,
     /// The outcome of the latest settings check, once one has been made.
     verdict: RwLock<Option<Verdict>>,
     warned_unlogged: AtomicBool,
     warned_async_commit: AtomicBool,
+    warned_read_only: AtomicBool,
 }
 
 /// What the settings check concluded: go on, or refuse with this reason.
@@ -302,9 +340,13 @@ type Verdict = Result<(), Refused>;
 struct Sql {
     claim: String,
     complete: String,
+    /// `complete` in the transactional mode: also checks the transaction is the call's own.
+    complete_tx: String,
     renew: String,
     release: String,
     wait: String,
+    /// The live completed record of a key, read only (see `PostgresStore::replay_read_only`).
+    lookup: String,
     remove: String,
     purge: String,
 }
@@ -314,7 +356,7 @@ struct Sql {
 macro_rules! from_now {
     ($param:literal) => {
         concat!(
-            "clock_timestamp() + ",
+            "pg_catalog.clock_timestamp() + ",
             $param,
             " * interval '1 microsecond'"
         )
@@ -337,9 +379,9 @@ impl Sql {
             claim: format!(
                 "WITH live AS ( \
                    SELECT r.value, r.fingerprint, r.expires_at FROM {table} r \
-                   WHERE r.key = $1 AND r.expires_at > clock_timestamp() \
+                   WHERE r.key = $1 AND r.expires_at > pg_catalog.clock_timestamp() \
                  ), gate AS MATERIALIZED ( \
-                   SELECT pg_try_advisory_xact_lock($5) AS free \
+                   SELECT pg_catalog.pg_try_advisory_xact_lock($5) AS free \
                    WHERE NOT EXISTS (SELECT 1 FROM live) \
                  ), claimed AS ( \
                    INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
@@ -347,8 +389,9 @@ impl Sql {
                    ON CONFLICT (key) DO UPDATE \
                      SET token = excluded.token, fingerprint = excluded.fingerprint, \
                          value = NULL, expires_at = {lease} \
-                     WHERE r.expires_at <= clock_timestamp() \
-                   RETURNING (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000000)::int8 \
+                     WHERE r.expires_at <= pg_catalog.clock_timestamp() \
+                   RETURNING (extract(epoch FROM r.expires_at - pg_catalog.clock_timestamp()) \
+                     * 1000000)::int8 \
                      AS left_us \
                  ) \
                  SELECT 1::int2, NULL::bytea, NULL::bytea, c.left_us FROM claimed c \
@@ -356,73 +399,76 @@ impl Sql {
                  SELECT 2::int2, NULL, NULL, 0 FROM gate WHERE NOT gate.free \
                  UNION ALL \
                  SELECT 3::int2, l.value, l.fingerprint, \
-                        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000000)::int8 \
+                        (extract(epoch FROM l.expires_at - pg_catalog.clock_timestamp()) * \
+                          1000000)::int8 \
                  FROM live l",
                 lease = from_now!("$4"),
             ),
             // The row this token holds is completed (lease live or lapsed); an absent key gets
             // the record; this token's completed record is left as it is (a repeated
             // complete); another token's row is left alone (no row updated: lease lost).
-            complete: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($5) AS free), \
-                 done AS ( \
-                   INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
-                   SELECT $1, $2, $6, $3, {ttl} FROM gate WHERE gate.free \
-                   ON CONFLICT (key) DO UPDATE \
-                     SET token = excluded.token, \
-                         fingerprint = CASE WHEN {keep} THEN r.fingerprint \
-                                       WHEN r.token = excluded.token AND r.value IS NULL \
-                                         THEN coalesce(excluded.fingerprint, r.fingerprint) \
-                                       ELSE excluded.fingerprint END, \
-                         value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
-                         expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
-                     WHERE r.token = excluded.token OR r.expires_at <= clock_timestamp() \
-                   RETURNING 1 \
-                 ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
-                ttl = from_now!("$4"),
-                // A completion repeated after it was stored keeps the first value.
-                keep = "(r.token = excluded.token AND r.value IS NOT NULL \
-                         AND r.expires_at > clock_timestamp())",
+            complete: complete_sql(table, "pg_catalog.pg_try_advisory_xact_lock($5)"),
+            // In the transactional mode, the transaction must still be the one the call opened
+            // (a body that ran COMMIT or ROLLBACK would have this statement run on its own,
+            // outside the transaction that holds the claim): otherwise `free` is NULL and
+            // nothing is written.
+            complete_tx: complete_sql(
+                table,
+                "CASE WHEN pg_catalog.current_setting('idem.tx', true) IS DISTINCT FROM $7 \
+                 THEN NULL \
+                 ELSE pg_catalog.pg_try_advisory_xact_lock($5) END",
             ),
             renew: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($4) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($4) \
+                 AS free), \
                  done AS ( \
                    UPDATE {table} SET expires_at = {lease} \
                    WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
                    RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate",
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
                 lease = from_now!("$3"),
             ),
             release: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($3) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($3) \
+                 AS free), \
                  done AS ( \
                    DELETE FROM {table} \
                    WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
                    RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
             ),
             // A live claim, or a claim still in flight (its key lock taken, its row not
             // committed yet): keep waiting. The lock is only tried when no live claim is seen.
             wait: format!(
                 "WITH live AS ( \
-                   SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 \
+                   SELECT (extract(epoch FROM expires_at - pg_catalog.clock_timestamp()) * \
+                     1000000)::int8 \
                           AS left_us \
                    FROM {table} \
-                   WHERE key = $1 AND value IS NULL AND expires_at > clock_timestamp() \
+                   WHERE key = $1 AND value IS NULL AND expires_at > pg_catalog.clock_timestamp() \
                  ) \
                  SELECT (SELECT left_us FROM live), \
                         CASE WHEN EXISTS (SELECT 1 FROM live) THEN true \
-                             ELSE pg_try_advisory_xact_lock($2) END"
+                             ELSE pg_catalog.pg_try_advisory_xact_lock($2) END"
+            ),
+            // The claim statement's answer for a completed record (state 3), without its
+            // `INSERT`: it takes only the lock of a reader on the table.
+            lookup: format!(
+                "SELECT 3::int2, value, fingerprint, \
+                        (extract(epoch FROM expires_at - pg_catalog.clock_timestamp()) * \
+                          1000000)::int8 \
+                 FROM {table} \
+                 WHERE key = $1 AND value IS NOT NULL AND expires_at > pg_catalog.clock_timestamp()"
             ),
             remove: format!(
-                "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2) AS free), \
+                "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($2) \
+                 AS free), \
                  done AS ( \
                    DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
             ),
             // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
             // ones whose key lock this statement gets (a claim of the key in flight, or a
@@ -434,21 +480,51 @@ impl Sql {
             // table's salt.
             purge: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
+                   SELECT key FROM {table} WHERE expires_at <= pg_catalog.clock_timestamp() \
                    ORDER BY expires_at LIMIT $1 \
                  ), free AS MATERIALIZED ( \
                    SELECT key FROM candidates \
-                   WHERE pg_try_advisory_xact_lock( \
-                     ('x' || encode(substring(key FROM 1 FOR 8), 'hex'))::bit(64)::int8 # $2) \
+                   WHERE pg_catalog.pg_try_advisory_xact_lock( \
+                     ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
+                       'hex'))::bit(64)::int8 # $2) \
                  ), gone AS ( \
                    DELETE FROM {table} \
-                   WHERE key IN (SELECT key FROM free) AND expires_at <= clock_timestamp() \
+                   WHERE key IN (SELECT key FROM free) AND expires_at <= \
+                     pg_catalog.clock_timestamp() \
                    RETURNING 1 \
                  ) \
-                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone)"
+                 SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
+                   pg_catalog.count(*) FROM gone)"
             ),
         }
     }
+}
+
+/// The `complete` statement, under the given key-lock `gate` (a `bool`: NULL or false writes
+/// nothing).
+fn complete_sql(table: &str, gate: &str) -> String {
+    format!(
+        "WITH gate AS MATERIALIZED (SELECT {gate} AS free), \
+         done AS ( \
+           INSERT INTO {table} AS r (key, token, fingerprint, value, expires_at) \
+           SELECT $1, $2, $6, $3, {ttl} FROM gate WHERE gate.free \
+           ON CONFLICT (key) DO UPDATE \
+             SET token = excluded.token, \
+                 fingerprint = CASE WHEN {keep} THEN r.fingerprint \
+                               WHEN r.token = excluded.token AND r.value IS NULL \
+                                 THEN coalesce(excluded.fingerprint, r.fingerprint) \
+                               ELSE excluded.fingerprint END, \
+                 value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
+                 expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
+             WHERE r.token = excluded.token OR r.expires_at <= pg_catalog.clock_timestamp() \
+           RETURNING 1 \
+         ) \
+         SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
+        ttl = from_now!("$4"),
+        // A completion repeated after it was stored keeps the first value.
+        keep = "(r.token = excluded.token AND r.value IS NOT NULL \
+                 AND r.expires_at > pg_catalog.clock_timestamp())",
+    )
 }
 
 /// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
@@ -594,18 +670,24 @@ impl PostgresStoreBuilder {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
         }
+        let mut sent = Vec::new();
         if !self.transaction_pooler {
             // Ours first, so that options the URL gives win.
             let mut options = String::new();
-            if let Some(t) = self.statement_timeout {
-                options.push_str(&format!("-c statement_timeout={} ", t.as_millis().max(1)));
+            let existing = config.get_options().unwrap_or("").to_owned();
+            for (name, timeout) in [
+                ("statement_timeout", self.statement_timeout),
+                ("lock_timeout", self.lock_timeout),
+            ] {
+                if let Some(t) = timeout {
+                    let ms = t.as_millis().clamp(1, i32::MAX as u128);
+                    options.push_str(&format!("-c {name}={ms} "));
+                    if !existing.contains(name) {
+                        sent.push((name, ms as f64));
+                    }
+                }
             }
-            if let Some(t) = self.lock_timeout {
-                options.push_str(&format!("-c lock_timeout={} ", t.as_millis().max(1)));
-            }
-            if let Some(existing) = config.get_options() {
-                options.push_str(existing);
-            }
+            options.push_str(&existing);
             let options = options.trim_end().to_owned();
             if !options.is_empty() {
                 config.options(options);
@@ -629,7 +711,9 @@ impl PostgresStoreBuilder {
             .recycle_timeout(Some(self.timeout))
             .build()
             .map_err(Error::store)?;
-        self.from_pool(pool)
+        check_ident("schema", &self.schema)?;
+        check_ident("table", &self.table)?;
+        Ok(self.assemble(pool, sent))
     }
 
     /// A store on a pool the application already has (its TLS, sizes and session settings
@@ -637,11 +721,11 @@ impl PostgresStoreBuilder {
     pub fn from_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
-        Ok(self.assemble(pool))
+        Ok(self.assemble(pool, Vec::new()))
     }
 
     /// The store, with names already checked.
-    fn assemble(self, pool: Pool) -> PostgresStore {
+    fn assemble(self, pool: Pool, sent: Vec<(&'static str, f64)>) -> PostgresStore {
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
         let salt = blake3::hash(format!("idem key lock {qualified}").as_bytes());
         let mut first = [0u8; 8];
@@ -657,9 +741,11 @@ impl PostgresStoreBuilder {
                 lock_salt: i64::from_be_bytes(first),
                 on_unlogged: self.on_unlogged,
                 on_async_commit: self.on_async_commit,
+                sent_options: sent,
                 verdict: RwLock::new(None),
                 warned_unlogged: AtomicBool::new(false),
                 warned_async_commit: AtomicBool::new(false),
+                warned_read_only: AtomicBool::new(false),
             }),
         }
     }
@@ -741,6 +827,49 @@ impl fmt::Display for KeyLocked {
 }
 
 impl std::error::Error for KeyLocked {}
+
+/// A transactional body that ended the transaction the call opened (it sent `COMMIT`,
+/// `ROLLBACK` or `END` through the [`Transaction`]).
+#[derive(Debug)]
+struct BodyEndedTransaction;
+
+impl fmt::Display for BodyEndedTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the transactional body ended the transaction idem opened (it ran COMMIT, ROLLBACK \
+             or END): its writes may have committed without their record, or rolled back with \
+             the claim, so a retry can run them again; the result was not stored. Never end the \
+             transaction in the body: use a savepoint (`Transaction::transaction`) to undo part \
+             of it, or return `Err` to roll it all back",
+        )
+    }
+}
+
+impl std::error::Error for BodyEndedTransaction {}
+
+/// `migrate` on a server that cannot write (a hot standby, or a read-only database).
+#[derive(Debug)]
+struct ReadOnlyServer {
+    standby: bool,
+}
+
+impl fmt::Display for ReadOnlyServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.standby {
+            "a hot standby (pg_is_in_recovery())"
+        } else {
+            "read-only (transaction_read_only = on)"
+        };
+        write!(
+            f,
+            "PostgreSQL `migrate`: the server is {what}, so the idem store cannot write its \
+             records there. Point the store at the primary (with several hosts in the URL, add \
+             `target_session_attrs=read-write`)"
+        )
+    }
+}
+
+impl std::error::Error for ReadOnlyServer {}
 
 /// A row the store cannot read (written by something else, or corrupted).
 #[derive(Debug)]
@@ -832,6 +961,11 @@ enum Failure {
 impl Failure {
     fn is_lock_timeout(&self) -> bool {
         matches!(self, Failure::Db(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE))
+    }
+
+    /// The server refused to write: a hot standby, or `default_transaction_read_only`.
+    fn is_read_only(&self) -> bool {
+        matches!(self, Failure::Db(e) if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION))
     }
 
     /// A serialization failure or a deadlock: the statement's transaction was rolled back and
@@ -983,6 +1117,15 @@ fn read_claim_row(
     Ok(Some((claim, None)))
 }
 
+/// The `free` column of a gated statement's answer: `None` when it is NULL (the transactional
+/// completion found that the transaction is not the call's own).
+fn read_free(rows: &[Row]) -> Result<Option<bool>, Error> {
+    let Some(row) = rows.first() else {
+        return Err(Error::store(Corrupt("a gated statement returned no row")));
+    };
+    row.try_get(0).map_err(Error::store)
+}
+
 /// Reads the `(free, rows)` answer of a statement under the key lock: `None` when the lock
 /// was taken by another caller.
 fn read_gated(rows: &[Row]) -> Result<Option<u64>, Error> {
@@ -1004,7 +1147,7 @@ impl PostgresStore {
     /// A store on an existing pool, with the default table. See
     /// [`PostgresStoreBuilder::from_pool`].
     pub fn from_pool(pool: Pool) -> PostgresStore {
-        PostgresStoreBuilder::default().assemble(pool)
+        PostgresStoreBuilder::default().assemble(pool, Vec::new())
     }
 
     /// A builder, for another schema, table, timeouts, pool size, pooler mode or durability
@@ -1025,7 +1168,10 @@ impl PostgresStore {
 
     /// The DDL that [`migrate`](Self::migrate) applies (without the schema creation and the
     /// locks), for running with a migration tool instead. Idempotent: every statement is
-    /// `IF NOT EXISTS`. The table is a plain, logged table.
+    /// `IF NOT EXISTS`. The table is a plain, logged table. (Where another relation of the
+    /// schema already has the index's name, `<table>_expires_idx`, this SQL skips the index;
+    /// [`migrate`](Self::migrate) checks for an index on `expires_at` by its definition and
+    /// lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
         let table = self.table();
         let index = format!(
@@ -1087,7 +1233,7 @@ impl PostgresStore {
                 run(
                     on,
                     prepared,
-                    "SELECT pg_advisory_xact_lock(hashtext($1)::int8)",
+                    "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext($1)::int8)",
                     &[(name, Type::TEXT)],
                 )
                 .await?;
@@ -1099,8 +1245,16 @@ impl PostgresStore {
             let rows = run(
                 on,
                 prepared,
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
-                        to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL",
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1), \
+                        pg_catalog.to_regclass($2) IS NOT NULL, \
+                        pg_catalog.pg_is_in_recovery(), \
+                        pg_catalog.current_setting('transaction_read_only') = 'on', \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                                JOIN pg_catalog.pg_attribute a \
+                                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                                WHERE i.indrelid = pg_catalog.to_regclass($2) \
+                                  AND a.attname = 'expires_at'), \
+                        pg_catalog.to_regclass($3) IS NOT NULL",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
@@ -1112,7 +1266,18 @@ impl PostgresStore {
                 .first()
                 .ok_or_else(|| Failure::Other(Error::store(Corrupt("no catalog answer"))))?;
             let schema_exists: bool = row.try_get(0)?;
-            let present: bool = row.try_get(1)?;
+            let table_exists: bool = row.try_get(1)?;
+            let standby: bool = row.try_get(2)?;
+            let read_only: bool = row.try_get(3)?;
+            // An index that leads with `expires_at`, whatever its name; and whether the index's
+            // name is taken (by that index, or by another relation of the schema).
+            let indexed: bool = row.try_get(4)?;
+            let name_taken: bool = row.try_get(5)?;
+            let present = table_exists && indexed;
+            if standby || read_only {
+                // Even with the table there: a store on this server cannot write a record.
+                return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
+            }
             if present {
                 // Already there: no DDL at all, so no table lock that would queue behind open
                 // transactional bodies (and hold up every claim queued behind it).
@@ -1123,7 +1288,17 @@ impl PostgresStore {
                 tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"))
                     .await?;
             }
-            tx.batch_execute(&self.migration_sql()).await?;
+            let mut ddl = self.migration_sql();
+            if name_taken {
+                // Another relation has the index's name (`CREATE INDEX IF NOT EXISTS` would
+                // skip, leaving the table without its index): let the server name it.
+                let named = format!(
+                    "CREATE INDEX IF NOT EXISTS \"{}_expires_idx\" ON {table_q}",
+                    self.inner.table
+                );
+                ddl = ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1);
+            }
+            tx.batch_execute(&ddl).await?;
             tx.commit().await?;
             Ok::<_, Failure>(())
         };
@@ -1172,9 +1347,27 @@ impl PostgresStore {
         let rows = self
             .query(
                 "check_settings",
-                "SELECT (SELECT c.relpersistence::text FROM pg_class c \
-                         WHERE c.oid = to_regclass($1)), \
-                        current_setting('synchronous_commit')",
+                "SELECT (SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+                         WHERE c.oid = pg_catalog.to_regclass($1)), \
+                        pg_catalog.current_setting('synchronous_commit'), \
+                        (WITH RECURSIVE part(oid) AS ( \
+                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                           WHERE i.inhparent = pg_catalog.to_regclass($1) \
+                           UNION \
+                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN part ON \
+                             i.inhparent = part.oid \
+                         ) \
+                         SELECT pg_catalog.string_agg(c.oid::regclass::text, ', ' ORDER BY \
+                           c.oid::regclass::text) \
+                         FROM part JOIN pg_catalog.pg_class c ON c.oid = part.oid \
+                         WHERE c.relispartition AND c.relpersistence = 'u'), \
+                        (extract(epoch FROM \
+                          pg_catalog.current_setting('statement_timeout')::interval) \
+                          * 1000)::float8, \
+                        (extract(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) \
+                          * 1000)::float8, \
+                        pg_catalog.pg_is_in_recovery() \
+                          OR pg_catalog.current_setting('transaction_read_only') = 'on'",
                 &[(&table, Type::TEXT)],
             )
             .await
@@ -1184,6 +1377,36 @@ impl PostgresStore {
         };
         let persistence: Option<String> = row.try_get(0).map_err(Error::store)?;
         let synchronous_commit: String = row.try_get(1).map_err(Error::store)?;
+        let unlogged_partitions: Option<String> = row.try_get(2).map_err(Error::store)?;
+        let read_only: bool = row.try_get(5).map_err(Error::store)?;
+        if read_only && !self.inner.warned_read_only.swap(true, Ordering::Relaxed) {
+            // Not a refusal: replays are served from here (see the module docs). Calls that
+            // would write fail with the same advice.
+            tracing::warn!(target: "idem", table = %table, "{READ_ONLY_ADVICE}");
+        }
+        let mut dropped = Vec::new();
+        for &(name, sent) in &self.inner.sent_options {
+            let column = if name == "statement_timeout" { 3 } else { 4 };
+            let now: Option<f64> = row.try_get(column).map_err(Error::store)?;
+            if now.is_none_or(|now| (now - sent).abs() > 0.5) {
+                let now = now.map_or_else(|| "none".to_owned(), |ms| format!("{ms} ms"));
+                dropped.push(format!(
+                    "{name} = {sent} ms, but the session runs with {now}"
+                ));
+            }
+        }
+        if !dropped.is_empty() {
+            return Ok(Some(Err(Refused(format!(
+                "the connection did not apply the startup options the store sent ({}): it goes \
+                 through a pooler that drops them (PgBouncer with `ignore_startup_parameters = \
+                 options`?). Behind a pooler in transaction mode the store's prepared statements \
+                 fail between transactions, mid-call: build the store with \
+                 `PostgresStoreBuilder::transaction_pooler(true)`, and set the timeouts on \
+                   the role \
+                 (`ALTER ROLE ... SET statement_timeout = '30s'`)",
+                dropped.join("; ")
+            )))));
+        }
         let Some(persistence) = persistence else {
             return Ok(None);
         };
@@ -1194,6 +1417,16 @@ impl PostgresStore {
                 "the idem records table {table} is UNLOGGED: a crash of the PostgreSQL server \
                  empties it, so completed records vanish and their bodies run again. Make it \
                  durable with `ALTER TABLE {table} SET LOGGED`, or accept the risk with \
+                 `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
+            );
+            verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
+        }
+        if let Some(partitions) = unlogged_partitions {
+            let why = format!(
+                "partitions of the idem records table {table} are UNLOGGED ({partitions}): a \
+                 crash of the PostgreSQL server empties them, so completed records vanish and \
+                 their bodies run again. Make each durable with `ALTER TABLE <partition> SET \
+                 LOGGED`, or accept the risk with \
                  `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
             );
             verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
@@ -1242,19 +1475,16 @@ impl PostgresStore {
     /// lock is taken (a claim of that key in flight, a transactional call holding it, another
     /// purge) is left for a later run, so a purge never makes a claim wait for its row.
     /// Schedule it, for example with `tokio::time::interval`.
+    ///
+    /// Each batch runs in a `READ COMMITTED` transaction whatever the database's default
+    /// isolation: a purge needs no more (each row is deleted only if it is still expired when
+    /// deleted), and under `SERIALIZABLE` its range scan of the index would keep meeting
+    /// serialization failures with the claims that write the same rows.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         loop {
-            let salt = self.inner.lock_salt;
-            let rows = match self
-                .query(
-                    "purge_expired",
-                    &self.inner.sql.purge,
-                    &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
-                )
-                .await
-            {
+            let rows = match self.purge_batch().await {
                 Ok(rows) => rows,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
@@ -1276,12 +1506,54 @@ impl PostgresStore {
         }
     }
 
+    /// One batch of [`purge_expired`](Self::purge_expired), in a `READ COMMITTED` transaction,
+    /// within the store's timeout.
+    async fn purge_batch(&self) -> Result<Vec<Row>, Failure> {
+        let op = "purge_expired";
+        let mut conn = self.connection(op).await.map_err(Failure::Other)?;
+        let prepared = self.inner.prepared;
+        let cache = Arc::clone(&conn.statement_cache);
+        let salt = self.inner.lock_salt;
+        let batch = async {
+            let tx = tokio_postgres::Client::build_transaction(&mut conn)
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .await?;
+            let rows = run(
+                On::Tx(&tx, &cache),
+                prepared,
+                &self.inner.sql.purge,
+                &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, Failure>(rows)
+        };
+        match tokio::time::timeout(self.inner.timeout, batch).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(Object::take(conn));
+                Err(Failure::Other(self.timed_out(op)))
+            }
+        }
+    }
+
     /// An idempotent call in transactional mode, keyed by `key`: see [`Transactional`].
+    ///
+    /// Until [`Transactional::name`] gives one, the namespace of the key is the one
+    /// [`Idempotent::new`](crate::Idempotent::new) gives: the path of the body's type and this
+    /// call site (`file:line:column` of the code that calls `transactional`), so two
+    /// operations keyed by the same value at two call sites never share a record. That
+    /// namespace changes when the code moves: name records that must outlive a deployment. A
+    /// body whose type names no single body (a boxed trait object) needs a name:
+    /// [`Error::NameRequired`] otherwise.
+    #[track_caller]
     pub fn transactional<K: KeyPart>(&self, key: K) -> Transactional<'_, K> {
         Transactional {
             store: self,
             key,
-            name: Cow::Borrowed(""),
+            name: None,
+            site: std::panic::Location::caller(),
             fingerprint: None,
             policy: Policy::new(),
             isolation: IsolationLevel::ReadCommitted,
@@ -1358,6 +1630,32 @@ impl PostgresStore {
             } else {
                 format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
             });
+        }
+        if *code == SqlState::INVALID_SQL_STATEMENT_NAME
+            || *code == SqlState::DUPLICATE_PSTATEMENT
+            || (*code == SqlState::PROTOCOL_VIOLATION
+                && err
+                    .as_db_error()
+                    .is_some_and(|db| db.message().contains("unsupported startup parameter")))
+        {
+            return Some(
+                "The store seems to reach PostgreSQL through a pooler in transaction mode \
+                 (PgBouncer): build it with `PostgresStoreBuilder::transaction_pooler(true)`, \
+                 which prepares no named statements and sends no startup options"
+                    .to_owned(),
+            );
+        }
+        if *code == SqlState::IN_FAILED_SQL_TRANSACTION && op == "complete" {
+            return Some(
+                "A statement of the transactional body failed and the body went on to return \
+                 `Ok`: the transaction is aborted, so neither its writes nor the result were \
+                 stored. Return the statement's error from the body, or run the statement in a \
+                 savepoint (`Transaction::transaction`) to recover from its failure"
+                    .to_owned(),
+            );
+        }
+        if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            return Some(READ_ONLY_ADVICE.to_owned());
         }
         if *code == SqlState::UNDEFINED_TABLE {
             return Some(format!(
@@ -1506,9 +1804,14 @@ impl PostgresStore {
                     drop(conn);
                     let failure = Failure::Db(err);
                     if failure.is_lock_timeout() {
-                        return Ok(Claim::Busy {
-                            lease_left: BUSY_HINT.min(lease),
-                        });
+                        return Ok(self.replay_read_only(key, token, lease).await);
+                    }
+                    if failure.is_read_only() {
+                        // A standby, or a read-only database: completed records are still
+                        // served; anything else is the server's error, with the fix.
+                        if let Some(completed) = self.read_completed(key, token, lease).await {
+                            return Ok(completed);
+                        }
                     }
                     if !failure.is_conflict() {
                         return Err(failure.into_error(self, "claim"));
@@ -1531,6 +1834,38 @@ impl PostgresStore {
         Ok(Claim::Busy {
             lease_left: BUSY_HINT.min(lease),
         })
+    }
+
+    /// The answer to a claim that met a lock on the table itself (`lock_timeout`: `CREATE
+    /// INDEX`, `ALTER TABLE`, `LOCK TABLE` block writers): a completed record is still read
+    /// (a reader's lock goes with all but `ACCESS EXCLUSIVE`) and replayed; otherwise, or if
+    /// that read fails too, the key is reported busy, and the caller waits or rejects.
+    async fn replay_read_only(&self, key: Key, token: Token, lease: Duration) -> Claim {
+        match self.read_completed(key, token, lease).await {
+            Some(completed) => completed,
+            None => Claim::Busy {
+                lease_left: BUSY_HINT.min(lease),
+            },
+        }
+    }
+
+    /// The key's live completed record as a [`Claim::Completed`], read with a plain `SELECT`
+    /// (for a claim that could not write: a table lock, a read-only server). `None` when there
+    /// is none, or the read failed too.
+    async fn read_completed(&self, key: Key, token: Token, lease: Duration) -> Option<Claim> {
+        let key_bytes = &key.as_bytes()[..];
+        let rows = self
+            .query(
+                "claim",
+                &self.inner.sql.lookup,
+                &[(&key_bytes, Type::BYTEA)],
+            )
+            .await
+            .ok()?;
+        match read_claim_row(&rows, token, lease) {
+            Ok(Some((claim @ Claim::Completed(_), _))) => Some(claim),
+            _ => None,
+        }
     }
 
     async fn complete_now(
@@ -1666,6 +2001,55 @@ impl PostgresStore {
             pause = (pause * 2).min(MAX_POLL);
         }
     }
+}
+
+/// Whether the transaction is still the one a transactional call opened (its `idem.tx` marker is
+/// set): a body may have ended it with COMMIT or ROLLBACK.
+async fn still_ours(tx: &Transaction<'_>, marker: &str) -> Result<bool, tokio_postgres::Error> {
+    let rows = tx
+        .query_typed(
+            "SELECT pg_catalog.current_setting('idem.tx', true) IS NOT DISTINCT FROM $1",
+            &[(&marker, Type::TEXT)],
+        )
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|row| row.try_get::<_, bool>(0).ok())
+        .unwrap_or(false))
+}
+
+/// The `idle_in_transaction_session_timeout` of a transactional call, in milliseconds: its lease
+/// (at least 1 ms, at most what the setting holds).
+fn idle_limit_ms(lease: Duration) -> u128 {
+    lease.as_millis().clamp(1, i32::MAX as u128)
+}
+
+/// Runs a transactional body while keeping its transaction from looking idle to the server: an
+/// empty statement every third of the lease while the body awaits something other than the
+/// database. So the server's idle-in-transaction limit (the lease, see
+/// [`Transactional::lease`]) ends only the transaction of a holder that is no longer polled,
+/// like the executor's renewal, which this future drives too.
+async fn heartbeat<F: Future>(tx: &Transaction<'_>, lease: Duration, body: F) -> F::Output {
+    let every = (lease / 3).max(Duration::from_millis(3));
+    let beat = async {
+        let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            // Queued behind the body's own statement if one is running. A failure (the
+            // connection is gone) is the body's to meet: stop beating.
+            if tx.simple_query("").await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(body);
+    tokio::select! {
+        biased;
+        out = &mut body => return out,
+        () = beat => {}
+    }
+    body.await
 }
 
 /// Whether a failed operation may succeed if run again later: the server did not answer (down,
@@ -1955,10 +2339,25 @@ impl Store for PostgresStore {
 /// busy at once, and the caller waits outside the pool (polling, holding no connection) or
 /// rejects per `on_conflict`, like for any in-progress key; once the holder commits it replays,
 /// once it rolls back it runs. So duplicates of one key never starve other keys of connections.
-/// Keep the body short, and mind `idle_in_transaction_session_timeout` if it awaits anything
-/// but the database. The lease does not apply while the transaction is open (the key lock
-/// protects the claim). The connection's `statement_timeout` and `lock_timeout` (see
-/// [`PostgresStoreBuilder`]) apply to the body's statements too.
+/// Keep the body short. The [lease](Self::lease) is the transaction's
+/// `idle_in_transaction_session_timeout`: a holder that froze or is no longer polled has its
+/// transaction ended by the server once the lease is over (its writes roll back, and the key
+/// is free), while a polled body keeps it alive whatever it awaits. The connection's
+/// `statement_timeout` and `lock_timeout` (see [`PostgresStoreBuilder`]) apply to the body's
+/// statements too.
+///
+/// **The body owns its statements, not the transaction:** it must not end the transaction
+/// (`COMMIT`, `ROLLBACK`, `END` sent through the [`Transaction`]); to undo part of its work it
+/// uses a savepoint ([`Transaction::transaction`]), to undo all of it it returns `Err`. A body
+/// that ends it anyway is detected before anything is stored: the call fails with
+/// [`Error::Store`] saying so, and its connection is closed (what the body wrote before it ended
+/// the transaction may have committed without a record: idem cannot make that exactly-once).
+/// Session state the body leaves behind (a `SET` without `LOCAL`, `SET ROLE`) does not reach
+/// later callers: the commit also checks for it, and such a connection is closed instead of
+/// returned to the pool (behind a [transaction pooler](PostgresStoreBuilder::transaction_pooler),
+/// `RESET ALL` runs with the commit instead). So a pool handed in with session-level settings
+/// made by `SET` (in a connection hook) has its connection replaced after each transactional
+/// call: give such settings in the connection's `options` or with `ALTER ROLE ... SET`.
 ///
 /// **Isolation:** the transaction runs at the level set with
 /// [`isolation_level`](Self::isolation_level) (`READ COMMITTED` unless set), whatever the
@@ -1990,7 +2389,9 @@ impl Store for PostgresStore {
 pub struct Transactional<'s, K> {
     store: &'s PostgresStore,
     key: K,
-    name: Cow<'static, str>,
+    /// The namespace `name` gave; without one, the call site and the body's type make it.
+    name: Option<Cow<'static, str>>,
+    site: &'static std::panic::Location<'static>,
     fingerprint: Option<Fingerprint>,
     policy: Policy,
     isolation: IsolationLevel,
@@ -2021,10 +2422,16 @@ enum Attempt<T, E> {
 }
 
 impl<K: KeyPart> Transactional<'_, K> {
-    /// The namespace of the key (the empty one unless set). Same name and key as an
+    /// The namespace of the key, once `run_with_outcome` has settled it.
+    fn namespace(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    /// The namespace of the key, exactly as given (without it: the call site's, see
+    /// [`PostgresStore::transactional`]). Same name and key as an
     /// [`Idempotent`](crate::Idempotent) call → same record.
     pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -2034,9 +2441,16 @@ impl<K: KeyPart> Transactional<'_, K> {
         self
     }
 
-    /// The lease written with the claim ([`DEFAULT_LEASE`](crate::DEFAULT_LEASE) unless set).
-    /// It only matters if the claim were ever visible uncommitted, which it is not; kept for
-    /// symmetry with the executor.
+    /// How long the transaction of a holder that is no longer polled keeps the key
+    /// ([`DEFAULT_LEASE`](crate::DEFAULT_LEASE) unless set), as the executor's lease.
+    ///
+    /// It is the transaction's `idle_in_transaction_session_timeout` (`SET LOCAL`): a holder
+    /// whose process froze (`SIGSTOP`, a paused VM, a partition) or whose future is no longer
+    /// polled sends nothing, and once the lease is over the server ends its session, rolling
+    /// back its writes and freeing the key for the next caller. A body that is polled never
+    /// meets the limit, whatever it awaits: while it runs, this call sends an empty statement
+    /// every third of the lease (its "renewal"). Statements that run longer are not idle; the
+    /// connection's `statement_timeout` bounds them.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.policy.lease = lease;
         self
@@ -2088,12 +2502,21 @@ impl<K: KeyPart> Transactional<'_, K> {
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
-        // The executor's bounds, so a zero or huge ttl means here what it means there.
+        // The executor's bounds, so a zero or huge ttl means here what it means there; and the
+        // executor's namespace when none was given (the body's type and the call site).
+        let name = match self.name {
+            Some(name) => name,
+            // A body type that names no single body (a boxed trait object) would share its
+            // records with every other such body at this call site: `Error::NameRequired`, as
+            // for `Idempotent`.
+            None => Cow::Owned(call_site_namespace::<F>(self.site)?),
+        };
         let this = Transactional {
             policy: self.policy.bounded(),
+            name: Some(name),
             ..self
         };
-        let key = Key::new(&this.name, &this.key);
+        let key = Key::new(this.namespace(), &this.key);
         let mut deadline = None;
         let mut waited = false;
         let mut again = 0;
@@ -2113,14 +2536,14 @@ impl<K: KeyPart> Transactional<'_, K> {
             match wait_turn(this.store, key, &this.policy, &mut deadline).await {
                 Turn::ClaimAgain => waited = true,
                 Turn::Rejected => {
-                    outcome!(INFO, this.name, key, "rejected", waited);
+                    outcome!(INFO, this.namespace(), key, "rejected", waited);
                     return Err(Error::InProgress {
                         retry_after: lease_left,
                     }
                     .into());
                 }
                 Turn::Failed(err) => {
-                    outcome!(WARN, this.name, key, "store_error", error = %err, step = "wait");
+                    outcome!(WARN, this.namespace(), key, "store_error", error = %err, step = "wait");
                     return Err(err.into());
                 }
             }
@@ -2142,13 +2565,14 @@ impl<K: KeyPart> Transactional<'_, K> {
         let mut conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
-                outcome!(WARN, self.name, key, "store_error", error = %err, step = "begin");
+                outcome!(WARN, self.namespace(), key, "store_error", error = %err, step = "begin");
                 return Attempt::Done(Err(err.into()));
             }
         };
         let (attempt, discard) = self.in_transaction(&mut conn, key, waited, body).await;
         if discard {
-            // A statement timed out: the connection may still be busy with it, so it is closed
+            // A statement timed out (the connection may still be busy with it), or the body
+            // left state on the session or ended the transaction: the connection is closed
             // rather than handed to the next caller.
             drop(Object::take(conn));
         }
@@ -2171,12 +2595,12 @@ impl<K: KeyPart> Transactional<'_, K> {
         let store = self.store;
         let limit = store.inner.timeout;
         let fail = |step: &'static str, err: Error| {
-            outcome!(WARN, self.name, key, "store_error", error = %err, step);
+            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
             (Attempt::Done(Err(err.into())), false)
         };
         let discard = |step: &'static str| {
             let err = store.timed_out(step);
-            outcome!(WARN, self.name, key, "store_error", error = %err, step);
+            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
             (Attempt::Done(Err(err.into())), true)
         };
         // The connection's statement cache, usable while the transaction borrows the connection.
@@ -2210,7 +2634,26 @@ impl<K: KeyPart> Transactional<'_, K> {
             (&lease, Type::FLOAT8),
             (&lock, Type::INT8),
         ];
-        let claimed = run(on, prepared, &store.inner.sql.claim, params);
+        // The lease bounds how long the transaction may sit idle: a holder that stops sending
+        // (its process frozen, its future no longer polled) has its transaction ended by the
+        // server once the lease is over, which frees the key. `SET LOCAL` ends with the
+        // transaction. Sent pipelined ahead of the claim: no round trip more, and no moment
+        // when the key lock is held without the bound.
+        // With it, a marker of this call's transaction (`idem.tx`, reverted when the
+        // transaction ends), which the completion checks (see `Sql::complete_tx`).
+        let marker = format!("{:032x}", token.as_u128());
+        let idle = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{marker}'",
+            idle_limit_ms(self.policy.lease)
+        );
+        let claimed = async {
+            let (bounded, claimed) = tokio::join!(
+                tx.batch_execute(&idle),
+                run(on, prepared, &store.inner.sql.claim, params)
+            );
+            bounded?;
+            claimed
+        };
         let claim = match tokio::time::timeout(limit, claimed).await {
             Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
                 // The lease of an uncommitted claim is seen by no one (the key lock guards it).
@@ -2223,9 +2666,15 @@ impl<K: KeyPart> Transactional<'_, K> {
                 }
                 Err(err) => return fail("claim", err),
             },
-            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Claim::Busy {
-                lease_left: BUSY_HINT.min(self.policy.lease),
-            },
+            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                store.replay_read_only(key, token, self.policy.lease).await
+            }
+            Ok(Err(err)) if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                match store.read_completed(key, token, self.policy.lease).await {
+                    Some(completed) => completed,
+                    None => return fail("claim", store.db_error("claim", err)),
+                }
+            }
             Ok(Err(err)) if is_conflict(&err) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 return (Attempt::Again, false);
@@ -2243,13 +2692,13 @@ impl<K: KeyPart> Transactional<'_, K> {
             Claim::Completed(done) => {
                 let _ = tokio::time::timeout(limit, tx.rollback()).await;
                 if !fingerprint_matches(self.fingerprint, done.fingerprint) {
-                    outcome!(INFO, self.name, key, "key_reused");
+                    outcome!(INFO, self.namespace(), key, "key_reused");
                     return (Attempt::Done(Err(Error::KeyReused.into())), false);
                 }
                 match decode_result::<T>(&done.value) {
                     Ok(value) => {
                         let status = Status::replay(waited);
-                        outcome!(DEBUG, self.name, key, status.as_str());
+                        outcome!(DEBUG, self.namespace(), key, status.as_str());
                         let outcome = Outcome {
                             value,
                             status,
@@ -2265,10 +2714,28 @@ impl<K: KeyPart> Transactional<'_, K> {
                     // Unreachable: a body runs at most once, and an attempt that ran it returns.
                     return fail("claim", Error::store(Corrupt("the body was already run")));
                 };
-                let value = match body(&tx).await {
+                let value = match heartbeat(&tx, self.policy.lease, body(&tx)).await {
                     Ok(value) => value,
                     Err(err) => {
-                        // Not memoized: the writes and the claim go away together.
+                        // Not memoized: the writes and the claim go away together, if the
+                        // transaction is still the call's own.
+                        let ours = tokio::time::timeout(limit, still_ours(&tx, &marker)).await;
+                        let ours = match ours {
+                            Ok(Ok(ours)) => ours,
+                            // A statement of the body failed: the transaction is still open
+                            // (aborted), and the rollback ends it.
+                            Ok(Err(err)) => {
+                                err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+                            }
+                            Err(_) => false,
+                        };
+                        if !ours {
+                            let ended = BodyEndedTransaction;
+                            tracing::error!(
+                                target: "idem", key = %key, error = %ended,
+                                "a failed transactional body"
+                            );
+                        }
                         if let Ok(Err(rollback)) = tokio::time::timeout(limit, tx.rollback()).await
                         {
                             tracing::warn!(
@@ -2277,8 +2744,9 @@ impl<K: KeyPart> Transactional<'_, K> {
                                  discards the transaction when the connection closes"
                             );
                         }
-                        outcome!(DEBUG, self.name, key, "executed", failed = true);
-                        return (Attempt::Done(Err(err)), false);
+                        outcome!(DEBUG, self.namespace(), key, "executed", failed = true);
+                        // A connection whose transaction the body ended may carry anything.
+                        return (Attempt::Done(Err(err)), !ours);
                     }
                 };
                 let encoded = match encode_result(&value) {
@@ -2297,10 +2765,18 @@ impl<K: KeyPart> Transactional<'_, K> {
                     (&ttl, Type::FLOAT8),
                     (&lock, Type::INT8),
                     (&fp, Type::BYTEA),
+                    (&marker, Type::TEXT),
                 ];
-                let finish = run(on, prepared, &store.inner.sql.complete, params);
+                let finish = run(on, prepared, &store.inner.sql.complete_tx, params);
                 match tokio::time::timeout(limit, finish).await {
                     Ok(Ok(rows)) if matches!(read_gated(&rows), Ok(Some(1))) => {}
+                    Ok(Ok(rows)) if matches!(read_free(&rows), Ok(None)) => {
+                        // The body ran COMMIT or ROLLBACK: nothing was written by this
+                        // statement, and the connection's state is the body's.
+                        let err = Error::store(BodyEndedTransaction);
+                        outcome!(ERROR, self.namespace(), key, "store_error", error = %err, step = "complete");
+                        return (Attempt::Done(Err(err.into())), true);
+                    }
                     Ok(Ok(_)) => {
                         let _ = tokio::time::timeout(limit, tx.rollback()).await;
                         return fail(
@@ -2311,15 +2787,34 @@ impl<K: KeyPart> Transactional<'_, K> {
                     Ok(Err(err)) => return fail("complete", store.db_error("complete", err)),
                     Err(_) => return discard("complete"),
                 }
-                match tokio::time::timeout(limit, tx.commit()).await {
-                    Ok(Ok(())) => {
-                        outcome!(DEBUG, self.name, key, "executed");
+                // The commit, and in the same message what the body may have left on the
+                // session (a `SET` without `LOCAL`, `SET ROLE`): such a connection is closed
+                // rather than handed to the next caller. Behind a transaction pooler the
+                // session is the pooler's server connection, which only `RESET ALL` in the same
+                // message reaches.
+                let closing = if prepared {
+                    "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source \
+                     = 'session') \
+                     OR current_user <> session_user"
+                } else {
+                    "COMMIT; RESET ALL; SELECT false"
+                };
+                let committed = tokio::time::timeout(limit, tx.simple_query(closing)).await;
+                // The transaction is over either way (committed, or rolled back by a failed
+                // COMMIT): nothing for `Transaction`'s drop to roll back.
+                std::mem::forget(tx);
+                match committed {
+                    Ok(Ok(messages)) => {
+                        let leaked = messages.iter().any(|m| {
+                            matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f"))
+                        });
+                        outcome!(DEBUG, self.namespace(), key, "executed");
                         let outcome = Outcome {
                             value,
                             status: Status::Executed,
                             expires_in: Some(self.policy.ttl),
                         };
-                        (Attempt::Done(Ok(outcome)), false)
+                        (Attempt::Done(Ok(outcome)), leaked)
                     }
                     Ok(Err(err)) => fail("commit", store.db_error("commit", err)),
                     Err(_) => discard("commit"),
