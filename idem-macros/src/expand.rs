@@ -239,8 +239,14 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
         Some(_) => Ident::new("run_with_outcome", ret.span()),
         None => Ident::new("run", ret.span()),
     };
+    // `T` and `E` are named at the return type, so that a missing bound on either is reported
+    // there, once, whatever argument the compiler would otherwise infer them from.
     let run = quote_spanned! {ret.span()=>
-        #krate_at_ret::__private::#runner(#(#run_args),*).await
+        #krate_at_ret::__private::#runner::<
+            <#ret as #krate_at_ret::__private::IdemResult>::Ok,
+            <#ret as #krate_at_ret::__private::IdemResult>::Err,
+            _,
+        >(#(#run_args),*).await
     };
 
     // A return edge that is never taken types the body's output as the function's return type
