@@ -2199,36 +2199,56 @@ async fn a_transactional_body_that_ends_the_transaction_is_refused() {
         .from_url(&url)
         .unwrap();
     store.migrate().await.unwrap();
-    for end in ["COMMIT", "ROLLBACK"] {
+    for end in ["COMMIT", "ROLLBACK", "COMMIT AND CHAIN"] {
         let k = unique(&format!("ends-{end}"));
-        let k2 = k.clone();
-        let out = store
-            .transactional(k.clone())
-            .name("tx.ends")
-            .run(move |tx| {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let call = |k: String, runs: Arc<AtomicUsize>| {
+            let k2 = k.clone();
+            store.transactional(k).name("tx.ends").run(move |tx| {
                 Box::pin(async move {
+                    // Only the first run ends the transaction itself.
+                    let first = runs.fetch_add(1, Ordering::SeqCst) == 0;
                     tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
                         .await?;
-                    tx.batch_execute(end).await?;
+                    if first {
+                        tx.batch_execute(end).await?;
+                    }
                     Ok::<_, TxError>(1u8)
                 })
             })
-            .await;
+        };
+        let out = call(k.clone(), runs.clone()).await;
         let text = match &out {
             Err(TxError::Idem(err)) => error_text(err),
             other => panic!("{end}: the call must fail, got {other:?}"),
         };
         assert!(text.contains("ended the transaction"), "{end}: {text}");
-        let completed = count(
-            &db,
-            "SELECT count(*) FROM idem_records WHERE key = $1 AND value IS NOT NULL",
-            &[&&Key::new("tx.ends", &k).as_bytes()[..]],
-        )
-        .await;
-        assert_eq!(
-            completed, 0,
-            "{end}: no record stored outside the transaction"
-        );
+        // Review 3, finding 2: a retry used to run the body again once the committed claim's
+        // lease ran out, committing its writes a second time.
+        let retry = call(k.clone(), runs.clone()).await;
+        if end.starts_with("COMMIT") {
+            // The writes committed with the claim: the key is sealed, the body never runs
+            // again while the record lives.
+            assert!(
+                matches!(&retry, Err(TxError::Idem(Error::Codec(e))) if e.to_string().contains("ended the transaction")),
+                "{end}: {retry:?}"
+            );
+            assert_eq!(runs.load(Ordering::SeqCst), 1, "{end}");
+            assert_eq!(
+                count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+                1,
+                "{end}: the writes once"
+            );
+        } else {
+            // Rolled back with the claim: nothing happened, and the retry runs.
+            assert!(retry.is_ok(), "{end}: {retry:?}");
+            assert_eq!(runs.load(Ordering::SeqCst), 2, "{end}");
+            assert_eq!(
+                count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+                1,
+                "{end}: the retry's writes"
+            );
+        }
     }
     // The connection the bodies left was not handed on: the next call runs in a transaction.
     let k = unique("ends-next");
@@ -2800,4 +2820,71 @@ async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
         seen, "on",
         "another client of PgBouncer's server connection"
     );
+}
+
+/// Review 3, finding 1: a live, polled holder whose store's pool is taken by the application
+/// (or by transactional bodies) used to queue its renewals behind the pool, lose its lease, and
+/// let a second process run the body beside it. Renewals never wait in line: they use an idle
+/// pooled connection or the store's reserve connection.
+#[tokio::test]
+async fn a_busy_pool_does_not_cost_a_running_body_its_lease() {
+    let url = PgServer::shared().url();
+    let a = Arc::new(
+        PostgresStore::builder()
+            .pool_size(2)
+            .from_url(&url)
+            .expect("store"),
+    );
+    let b = PostgresStore::builder()
+        .pool_size(2)
+        .from_url(&url)
+        .expect("store");
+    a.migrate().await.expect("migrate");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let key = unique("busy-pool");
+    let lease = Duration::from_millis(600);
+    let holder = {
+        let (a, runs, key) = (a.clone(), runs.clone(), key.clone());
+        tokio::spawn(async move {
+            Idempotent::new(&*a, key)
+                .name("busy-pool")
+                .lease(lease)
+                .run_with_outcome(|| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    Ok::<_, Error>(1u8)
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The application holds every connection of the store's pool for two seconds.
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let a = a.clone();
+        hogs.push(tokio::spawn(async move {
+            let conn = a.pool().get().await.expect("a pooled connection");
+            conn.simple_query("SELECT pg_sleep(2)")
+                .await
+                .expect("sleep");
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    // Another process asks for the key while the holder is alive and its pool is busy.
+    let duplicate = Idempotent::new(&b, key.clone())
+        .name("busy-pool")
+        .lease(lease)
+        .run_with_outcome(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(2u8)
+        })
+        .await
+        .expect("the duplicate waits and replays");
+    let first = holder.await.expect("holder").expect("holder's call");
+    for hog in hogs {
+        hog.await.expect("hog");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    assert_eq!(first.status, Status::Executed);
+    assert_eq!((duplicate.value, duplicate.status), (1, Status::Waited));
 }

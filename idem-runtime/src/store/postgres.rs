@@ -200,9 +200,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use deadpool::managed::Manager as _;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, StatementCache,
-    TimeoutType,
+    ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    StatementCache, TimeoutType,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -216,7 +217,7 @@ use crate::clock::after;
 use crate::error::Error;
 use crate::exec::{
     OnConflict, Outcome, Policy, Status, Turn, call_site_namespace, decode_result, encode_result,
-    fingerprint_matches, wait_turn,
+    fingerprint_matches, unstorable_result, wait_turn,
 };
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
@@ -331,6 +332,11 @@ struct Inner {
     warned_unlogged: AtomicBool,
     warned_async_commit: AtomicBool,
     warned_read_only: AtomicBool,
+    /// A connection outside the pool, opened (with the pool's own settings and TLS) when a
+    /// renewal finds no idle pooled connection: a running body's lease must not wait in line
+    /// behind the application's own use of the pool, or it runs out while its holder is alive
+    /// and another caller runs the body a second time.
+    reserve: tokio::sync::Mutex<Option<ClientWrapper>>,
 }
 
 /// What the settings check concluded: go on, or refuse with this reason.
@@ -349,6 +355,9 @@ struct Sql {
     lookup: String,
     remove: String,
     purge: String,
+    /// Whether a claim of this token is committed (after a transactional body ended the
+    /// transaction itself).
+    committed_claim: String,
 }
 
 /// `$1 * interval '1 microsecond'` from now, by the server's clock at this point of the
@@ -462,6 +471,7 @@ impl Sql {
                  FROM {table} \
                  WHERE key = $1 AND value IS NOT NULL AND expires_at > pg_catalog.clock_timestamp()"
             ),
+            committed_claim: format!("SELECT 1 FROM {table} WHERE key = $1 AND token = $2"),
             remove: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($2) \
                  AS free), \
@@ -746,6 +756,7 @@ impl PostgresStoreBuilder {
                 warned_unlogged: AtomicBool::new(false),
                 warned_async_commit: AtomicBool::new(false),
                 warned_read_only: AtomicBool::new(false),
+                reserve: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -837,8 +848,9 @@ impl fmt::Display for BodyEndedTransaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
             "the transactional body ended the transaction idem opened (it ran COMMIT, ROLLBACK \
-             or END): its writes may have committed without their record, or rolled back with \
-             the claim, so a retry can run them again; the result was not stored. Never end the \
+             or END): its result was not stored. If its writes committed, so did the claim, and \
+             the key is sealed with this error (the body does not run again while the record \
+             lives); if they rolled back, a retry runs the body again. Never end the \
              transaction in the body: use a savepoint (`Transaction::transaction`) to undo part \
              of it, or return `Err` to roll it all back",
         )
@@ -1002,7 +1014,8 @@ type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 /// Where a statement runs: a pooled connection, or the transaction of a transactional call.
 #[derive(Clone, Copy)]
 enum On<'a> {
-    Pooled(&'a Object),
+    /// A pooled connection, or the store's reserve connection.
+    Pooled(&'a ClientWrapper),
     Tx(&'a Transaction<'a>, &'a StatementCache),
 }
 
@@ -1706,15 +1719,134 @@ impl PostgresStore {
         }
     }
 
+    /// After a transactional body ended the transaction idem opened: if the call's claim was
+    /// committed with it (the body ran `COMMIT`), the body's writes may have been committed too,
+    /// so the claim is replaced by a record saying so (later calls get [`Error::Codec`] with
+    /// the reason, and the body never runs again while it lives). If it was rolled back, so
+    /// were the writes: the key is free and nothing is written. Best effort, on a pooled
+    /// connection: a failure leaves the committed claim to its lease.
+    async fn seal_ended(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        ttl: Duration,
+    ) {
+        let key_bytes = &key.as_bytes()[..];
+        let token_bytes = token_bytes(token);
+        let params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&&token_bytes[..], Type::BYTEA)];
+        // The call's own connection is still out of the pool (it may be the only one): the
+        // reserve connection is used when no other is idle.
+        let deadline = after(Instant::now(), self.inner.timeout);
+        let committed = self
+            .query_reserved_until(
+                "complete",
+                &self.inner.sql.committed_claim,
+                params,
+                deadline,
+            )
+            .await;
+        match committed {
+            Ok(rows) if rows.is_empty() => {}
+            Ok(_) => {
+                let why = Error::store(BodyEndedTransaction);
+                let record = Bytes::from(unstorable_result(&why));
+                let sealed = self
+                    .complete_on(key, token, fingerprint, record, ttl, true)
+                    .await;
+                if let Err(err) = sealed {
+                    tracing::warn!(
+                        target: "idem", key = %key, error = %err,
+                        "the claim of a transactional body that ended its transaction could not \
+                         be sealed; it is left to its lease, after which a retry runs the body \
+                         again"
+                    );
+                }
+            }
+            Err(failure) => {
+                let err = failure.into_error(self, "complete");
+                tracing::warn!(
+                    target: "idem", key = %key, error = %err,
+                    "could not tell whether a transactional body that ended its transaction \
+                     committed its claim; it is left to its lease"
+                );
+            }
+        }
+    }
+
+    /// Runs one statement on an idle pooled connection or, when the pool has none, on the
+    /// store's reserve connection (opened on first need, replaced when it breaks), all within
+    /// `deadline`. Never waits in line for the pool.
+    async fn query_reserved_until(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &Params<'_>,
+        deadline: Instant,
+    ) -> Result<Vec<Row>, Failure> {
+        if let Some(conn) = self.idle_connection().await.map_err(Failure::Other)? {
+            let statement = run(On::Pooled(&conn), self.inner.prepared, sql, params);
+            return match tokio::time::timeout_at(deadline, statement).await {
+                Ok(result) => result.map_err(Failure::Db),
+                Err(_) => {
+                    drop(Object::take(conn));
+                    Err(Failure::Other(self.timed_out(op)))
+                }
+            };
+        }
+        let Ok(mut reserve) = tokio::time::timeout_at(deadline, self.inner.reserve.lock()).await
+        else {
+            return Err(Failure::Other(self.timed_out(op)));
+        };
+        if reserve.as_ref().is_none_or(|conn| conn.is_closed()) {
+            let opened = tokio::time::timeout_at(deadline, self.inner.pool.manager().create());
+            *reserve = match opened.await {
+                Ok(Ok(conn)) => Some(conn),
+                Ok(Err(err)) => return Err(Failure::Other(self.pool_error(op, err.into()))),
+                Err(_) => return Err(Failure::Other(self.timed_out(op))),
+            };
+        }
+        let Some(conn) = reserve.as_ref() else {
+            return Err(Failure::Other(self.timed_out(op)));
+        };
+        let statement = run(On::Pooled(conn), self.inner.prepared, sql, params);
+        let result = match tokio::time::timeout_at(deadline, statement).await {
+            Ok(result) => result.map_err(Failure::Db),
+            Err(_) => Err(Failure::Other(self.timed_out(op))),
+        };
+        if result.is_err() {
+            // A connection in an unknown state is not used again.
+            *reserve = None;
+        }
+        result
+    }
+
     /// Runs a statement under the key lock (complete, renew, release, remove) and returns how
     /// many rows it changed. While another caller holds the key lock (a claim of the key in
     /// flight) or the server reports a serialization failure, pauses outside the pool and runs
     /// it again, within the store's timeout.
     async fn gated(&self, op: &'static str, sql: &str, params: &Params<'_>) -> Result<u64, Error> {
+        self.gated_on(op, sql, params, false).await
+    }
+
+    /// [`gated`](Self::gated), on the reserve connection when the pool has no idle one
+    /// (`reserved`: for renewals, which must not queue behind the pool).
+    async fn gated_on(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &Params<'_>,
+        reserved: bool,
+    ) -> Result<u64, Error> {
         let deadline = after(Instant::now(), self.inner.timeout);
         let mut pause = FIRST_POLL;
         loop {
-            match self.query_until(op, sql, params, deadline).await {
+            let rows = if reserved {
+                self.query_reserved_until(op, sql, params, deadline).await
+            } else {
+                self.query_until(op, sql, params, deadline).await
+            };
+            match rows {
                 Ok(rows) => {
                     if let Some(n) = read_gated(&rows)? {
                         return Ok(n);
@@ -1876,6 +2008,21 @@ impl PostgresStore {
         value: Bytes,
         ttl: Duration,
     ) -> Result<Completion, Error> {
+        self.complete_on(key, token, fingerprint, value, ttl, false)
+            .await
+    }
+
+    /// [`complete_now`](Self::complete_now), on the reserve connection when the pool has no
+    /// idle one (`reserved`).
+    async fn complete_on(
+        &self,
+        key: Key,
+        token: Token,
+        fingerprint: Option<Fingerprint>,
+        value: Bytes,
+        ttl: Duration,
+        reserved: bool,
+    ) -> Result<Completion, Error> {
         self.ready().await?;
         let key_bytes = &key.as_bytes()[..];
         let token_bytes = token_bytes(token);
@@ -1892,7 +2039,7 @@ impl PostgresStore {
             (&fp, Type::BYTEA),
         ];
         let stored = self
-            .gated("complete", &self.inner.sql.complete, params)
+            .gated_on("complete", &self.inner.sql.complete, params, reserved)
             .await?;
         Ok(if stored == 1 {
             Completion::Stored
@@ -2227,7 +2374,10 @@ impl Store for PostgresStore {
                 (&lease, Type::FLOAT8),
                 (&lock, Type::INT8),
             ];
-            let renewed = self.gated("renew", &self.inner.sql.renew, params).await?;
+            // Never behind the pool: see `Inner::reserve`.
+            let renewed = self
+                .gated_on("renew", &self.inner.sql.renew, params, true)
+                .await?;
             Ok(renewed == 1)
         })
     }
@@ -2735,6 +2885,9 @@ impl<K: KeyPart> Transactional<'_, K> {
                                 target: "idem", key = %key, error = %ended,
                                 "a failed transactional body"
                             );
+                            store
+                                .seal_ended(key, token, self.fingerprint, self.policy.ttl)
+                                .await;
                         }
                         if let Ok(Err(rollback)) = tokio::time::timeout(limit, tx.rollback()).await
                         {
@@ -2775,6 +2928,9 @@ impl<K: KeyPart> Transactional<'_, K> {
                         // statement, and the connection's state is the body's.
                         let err = Error::store(BodyEndedTransaction);
                         outcome!(ERROR, self.namespace(), key, "store_error", error = %err, step = "complete");
+                        store
+                            .seal_ended(key, token, self.fingerprint, self.policy.ttl)
+                            .await;
                         return (Attempt::Done(Err(err.into())), true);
                     }
                     Ok(Ok(_)) => {
