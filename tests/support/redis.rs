@@ -1026,13 +1026,17 @@ fn forward_chaos(
         while state.holding.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(2));
         }
+        if cut.is_some() {
+            // Muted before the command is sent: a server quick enough to reply before this
+            // thread ran again would otherwise get its reply through.
+            muted.store(true, Ordering::SeqCst);
+        }
         if to.write_all(&chunk[..n]).is_err() {
             break;
         }
         if cut.is_some() {
             // The server has the command: it runs it, and its reply goes nowhere. The client
             // sees its connection closed.
-            muted.store(true, Ordering::SeqCst);
             let _ = from.shutdown(Shutdown::Both);
         }
     }
