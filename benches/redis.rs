@@ -7,6 +7,11 @@
 //! - first execution: a fresh key per call (claim + complete: two `EVALSHA`), against `SET NX PX`
 //!   + `SET XX PX` (the floor for claiming and completing with plain commands).
 //!
+//! - wake: 64 callers waiting for one key that another store holds (their own store: another
+//!   connection set, as another process would have); the time from the holder's completion to
+//!   the last waiter's result, with the waiters polling (`pubsub(false)`, 5 ms doubling to
+//!   100 ms: how every waiter waited before pub/sub) and woken by pub/sub.
+//!
 //! The server is a real `redis-server` that the benchmark starts on a free loopback port (the
 //! tests' harness). Run with `cargo bench --bench redis --features redis`.
 
@@ -18,11 +23,13 @@ mod redis_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{CONCURRENCY, Profile, profile, rounds};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use idem::{Idempotent, RedisStore};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
+use idem::{Claim, Idempotent, Key, RedisStore, Store};
 use redis_support::RedisServer;
 
 const HOT: u64 = 42;
@@ -156,6 +163,89 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    wake(c, &rt, &server, &store);
+}
+
+/// Callers waiting for one key in the wake benchmark.
+const WAITERS: usize = 64;
+
+/// The wake benchmark: per iteration, `holder` claims a fresh key, [`WAITERS`] callers of
+/// another store wait for it, and `holder` completes it after 150 to 350 ms (varied, so that
+/// polling waiters are caught at every point of their backoff). Measured: from just before the
+/// completion is sent to the last waiter's result.
+fn wake(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    server: &RedisServer,
+    holder: &Arc<RedisStore>,
+) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut group = c.benchmark_group("redis_wake_64_waiters");
+    // Each iteration holds the key for a few hundred ms that are not measured: one iteration
+    // per sample, whatever criterion would plan from the (short) measured times.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(1));
+    group.measurement_time(Duration::from_millis(1));
+    for (label, pubsub) in [("poll", false), ("pubsub", true)] {
+        let waiting = rt.block_on(async {
+            Arc::new(
+                RedisStore::builder()
+                    .pubsub(pubsub)
+                    .connect(&server.url())
+                    .await
+                    .expect("connect the waiting store"),
+            )
+        });
+        group.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                let (holder, waiting, next) = (holder.clone(), waiting.clone(), next.clone());
+                rt.block_on(async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        total += wake_once(&holder, &waiting, id).await;
+                    }
+                    total
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+async fn wake_once(holder: &RedisStore, waiting: &Arc<RedisStore>, id: u64) -> Duration {
+    let key = Key::new("bench", &("wake", id));
+    let token = match holder.claim(key, None, Duration::from_secs(60)).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("a fresh key is free: {other:?}"),
+    };
+    let mut waiters = tokio::task::JoinSet::new();
+    for _ in 0..WAITERS {
+        let waiting = waiting.clone();
+        waiters.spawn(async move {
+            let p = Idempotent::new(&*waiting, ("wake", id))
+                .name("bench")
+                .run(|| async { Ok::<_, idem::Error>(profile(0)) })
+                .await
+                .expect("a waiter gets the holder's result");
+            std::hint::black_box(p);
+            Instant::now()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(150 + (id * 67) % 200)).await;
+    let value = idem::codec::to_vec(&profile(id)).expect("encode");
+    let completed = Instant::now();
+    holder
+        .complete(key, token, None, value.into(), Duration::from_secs(60))
+        .await
+        .expect("complete");
+    let mut last = completed;
+    while let Some(done) = waiters.join_next().await {
+        last = last.max(done.expect("a waiter task"));
+    }
+    last - completed
 }
 
 criterion_group!(benches, bench);

@@ -23,8 +23,12 @@ fn fresh_prefix(test: &str) -> String {
 }
 
 async fn store_on(url: &str, test: &str) -> RedisStore {
+    store_on_prefix(url, &fresh_prefix(test)).await
+}
+
+async fn store_on_prefix(url: &str, prefix: &str) -> RedisStore {
     RedisStore::builder()
-        .prefix(fresh_prefix(test))
+        .prefix(prefix)
         .connect(url)
         .await
         .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
@@ -1739,7 +1743,8 @@ async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 
     // Every command but the holder's completion, the other keys' claims and completions, and
-    // each waiter's claim before and after its wait, is a poll.
+    // each waiter's claim before and after its wait, is a poll (or, since waiters are woken by
+    // pub/sub, the subscriber's commands: fewer than the polls they save).
     let commands = proxy.commands() - before;
     let polls = commands - 1 - 2 * OTHERS as usize - 2 * WAITERS;
     // 5, 10, 20, 40, 80 ms, then one poll per 100 ms at the most (and one more at the end).
@@ -2394,5 +2399,362 @@ mod bounds {
             took >= timeout && took < timeout + Duration::from_millis(400),
             "from the body's return to the call's: {took:?}, the store's timeout is {timeout:?}"
         );
+    }
+}
+
+/// Waiters woken across processes (issue 16): the scripts that end a claim publish on the
+/// record's channel, and a waiter in another store (another connection set, as in another
+/// process) is woken by the message, not by a poll. Counted on the server: every script run is
+/// an `EVALSHA`, so a waiter that read the record once and then found the result was woken.
+mod wake {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use idem::{Bytes, Claim, Error, Idempotent, Key, RedisStore, Status, Store, Token};
+
+    use super::{RedisCluster, RedisServer, Resp, fresh_prefix};
+
+    /// A guard against a hang, not a measure of speed: the waiters under test read the record
+    /// again only after a minute, so a woken waiter is done long before it.
+    const HANG: Duration = Duration::from_secs(30);
+    /// Longer than [`HANG`]: a waiter that is not woken does not poll in time.
+    const NEVER: Duration = Duration::from_secs(60);
+
+    fn calls(info: &str, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Scripts run on these servers so far.
+    fn scripts(servers: &[&RedisServer]) -> u64 {
+        servers
+            .iter()
+            .map(|s| calls(&s.info("commandstats"), "evalsha"))
+            .sum()
+    }
+
+    /// Subscribers of `channel` on these servers (`PUBSUB NUMSUB`, or `SHARDNUMSUB`).
+    fn subscribers(servers: &[&RedisServer], sharded: bool, channel: &str) -> i64 {
+        let sub = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
+        servers
+            .iter()
+            .map(|s| match s.cmd(&["PUBSUB", sub, channel]) {
+                Resp::Array(Some(items)) => match items.get(1) {
+                    Some(Resp::Int(n)) => *n,
+                    other => panic!("PUBSUB {sub}: {other:?}"),
+                },
+                other => panic!("PUBSUB {sub}: {other:?}"),
+            })
+            .sum()
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let give_up = tokio::time::Instant::now() + HANG;
+        while !done() {
+            assert!(tokio::time::Instant::now() < give_up, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn value(v: u64) -> Bytes {
+        Bytes::from(idem::codec::to_vec(&v).expect("encode"))
+    }
+
+    async fn hold(store: &RedisStore, key: Key) -> Token {
+        match store.claim(key, None, Duration::from_secs(60)).await {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A waiter on `name`, in `store`: runs the body (returning 9) only if the key is released.
+    fn waiter(
+        store: &Arc<RedisStore>,
+        name: impl Into<String>,
+    ) -> tokio::task::JoinHandle<Result<idem::Outcome<u64>, Error>> {
+        let (store, name) = (store.clone(), name.into());
+        tokio::spawn(async move {
+            Idempotent::new(&*store, name.as_str())
+                .name("test")
+                .wait_timeout(Duration::from_secs(120))
+                .run_with_outcome(|| async { Ok::<_, Error>(9u64) })
+                .await
+        })
+    }
+
+    async fn joined(
+        task: tokio::task::JoinHandle<Result<idem::Outcome<u64>, Error>>,
+    ) -> (Status, u64) {
+        let out = tokio::time::timeout(HANG, task)
+            .await
+            .expect("the waiter was not woken")
+            .expect("the waiter task")
+            .expect("the waiter's call");
+        (out.status, out.value)
+    }
+
+    /// A store that waits as another process would: its own connections, and no poll before
+    /// a minute has passed.
+    async fn waiting_store(url: &str, prefix: &str, fallback: Duration) -> Arc<RedisStore> {
+        Arc::new(
+            RedisStore::builder()
+                .prefix(prefix)
+                .fallback_poll_interval(fallback)
+                .connect(url)
+                .await
+                .expect("connect the waiting store"),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_in_another_store_is_woken_by_the_completion_and_the_release() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix("wake");
+        let holder = super::store_on_prefix(&server.url(), &prefix).await;
+        let waiting = waiting_store(&server.url(), &prefix, NEVER).await;
+
+        // Completed: the waiter gets the holder's value.
+        let key = Key::new("test", "completed");
+        let channel = holder.record_name(&key);
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let task = waiter(&waiting, "completed");
+        // The holder's claim, the waiter's claim (busy) and its one read of the record.
+        until("the waiter reads the record", || {
+            scripts(&[&server]) == base + 3
+        })
+        .await;
+        assert_eq!(subscribers(&[&server], false, &channel), 1);
+        let done = holder
+            .complete(key, token, None, value(5), Duration::from_secs(60))
+            .await;
+        assert_eq!(done.ok(), Some(idem::Completion::Stored));
+        assert_eq!(joined(task).await, (Status::Waited, 5));
+        assert_eq!(
+            scripts(&[&server]) - base,
+            5,
+            "claim, busy claim, one read, complete, the replaying claim: no poll"
+        );
+
+        // Released: the waiter claims the key and runs the body.
+        let key = Key::new("test", "released");
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let task = waiter(&waiting, "released");
+        until("the waiter reads the record", || {
+            scripts(&[&server]) == base + 3
+        })
+        .await;
+        assert_eq!(holder.release(key, token).await.ok(), Some(true));
+        assert_eq!(joined(task).await, (Status::Executed, 9));
+        assert_eq!(
+            scripts(&[&server]) - base,
+            6,
+            "claim, busy claim, one read, release, claim, complete: no poll"
+        );
+        // The last waiter of a key unsubscribes it.
+        until("the channel is unsubscribed", || {
+            subscribers(&[&server], false, &channel) == 0
+        })
+        .await;
+    }
+
+    /// 64 waiters of one key in one store share one subscriber connection and one
+    /// subscription, and each reads the record once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_waiters_share_one_subscriber_connection() {
+        const WAITERS: u64 = 64;
+        let server = RedisServer::start();
+        let prefix = fresh_prefix("wake-many");
+        let holder = super::store_on_prefix(&server.url(), &prefix).await;
+        let waiting = waiting_store(&server.url(), &prefix, NEVER).await;
+        let key = Key::new("test", "many");
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let tasks: Vec<_> = (0..WAITERS).map(|_| waiter(&waiting, "many")).collect();
+        until("every waiter reads the record", || {
+            scripts(&[&server]) == base + 1 + 2 * WAITERS
+        })
+        .await;
+        assert_eq!(
+            subscribers(&[&server], false, &waiting.record_name(&key)),
+            1
+        );
+        let pubsub_clients = server
+            .info("clients")
+            .lines()
+            .find_map(|l| l.strip_prefix("pubsub_clients:"))
+            .map(|n| n.trim().to_owned());
+        // `pubsub_clients` is reported from Redis 7.4 on.
+        if let Some(n) = pubsub_clients {
+            assert_eq!(n, "1", "one subscriber connection for the store");
+        }
+        holder
+            .complete(key, token, None, value(5), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        for task in tasks {
+            assert_eq!(joined(task).await, (Status::Waited, 5));
+        }
+        assert_eq!(scripts(&[&server]) - base, 2 + 3 * WAITERS, "no poll");
+    }
+
+    /// The subscriber connection killed (`CLIENT KILL TYPE pubsub`) before the holder
+    /// completes: the message is lost, and the waiter finds the result at its next poll; then
+    /// the subscriber is connected again and the next waiter is woken by its message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_subscriber_connection_falls_back_to_polling_and_comes_back() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix("wake-kill");
+        let holder = super::store_on_prefix(&server.url(), &prefix).await;
+        let waiting = waiting_store(&server.url(), &prefix, Duration::from_secs(1)).await;
+
+        let key = Key::new("test", "lost");
+        let channel = holder.record_name(&key);
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let task = waiter(&waiting, "lost");
+        until("the waiter reads the record", || {
+            scripts(&[&server]) == base + 3
+        })
+        .await;
+        assert_eq!(
+            server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+            Resp::Int(1),
+            "the store's one subscriber connection"
+        );
+        assert_eq!(subscribers(&[&server], false, &channel), 0);
+        holder
+            .complete(key, token, None, value(5), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        assert_eq!(joined(task).await, (Status::Waited, 5));
+        assert_eq!(
+            scripts(&[&server]) - base,
+            6,
+            "the waiter's second read of the record (its poll) found the result"
+        );
+
+        let key = Key::new("test", "back");
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let task = waiter(&waiting, "back");
+        until("the waiter reads the record", || {
+            scripts(&[&server]) == base + 3
+        })
+        .await;
+        holder
+            .complete(key, token, None, value(6), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        assert_eq!(joined(task).await, (Status::Waited, 6));
+        assert_eq!(scripts(&[&server]) - base, 5, "woken again: no poll");
+    }
+
+    /// Pub/sub turned off: the waiter polls (5 ms doubling to `max_poll_interval`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_pubsub_off_a_waiter_polls() {
+        let server = RedisServer::start();
+        let prefix = fresh_prefix("wake-off");
+        let holder = super::store_on_prefix(&server.url(), &prefix).await;
+        let waiting = Arc::new(
+            RedisStore::builder()
+                .prefix(&prefix)
+                .pubsub(false)
+                .max_poll_interval(Duration::from_millis(20))
+                .connect(&server.url())
+                .await
+                .expect("connect"),
+        );
+        let key = Key::new("test", "polled");
+        let base = scripts(&[&server]);
+        let token = hold(&holder, key).await;
+        let task = waiter(&waiting, "polled");
+        until("the waiter polls five times", || {
+            scripts(&[&server]) >= base + 7
+        })
+        .await;
+        assert_eq!(subscribers(&[&server], false, &holder.record_name(&key)), 0);
+        holder
+            .complete(key, token, None, value(5), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        assert_eq!(joined(task).await, (Status::Waited, 5));
+    }
+
+    /// On a cluster the channel is sharded (`SSUBSCRIBE`/`SPUBLISH` in the record's slot): the
+    /// waiters of keys on every node are woken, and after their subscriber connections are
+    /// killed on every node they still get their results, and are woken again afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_cluster_waiters_are_woken_by_sharded_pubsub() {
+        const KEYS: usize = 6;
+        let names = |round: u64| (0..KEYS).map(move |i| format!("round {round} key {i}"));
+        let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+        let nodes: Vec<&RedisServer> = cluster.nodes().iter().collect();
+        let prefix = fresh_prefix("wake-cluster");
+        let connect = |fallback: Duration| {
+            let (urls, prefix) = (cluster.urls(), prefix.clone());
+            async move {
+                RedisStore::builder()
+                    .prefix(prefix)
+                    .fallback_poll_interval(fallback)
+                    .connect_cluster(urls)
+                    .await
+                    .expect("connect to the cluster")
+            }
+        };
+        let holder = connect(NEVER).await;
+        let waiting = Arc::new(connect(Duration::from_secs(1)).await);
+        let owners: std::collections::HashSet<usize> = names(0)
+            .map(|k| {
+                cluster
+                    .owner_of(cluster.slot_of(&holder.record_name(&Key::new("test", k.as_str()))))
+            })
+            .collect();
+        assert!(owners.len() >= 2, "keys on several nodes: {owners:?}");
+
+        for round in 0..3u64 {
+            let base = scripts(&nodes);
+            let mut held = Vec::new();
+            for k in names(round) {
+                let key = Key::new("test", k.as_str());
+                held.push((key, hold(&holder, key).await));
+            }
+            let tasks: Vec<_> = names(round).map(|k| waiter(&waiting, k)).collect();
+            let n = KEYS as u64;
+            until("every waiter reads its record", || {
+                scripts(&nodes) >= base + 3 * n
+            })
+            .await;
+            for (key, _) in &held {
+                assert_eq!(subscribers(&nodes, true, &holder.record_name(key)), 1);
+            }
+            if round == 1 {
+                let killed: i64 = nodes
+                    .iter()
+                    .map(|s| match s.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]) {
+                        Resp::Int(n) => n,
+                        other => panic!("CLIENT KILL: {other:?}"),
+                    })
+                    .sum();
+                assert!(killed >= 2, "the subscriber's connections: {killed}");
+            }
+            for (key, token) in held {
+                holder
+                    .complete(key, token, None, value(round), Duration::from_secs(60))
+                    .await
+                    .expect("complete");
+            }
+            for task in tasks {
+                assert_eq!(joined(task).await, (Status::Waited, round));
+            }
+            if round != 1 {
+                assert_eq!(scripts(&nodes) - base, 5 * n, "round {round}: no poll");
+            }
+        }
     }
 }

@@ -26,6 +26,10 @@ use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completed, Completion, Token};
 
+mod wake;
+
+use wake::{Source, Wakes};
+
 /// Lua shared by every script: reads the record under `KEYS[1]` and checks that it is ours.
 ///
 /// A record is ours only if it is a hash whose `idem` field is the format version, `1`, with an
@@ -78,10 +82,24 @@ local function load(key, with_value)
 end
 "#;
 
-/// claim(KEYS[1] = record, ARGV = token, lease ms, fingerprint or '', lease + grace ms).
+/// Lua shared by every script: `notify(command, what)` tells the callers waiting for the record
+/// under `KEYS[1]` that it changed (`done`, `free`, or `taken` over), on the channel named like
+/// the record's key: `command` is `PUBLISH` on one server and `SPUBLISH` on a cluster (the
+/// channel's hash slot is the record's, so it is the node that owns the record that publishes).
+/// Under `pcall`, after the writes: a server or an ACL that refuses it fails nothing (the
+/// waiters then find the change by polling).
+const NOTIFY: &str = r#"
+local function notify(command, what)
+  redis.pcall(command, KEYS[1], what)
+end
+"#;
+
+/// claim(KEYS[1] = record, ARGV = token, lease ms, fingerprint or '', lease + grace ms, publish
+/// command).
 ///
 /// A record that already holds this very token is this claim, retried after a lost reply: it is
-/// acquired again (claims are idempotent). A running record whose lease lapsed is taken over.
+/// acquired again (claims are idempotent). A running record whose lease lapsed is taken over,
+/// and its waiters are told (see [`NOTIFY`]).
 /// The first write is `HSET`, which Redis refuses at `maxmemory`: a claim that would write fails
 /// there, while a replay or a busy answer (no write at all) is still served.
 const CLAIM: &str = r#"
@@ -99,11 +117,12 @@ else
     'fp', ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if r and r.token ~= ARGV[1] then notify(ARGV[5], 'taken') end
 return {'acquired'}
 "#;
 
-/// complete(KEYS[1] = record, ARGV = token, value, ttl ms, fingerprint or ''): the rule of
-/// [`Store::complete`].
+/// complete(KEYS[1] = record, ARGV = token, value, ttl ms, fingerprint or '', publish command):
+/// the rule of [`Store::complete`]; the waiters are told (see [`NOTIFY`]).
 ///
 /// The completed record keeps the token, so a complete repeated after its reply was lost
 /// reports `ok` again and keeps the first value. A record that is gone (the lapsed claim's grace
@@ -143,6 +162,7 @@ else
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
+notify(ARGV[5], 'done')
 return {'ok'}
 "#;
 
@@ -157,21 +177,23 @@ redis.call('HSET', KEYS[1], 'grace', ARGV[2])
 return {'ok'}
 "#;
 
-/// release(KEYS[1] = record, ARGV = token).
+/// release(KEYS[1] = record, ARGV = token, publish command).
 const RELEASE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] then return {'lost'} end
 redis.call('DEL', KEYS[1])
+notify(ARGV[2], 'free')
 return {'ok'}
 "#;
 
-/// remove(KEYS[1] = record).
+/// remove(KEYS[1] = record, ARGV = publish command).
 const REMOVE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil then return {'lost'} end
 redis.call('DEL', KEYS[1])
+notify(ARGV[1], 'free')
 return {'ok'}
 "#;
 
@@ -192,7 +214,7 @@ struct Lua {
 
 impl Lua {
     fn new(body: &str) -> Lua {
-        let source = format!("{PRELUDE}{body}");
+        let source = format!("{PRELUDE}{NOTIFY}{body}");
         let hash = Script::new(&source).get_hash().to_owned();
         Lua { source, hash }
     }
@@ -337,15 +359,34 @@ pub use super::IfUnsafe;
 ///
 /// # Waiting
 ///
-/// [`Store::wait`] polls the record with a bounded exponential backoff: first after 5 ms, then
-/// doubling up to [`RedisStoreBuilder::max_poll_interval`] (100 ms unless set), never past the
-/// caller's timeout, and one poll at a time per waiting caller, so a slow server is polled less,
-/// not more. Polling rather than pub/sub, because a poll needs no second connection per store,
-/// cannot miss a notification across a reconnect or a failover, works the same on Cluster (where
-/// `PUBLISH` is broadcast to every node), and notices a holder that died without a word when its
-/// lease runs out. It costs at most one poll interval of latency and, per waiting caller, at
-/// most ten cheap read-only scripts a second, on the multiplexed connection every call shares
-/// (a waiter holds nothing a claim needs).
+/// A caller that finds its key held ([`Store::wait`]) is woken by Redis pub/sub when the holder
+/// completes or releases the key, or another caller takes a lapsed claim over. The scripts that
+/// do it publish a message on a channel named like the record's key ([`RedisStore::record_name`]):
+/// `PUBLISH` on one server, `SPUBLISH` (sharded pub/sub, Redis 7) on a cluster, where the
+/// channel is in the record's hash slot, so the node that owns the record sends the message to
+/// its own subscribers only. Each store has one subscriber connection (on a cluster, one per
+/// node), made when one of its callers first waits and shared by all of them: a channel is
+/// subscribed while at least one of the store's callers waits for its key, and each waiter is
+/// woken by its key's messages only. A waiter subscribes before it reads the record, so a
+/// change after that read is a message it receives; woken, it returns, and the caller claims
+/// again. A waiter costs one read of the record when it starts, and the subscription of its
+/// key once per store, not per waiter.
+///
+/// A message can be lost: the subscriber connection dropped (it is made again by the next
+/// waiter that looks, and every waiter is then woken to look at its record), or the server
+/// failed over. So a subscribed waiter also reads the record every
+/// [`RedisStoreBuilder::fallback_poll_interval`] (500 ms unless set), and when the holder's
+/// lease runs out (a holder that died says nothing). A waiter that cannot subscribe (pub/sub
+/// turned off with [`RedisStoreBuilder::pubsub`], a proxy that does not pass it on, an ACL
+/// that refuses it, a cluster before Redis 7, or a store made by
+/// [`RedisStoreBuilder::connect_cluster_client`]) polls with a bounded exponential backoff:
+/// first after 5 ms, then doubling up to [`RedisStoreBuilder::max_poll_interval`] (100 ms
+/// unless set). Either way, never past the caller's timeout, one read at a time per waiting
+/// caller (a slow server is polled less, not more), on the multiplexed connection every call
+/// shares (a waiter holds nothing a claim needs). With an ACL, waking needs `+subscribe
+/// +unsubscribe +publish` (`+ssubscribe +sunsubscribe +spublish` on a cluster) and the
+/// channels under the prefix (`&<prefix>*`); without them the scripts' notifications are
+/// skipped and the waiters poll (a warning says so once).
 ///
 /// # Failures and cancellation
 ///
@@ -390,7 +431,9 @@ pub struct RedisStore {
     prefix: Arc<str>,
     timeout: Duration,
     max_poll_interval: Duration,
+    fallback_poll_interval: Duration,
     health: Arc<Health>,
+    wakes: Arc<Wakes>,
 }
 
 /// Settings of a [`RedisStore`] before it connects: made by [`RedisStore::builder`].
@@ -400,6 +443,8 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     max_poll_interval: Duration,
+    fallback_poll_interval: Duration,
+    pubsub: bool,
     if_evicting: IfUnsafe,
     if_not_persistent: IfUnsafe,
 }
@@ -410,6 +455,8 @@ impl Default for RedisStoreBuilder {
             prefix: RedisStore::DEFAULT_PREFIX.to_owned(),
             timeout: RedisStore::DEFAULT_TIMEOUT,
             max_poll_interval: RedisStore::DEFAULT_MAX_POLL_INTERVAL,
+            fallback_poll_interval: RedisStore::DEFAULT_FALLBACK_POLL_INTERVAL,
+            pubsub: true,
             if_evicting: IfUnsafe::Refuse,
             if_not_persistent: IfUnsafe::Warn,
         }
@@ -433,10 +480,30 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The longest pause between two polls of a key another call holds
-    /// ([`RedisStore::DEFAULT_MAX_POLL_INTERVAL`] unless set; at least 1 ms).
+    /// The longest pause between two polls of a key another call holds, for a waiter that is
+    /// not subscribed to its key's notifications (pub/sub turned off or refused, or the
+    /// subscriber connection down; [`RedisStore::DEFAULT_MAX_POLL_INTERVAL`] unless set; at
+    /// least 1 ms). See [`RedisStore`], "Waiting".
     pub fn max_poll_interval(mut self, interval: Duration) -> Self {
         self.max_poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often a waiter that is subscribed to its key's notifications reads the record all
+    /// the same, in case a notification was lost
+    /// ([`RedisStore::DEFAULT_FALLBACK_POLL_INTERVAL`] unless set; at least 1 ms). See
+    /// [`RedisStore`], "Waiting".
+    pub fn fallback_poll_interval(mut self, interval: Duration) -> Self {
+        self.fallback_poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether this store's waiters subscribe to be woken by Redis pub/sub when the holder of
+    /// their key completes or releases it (`true` unless set). Turned off, they poll, as they
+    /// do wherever pub/sub is not available (a proxy that does not pass it on, an ACL that
+    /// refuses it). The store's scripts notify other stores' waiters either way.
+    pub fn pubsub(mut self, on: bool) -> Self {
+        self.pubsub = on;
         self
     }
 
@@ -500,6 +567,7 @@ impl RedisStoreBuilder {
             .username()
             .unwrap_or("default")
             .to_owned();
+        let subscriber = client.clone();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -518,7 +586,12 @@ impl RedisStoreBuilder {
             load.exec_async(&mut conn).await?;
             Ok::<_, RedisError>(Conn::Single(conn))
         };
-        self.finish(connect, server, user).await
+        let source = if self.pubsub {
+            Source::Single(subscriber)
+        } else {
+            Source::Off
+        };
+        self.finish(connect, server, user, source).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; the
@@ -543,7 +616,7 @@ impl RedisStoreBuilder {
         U: AsRef<str>,
     {
         let nodes: Vec<String> = nodes.into_iter().map(|u| u.as_ref().to_owned()).collect();
-        let client = ClusterClient::builder(nodes)
+        let client = ClusterClient::builder(nodes.clone())
             .connection_timeout(self.timeout)
             .response_timeout(self.timeout)
             .retries(2)
@@ -551,11 +624,28 @@ impl RedisStoreBuilder {
             .max_retry_wait(500)
             .build()
             .map_err(|source| failure("connect", source))?;
-        self.connect_cluster_client(client).await
+        let source = if self.pubsub {
+            Source::Cluster(nodes)
+        } else {
+            Source::Off
+        };
+        self.connect_cluster_with(client, source).await
     }
 
     /// Connects to a Redis Cluster with an existing `redis` (version 1) cluster client.
+    ///
+    /// The store cannot make a subscriber connection like the client's (a cluster client does
+    /// not tell its nodes and credentials), so its waiters poll (see [`RedisStore`], "Waiting"):
+    /// [`RedisStoreBuilder::connect_cluster`] wakes them by pub/sub.
     pub async fn connect_cluster_client(self, client: ClusterClient) -> Result<RedisStore, Error> {
+        self.connect_cluster_with(client, Source::Off).await
+    }
+
+    async fn connect_cluster_with(
+        self,
+        client: ClusterClient,
+        source: Source,
+    ) -> Result<RedisStore, Error> {
         require_tokio("connect")?;
         let connect = async {
             let mut conn = client.get_async_connection().await?;
@@ -569,8 +659,13 @@ impl RedisStoreBuilder {
             }
             Ok::<_, RedisError>(Conn::Cluster(conn))
         };
-        self.finish(connect, "the cluster".to_owned(), "<user>".to_owned())
-            .await
+        self.finish(
+            connect,
+            "the cluster".to_owned(),
+            "<user>".to_owned(),
+            source,
+        )
+        .await
     }
 
     /// Connects, then checks the server's settings: both within the timeout.
@@ -579,6 +674,7 @@ impl RedisStoreBuilder {
         connect: impl Future<Output = RedisResult<Conn>>,
         server: String,
         user: String,
+        source: Source,
     ) -> Result<RedisStore, Error> {
         let timeout = self.timeout;
         let work = async {
@@ -596,6 +692,8 @@ impl RedisStoreBuilder {
                 prefix: Arc::from(self.prefix),
                 timeout: self.timeout,
                 max_poll_interval: self.max_poll_interval,
+                fallback_poll_interval: self.fallback_poll_interval,
+                wakes: Wakes::new(source, self.timeout),
                 health: Arc::new(Health {
                     server,
                     user,
@@ -980,8 +1078,12 @@ impl RedisStore {
     pub const DEFAULT_PREFIX: &'static str = "idem:";
     /// The bound on every operation, connection attempt and reply unless one is set: 2 seconds.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-    /// The longest pause between polls of a held key unless one is set: 100 ms.
+    /// The longest pause between polls of a held key, for a waiter not subscribed to its
+    /// notifications, unless one is set: 100 ms.
     pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_millis(100);
+    /// How often a waiter subscribed to its key's notifications reads the record all the same,
+    /// unless set: 500 ms.
+    pub const DEFAULT_FALLBACK_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
     /// Connects to the server at `url` with the default settings (see [`RedisStore::builder`]).
     ///
@@ -1013,6 +1115,15 @@ impl RedisStore {
     /// The bound on every operation.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The command the scripts notify waiters with: sharded pub/sub on a cluster, so that a
+    /// message goes from the node that owns the record to that node's subscribers only.
+    fn publish(&self) -> &'static [u8] {
+        match self.conn {
+            Conn::Single(_) => b"PUBLISH",
+            Conn::Cluster(_) => b"SPUBLISH",
+        }
     }
 
     /// The name of the Redis key that holds the record of `key`: the prefix and the key's 64 hex
@@ -1348,11 +1459,12 @@ impl RedisStore {
             Some(fp) => fp.as_bytes(),
             None => b"",
         };
-        let args: [&[u8]; 4] = [
+        let args: [&[u8]; 5] = [
             token_hex.as_bytes(),
             lease_ms.as_bytes(),
             fp,
             total_ms.as_bytes(),
+            self.publish(),
         ];
         // Until its reply is read, the claim may have been granted to a call that will never
         // run the body (it was dropped, or the reply timed out): release it then.
@@ -1394,7 +1506,13 @@ impl RedisStore {
             Some(fp) => fp.as_bytes(),
             None => b"",
         };
-        let args: [&[u8]; 4] = [token_hex.as_bytes(), value, ttl_ms.as_bytes(), fp];
+        let args: [&[u8]; 5] = [
+            token_hex.as_bytes(),
+            value,
+            ttl_ms.as_bytes(),
+            fp,
+            self.publish(),
+        ];
         let stored = self
             .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
             .await?;
@@ -1455,28 +1573,67 @@ impl RedisStore {
         }
     }
 
+    /// [`Store::wait`]: see [`RedisStore`], "Waiting".
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = crate::clock::after(Instant::now(), timeout);
+        let mut waiter = self.wakes.join(self.record_name(&key));
         let mut pause = FIRST_POLL;
+        // What the last read of the record said of its lease: the waiter reads it again once
+        // it has run out, in case its holder died without a word.
+        let mut lease_left = Duration::MAX;
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Ok(());
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.max_poll_interval);
-            let items = self.script("wait", &SCRIPTS.peek, &key, &[]).await?;
-            match as_bytes(&items[0]) {
-                Some(b"free") => return Ok(()),
-                Some(b"held") => {}
-                _ => return Err(bad_reply("wait", &items[0])),
+            // Subscribed before the record is read, so a change after the read is a message.
+            let listening = self.wakes.listen(&waiter, deadline - now).await;
+            if !listening {
+                // A poll, as before pub/sub: the caller has just found the key held.
+                let nap = pause.min(lease_left.saturating_add(Duration::from_millis(1)));
+                pause = (pause * 2).min(self.max_poll_interval);
+                if !self.nap(&mut waiter, nap, deadline).await {
+                    return Ok(());
+                }
             }
+            waiter.seen();
+            let items = self.script("wait", &SCRIPTS.peek, &key, &[]).await?;
+            lease_left = match as_bytes(&items[0]) {
+                Some(b"free") => return Ok(()),
+                Some(b"held") => items
+                    .get(1)
+                    .and_then(as_millis)
+                    .ok_or_else(|| bad_reply("wait", &items[0]))?,
+                _ => return Err(bad_reply("wait", &items[0])),
+            };
+            if listening {
+                let nap = self
+                    .fallback_poll_interval
+                    .min(lease_left.saturating_add(Duration::from_millis(1)));
+                if !self.nap(&mut waiter, nap, deadline).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sleeps `nap`, cut short by the deadline: returns whether to read the record again
+    /// (`false`: a notification came, or the deadline passed, so the wait is over).
+    async fn nap(&self, waiter: &mut wake::Waiter, nap: Duration, deadline: Instant) -> bool {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::select! {
+            () = waiter.woken() => false,
+            () = tokio::time::sleep(nap.min(deadline - now)) => Instant::now() < deadline,
         }
     }
 
     async fn release_now(&self, key: Key, token: Token) -> Result<bool, Error> {
         let token_hex = token_hex(token);
-        self.ok_or_lost("release", &SCRIPTS.release, &key, &[token_hex.as_bytes()])
+        let args: [&[u8]; 2] = [token_hex.as_bytes(), self.publish()];
+        self.ok_or_lost("release", &SCRIPTS.release, &key, &args)
             .await
     }
 }
@@ -1613,6 +1770,9 @@ impl fmt::Debug for RedisStore {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("max_poll_interval", &self.max_poll_interval)
+            .field("fallback_poll_interval", &self.fallback_poll_interval)
+            .field("pubsub", &self.wakes.enabled())
+            .field("notifications_received", &self.wakes.received())
             .field("if_evicting", &self.health.if_evicting)
             .field("if_not_persistent", &self.health.if_not_persistent)
             .finish_non_exhaustive()
@@ -1665,7 +1825,11 @@ impl Store for RedisStore {
     }
 
     fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
-        Box::pin(async move { self.ok_or_lost("remove", &SCRIPTS.remove, &key, &[]).await })
+        Box::pin(async move {
+            let args: [&[u8]; 1] = [self.publish()];
+            self.ok_or_lost("remove", &SCRIPTS.remove, &key, &args)
+                .await
+        })
     }
 
     /// The server's `proto-max-bulk-len` (read at connect and after a reconnection): a larger
