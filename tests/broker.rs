@@ -11,31 +11,8 @@ use support::redis::RedisServer;
 
 #[test]
 fn a_consumer_killed_mid_batch_charges_nothing_twice() {
-    let server = RedisServer::shared();
-    // `cargo test` builds the examples next to the test binaries' folder.
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let example = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the target folder")
-        .join("examples")
-        .join("redis_streams");
-    let out = std::process::Command::new(&example)
-        .env("IDEM_REDIS_URL", server.url())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (a plain `cargo test --all-features` builds the examples; with `--test broker` alone, run `cargo build --examples --features redis` first)",
-                example.display()
-            )
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the example failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let url = RedisServer::shared().url();
+    let stdout = support::run_example("redis_streams", &[("IDEM_REDIS_URL", &url)]);
     // The scenario happened: A was killed holding 6 entries, B took them over, and the 4 that
     // A had handled (and the second entry of order 3) were replayed with A's receipts.
     assert!(

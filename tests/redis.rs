@@ -825,31 +825,8 @@ fn release_on_drop_outside_a_runtime_does_not_panic() {
 /// charged once.
 #[test]
 fn redis_orders_example_charges_each_order_once() {
-    let server = RedisServer::shared();
-    // `cargo test` builds the examples next to the test binaries' folder.
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let example = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the target folder")
-        .join("examples")
-        .join("redis_orders");
-    let out = std::process::Command::new(&example)
-        .env("IDEM_REDIS_URL", server.url())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (a plain `cargo test --all-features` builds the examples; with `--test redis` alone, run `cargo build --examples --features redis` first)",
-                example.display()
-            )
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the example failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let url = RedisServer::shared().url();
+    let stdout = support::run_example("redis_orders", &[("IDEM_REDIS_URL", &url)]);
     assert!(
         stdout.contains("every order was charged exactly once"),
         "{stdout}"

@@ -91,3 +91,35 @@ pub mod chaos;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+
+/// Runs an example that `cargo test --all-features` built next to the test binaries' folder,
+/// with `env` set, and returns its standard output; fails the test, with its output, when it
+/// fails.
+pub fn run_example(name: &str, env: &[(&str, &str)]) -> String {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the target folder")
+        .join("examples")
+        .join(name);
+    let mut command = std::process::Command::new(&example);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {}: {e} (a plain `cargo test --all-features` builds the examples; with \
+             one test file alone, run `cargo build --examples --all-features` first)",
+            example.display()
+        )
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the example {name} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

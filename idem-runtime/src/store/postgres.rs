@@ -1709,6 +1709,19 @@ impl PostgresStore {
             .connection_until(op, deadline)
             .await
             .map_err(Failure::Other)?;
+        self.query_pooled(op, conn, sql, params, deadline).await
+    }
+
+    /// Runs one statement on a pooled connection by `deadline`; a connection whose statement
+    /// timed out is dropped rather than reused.
+    async fn query_pooled(
+        &self,
+        op: &'static str,
+        conn: Object,
+        sql: &str,
+        params: &Params<'_>,
+        deadline: Instant,
+    ) -> Result<Vec<Row>, Failure> {
         let statement = run(On::Pooled(&conn), self.inner.prepared, sql, params);
         match tokio::time::timeout_at(deadline, statement).await {
             Ok(result) => result.map_err(Failure::Db),
@@ -1785,14 +1798,7 @@ impl PostgresStore {
         deadline: Instant,
     ) -> Result<Vec<Row>, Failure> {
         if let Some(conn) = self.idle_connection().await.map_err(Failure::Other)? {
-            let statement = run(On::Pooled(&conn), self.inner.prepared, sql, params);
-            return match tokio::time::timeout_at(deadline, statement).await {
-                Ok(result) => result.map_err(Failure::Db),
-                Err(_) => {
-                    drop(Object::take(conn));
-                    Err(Failure::Other(self.timed_out(op)))
-                }
-            };
+            return self.query_pooled(op, conn, sql, params, deadline).await;
         }
         let Ok(mut reserve) = tokio::time::timeout_at(deadline, self.inner.reserve.lock()).await
         else {
