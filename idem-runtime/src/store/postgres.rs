@@ -2187,11 +2187,17 @@ impl PostgresStore {
         let wait_lock = self.wait_lock_id(key);
         let mut pause = FIRST_POLL;
         loop {
-            let notified = subscription.as_ref().map(|s| Arc::clone(&s.notify));
-            let notified = notified.as_ref().map(|n| n.notified());
+            // Both registered before the subscription is armed and the record is looked at.
+            let notify = subscription.as_ref().map(|s| Arc::clone(&s.notify));
+            let notified = notify.as_ref().map(|n| n.notified());
             tokio::pin!(notified);
+            let changed = self.listener().map(|l| l.shared.changed.notified());
+            tokio::pin!(changed);
             if let Some(n) = notified.as_mut().as_pin_mut() {
                 n.enable();
+            }
+            if let Some(c) = changed.as_mut().as_pin_mut() {
+                c.enable();
             }
             let armed = match subscription.as_mut() {
                 Some(subscription) => subscription.arm(wait_lock).await,
@@ -2202,36 +2208,39 @@ impl PostgresStore {
                 Armed::Contended => FIRST_POLL,
                 Armed::No => pause,
             };
-            if let Some(left) = self.poll_wait(params).await? {
-                match left {
-                    // A holder that stops renewing loses its lease: look again when it runs out.
-                    Some(left) => nap = nap.min(from_micros(left) + Duration::from_millis(1)),
-                    None => return Ok(()),
-                }
+            match self.poll_wait(params).await? {
+                Some(None) => return Ok(()),
+                // A holder that stops renewing loses its lease: look again when it runs out.
+                Some(Some(left)) => nap = nap.min(from_micros(left) + Duration::from_millis(1)),
+                // Skipped (no idle connection): a notification may have come meanwhile and
+                // been missed by no one, but the record was not seen; look again soon.
+                None => nap = nap.min(pause),
             }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(());
             }
             let sleep = tokio::time::sleep(nap.min(deadline - now));
-            match notified.as_mut().as_pin_mut() {
-                Some(n) if armed != Armed::No => {
-                    tokio::select! {
-                        () = n => {
-                            self.inner.notified.fetch_add(1, Ordering::Relaxed);
-                        }
-                        () = sleep => {}
-                    }
+            let woken = async {
+                match (notified.as_pin_mut(), changed.as_pin_mut()) {
+                    (Some(n), Some(c)) => tokio::select! {
+                        () = n => true,
+                        () = c => false,
+                    },
+                    _ => std::future::pending().await,
                 }
-                // Not armed: a notification still cuts the sleep short (the listener came back,
-                // or one arrived anyway), but the backoff is what is counted on.
-                Some(n) => {
-                    tokio::select! {
-                        () = n => {}
-                        () = sleep => {}
+            };
+            tokio::select! {
+                notified = woken => {
+                    if notified {
+                        // The key's record left `InProgress` when its writer committed: the
+                        // caller claims again (one statement), no poll needed.
+                        self.inner.notified.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
                     }
+                    // The listening connection came or went: arm again, or poll.
                 }
-                None => sleep.await,
+                () = sleep => {}
             }
             pause = (pause * 2).min(MAX_POLL);
         }
@@ -2698,9 +2707,9 @@ impl Store for PostgresStore {
 /// **What it costs:** the transaction holds a pooled connection, the claim's row and the key
 /// lock for the whole body. A concurrent caller of the same key (transactional or not) never
 /// waits on them inside the database: its claim finds the key lock taken and reports the key
-/// busy at once, and the caller waits outside the pool (polling, holding no connection) or
-/// rejects per `on_conflict`, like for any in-progress key; once the holder commits it replays,
-/// once it rolls back it runs. So duplicates of one key never starve other keys of connections.
+/// busy at once, and the caller waits outside the pool (holding no connection, woken by the
+/// notification sent at commit: see [Waiting](self#waiting)) or rejects per `on_conflict`, like
+/// for any in-progress key; once the holder commits it replays, once it rolls back it runs. So duplicates of one key never starve other keys of connections.
 /// Keep the body short. The [lease](Self::lease) is the transaction's
 /// `idle_in_transaction_session_timeout`: a holder that froze or is no longer polled has its
 /// transaction ended by the server once the lease is over (its writes roll back, and the key

@@ -10,6 +10,8 @@
 //!   completion that no one waits for sends no notification (a notifying commit takes a
 //!   database-wide lock in PostgreSQL, which would serialise every completion);
 //! - a waiter that arms while such a statement holds the lock gets `false` and polls soon;
+//! - a notification wakes the waiters of its key, which return at once (their callers claim
+//!   again: the notification means the record left `InProgress` when its writer committed);
 //! - the connection lost, every waiter is woken and polls (with the short backoff) until it is
 //!   back, re-arming on the new connection.
 
@@ -47,6 +49,8 @@ pub(super) struct Shared {
     waiters: Mutex<HashMap<Digest, (Arc<Notify>, usize)>>,
     /// The connection that is listening now, and its generation (`None` while there is none).
     current: Mutex<Option<(u64, Arc<Client>)>>,
+    /// Woken whenever the listening connection comes or goes: waiters then arm again, or poll.
+    pub(super) changed: Notify,
     /// How many times a connection started listening.
     pub(super) connections: AtomicU64,
     /// How many notifications reached a waiter of this store.
@@ -63,6 +67,7 @@ impl Listener {
             timeout,
             waiters: Mutex::new(HashMap::new()),
             current: Mutex::new(None),
+            changed: Notify::new(),
             connections: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
         });
@@ -104,14 +109,7 @@ impl Shared {
     fn set_current(&self, now: Option<(u64, Arc<Client>)>) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = now;
         // Connected: waiters arm on it. Lost: they poll instead of trusting it.
-        self.wake_all();
-    }
-
-    fn wake_all(&self) {
-        let map = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        for (notify, _) in map.values() {
-            notify.notify_waiters();
-        }
+        self.changed.notify_waiters();
     }
 
     /// A notification: wakes the waiters of its key, if any. A payload that is not a digest
