@@ -8,7 +8,12 @@
 //!   `INSERT ... ON CONFLICT DO NOTHING` + `UPDATE ... SET value` (the floor for claiming and
 //!   completing with plain statements).
 //!
-//! Each group also measures `idem_pooler`: the same calls on a store in
+//! - wake: 64 waiters of one key through another store instance (another pool, as another
+//!   process would have), woken when the holder completes: the time from the holder's
+//!   `complete` to the last waiter's result, with the waiters' store polling
+//!   (`notifications(false)`, the behaviour before `LISTEN`/`NOTIFY`) and listening.
+//!
+//! Each of the first two groups also measures `idem_pooler`: the same calls on a store in
 //! `transaction_pooler(true)` mode (unnamed statements, parsed and planned on every call),
 //! against the same server directly, which is what that mode costs before any pooler's own hop.
 //!
@@ -26,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{CONCURRENCY, Profile, profile, rounds};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use idem::{Idempotent, PostgresStore};
 use pg_support::PgServer;
 
@@ -202,6 +209,90 @@ fn bench(c: &mut Criterion) {
                         std::hint::black_box(p);
                     }
                 }))
+            })
+        });
+    }
+    group.finish();
+
+    wake(c, &server, &rt, &store);
+}
+
+/// The waiters of one key in another store: how long from the holder's completion until the
+/// last of 64 has its result, polling against listening.
+fn wake(
+    c: &mut Criterion,
+    server: &PgServer,
+    rt: &tokio::runtime::Runtime,
+    holder: &PostgresStore,
+) {
+    const WAITERS: usize = 64;
+    let waiters = |listen: bool| {
+        rt.block_on(async {
+            let store = PostgresStore::builder()
+                .pool_size(16)
+                .notifications(listen)
+                .from_url(&server.url())
+                .expect("a waiters' store");
+            store.migrate().await.expect("migrate");
+            Arc::new(store)
+        })
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let mut group = c.benchmark_group("postgres_wake");
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(8));
+    for (name, listen) in [("polling", false), ("notify", true)] {
+        let store = waiters(listen);
+        group.bench_function(BenchmarkId::new(name, WAITERS), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+                        let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+                        let first = {
+                            let holder = holder.clone();
+                            tokio::spawn(async move {
+                                Idempotent::new(&holder, k)
+                                    .name("wake")
+                                    .run(|| async move {
+                                        let _ = entered_tx.send(());
+                                        let _ = go.await;
+                                        Ok::<_, idem::Error>(1u64)
+                                    })
+                                    .await
+                                    .expect("the holder's call")
+                            })
+                        };
+                        entered.await.expect("the holder runs");
+                        let mut tasks = tokio::task::JoinSet::new();
+                        for _ in 0..WAITERS {
+                            let store = store.clone();
+                            tasks.spawn(async move {
+                                Idempotent::new(&*store, k)
+                                    .name("wake")
+                                    .run(|| async { Ok::<_, idem::Error>(0u64) })
+                                    .await
+                                    .expect("a waiter's result")
+                            });
+                        }
+                        // Every waiter is asleep (a polling one at its longest pause, 200 ms).
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        // From the body's return: the holder's `complete`, then every waiter
+                        // woken (or polling), claiming again and replaying.
+                        let started = std::time::Instant::now();
+                        let _ = go_tx.send(());
+                        assert_eq!(first.await.expect("the holder"), 1);
+                        while let Some(done) = tasks.join_next().await {
+                            assert_eq!(done.expect("a waiter"), 1, "the holder's value");
+                        }
+                        total += started.elapsed();
+                    }
+                    total
+                })
             })
         });
     }

@@ -326,6 +326,8 @@ async fn purge_removes_expired_rows_only() {
     let url = PgServer::shared().url();
     let store = PostgresStore::builder()
         .table("purge_test")
+        // The purge under test, not the store's own cleanup.
+        .auto_cleanup(false)
         .from_url(&url)
         .unwrap();
     store.migrate().await.unwrap();
@@ -1864,6 +1866,8 @@ async fn purge_skips_a_row_whose_key_lock_is_taken() {
     let url = PgServer::shared().url();
     let store = PostgresStore::builder()
         .table("purge_locked")
+        // The purge under test, not the store's own cleanup.
+        .auto_cleanup(false)
         .from_url(&url)
         .unwrap();
     store.migrate().await.unwrap();
@@ -2887,4 +2891,384 @@ async fn a_busy_pool_does_not_cost_a_running_body_its_lease() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
     assert_eq!(first.status, Status::Executed);
     assert_eq!((duplicate.value, duplicate.status), (1, Status::Waited));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: waiters woken across processes (LISTEN/NOTIFY), and expired rows cleaned by normal
+// traffic. Counts of polls and wakes, never times.
+
+/// A store of its own on `table` of the shared server, migrated.
+async fn table_store(
+    table: &str,
+    build: impl FnOnce(
+        idem::store::postgres::PostgresStoreBuilder,
+    ) -> idem::store::postgres::PostgresStoreBuilder,
+) -> PostgresStore {
+    let store = build(PostgresStore::builder().table(table))
+        .from_url(&PgServer::shared().url())
+        .expect("store from URL");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Starts `store`'s listening connection (its first wait does) and waits until it listens, so
+/// that the next wait is notified from its first poll on.
+async fn listening(store: &PostgresStore) {
+    let absent = Key::new("notify.absent", &unique("absent"));
+    store.wait(absent, Duration::from_secs(1)).await.unwrap();
+    until("the store listens", || {
+        store.wait_stats().listener_connections >= 1
+    })
+    .await;
+}
+
+/// Waits (a bounded number of tries, 10 ms apart) until `ready` holds, and fails with `what`.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    for _ in 0..3_000 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// A waiter in another store instance (another connection pool and listener, as another process
+/// would have) is woken by the holder's completion through NOTIFY: it polls once before it
+/// sleeps and once after the notification, not on a backoff schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_in_another_store_is_woken_by_the_notification() {
+    let holder = table_store("notify_wake", |b| b).await;
+    let waiter = Arc::new(table_store("notify_wake", |b| b).await);
+    assert_eq!(holder.channel(), waiter.channel(), "one channel per table");
+    let key = Key::new("notify.wake", &unique("k"));
+    let Ok(Claim::Acquired(token)) = holder.claim(key, None, Duration::from_secs(60)).await else {
+        panic!("the key is free");
+    };
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait(key, Duration::from_secs(60)).await })
+    };
+    until("the waiter polled once, on a listening connection", || {
+        let stats = waiter.wait_stats();
+        stats.polls >= 1 && stats.listener_connections == 1
+    })
+    .await;
+    let before = waiter.wait_stats();
+    assert_eq!(before.notified, 0);
+    let stored = holder
+        .complete(
+            key,
+            token,
+            None,
+            Bytes::from_static(b"\"v\""),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stored, Completion::Stored));
+    waiting.await.unwrap().expect("the wait ends");
+    let after = waiter.wait_stats();
+    assert_eq!(after.notified, 1, "woken by the notification: {after:?}");
+    assert!(
+        after.polls <= 3,
+        "a notified waiter polls before it sleeps and after it is woken, not on a schedule: \
+         {after:?}"
+    );
+    // The holder's own store never waited: it opened no listener.
+    assert_eq!(holder.wait_stats().listener_connections, 0);
+}
+
+/// Many waiters of one key through the executor, in another store: all get the holder's value,
+/// woken by its completion; a release (failed body) wakes them too and one of them runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_through_the_executor_are_woken_by_completion_and_by_release() {
+    let holder = Arc::new(table_store("notify_exec", |b| b).await);
+    let waiter = Arc::new(table_store("notify_exec", |b| b).await);
+    listening(&waiter).await;
+    for fail_first in [false, true] {
+        let k = unique("exec");
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        let (entered_tx, entered) = tokio::sync::oneshot::channel();
+        let first = {
+            let (holder, k) = (holder.clone(), k.clone());
+            tokio::spawn(async move {
+                Idempotent::new(&*holder, k)
+                    .name("notify.exec")
+                    .run(|| async move {
+                        let _ = entered_tx.send(());
+                        let _ = go.await;
+                        if fail_first {
+                            Err(Error::InProgress {
+                                retry_after: Duration::ZERO,
+                            })
+                        } else {
+                            Ok(String::from("first"))
+                        }
+                    })
+                    .await
+            })
+        };
+        entered.await.unwrap();
+        let before = waiter.wait_stats();
+        let mut waiters = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (waiter, k) = (waiter.clone(), k.clone());
+            waiters.spawn(async move {
+                Idempotent::new(&*waiter, k)
+                    .name("notify.exec")
+                    .run(|| async { Ok::<_, Error>(String::from("second")) })
+                    .await
+            });
+        }
+        until("every waiter polled", || {
+            waiter.wait_stats().polls >= before.polls + 8
+        })
+        .await;
+        let _ = go_tx.send(());
+        let _ = first.await.unwrap();
+        let mut values = Vec::new();
+        while let Some(done) = waiters.join_next().await {
+            values.push(done.unwrap().expect("a waiter's result"));
+        }
+        let expected = if fail_first { "second" } else { "first" };
+        assert!(values.iter().all(|v| v == expected), "{values:?}");
+        let after = waiter.wait_stats();
+        assert!(
+            after.notified > before.notified,
+            "woken by a notification (fail_first = {fail_first}): {before:?} → {after:?}"
+        );
+    }
+}
+
+/// A transactional holder notifies in its own transaction: its waiters are woken when it
+/// commits; when its body fails, the rollback is followed by a notification too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_transactional_holder_are_woken_at_commit_and_after_rollback() {
+    let holder = Arc::new(shared_store().await);
+    let waiter = Arc::new(shared_store().await);
+    listening(&waiter).await;
+    for fail in [false, true] {
+        let k = unique("tx-wake");
+        let key = Key::new("notify.tx", &k);
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        let (entered_tx, entered) = tokio::sync::oneshot::channel();
+        let first = {
+            let (holder, k) = (holder.clone(), k.clone());
+            tokio::spawn(async move {
+                holder
+                    .transactional(k)
+                    .name("notify.tx")
+                    .run(move |_tx| {
+                        Box::pin(async move {
+                            let _ = entered_tx.send(());
+                            let _ = go.await;
+                            if fail {
+                                Err(Error::InProgress {
+                                    retry_after: Duration::ZERO,
+                                })
+                            } else {
+                                Ok(1u32)
+                            }
+                        })
+                    })
+                    .await
+            })
+        };
+        entered.await.unwrap();
+        let before = waiter.wait_stats();
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { waiter.wait(key, Duration::from_secs(60)).await })
+        };
+        until("the waiter polled", || {
+            waiter.wait_stats().polls > before.polls
+        })
+        .await;
+        let _ = go_tx.send(());
+        let _ = first.await.unwrap();
+        waiting.await.unwrap().expect("the wait ends");
+        let after = waiter.wait_stats();
+        assert_eq!(
+            after.notified,
+            before.notified + 1,
+            "woken by a notification (fail = {fail}): {before:?} → {after:?}"
+        );
+        assert!(after.polls - before.polls <= 3, "{before:?} → {after:?}");
+    }
+}
+
+/// The listener connection terminated by the server (`pg_terminate_backend`): its waiters fall
+/// back to polling, the store connects again, and waits are woken by notifications again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listener_falls_back_to_polling_and_recovers() {
+    let server = PgServer::shared();
+    let app = unique("killme").replace('-', "_");
+    let holder = table_store("notify_kill", |b| b).await;
+    let waiter = Arc::new(
+        PostgresStore::builder()
+            .table("notify_kill")
+            .from_url(&format!("{}?application_name={app}", server.url()))
+            .unwrap(),
+    );
+    let db = client(&server.url()).await;
+    let lease = Duration::from_secs(60);
+    let first = Key::new("notify.kill", &unique("first"));
+    let Ok(Claim::Acquired(first_token)) = holder.claim(first, None, lease).await else {
+        panic!("the key is free");
+    };
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait(first, Duration::from_secs(120)).await })
+    };
+    until("the waiter listens", || {
+        let stats = waiter.wait_stats();
+        stats.polls >= 1 && stats.listener_connections == 1
+    })
+    .await;
+    let before = waiter.wait_stats();
+    let killed = count(
+        &db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = $1",
+        &[&format!("{app} listener")],
+    )
+    .await;
+    assert_eq!(killed, 1, "exactly the listener connection");
+    until("the listener is back", || {
+        waiter.wait_stats().listener_connections == 2
+    })
+    .await;
+    let after_kill = waiter.wait_stats();
+    assert!(
+        after_kill.polls > before.polls,
+        "the waiter polled when its listener was lost: {before:?} → {after_kill:?}"
+    );
+    assert!(!waiting.is_finished(), "the key is still held");
+    // A new wait is woken by a notification on the new connection.
+    let second = Key::new("notify.kill", &unique("second"));
+    let Ok(Claim::Acquired(second_token)) = holder.claim(second, None, lease).await else {
+        panic!("the key is free");
+    };
+    let waiting_second = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait(second, Duration::from_secs(120)).await })
+    };
+    let polls = waiter.wait_stats().polls;
+    until("the second waiter polled", || {
+        waiter.wait_stats().polls > polls
+    })
+    .await;
+    let notified = waiter.wait_stats().notified;
+    for (key, token) in [(second, second_token), (first, first_token)] {
+        let stored = holder
+            .complete(key, token, None, Bytes::from_static(b"1"), lease)
+            .await
+            .unwrap();
+        assert!(matches!(stored, Completion::Stored));
+    }
+    waiting_second.await.unwrap().expect("the second wait ends");
+    waiting.await.unwrap().expect("the first wait ends");
+    let end = waiter.wait_stats();
+    assert!(
+        end.notified > notified,
+        "woken by notifications again after the reconnection: {end:?}"
+    );
+}
+
+/// Behind PgBouncer in transaction mode the store does not listen (LISTEN cannot work there):
+/// its waiters poll and get their results; a completion sent through PgBouncer still wakes
+/// the waiters of a store connected directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_waiters_poll_and_completions_still_notify() {
+    let server = PgServer::shared();
+    let bouncer = PgBouncer::start(server, 2);
+    let pooled = Arc::new(
+        PostgresStore::builder()
+            .table("notify_bouncer")
+            .transaction_pooler(true)
+            .from_url(&bouncer.url())
+            .unwrap(),
+    );
+    pooled.migrate().await.unwrap();
+    let direct = Arc::new(table_store("notify_bouncer", |b| b).await);
+    listening(&direct).await;
+    let lease = Duration::from_secs(60);
+    // The pooled store waits for the direct store's claim: by polling.
+    // Then the direct store waits for the pooled store's claim: woken by its notification.
+    for (holder, waiter, notified) in [(&direct, &pooled, false), (&pooled, &direct, true)] {
+        let key = Key::new("notify.bouncer", &unique("k"));
+        let Ok(Claim::Acquired(token)) = holder.claim(key, None, lease).await else {
+            panic!("the key is free");
+        };
+        let before = waiter.wait_stats();
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { waiter.wait(key, Duration::from_secs(60)).await })
+        };
+        until("the waiter polled", || {
+            waiter.wait_stats().polls > before.polls
+        })
+        .await;
+        let stored = holder
+            .complete(key, token, None, Bytes::from_static(b"1"), lease)
+            .await
+            .unwrap();
+        assert!(matches!(stored, Completion::Stored));
+        waiting.await.unwrap().expect("the wait ends");
+        let after = waiter.wait_stats();
+        if notified {
+            assert_eq!(after.notified, before.notified + 1, "{after:?}");
+        } else {
+            assert_eq!(after.notified, 0, "a pooler-mode store does not listen");
+            assert_eq!(after.listener_connections, 0);
+        }
+    }
+}
+
+/// Under steady traffic with a short ttl, the store deletes expired rows by itself: the row
+/// count stays bounded without any `purge_expired()` call. With `auto_cleanup(false)` every
+/// row stays.
+#[tokio::test]
+async fn expired_rows_are_cleaned_by_normal_traffic_unless_turned_off() {
+    const CALLS: usize = 1_500;
+    const EVERY: u64 = 50;
+    let db = client(&PgServer::shared().url()).await;
+    let cleaned = table_store("cleanup_auto", |b| {
+        b.cleanup_every(EVERY, Duration::from_secs(3600))
+    })
+    .await;
+    let mut most = 0;
+    for i in 0..CALLS {
+        Idempotent::new(&cleaned, ("cleanup", i))
+            .name("cleanup.auto")
+            .ttl(Duration::from_millis(1))
+            .run(|| async { Ok::<_, Error>(i) })
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            let rows = count(&db, "SELECT count(*) FROM cleanup_auto", &[]).await;
+            most = most.max(rows);
+        }
+    }
+    assert!(
+        most <= 4 * EVERY as i64,
+        "at most a few cleanups' worth of rows at any time, saw {most} of {CALLS}"
+    );
+
+    let kept = table_store("cleanup_off", |b| b.auto_cleanup(false)).await;
+    for i in 0..300usize {
+        Idempotent::new(&kept, ("cleanup", i))
+            .name("cleanup.off")
+            .ttl(Duration::from_millis(1))
+            .run(|| async { Ok::<_, Error>(i) })
+            .await
+            .unwrap();
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM cleanup_off", &[]).await,
+        300
+    );
+    assert_eq!(kept.purge_expired().await.unwrap(), 300);
 }

@@ -146,24 +146,67 @@
 //! # Expired rows
 //!
 //! A claim takes over an expired row in place, so keys that are reused never pile up. Rows of
-//! keys that never come back are deleted by [`PostgresStore::purge_expired`], in batches that
-//! the index on `expires_at` keeps cheap; schedule it (for example every few minutes, from one
-//! process or all of them). A purge tries each row's key lock and leaves a row whose lock is
-//! taken (by a claim of that key in flight, a transactional call, another purge), so it never
-//! makes a claim wait for its row. A cleanup job of your own that deletes rows holds their row
+//! keys that never come back are deleted by the store itself, as part of normal traffic: after
+//! every 1 000 granted claims, and at the first claim after a minute without a cleanup
+//! ([`PostgresStoreBuilder::cleanup_every`]), a background task runs batches of
+//! [`PostgresStore::purge_expired`] (up to 1 000 rows each, through the `expires_at` index) while
+//! they come back full, at most 16 per cleanup and never two at once per store. That can
+//! delete 16 rows per claim, more than any traffic adds, so under steady traffic the table
+//! holds the live records and at most a few batches of expired ones. Several stores and processes
+//! on one table split the work (each skips the rows another is deleting).
+//! [`PostgresStoreBuilder::auto_cleanup`]`(false)` turns it off; then schedule `purge_expired`
+//! yourself (for example every few minutes, from one process or all of them).
+//!
+//! A purge tries each row's key lock and leaves a row whose lock is taken (by a claim of that
+//! key in flight, a transactional call, another purge); of the rest it skips any row another
+//! session has locked (`FOR UPDATE SKIP LOCKED`), so it never makes a claim wait for its row
+//! and never waits itself. A cleanup job of your own that deletes rows holds their row
 //! locks to the end of its transaction, and a claim of such a key waits for it (the claim's
 //! lease is then renewed, see above): prefer `purge_expired`, or short transactions.
 //!
 //! # Waiting
 //!
-//! A caller that meets a busy key holds no pooled connection while it waits. [`Store::wait`]
-//! polls with a bounded exponential backoff (5 ms doubling up to 200 ms, never past the holder's
-//! lease nor the caller's timeout), one primary-key lookup per poll that also sees a claim still
-//! in flight (the key lock taken). A poll never queues for a connection: it takes an idle one
-//! or, when the pool is exhausted, skips that poll, so waiters never get ahead of claims of
-//! other keys. `LISTEN/NOTIFY` was not chosen: it needs a dedicated connection per store outside
-//! the pool, does not work through PgBouncer in transaction mode, and cannot be set up on a pool
-//! the application hands in.
+//! A caller that meets a busy key holds no pooled connection while it waits. Waiters are woken
+//! by `LISTEN`/`NOTIFY` when the holder completes or releases, and when the record is removed or
+//! purged; polling stays as the fallback. A holder that stops renewing loses its lease at a time
+//! the waiter already knows (its poll reads the lease left), so the waiter looks again then, and
+//! claims the key itself or finds it taken over; a claim sends no notification (in the
+//! transactional mode it would hold the wait lock for the whole body, see below).
+//!
+//! - **One listening connection per store**, outside the pool, opened by the store's first
+//!   wait (stores built with [`PostgresStoreBuilder::from_url`]), `LISTEN`ing on the table's
+//!   channel ([`PostgresStore::channel`]). Every waiter of the store shares it: a waiter registers
+//!   its key in a map of key → [`tokio::sync::Notify`], then takes a session-level *shared*
+//!   advisory lock on the key's *wait lock* (a 64-bit number derived from the key's digest and
+//!   the table, distinct from its key lock) through that connection, and only then re-checks
+//!   the record, so a completion between the check and the sleep is not missed.
+//! - **The notification is sent in the writer's transaction**, so it is delivered when (and only
+//!   if) the change commits: `complete` (in the [transactional mode](Transactional), inside the
+//!   user's transaction, delivered at its commit), `release`, `remove`, a purge. Each tries the wait lock exclusively for its transaction: when a
+//!   waiter holds it, it sends `pg_notify(channel, digest in hex)`; when no one waits, nothing
+//!   (a transaction that notifies takes a database-wide lock at commit in PostgreSQL, which
+//!   would serialise every completion). A waiter that arrives while such a statement holds the
+//!   wait lock polls again at once. A transactional body that fails is rolled back, then a
+//!   statement of its own wakes the key's waiters.
+//! - **Polling stays as the fallback.** A waiter that will be notified still polls every
+//!   [`NOTIFIED_POLL`] (2 s), never past the holder's lease nor its own timeout (a holder
+//!   whose transaction was rolled back by a crash or a dropped call notifies no one). While
+//!   the listening connection is down (terminated, or the server restarted), every waiter is
+//!   woken and polls with the backoff below, and the connection is opened again (50 ms doubling
+//!   to 5 s); back, the waiters register on it again. A connection that stops answering is
+//!   noticed by a heartbeat every 30 s.
+//! - **Without a listening connection** waiters poll with a bounded exponential backoff (5 ms
+//!   doubling up to 200 ms, never past the holder's lease nor the caller's timeout): in
+//!   [`PostgresStoreBuilder::transaction_pooler`] mode (a pooler in transaction mode cannot keep
+//!   a `LISTEN`: each transaction may run on another server connection), for stores built with
+//!   [`PostgresStoreBuilder::from_pool`] (the store cannot read the pool's connection settings),
+//!   and with [`PostgresStoreBuilder::notifications`]`(false)`. Their completions still notify
+//!   waiters of other stores (`NOTIFY` passes a pooler).
+//!
+//! Each poll is one primary-key lookup that also sees a claim still in flight (the key lock
+//! taken). A poll never queues for a connection: it takes an idle one or, when the pool is
+//! exhausted, skips that poll, so waiters never get ahead of claims of other keys.
+//! [`PostgresStore::wait_stats`] counts polls and notified wakes.
 //!
 //! # Timeouts and failures
 //!
@@ -195,8 +238,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -221,6 +264,9 @@ use crate::exec::{
 };
 use crate::key::{Fingerprint, Key, KeyPart};
 use crate::record::{Claim, Completed, Completion, Token};
+
+mod listener;
+use listener::{Armed, Listener};
 
 /// The `tokio-postgres` this store is built on, for naming [`tokio_postgres::Transaction`] and
 /// its error type in transactional bodies without a version mismatch.
@@ -259,6 +305,20 @@ const CLAIM_ATTEMPTS: usize = 16;
 /// statement that found its key lock taken.
 const FIRST_POLL: Duration = Duration::from_millis(5);
 const MAX_POLL: Duration = Duration::from_millis(200);
+/// The pause between two polls of a waiter that a notification will wake (its key registered on
+/// the store's listening connection): a safety net only, for a notification that cannot come (a
+/// transactional holder whose transaction was rolled back by a dropped call or a crash). Never
+/// past the holder's lease nor the caller's timeout.
+pub const NOTIFIED_POLL: Duration = Duration::from_secs(2);
+/// A store cleans expired rows after this many granted claims (see
+/// [`PostgresStoreBuilder::cleanup_every`]).
+pub const DEFAULT_CLEANUP_CLAIMS: u64 = 1_000;
+/// A store cleans expired rows at its first claim after this long without a cleanup (see
+/// [`PostgresStoreBuilder::cleanup_every`]): a minute.
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// The most batches one automatic cleanup runs (each up to `PURGE_BATCH` rows) before it leaves
+/// the rest to the next one.
+const CLEANUP_BATCHES: usize = 16;
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
@@ -332,11 +392,50 @@ struct Inner {
     warned_unlogged: AtomicBool,
     warned_async_commit: AtomicBool,
     warned_read_only: AtomicBool,
+    /// The `NOTIFY` channel of the table (`idem_` and 16 hex digits).
+    channel: String,
+    /// Mixed into every wait lock (see `listener`), so that two tables never share one.
+    wait_salt: i64,
+    /// Where the listening connection connects (`None`: waiters poll, see the module docs).
+    listen_config: Option<tokio_postgres::Config>,
+    /// The listening connection, started by the first wait (`None` inside: no runtime to run it).
+    listener: OnceLock<Option<Listener>>,
+    /// Polls made by waiters, and waits woken by a notification.
+    polls: AtomicU64,
+    notified: AtomicU64,
+    cleanup: Option<Cleanup>,
+    /// Claims granted since the last automatic cleanup started.
+    grants: AtomicU64,
+    /// When the last automatic cleanup started.
+    last_cleanup: Mutex<Instant>,
+    /// An automatic cleanup is running.
+    cleaning: AtomicBool,
     /// A connection outside the pool, opened (with the pool's own settings and TLS) when a
     /// renewal finds no idle pooled connection: a running body's lease must not wait in line
     /// behind the application's own use of the pool, or it runs out while its holder is alive
     /// and another caller runs the body a second time.
     reserve: tokio::sync::Mutex<Option<ClientWrapper>>,
+}
+
+/// When a store deletes expired rows by itself (see [`PostgresStoreBuilder::cleanup_every`]).
+#[derive(Clone, Copy, Debug)]
+struct Cleanup {
+    claims: u64,
+    interval: Duration,
+}
+
+/// What a store's waiters did so far ([`PostgresStore::wait_stats`]): for operators, and for
+/// tests that check waiters are woken rather than polling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WaitStats {
+    /// Polls of a key's record by waiters (one primary-key lookup each).
+    pub polls: u64,
+    /// Waits woken by a notification (`NOTIFY`) rather than by their poll timer.
+    pub notified: u64,
+    /// How many times the store's listening connection (re)started listening: 0 before the first
+    /// wait, and for a store that does not listen; more than 1 after it was lost and came back.
+    pub listener_connections: u64,
 }
 
 /// What the settings check concluded: go on, or refuse with this reason.
@@ -358,6 +457,23 @@ struct Sql {
     /// Whether a claim of this token is committed (after a transactional body ended the
     /// transaction itself).
     committed_claim: String,
+    /// Wakes the waiters of key `$1` on their own (after a transactional body's rollback).
+    wake: String,
+}
+
+/// The SQL that wakes the waiters of the key whose digest is `key` (a `bytea` expression) when
+/// the statement's transaction commits: the wait lock is tried exclusively for the transaction;
+/// when a waiter holds it shared (see `listener`), `pg_notify` on the store's channel with the
+/// digest in hex. Without waiters it sends nothing (a notifying commit takes a database-wide
+/// lock). The wait lock is computed as `PostgresStore::wait_lock_id` does: the digest's bytes 9
+/// to 16, big-endian, xor the table's wait salt.
+fn wake_sql(key: &str, channel: &str, wait_salt: i64) -> String {
+    format!(
+        "CASE WHEN pg_catalog.pg_try_advisory_xact_lock(('x' || pg_catalog.encode( \
+           pg_catalog.substring({key}, 9, 8), 'hex'))::bit(64)::int8 # CAST({wait_salt} AS int8)) \
+         THEN NULL \
+         ELSE pg_catalog.pg_notify('{channel}', pg_catalog.encode({key}, 'hex')) END"
+    )
 }
 
 /// `$1 * interval '1 microsecond'` from now, by the server's clock at this point of the
@@ -373,7 +489,8 @@ macro_rules! from_now {
 }
 
 impl Sql {
-    fn new(table: &str) -> Sql {
+    fn new(table: &str, channel: &str, wait_salt: i64) -> Sql {
+        let wake = |key: &str| wake_sql(key, channel, wait_salt);
         Sql {
             // The live row is read first: a replay or a busy key then takes no lock and writes
             // nothing (an `ON CONFLICT DO UPDATE ... WHERE false` would lock the row, making
@@ -416,7 +533,11 @@ impl Sql {
             // The row this token holds is completed (lease live or lapsed); an absent key gets
             // the record; this token's completed record is left as it is (a repeated
             // complete); another token's row is left alone (no row updated: lease lost).
-            complete: complete_sql(table, "pg_catalog.pg_try_advisory_xact_lock($5)"),
+            complete: complete_sql(
+                table,
+                "pg_catalog.pg_try_advisory_xact_lock($5)",
+                &wake("$1"),
+            ),
             // In the transactional mode, the transaction must still be the one the call opened
             // (a body that ran COMMIT or ROLLBACK would have this statement run on its own,
             // outside the transaction that holds the claim): otherwise `free` is NULL and
@@ -426,6 +547,7 @@ impl Sql {
                 "CASE WHEN pg_catalog.current_setting('idem.tx', true) IS DISTINCT FROM $7 \
                  THEN NULL \
                  ELSE pg_catalog.pg_try_advisory_xact_lock($5) END",
+                &wake("$1"),
             ),
             renew: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($4) \
@@ -444,9 +566,10 @@ impl Sql {
                  done AS ( \
                    DELETE FROM {table} \
                    WHERE key = $1 AND token = $2 AND value IS NULL AND (SELECT free FROM gate) \
-                   RETURNING 1 \
+                   RETURNING {wake} \
                  ) \
-                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
+                wake = wake("$1"),
             ),
             // A live claim, or a claim still in flight (its key lock taken, its row not
             // committed yet): keep waiting. The lock is only tried when no live claim is seen.
@@ -476,9 +599,11 @@ impl Sql {
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($2) \
                  AS free), \
                  done AS ( \
-                   DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) RETURNING 1 \
+                   DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) \
+                   RETURNING {wake} \
                  ) \
-                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate"
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
+                wake = wake("$1"),
             ),
             // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
             // ones whose key lock this statement gets (a claim of the key in flight, or a
@@ -497,22 +622,29 @@ impl Sql {
                    WHERE pg_catalog.pg_try_advisory_xact_lock( \
                      ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
                        'hex'))::bit(64)::int8 # $2) \
-                 ), gone AS ( \
-                   DELETE FROM {table} \
+                 ), unlocked AS MATERIALIZED ( \
+                   SELECT key FROM {table} \
                    WHERE key IN (SELECT key FROM free) AND expires_at <= \
                      pg_catalog.clock_timestamp() \
-                   RETURNING 1 \
+                   FOR UPDATE SKIP LOCKED \
+                 ), gone AS ( \
+                   DELETE FROM {table} \
+                   WHERE key IN (SELECT key FROM unlocked) AND expires_at <= \
+                     pg_catalog.clock_timestamp() \
+                   RETURNING {wake} \
                  ) \
                  SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
-                   pg_catalog.count(*) FROM gone)"
+                   pg_catalog.count(*) FROM gone)",
+                wake = wake("key"),
             ),
+            wake: format!("SELECT ({}) IS NULL", wake("$1")),
         }
     }
 }
 
 /// The `complete` statement, under the given key-lock `gate` (a `bool`: NULL or false writes
 /// nothing).
-fn complete_sql(table: &str, gate: &str) -> String {
+fn complete_sql(table: &str, gate: &str, wake: &str) -> String {
     format!(
         "WITH gate AS MATERIALIZED (SELECT {gate} AS free), \
          done AS ( \
@@ -527,7 +659,7 @@ fn complete_sql(table: &str, gate: &str) -> String {
                  value = CASE WHEN {keep} THEN r.value ELSE excluded.value END, \
                  expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
              WHERE r.token = excluded.token OR r.expires_at <= pg_catalog.clock_timestamp() \
-           RETURNING 1 \
+           RETURNING {wake} \
          ) \
          SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
         ttl = from_now!("$4"),
@@ -565,6 +697,8 @@ pub struct PostgresStoreBuilder {
     transaction_pooler: bool,
     on_unlogged: IfUnsafe,
     on_async_commit: IfUnsafe,
+    notifications: bool,
+    cleanup: Option<Cleanup>,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -580,6 +714,11 @@ impl Default for PostgresStoreBuilder {
             transaction_pooler: false,
             on_unlogged: IfUnsafe::Refuse,
             on_async_commit: IfUnsafe::Warn,
+            notifications: true,
+            cleanup: Some(Cleanup {
+                claims: DEFAULT_CLEANUP_CLAIMS,
+                interval: DEFAULT_CLEANUP_INTERVAL,
+            }),
         }
     }
 }
@@ -654,6 +793,46 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// Whether waiters are woken by `LISTEN`/`NOTIFY` (`true` unless set). With it, a store built
+    /// with [`from_url`](Self::from_url) opens one more connection, outside the pool, on its
+    /// first wait, and `LISTEN`s on it for the table's channel; a waiter then polls only every
+    /// [`NOTIFIED_POLL`] as a safety net. Without it (and always in
+    /// [`transaction_pooler`](Self::transaction_pooler) mode, where `LISTEN` cannot work, and
+    /// for stores built with [`from_pool`](Self::from_pool), whose connection settings the store
+    /// cannot read), waiters poll with a backoff of 5 ms doubling to 200 ms. Whatever this says,
+    /// the store's completions notify the waiters of other stores. See the
+    /// [module documentation](self#waiting).
+    pub fn notifications(mut self, listen: bool) -> Self {
+        self.notifications = listen;
+        self
+    }
+
+    /// Whether the store deletes expired rows by itself (`true` unless set): see
+    /// [`cleanup_every`](Self::cleanup_every). Turn it off when a job of yours calls
+    /// [`PostgresStore::purge_expired`] on a schedule, or the table's rows must stay (an audit).
+    pub fn auto_cleanup(mut self, on: bool) -> Self {
+        self.cleanup = on.then_some(self.cleanup.unwrap_or(Cleanup {
+            claims: DEFAULT_CLEANUP_CLAIMS,
+            interval: DEFAULT_CLEANUP_INTERVAL,
+        }));
+        self
+    }
+
+    /// How often the store deletes expired rows by itself: after every `claims` granted claims
+    /// ([`DEFAULT_CLEANUP_CLAIMS`] unless set; at least 1), and at the first claim after
+    /// `interval` without a cleanup ([`DEFAULT_CLEANUP_INTERVAL`]). Each cleanup is a
+    /// background task that runs batches of [`PostgresStore::purge_expired`] (up to 1 000 rows
+    /// each) while they come back full, at most 16, and never two at once per store: it can
+    /// delete 16 rows per claim, so the table stays within the live records and a few
+    /// batches under any steady traffic. Turns automatic cleanup on.
+    pub fn cleanup_every(mut self, claims: u64, interval: Duration) -> Self {
+        self.cleanup = Some(Cleanup {
+            claims: claims.max(1),
+            interval,
+        });
+        self
+    }
+
     /// What to do when the records table is `UNLOGGED` ([`IfUnsafe::Refuse`] unless set): a crash
     /// of the server empties an unlogged table, so every completed record vanishes and every
     /// body runs again. Accept it only for records that may be lost.
@@ -707,7 +886,7 @@ impl PostgresStoreBuilder {
             config.application_name("idem");
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -723,7 +902,14 @@ impl PostgresStoreBuilder {
             .map_err(Error::store)?;
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
-        Ok(self.assemble(pool, sent))
+        let listen = (self.notifications && !self.transaction_pooler).then(|| {
+            let mut listen = config.clone();
+            let name = config.get_application_name().unwrap_or("idem");
+            let name: String = format!("{name} listener").chars().take(63).collect();
+            listen.application_name(name);
+            listen
+        });
+        Ok(self.assemble(pool, sent, listen))
     }
 
     /// A store on a pool the application already has (its TLS, sizes and session settings
@@ -731,24 +917,34 @@ impl PostgresStoreBuilder {
     pub fn from_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
-        Ok(self.assemble(pool, Vec::new()))
+        Ok(self.assemble(pool, Vec::new(), None))
     }
 
     /// The store, with names already checked.
-    fn assemble(self, pool: Pool, sent: Vec<(&'static str, f64)>) -> PostgresStore {
+    fn assemble(
+        self,
+        pool: Pool,
+        sent: Vec<(&'static str, f64)>,
+        listen_config: Option<tokio_postgres::Config>,
+    ) -> PostgresStore {
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
-        let salt = blake3::hash(format!("idem key lock {qualified}").as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&salt.as_bytes()[..8]);
+        let salt_of = |what: &str| {
+            let hash = blake3::hash(format!("idem {what} {qualified}").as_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&hash.as_bytes()[..8]);
+            i64::from_be_bytes(first)
+        };
+        let wait_salt = salt_of("wait lock");
+        let channel = format!("idem_{:016x}", salt_of("channel"));
         PostgresStore {
             inner: Arc::new(Inner {
                 pool,
-                sql: Sql::new(&qualified),
+                sql: Sql::new(&qualified, &channel, wait_salt),
                 schema: self.schema,
                 table: self.table,
                 timeout: self.timeout,
                 prepared: !self.transaction_pooler,
-                lock_salt: i64::from_be_bytes(first),
+                lock_salt: salt_of("key lock"),
                 on_unlogged: self.on_unlogged,
                 on_async_commit: self.on_async_commit,
                 sent_options: sent,
@@ -757,6 +953,16 @@ impl PostgresStoreBuilder {
                 warned_async_commit: AtomicBool::new(false),
                 warned_read_only: AtomicBool::new(false),
                 reserve: tokio::sync::Mutex::new(None),
+                channel,
+                wait_salt,
+                listen_config,
+                listener: OnceLock::new(),
+                polls: AtomicU64::new(0),
+                notified: AtomicU64::new(0),
+                cleanup: self.cleanup,
+                grants: AtomicU64::new(0),
+                last_cleanup: Mutex::new(Instant::now()),
+                cleaning: AtomicBool::new(false),
             }),
         }
     }
@@ -1160,7 +1366,7 @@ impl PostgresStore {
     /// A store on an existing pool, with the default table. See
     /// [`PostgresStoreBuilder::from_pool`].
     pub fn from_pool(pool: Pool) -> PostgresStore {
-        PostgresStoreBuilder::default().assemble(pool, Vec::new())
+        PostgresStoreBuilder::default().assemble(pool, Vec::new(), None)
     }
 
     /// A builder, for another schema, table, timeouts, pool size, pooler mode or durability
@@ -1494,8 +1700,15 @@ impl PostgresStore {
     /// deleted), and under `SERIALIZABLE` its range scan of the index would keep meeting
     /// serialization failures with the claims that write the same rows.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
+        self.purge_some(usize::MAX).await
+    }
+
+    /// Batches of [`purge_expired`](Self::purge_expired) while they come back full, at most
+    /// `batches` of them.
+    async fn purge_some(&self, batches: usize) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
+        let mut done = 0;
         loop {
             let rows = match self.purge_batch().await {
                 Ok(rows) => rows,
@@ -1513,7 +1726,8 @@ impl PostgresStore {
             total += deleted.unsigned_abs();
             // A short batch was the last; a batch that deleted nothing (every row of it held)
             // would find the same rows again.
-            if seen < PURGE_BATCH || deleted == 0 {
+            done += 1;
+            if seen < PURGE_BATCH || deleted == 0 || done >= batches {
                 return Ok(total);
             }
         }
@@ -1923,7 +2137,10 @@ impl PostgresStore {
                             // grant must not be shorter than asked (another caller could take
                             // the key over at once). Renew it, from now.
                             match self.renew(key, token, lease).await {
-                                Ok(true) => return Ok(Claim::Acquired(token)),
+                                Ok(true) => {
+                                    self.granted();
+                                    return Ok(Claim::Acquired(token));
+                                }
                                 // Taken over, or deleted, meanwhile: claim again.
                                 Ok(false) => {}
                                 Err(err) => {
@@ -1932,7 +2149,12 @@ impl PostgresStore {
                                 }
                             }
                         }
-                        Answer::Claim(claim, _) => return Ok(claim),
+                        Answer::Claim(claim, _) => {
+                            if matches!(claim, Claim::Acquired(_)) {
+                                self.granted();
+                            }
+                            return Ok(claim);
+                        }
                         // The conflicting row was committed after this statement's snapshot:
                         // run it again, with a snapshot that sees the row.
                         Answer::Again => {}
@@ -2110,49 +2332,198 @@ impl PostgresStore {
         let key_bytes = &key.as_bytes()[..];
         let lock = self.lock_id(key);
         let params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&lock, Type::INT8)];
+        // Registered before the first look at the record, so that a completion between the look
+        // and the sleep is not missed.
+        let mut subscription = self
+            .listener()
+            .map(|listener| listener.shared.subscribe(*key.as_bytes()));
+        let wait_lock = self.wait_lock_id(key);
         let mut pause = FIRST_POLL;
         loop {
-            let mut nap = pause;
-            // Never queue for a connection: with none idle, this poll is skipped.
-            if let Some(conn) = self.idle_connection().await? {
-                let poll = run(
-                    On::Pooled(&conn),
-                    self.inner.prepared,
-                    &self.inner.sql.wait,
-                    params,
-                );
-                match tokio::time::timeout(self.inner.timeout, poll).await {
-                    Ok(Ok(rows)) => {
-                        let Some(row) = rows.first() else {
-                            return Err(Error::store(Corrupt("the wait poll returned no row")));
-                        };
-                        let left: Option<i64> = row.try_get(0).map_err(Error::store)?;
-                        let free: bool = row.try_get(1).map_err(Error::store)?;
-                        match left {
-                            // A holder that stops renewing loses its lease: look again when it
-                            // runs out.
-                            Some(left) => {
-                                nap = nap.min(from_micros(left) + Duration::from_millis(1));
-                            }
-                            None if free => return Ok(()),
-                            None => {} // a claim in flight: its row is not visible yet
-                        }
-                    }
-                    Ok(Err(err)) if is_conflict(&err) => {}
-                    Ok(Err(err)) => return Err(self.db_error("wait", err)),
-                    Err(_) => {
-                        drop(Object::take(conn));
-                        return Err(self.timed_out("wait"));
-                    }
-                }
+            // Both registered before the subscription is armed and the record is looked at.
+            let notify = subscription.as_ref().map(|s| Arc::clone(&s.notify));
+            let notified = notify.as_ref().map(|n| n.notified());
+            tokio::pin!(notified);
+            let changed = self.listener().map(|l| l.shared.changed.notified());
+            tokio::pin!(changed);
+            if let Some(n) = notified.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            if let Some(c) = changed.as_mut().as_pin_mut() {
+                c.enable();
+            }
+            let armed = match subscription.as_mut() {
+                Some(subscription) => subscription.arm(wait_lock).await,
+                None => Armed::No,
+            };
+            let mut nap = match armed {
+                Armed::Yes => NOTIFIED_POLL,
+                Armed::Contended => FIRST_POLL,
+                Armed::No => pause,
+            };
+            match self.poll_wait(params).await? {
+                Some(None) => return Ok(()),
+                // A holder that stops renewing loses its lease: look again when it runs out.
+                Some(Some(left)) => nap = nap.min(from_micros(left) + Duration::from_millis(1)),
+                // Skipped (no idle connection): a notification may have come meanwhile and
+                // been missed by no one, but the record was not seen; look again soon.
+                None => nap = nap.min(pause),
             }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(());
             }
-            tokio::time::sleep(nap.min(deadline - now)).await;
+            let sleep = tokio::time::sleep(nap.min(deadline - now));
+            let woken = async {
+                match (notified.as_pin_mut(), changed.as_pin_mut()) {
+                    (Some(n), Some(c)) => tokio::select! {
+                        () = n => true,
+                        () = c => false,
+                    },
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                notified = woken => {
+                    if notified {
+                        // The key's record left `InProgress` when its writer committed: the
+                        // caller claims again (one statement), no poll needed.
+                        self.inner.notified.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    // The listening connection came or went: arm again, or poll.
+                }
+                () = sleep => {}
+            }
             pause = (pause * 2).min(MAX_POLL);
         }
+    }
+
+    /// One poll of a waited-for key: `None` when no connection was idle (the poll is skipped, so
+    /// waiters never get ahead of claims of other keys), `Some(None)` when the key is no longer
+    /// held, `Some(Some(us))` with the lease left of a live claim, or `Some(Some(i64::MAX))`
+    /// for a claim still in flight (its key lock taken, its row not visible yet).
+    async fn poll_wait(&self, params: &Params<'_>) -> Result<Option<Option<i64>>, Error> {
+        let Some(conn) = self.idle_connection().await? else {
+            return Ok(None);
+        };
+        self.inner.polls.fetch_add(1, Ordering::Relaxed);
+        let poll = run(
+            On::Pooled(&conn),
+            self.inner.prepared,
+            &self.inner.sql.wait,
+            params,
+        );
+        match tokio::time::timeout(self.inner.timeout, poll).await {
+            Ok(Ok(rows)) => {
+                let Some(row) = rows.first() else {
+                    return Err(Error::store(Corrupt("the wait poll returned no row")));
+                };
+                let left: Option<i64> = row.try_get(0).map_err(Error::store)?;
+                let free: bool = row.try_get(1).map_err(Error::store)?;
+                Ok(match left {
+                    Some(left) => Some(Some(left)),
+                    None if free => Some(None),
+                    None => Some(Some(i64::MAX)),
+                })
+            }
+            Ok(Err(err)) if is_conflict(&err) => Ok(None),
+            Ok(Err(err)) => Err(self.db_error("wait", err)),
+            Err(_) => {
+                drop(Object::take(conn));
+                Err(self.timed_out("wait"))
+            }
+        }
+    }
+
+    /// The store's listening connection, started on first use; `None` for a store that polls.
+    fn listener(&self) -> Option<&Listener> {
+        let config = self.inner.listen_config.as_ref()?;
+        self.inner
+            .listener
+            .get_or_init(|| {
+                Listener::start(
+                    config.clone(),
+                    self.inner.channel.clone(),
+                    self.inner.timeout,
+                )
+            })
+            .as_ref()
+    }
+
+    /// The wait lock of `key` in this table (see `listener`): the digest's bytes 9 to 16, as
+    /// the statements compute it (`wake_sql`).
+    fn wait_lock_id(&self, key: Key) -> i64 {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&key.as_bytes()[8..16]);
+        i64::from_be_bytes(bytes) ^ self.inner.wait_salt
+    }
+
+    /// What this store's waiters did so far: polls, wakes by a notification, and how many times
+    /// its listening connection started listening (see the [module docs](self#waiting)).
+    pub fn wait_stats(&self) -> WaitStats {
+        let listener_connections = self
+            .inner
+            .listener
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, |l| l.shared.connections.load(Ordering::Relaxed));
+        WaitStats {
+            polls: self.inner.polls.load(Ordering::Relaxed),
+            notified: self.inner.notified.load(Ordering::Relaxed),
+            listener_connections,
+        }
+    }
+
+    /// The `NOTIFY` channel of this store's table: `idem_` and 16 hex digits derived from the
+    /// schema and table names. Each notification's payload is a key's digest in hex.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// Counts a granted claim and, when the store's automatic cleanup is due (see
+    /// [`PostgresStoreBuilder::cleanup_every`]), starts it in the background.
+    fn granted(&self) {
+        let Some(cleanup) = self.inner.cleanup else {
+            return;
+        };
+        let grants = self.inner.grants.fetch_add(1, Ordering::Relaxed) + 1;
+        let due = grants >= cleanup.claims || {
+            let last = self
+                .inner
+                .last_cleanup
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            last.elapsed() >= cleanup.interval
+        };
+        if !due || self.inner.cleaning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.inner.cleaning.store(false, Ordering::Release);
+            return;
+        };
+        self.inner.grants.store(0, Ordering::Relaxed);
+        *self
+            .inner
+            .last_cleanup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let store = self.clone();
+        handle.spawn(async move {
+            match store.purge_some(CLEANUP_BATCHES).await {
+                Ok(deleted) => {
+                    tracing::debug!(target: "idem", table = %store.table(), deleted, "deleted expired rows");
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", table = %store.table(), error = %err,
+                        "could not delete expired rows; the next cleanup tries again"
+                    );
+                }
+            }
+            store.inner.cleaning.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -2492,9 +2863,9 @@ impl Store for PostgresStore {
 /// **What it costs:** the transaction holds a pooled connection, the claim's row and the key
 /// lock for the whole body. A concurrent caller of the same key (transactional or not) never
 /// waits on them inside the database: its claim finds the key lock taken and reports the key
-/// busy at once, and the caller waits outside the pool (polling, holding no connection) or
-/// rejects per `on_conflict`, like for any in-progress key; once the holder commits it replays,
-/// once it rolls back it runs. So duplicates of one key never starve other keys of connections.
+/// busy at once, and the caller waits outside the pool (holding no connection, woken by the
+/// notification sent at commit: see [Waiting](self#waiting)) or rejects per `on_conflict`, like
+/// for any in-progress key; once the holder commits it replays, once it rolls back it runs. So duplicates of one key never starve other keys of connections.
 /// Keep the body short. The [lease](Self::lease) is the transaction's
 /// `idle_in_transaction_session_timeout`: a holder that froze or is no longer polled has its
 /// transaction ended by the server once the lease is over (its writes roll back, and the key
@@ -2726,6 +3097,20 @@ impl<K: KeyPart> Transactional<'_, K> {
             }
         };
         let (attempt, discard) = self.in_transaction(&mut conn, key, waited, body).await;
+        if !discard && matches!(attempt, Attempt::Done(Err(_))) {
+            // The transaction rolled back (a failed body, or a store error after the claim): if
+            // it held the key, the key is free again, and a rollback notifies no one. Wake the
+            // key's waiters (only if there are any: see `wake_sql`); best effort, they also poll.
+            let key_bytes = &key.as_bytes()[..];
+            let params: &Params<'_> = &[(&key_bytes, Type::BYTEA)];
+            let wake = run(
+                On::Pooled(&conn),
+                self.store.inner.prepared,
+                &self.store.inner.sql.wake,
+                params,
+            );
+            let _ = tokio::time::timeout(self.store.inner.timeout, wake).await;
+        }
         if discard {
             // A statement timed out (the connection may still be busy with it), or the body
             // left state on the session or ended the transaction: the connection is closed
@@ -2971,6 +3356,7 @@ impl<K: KeyPart> Transactional<'_, K> {
                             matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f"))
                         });
                         outcome!(DEBUG, self.namespace(), key, "executed");
+                        store.granted();
                         let outcome = Outcome {
                             value,
                             status: Status::Executed,
