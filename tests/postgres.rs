@@ -3272,3 +3272,82 @@ async fn expired_rows_are_cleaned_by_normal_traffic_unless_turned_off() {
     );
     assert_eq!(kept.purge_expired().await.unwrap(), 300);
 }
+
+/// Final review, finding 2: a transactional body that ran `COMMIT` itself and then went on past
+/// its lease let another caller take the committed claim over and run the body again: the key
+/// was sealed only when the body returned. The heartbeat now sees the transaction is no longer
+/// the call's and seals the key at once.
+#[tokio::test]
+async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    orders_table(&db).await;
+    let a = PostgresStore::from_url(&url).expect("store");
+    a.migrate().await.expect("migrate");
+    let b = PostgresStore::from_url(&url).expect("store");
+    let k = unique("commit-then-slow");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let holder = {
+        let (k, runs) = (k.clone(), runs.clone());
+        async move {
+            let k2 = k.clone();
+            a.transactional(k)
+                .name("tx.commit-slow")
+                .lease(Duration::from_millis(600))
+                .run(move |tx| {
+                    Box::pin(async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                            .await?;
+                        tx.batch_execute("COMMIT").await?;
+                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                        Ok::<_, TxError>(1u8)
+                    })
+                })
+                .await
+        }
+    };
+    let others = {
+        let (k, runs) = (k.clone(), runs.clone());
+        async move {
+            let mut answers = Vec::new();
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let k2 = k.clone();
+                let runs = runs.clone();
+                let answer = b
+                    .transactional(k.clone())
+                    .name("tx.commit-slow")
+                    .on_conflict(idem::OnConflict::Reject)
+                    .run(move |tx| {
+                        Box::pin(async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                                .await?;
+                            Ok::<_, TxError>(2u8)
+                        })
+                    })
+                    .await;
+                answers.push(answer);
+            }
+            answers
+        }
+    };
+    let (first, answers) = tokio::join!(holder, others);
+    assert!(matches!(first, Err(TxError::Idem(_))), "{first:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the body ran once: {answers:?}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM tx_orders WHERE k = $1", &[&k]).await,
+        1
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, Err(TxError::Idem(Error::Codec(_))))),
+        "later calls see the sealed key: {answers:?}"
+    );
+}

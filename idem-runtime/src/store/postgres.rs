@@ -160,7 +160,9 @@
 //! A purge tries each row's key lock and leaves a row whose lock is taken (by a claim of that
 //! key in flight, a transactional call, another purge); of the rest it skips any row another
 //! session has locked (`FOR UPDATE SKIP LOCKED`), so it never makes a claim wait for its row
-//! and never waits itself. A cleanup job of your own that deletes rows holds their row
+//! and never waits itself. Until its transaction ends it holds the key locks of the rows it is
+//! deleting: a claim of one of those (expired) keys in that moment finds the key busy, and
+//! waits (`OnConflict::Wait`) or is refused (`OnConflict::Reject`). A cleanup job of your own that deletes rows holds their row
 //! locks to the end of its transaction, and a claim of such a key waits for it (the claim's
 //! lease is then renewed, see above): prefer `purge_expired`, or short transactions.
 //!
@@ -2553,7 +2555,18 @@ fn idle_limit_ms(lease: Duration) -> u128 {
 /// database. So the server's idle-in-transaction limit (the lease, see
 /// [`Transactional::lease`]) ends only the transaction of a holder that is no longer polled,
 /// like the executor's renewal, which this future drives too.
-async fn heartbeat<F: Future>(tx: &Transaction<'_>, lease: Duration, body: F) -> F::Output {
+///
+/// Each beat also checks that the transaction is still the call's own (`marker`): a body that
+/// ran `COMMIT` itself committed the claim with its lease, which no beat extends any more, so
+/// `seal` runs at once (see `PostgresStore::seal_ended`) rather than when the body returns,
+/// which may be after the lease ran out and another caller ran the body again.
+async fn heartbeat<F: Future, S: Future<Output = ()>>(
+    tx: &Transaction<'_>,
+    lease: Duration,
+    marker: &str,
+    seal: S,
+    body: F,
+) -> F::Output {
     let every = (lease / 3).max(Duration::from_millis(3));
     let beat = async {
         let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
@@ -2561,9 +2574,15 @@ async fn heartbeat<F: Future>(tx: &Transaction<'_>, lease: Duration, body: F) ->
         loop {
             ticker.tick().await;
             // Queued behind the body's own statement if one is running. A failure (the
-            // connection is gone) is the body's to meet: stop beating.
-            if tx.simple_query("").await.is_err() {
-                break;
+            // connection is gone, or a statement of the body failed and the transaction is
+            // aborted) is the body's to meet: stop beating.
+            match still_ours(tx, marker).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    seal.await;
+                    break;
+                }
+                Err(_) => break,
             }
         }
     };
@@ -3255,7 +3274,9 @@ impl<K: KeyPart> Transactional<'_, K> {
                     // Unreachable: a body runs at most once, and an attempt that ran it returns.
                     return fail("claim", Error::store(Corrupt("the body was already run")));
                 };
-                let value = match heartbeat(&tx, self.policy.lease, body(&tx)).await {
+                let seal = store.seal_ended(key, token, self.fingerprint, self.policy.ttl);
+                let beating = heartbeat(&tx, self.policy.lease, &marker, seal, body(&tx));
+                let value = match beating.await {
                     Ok(value) => value,
                     Err(err) => {
                         // Not memoized: the writes and the claim go away together, if the
