@@ -336,9 +336,6 @@ const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
 const PURGE_BATCH: i64 = 1_000;
 /// How many times `migrate` runs when it meets a concurrent creator that does not take its lock.
 const MIGRATE_ATTEMPTS: usize = 8;
-/// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
-/// unreachable (or answers with an error that can pass): a minute.
-const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 /// Leases and ttls are capped here so that `now() + ttl` stays within PostgreSQL's timestamps.
 const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
@@ -2278,9 +2275,7 @@ impl PostgresStore {
         })
     }
 
-    /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the
-    /// failure can pass (the server down or restarting, a timeout, the key lock taken), for up
-    /// to [`BACKGROUND_COMPLETION`].
+    /// [`Store::complete_on_drop`]'s task (see [`super::complete_in_background`]).
     async fn complete_in_background(
         &self,
         key: Key,
@@ -2289,44 +2284,8 @@ impl PostgresStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        let deadline = after(Instant::now(), BACKGROUND_COMPLETION);
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match self
-                .complete_now(key, token, fingerprint, value.clone(), ttl)
-                .await
-            {
-                Ok(Completion::Stored) => {
-                    tracing::debug!(target: "idem", key = %key, "stored a result in the background");
-                    return;
-                }
-                Ok(Completion::LeaseLost) => {
-                    tracing::warn!(
-                        target: "idem", key = %key,
-                        "the lease ran out and another call took the key over before this call's \
-                         result was stored: the body may have run twice; raise `lease` above the \
-                         body's run time"
-                    );
-                    return;
-                }
-                Err(err) if worth_retrying(&err) && Instant::now() + pause < deadline => {
-                    tracing::debug!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store a result yet; trying again"
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(err) => {
-                    tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store the result of a call whose body ran; the claim is left \
-                         to its lease, after which a retry runs the body again"
-                    );
-                    return;
-                }
-            }
-        }
+        let attempt = || self.complete_now(key, token, fingerprint, value.clone(), ttl);
+        super::complete_in_background(key, attempt, worth_retrying).await;
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {

@@ -773,10 +773,6 @@ const SETTINGS_ATTEMPTS: u32 = 3;
 /// Redis's default `proto-max-bulk-len`: the longest argument it accepts.
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 
-/// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
-/// unreachable.
-const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
-
 /// What the store knows of the server's settings, shared by its clones.
 struct Health {
     /// The server the store connected to, for messages.
@@ -1523,8 +1519,7 @@ impl RedisStore {
         })
     }
 
-    /// [`Store::complete_on_drop`]'s task: completes, trying again with backoff while the server
-    /// is unreachable, for up to [`BACKGROUND_COMPLETION`].
+    /// [`Store::complete_on_drop`]'s task (see [`super::complete_in_background`]).
     async fn complete_in_background(
         &self,
         key: Key,
@@ -1533,44 +1528,8 @@ impl RedisStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        let deadline = crate::clock::after(Instant::now(), BACKGROUND_COMPLETION);
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match self
-                .complete_now(key, token, fingerprint, &value, ttl)
-                .await
-            {
-                Ok(Completion::Stored) => {
-                    tracing::debug!(target: "idem", key = %key, "stored a result in the background");
-                    return;
-                }
-                Ok(Completion::LeaseLost) => {
-                    tracing::warn!(
-                        target: "idem", key = %key,
-                        "the lease ran out and another call took the key over before this call's \
-                         result was stored: the body may have run twice; raise `lease` above the \
-                         body's run time"
-                    );
-                    return;
-                }
-                Err(err) if worth_retrying(&err) && Instant::now() + pause < deadline => {
-                    tracing::debug!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store a result yet; trying again"
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(err) => {
-                    tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not store the result of a call whose body ran; a retry after its \
-                         lease runs the body again"
-                    );
-                    return;
-                }
-            }
-        }
+        let attempt = || self.complete_now(key, token, fingerprint, &value, ttl);
+        super::complete_in_background(key, attempt, worth_retrying).await;
     }
 
     /// [`Store::wait`]: see [`RedisStore`], "Waiting".
