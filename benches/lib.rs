@@ -1,0 +1,2 @@
+//! The benchmarks of idem live in this package's bench targets (`memory.rs`, `codec.rs`,
+//! `redis.rs`, `postgres.rs`); see BENCHMARKS.md at the workspace root. Nothing here.
