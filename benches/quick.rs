@@ -6,7 +6,8 @@
 //! for the loop of changing and measuring.
 //!
 //! `cargo bench -p idem-benches --bench quick`. With `ONLY_IDEM=1` (replays) or `ONLY_FIRST=1`
-//! (first executions) it runs only idem's calls, for a profiler (`perf record`).
+//! (first executions) it runs only idem's calls, for a profiler (`perf record`,
+//! `valgrind --tool=callgrind`), `CALLS` times (3 000 000 unless given).
 mod common;
 use common::{Profile, profile};
 use dashmap::DashMap;
@@ -46,9 +47,14 @@ fn main() {
     const N: u32 = 20_000;
     let mut best = [f64::MAX; 6];
     let next = AtomicU64::new(1_000_000);
+    // For a profiler: how many calls `ONLY_IDEM` / `ONLY_FIRST` make (callgrind wants few).
+    let calls: u64 = std::env::var("CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3_000_000);
     if std::env::var("ONLY_FIRST").is_ok() {
         rt.block_on(async {
-            for i in 0..3_000_000u64 {
+            for i in 0..calls {
                 black_box(
                     idem_profile(black_box(i + 10_000_000))
                         .await
@@ -60,7 +66,7 @@ fn main() {
     }
     if std::env::var("ONLY_IDEM").is_ok() {
         rt.block_on(async {
-            for _ in 0..20_000_000u32 {
+            for _ in 0..calls {
                 black_box(idem_profile(black_box(42)).await.expect("a call"));
             }
         });
