@@ -293,7 +293,11 @@ async fn a_record_found_by_its_exact_key_is_removed_by_its_digest() {
     let store = MemoryStore::new();
     assert_eq!(counted(&store, 5).await.unwrap(), 5);
     assert_eq!(counted(&store, 5).await.unwrap(), 5);
-    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 1, "the second call replayed");
+    assert_eq!(
+        COUNTED_RUNS.load(Ordering::SeqCst),
+        1,
+        "the second call replayed"
+    );
 
     let logged = Key::new("memory.by_digest", &5u64).to_hex();
     let mut digest = [0u8; 32];
@@ -304,7 +308,11 @@ async fn a_record_found_by_its_exact_key_is_removed_by_its_digest() {
     assert_eq!((store.len(), store.bytes()), (0, 0));
 
     assert_eq!(counted(&store, 5).await.unwrap(), 5);
-    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2, "removed: the body ran again");
+    assert_eq!(
+        COUNTED_RUNS.load(Ordering::SeqCst),
+        2,
+        "removed: the body ran again"
+    );
     assert_eq!(counted(&store, 5).await.unwrap(), 5);
     assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2, "then replayed");
 }
@@ -328,7 +336,12 @@ async fn a_long_key_replays_and_is_removed_by_its_digest() {
         assert_eq!(value, 7);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert!(store.remove(Key::new("memory.long", long.as_str())).await.unwrap());
+    assert!(
+        store
+            .remove(Key::new("memory.long", long.as_str()))
+            .await
+            .unwrap()
+    );
     assert!(store.is_empty());
 }
 

@@ -128,11 +128,14 @@ where
     let call = crate::exec::Call {
         name,
         key: key.key,
-        exact: key.exact,
         fingerprint,
         policy,
     };
-    match crate::exec::replay_in_memory(store, &call) {
+    let replayed = match key.replayable {
+        true => crate::exec::replay_in_memory(store, &call),
+        false => None,
+    };
+    match replayed {
         Some(replayed) => Run::ready(replayed.map(|outcome| outcome.value).map_err(E::from)),
         None => Run::running(async move {
             crate::exec::execute(store, call, eq, body)
@@ -162,11 +165,14 @@ where
     let call = crate::exec::Call {
         name,
         key: key.key,
-        exact: key.exact,
         fingerprint,
         policy,
     };
-    match crate::exec::replay_in_memory(store, &call) {
+    let replayed = match key.replayable {
+        true => crate::exec::replay_in_memory(store, &call),
+        false => None,
+    };
+    match replayed {
         Some(replayed) => Run::ready(replayed.map_err(E::from)),
         None => Run::running(crate::exec::execute(store, call, eq, body)),
     }

@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -315,15 +314,14 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
             Some(name) => name,
             None => Cow::Owned(call_site_namespace::<F>(self.site)?),
         };
-        let CallKey { key, exact } = CallKey::new(self.store, &name, &self.key);
+        let CallKey { key, replayable } = CallKey::new(self.store, &name, &self.key);
         let call = Call {
             name: &name,
             key,
-            exact,
             fingerprint: self.fingerprint,
             policy: &self.policy,
         };
-        if let Some(replayed) = replay_in_memory(self.store, &call) {
+        if replayable && let Some(replayed) = replay_in_memory(self.store, &call) {
             return replayed.map_err(E::from);
         }
         execute(self.store, call, None, async move { body().await }).await
@@ -365,17 +363,19 @@ fn identifies_a_body(type_name: &str) -> bool {
         .any(|word| word == "dyn" || word == "fn")
 }
 
-/// A call's key as the executor takes it: [`Key::new`]'s digest and, for a new record in the
-/// in-memory store, the key's exact encoding.
+/// A call's key as the executor takes it: [`Key::new`]'s digest, and whether the in-memory
+/// store may hold a completed record of it.
 ///
 /// With the in-memory store, the key is first looked up by its exact encoding
-/// ([`MemoryStore::digest_of`](crate::MemoryStore)): a key that a record made by the executor
-/// holds gets its digest from there, so a replay takes no BLAKE3 digest. Otherwise the digest is
-/// taken, and the encoding is kept (one allocation, first executions only) for the record the
-/// claim may make.
+/// ([`MemoryStore::digest_of`](crate::MemoryStore)): a key whose record was replayed before gets
+/// its digest from there, so a replay takes no BLAKE3 digest. Otherwise the digest is taken,
+/// and if the key has a completed record (this call is its first replay), the record keeps the
+/// encoding for the next ones; if it has none, the call need not look for a replay again.
 pub struct CallKey {
     pub(crate) key: Key,
-    pub(crate) exact: Option<Arc<[u8]>>,
+    /// `false` when this call has just seen that the in-memory store holds no live completed
+    /// record of the key (most often: a first execution).
+    pub(crate) replayable: bool,
 }
 
 impl CallKey {
@@ -389,22 +389,32 @@ impl CallKey {
         let Some(memory) = store.as_memory() else {
             return CallKey {
                 key: Key::new(namespace, value),
-                exact: None,
+                replayable: false,
             };
         };
         Key::encode_then(namespace, value, |encoding| {
             let exact = match encoding.exact() {
-                Some(exact) if exact.len() <= MAX_EXACT_KEY => match memory.digest_of(exact) {
-                    Some(key) => return CallKey { key, exact: None },
-                    None => Some(Arc::from(exact)),
-                },
+                Some(exact) if exact.len() <= MAX_EXACT_KEY => {
+                    if let Some(key) = memory.digest_of(exact) {
+                        return CallKey {
+                            key,
+                            replayable: true,
+                        };
+                    }
+                    // Copied out (at most MAX_EXACT_KEY bytes) so the encoder can finish.
+                    let mut copy = [0u8; MAX_EXACT_KEY];
+                    copy[..exact.len()].copy_from_slice(exact);
+                    Some((copy, exact.len()))
+                }
                 // A long key: found by its digest, as remote stores find every key.
                 _ => None,
             };
-            CallKey {
-                key: encoding.digest(),
-                exact,
-            }
+            let key = encoding.digest();
+            let replayable = match &exact {
+                Some((copy, len)) => memory.keep_exact(&key, &copy[..*len]),
+                None => true,
+            };
+            CallKey { key, replayable }
         })
     }
 }
@@ -413,8 +423,6 @@ impl CallKey {
 pub(crate) struct Call<'a> {
     pub(crate) name: &'a str,
     pub(crate) key: Key,
-    /// The key's exact encoding, for a record the in-memory store makes ([`CallKey`]).
-    pub(crate) exact: Option<Arc<[u8]>>,
     pub(crate) fingerprint: Option<Fingerprint>,
     pub(crate) policy: &'a Policy,
 }
@@ -483,7 +491,7 @@ async fn claim<S: Store + ?Sized>(
     lease: Duration,
 ) -> Result<ValueClaim, Error> {
     if let Some(memory) = store.as_memory() {
-        return memory.claim_exact(call.key, call.exact.as_ref(), call.fingerprint, lease);
+        return memory.claim_value(call.key, call.fingerprint, lease);
     }
     let started = metrics::start();
     let claimed = store.claim(call.key, call.fingerprint, lease).await;
@@ -565,12 +573,11 @@ where
     S: Store + ?Sized,
     T: DeserializeOwned + 'static,
 {
-    let (decoded, expires_in) =
-        store
-            .as_memory()?
-            .read_completed(&call.key, |value, fingerprint, expires_in| {
-                (decode(call.fingerprint, value, fingerprint), expires_in)
-            })?;
+    let (decoded, expires_in) = store
+        .as_memory()?
+        .read_completed(&call.key, |value, fingerprint, expires_in| {
+            (decode(call.fingerprint, value, fingerprint), expires_in)
+        })?;
     Some(replay(call, decoded, expires_in, false))
 }
 

@@ -632,11 +632,41 @@ impl MemoryStore {
         }
     }
 
-    /// The digest of the key whose exact encoding is `exact`, if a record made by the executor
-    /// holds it: [`Key::new`]'s, without BLAKE3. `None` says nothing about the record (it may
-    /// have been made through the [`Store`] trait, or its key be too long to keep).
+    /// The digest of the key whose exact encoding is `exact`, if a record holds it (see
+    /// [`keep_exact`](Self::keep_exact)): [`Key::new`]'s, without BLAKE3. `None` says nothing
+    /// about the record.
     pub(crate) fn digest_of(&self, exact: &[u8]) -> Option<Key> {
         self.digests.get(exact).map(|digest| *digest)
+    }
+
+    /// After a call missed [`digest_of`](Self::digest_of) and took the digest: if `key` has a
+    /// live completed record, it keeps `exact` (at most [`MAX_EXACT_KEY`] bytes), so that its
+    /// later replays find it without the digest. Returns whether there was such a record.
+    ///
+    /// Only a record that is replayed keeps its key's encoding: a first execution neither
+    /// allocates it nor writes to `digests` (most keys are never replayed; their first
+    /// executions were 1.5 times slower when every record kept it).
+    pub(crate) fn keep_exact(&self, key: &Key, exact: &[u8]) -> bool {
+        let now = Instant::now();
+        let completed = |record: &Record| matches!(record.state, State::Completed { expires_at, .. } if expires_at > now);
+        match self.records.get(key) {
+            Some(record) if completed(&record) => {
+                if record.exact.is_some() {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        // Under the shard's write lock, so that the record and its entry in `digests` come and
+        // go together.
+        if let Some(mut record) = self.records.get_mut(key)
+            && record.exact.is_none()
+        {
+            let exact: Arc<[u8]> = Arc::from(exact);
+            self.digests.insert(Arc::clone(&exact), *key);
+            record.exact = Some(exact);
+        }
+        true
     }
 
     /// Accounts a record whose value changed in place.
@@ -652,19 +682,6 @@ impl MemoryStore {
     pub(crate) fn claim_value(
         &self,
         key: Key,
-        fingerprint: Option<Fingerprint>,
-        lease: Duration,
-    ) -> Result<ValueClaim, Error> {
-        self.claim_exact(key, None, fingerprint, lease)
-    }
-
-    /// [`claim_value`](Self::claim_value) by the executor, which gives the key's exact encoding
-    /// along (at most [`MAX_EXACT_KEY`] bytes): a new record keeps it, so that later calls find
-    /// the record's digest by it ([`digest_of`](Self::digest_of)).
-    pub(crate) fn claim_exact(
-        &self,
-        key: Key,
-        exact: Option<&Arc<[u8]>>,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<ValueClaim, Error> {
@@ -703,13 +720,10 @@ impl MemoryStore {
                 Entry::Vacant(entry) => match self.reserve() {
                     Ok(()) => {
                         let taken = self.queue_new(key, lease_until, now);
-                        if let Some(exact) = exact {
-                            self.digests.insert(Arc::clone(exact), key);
-                        }
                         drop(entry.insert(Record {
                             state: State::in_progress(token, lease_until, fingerprint),
                             due: lease_until,
-                            exact: exact.cloned(),
+                            exact: None,
                         }));
                         self.expire_due(&key, taken, now);
                         return Ok(ValueClaim::Acquired(token));
@@ -1079,14 +1093,14 @@ mod tests {
             );
         }
         assert_eq!(store.len(), store.records.len());
-        let bytes: usize = store
-            .records
-            .iter()
-            .map(|r| r.size())
-            .sum();
+        let bytes: usize = store.records.iter().map(|r| r.size()).sum();
         assert_eq!(store.bytes(), bytes);
         let exact = store.records.iter().filter(|r| r.exact.is_some()).count();
-        assert_eq!(store.digests.len(), exact, "one digests entry per record that has one");
+        assert_eq!(
+            store.digests.len(),
+            exact,
+            "one digests entry per record that has one"
+        );
         for record in store.records.iter() {
             if let Some(bytes) = &record.exact {
                 assert_eq!(store.digest_of(bytes), Some(*record.key()));
