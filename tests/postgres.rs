@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use idem::store::postgres::IfUnsafe;
 use idem::store::postgres::tokio_postgres;
 use idem::{
-    Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
+    Bytes, Claim, Completion, Error, Idempotent, Key, OnConflict, PostgresStore, Status, Store,
+    idempotent,
 };
 use support::postgres::PgServer;
 use support::postgres::pgbouncer::PgBouncer;
@@ -3350,4 +3351,123 @@ async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
             .any(|a| matches!(a, Err(TxError::Idem(Error::Codec(_))))),
         "later calls see the sealed key: {answers:?}"
     );
+}
+
+/// A claim that finds the key lock taken by a statement that holds it for a moment (a cleanup
+/// batch deleting the key's expired row, a completion) and no live row looks again after a
+/// short pause instead of reporting the key busy: a caller in reject mode is not refused a key
+/// that nobody holds. A lock held past the pauses (a claim still in flight) is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_lock_held_for_a_moment_is_not_a_busy_key() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("gated_claims")
+        .auto_cleanup(false)
+        .from_url(&url)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let k = unique("gated");
+    expired_record(&store, "gated", &k).await;
+
+    // The number of the key's lock, as the server shows it while a claim holds it: a claim
+    // that takes over the expired row waits on the row lock of this session, key lock held.
+    let row_holder = client(&url).await;
+    row_holder.batch_execute("BEGIN").await.unwrap();
+    let locked = row_holder
+        .execute("SELECT 1 FROM gated_claims FOR UPDATE", &[])
+        .await
+        .unwrap();
+    assert_eq!(locked, 1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = {
+        let (store, k, runs) = (store.clone(), k.clone(), runs.clone());
+        tokio::spawn(async move {
+            Idempotent::new(&store, k)
+                .name("gated")
+                .ttl(Duration::from_millis(1))
+                .run(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(1u8)
+                })
+                .await
+        })
+    };
+    let db = client(&url).await;
+    let lock = loop {
+        let row = db
+            .query_opt(
+                "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted \
+                   AND l.pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, i64>(0);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    row_holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The record expires; another session takes the key lock for 40 ms, as a cleanup batch
+    // deleting that row would. A claim in reject mode meanwhile executes the body, once.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let hold = |for_: Duration| {
+        let url = url.clone();
+        async move {
+            let holder = client(&url).await;
+            holder.batch_execute("BEGIN").await.unwrap();
+            let free: bool = holder
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(free, "the key lock is free before the test takes it");
+            tokio::spawn(async move {
+                tokio::time::sleep(for_).await;
+                holder.batch_execute("COMMIT").await.unwrap();
+            })
+        }
+    };
+    let released = hold(Duration::from_millis(40)).await;
+    let out = {
+        let runs = runs.clone();
+        Idempotent::new(&store, k.clone())
+            .name("gated")
+            .ttl(Duration::from_millis(1))
+            .on_conflict(OnConflict::Reject)
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(2u8)
+            })
+            .await
+    };
+    released.await.unwrap();
+    assert_eq!(out.unwrap(), 2, "the key was free: the body runs");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // Held for longer than the pauses (as by a claim whose row is not committed): busy.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let released = hold(Duration::from_secs(2)).await;
+    let out = {
+        let runs = runs.clone();
+        Idempotent::new(&store, k)
+            .name("gated")
+            .on_conflict(OnConflict::Reject)
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(3u8)
+            })
+            .await
+    };
+    assert!(matches!(out, Err(Error::InProgress { .. })), "{out:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "a busy key's body does not run"
+    );
+    released.await.unwrap();
 }

@@ -324,6 +324,18 @@ const CLEANUP_BATCHES: usize = 16;
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
+/// The pauses of a claim that found its key lock taken and no live row (see `Answer::Gated`)
+/// before it reports the key busy: about a quarter of a second in all, longer than a cleanup
+/// batch of `PURGE_BATCH` rows holds its key locks on a loaded server.
+const GATED_PAUSES: [Duration; 7] = [
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+];
 /// What to do about a read-only server.
 const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
     `default_transaction_read_only = on`): idem writes its records there, so point the store at \
@@ -1272,10 +1284,21 @@ enum Answer {
     Claim(Claim, Option<i64>),
     /// No row: a conflicting row was committed after the statement's snapshot; run it again.
     Again,
+    /// No live row, and the key lock taken by another session (state 2): a claim whose row is
+    /// not committed yet, or a statement that holds the lock for a moment (a completion, a
+    /// release, a cleanup batch deleting the key's expired row). The key is busy only in the
+    /// first case; a short pause and a new statement tell which.
+    Gated,
 }
 
 /// Reads the row the claim statement returned.
 fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Answer, Error> {
+    if let Some(row) = rows.first() {
+        let state: i16 = row.try_get(0).map_err(Error::store)?;
+        if state == 2 {
+            return Ok(Answer::Gated);
+        }
+    }
     read_claim_row(rows, token, lease).map(|read| match read {
         Some((claim, left)) => Answer::Claim(claim, left),
         None => Answer::Again,
@@ -2107,7 +2130,10 @@ impl PostgresStore {
             (&lock, Type::INT8),
         ];
         let deadline = after(Instant::now(), self.inner.timeout);
-        for _ in 0..CLAIM_ATTEMPTS {
+        let mut gated = GATED_PAUSES.iter();
+        let mut attempts = 0;
+        while attempts < CLAIM_ATTEMPTS {
+            attempts += 1;
             let conn = self.connection_until("claim", deadline).await?;
             // From here the claim may reach the server: if this future is dropped before the
             // answer, the guard releases it (a no-op if it never landed).
@@ -2157,6 +2183,21 @@ impl PostgresStore {
                         // The conflicting row was committed after this statement's snapshot:
                         // run it again, with a snapshot that sees the row.
                         Answer::Again => {}
+                        // Another session holds the key lock and no live row is visible: look
+                        // again after a short pause (a cleanup deleting the key's expired row,
+                        // or another claim committing its row, ends within milliseconds), and
+                        // only after the last pause report the key busy.
+                        Answer::Gated => match gated.next() {
+                            Some(&pause) if after(Instant::now(), pause) < deadline => {
+                                attempts -= 1;
+                                tokio::time::sleep(pause).await;
+                            }
+                            _ => {
+                                return Ok(Claim::Busy {
+                                    lease_left: BUSY_HINT.min(lease),
+                                });
+                            }
+                        },
                     }
                 }
                 Ok(Err(err)) => {
@@ -3177,6 +3218,11 @@ impl<K: KeyPart> Transactional<'_, K> {
             Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
                 // The lease of an uncommitted claim is seen by no one (the key lock guards it).
                 Ok(Answer::Claim(claim, _)) => claim,
+                // Another session holds the key lock: busy, as before the store paused on it
+                // (the transaction's waits go through the executor's wait turns).
+                Ok(Answer::Gated) => Claim::Busy {
+                    lease_left: BUSY_HINT.min(self.policy.lease),
+                },
                 Ok(Answer::Again) => {
                     // A row committed after the snapshot (which, past READ COMMITTED, the
                     // transaction keeps): start over in a new transaction.
