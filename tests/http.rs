@@ -21,10 +21,8 @@ use hyper_util::rt::TokioExecutor;
 use idem::http::{
     IDEMPOTENT_EXPIRES_IN, IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default,
 };
-use idem::{
-    BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
-    MemoryStore, OnConflict, Store, Token,
-};
+use idem::store::{BoxFuture, Bytes, Claim, Completed, Completion, Token};
+use idem::{Error, Fingerprint, IdempotencyLayer, Key, MemoryStore, OnConflict, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
