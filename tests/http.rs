@@ -644,6 +644,30 @@ impl Store for DownStore {
     }
 }
 
+/// A memory store at its bound takes no new key: 503 with its own problem type (not "store
+/// unavailable": nothing failed), the handler does not run, and stored keys still replay.
+#[tokio::test]
+async fn a_full_store_gives_503_store_full_and_replays_what_it_holds() {
+    let server = serve(IdempotencyLayer::new(MemoryStore::with_max_entries(1))).await;
+    let http = Http::new(&server);
+    let first = http.post("/orders", "k1", "x").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let full = http.post("/orders", "k2", "y").await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    let p = full.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-store-full"),
+        "{p}"
+    );
+    assert_eq!(server.shared.calls(), 1, "the handler did not run for k2");
+    let again = http.post("/orders", "k1", "x").await;
+    assert_eq!(again.body, first.body, "k1 replays");
+    assert_eq!(server.shared.calls(), 1);
+}
+
 #[tokio::test]
 async fn a_store_that_is_down_gives_503_and_the_handler_never_runs() {
     let server = serve(IdempotencyLayer::new(DownStore)).await;
