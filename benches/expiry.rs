@@ -11,7 +11,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use idem::{Bytes, Claim, Key, MemoryStore, Store};
+use idem::store::{Bytes, Claim};
+use idem::{Key, MemoryStore, Store};
 
 /// A distinct key per number, straight from its digest (the key derivation is measured apart).
 fn numbered_key(n: u64) -> Key {
