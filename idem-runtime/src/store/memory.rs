@@ -154,11 +154,12 @@ const EVICT_BUDGET: usize = 32;
 pub struct MemoryStore {
     records: DashMap<Key, Record>,
     /// The digest of a record's key by the key's exact encoding ([`Key::new`] hashes it), for
-    /// the records the executor made: a replay finds its record by the bytes it encoded, without
-    /// taking the digest (BLAKE3 was most of an in-memory replay). Records stay keyed by the
-    /// digest, so every operation of the [`Store`] trait, `remove(Key::from_digest(..))` among
-    /// them, finds them as before. An entry is added and removed with its record, under the
-    /// record's shard lock (taken first; a lookup here holds no lock on `records`), so there is
+    /// the records that were replayed: a replay finds its record by the bytes it encoded,
+    /// without taking the digest (BLAKE3 was most of an in-memory replay). Records stay keyed by
+    /// the digest, so every operation of the [`Store`] trait, `remove(Key::from_digest(..))`
+    /// among them, finds them as before. An entry is added by a record's first replay
+    /// ([`keep_exact`](Self::keep_exact)) and removed with the record, both under the record's
+    /// shard write lock (taken first; a lookup here holds no lock on `records`), so there is
     /// never more than one per record.
     digests: DashMap<Arc<[u8]>, Key>,
     /// Per queue, `(due, key)` of every record whose key falls in it: exactly one entry per
@@ -214,7 +215,7 @@ struct Record {
     /// When the expiry queue looks at the record next: never later than its expiry (a renewal
     /// pushes the lease out without moving it; the record is queued again when it comes due).
     due: Instant,
-    /// Its key's exact encoding, for a record the executor made: its entry in `digests`.
+    /// Its key's exact encoding, once the record was replayed: its entry in `digests`.
     exact: Option<Arc<[u8]>>,
 }
 
