@@ -562,9 +562,9 @@ fn replay<T>(
 /// checks and the outcome event of `execute`'s replay. `None` when there is no live completed
 /// record: then `execute` claims as usual.
 ///
-/// The value is decoded under the record's shard read lock (as a `DashMap` user clones a value
-/// under it), so its bytes are neither copied nor shared; the outcome event, which runs the
-/// subscriber's code, is emitted after the lock is released.
+/// The value is decoded from a reference to the record's bytes (not a copy), taken under the
+/// shard's read lock and decoded after it is released, like the outcome event, which runs the
+/// subscriber's code.
 pub(crate) fn replay_in_memory<S, T>(
     store: &S,
     call: &Call<'_>,

@@ -743,30 +743,36 @@ impl MemoryStore {
     }
 
     /// Hands a live completed record of `key` to `read` (its encoded value, fingerprint and
-    /// time left), under the shard's read lock, so the value is neither copied nor shared; `None`
-    /// when there is no such record (absent, in progress, expired).
+    /// time left); `None` when there is no such record (absent, in progress, expired).
     ///
-    /// A replay's read: no expiry work, no write lock. `read` must be short (it holds writers of
-    /// the shard off): the executor decodes the value in it, as a `DashMap` user clones a value
-    /// under the lock.
+    /// A replay's read: no expiry work, no write lock. The shard's read lock is held only to
+    /// take a reference to the value (`Bytes`: a reference count, no copy); `read` runs after
+    /// it is released, so a slow or large decode, or a user's `Deserialize` that calls into
+    /// this store, never holds the shard's writers off.
     pub(crate) fn read_completed<R>(
         &self,
         key: &Key,
         read: impl FnOnce(&[u8], Option<Fingerprint>, Duration) -> R,
     ) -> Option<R> {
-        let record = self.records.get(key)?;
-        match &record.state {
-            State::Completed {
-                value: Value::Bytes(bytes),
-                fingerprint,
-                expires_at,
-                ..
-            } => {
-                let now = Instant::now();
-                (*expires_at > now).then(|| read(bytes, *fingerprint, *expires_at - now))
+        let (bytes, fingerprint, expires_in) = {
+            let record = self.records.get(key)?;
+            match &record.state {
+                State::Completed {
+                    value: Value::Bytes(bytes),
+                    fingerprint,
+                    expires_at,
+                    ..
+                } => {
+                    let now = Instant::now();
+                    if *expires_at <= now {
+                        return None;
+                    }
+                    (bytes.clone(), *fingerprint, *expires_at - now)
+                }
+                State::InProgress { .. } => return None,
             }
-            State::InProgress { .. } => None,
-        }
+        };
+        Some(read(&bytes, fingerprint, expires_in))
     }
 
     /// What a claim finds in a live record: its completed value, or that it is busy.
