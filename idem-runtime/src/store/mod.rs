@@ -11,6 +11,8 @@ use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completion, Token};
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod known;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
