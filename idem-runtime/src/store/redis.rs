@@ -1593,8 +1593,9 @@ impl RedisStore {
             .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
             .await?;
         if stored {
-            // The record is this token's, completed with this ttl (or, if this completion was a
-            // repeat, a little earlier: its replays then fall back to the script sooner).
+            // The record is this token's, completed with this ttl. (If this completion repeated
+            // one whose reply was lost, the record was stored a little earlier and expires that
+            // much before the hint does: a replay in between finds no record and claims.)
             self.known.insert(
                 &key,
                 Seen {
