@@ -284,7 +284,11 @@ async fn a_known_record_that_changed_is_claimed_as_usual() {
     assert_eq!(with_fp("request").await.unwrap(), (4, Status::Replayed));
     let reused = with_fp("another request").await;
     assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
-    assert!(mine.remove(Key::new("test", &("known fp", std::process::id()))).await.unwrap());
+    assert!(
+        mine.remove(Key::new("test", &("known fp", std::process::id())))
+            .await
+            .unwrap()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -264,7 +264,9 @@ async fn a_known_record_replays_without_a_script_and_a_stale_hint_falls_back() {
         .await
         .unwrap();
     assert_eq!((out.value, out.status), (1, Status::Replayed));
-    let left = out.expires_in.expect("a replay says when the record expires");
+    let left = out
+        .expires_in
+        .expect("a replay says when the record expires");
     assert!(
         left > idem::DEFAULT_TTL - Duration::from_secs(60) && left <= idem::DEFAULT_TTL,
         "{left:?}"

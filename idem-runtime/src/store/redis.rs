@@ -2516,7 +2516,12 @@ mod tests {
 
     #[test]
     fn tokens_read_back_as_written() {
-        for t in [0, 0xab, u128::MAX, 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef] {
+        for t in [
+            0,
+            0xab,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ] {
             let token = Token::from_u128(t);
             assert_eq!(parse_token(&bulk(token_hex(token).as_bytes())), Some(token));
         }
