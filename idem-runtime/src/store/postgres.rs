@@ -2116,6 +2116,20 @@ impl PostgresStore {
             // Expired or removed since (or the lookup failed): claim as usual.
             self.inner.known.forget(&key);
         }
+        // The claim statement's future in a box of its own: a replay's stays small.
+        Box::pin(self.claim_statement(key, fingerprint, lease, token, asked)).await
+    }
+
+    /// The claim statement (see the module docs, "Statements"), run again while its snapshot
+    /// missed a conflicting row; `asked`: when the claim began.
+    async fn claim_statement(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+        token: Token,
+        asked: Instant,
+    ) -> Result<Claim, Error> {
         let token_bytes = token_bytes(token);
         let fp = fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
         let lease_us = micros(lease);

@@ -1443,9 +1443,16 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Claim, Error> {
         require_tokio("claim")?;
-        match tokio::time::timeout(self.timeout, self.claim_unbounded(key, fingerprint, lease))
-            .await
-        {
+        let claim = async {
+            // A refused claim is refused before it is sent: nothing to release.
+            self.settle("claim").await?;
+            if let Some(done) = self.replay_known(&key).await {
+                return Ok(Claim::Completed(done));
+            }
+            // The script's future in a box of its own: a replay's stays small.
+            Box::pin(self.claim_script(key, fingerprint, lease)).await
+        };
+        match tokio::time::timeout(self.timeout, claim).await {
             Ok(claim) => claim,
             Err(_) => Err(Error::store(TimedOut {
                 op: "claim",
@@ -1454,22 +1461,14 @@ impl RedisStore {
         }
     }
 
-    async fn claim_unbounded(
+    /// The claim script, once the settings are settled.
+    async fn claim_script(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        // A refused claim is refused before it is sent: nothing to release.
-        self.settle("claim").await?;
         let sent = Instant::now();
-        if let Some(seen) = self.known.get(&key, sent) {
-            match self.replay_known(&key, seen, sent).await {
-                Some(done) => return Ok(Claim::Completed(done)),
-                // Expired, removed, or another claim's record now: claim as usual.
-                None => self.known.forget(&key),
-            }
-        }
         let token = Token::generate();
         let token_hex = token_hex(token);
         let (lease_ms, total_ms) = lease_millis(lease);
@@ -1517,13 +1516,25 @@ impl RedisStore {
     }
 
     /// A replay of a completed record seen before ([`Known`]), read with one `HMGET`: no script,
-    /// so it costs the server about what a `GET` does. `None` unless the record is still the
-    /// completed one the hint names (same token: a completed record never changes), or if the
-    /// read fails: the caller then claims as usual, and the script says what the record is.
+    /// so it costs the server about what a `GET` does. `None` if the store has not seen the key
+    /// completed, or the record is no longer the completed one the hint names (same token: a
+    /// completed record never changes), or the read failed: the hint is then forgotten, and the
+    /// caller claims as usual (the script says what the record is).
     ///
     /// Its time left is the hint's, counted from before the request that first read the record
     /// (the server's `PTTL` then): the record's expiry never moves once it is completed.
-    async fn replay_known(&self, key: &Key, seen: Seen, now: Instant) -> Option<Completed> {
+    async fn replay_known(&self, key: &Key) -> Option<Completed> {
+        let now = Instant::now();
+        let seen = self.known.get(key, now)?;
+        let done = self.read_known(key, seen, now).await;
+        if done.is_none() {
+            // Expired, removed, or another claim's record now.
+            self.known.forget(key);
+        }
+        done
+    }
+
+    async fn read_known(&self, key: &Key, seen: Seen, now: Instant) -> Option<Completed> {
         let token = seen.token?;
         let expires_in = seen.expires.checked_duration_since(now)?;
         let mut cmd = ::redis::cmd("HMGET");
@@ -1539,7 +1550,7 @@ impl RedisStore {
         };
         if items.len() != 4
             || as_bytes(&items[0]) != Some(b"done")
-            || items.get(1).and_then(parse_token) != Some(token)
+            || as_bytes(&items[1]) != Some(&token_digits(token)[..])
         {
             return None;
         }
@@ -2008,7 +2019,18 @@ fn record_name(prefix: &str, key: &Key) -> String {
 }
 
 fn token_hex(token: Token) -> String {
-    format!("{:032x}", token.as_u128())
+    token_digits(token).iter().map(|&d| char::from(d)).collect()
+}
+
+/// A token's 32 lowercase hex digits, as a record keeps it.
+fn token_digits(token: Token) -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 32];
+    for (i, d) in digits.iter_mut().enumerate() {
+        let nibble = (token.as_u128() >> (4 * (31 - i))) & 0xf;
+        *d = HEX[nibble as usize];
+    }
+    digits
 }
 
 /// A token as a record keeps it (32 hex digits), read back.
@@ -2528,6 +2550,20 @@ mod tests {
         assert_eq!(parse_token(&bulk(b"12")), None);
         assert_eq!(parse_token(&bulk(&[b'g'; 32])), None);
         assert_eq!(parse_token(&Value::Nil), None);
+    }
+
+    #[test]
+    fn token_digits_are_the_formatted_hex() {
+        for t in [
+            0,
+            1,
+            0xab,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            let token = Token::from_u128(t);
+            assert_eq!(token_hex(token), format!("{t:032x}"));
+        }
     }
 
     #[test]
