@@ -256,6 +256,81 @@ async fn a_replay_is_one_statement() {
         statements, REPLAYS,
         "each replay must be exactly one statement"
     );
+    let claims = count(
+        &db,
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE '%replay_count%' AND query LIKE '%INSERT%' \
+           AND query NOT LIKE '%pg_stat_statements%'",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        claims, 0,
+        "a record the store completed is replayed with a plain lookup, not the claim statement"
+    );
+}
+
+/// A completed record the store has seen is replayed with a plain lookup; a hint gone stale (the
+/// record removed, or completed anew by another process) is found out by that lookup, and the
+/// call claims as it would have: it never replays a value the table no longer holds, and a
+/// fingerprint is still checked.
+#[tokio::test]
+async fn a_known_record_that_changed_is_claimed_as_usual() {
+    let url = PgServer::shared().url();
+    let store = |url: &str| {
+        let store = PostgresStore::builder()
+            .table("known_hints")
+            .from_url(url)
+            .unwrap();
+        async move {
+            store.migrate().await.unwrap();
+            store
+        }
+    };
+    let (mine, other) = (store(&url).await, store(&url).await);
+    let call = |store: &PostgresStore, value: u32| {
+        let store = store.clone();
+        async move {
+            Idempotent::new(&store, ("known", std::process::id()))
+                .name("test")
+                .run_with_outcome(move || async move { Ok::<_, Error>(value) })
+                .await
+                .map(|out| (out.value, out.status))
+        }
+    };
+    let key = Key::new("test", &("known", std::process::id()));
+    assert_eq!(call(&mine, 1).await.unwrap(), (1, Status::Executed));
+    assert_eq!(call(&mine, 9).await.unwrap(), (1, Status::Replayed));
+
+    assert!(other.remove(key).await.unwrap());
+    assert_eq!(call(&mine, 2).await.unwrap(), (2, Status::Executed));
+    assert_eq!(call(&mine, 9).await.unwrap(), (2, Status::Replayed));
+
+    assert!(other.remove(key).await.unwrap());
+    assert_eq!(call(&other, 3).await.unwrap(), (3, Status::Executed));
+    assert_eq!(call(&mine, 9).await.unwrap(), (3, Status::Replayed));
+    assert_eq!(call(&mine, 9).await.unwrap(), (3, Status::Replayed));
+
+    let with_fp = |fp: &'static str| {
+        let mine = mine.clone();
+        async move {
+            Idempotent::new(&mine, ("known fp", std::process::id()))
+                .name("test")
+                .fingerprint(fp)
+                .run_with_outcome(|| async { Ok::<_, Error>(4u32) })
+                .await
+                .map(|out| (out.value, out.status))
+        }
+    };
+    assert_eq!(with_fp("request").await.unwrap(), (4, Status::Executed));
+    assert_eq!(with_fp("request").await.unwrap(), (4, Status::Replayed));
+    let reused = with_fp("another request").await;
+    assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
+    assert!(
+        mine.remove(Key::new("test", &("known fp", std::process::id())))
+            .await
+            .unwrap()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -223,6 +223,109 @@ async fn replay_is_one_round_trip_and_execution_two() {
     assert_eq!(proxy.commands() - before, 2);
 }
 
+/// A completed record the store has seen is replayed with one `HMGET`, no script; a hint gone
+/// stale (the record removed, or completed anew by another claim, or overwritten by something
+/// else) is found out by that read, and the call claims as it would have: it never replays a
+/// value the record no longer holds, and a fingerprint is still checked.
+#[tokio::test]
+async fn a_known_record_replays_without_a_script_and_a_stale_hint_falls_back() {
+    let server = RedisServer::start();
+    let proxy = CountingProxy::start(server.port());
+    let prefix = fresh_prefix("known");
+    let store = store_on_prefix(&proxy.url(), &prefix).await;
+    // Another process on the same records.
+    let other = store_on_prefix(&server.url(), &prefix).await;
+    let calls = |command: &str| {
+        let info = server.info("commandstats");
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let call = |store: &RedisStore, value: u32| {
+        let store = store.clone();
+        async move {
+            Idempotent::new(&store, "known")
+                .name("test")
+                .run_with_outcome(move || async move { Ok::<_, Error>(value) })
+                .await
+                .map(|out| (out.value, out.status))
+        }
+    };
+
+    assert_eq!(call(&store, 1).await.unwrap(), (1, Status::Executed));
+    let (before, scripts) = (proxy.commands(), calls("evalsha"));
+    let out = Idempotent::new(&store, "known")
+        .name("test")
+        .run_with_outcome(|| async { Ok::<_, Error>(9u32) })
+        .await
+        .unwrap();
+    assert_eq!((out.value, out.status), (1, Status::Replayed));
+    let left = out
+        .expires_in
+        .expect("a replay says when the record expires");
+    assert!(
+        left > idem::DEFAULT_TTL - Duration::from_secs(60) && left <= idem::DEFAULT_TTL,
+        "{left:?}"
+    );
+    assert_eq!(proxy.commands() - before, 1, "one round trip");
+    assert_eq!(calls("evalsha"), scripts, "no script for a known record");
+
+    // Removed by another process: the read finds nothing, and the body runs again.
+    let key = Key::new("test", &"known");
+    assert!(other.remove(key).await.unwrap());
+    let before = proxy.commands();
+    assert_eq!(call(&store, 2).await.unwrap(), (2, Status::Executed));
+    assert_eq!(
+        proxy.commands() - before,
+        3,
+        "the read that missed, then claim and complete"
+    );
+    assert_eq!(call(&store, 9).await.unwrap(), (2, Status::Replayed));
+
+    // Completed anew by another claim (another token): its value, not the one seen before.
+    assert!(other.remove(key).await.unwrap());
+    assert_eq!(call(&other, 3).await.unwrap(), (3, Status::Executed));
+    assert_eq!(call(&store, 9).await.unwrap(), (3, Status::Replayed));
+    assert_eq!(call(&store, 9).await.unwrap(), (3, Status::Replayed));
+
+    // The fingerprint read without the script is checked as the script's is.
+    let with_fp = |fp: &'static str| {
+        let store = store.clone();
+        async move {
+            Idempotent::new(&store, "with a fingerprint")
+                .name("test")
+                .fingerprint(fp)
+                .run_with_outcome(|| async { Ok::<_, Error>(4u32) })
+                .await
+                .map(|out| (out.value, out.status))
+        }
+    };
+    assert_eq!(with_fp("request").await.unwrap(), (4, Status::Executed));
+    let scripts = calls("evalsha");
+    assert_eq!(with_fp("request").await.unwrap(), (4, Status::Replayed));
+    let reused = with_fp("another request").await;
+    assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
+    assert_eq!(calls("evalsha"), scripts, "both read without a script");
+
+    // Overwritten by another program: reported as such, and left untouched.
+    let name = store.record_name(&key);
+    assert_eq!(
+        server.cmd(&["SET", &name, "not ours"]),
+        Resp::Simple("OK".into())
+    );
+    match call(&store, 9).await {
+        Err(Error::Store(err)) => assert!(err.to_string().contains("not an idem record"), "{err}"),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert_eq!(
+        server.cmd(&["GET", &name]),
+        Resp::Bulk(Some(b"not ours".to_vec()))
+    );
+}
+
 #[tokio::test]
 async fn scripts_flushed_from_the_server_are_loaded_again() {
     let server = RedisServer::shared();
@@ -2415,6 +2518,15 @@ mod wake {
             .sum()
     }
 
+    /// Reads of a record so far: every script reads its record with one `HMGET`, and so does a
+    /// replay of a record the store has seen completed (no script).
+    fn reads(servers: &[&RedisServer]) -> u64 {
+        servers
+            .iter()
+            .map(|s| calls(&s.info("commandstats"), "hmget"))
+            .sum()
+    }
+
     /// Subscribers of `channel` on these servers (`PUBSUB NUMSUB`, or `SHARDNUMSUB`).
     fn subscribers(servers: &[&RedisServer], sharded: bool, channel: &str) -> i64 {
         let sub = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
@@ -2552,6 +2664,7 @@ mod wake {
         let waiting = waiting_store(&server.url(), &prefix, NEVER).await;
         let key = Key::new("test", "many");
         let base = scripts(&[&server]);
+        let base_reads = reads(&[&server]);
         let token = hold(&holder, key).await;
         let tasks: Vec<_> = (0..WAITERS).map(|_| waiter(&waiting, "many")).collect();
         until("every waiter reads the record", || {
@@ -2578,7 +2691,10 @@ mod wake {
         for task in tasks {
             assert_eq!(joined(task).await, (Status::Waited, 5));
         }
-        assert_eq!(scripts(&[&server]) - base, 2 + 3 * WAITERS, "no poll");
+        // Each waiter claims once more: with the claim script, or with a plain `HMGET` once its
+        // store has seen the result. Either is one read of the record; a poll would be another.
+        assert_eq!(reads(&[&server]) - base_reads, 2 + 3 * WAITERS, "no poll");
+        assert!(scripts(&[&server]) - base <= 2 + 3 * WAITERS);
     }
 
     /// The subscriber connection killed (`CLIENT KILL TYPE pubsub`) before the holder

@@ -15,6 +15,8 @@ pub use crate::record::{Claim, Completed, Completion, Token};
 /// on it).
 pub use bytes::Bytes;
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod known;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

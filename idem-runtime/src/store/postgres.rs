@@ -55,6 +55,12 @@
 //!   already over. The store then renews it (one `UPDATE` more) before it answers
 //!   [`Claim::Acquired`], and claims again if the key was taken over meanwhile: no caller is
 //!   granted less than its whole lease.
+//! - **replay of a record the store has seen completed** (it completed it, or a claim returned
+//!   it; up to 16 384 keys per store): a plain `SELECT` of the key's live completed row, one
+//!   index lookup, instead of the claim statement (whose plan also carries the `INSERT`, the
+//!   key lock and a `UNION ALL`). A completed row never changes until it expires or is removed,
+//!   so the lookup finds exactly what the claim would have returned; if it finds none, the
+//!   store forgets the key and runs the claim statement, two statements for that call.
 //! - **complete**: an upsert under the key lock: the row holding this token (lease live or
 //!   lapsed) is completed, an absent key gets the completed record, a record already completed
 //!   by this token is left as it is (the first value stays) and reported stored, and a row of
@@ -257,6 +263,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row, SimpleQueryMessage, Transaction};
 
+use super::known::{Known, Seen};
 use super::{BoxFuture, Store};
 use crate::clock::after;
 use crate::error::Error;
@@ -426,6 +433,9 @@ struct Inner {
     /// behind the application's own use of the pool, or it runs out while its holder is alive
     /// and another caller runs the body a second time.
     reserve: tokio::sync::Mutex<Option<ClientWrapper>>,
+    /// Completed records seen, replayed with the plain `lookup` statement instead of the claim
+    /// (see the module docs, "Statements").
+    known: Known,
 }
 
 /// When a store deletes expired rows by itself (see [`PostgresStoreBuilder::cleanup_every`]).
@@ -981,6 +991,7 @@ impl PostgresStoreBuilder {
                 warned_async_commit: AtomicBool::new(false),
                 warned_read_only: AtomicBool::new(false),
                 reserve: tokio::sync::Mutex::new(None),
+                known: Known::default(),
                 channel,
                 wait_salt,
                 listen_config,
@@ -2153,6 +2164,31 @@ impl PostgresStore {
     ) -> Result<Claim, Error> {
         self.ready().await?;
         let token = Token::generate();
+        let asked = Instant::now();
+        if self.inner.known.get(&key, asked).is_some() {
+            // A completed record seen before: one index lookup, no writable statement.
+            if let Some(claim @ Claim::Completed(_)) = self.read_completed(key, token, lease).await
+            {
+                self.seen_completed(key, &claim, asked);
+                return Ok(claim);
+            }
+            // Expired or removed since (or the lookup failed): claim as usual.
+            self.inner.known.forget(&key);
+        }
+        // The claim statement's future in a box of its own: a replay's stays small.
+        Box::pin(self.claim_statement(key, fingerprint, lease, token, asked)).await
+    }
+
+    /// The claim statement (see the module docs, "Statements"), run again while its snapshot
+    /// missed a conflicting row; `asked`: when the claim began.
+    async fn claim_statement(
+        &self,
+        key: Key,
+        fingerprint: Option<Fingerprint>,
+        lease: Duration,
+        token: Token,
+        asked: Instant,
+    ) -> Result<Claim, Error> {
         let token_bytes = token_bytes(token);
         let fp = fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
         let lease_us = micros(lease);
@@ -2211,8 +2247,10 @@ impl PostgresStore {
                             }
                         }
                         Answer::Claim(claim, _) => {
-                            if matches!(claim, Claim::Acquired(_)) {
-                                self.granted();
+                            match claim {
+                                Claim::Acquired(_) => self.granted(),
+                                Claim::Completed(_) => self.seen_completed(key, &claim, asked),
+                                Claim::Busy { .. } => {}
                             }
                             return Ok(claim);
                         }
@@ -2272,6 +2310,18 @@ impl PostgresStore {
         })
     }
 
+    /// Remembers a completed record a claim returned, so that its next replay is a plain
+    /// lookup ([`Known`]); `asked`: when the statement was sent.
+    fn seen_completed(&self, key: Key, claim: &Claim, asked: Instant) {
+        if let Claim::Completed(done) = claim {
+            let seen = Seen {
+                token: None,
+                expires: after(asked, done.expires_in),
+            };
+            self.inner.known.insert(&key, seen);
+        }
+    }
+
     /// The answer to a claim that met a lock on the table itself (`lock_timeout`: `CREATE
     /// INDEX`, `ALTER TABLE`, `LOCK TABLE` block writers): a completed record is still read
     /// (a reader's lock goes with all but `ACCESS EXCLUSIVE`) and replayed; otherwise, or if
@@ -2328,6 +2378,8 @@ impl PostgresStore {
         reserved: bool,
     ) -> Result<Completion, Error> {
         self.ready().await?;
+        let asked = Instant::now();
+        let ttl_left = ttl;
         let key_bytes = &key.as_bytes()[..];
         let token_bytes = token_bytes(token);
         let ttl = micros(ttl);
@@ -2345,6 +2397,13 @@ impl PostgresStore {
         let stored = self
             .gated_on("complete", &self.inner.sql.complete, params, reserved)
             .await?;
+        if stored == 1 {
+            let seen = Seen {
+                token: Some(token),
+                expires: after(asked, ttl_left),
+            };
+            self.inner.known.insert(&key, seen);
+        }
         Ok(if stored == 1 {
             Completion::Stored
         } else {
@@ -2838,6 +2897,7 @@ impl Store for PostgresStore {
 
     fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
+            self.inner.known.forget(&key);
             self.ready().await?;
             let key_bytes = &key.as_bytes()[..];
             let lock = self.lock_id(key);

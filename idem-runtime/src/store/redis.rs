@@ -21,6 +21,7 @@ use ::redis::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::known::{Known, Seen};
 use super::{BoxFuture, Store};
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
@@ -106,7 +107,7 @@ const CLAIM: &str = r#"
 local r, why = load(KEYS[1], true)
 if r == false then return {'foreign', why} end
 if r then
-  if r.state == 'done' then return {'done', r.ttl, r.fp, r.value} end
+  if r.state == 'done' then return {'done', r.ttl, r.fp, r.value, r.token} end
   if r.token ~= ARGV[1] and r.ttl > r.grace then return {'busy', r.ttl - r.grace} end
 end
 if ARGV[3] == '' then
@@ -332,6 +333,19 @@ pub use super::IfUnsafe;
 /// execution **two** (claim, complete), plus one per lease renewal for bodies that run longer
 /// than a third of the lease.
 ///
+/// # Replays
+///
+/// A script costs the server several times what a plain command does, and Redis runs every
+/// command on one thread. So a store remembers the completed records it has seen (that it
+/// completed, or that a claim returned): their key, the token that completed them and when they
+/// expire, up to 16 384 keys. A replay of such a record is one `HMGET` of its `state`,
+/// `token`, `fp` and `value`, no script: still **one round trip**. A completed record never
+/// changes until it expires or is removed, so the `HMGET` finds exactly what the claim script
+/// would have returned, or it finds something else (the record expired or was removed, a new
+/// claim holds the key, another program wrote there): then the store forgets the key and claims
+/// as usual, a second round trip for that call. The time left that the replay reports is the
+/// one the server gave when the record was first seen, counted down by this process's clock.
+///
 /// # Server settings
 ///
 /// At-most-once needs a server that keeps what it was told. When it connects, and again after a
@@ -420,7 +434,7 @@ pub use super::IfUnsafe;
 /// - An ACL that refuses the store's user a command or a key (`NOPERM`, or a command a script
 ///   runs) gives [`Error::Store`] naming the command or the key and the rule to add (`ACL
 ///   SETUSER <user> +evalsha`, `~<prefix>*`). The store sends `EVALSHA`, `EVAL`, `SCRIPT LOAD`,
-///   `INFO` and `CONFIG GET`; its scripts run `HMGET`, `EXISTS`, `PTTL`, `HEXISTS`, `HSET`,
+///   `INFO`, `CONFIG GET` and `HMGET`; its scripts run `HMGET`, `EXISTS`, `PTTL`, `HEXISTS`, `HSET`,
 ///   `HDEL`, `PEXPIRE`, `DEL` and `TYPE` on the keys under its prefix.
 ///
 /// Create the store inside the tokio runtime that uses it: the connection's I/O runs on that
@@ -434,6 +448,8 @@ pub struct RedisStore {
     fallback_poll_interval: Duration,
     health: Arc<Health>,
     wakes: Arc<Wakes>,
+    /// Completed records seen, replayed with a plain `HMGET` (see "Replays" above).
+    known: Arc<Known>,
 }
 
 /// Settings of a [`RedisStore`] before it connects: made by [`RedisStore::builder`].
@@ -694,6 +710,7 @@ impl RedisStoreBuilder {
                 max_poll_interval: self.max_poll_interval,
                 fallback_poll_interval: self.fallback_poll_interval,
                 wakes: Wakes::new(source, self.timeout),
+                known: Arc::new(Known::default()),
                 health: Arc::new(Health {
                     server,
                     user,
@@ -1126,10 +1143,7 @@ impl RedisStore {
     /// The name of the Redis key that holds the record of `key`: the prefix and the key's 64 hex
     /// digits. For operators (`redis-cli HGETALL ...`) and tests.
     pub fn record_name(&self, key: &Key) -> String {
-        let mut name = String::with_capacity(self.prefix.len() + 64);
-        name.push_str(&self.prefix);
-        name.push_str(&key.to_hex());
-        name
+        record_name(&self.prefix, key)
     }
 
     /// Reads `maxmemory-policy`, `appendonly`, `save` and the run id of the server, or of every
@@ -1430,9 +1444,16 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Claim, Error> {
         require_tokio("claim")?;
-        match tokio::time::timeout(self.timeout, self.claim_unbounded(key, fingerprint, lease))
-            .await
-        {
+        let claim = async {
+            // A refused claim is refused before it is sent: nothing to release.
+            self.settle("claim").await?;
+            if let Some(done) = self.replay_known(&key).await {
+                return Ok(Claim::Completed(done));
+            }
+            // The script's future in a box of its own: a replay's stays small.
+            Box::pin(self.claim_script(key, fingerprint, lease)).await
+        };
+        match tokio::time::timeout(self.timeout, claim).await {
             Ok(claim) => claim,
             Err(_) => Err(Error::store(TimedOut {
                 op: "claim",
@@ -1441,14 +1462,14 @@ impl RedisStore {
         }
     }
 
-    async fn claim_unbounded(
+    /// The claim script, once the settings are settled.
+    async fn claim_script(
         &self,
         key: Key,
         fingerprint: Option<Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        // A refused claim is refused before it is sent: nothing to release.
-        self.settle("claim").await?;
+        let sent = Instant::now();
         let token = Token::generate();
         let token_hex = token_hex(token);
         let (lease_ms, total_ms) = lease_millis(lease);
@@ -1474,12 +1495,81 @@ impl RedisStore {
         let claim = self
             .script("claim", &SCRIPTS.claim, &key, &args)
             .await
-            .and_then(|items| parse_claim(token, items));
+            .and_then(|items| {
+                let completed_by = items.get(4).and_then(parse_token);
+                parse_claim(token, items).map(|claim| (claim, completed_by))
+            });
         unanswered.armed = match &claim {
             Ok(_) => false,
             Err(err) => !wrote_nothing(err),
         };
-        claim
+        let (claim, completed_by) = claim?;
+        if let (Claim::Completed(done), Some(by)) = (&claim, completed_by) {
+            self.known.insert(
+                &key,
+                Seen {
+                    token: Some(by),
+                    expires: crate::clock::after(sent, done.expires_in),
+                },
+            );
+        }
+        Ok(claim)
+    }
+
+    /// A replay of a completed record seen before ([`Known`]), read with one `HMGET`: no script,
+    /// so it costs the server about what a `GET` does. `None` if the store has not seen the key
+    /// completed, or the record is no longer the completed one the hint names (same token: a
+    /// completed record never changes), or the read failed: the hint is then forgotten, and the
+    /// caller claims as usual (the script says what the record is).
+    ///
+    /// Its time left is the hint's, counted from before the request that first read the record
+    /// (the server's `PTTL` then): the record's expiry never moves once it is completed.
+    async fn replay_known(&self, key: &Key) -> Option<Completed> {
+        let now = Instant::now();
+        let seen = self.known.get(key, now)?;
+        let done = self.read_known(key, seen, now).await;
+        if done.is_none() {
+            // Expired, removed, or another claim's record now.
+            self.known.forget(key);
+        }
+        done
+    }
+
+    async fn read_known(&self, key: &Key, seen: Seen, now: Instant) -> Option<Completed> {
+        let token = seen.token?;
+        let expires_in = seen.expires.checked_duration_since(now)?;
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(self.record_name(key))
+            .arg("state")
+            .arg("token")
+            .arg("fp")
+            .arg("value");
+        let mut conn = self.conn.clone();
+        let reply: Value = cmd.query_async(&mut conn).await.ok()?;
+        let Value::Array(mut items) = reply else {
+            return None;
+        };
+        if items.len() != 4
+            || as_bytes(&items[0]) != Some(b"done")
+            || as_bytes(&items[1]) != Some(&token_digits(token)[..])
+        {
+            return None;
+        }
+        let fingerprint = match &items[2] {
+            Value::Nil => None,
+            fp => Some(Fingerprint::from_digest(
+                <[u8; 32]>::try_from(as_bytes(fp)?).ok()?,
+            )),
+        };
+        let Value::BulkString(value) = &mut items[3] else {
+            return None;
+        };
+        let value = Bytes::from(std::mem::take(value));
+        Some(Completed::new(
+            value,
+            fingerprint,
+            expires_in.max(Duration::from_millis(1)),
+        ))
     }
 
     async fn complete_now(
@@ -1499,6 +1589,7 @@ impl RedisStore {
         }
         let token_hex = token_hex(token);
         let ttl_ms = millis(ttl);
+        let sent = Instant::now();
         let fp: &[u8] = match &fingerprint {
             Some(fp) => fp.as_bytes(),
             None => b"",
@@ -1513,6 +1604,18 @@ impl RedisStore {
         let stored = self
             .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
             .await?;
+        if stored {
+            // The record is this token's, completed with this ttl. (If this completion repeated
+            // one whose reply was lost, the record was stored a little earlier and expires that
+            // much before the hint does: a replay in between finds no record and claims.)
+            self.known.insert(
+                &key,
+                Seen {
+                    token: Some(token),
+                    expires: crate::clock::after(sent, ttl),
+                },
+            );
+        }
         Ok(if stored {
             Completion::Stored
         } else {
@@ -1786,6 +1889,7 @@ impl Store for RedisStore {
 
     fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async move {
+            self.known.forget(&key);
             let args: [&[u8]; 1] = [self.publish()];
             self.ok_or_lost("remove", &SCRIPTS.remove, &key, &args)
                 .await
@@ -1902,8 +2006,39 @@ fn as_millis(value: &Value) -> Option<Duration> {
     }
 }
 
+/// `prefix` and `key`'s 64 hex digits: [`Key::to_hex`], without a formatter call per byte (this
+/// is on every operation's path).
+fn record_name(prefix: &str, key: &Key) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = String::with_capacity(prefix.len() + 64);
+    name.push_str(prefix);
+    for &b in key.as_bytes() {
+        name.push(char::from(HEX[usize::from(b >> 4)]));
+        name.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    name
+}
+
 fn token_hex(token: Token) -> String {
-    format!("{:032x}", token.as_u128())
+    token_digits(token).iter().map(|&d| char::from(d)).collect()
+}
+
+/// A token's 32 lowercase hex digits, as a record keeps it.
+fn token_digits(token: Token) -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 32];
+    for (i, d) in digits.iter_mut().enumerate() {
+        let nibble = (token.as_u128() >> (4 * (31 - i))) & 0xf;
+        *d = HEX[nibble as usize];
+    }
+    digits
+}
+
+/// A token as a record keeps it (32 hex digits), read back.
+fn parse_token(value: &Value) -> Option<Token> {
+    let hex = as_bytes(value).filter(|b| b.len() == 32)?;
+    let hex = std::str::from_utf8(hex).ok()?;
+    u128::from_str_radix(hex, 16).ok().map(Token::from_u128)
 }
 
 /// The longest expiry the store sets: about 1000 years (Redis refuses expiry times that
@@ -2234,8 +2369,8 @@ impl fmt::Display for AclRefused {
                 f,
                 "Redis refused the {op}: the ACL of user {user} does not allow the command \
                  {} (NOPERM). Add it: ACL SETUSER {user} +{command} (idem sends EVALSHA, EVAL, \
-                 SCRIPT LOAD, INFO and CONFIG GET: +evalsha +eval +script|load +info \
-                 +config|get)",
+                 SCRIPT LOAD, INFO, CONFIG GET and HMGET: +evalsha +eval +script|load +info \
+                 +config|get +hmget)",
                 command.to_ascii_uppercase()
             ),
             Denied::Key { name, prefix } => {
@@ -2391,6 +2526,44 @@ mod tests {
                 "expected a store error, got {:?}",
                 other.map(|r| r.map(|_| ()))
             ),
+        }
+    }
+
+    #[test]
+    fn record_names_are_the_prefix_and_the_keys_hex_digits() {
+        for i in 0..100u32 {
+            let key = Key::new("t", &i);
+            assert_eq!(record_name("idem:", &key), format!("idem:{}", key.to_hex()));
+        }
+    }
+
+    #[test]
+    fn tokens_read_back_as_written() {
+        for t in [
+            0,
+            0xab,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ] {
+            let token = Token::from_u128(t);
+            assert_eq!(parse_token(&bulk(token_hex(token).as_bytes())), Some(token));
+        }
+        assert_eq!(parse_token(&bulk(b"12")), None);
+        assert_eq!(parse_token(&bulk(&[b'g'; 32])), None);
+        assert_eq!(parse_token(&Value::Nil), None);
+    }
+
+    #[test]
+    fn token_digits_are_the_formatted_hex() {
+        for t in [
+            0,
+            1,
+            0xab,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            let token = Token::from_u128(t);
+            assert_eq!(token_hex(token), format!("{t:032x}"));
         }
     }
 
