@@ -278,11 +278,13 @@ async fn a_replay_is_one_statement() {
 async fn a_known_record_that_changed_is_claimed_as_usual() {
     let url = PgServer::shared().url();
     let store = |url: &str| {
-        let store = PostgresStore::builder()
-            .table("known_hints")
-            .from_url(url)
-            .unwrap();
+        let url = url.to_owned();
         async move {
+            let store = PostgresStore::builder()
+                .table("known_hints")
+                .connect(&url)
+                .await
+                .unwrap();
             store.migrate().await.unwrap();
             store
         }
