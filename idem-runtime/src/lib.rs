@@ -31,6 +31,10 @@ pub mod store;
 /// The byte buffer stores hold results in (re-exported from `bytes`, so stores need not depend on it).
 pub use bytes::Bytes;
 pub use error::{BoxError, Error};
+/// The transactional mode (needs the `postgres` feature): see [`PostgresStore::transactional`].
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use exec::transactional;
 pub use exec::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict, Outcome, Policy,
     Status,
