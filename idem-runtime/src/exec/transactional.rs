@@ -6,7 +6,7 @@
 //! the store's; the transaction is the store's own tokio-postgres pool's
 //! ([`TokioPostgres`], the body gets a `&tokio_postgres::Transaction`) or, with the
 //! `sqlx-postgres` feature, the user's `sqlx::PgPool`'s ([`Sqlx`], the body gets a
-//! `&mut sqlx::Transaction<'_, Postgres>`). Bodies are async closures:
+//! `&mut sqlx::PgConnection` inside the transaction). Bodies are async closures:
 //!
 //! ```no_run
 //! use idem_runtime::{Error, PostgresStore};
@@ -41,7 +41,7 @@
 //!     .run(async |tx| {
 //!         sqlx::query("INSERT INTO orders (id) VALUES ($1)")
 //!             .bind(order_id)
-//!             .execute(&mut **tx)
+//!             .execute(&mut *tx)
 //!             .await
 //!             .map_err(Error::store)?;
 //!         Ok::<_, Error>(order_id)
@@ -56,6 +56,7 @@
 //! `transactional = true`) and the executor's metrics.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -64,8 +65,8 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::{
-    Call, OnConflict, Outcome, Policy, Status, Turn, Unreported, call_site_namespace,
-    catch_panics, decode_result, fingerprint_matches, wait_turn,
+    Call, OnConflict, Outcome, Policy, Status, Turn, Unreported, call_site_namespace, catch_panics,
+    decode_result, fingerprint_matches, wait_turn,
 };
 use crate::codec;
 use crate::error::Error;
@@ -73,13 +74,15 @@ use crate::key::{Fingerprint, Key, KeyPart};
 use crate::metrics;
 use crate::record::{Claim, Token};
 use crate::store::Store;
-use crate::store::transaction::{BodyEndedTransaction, TransactionBackend, TxCall, TxClaim, TxCompletion};
+use crate::store::transaction::{
+    BodyEndedTransaction, TransactionBackend, TxCall, TxClaim, TxCompletion,
+};
 
-pub use crate::store::postgres::TokioPostgres;
+use crate::store::postgres::PostgresStore;
 #[cfg(feature = "sqlx-postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx-postgres")))]
 pub use crate::store::postgres::Sqlx;
-use crate::store::postgres::PostgresStore;
+pub use crate::store::postgres::TokioPostgres;
 use tokio_postgres::IsolationLevel;
 
 /// How many times in a row an attempt may start over (a serialization failure or a row
@@ -263,7 +266,8 @@ impl<K: KeyPart> Transactional<K, TokioPostgres> {
     }
 
     /// Runs the transaction on the application's own sqlx pool instead of the store's: the body
-    /// gets a `&mut sqlx::Transaction<'_, Postgres>` (feature `sqlx-postgres`). The records
+    /// gets a `&mut sqlx::PgConnection` inside a transaction of that pool (feature
+    /// `sqlx-postgres`). The records
     /// table, the waiting and the replays stay the store's; the pool must reach the same
     /// database as the store (the claim and the body's writes commit in one of its
     /// transactions). The isolation level set so far carries over.
@@ -284,7 +288,7 @@ impl<K: KeyPart> Transactional<K, TokioPostgres> {
     /// `async |tx| { tx.execute(..).await.map_err(Error::store)?; Ok(v) }`.
     pub async fn run<T, E, F>(self, body: F) -> Result<T, E>
     where
-        F: for<'t> AsyncFnOnce(&'t tokio_postgres::Transaction<'t>) -> Result<T, E>,
+        F: for<'t, 'c> AsyncFnOnce(&'t tokio_postgres::Transaction<'c>) -> Result<T, E>,
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
@@ -295,7 +299,7 @@ impl<K: KeyPart> Transactional<K, TokioPostgres> {
     /// how long the record lives.
     pub async fn run_with_outcome<T, E, F>(self, body: F) -> Result<Outcome<T>, E>
     where
-        F: for<'t> AsyncFnOnce(&'t tokio_postgres::Transaction<'t>) -> Result<T, E>,
+        F: for<'t, 'c> AsyncFnOnce(&'t tokio_postgres::Transaction<'c>) -> Result<T, E>,
         T: Serialize + DeserializeOwned + Send + 'static,
         E: From<Error>,
     {
@@ -316,7 +320,7 @@ impl<K: KeyPart> Transactional<K, Sqlx> {
 
     /// Runs `body` in a transaction of the sqlx pool at most once per key while the record
     /// lives, and returns its value or the first call's. The body is an async closure over the
-    /// [`sqlx::Transaction`]: `async |tx| { sqlx::query(..).execute(&mut **tx).await..; Ok(v) }`.
+    /// [`sqlx::Transaction`]: `async |tx| { sqlx::query(..).execute(&mut *tx).await..; Ok(v) }`.
     ///
     /// The body gets `&mut sqlx::Transaction` rather than `&mut PgConnection`: it runs
     /// statements through it (`&mut **tx` is the `PgConnection`, an `Executor`), opens
@@ -522,23 +526,25 @@ where
     let done = match claim {
         Claim::Acquired(_) => None,
         Claim::Busy { lease_left } => Some(Attempt::Busy(lease_left)),
-        Claim::Completed(done) => Some(if !fingerprint_matches(call.fingerprint, done.fingerprint) {
-            tx_outcome!(INFO, call, "key_reused");
-            Attempt::Done(Err(Error::KeyReused.into()))
-        } else {
-            match decode_result::<T>(&done.value) {
-                Ok(value) => {
-                    let status = Status::replay(waited);
-                    tx_outcome!(DEBUG, call, status.as_str());
-                    Attempt::Done(Ok(Outcome {
-                        value,
-                        status,
-                        expires_in: Some(done.expires_in),
-                    }))
+        Claim::Completed(done) => Some(
+            if !fingerprint_matches(call.fingerprint, done.fingerprint) {
+                tx_outcome!(INFO, call, "key_reused");
+                Attempt::Done(Err(Error::KeyReused.into()))
+            } else {
+                match decode_result::<T>(&done.value) {
+                    Ok(value) => {
+                        let status = Status::replay(waited);
+                        tx_outcome!(DEBUG, call, status.as_str());
+                        Attempt::Done(Ok(Outcome {
+                            value,
+                            status,
+                            expires_in: Some(done.expires_in),
+                        }))
+                    }
+                    Err(err) => fail("decode", err),
                 }
-                Err(err) => fail("decode", err),
-            }
-        }),
+            },
+        ),
     };
     if let Some(done) = done {
         // Nothing was written; the rollback also clears a lock-timeout error.
@@ -552,11 +558,10 @@ where
     };
 
     let started = metrics::start();
-    let result = backend
-        .run_body(&mut tx, tx_call, move |handle| {
-            catch_panics(body(handle), panicked)
-        })
-        .await;
+    let result = {
+        let (handle, keep_alive) = backend.lend(&mut tx, tx_call);
+        beside(catch_panics(body(handle), panicked), keep_alive).await
+    };
     metrics::body(call.name, started);
     let value = match result {
         Ok(value) => value,
@@ -606,6 +611,17 @@ where
         status: Status::Executed,
         expires_in: Some(tx_call.ttl),
     }))
+}
+
+/// `body`, with `beside` polled too until it finishes or the body returns.
+async fn beside<F: Future, K: Future<Output = ()>>(body: F, beside: K) -> F::Output {
+    tokio::pin!(body);
+    tokio::select! {
+        biased;
+        out = &mut body => return out,
+        () = beside => {}
+    }
+    body.await
 }
 
 /// A body asked to run twice (never happens: an attempt that ran it returns).

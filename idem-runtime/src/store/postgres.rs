@@ -1045,7 +1045,6 @@ impl fmt::Display for KeyLocked {
 
 impl std::error::Error for KeyLocked {}
 
-
 /// `migrate` on a server that cannot write (a hot standby, or a read-only database).
 #[derive(Debug)]
 struct ReadOnlyServer {
@@ -2479,9 +2478,9 @@ fn idle_limit_ms(lease: Duration) -> u128 {
     lease.as_millis().clamp(1, i32::MAX as u128)
 }
 
-/// Runs a transactional body while keeping its transaction from looking idle to the server: an
-/// empty statement every third of the lease while the body awaits something other than the
-/// database. So the server's idle-in-transaction limit (the lease, see
+/// Keeps a transactional body's transaction from looking idle to the server, polled beside the
+/// body until it returns: an empty statement every third of the lease while the body awaits
+/// something other than the database. So the server's idle-in-transaction limit (the lease, see
 /// [`Transactional::lease`]) ends only the transaction of a holder that is no longer polled,
 /// like the executor's renewal, which this future drives too.
 ///
@@ -2489,39 +2488,29 @@ fn idle_limit_ms(lease: Duration) -> u128 {
 /// ran `COMMIT` itself committed the claim with its lease, which no beat extends any more, so
 /// `seal` runs at once (see `PostgresStore::seal_ended`) rather than when the body returns,
 /// which may be after the lease ran out and another caller ran the body again.
-async fn heartbeat<F: Future, S: Future<Output = ()>>(
+async fn heartbeat<S: Future<Output = ()>>(
     tx: &Transaction<'_>,
     lease: Duration,
     marker: &str,
     seal: S,
-    body: F,
-) -> F::Output {
+) {
     let every = (lease / 3).max(Duration::from_millis(3));
-    let beat = async {
-        let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            // Queued behind the body's own statement if one is running. A failure (the
-            // connection is gone, or a statement of the body failed and the transaction is
-            // aborted) is the body's to meet: stop beating.
-            match still_ours(tx, marker).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    seal.await;
-                    break;
-                }
-                Err(_) => break,
+    let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        // Queued behind the body's own statement if one is running. A failure (the connection
+        // is gone, or a statement of the body failed and the transaction is aborted) is the
+        // body's to meet: stop beating.
+        match still_ours(tx, marker).await {
+            Ok(true) => {}
+            Ok(false) => {
+                seal.await;
+                break;
             }
+            Err(_) => break,
         }
-    };
-    tokio::pin!(body);
-    tokio::select! {
-        biased;
-        out = &mut body => return out,
-        () = beat => {}
     }
-    body.await
 }
 
 /// Whether a failed operation may succeed if run again later: the server did not answer (down,

@@ -15,8 +15,8 @@
 //!    transaction's idle time bounded by the lease, and marked as the call's own),
 //!    [`claim`](TransactionBackend::claim) in it.
 //! 2. Not granted → [`rollback`](TransactionBackend::rollback); replay, wait or claim again.
-//! 3. Granted → [`run_body`](TransactionBackend::run_body) (the backend keeps the transaction
-//!    alive while the body awaits something else, where it can), then
+//! 3. Granted → the body, on the transaction [lent](TransactionBackend::lend) to it (the
+//!    backend keeps the transaction alive while the body awaits something else, where it can), then
 //!    [`complete`](TransactionBackend::complete) and [`commit`](TransactionBackend::commit); or,
 //!    for a failed body, [`still_ours`](TransactionBackend::still_ours),
 //!    [`seal`](TransactionBackend::seal) if the body ended the transaction itself, and
@@ -27,6 +27,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use super::BoxFuture;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Token};
@@ -117,7 +118,9 @@ pub trait TransactionBackend {
         Self: 'c;
     /// What the body receives, for as long as it runs: the transaction, as the driver's users
     /// know it. One lifetime, so that bodies are `for<'t> AsyncFnOnce(Self::Handle<'t>)`.
-    type Handle<'t>;
+    type Handle<'t>
+    where
+        Self: 't;
 
     /// Takes a connection (from a pool), within the backend's timeout.
     fn connect(&self) -> impl Future<Output = Result<Self::Connection, Error>>;
@@ -141,16 +144,17 @@ pub trait TransactionBackend {
         call: &TxCall,
     ) -> impl Future<Output = Result<TxClaim, Error>>;
 
-    /// Runs `body` on the transaction. A backend that can reach the transaction while the body
-    /// holds it keeps it from looking idle (the lease) while the body awaits something else,
-    /// and [seals](Self::seal) the key as soon as it finds the transaction is no longer the
-    /// call's; one that cannot runs the body as it is.
-    fn run_body<'t, 'c: 't, Fut: Future>(
+    /// Lends the transaction to the body: the handle the body receives, and a future that the
+    /// executor polls beside the body until the body returns (it may finish earlier, or never).
+    /// A backend that can reach the transaction while the body holds it keeps it from looking
+    /// idle with that future (the lease) while the body awaits something else, and
+    /// [seals](Self::seal) the key as soon as it finds the transaction is no longer the call's;
+    /// one that cannot returns a future that finishes at once.
+    fn lend<'t, 'c: 't>(
         &'t self,
         tx: &'t mut Self::Transaction<'c>,
         call: &'t TxCall,
-        body: impl FnOnce(Self::Handle<'t>) -> Fut,
-    ) -> impl Future<Output = Fut::Output>;
+    ) -> (Self::Handle<'t>, BoxFuture<'t, ()>);
 
     /// After a failed body: whether the transaction is still the call's own (an aborted
     /// transaction is), or the body ended it (then the connection is closed at
@@ -185,12 +189,8 @@ pub trait TransactionBackend {
 
     /// Ends the attempt: with `wake` (its transaction rolled back, which notifies no one), wakes
     /// the key's waiters; gives the connection back, or closes it if it was marked.
-    fn finish(
-        &self,
-        conn: Self::Connection,
-        call: &TxCall,
-        wake: bool,
-    ) -> impl Future<Output = ()>;
+    fn finish(&self, conn: Self::Connection, call: &TxCall, wake: bool)
+    -> impl Future<Output = ()>;
 }
 
 /// A transactional body that ended the transaction the call opened (it sent `COMMIT`,

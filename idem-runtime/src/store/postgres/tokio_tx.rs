@@ -1,6 +1,5 @@
 //! The transactional mode on the store's own pool: tokio-postgres transactions.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use deadpool_postgres::{Object, StatementCache};
@@ -13,6 +12,7 @@ use super::{
     is_conflict, micros, read_claim, read_free, read_gated, run, still_ours, token_bytes,
 };
 use crate::error::Error;
+use crate::store::BoxFuture;
 use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion};
 
 /// The transactional mode's backend on the store's own tokio-postgres pool: the body gets a
@@ -132,16 +132,15 @@ impl TransactionBackend for TokioPostgres {
                 // transaction keeps): start over in a new transaction.
                 Answer::Again => Ok(TxClaim::Again),
             },
-            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(TxClaim::Claim(
-                store
-                    .replay_read_only(call.key, call.token, call.lease)
-                    .await,
-            )),
+            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                Ok(TxClaim::Claim(
+                    store
+                        .replay_read_only(call.key, call.token, call.lease)
+                        .await,
+                ))
+            }
             Ok(Err(err)) if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
-                match store
-                    .read_completed(call.key, call.token, call.lease)
-                    .await
-                {
+                match store.read_completed(call.key, call.token, call.lease).await {
                     Some(completed) => Ok(TxClaim::Claim(completed)),
                     None => Err(store.db_error("claim", err)),
                 }
@@ -155,21 +154,20 @@ impl TransactionBackend for TokioPostgres {
         }
     }
 
-    fn run_body<'t, 'c: 't, Fut: Future>(
+    fn lend<'t, 'c: 't>(
         &'t self,
         tx: &'t mut PooledTransaction<'c>,
         call: &'t TxCall,
-        body: impl FnOnce(&'t Transaction<'t>) -> Fut,
-    ) -> impl Future<Output = Fut::Output> {
-        let shared: &'t Transaction<'c> = &tx.tx;
+    ) -> (&'t Transaction<'t>, BoxFuture<'t, ()>) {
+        let shared: &'t Transaction<'t> = &tx.tx;
         let seal = self
             .store
             .seal_ended(call.key, call.token, call.fingerprint, call.ttl);
-        let body = body(shared);
-        async move {
+        let beat = async move {
             let marker = call.marker();
-            heartbeat(shared, call.lease, &marker, seal, body).await
-        }
+            heartbeat(shared, call.lease, &marker, seal).await
+        };
+        (shared, Box::pin(beat))
     }
 
     async fn still_ours<'c>(&'c self, tx: &mut PooledTransaction<'c>, call: &TxCall) -> bool {
@@ -212,14 +210,21 @@ impl TransactionBackend for TokioPostgres {
             (&marker, Type::TEXT),
         ];
         let on = On::Tx(&tx.tx, &tx.cache);
-        let finish = run(on, store.inner.prepared, &store.inner.sql.complete_tx, params);
+        let finish = run(
+            on,
+            store.inner.prepared,
+            &store.inner.sql.complete_tx,
+            params,
+        );
         match tokio::time::timeout(store.inner.timeout, finish).await {
             Ok(Ok(rows)) if matches!(read_gated(&rows), Ok(Some(1))) => Ok(TxCompletion::Stored),
             Ok(Ok(rows)) if matches!(read_free(&rows), Ok(None)) => {
                 // The body ran COMMIT or ROLLBACK: nothing was written by this statement, and
                 // the connection's state is the body's.
                 *tx.close = true;
-                Ok(TxCompletion::EndedByBody(Error::store(BodyEndedTransaction)))
+                Ok(TxCompletion::EndedByBody(Error::store(
+                    BodyEndedTransaction,
+                )))
             }
             Ok(Ok(_)) => Err(Error::store(Corrupt(
                 "the claim vanished inside its own transaction",
@@ -252,9 +257,9 @@ impl TransactionBackend for TokioPostgres {
         std::mem::forget(tx);
         match committed {
             Ok(Ok(messages)) => {
-                *close = messages.iter().any(|m| {
-                    matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f"))
-                });
+                *close = messages
+                    .iter()
+                    .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f")));
                 store.granted();
                 Ok(())
             }
