@@ -278,6 +278,11 @@ pub use tokio_postgres;
 /// The `deadpool-postgres` this store is built on, for building a [`deadpool_postgres::Pool`]
 /// to hand to [`PostgresStore::from_pool`].
 pub use deadpool_postgres;
+/// The sqlx the [`Sqlx`] backend is built against (needs the `sqlx-postgres` feature), so a
+/// program can name the same version.
+#[cfg(feature = "sqlx-postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-postgres")))]
+pub use sqlx;
 
 /// The schema of the records table unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "public";

@@ -46,6 +46,16 @@ impl Sqlx {
     }
 }
 
+/// `fut`, boxed as a `Send` future: what every sqlx statement of this backend is awaited as.
+/// sqlx's futures carry outlives bounds between their lifetimes (`'c: 'e`, `'q: 'e`); inside
+/// the future of a spawned call, where rustc erases those lifetimes (rust-lang/rust#100013),
+/// `Send` could not be proven for them ("implementation of `Send` is not general enough").
+/// Boxed here, `Send` is proven where the lifetimes are known, and the call's future is `Send`
+/// for `tokio::spawn` and axum. One allocation per statement, beside a round trip.
+fn boxed<'a, T>(fut: impl Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
+    Box::pin(fut)
+}
+
 /// What an attempt must do with its connection when it ends.
 #[derive(Default)]
 pub struct Settle {
@@ -163,6 +173,7 @@ impl TransactionBackend for Sqlx {
             .bind(store.lock_id(call.key))
             .persistent(store.inner.prepared)
             .fetch_optional(&mut *tx.tx);
+        let claimed = boxed(claimed);
         let row = match tokio::time::timeout(store.inner.timeout, claimed).await {
             Ok(Ok(row)) => row,
             Ok(Err(err)) => {
@@ -219,6 +230,7 @@ impl TransactionBackend for Sqlx {
         .bind(&marker)
         .persistent(self.store.inner.prepared)
         .fetch_one(&mut *tx.tx);
+        let checked = boxed(checked);
         let ours = match tokio::time::timeout(self.store.inner.timeout, checked).await {
             Ok(Ok(ours)) => ours,
             // A statement of the body failed: the transaction is still open (aborted), and the
@@ -253,6 +265,7 @@ impl TransactionBackend for Sqlx {
             .bind(&marker)
             .persistent(store.inner.prepared)
             .fetch_one(&mut *tx.tx);
+        let completed = boxed(completed);
         let row = self.timed("complete", tx.settle, completed).await?;
         let free: Option<bool> = row.try_get(0).map_err(Error::store)?;
         let written: i64 = row.try_get(1).map_err(Error::store)?;
@@ -278,10 +291,11 @@ impl TransactionBackend for Sqlx {
             // Behind a transaction pooler the session is the pooler's server connection, which
             // only a statement of this transaction reaches: undo what the body may have left on
             // it (a `SET` without `LOCAL`) before the commit.
-            let reset = sqlx::raw_sql("RESET ALL").execute(&mut *tx);
+            let conn: &mut PgConnection = &mut tx;
+            let reset = boxed(sqlx::query("RESET ALL").persistent(false).execute(conn));
             self.timed("commit", settle, reset).await?;
         }
-        self.timed("commit", settle, tx.commit()).await?;
+        self.timed("commit", settle, boxed(tx.commit())).await?;
         // What the body may have left on the session is checked before the connection goes
         // back to the pool (`finish`).
         settle.check = self.store.inner.prepared;
@@ -296,7 +310,7 @@ impl TransactionBackend for Sqlx {
             // timed out): the server discards the transaction with it.
             return;
         }
-        match tokio::time::timeout(self.store.inner.timeout, tx.rollback()).await {
+        match tokio::time::timeout(self.store.inner.timeout, boxed(tx.rollback())).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::warn!(
@@ -330,6 +344,7 @@ impl TransactionBackend for Sqlx {
                  OR current_user <> session_user",
             )
             .fetch_one(&mut *conn);
+            let leaked = boxed(leaked);
             settle.close = !matches!(tokio::time::timeout(limit, leaked).await, Ok(Ok(false)));
         }
         if settle.close {
@@ -344,6 +359,7 @@ impl TransactionBackend for Sqlx {
                 .bind(&call.key.as_bytes()[..])
                 .persistent(self.store.inner.prepared)
                 .execute(&mut *conn);
+            let woken = boxed(woken);
             if !matches!(tokio::time::timeout(limit, woken).await, Ok(Ok(_))) {
                 conn.close_on_drop();
             }
