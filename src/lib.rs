@@ -150,7 +150,9 @@
 //! - `redis`: `RedisStore`, records in Redis (or Redis
 //!   Cluster), shared by many processes and machines.
 //! - `postgres`: `PostgresStore`, durable records in
-//!   PostgreSQL, with a transactional mode.
+//!   PostgreSQL, with a transactional mode (`transactional`).
+//! - `sqlx-postgres`: with `postgres`, the transactional mode on an application's own
+//!   `sqlx::PgPool` (sqlx 0.8; its PostgreSQL driver and tokio runtime only).
 //! - `http`: `IdempotencyLayer`, `Idempotency-Key` semantics for
 //!   tower and axum services.
 //! - `uuid`: [`uuid::Uuid`](https://docs.rs/uuid) as a key part.
@@ -185,6 +187,12 @@ pub use idem_runtime::{
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_runtime::PostgresStore;
+/// The transactional mode: the record and the body's own writes commit in one PostgreSQL
+/// transaction, on the store's pool or (feature `sqlx-postgres`) a `sqlx::PgPool` (needs the
+/// `postgres` feature).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use idem_runtime::transactional;
 /// Records in Redis, shared by many processes and machines (needs the `redis` feature).
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -195,10 +203,15 @@ pub use idem_runtime::RedisStore;
 pub use idem_runtime::RedisStoreBuilder;
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
-/// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take).
+/// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take,
+/// and with `sqlx-postgres` the re-exported `sqlx`).
 pub mod store {
     pub use idem_runtime::store::IfUnsafe;
     pub use idem_runtime::store::memory;
+    /// The seam of the transactional mode, for backends (needs the `postgres` feature).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub use idem_runtime::store::transaction;
     /// The PostgreSQL store (needs the `postgres` feature).
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

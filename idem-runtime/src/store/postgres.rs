@@ -39,7 +39,7 @@
 //! **No caller ever waits on another caller's lock.** Every statement that writes a key first
 //! takes `pg_try_advisory_xact_lock` on a 64-bit number derived from the key's digest and the
 //! table (the *key lock*), which never waits: it is held for the statement's own transaction
-//! (a few microseconds), or, in the [transactional mode](Transactional), until the body's
+//! (a few microseconds), or, in the [transactional mode](crate::transactional::Transactional), until the body's
 //! transaction ends. So a claim never queues on the uncommitted row of a transactional call:
 //!
 //! - **claim**: one statement whose first CTE reads the live row. A replay (completed record) or
@@ -85,7 +85,8 @@
 //! again, so the store works on a database whose `default_transaction_isolation` is
 //! `repeatable read` or `serializable`; a claim that keeps failing that way is reported as
 //! [`Claim::Busy`], never as an error. The transactional mode sets its own level
-//! ([`Transactional::isolation_level`], `READ COMMITTED` unless set).
+//! (`Transactional::isolation_level`, `READ COMMITTED` unless set: see
+//! [`Transactional`](crate::transactional::Transactional)).
 //!
 //! # Session settings
 //!
@@ -183,7 +184,7 @@
 //!   the table, distinct from its key lock) through that connection, and only then re-checks
 //!   the record, so a completion between the check and the sleep is not missed.
 //! - **The notification is sent in the writer's transaction**, so it is delivered when (and only
-//!   if) the change commits: `complete` (in the [transactional mode](Transactional), inside the
+//!   if) the change commits: `complete` (in the [transactional mode](crate::transactional::Transactional), inside the
 //!   user's transaction, delivered at its commit), `release`, `remove`, a purge. Each tries the wait lock exclusively for its transaction: when a
 //!   waiter holds it, it sends `pg_notify(channel, digest in hex)`; when no one waits, nothing
 //!   (a transaction that notifies takes a database-wide lock at commit in PostgreSQL, which
@@ -231,8 +232,11 @@
 //!
 //! [`PostgresStore::transactional`]: when the body's effect is writes to the same database, the
 //! claim, the body's writes and the completed record commit in one transaction, so a crash can
-//! never leave the effect without its record nor the record without its effect. See
-//! [`Transactional`].
+//! never leave the effect without its record nor the record without its effect, on this store's
+//! pool ([`TokioPostgres`]) or, with the `sqlx-postgres` feature, on an application's
+//! `sqlx::PgPool` (`Sqlx`). See [`Transactional`](crate::transactional::Transactional); the flow
+//! is the executor's, and this module only provides the two
+//! [`TransactionBackend`](super::transaction::TransactionBackend)s.
 //!
 //! Only plain TCP or Unix-socket connections are made by [`PostgresStore::from_url`]; for TLS,
 //! build a [`deadpool_postgres::Pool`] with a TLS connector and use
