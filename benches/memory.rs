@@ -24,7 +24,8 @@ use cached::proc_macro::cached;
 use common::{Profile, profile};
 use criterion::{Criterion, criterion_group, criterion_main};
 use dashmap::DashMap;
-use idem::{Bytes, Claim, Key, MemoryStore, Store, idempotent};
+use idem::store::{Bytes, Claim};
+use idem::{Key, MemoryStore, Store, idempotent};
 
 /// Counts heap allocations, to report allocations per replay.
 struct Counting;

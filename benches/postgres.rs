@@ -49,7 +49,8 @@ fn bench(c: &mut Criterion) {
     let store = rt.block_on(async {
         let store = PostgresStore::builder()
             .pool_size(64)
-            .from_url(&server.url())
+            .connect(&server.url())
+            .await
             .expect("a store");
         store.migrate().await.expect("migrate");
         let client = store.pool().get().await.expect("a connection");
@@ -76,7 +77,8 @@ fn bench(c: &mut Criterion) {
         let pooler = PostgresStore::builder()
             .pool_size(64)
             .transaction_pooler(true)
-            .from_url(&server.url())
+            .connect(&server.url())
+            .await
             .expect("a store in pooler mode");
         pooler.migrate().await.expect("migrate");
         Arc::new(pooler)
@@ -231,7 +233,8 @@ fn wake(
             let store = PostgresStore::builder()
                 .pool_size(16)
                 .notifications(listen)
-                .from_url(&server.url())
+                .connect(&server.url())
+                .await
                 .expect("a waiters' store");
             store.migrate().await.expect("migrate");
             Arc::new(store)

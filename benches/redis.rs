@@ -29,7 +29,8 @@ use common::{CONCURRENCY, Profile, profile, rounds};
 use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
-use idem::{Claim, Idempotent, Key, RedisStore, Store};
+use idem::store::Claim;
+use idem::{Idempotent, Key, RedisStore, Store};
 use redis_support::RedisServer;
 
 const HOT: u64 = 42;

@@ -32,7 +32,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use idem::http::IDEMPOTENT_REPLAYED;
-use idem::{Bytes, IdempotencyLayer, MemoryStore};
+use idem::store::Bytes;
+use idem::{IdempotencyLayer, MemoryStore};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -54,7 +54,8 @@ async fn open(spec: &str) -> Result<(&'static str, Arc<dyn Store>), String> {
 
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str) -> Result<(&'static str, Arc<dyn Store>), String> {
-    let store = idem::PostgresStore::from_url(url)
+    let store = idem::PostgresStore::connect(url)
+        .await
         .map_err(|e| format!("cannot open the PostgreSQL store: {e}"))?;
     store
         .migrate()
@@ -75,7 +76,7 @@ async fn main() {
     };
     let payments = Payments {
         store,
-        run: idem::Token::generate().as_u128().to_string(),
+        run: idem::store::Token::generate().as_u128().to_string(),
         provider_calls: AtomicU32::new(0),
     };
     println!("store: {kind}");

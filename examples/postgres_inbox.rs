@@ -87,7 +87,7 @@ pub async fn handle(
 
 /// Creates the tables, delivers a batch of messages twice each, and counts what happened.
 pub async fn run(url: &str) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
-    let store = PostgresStore::from_url(url)?;
+    let store = PostgresStore::connect(url).await?;
     store.migrate().await?;
     let client = store.pool().get().await?;
     client

@@ -178,40 +178,36 @@ pub use idem_runtime::IdempotencyLayer;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idem_runtime::http;
 pub use idem_runtime::{
-    BoxError, BoxFuture, Bytes, Claim, Completed, Completion, DEFAULT_LEASE, DEFAULT_TTL,
-    DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent, Key, KeyPart, MemoryStore, OnConflict,
-    Outcome, Policy, Status, Store, Token, codec, conformance, conformance_tests, key, record,
+    BoxError, DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent,
+    Key, KeyPart, MemoryStore, OnConflict, Outcome, Policy, Status, Store, codec, conformance,
+    conformance_tests, key,
 };
 
 /// Durable records in PostgreSQL, with a transactional mode (needs the `postgres` feature).
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_runtime::PostgresStore;
+/// Records in Redis, shared by many processes and machines (needs the `redis` feature).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idem_runtime::RedisStore;
 /// The transactional mode: the record and the body's own writes commit in one PostgreSQL
 /// transaction, on the store's pool or (feature `sqlx-postgres`) a `sqlx::PgPool` (needs the
 /// `postgres` feature).
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use idem_runtime::transactional;
-/// Records in Redis, shared by many processes and machines (needs the `redis` feature).
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use idem_runtime::RedisStore;
-/// Options of a [`RedisStore`] (needs the `redis` feature).
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use idem_runtime::RedisStoreBuilder;
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
 /// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take,
-/// and with `sqlx-postgres` the re-exported `sqlx`).
+/// and with `sqlx-postgres` the re-exported `sqlx`); and what a store of your own implements and
+/// names: the [`Store`] trait, [`Claim`](store::Claim), [`Completed`](store::Completed),
+/// [`Completion`](store::Completion), fencing [`Token`](store::Token)s,
+/// [`BoxFuture`](store::BoxFuture) and [`Bytes`](store::Bytes).
 pub mod store {
-    pub use idem_runtime::store::IfUnsafe;
+    #[doc(no_inline)]
+    pub use idem_runtime::Store;
     pub use idem_runtime::store::memory;
-    /// The seam of the transactional mode, for backends (needs the `postgres` feature).
-    #[cfg(feature = "postgres")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    pub use idem_runtime::store::transaction;
     /// The PostgreSQL store (needs the `postgres` feature).
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -220,6 +216,13 @@ pub mod store {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use idem_runtime::store::redis;
+    /// The seam of the transactional mode, for backends (needs the `postgres` feature).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub use idem_runtime::store::transaction;
+    pub use idem_runtime::store::{
+        BoxFuture, Bytes, Claim, Completed, Completion, IfUnsafe, Token,
+    };
 }
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.

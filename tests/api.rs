@@ -547,7 +547,7 @@ async fn a_full_memory_store_refuses_new_keys_but_serves_old_ones_and_frees_by_e
         .name("test")
         .run(|| async { Ok::<_, Error>(10u8) })
         .await;
-    assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+    assert!(matches!(refused, Err(Error::StoreFull(_))), "{refused:?}");
     assert_eq!(
         Idempotent::new(&store, 3u8)
             .name("test")
@@ -635,7 +635,7 @@ async fn typed_results_replay_and_read_through_the_trait() {
         .await
         .unwrap()
     {
-        idem::Claim::Completed(done) => {
+        idem::store::Claim::Completed(done) => {
             assert_eq!(
                 idem::codec::from_slice::<Profile>(&done.value).unwrap(),
                 first,
@@ -665,10 +665,10 @@ async fn a_record_written_through_the_trait_replays_into_a_typed_function() {
         .await
         .unwrap()
     {
-        idem::Claim::Acquired(token) => token,
+        idem::store::Claim::Acquired(token) => token,
         other => panic!("{other:?}"),
     };
-    let bytes = idem::Bytes::from(idem::codec::to_vec(&stored).unwrap());
+    let bytes = idem::store::Bytes::from(idem::codec::to_vec(&stored).unwrap());
     idem::Store::complete(&t.store, key, token, None, bytes, Duration::from_secs(60))
         .await
         .unwrap();
@@ -802,7 +802,7 @@ impl idem::Store for Troubled {
         key: idem::Key,
         fingerprint: Option<idem::Fingerprint>,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<idem::Claim, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<idem::store::Claim, Error>> {
         Box::pin(async move {
             let claim = self.inner.claim(key, fingerprint, lease).await;
             tokio::time::sleep(self.claim_delay).await; // the reply is slow
@@ -812,11 +812,11 @@ impl idem::Store for Troubled {
     fn complete(
         &self,
         key: idem::Key,
-        token: idem::Token,
+        token: idem::store::Token,
         fingerprint: Option<idem::Fingerprint>,
-        value: idem::Bytes,
+        value: idem::store::Bytes,
         ttl: Duration,
-    ) -> idem::BoxFuture<'_, Result<idem::Completion, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<idem::store::Completion, Error>> {
         let failing = self
             .fail_completes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -829,31 +829,35 @@ impl idem::Store for Troubled {
     fn renew(
         &self,
         key: idem::Key,
-        token: idem::Token,
+        token: idem::store::Token,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.renewals.fetch_add(1, Ordering::SeqCst);
         self.inner.renew(key, token, lease)
     }
     fn release(
         &self,
         key: idem::Key,
-        token: idem::Token,
-    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        token: idem::store::Token,
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.inner.release(key, token)
     }
-    fn wait(&self, key: idem::Key, timeout: Duration) -> idem::BoxFuture<'_, Result<(), Error>> {
+    fn wait(
+        &self,
+        key: idem::Key,
+        timeout: Duration,
+    ) -> idem::store::BoxFuture<'_, Result<(), Error>> {
         self.inner.wait(key, timeout)
     }
-    fn remove(&self, key: idem::Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    fn remove(&self, key: idem::Key) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.inner.remove(key)
     }
     fn complete_on_drop(
         &self,
         key: idem::Key,
-        token: idem::Token,
+        token: idem::store::Token,
         fingerprint: Option<idem::Fingerprint>,
-        value: idem::Bytes,
+        value: idem::store::Bytes,
         ttl: Duration,
     ) {
         self.inner
@@ -971,7 +975,7 @@ async fn the_outcome_option_tells_executed_waited_and_replayed_apart() {
 // ---------------------------------------------------------------------------------------------
 // Review 2, finding 5: a body whose type names no single body needs a name.
 
-type Job = Box<dyn FnOnce() -> idem::BoxFuture<'static, Result<String, Error>> + Send>;
+type Job = Box<dyn FnOnce() -> idem::store::BoxFuture<'static, Result<String, Error>> + Send>;
 
 fn job(label: &'static str, runs: &'static AtomicUsize) -> Job {
     Box::new(move || {

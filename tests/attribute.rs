@@ -8,7 +8,8 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem::{Claim, Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
+use idem::store::Claim;
+use idem::{Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
 use support::LogCapture;
 
 // ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use idem::key::{Encoder, KeyPart, canonical_bytes};
-use idem::{Bytes, Claim, Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
+use idem::store::{Bytes, Claim};
+use idem::{Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde::{Deserialize, Serialize};
@@ -112,7 +113,10 @@ async fn hostile_keys_on(store: &dyn Store, label: &str) -> u64 {
         "the hostile keys are distinct keys"
     );
     let runs = AtomicUsize::new(0);
-    let prefix = format!("hostile.{label}.{}.", idem::Token::generate().as_u128());
+    let prefix = format!(
+        "hostile.{label}.{}.",
+        idem::store::Token::generate().as_u128()
+    );
     for round in 0..2 {
         for (i, (ns, key)) in keys.iter().enumerate() {
             let name = format!("{prefix}{ns}");
@@ -157,7 +161,7 @@ async fn hostile_values_on(store: &dyn Store, label: &str) -> u64 {
     let bytes: Vec<Vec<u8>> = vec![Vec::new(), (0..=255u8).collect(), vec![0; mib / 4]];
     let ns = format!(
         "hostile-values.{label}.{}",
-        idem::Token::generate().as_u128()
+        idem::store::Token::generate().as_u128()
     );
     let mut tried = 0;
     for (i, v) in strings.iter().enumerate() {
@@ -241,7 +245,10 @@ where
 
 /// Records of one type read as another: `Error::Codec` every time. Returns the cases tried.
 async fn type_confusion_on(store: &dyn Store, label: &str) -> u64 {
-    let base = format!("confusion.{label}.{}", idem::Token::generate().as_u128());
+    let base = format!(
+        "confusion.{label}.{}",
+        idem::store::Token::generate().as_u128()
+    );
     let ns = |i: u32| format!("{base}.{i}");
     confused::<u64, String>(store, label, &ns(0), 5).await;
     confused::<String, u64>(store, label, &ns(1), "5x".into()).await;
@@ -351,7 +358,7 @@ fn any_stored_bytes_decode_or_give_a_codec_error() {
             let check = |r: Result<(), String>| r.map_err(TestCaseError::fail);
             // One record per type: the executor key is derived from the record key's hex.
             for ty in 0..6u8 {
-                let raw = Key::new("raw", &(ty, idem::Token::generate().as_u128()));
+                let raw = Key::new("raw", &(ty, idem::store::Token::generate().as_u128()));
                 let key = Key::new("decode", &raw.to_hex());
                 let token = match store.claim(key, None, Duration::from_secs(60)).await {
                     Ok(Claim::Acquired(t)) => t,
@@ -629,7 +636,7 @@ async fn typed_confusion() -> u64 {
 }
 
 /// The in-memory store's documented limit is its number of entries: at the bound a new key gets
-/// `Error::Store` (no live record is evicted), keys in the store are still served, and once the
+/// `Error::StoreFull` (no live record is evicted), keys in the store are still served, and once the
 /// records expire a sweep makes room again.
 async fn entries_bound() -> u64 {
     tokio::time::pause();
@@ -652,7 +659,7 @@ async fn entries_bound() -> u64 {
             Ok::<_, Error>(100u32)
         })
         .await;
-    assert!(matches!(full, Err(Error::Store(_))), "{full:?}");
+    assert!(matches!(full, Err(Error::StoreFull(_))), "{full:?}");
     assert_eq!(
         ran.load(Ordering::SeqCst),
         0,
@@ -688,7 +695,7 @@ mod redis {
         idem::RedisStore::builder()
             .prefix(format!(
                 "hostile:{test}:{}:",
-                idem::Token::generate().as_u128()
+                idem::store::Token::generate().as_u128()
             ))
             .connect(url)
             .await
@@ -801,7 +808,7 @@ mod redis {
             )
             .await
             .expect("the store works after refusing a value");
-        assert_eq!(done, idem::Completion::Stored);
+        assert_eq!(done, idem::store::Completion::Stored);
 
         // The neighbour is untouched; the oversized key never runs its body again, even after
         // its lease: the executor recorded that its result could not be stored.
@@ -871,7 +878,7 @@ mod redis {
         let cases = fuzz(
             strategy,
             |(marker, state, state_field, token, fp, value, expiry)| {
-                let id = idem::Token::generate().as_u128();
+                let id = idem::store::Token::generate().as_u128();
                 let key = Key::new("corrupt", &id);
                 let name = store.record_name(&key);
                 let mut hset: Vec<Vec<u8>> = vec![b"HSET".to_vec(), name.clone().into_bytes()];
@@ -905,7 +912,7 @@ mod redis {
                     && get("token").is_some_and(|t| t.len() == 32)
                     && get("fp").is_none_or(|f| f.len() == 32)
                     && (state_now.as_deref() != Some(b"done") || get("value").is_some());
-                let token = idem::Token::generate();
+                let token = idem::store::Token::generate();
                 let lease = Duration::from_secs(5);
                 let (claim, complete, renew, release, call) = runtime.block_on(async {
                     let claim = store.claim(key, None, lease).await;
@@ -1004,7 +1011,9 @@ mod postgres {
     use support::postgres::PgServer;
 
     async fn store() -> PostgresStore {
-        let store = PostgresStore::from_url(&PgServer::shared().url()).expect("store");
+        let store = PostgresStore::connect(&PgServer::shared().url())
+            .await
+            .expect("store");
         store.migrate().await.expect("migrate");
         store
     }
@@ -1041,7 +1050,8 @@ mod postgres {
     async fn an_unbounded_store_timeout_does_not_panic() {
         let store = PostgresStore::builder()
             .timeout(Duration::MAX)
-            .from_url(&PgServer::shared().url())
+            .connect(&PgServer::shared().url())
+            .await
             .expect("store");
         let task = tokio::spawn(async move {
             store.migrate().await.expect("migrate");
@@ -1066,7 +1076,7 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn odd_rows_are_results_or_errors_never_panics() {
         let store = store().await;
-        let table = store.table();
+        let table = format!("\"{}\".\"{}\"", store.schema(), store.table());
         let neighbour = Idempotent::new(&store, ("odd-rows", "neighbour"))
             .name("test")
             .run(|| async { Ok::<_, Error>("n".to_owned()) })
@@ -1094,9 +1104,12 @@ mod postgres {
             for value in values {
                 for fp in [None, Some(vec![9u8; 32])] {
                     tried += 1;
-                    let id = idem::Token::generate().as_u128();
+                    let id = idem::store::Token::generate().as_u128();
                     let key = Key::new("odd-rows", &id);
-                    let token = idem::Token::generate().as_u128().to_be_bytes().to_vec();
+                    let token = idem::store::Token::generate()
+                        .as_u128()
+                        .to_be_bytes()
+                        .to_vec();
                     let sql = format!(
                         "INSERT INTO {table} (key, token, fingerprint, value, expires_at) \
                          VALUES ($1, $2, $3, $4, {expiry})"
@@ -1107,7 +1120,7 @@ mod postgres {
                         .unwrap_or_else(|e| panic!("insert {expiry} {value:?}: {e}"));
                     let what = format!("row expiring {expiry} with value {value:?}, fp {fp:?}");
                     let lease = Duration::from_secs(5);
-                    let t = idem::Token::generate();
+                    let t = idem::store::Token::generate();
                     let _ = store.claim(key, None, lease).await;
                     let _ = store
                         .complete(key, t, None, Bytes::from_static(b"1"), lease)
@@ -1162,7 +1175,10 @@ async fn extreme_durations_on(
     label: &str,
     spans: &[Duration],
 ) -> (Vec<String>, u64) {
-    let ns = format!("durations.{label}.{}", idem::Token::generate().as_u128());
+    let ns = format!(
+        "durations.{label}.{}",
+        idem::store::Token::generate().as_u128()
+    );
     let mut cases: Vec<(String, tokio::task::JoinHandle<()>)> = Vec::new();
     for (i, span) in spans.iter().copied().enumerate() {
         for what in ["ttl", "lease", "wait_timeout"] {

@@ -21,10 +21,8 @@ use hyper_util::rt::TokioExecutor;
 use idem::http::{
     IDEMPOTENT_EXPIRES_IN, IDEMPOTENT_NOT_STORED, IDEMPOTENT_REPLAYED, store_by_default,
 };
-use idem::{
-    BoxFuture, Bytes, Claim, Completed, Completion, Error, Fingerprint, IdempotencyLayer, Key,
-    MemoryStore, OnConflict, Store, Token,
-};
+use idem::store::{BoxFuture, Bytes, Claim, Completed, Completion, Token};
+use idem::{Error, Fingerprint, IdempotencyLayer, Key, MemoryStore, OnConflict, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
@@ -644,6 +642,30 @@ impl Store for DownStore {
     fn remove(&self, _: Key) -> BoxFuture<'_, Result<bool, Error>> {
         Box::pin(async { Err(Error::store("connection refused")) })
     }
+}
+
+/// A memory store at its bound takes no new key: 503 with its own problem type (not "store
+/// unavailable": nothing failed), the handler does not run, and stored keys still replay.
+#[tokio::test]
+async fn a_full_store_gives_503_store_full_and_replays_what_it_holds() {
+    let server = serve(IdempotencyLayer::new(MemoryStore::with_max_entries(1))).await;
+    let http = Http::new(&server);
+    let first = http.post("/orders", "k1", "x").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let full = http.post("/orders", "k2", "y").await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    let p = full.problem();
+    assert!(
+        p["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-store-full"),
+        "{p}"
+    );
+    assert_eq!(server.shared.calls(), 1, "the handler did not run for k2");
+    let again = http.post("/orders", "k1", "x").await;
+    assert_eq!(again.body, first.body, "k1 replays");
+    assert_eq!(server.shared.calls(), 1);
 }
 
 #[tokio::test]

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem::store::memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, RECORD_OVERHEAD};
-use idem::{
-    Bytes, Claim, Completion, Error, Idempotent, Key, MemoryStore, Status, Store, idempotent,
-};
+use idem::store::{Bytes, Claim, Completion};
+use idem::{Error, Idempotent, Key, MemoryStore, Status, Store, idempotent};
 use serde::{Deserialize, Serialize};
 
 const MIB: usize = 1 << 20;
@@ -31,7 +30,7 @@ fn chars_for(len: usize) -> usize {
     n
 }
 
-fn acquired(claim: Result<Claim, Error>) -> idem::Token {
+fn acquired(claim: Result<Claim, Error>) -> idem::store::Token {
     match claim {
         Ok(Claim::Acquired(token)) => token,
         other => panic!("expected the key to be acquired, got {other:?}"),
@@ -80,7 +79,7 @@ fn constructors_set_each_bound_and_keep_the_other_default() {
 
 /// Sequential calls with 1 MiB results against an 8 MiB bound: the store's accounting never
 /// passes the bound by more than the one result in flight, a new key at the bound gets
-/// `Error::Store` naming the bound and how to raise it (and its body does not run), stored keys
+/// `Error::StoreFull` naming the bound and how to raise it (and its body does not run), stored keys
 /// still replay, and once the records expire a new key is accepted at once, with no sweep.
 #[tokio::test(start_paused = true)]
 async fn large_results_never_grow_the_store_past_its_byte_bound() {
@@ -104,7 +103,7 @@ async fn large_results_never_grow_the_store_past_its_byte_bound() {
                 assert_eq!(v.len(), chars_for(MIB));
                 stored += 1;
             }
-            Err(Error::Store(err)) => {
+            Err(Error::StoreFull(err)) => {
                 let msg = err.to_string();
                 assert!(
                     msg.contains("max_bytes") && msg.contains(&max_bytes.to_string()),
@@ -211,7 +210,7 @@ async fn results_in_flight_are_stored_past_the_bound_and_then_new_keys_wait() {
         .name("bytes.in_flight")
         .run(|| async { Ok::<_, Error>(String::new()) })
         .await;
-    assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+    assert!(matches!(refused, Err(Error::StoreFull(_))), "{refused:?}");
     for k in 0..TASKS as u64 {
         let replay = Idempotent::new(&*store, k)
             .name("bytes.in_flight")
@@ -234,7 +233,7 @@ async fn many_tiny_records_are_bounded_by_their_overhead() {
             .await
         {
             Ok(()) => stored += 1,
-            Err(Error::Store(_)) => {}
+            Err(Error::StoreFull(_)) => {}
             Err(other) => panic!("{other}"),
         }
     }
@@ -298,8 +297,8 @@ async fn the_entry_bound_error_names_the_bound_and_how_to_raise_it() {
             Ok::<_, Error>(3u8)
         })
         .await;
-    let Err(Error::Store(err)) = refused else {
-        panic!("a new key at the bound must get Error::Store, got {refused:?}");
+    let Err(Error::StoreFull(err)) = refused else {
+        panic!("a new key at the bound must get Error::StoreFull, got {refused:?}");
     };
     let msg = err.to_string();
     assert!(
@@ -476,7 +475,7 @@ async fn a_late_completion_whose_claim_was_removed_is_stored_past_the_bound() {
     let refused = store
         .claim(Key::new("late", &3u8), None, Duration::from_secs(30))
         .await;
-    assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+    assert!(matches!(refused, Err(Error::StoreFull(_))), "{refused:?}");
 }
 
 /// A call whose claim disappears while its body runs (an operator removed it) still stores its
@@ -525,7 +524,7 @@ async fn complete_on_drop_completes_at_once() {
     let token = acquired(store.claim(key, None, Duration::from_secs(30)).await);
     store.complete_on_drop(
         key,
-        idem::Token::generate(),
+        idem::store::Token::generate(),
         None,
         Bytes::from_static(b"no"),
         Duration::from_secs(60),

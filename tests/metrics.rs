@@ -252,38 +252,42 @@ impl idem::Store for Passthrough {
         key: idem::Key,
         fingerprint: Option<idem::Fingerprint>,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<idem::Claim, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<idem::store::Claim, Error>> {
         self.0.claim(key, fingerprint, lease)
     }
     fn complete(
         &self,
         key: idem::Key,
-        token: idem::Token,
+        token: idem::store::Token,
         fingerprint: Option<idem::Fingerprint>,
-        value: idem::Bytes,
+        value: idem::store::Bytes,
         ttl: Duration,
-    ) -> idem::BoxFuture<'_, Result<idem::Completion, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<idem::store::Completion, Error>> {
         self.0.complete(key, token, fingerprint, value, ttl)
     }
     fn renew(
         &self,
         key: idem::Key,
-        token: idem::Token,
+        token: idem::store::Token,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.renew(key, token, lease)
     }
     fn release(
         &self,
         key: idem::Key,
-        token: idem::Token,
-    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+        token: idem::store::Token,
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.release(key, token)
     }
-    fn wait(&self, key: idem::Key, timeout: Duration) -> idem::BoxFuture<'_, Result<(), Error>> {
+    fn wait(
+        &self,
+        key: idem::Key,
+        timeout: Duration,
+    ) -> idem::store::BoxFuture<'_, Result<(), Error>> {
         self.0.wait(key, timeout)
     }
-    fn remove(&self, key: idem::Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    fn remove(&self, key: idem::Key) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.remove(key)
     }
 }

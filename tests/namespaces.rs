@@ -13,7 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem::{Error, Store, Token, idempotent};
+use idem::store::Token;
+use idem::{Error, Store, idempotent};
 
 /// Counts one function's body executions.
 type Runs = Arc<AtomicUsize>;
@@ -269,7 +270,7 @@ macro_rules! on_every_store {
             use super::support::postgres::PgServer;
 
             async fn store() -> idem::PostgresStore {
-                let store = idem::PostgresStore::from_url(&PgServer::shared().url())
+                let store = idem::PostgresStore::connect(&PgServer::shared().url()).await
                     .expect("store from URL");
                 store.migrate().await.expect("migrate");
                 store

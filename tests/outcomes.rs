@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem::{
-    BoxFuture, Bytes, Claim, Completion, Error, Fingerprint, Idempotent, Key, MemoryStore,
-    OnConflict, Status, Store, Token,
-};
+use idem::store::{BoxFuture, Bytes, Claim, Completion, Token};
+use idem::{Error, Fingerprint, Idempotent, Key, MemoryStore, OnConflict, Status, Store};
 use support::LogCapture;
 use tokio::sync::oneshot;
 

@@ -26,15 +26,16 @@ use std::time::{Duration, Instant};
 
 use idem::store::postgres::IfUnsafe;
 use idem::store::postgres::tokio_postgres;
-use idem::{
-    Bytes, Claim, Completion, Error, Idempotent, Key, PostgresStore, Status, Store, idempotent,
-};
+use idem::store::{Bytes, Claim, Completion};
+use idem::{Error, Idempotent, Key, OnConflict, PostgresStore, Status, Store, idempotent};
 use support::postgres::PgServer;
 use support::postgres::pgbouncer::PgBouncer;
 
 /// A store on the shared server's default table, migrated.
 async fn shared_store() -> PostgresStore {
-    let store = PostgresStore::from_url(&PgServer::shared().url()).expect("store from URL");
+    let store = PostgresStore::connect(&PgServer::shared().url())
+        .await
+        .expect("store from URL");
     store.migrate().await.expect("migrate");
     store
 }
@@ -99,7 +100,8 @@ async fn custom_schema_and_table_are_created_and_used() {
     let store = PostgresStore::builder()
         .schema("Idem_Custom")
         .table("Records_2")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     store.migrate().await.expect("migrate is idempotent");
@@ -123,26 +125,64 @@ async fn custom_schema_and_table_are_created_and_used() {
     );
 }
 
-#[test]
-fn hostile_table_names_are_refused() {
+/// `connect` opens the first connection, as the Redis store's does: a server that is not there
+/// fails at construction, not at the first call; and the store names its table and schema as
+/// given (names, not quoted SQL).
+#[tokio::test]
+async fn connect_is_eager_and_the_store_names_its_table() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let nobody = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let refused = PostgresStore::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .connect(&nobody)
+        .await;
+    assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+
+    let store = PostgresStore::builder()
+        .schema("idem_named")
+        .table("Named_Records")
+        .connect(&PgServer::shared().url())
+        .await
+        .unwrap();
+    assert_eq!(
+        (store.schema(), store.table()),
+        ("idem_named", "Named_Records")
+    );
+    let default = PostgresStore::connect(&PgServer::shared().url())
+        .await
+        .unwrap();
+    assert_eq!(
+        (default.schema(), default.table()),
+        ("public", "idem_records")
+    );
+}
+
+#[tokio::test]
+async fn hostile_table_names_are_refused() {
     for bad in ["x\"; DROP TABLE users; --", "a b", "", "1x", "ä", "x'y"] {
         let built = PostgresStore::builder()
             .table(bad)
-            .from_url("postgres://127.0.0.1/x");
+            .connect("postgres://127.0.0.1/x")
+            .await;
+        // Refused for its name, before any connection is tried.
         assert!(
-            matches!(built, Err(Error::Store(_))),
-            "table {bad:?} must be refused"
+            matches!(&built, Err(Error::Store(e)) if e.to_string().contains("table")),
+            "table {bad:?} must be refused: {built:?}"
         );
         let built = PostgresStore::builder()
             .schema(bad)
-            .from_url("postgres://127.0.0.1/x");
+            .connect("postgres://127.0.0.1/x")
+            .await;
         assert!(
-            matches!(built, Err(Error::Store(_))),
-            "schema {bad:?} must be refused"
+            matches!(&built, Err(Error::Store(e)) if e.to_string().contains("schema")),
+            "schema {bad:?} must be refused: {built:?}"
         );
     }
     assert!(matches!(
-        PostgresStore::from_url("not a url ::: ="),
+        PostgresStore::connect("not a url ::: =").await,
         Err(Error::Store(_))
     ));
 }
@@ -155,7 +195,8 @@ async fn concurrent_migrations_do_not_conflict() {
         let store = PostgresStore::builder()
             .schema("concurrent_mig")
             .table("records")
-            .from_url(&url)
+            .connect(&url)
+            .await
             .unwrap();
         tasks.spawn(async move { store.migrate().await });
     }
@@ -177,7 +218,8 @@ async fn a_replay_is_one_statement() {
     // A table of its own, so statements of tests running meanwhile are not counted.
     let store = PostgresStore::builder()
         .table("replay_count")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let runs = AtomicUsize::new(0);
@@ -328,7 +370,8 @@ async fn purge_removes_expired_rows_only() {
         .table("purge_test")
         // The purge under test, not the store's own cleanup.
         .auto_cleanup(false)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let short = Duration::from_millis(200);
@@ -702,7 +745,8 @@ async fn a_killed_server_gives_prompt_store_errors_and_keeps_every_record() {
     let store = PostgresStore::builder()
         .timeout(Duration::from_secs(3))
         .connect_timeout(Duration::from_secs(2))
-        .from_url(&server.url())
+        .connect(&server.url())
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let mut written = Vec::new();
@@ -891,7 +935,7 @@ fn child_process_entry() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let store = Arc::new(PostgresStore::from_url(&url).unwrap());
+        let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
         match role.as_str() {
             "crash" => crash_child(&store, key).await,
             "freeze" => freeze_child(&store, key).await,
@@ -1099,7 +1143,8 @@ async fn duplicates_waiting_for_a_transactional_holder_leave_connections_to_othe
         PostgresStore::builder()
             .pool_size(4)
             .timeout(Duration::from_secs(2))
-            .from_url(&PgServer::shared().url())
+            .connect(&PgServer::shared().url())
+            .await
             .unwrap(),
     );
     store.migrate().await.unwrap();
@@ -1175,7 +1220,8 @@ async fn a_call_dropped_while_complete_waits_for_a_connection_is_not_run_again()
     let store = Arc::new(
         PostgresStore::builder()
             .pool_size(2)
-            .from_url(&PgServer::shared().url())
+            .connect(&PgServer::shared().url())
+            .await
             .unwrap(),
     );
     store.migrate().await.unwrap();
@@ -1295,7 +1341,8 @@ async fn through_pgbouncer_in_transaction_mode_every_call_succeeds_once() {
             .table("bouncer_records")
             .transaction_pooler(true)
             .pool_size(8)
-            .from_url(&url)
+            .connect(&url)
+            .await
             .unwrap();
         stores.push(Arc::new(store));
     }
@@ -1426,7 +1473,7 @@ async fn strict_default_isolation_gives_retries_not_errors() {
         ("idem_repeatable_read", "repeatable read"),
     ] {
         let url = database_with(db, &format!("default_transaction_isolation = '{level}'")).await;
-        let store = Arc::new(PostgresStore::from_url(&url).unwrap());
+        let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
         store.migrate().await.unwrap();
         let conn = store.pool().get().await.unwrap();
         let shown: String = conn
@@ -1495,7 +1542,7 @@ async fn concurrent_migrations_into_one_new_schema_all_succeed() {
     let schema = format!(
         "migrate_{}_{}",
         std::process::id(),
-        idem::Token::generate().as_u128() % 1_000_000_007
+        idem::store::Token::generate().as_u128() % 1_000_000_007
     );
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..48 {
@@ -1503,7 +1550,8 @@ async fn concurrent_migrations_into_one_new_schema_all_succeed() {
             .schema(schema.clone())
             .table(format!("records_{}", i % 6))
             .pool_size(1)
-            .from_url(&url)
+            .connect(&url)
+            .await
             .unwrap();
         tasks.spawn(async move { store.migrate().await });
     }
@@ -1570,7 +1618,8 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     };
     let logged = PostgresStore::builder()
         .table("logged_records")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     logged.migrate().await.unwrap();
     assert_eq!(
@@ -1582,7 +1631,8 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     let table = "unlogged_records";
     let refusing = PostgresStore::builder()
         .table(table)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
         .await
@@ -1607,7 +1657,8 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     );
     let fresh = PostgresStore::builder()
         .table(table)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     let first_op = fresh
         .claim(Key::new("unlogged", &1u8), None, Duration::from_secs(5))
@@ -1622,7 +1673,8 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     let warned = PostgresStore::builder()
         .table(table)
         .if_unlogged(IfUnsafe::Warn)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     warned.migrate().await.expect("warned, not refused");
     for i in 0..3u8 {
@@ -1641,7 +1693,8 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
     let accepted = PostgresStore::builder()
         .table(table)
         .if_unlogged(IfUnsafe::Accept)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     accepted.migrate().await.expect("accepted");
     assert_eq!(
@@ -1671,7 +1724,7 @@ async fn an_unlogged_table_is_refused_unless_the_builder_accepts_it() {
 async fn synchronous_commit_off_is_warned_about_by_default() {
     let url = database_with("idem_async_commit", "synchronous_commit = off").await;
     let logs = support::LogCapture::install();
-    let store = PostgresStore::from_url(&url).unwrap();
+    let store = PostgresStore::connect(&url).await.unwrap();
     store.migrate().await.expect("warned, not refused");
     for i in 0..3u8 {
         let out = Idempotent::new(&store, i)
@@ -1689,7 +1742,8 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
 
     let refusing = PostgresStore::builder()
         .if_synchronous_commit_off(IfUnsafe::Refuse)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     let err = refusing.migrate().await.expect_err("refused on request");
     let text = error_text(&err);
@@ -1704,7 +1758,8 @@ async fn synchronous_commit_off_is_warned_about_by_default() {
 
     let accepting = PostgresStore::builder()
         .if_synchronous_commit_off(IfUnsafe::Accept)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     accepting.migrate().await.expect("accepted");
     assert_eq!(
@@ -1842,7 +1897,8 @@ async fn purge_skips_a_row_whose_key_lock_is_taken() {
         .table("purge_locked")
         // The purge under test, not the store's own cleanup.
         .auto_cleanup(false)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let k = unique("purge-locked");
@@ -1907,7 +1963,8 @@ async fn store_errors_carry_the_server_message_and_migrate_names_the_fix() {
     let url_np = url.replace("postgres://postgres@", "postgres://idem_no_privileges@");
     let store = PostgresStore::builder()
         .table("no_privileges_records")
-        .from_url(&url_np)
+        .connect(&url_np)
+        .await
         .unwrap();
     let err = store.migrate().await.expect_err("no CREATE on public");
     let text = err.to_string();
@@ -2121,7 +2178,8 @@ async fn a_transactional_body_leaves_no_session_setting_on_the_pool() {
     // was replaced.
     let store = PostgresStore::builder()
         .pool_size(1)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let set = store
@@ -2162,7 +2220,8 @@ async fn a_transactional_body_that_ends_the_transaction_is_refused() {
     orders_table(&db).await;
     let store = PostgresStore::builder()
         .pool_size(1)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     for end in ["COMMIT", "ROLLBACK", "COMMIT AND CHAIN"] {
@@ -2263,7 +2322,8 @@ async fn unlogged_partitions_are_refused() {
     .unwrap();
     let store = PostgresStore::builder()
         .table("part_records")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     let err = store
         .migrate()
@@ -2278,7 +2338,8 @@ async fn unlogged_partitions_are_refused() {
     );
     let first_op = PostgresStore::builder()
         .table("part_records")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap()
         .claim(Key::new("partitions", &1u8), None, Duration::from_secs(5))
         .await;
@@ -2310,38 +2371,52 @@ async fn a_transaction_pooler_without_pooler_mode_is_refused_before_any_body_run
     let _ = shared_store().await; // the table exists
     for extra in ["", "ignore_startup_parameters = options"] {
         let bouncer = PgBouncer::start_with(server, 2, extra);
-        let store = PostgresStore::builder()
+        let built = PostgresStore::builder()
             .pool_size(4)
             .timeout(Duration::from_secs(5))
-            .from_url(&bouncer.url())
-            .unwrap();
-        let err = store
-            .migrate()
-            .await
-            .expect_err("refused without pooler mode");
-        let text = error_text(&err);
-        assert!(
-            text.contains("transaction_pooler(true)"),
-            "[{extra}] says to set transaction_pooler(true): {text}"
-        );
-        let runs = AtomicUsize::new(0);
-        let call = Idempotent::new(&store, unique("bouncer-refused"))
-            .name("bouncer.refused")
-            .run(|| async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, Error>(1u8)
-            })
+            .connect(&bouncer.url())
             .await;
-        assert!(
-            matches!(&call, Err(e) if error_text(e).contains("transaction_pooler(true)")),
-            "[{extra}] {call:?}"
-        );
-        assert_eq!(runs.load(Ordering::SeqCst), 0, "[{extra}] no body ran");
+        // PgBouncer refusing the startup options refuses the first connection: `connect`
+        // fails, with the advice. Dropping them is found before any body runs.
+        match built {
+            Err(err) => {
+                let text = error_text(&err);
+                assert!(
+                    extra.is_empty() && text.contains("transaction_pooler(true)"),
+                    "[{extra}] says to set transaction_pooler(true): {text}"
+                );
+            }
+            Ok(store) => {
+                let err = store
+                    .migrate()
+                    .await
+                    .expect_err("refused without pooler mode");
+                let text = error_text(&err);
+                assert!(
+                    text.contains("transaction_pooler(true)"),
+                    "[{extra}] says to set transaction_pooler(true): {text}"
+                );
+                let runs = AtomicUsize::new(0);
+                let call = Idempotent::new(&store, unique("bouncer-refused"))
+                    .name("bouncer.refused")
+                    .run(|| async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Error>(1u8)
+                    })
+                    .await;
+                assert!(
+                    matches!(&call, Err(e) if error_text(e).contains("transaction_pooler(true)")),
+                    "[{extra}] {call:?}"
+                );
+                assert_eq!(runs.load(Ordering::SeqCst), 0, "[{extra}] no body ran");
+            }
+        }
 
         // In pooler mode, the same PgBouncer works.
         let pooled = PostgresStore::builder()
             .transaction_pooler(true)
-            .from_url(&bouncer.url())
+            .connect(&bouncer.url())
+            .await
             .unwrap();
         pooled
             .migrate()
@@ -2365,7 +2440,8 @@ async fn a_replay_is_served_while_a_table_lock_blocks_writers() {
     let store = PostgresStore::builder()
         .table("lock_busy_records")
         .lock_timeout(Some(Duration::from_millis(300)))
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let done = unique("lock-done");
@@ -2418,7 +2494,8 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
     let primary = PgServer::shared();
     let store = PostgresStore::builder()
         .table("standby_records")
-        .from_url(&primary.url())
+        .connect(&primary.url())
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let done = unique("standby-done");
@@ -2450,7 +2527,8 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
 
     let on_standby = PostgresStore::builder()
         .table("standby_records")
-        .from_url(&standby.url())
+        .connect(&standby.url())
+        .await
         .unwrap();
     let err = on_standby
         .migrate()
@@ -2465,7 +2543,8 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
     let logs = support::LogCapture::install();
     let fresh_store = PostgresStore::builder()
         .table("standby_records")
-        .from_url(&standby.url())
+        .connect(&standby.url())
+        .await
         .unwrap();
     let replay = Idempotent::new(&fresh_store, done.clone())
         .name("standby")
@@ -2531,7 +2610,8 @@ async fn purge_under_serializable_default_isolation_gives_no_errors() {
         PostgresStore::builder()
             .table("purge_serial_records")
             .pool_size(6)
-            .from_url(&url)
+            .connect(&url)
+            .await
             .unwrap(),
     );
     store.migrate().await.unwrap();
@@ -2602,7 +2682,8 @@ async fn migrate_indexes_the_table_when_the_index_name_is_taken() {
     .unwrap();
     let store = PostgresStore::builder()
         .table("collide")
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     let indexes = || async {
         count(
@@ -2643,9 +2724,10 @@ async fn leases_use_the_servers_clock_whatever_the_search_path() {
     )
     .await
     .unwrap();
-    let shadowed = PostgresStore::from_url(&format!(
+    let shadowed = PostgresStore::connect(&format!(
         "{url}?options=-c%20search_path%3Dapp%2Cpg_catalog"
     ))
+    .await
     .unwrap();
     shadowed.migrate().await.unwrap();
     let conn = shadowed.pool().get().await.unwrap();
@@ -2656,7 +2738,7 @@ async fn leases_use_the_servers_clock_whatever_the_search_path() {
         .get(0);
     assert_eq!(shown, "app,pg_catalog", "the session's search_path");
     drop(conn);
-    let plain = PostgresStore::from_url(&url).unwrap();
+    let plain = PostgresStore::connect(&url).await.unwrap();
     let key = Key::new("search-path", &unique("k"));
     let lease = Duration::from_secs(60);
     let first = shadowed.claim(key, None, lease).await.unwrap();
@@ -2677,7 +2759,8 @@ async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
     let url = PgServer::shared().url();
     let store = PostgresStore::builder()
         .pool_size(1)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let logs = support::LogCapture::install();
@@ -2748,7 +2831,8 @@ async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
     let bouncer = PgBouncer::start(server, 1);
     let store = PostgresStore::builder()
         .transaction_pooler(true)
-        .from_url(&bouncer.url())
+        .connect(&bouncer.url())
+        .await
         .unwrap();
     let set = store
         .transactional(unique("bouncer-leak"))
@@ -2786,12 +2870,14 @@ async fn a_busy_pool_does_not_cost_a_running_body_its_lease() {
     let a = Arc::new(
         PostgresStore::builder()
             .pool_size(2)
-            .from_url(&url)
+            .connect(&url)
+            .await
             .expect("store"),
     );
     let b = PostgresStore::builder()
         .pool_size(2)
-        .from_url(&url)
+        .connect(&url)
+        .await
         .expect("store");
     a.migrate().await.expect("migrate");
     let runs = Arc::new(AtomicUsize::new(0));
@@ -2855,7 +2941,8 @@ async fn table_store(
     ) -> idem::store::postgres::PostgresStoreBuilder,
 ) -> PostgresStore {
     let store = build(PostgresStore::builder().table(table))
-        .from_url(&PgServer::shared().url())
+        .connect(&PgServer::shared().url())
+        .await
         .expect("store from URL");
     store.migrate().await.expect("migrate");
     store
@@ -3056,7 +3143,8 @@ async fn a_killed_listener_falls_back_to_polling_and_recovers() {
     let waiter = Arc::new(
         PostgresStore::builder()
             .table("notify_kill")
-            .from_url(&format!("{}?application_name={app}", server.url()))
+            .connect(&format!("{}?application_name={app}", server.url()))
+            .await
             .unwrap(),
     );
     let db = client(&server.url()).await;
@@ -3135,7 +3223,8 @@ async fn behind_pgbouncer_waiters_poll_and_completions_still_notify() {
         PostgresStore::builder()
             .table("notify_bouncer")
             .transaction_pooler(true)
-            .from_url(&bouncer.url())
+            .connect(&bouncer.url())
+            .await
             .unwrap(),
     );
     pooled.migrate().await.unwrap();
@@ -3230,9 +3319,9 @@ async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
     let url = PgServer::shared().url();
     let db = client(&url).await;
     orders_table(&db).await;
-    let a = PostgresStore::from_url(&url).expect("store");
+    let a = PostgresStore::connect(&url).await.expect("store");
     a.migrate().await.expect("migrate");
-    let b = PostgresStore::from_url(&url).expect("store");
+    let b = PostgresStore::connect(&url).await.expect("store");
     let k = unique("commit-then-slow");
     let runs = Arc::new(AtomicUsize::new(0));
     let holder = {
@@ -3294,4 +3383,129 @@ async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
             .any(|a| matches!(a, Err(TxError::Idem(Error::Codec(_))))),
         "later calls see the sealed key: {answers:?}"
     );
+}
+
+/// A claim that finds the key lock taken by a statement that holds it for a moment (a cleanup
+/// batch deleting the key's expired row, a completion) and no live row looks again after a
+/// short pause instead of reporting the key busy: a caller in reject mode is not refused a key
+/// that nobody holds. A lock held past the pauses (a claim still in flight) is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_lock_held_for_a_moment_is_not_a_busy_key() {
+    let url = PgServer::shared().url();
+    let store = PostgresStore::builder()
+        .table("gated_claims")
+        .auto_cleanup(false)
+        .connect(&url)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let k = unique("gated");
+    expired_record(&store, "gated", &k).await;
+
+    // The number of the key's lock, as the server shows it while a claim holds it: a claim
+    // that takes over the expired row waits on the row lock of this session, key lock held.
+    let row_holder = client(&url).await;
+    row_holder.batch_execute("BEGIN").await.unwrap();
+    let locked = row_holder
+        .execute("SELECT 1 FROM gated_claims FOR UPDATE", &[])
+        .await
+        .unwrap();
+    assert_eq!(locked, 1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = {
+        let (store, k, runs) = (store.clone(), k.clone(), runs.clone());
+        tokio::spawn(async move {
+            Idempotent::new(&store, k)
+                .name("gated")
+                .ttl(Duration::from_millis(1))
+                .run(|| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(1u8)
+                })
+                .await
+        })
+    };
+    let db = client(&url).await;
+    let lock = loop {
+        let row = db
+            .query_opt(
+                "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted \
+                   AND l.pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get::<_, i64>(0);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    row_holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The record expires; another session takes the key lock for 40 ms, as a cleanup batch
+    // deleting that row would. A claim in reject mode meanwhile executes the body, once.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Takes the key lock in another session, commits after `for_`; the receiver says when the
+    // lock is taken.
+    let hold = |for_: Duration| {
+        let url = url.clone();
+        let (locked_tx, locked) = tokio::sync::oneshot::channel();
+        let released = tokio::spawn(async move {
+            let holder = client(&url).await;
+            holder.batch_execute("BEGIN").await.unwrap();
+            let free: bool = holder
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock])
+                .await
+                .unwrap()
+                .get(0);
+            assert!(free, "the key lock is free before the test takes it");
+            let _ = locked_tx.send(());
+            tokio::time::sleep(for_).await;
+            holder.batch_execute("COMMIT").await.unwrap();
+        });
+        (released, locked)
+    };
+    let (released, locked) = hold(Duration::from_millis(40));
+    locked.await.unwrap();
+    let out = {
+        let runs = runs.clone();
+        Idempotent::new(&store, k.clone())
+            .name("gated")
+            .ttl(Duration::from_millis(1))
+            .on_conflict(OnConflict::Reject)
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(2u8)
+            })
+            .await
+    };
+    released.await.unwrap();
+    assert_eq!(out.unwrap(), 2, "the key was free: the body runs");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // Held for longer than the pauses (as by a claim whose row is not committed): busy.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (released, locked) = hold(Duration::from_secs(2));
+    locked.await.unwrap();
+    let out = {
+        let runs = runs.clone();
+        Idempotent::new(&store, k)
+            .name("gated")
+            .on_conflict(OnConflict::Reject)
+            .run(|| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(3u8)
+            })
+            .await
+    };
+    assert!(matches!(out, Err(Error::InProgress { .. })), "{out:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "a busy key's body does not run"
+    );
+    released.await.unwrap();
 }

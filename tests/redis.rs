@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use idem::{
-    Bytes, Claim, Error, Idempotent, Key, OnConflict, RedisStore, Status, Store, Token, idempotent,
-};
+use idem::store::{Bytes, Claim, Token};
+use idem::{Error, Idempotent, Key, OnConflict, RedisStore, Status, Store, idempotent};
 use support::redis::{CountingProxy, RedisCluster, RedisServer, Resp};
 
 /// A prefix no other test (or run) uses.
@@ -1063,7 +1062,7 @@ mod settings {
             .unwrap();
         let granted = Key::new("test", "granted before");
         let token = match store.claim(granted, None, idem::DEFAULT_LEASE).await {
-            Ok(idem::Claim::Acquired(token)) => token,
+            Ok(idem::store::Claim::Acquired(token)) => token,
             other => panic!("{other:?}"),
         };
 
@@ -1093,12 +1092,12 @@ mod settings {
                     granted,
                     token,
                     None,
-                    idem::Bytes::from_static(b"1"),
+                    idem::store::Bytes::from_static(b"1"),
                     idem::DEFAULT_TTL
                 )
                 .await
                 .ok(),
-            Some(idem::Completion::Stored),
+            Some(idem::store::Completion::Stored),
             "a claim granted before is completed, not abandoned"
         );
 
@@ -1183,7 +1182,7 @@ mod settings {
         for i in 0..3u32 {
             let key = Key::new("test", &("granted", i));
             match store.claim(key, None, idem::DEFAULT_LEASE).await {
-                Ok(idem::Claim::Acquired(token)) => granted.push((key, token)),
+                Ok(idem::store::Claim::Acquired(token)) => granted.push((key, token)),
                 other => panic!("{other:?}"),
             }
         }
@@ -1209,13 +1208,13 @@ mod settings {
 
         // Claims granted before the limit: their bodies ran, so they are completed even now.
         let (done, renewed, released) = (&granted[0], &granted[1], &granted[2]);
-        let value = idem::Bytes::from(vec![b'7'; 1024]);
+        let value = idem::store::Bytes::from(vec![b'7'; 1024]);
         assert_eq!(
             store
                 .complete(done.0, done.1, None, value.clone(), idem::DEFAULT_TTL)
                 .await
                 .ok(),
-            Some(idem::Completion::Stored),
+            Some(idem::store::Completion::Stored),
             "a completion at maxmemory is stored"
         );
         assert_eq!(
@@ -1227,7 +1226,7 @@ mod settings {
         );
         assert_eq!(store.release(released.0, released.1).await.ok(), Some(true));
         match store.claim(done.0, None, idem::DEFAULT_LEASE).await {
-            Ok(idem::Claim::Completed(c)) => assert_eq!(c.value, value),
+            Ok(idem::store::Claim::Completed(c)) => assert_eq!(c.value, value),
             other => panic!("the completion made at maxmemory must replay: {other:?}"),
         }
 
@@ -1333,7 +1332,8 @@ mod resharding {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use idem::{Error, Idempotent, RedisStore, Status, Token};
+    use idem::store::Token;
+    use idem::{Error, Idempotent, RedisStore, Status};
 
     use super::RedisCluster;
 
@@ -1711,7 +1711,7 @@ async fn waiters_on_a_slow_server_poll_at_a_bounded_rate_and_starve_nothing() {
             Duration::from_secs(60),
         )
         .await;
-    assert_eq!(done.ok(), Some(idem::Completion::Stored));
+    assert_eq!(done.ok(), Some(idem::store::Completion::Stored));
     let held_for = started.elapsed();
     while let Some(joined) = waiters.join_next().await {
         let out = joined.unwrap().expect("a waiter gets the holder's result");
@@ -2387,7 +2387,8 @@ mod wake {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use idem::{Bytes, Claim, Error, Idempotent, Key, RedisStore, Status, Store, Token};
+    use idem::store::{Bytes, Claim, Token};
+    use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
 
     use super::{RedisCluster, RedisServer, Resp, fresh_prefix};
 
@@ -2509,7 +2510,7 @@ mod wake {
         let done = holder
             .complete(key, token, None, value(5), Duration::from_secs(60))
             .await;
-        assert_eq!(done.ok(), Some(idem::Completion::Stored));
+        assert_eq!(done.ok(), Some(idem::store::Completion::Stored));
         assert_eq!(joined(task).await, (Status::Waited, 5));
         assert_eq!(
             scripts(&[&server]) - base,

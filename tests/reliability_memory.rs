@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem::{Bytes, Claim, Completion, Error, Idempotent, Key, MemoryStore, Status, Store};
+use idem::store::{Bytes, Claim, Completion};
+use idem::{Error, Idempotent, Key, MemoryStore, Status, Store};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use support::chaos::{self, ModelCounts, Timing};
@@ -338,17 +339,17 @@ impl Store for YieldingComplete {
         key: Key,
         fingerprint: Option<idem::Fingerprint>,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<Claim, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<Claim, Error>> {
         self.0.claim(key, fingerprint, lease)
     }
     fn complete(
         &self,
         key: Key,
-        token: idem::Token,
+        token: idem::store::Token,
         fingerprint: Option<idem::Fingerprint>,
         value: Bytes,
         ttl: Duration,
-    ) -> idem::BoxFuture<'_, Result<Completion, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<Completion, Error>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
             self.0.complete(key, token, fingerprint, value, ttl).await
@@ -357,27 +358,31 @@ impl Store for YieldingComplete {
     fn renew(
         &self,
         key: Key,
-        token: idem::Token,
+        token: idem::store::Token,
         lease: Duration,
-    ) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.renew(key, token, lease)
     }
-    fn release(&self, key: Key, token: idem::Token) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    fn release(
+        &self,
+        key: Key,
+        token: idem::store::Token,
+    ) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.release(key, token)
     }
-    fn wait(&self, key: Key, timeout: Duration) -> idem::BoxFuture<'_, Result<(), Error>> {
+    fn wait(&self, key: Key, timeout: Duration) -> idem::store::BoxFuture<'_, Result<(), Error>> {
         self.0.wait(key, timeout)
     }
-    fn remove(&self, key: Key) -> idem::BoxFuture<'_, Result<bool, Error>> {
+    fn remove(&self, key: Key) -> idem::store::BoxFuture<'_, Result<bool, Error>> {
         self.0.remove(key)
     }
-    fn release_on_drop(&self, key: Key, token: idem::Token) {
+    fn release_on_drop(&self, key: Key, token: idem::store::Token) {
         self.0.release_on_drop(key, token)
     }
     fn complete_on_drop(
         &self,
         key: Key,
-        token: idem::Token,
+        token: idem::store::Token,
         fingerprint: Option<idem::Fingerprint>,
         value: Bytes,
         ttl: Duration,

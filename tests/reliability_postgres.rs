@@ -21,13 +21,16 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem::{Claim, Error, Idempotent, Key, PostgresStore, Status, Store};
+use idem::store::Claim;
+use idem::{Error, Idempotent, Key, PostgresStore, Status, Store};
 use proptest::test_runner::TestCaseError;
 use support::chaos::{self, ChildLines, ModelCounts, Timing};
 use support::postgres::PgServer;
 
 async fn store_on(url: &str) -> PostgresStore {
-    let store = PostgresStore::from_url(url).unwrap_or_else(|e| panic!("store for {url}: {e}"));
+    let store = PostgresStore::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("store for {url}: {e}"));
     store.migrate().await.expect("migrate");
     store
 }
@@ -137,7 +140,7 @@ async fn crash_child() {
         .with_ansi(false)
         .with_max_level(tracing::Level::DEBUG)
         .try_init();
-    let store = PostgresStore::from_url(&url).expect("store");
+    let store = PostgresStore::connect(&url).await.expect("store");
     let out = Idempotent::new(&store, key.as_str())
         .name("test")
         .lease(LEASE)
@@ -196,7 +199,8 @@ async fn lease_left(store: &PostgresStore, key: &str) -> Duration {
     let client = store.pool().get().await.expect("a pooled connection");
     let sql = format!(
         "SELECT (extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8 \
-         FROM {} WHERE key = $1 AND value IS NULL",
+         FROM \"{}\".\"{}\" WHERE key = $1 AND value IS NULL",
+        store.schema(),
         store.table()
     );
     let key = Key::new("test", key);
@@ -217,7 +221,7 @@ async fn stored_value(store: &PostgresStore, key: &str) -> String {
 }
 
 fn unique(label: &str) -> String {
-    format!("{label}-{}", idem::Token::generate().as_u128())
+    format!("{label}-{}", idem::store::Token::generate().as_u128())
 }
 
 /// A holder killed mid-body blocks its key only until its lease runs out; then another process
@@ -454,7 +458,7 @@ async fn calls_cancelled_at_random_points_never_double_an_execution() {
     const POOL: usize = 3;
     let calls = 300 * chaos::env_u64("IDEM_RELIABILITY_CASES", 1).clamp(1, 100);
     let keys = calls.div_ceil(CALLS_PER_GENERATION) * KEYS_AT_ONCE;
-    let fresh = idem::Token::generate().as_u128();
+    let fresh = idem::store::Token::generate().as_u128();
     let seed = chaos::env_u64("IDEM_CANCEL_SEED", (fresh >> 64) as u64 ^ fresh as u64);
     println!("cancel_postgres: seed {seed} (IDEM_CANCEL_SEED to replay)");
     let mut rng = Rng(seed);
@@ -462,7 +466,8 @@ async fn calls_cancelled_at_random_points_never_double_an_execution() {
     let store = Arc::new(
         PostgresStore::builder()
             .pool_size(POOL)
-            .from_url(&PgServer::shared().url())
+            .connect(&PgServer::shared().url())
+            .await
             .expect("store"),
     );
     store.migrate().await.expect("migrate");

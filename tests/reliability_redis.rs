@@ -20,7 +20,8 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem::{Claim, Error, Idempotent, Key, RedisStore, Status, Store, Token};
+use idem::store::{Claim, Token};
+use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
 use proptest::test_runner::TestCaseError;
 use support::chaos::{self, ChildLines, ModelCounts, Timing};
 use support::redis::RedisServer;

@@ -8,7 +8,8 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use idem::{Error, Store, Token, idempotent};
+use idem::store::Token;
+use idem::{Error, Store, idempotent};
 use serde::{Deserialize, Serialize};
 
 /// Returns `value` the first time its key is seen: a generic function, so one definition covers
@@ -228,8 +229,9 @@ mod postgres {
     use super::support::postgres::PgServer;
 
     pub(super) async fn store() -> idem::PostgresStore {
-        let store =
-            idem::PostgresStore::from_url(&PgServer::shared().url()).expect("store from URL");
+        let store = idem::PostgresStore::connect(&PgServer::shared().url())
+            .await
+            .expect("store from URL");
         store.migrate().await.expect("migrate");
         store
     }

@@ -173,7 +173,7 @@ async fn then(
 /// A store on the shared server's default table, migrated, with the test table.
 async fn store() -> PostgresStore {
     let url = PgServer::shared().url();
-    let store = PostgresStore::from_url(&url).expect("store from URL");
+    let store = PostgresStore::connect(&url).await.expect("store from URL");
     store.migrate().await.expect("migrate");
     let db = client(&url).await;
     // `CREATE TABLE IF NOT EXISTS` is not safe against itself: a transaction-scoped advisory
@@ -534,7 +534,7 @@ fn child_process_entry() {
         .build()
         .expect("a runtime");
     rt.block_on(async move {
-        let store = PostgresStore::from_url(&url).expect("store from URL");
+        let store = PostgresStore::connect(&url).await.expect("store from URL");
         let backend = Backend::named(&backend, &url).await;
         let runs = AtomicUsize::new(0);
         let hang = Body {

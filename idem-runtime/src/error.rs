@@ -30,6 +30,14 @@ pub enum Error {
     #[error("idempotency store failed: {0}")]
     Store(#[source] BoxError),
 
+    /// The store is at its capacity and refused a new key: the in-memory store's `max_entries`
+    /// or `max_bytes` bound, with every record in it still live. Nothing was claimed and the
+    /// body did not run. The backend did not fail: retry once records expire, or raise the
+    /// bound (the source says which bound, its value, and the builder option that raises it).
+    /// Keys already stored keep replaying.
+    #[error("idempotency store is full: {0}")]
+    StoreFull(#[source] BoxError),
+
     /// A result cannot be stored or replayed faithfully: it does not encode, or it would not
     /// decode back equal to itself (detected when it is stored, before any later call can see
     /// it); a stored result no longer decodes as the function's return type (its type changed
@@ -58,6 +66,12 @@ impl Error {
     /// An [`Error::Store`] from any backend error.
     pub fn store(err: impl Into<BoxError>) -> Error {
         Error::Store(err.into())
+    }
+
+    /// An [`Error::StoreFull`]: the store refused a new key at its capacity (`why` names the
+    /// bound).
+    pub fn store_full(why: impl Into<BoxError>) -> Error {
+        Error::StoreFull(why.into())
     }
 
     /// An [`Error::Codec`] from any codec error.

@@ -5,8 +5,9 @@
 //! `#[idempotent]` generates reaches this crate only through `idem::__private`.
 //!
 //! - [`key`]: the canonical key encoding ([`KeyPart`]) and its digest ([`Key`]).
-//! - [`record`]: fencing [`Token`]s and what store operations return.
 //! - [`Store`]: the object-safe trait every backend implements; [`MemoryStore`] is the embedded one.
+//! - [`store`]: the stores, and what a store implementation names (fencing [`Token`](store::Token)s,
+//!   what store operations return).
 //! - [`Idempotent`]: the executor as a function API, for closures and code without the attribute.
 //! - [`conformance`]: the checks every store passes.
 
@@ -25,11 +26,9 @@ mod exec;
 pub mod http;
 pub mod key;
 pub mod metrics;
-pub mod record;
+mod record;
 pub mod store;
 
-/// The byte buffer stores hold results in (re-exported from `bytes`, so stores need not depend on it).
-pub use bytes::Bytes;
 pub use error::{BoxError, Error};
 /// The transactional mode (needs the `postgres` feature): see [`PostgresStore::transactional`].
 #[cfg(feature = "postgres")]
@@ -45,7 +44,7 @@ pub use exec::{
 #[doc(inline)]
 pub use http::IdempotencyLayer;
 pub use key::{Fingerprint, Key, KeyPart};
-pub use record::{Claim, Completed, Completion, Token};
+pub use store::Store;
 pub use store::memory::MemoryStore;
 /// The PostgreSQL store (needs the `postgres` feature).
 #[cfg(feature = "postgres")]
@@ -57,12 +56,6 @@ pub use store::postgres::PostgresStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[doc(inline)]
 pub use store::redis::RedisStore;
-/// The Redis store's builder (needs the `redis` feature).
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-#[doc(inline)]
-pub use store::redis::RedisStoreBuilder;
-pub use store::{BoxFuture, Store};
 
 /// What `#[idempotent]`'s expansion names. Not public API: it changes without notice.
 #[doc(hidden)]

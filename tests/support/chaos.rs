@@ -33,7 +33,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use idem::{Bytes, Claim, Completion, Fingerprint, Key, Store, Token};
+use idem::store::{Bytes, Claim, Completion, Token};
+use idem::{Fingerprint, Key, Store};
 use proptest::prelude::*;
 use tokio::time::Instant;
 

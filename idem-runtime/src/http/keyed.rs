@@ -523,6 +523,11 @@ fn executor_problem<B>(err: &Error, key: &str) -> Response<ResponseBody<B>> {
             &format!("the stored response for Idempotency-Key {shown} could not be read"),
             None,
         ),
+        Error::StoreFull(_) => Problem::StoreFull.response(
+            "the idempotency store is at its capacity and took no new key; the request was not \
+             processed, retry later",
+            None,
+        ),
         // The executor logged the cause; the client learns only that it should retry later.
         _ => Problem::StoreUnavailable.response(
             "the idempotency store could not be reached; the request was not processed",

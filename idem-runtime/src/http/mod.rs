@@ -226,6 +226,7 @@
 //! | <span id="idempotency-variant-mismatch">`#idempotency-variant-mismatch`</span> | 422 | the stored response varies (`Vary`) on a request header whose value differs from the first request's; the detail names it |
 //! | <span id="idempotency-quota-exceeded">`#idempotency-quota-exceeded`</span> | 429 | the client holds as many records, bytes, running requests or request bodies as its quota allows (`Retry-After` says when room may free) |
 //! | <span id="idempotency-store-unavailable">`#idempotency-store-unavailable`</span> | 503 | the store failed; the handler did not run |
+//! | <span id="idempotency-store-full">`#idempotency-store-full`</span> | 503 | the store is at its capacity ([`Error::StoreFull`](crate::Error::StoreFull): the in-memory store's bound) and took no new key; the handler did not run |
 //! | <span id="idempotency-interrupted">`#idempotency-interrupted`</span> | 503 | the server's runtime shut down while the request ran; retry with the same key |
 //! | <span id="idempotency-record-unreadable">`#idempotency-record-unreadable`</span> | 500 | the stored response for the key no longer decodes |
 

@@ -31,6 +31,7 @@ pub(crate) enum Problem {
     InProgress,
     KeyReused,
     StoreUnavailable,
+    StoreFull,
     RecordUnreadable,
     QuotaExceeded,
     VariantMismatch,
@@ -86,6 +87,11 @@ impl Problem {
                 "idempotency-store-unavailable",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Idempotency store unavailable",
+            ),
+            Problem::StoreFull => (
+                "idempotency-store-full",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Idempotency store full",
             ),
             Problem::RecordUnreadable => (
                 "idempotency-record-unreadable",

@@ -95,7 +95,7 @@ const EVICT_BUDGET: usize = 32;
 ///
 /// - **At the bound**, a claim of a *new* key first removes expired records on the spot (a
 ///   store full of expired records accepts a new key at once); if none has expired it fails with
-///   [`Error::Store`], whose message names the bound and how to raise it. No live record is
+///   [`Error::StoreFull`], whose message names the bound and how to raise it. No live record is
 ///   evicted: evicting a completed record would let its body run twice. Keys already in the
 ///   store are served as usual (replays, waits, takeovers of their own expired records).
 /// - **A result is always stored**: a call that holds a claim completes it even when the store
@@ -292,16 +292,15 @@ impl fmt::Display for Full {
         match self {
             Full::Entries { max_entries } => write!(
                 f,
-                "the in-memory store is full: it holds {max_entries} live records, its \
-                 max_entries bound; raise it with MemoryStore::builder().max_entries(..) (or \
-                 MemoryStore::with_max_entries), or lower the ttl"
+                "it holds {max_entries} live records, its max_entries bound; raise it with \
+                 MemoryStore::builder().max_entries(..) (or MemoryStore::with_max_entries), or \
+                 lower the ttl"
             ),
             Full::Bytes { bytes, max_bytes } => write!(
                 f,
-                "the in-memory store is full: its live records take {bytes} bytes of its \
-                 max_bytes bound of {max_bytes}; raise it with \
-                 MemoryStore::builder().max_bytes(..) (or MemoryStore::with_max_bytes), or lower \
-                 the ttl or the size of the results"
+                "its live records take {bytes} bytes of its max_bytes bound of {max_bytes}; \
+                 raise it with MemoryStore::builder().max_bytes(..) (or \
+                 MemoryStore::with_max_bytes), or lower the ttl or the size of the results"
             ),
         }
     }
@@ -655,7 +654,7 @@ impl MemoryStore {
                         // Make room outside the shard lock (the records removed may share it).
                         drop(entry);
                         if made_room || !self.make_room(&key, now) {
-                            return Err(Error::store(full));
+                            return Err(Error::store_full(full));
                         }
                         made_room = true;
                         now = Instant::now();

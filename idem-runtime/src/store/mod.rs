@@ -1,15 +1,19 @@
-//! The [`Store`] trait, the seam between the executor and a backend.
+//! The [`Store`] trait, the seam between the executor and a backend; the stores, one module
+//! each; and the types a store implementation names ([`Claim`], [`Completed`], [`Completion`],
+//! fencing [`Token`]s, [`BoxFuture`], [`Bytes`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::record::{Claim, Completion, Token};
+
+pub use crate::record::{Claim, Completed, Completion, Token};
+/// The byte buffer stores hold results in (re-exported from `bytes`, so stores need not depend
+/// on it).
+pub use bytes::Bytes;
 
 pub mod memory;
 #[cfg(feature = "postgres")]

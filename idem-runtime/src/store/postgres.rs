@@ -95,7 +95,7 @@
 //! is schema-qualified: the store's table, and `pg_catalog.clock_timestamp()` and the like, so
 //! an application schema earlier in the path cannot shadow them), nor on anything set on a connection before (no session-level `SET`: the
 //! transactional mode's `SET LOCAL` ends with its transaction; no session
-//! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::from_url`]
+//! advisory lock, no temporary table). A store built with [`PostgresStoreBuilder::connect`]
 //! passes `statement_timeout` and `lock_timeout` in the connection's startup packet as safety
 //! nets (nothing here waits on a lock); `application_name` is `idem`.
 //!
@@ -105,12 +105,12 @@
 //! transaction mode (PgBouncer `pool_mode = transaction`, and poolers like it), where each
 //! transaction may run on another server connection: the store then prepares no named
 //! statements (each statement is sent unnamed, Parse/Bind/Execute in one round trip), and
-//! `from_url` sends no `options` in the startup packet (PgBouncer refuses them; set
+//! `connect` sends no `options` in the startup packet (PgBouncer refuses them; set
 //! `statement_timeout` with `ALTER ROLE ... SET` instead). Everything else already holds through a
 //! pooler: no session state, transaction-scoped advisory locks only, and the transactional
 //! mode is one transaction. The cost is the server parsing and planning each statement again.
 //!
-//! A store built with `from_url` without this mode checks, with the settings (see
+//! A store built with `connect` without this mode checks, with the settings (see
 //! [Durability](#durability)), that its sessions run with the `statement_timeout` and
 //! `lock_timeout` it sent in the startup packet: a pooler that drops them (PgBouncer with
 //! `ignore_startup_parameters = options`) is refused with [`Error::Store`] saying to set
@@ -177,7 +177,7 @@
 //! transactional mode it would hold the wait lock for the whole body, see below).
 //!
 //! - **One listening connection per store**, outside the pool, opened by the store's first
-//!   wait (stores built with [`PostgresStoreBuilder::from_url`]), `LISTEN`ing on the table's
+//!   wait (stores built with [`PostgresStoreBuilder::connect`]), `LISTEN`ing on the table's
 //!   channel ([`PostgresStore::channel`]). Every waiter of the store shares it: a waiter registers
 //!   its key in a map of key → [`tokio::sync::Notify`], then takes a session-level *shared*
 //!   advisory lock on the key's *wait lock* (a 64-bit number derived from the key's digest and
@@ -202,7 +202,7 @@
 //!   doubling up to 200 ms, never past the holder's lease nor the caller's timeout): in
 //!   [`PostgresStoreBuilder::transaction_pooler`] mode (a pooler in transaction mode cannot keep
 //!   a `LISTEN`: each transaction may run on another server connection), for stores built with
-//!   [`PostgresStoreBuilder::from_pool`] (the store cannot read the pool's connection settings),
+//!   [`PostgresStoreBuilder::connect_pool`] (the store cannot read the pool's connection settings),
 //!   and with [`PostgresStoreBuilder::notifications`]`(false)`. Their completions still notify
 //!   waiters of other stores (`NOTIFY` passes a pooler).
 //!
@@ -238,9 +238,9 @@
 //! is the executor's, and this module only provides the two
 //! [`TransactionBackend`](super::transaction::TransactionBackend)s.
 //!
-//! Only plain TCP or Unix-socket connections are made by [`PostgresStore::from_url`]; for TLS,
+//! Only plain TCP or Unix-socket connections are made by [`PostgresStore::connect`]; for TLS,
 //! build a [`deadpool_postgres::Pool`] with a TLS connector and use
-//! [`PostgresStore::from_pool`].
+//! [`PostgresStore::connect_pool`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -280,7 +280,7 @@ pub use tokio_tx::TokioPostgres;
 pub use tokio_postgres;
 
 /// The `deadpool-postgres` this store is built on, for building a [`deadpool_postgres::Pool`]
-/// to hand to [`PostgresStore::from_pool`].
+/// to hand to [`PostgresStore::connect_pool`].
 pub use deadpool_postgres;
 /// The sqlx the [`Sqlx`] backend is built against (needs the `sqlx-postgres` feature), so a
 /// program can name the same version.
@@ -334,6 +334,18 @@ const CLEANUP_BATCHES: usize = 16;
 /// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
 /// flight (its lease is not visible yet).
 const BUSY_HINT: Duration = Duration::from_secs(1);
+/// The pauses of a claim that found its key lock taken and no live row (see `Answer::Gated`)
+/// before it reports the key busy: about a quarter of a second in all, longer than a cleanup
+/// batch of `PURGE_BATCH` rows holds its key locks on a loaded server.
+const GATED_PAUSES: [Duration; 7] = [
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+];
 /// What to do about a read-only server.
 const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
     `default_transaction_read_only = on`): idem writes its records there, so point the store at \
@@ -368,7 +380,7 @@ pub use super::IfUnsafe;
 /// use idem_runtime::{Idempotent, store::postgres::PostgresStore};
 ///
 /// # async fn run() -> Result<(), idem_runtime::Error> {
-/// let store = PostgresStore::from_url("postgres://app@localhost/app")?;
+/// let store = PostgresStore::connect("postgres://app@localhost/app").await?;
 /// store.migrate().await?;
 /// let cents = Idempotent::new(&store, ("charge", 42u64))
 ///     .run(|| async { Ok::<_, idem_runtime::Error>(1999u64) })
@@ -393,7 +405,7 @@ struct Inner {
     lock_salt: i64,
     on_unlogged: IfUnsafe,
     on_async_commit: IfUnsafe,
-    /// The settings `from_url` sent in the startup packet (and the URL did not override), in
+    /// The settings `connect` sent in the startup packet (and the URL did not override), in
     /// milliseconds: a session that does not run with them is behind a pooler that dropped them.
     sent_options: Vec<(&'static str, f64)>,
     /// The outcome of the latest settings check, once one has been made.
@@ -685,16 +697,17 @@ fn complete_sql(table: &str, gate: &str, wake: &str) -> String {
 /// use std::time::Duration;
 /// use idem_runtime::store::postgres::PostgresStore;
 ///
-/// # fn build() -> Result<(), idem_runtime::Error> {
+/// # async fn build() -> Result<(), idem_runtime::Error> {
 /// let store = PostgresStore::builder()
 ///     .schema("billing")
 ///     .table("idempotency")
 ///     .timeout(Duration::from_secs(3))
-///     .from_url("postgres://app@db.internal/app")?;
+///     .connect("postgres://app@db.internal/app")
+///     .await?;
 /// # let _ = store; Ok(()) }
 /// ```
 #[derive(Clone, Debug)]
-#[must_use = "a builder does nothing until `from_url` or `from_pool`"]
+#[must_use = "a builder does nothing until `connect` or `connect_pool`"]
 pub struct PostgresStoreBuilder {
     schema: String,
     table: String,
@@ -755,14 +768,14 @@ impl PostgresStoreBuilder {
     }
 
     /// How long opening a connection may take ([`DEFAULT_CONNECT_TIMEOUT`] unless set, or unless
-    /// the URL sets `connect_timeout`). Only for [`from_url`](Self::from_url).
+    /// the URL sets `connect_timeout`). Only for [`connect`](Self::connect).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// The server-side `statement_timeout` of the store's connections (`None`: the server's
-    /// default). Only for [`from_url`](Self::from_url), and not sent in
+    /// default). Only for [`connect`](Self::connect), and not sent in
     /// [`transaction_pooler`](Self::transaction_pooler) mode; options in the URL take
     /// precedence.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
@@ -772,7 +785,7 @@ impl PostgresStoreBuilder {
 
     /// The server-side `lock_timeout` of the store's connections (`None`: the server's
     /// default). A safety net: the store's own statements never wait on another caller's lock,
-    /// but a transactional body's statements may. Only for [`from_url`](Self::from_url), and
+    /// but a transactional body's statements may. Only for [`connect`](Self::connect), and
     /// not sent in [`transaction_pooler`](Self::transaction_pooler) mode; options in the URL
     /// take precedence.
     pub fn lock_timeout(mut self, timeout: Option<Duration>) -> Self {
@@ -781,7 +794,7 @@ impl PostgresStoreBuilder {
     }
 
     /// The most connections the pool opens ([`DEFAULT_POOL_SIZE`] unless set; at least one).
-    /// Only for [`from_url`](Self::from_url).
+    /// Only for [`connect`](Self::connect).
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size.max(1);
         self
@@ -792,7 +805,7 @@ impl PostgresStoreBuilder {
     /// client connection may run on different server connections (`false` unless set).
     ///
     /// Then the store sends every statement unnamed (Parse, Bind and Execute in one round trip;
-    /// no prepared statement outlives it), and [`from_url`](Self::from_url) sends no `options`
+    /// no prepared statement outlives it), and [`connect`](Self::connect) sends no `options`
     /// in the startup packet, so [`statement_timeout`](Self::statement_timeout) and
     /// [`lock_timeout`](Self::lock_timeout) are not applied: set them on the role instead
     /// (`ALTER ROLE app SET statement_timeout = '30s'`). What it costs: the server parses and
@@ -803,11 +816,11 @@ impl PostgresStoreBuilder {
     }
 
     /// Whether waiters are woken by `LISTEN`/`NOTIFY` (`true` unless set). With it, a store built
-    /// with [`from_url`](Self::from_url) opens one more connection, outside the pool, on its
+    /// with [`connect`](Self::connect) opens one more connection, outside the pool, on its
     /// first wait, and `LISTEN`s on it for the table's channel; a waiter then polls only every
     /// [`NOTIFIED_POLL`] as a safety net. Without it (and always in
     /// [`transaction_pooler`](Self::transaction_pooler) mode, where `LISTEN` cannot work, and
-    /// for stores built with [`from_pool`](Self::from_pool), whose connection settings the store
+    /// for stores built with [`connect_pool`](Self::connect_pool), whose connection settings the store
     /// cannot read), waiters poll with a backoff of 5 ms doubling to 200 ms. Whatever this says,
     /// the store's completions notify the waiters of other stores. See the
     /// [module documentation](self#waiting).
@@ -860,10 +873,21 @@ impl PostgresStoreBuilder {
     }
 
     /// A store on a new pool for `url` (`postgres://user:password@host:port/db?...` or the
-    /// `key=value` form libpq accepts). Connections are opened lazily: a bad URL fails here, an
-    /// unreachable server on the first operation. No TLS; for TLS use
-    /// [`from_pool`](Self::from_pool).
-    pub fn from_url(self, url: &str) -> Result<PostgresStore, Error> {
+    /// `key=value` form libpq accepts), connected: the first connection is opened here, so a
+    /// bad URL, an unreachable server or refused credentials fail here with [`Error::Store`]
+    /// (within `connect_timeout`), as [`RedisStoreBuilder::connect`] does. The records table
+    /// need not exist yet ([`PostgresStore::migrate`] creates it). No TLS; for TLS use
+    /// [`connect_pool`](Self::connect_pool).
+    ///
+    /// [`RedisStoreBuilder::connect`]: crate::store::redis::RedisStoreBuilder::connect
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, Error> {
+        let store = self.on_url(url)?;
+        store.first_connection().await?;
+        Ok(store)
+    }
+
+    /// A store on a new pool for `url`, not connected yet (see [`connect`](Self::connect)).
+    fn on_url(self, url: &str) -> Result<PostgresStore, Error> {
         let mut config: tokio_postgres::Config = url.parse().map_err(Error::store)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
@@ -923,10 +947,15 @@ impl PostgresStoreBuilder {
 
     /// A store on a pool the application already has (its TLS, sizes and session settings
     /// are used as they are). Give the pool a `runtime` if it has timeouts.
-    pub fn from_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
+    ///
+    /// Like [`connect`](Self::connect), it takes a first connection from the pool here, so an
+    /// unreachable server fails here.
+    pub async fn connect_pool(self, pool: Pool) -> Result<PostgresStore, Error> {
         check_ident("schema", &self.schema)?;
         check_ident("table", &self.table)?;
-        Ok(self.assemble(pool, Vec::new(), None))
+        let store = self.assemble(pool, Vec::new(), None);
+        store.first_connection().await?;
+        Ok(store)
     }
 
     /// The store, with names already checked.
@@ -1262,10 +1291,21 @@ enum Answer {
     Claim(Claim, Option<i64>),
     /// No row: a conflicting row was committed after the statement's snapshot; run it again.
     Again,
+    /// No live row, and the key lock taken by another session (state 2): a claim whose row is
+    /// not committed yet, or a statement that holds the lock for a moment (a completion, a
+    /// release, a cleanup batch deleting the key's expired row). The key is busy only in the
+    /// first case; a short pause and a new statement tell which.
+    Gated,
 }
 
 /// Reads the row the claim statement returned.
 fn read_claim(rows: &[Row], token: Token, lease: Duration) -> Result<Answer, Error> {
+    if let Some(row) = rows.first() {
+        let state: i16 = row.try_get(0).map_err(Error::store)?;
+        if state == 2 {
+            return Ok(Answer::Gated);
+        }
+    }
     read_claim_row(rows, token, lease).map(|read| match read {
         Some((claim, left)) => Answer::Claim(claim, left),
         None => Answer::Again,
@@ -1357,15 +1397,22 @@ fn read_gated(rows: &[Row]) -> Result<Option<u64>, Error> {
 
 impl PostgresStore {
     /// A store on a new connection pool for `url`, with the default table
-    /// (`"public"."idem_records"`) and timeouts. See [`PostgresStoreBuilder::from_url`].
-    pub fn from_url(url: &str) -> Result<PostgresStore, Error> {
-        PostgresStoreBuilder::default().from_url(url)
+    /// (`"public"."idem_records"`) and timeouts, connected. See
+    /// [`PostgresStoreBuilder::connect`].
+    pub async fn connect(url: &str) -> Result<PostgresStore, Error> {
+        PostgresStoreBuilder::default().connect(url).await
     }
 
-    /// A store on an existing pool, with the default table. See
-    /// [`PostgresStoreBuilder::from_pool`].
-    pub fn from_pool(pool: Pool) -> PostgresStore {
-        PostgresStoreBuilder::default().assemble(pool, Vec::new(), None)
+    /// A store on an existing pool, with the default table, connected. See
+    /// [`PostgresStoreBuilder::connect_pool`].
+    pub async fn connect_pool(pool: Pool) -> Result<PostgresStore, Error> {
+        PostgresStoreBuilder::default().connect_pool(pool).await
+    }
+
+    /// Takes a first connection from the pool (opening it), within the store's timeout.
+    async fn first_connection(&self) -> Result<(), Error> {
+        drop(self.connection("connect").await?);
+        Ok(())
     }
 
     /// A builder, for another schema, table, timeouts, pool size, pooler mode or durability
@@ -1379,8 +1426,20 @@ impl PostgresStore {
         &self.inner.pool
     }
 
+    /// The name of the records table, as given to [`PostgresStoreBuilder::table`]
+    /// (`idem_records` unless set): the name, not quoted SQL.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// The schema of the records table, as given to [`PostgresStoreBuilder::schema`]
+    /// (`public` unless set).
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
     /// The records table, schema-qualified and quoted as it appears in SQL.
-    pub fn table(&self) -> String {
+    fn qualified_table(&self) -> String {
         format!("\"{}\".\"{}\"", self.inner.schema, self.inner.table)
     }
 
@@ -1391,7 +1450,7 @@ impl PostgresStore {
     /// [`migrate`](Self::migrate) checks for an index on `expires_at` by its definition and
     /// lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
-        let table = self.table();
+        let table = self.qualified_table();
         let index = format!(
             "\"{}_expires_idx\"",
             self.inner.table // validated identifier
@@ -1444,7 +1503,7 @@ impl PostgresStore {
             let tx = tokio_postgres::Client::transaction(&mut conn).await?;
             let on = On::Tx(&tx, &cache);
             let schema_q = format!("\"{}\"", self.inner.schema);
-            let table_q = self.table();
+            let table_q = self.qualified_table();
             // The schema first, then the table, always in that order: two stores creating
             // tables in one new schema must not both create the schema.
             for name in [&schema_q, &table_q] {
@@ -1561,7 +1620,7 @@ impl PostgresStore {
     /// Reads the settings and applies the builder's choices: `None` while the table does not
     /// exist (nothing to judge yet).
     async fn inspect(&self) -> Result<Option<Verdict>, Error> {
-        let table = self.table();
+        let table = self.qualified_table();
         let rows = self
             .query(
                 "check_settings",
@@ -1821,7 +1880,7 @@ impl PostgresStore {
 
     /// What to do about a server error, where the store knows.
     fn advice(&self, op: &'static str, err: &tokio_postgres::Error) -> Option<String> {
-        let table = self.table();
+        let table = self.qualified_table();
         let code = err.code()?;
         if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             return Some(if op == "migrate" {
@@ -2085,7 +2144,10 @@ impl PostgresStore {
             (&lock, Type::INT8),
         ];
         let deadline = after(Instant::now(), self.inner.timeout);
-        for _ in 0..CLAIM_ATTEMPTS {
+        let mut gated = GATED_PAUSES.iter();
+        let mut attempts = 0;
+        while attempts < CLAIM_ATTEMPTS {
+            attempts += 1;
             let conn = self.connection_until("claim", deadline).await?;
             // From here the claim may reach the server: if this future is dropped before the
             // answer, the guard releases it (a no-op if it never landed).
@@ -2135,6 +2197,21 @@ impl PostgresStore {
                         // The conflicting row was committed after this statement's snapshot:
                         // run it again, with a snapshot that sees the row.
                         Answer::Again => {}
+                        // Another session holds the key lock and no live row is visible: look
+                        // again after a short pause (a cleanup deleting the key's expired row,
+                        // or another claim committing its row, ends within milliseconds), and
+                        // only after the last pause report the key busy.
+                        Answer::Gated => match gated.next() {
+                            Some(&pause) if after(Instant::now(), pause) < deadline => {
+                                attempts -= 1;
+                                tokio::time::sleep(pause).await;
+                            }
+                            _ => {
+                                return Ok(Claim::Busy {
+                                    lease_left: BUSY_HINT.min(lease),
+                                });
+                            }
+                        },
                     }
                 }
                 Ok(Err(err)) => {
@@ -2452,11 +2529,11 @@ impl PostgresStore {
         handle.spawn(async move {
             match store.purge_some(CLEANUP_BATCHES).await {
                 Ok(deleted) => {
-                    tracing::debug!(target: "idem", table = %store.table(), deleted, "deleted expired rows");
+                    tracing::debug!(target: "idem", table = %store.qualified_table(), deleted, "deleted expired rows");
                 }
                 Err(err) => {
                     tracing::warn!(
-                        target: "idem", table = %store.table(), error = %err,
+                        target: "idem", table = %store.qualified_table(), error = %err,
                         "could not delete expired rows; the next cleanup tries again"
                     );
                 }
@@ -2654,7 +2731,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let status = self.inner.pool.status();
         f.debug_struct("PostgresStore")
-            .field("table", &self.table())
+            .field("table", &self.qualified_table())
             .field("timeout", &self.inner.timeout)
             .field("transaction_pooler", &!self.inner.prepared)
             .field("pool_size", &status.size)
@@ -2826,7 +2903,7 @@ mod tests {
     fn bad_names_fail_at_build() {
         let pool_free = PostgresStore::builder()
             .table("x\"; DROP TABLE users; --")
-            .from_url("postgres://localhost/db");
+            .on_url("postgres://localhost/db");
         assert!(matches!(pool_free, Err(Error::Store(_))));
     }
 }

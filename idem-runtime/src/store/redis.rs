@@ -1092,8 +1092,9 @@ impl RedisStore {
         RedisStoreBuilder::default().connect(url).await
     }
 
-    /// Connects with an existing `redis` (version 1) client and the default settings.
-    pub async fn from_client(client: Client) -> Result<RedisStore, Error> {
+    /// Connects with an existing `redis` (version 1) client and the default settings. See
+    /// [`RedisStoreBuilder::connect_client`].
+    pub async fn connect_client(client: Client) -> Result<RedisStore, Error> {
         RedisStoreBuilder::default().connect_client(client).await
     }
 
