@@ -106,9 +106,17 @@ pub enum TxCompletion {
 /// Every method reports the backend's own failures as [`Error::Store`] and never panics on what
 /// the server returns. A method that times out, or that leaves the connection in a state it
 /// cannot vouch for, marks the connection so that [`finish`](Self::finish) closes it rather
-/// than hand it to the next caller. The trait is not object safe (it is generic over the
-/// body); the futures it returns are `Send` whenever the backend's and the body's are, which the
-/// compiler sees through for each concrete backend.
+/// than hand it to the next caller.
+///
+/// The trait is not object safe (the executor is generic over it, and over the body). Its
+/// futures carry no `Send` bound: for a concrete backend the compiler sees whether they are, so
+/// a call is `Send` (for `tokio::spawn`, for an axum handler) when the backend's futures and the
+/// body's are. One caveat for implementers: inside a spawned call rustc erases the lifetimes
+/// of what the executor holds across an await (rust-lang/rust#100013), and a driver future whose
+/// type carries outlives bounds between two lifetimes (sqlx's `'c: 'e`) can then no longer be
+/// proven `Send`. Await such futures boxed (`Pin<Box<dyn Future + Send + '_>>`, made where the
+/// lifetimes are known), as the sqlx backend does; the keep-alive of [`lend`](Self::lend) is a
+/// [`BoxFuture`] for the same reason.
 pub trait TransactionBackend {
     /// A connection taken for one attempt.
     type Connection;
