@@ -4,7 +4,7 @@
 //!
 //! The unchecked encoder is not public API; the benchmark reaches it through a hidden hook.
 //!
-//! Run with `cargo bench --bench codec` (add `-- --quick` for a short run).
+//! Run with `cargo bench -p idem-benches --bench codec` (add `-- --quick` for a short run).
 
 use idem::__private::codec_bench as codec;
 

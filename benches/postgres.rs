@@ -18,7 +18,7 @@
 //! against the same server directly, which is what that mode costs before any pooler's own hop.
 //!
 //! The server is a real PostgreSQL that the benchmark creates with `initdb` on a free loopback port
-//! (the tests' harness). Run with `cargo bench --bench postgres --features postgres`.
+//! (the tests' harness). Run with `cargo bench -p idem-benches --features postgres --bench postgres`.
 
 mod common;
 

@@ -13,7 +13,7 @@
 //!   100 ms: how every waiter waited before pub/sub) and woken by pub/sub.
 //!
 //! The server is a real `redis-server` that the benchmark starts on a free loopback port (the
-//! tests' harness). Run with `cargo bench --bench redis --features redis`.
+//! tests' harness). Run with `cargo bench -p idem-benches --features redis --bench redis`.
 
 mod common;
 

@@ -276,6 +276,74 @@ async fn typed_results_count_their_encoded_size() {
     assert_eq!((store.len(), store.bytes()), (0, 0));
 }
 
+static COUNTED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(store = store, key = id, name = "memory.by_digest")]
+async fn counted(store: &MemoryStore, id: u64) -> Result<u64, Error> {
+    COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(id)
+}
+
+/// Replays find a record by its key's exact encoding, but the record is still the digest's: an
+/// operator who removes it by the digest a log shows (`Key::from_digest`) removes it, and the
+/// next call runs the body again (then replays again).
+#[tokio::test]
+async fn a_record_found_by_its_exact_key_is_removed_by_its_digest() {
+    let store = MemoryStore::new();
+    assert_eq!(counted(&store, 5).await.unwrap(), 5);
+    assert_eq!(counted(&store, 5).await.unwrap(), 5);
+    assert_eq!(
+        COUNTED_RUNS.load(Ordering::SeqCst),
+        1,
+        "the second call replayed"
+    );
+
+    let logged = Key::new("memory.by_digest", &5u64).to_hex();
+    let mut digest = [0u8; 32];
+    for (byte, pair) in digest.iter_mut().zip(logged.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+    }
+    assert!(store.remove(Key::from_digest(digest)).await.unwrap());
+    assert_eq!((store.len(), store.bytes()), (0, 0));
+
+    assert_eq!(counted(&store, 5).await.unwrap(), 5);
+    assert_eq!(
+        COUNTED_RUNS.load(Ordering::SeqCst),
+        2,
+        "removed: the body ran again"
+    );
+    assert_eq!(counted(&store, 5).await.unwrap(), 5);
+    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2, "then replayed");
+}
+
+/// A key too long to keep exactly is found by its digest: the same answers, and its record is
+/// removed by its key.
+#[tokio::test]
+async fn a_long_key_replays_and_is_removed_by_its_digest() {
+    let store = MemoryStore::new();
+    let long = "k".repeat(500);
+    let runs = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let value = Idempotent::new(&store, long.as_str())
+            .name("memory.long")
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(7u8)
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, 7);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        store
+            .remove(Key::new("memory.long", long.as_str()))
+            .await
+            .unwrap()
+    );
+    assert!(store.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The entry bound.
 

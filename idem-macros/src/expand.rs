@@ -269,7 +269,7 @@ fn expand(args: &Args, func: &ItemFn, checked: &Checked) -> TokenStream {
             let #name_var: &'static str = #name;
             let #owner_var = #store_owner;
             let #store_var = #store;
-            let #key_var = #krate::__private::Key::new(#name_var, #key);
+            let #key_var = #krate::__private::key(#store_var, #name_var, #key);
             let #fingerprint_var = #fingerprint;
             let #policy_var = &#krate::__private::policy(#ttl, #lease, #on_conflict, #wait_timeout);
             let #eq_var = {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::exec::CallKey;
 pub use crate::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Key, KeyPart,
     MemoryStore, OnConflict, Policy, Store,
@@ -41,6 +42,12 @@ impl<S: Store> AsStore for S {
     fn as_dyn_store(&self) -> &dyn Store {
         self
     }
+}
+
+/// The key of an `#[idempotent]` call: `Key::new(name, value)`, found without its digest when
+/// the in-memory store already holds a record of it.
+pub fn key<V: KeyPart + ?Sized>(store: &dyn Store, name: &str, value: &V) -> CallKey {
+    CallKey::new(store, name, value)
 }
 
 /// Checks a default-key argument at its type: a type that is not a key part is reported on the
@@ -98,38 +105,21 @@ impl<T, E> IdemResult for Result<T, E> {
 /// Runs an `#[idempotent]` function's body through the executor. The bounds name the marker
 /// traits, so a violation is reported with their messages; the return type unifies with the
 /// function's own, `Result<T, E>` or an alias of it.
+///
+/// Not an `async fn`: a replay from the in-memory store is done here, when the expansion calls
+/// it (in the function's own future, at its first poll), and returns a ready [`Run`], so it never
+/// builds the executor's future, whose moves were a tenth of a replay. Any other call runs the
+/// executor in one allocation.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<T, E, Fut>(
-    store: &dyn Store,
-    name: &str,
-    key: Key,
+pub fn run<'a, T, E, Fut>(
+    store: &'a dyn Store,
+    name: &'a str,
+    key: CallKey,
     fingerprint: Option<Fingerprint>,
-    policy: &Policy,
+    policy: &'a Policy,
     eq: Option<fn(&T, &T) -> bool>,
     body: Fut,
-) -> Result<T, E>
-where
-    T: Storable,
-    E: FromIdemError,
-    Fut: Future<Output = Result<T, E>>,
-{
-    run_with_outcome(store, name, key, fingerprint, policy, eq, body)
-        .await
-        .map(|outcome| outcome.value)
-}
-
-/// [`run`] for a function with the `outcome` option: its return type is
-/// `Result<Outcome<T>, E>` (or an alias of it).
-#[allow(clippy::too_many_arguments)]
-pub async fn run_with_outcome<T, E, Fut>(
-    store: &dyn Store,
-    name: &str,
-    key: Key,
-    fingerprint: Option<Fingerprint>,
-    policy: &Policy,
-    eq: Option<fn(&T, &T) -> bool>,
-    body: Fut,
-) -> Result<crate::Outcome<T>, E>
+) -> Run<impl Future<Output = Result<T, E>>>
 where
     T: Storable,
     E: FromIdemError,
@@ -137,11 +127,100 @@ where
 {
     let call = crate::exec::Call {
         name,
-        key,
+        key: key.key,
         fingerprint,
         policy,
     };
-    crate::exec::execute(store, call, eq, body).await
+    let replayed = match key.replayable {
+        true => crate::exec::replay_in_memory(store, &call),
+        false => None,
+    };
+    match replayed {
+        Some(replayed) => Run::ready(replayed.map(|outcome| outcome.value).map_err(E::from)),
+        None => Run::running(async move {
+            crate::exec::execute(store, call, eq, body)
+                .await
+                .map(|outcome| outcome.value)
+        }),
+    }
+}
+
+/// [`run`] for a function with the `outcome` option: its return type is
+/// `Result<Outcome<T>, E>` (or an alias of it).
+#[allow(clippy::too_many_arguments)]
+pub fn run_with_outcome<'a, T, E, Fut>(
+    store: &'a dyn Store,
+    name: &'a str,
+    key: CallKey,
+    fingerprint: Option<Fingerprint>,
+    policy: &'a Policy,
+    eq: Option<fn(&T, &T) -> bool>,
+    body: Fut,
+) -> Run<impl Future<Output = Result<crate::Outcome<T>, E>>>
+where
+    T: Storable,
+    E: FromIdemError,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let call = crate::exec::Call {
+        name,
+        key: key.key,
+        fingerprint,
+        policy,
+    };
+    let replayed = match key.replayable {
+        true => crate::exec::replay_in_memory(store, &call),
+        false => None,
+    };
+    match replayed {
+        Some(replayed) => Run::ready(replayed.map_err(E::from)),
+        None => Run::running(crate::exec::execute(store, call, eq, body)),
+    }
+}
+
+/// The future of an `#[idempotent]` call: its result, when it was replayed before the executor
+/// started, or the executor, boxed.
+#[must_use = "an idempotent call does nothing until it is awaited"]
+pub struct Run<F: Future> {
+    state: RunState<F>,
+}
+
+enum RunState<F: Future> {
+    Ready(Option<F::Output>),
+    Running(std::pin::Pin<Box<F>>),
+}
+
+impl<F: Future> Run<F> {
+    fn ready(output: F::Output) -> Self {
+        Run {
+            state: RunState::Ready(Some(output)),
+        }
+    }
+
+    fn running(future: F) -> Self {
+        Run {
+            state: RunState::Running(Box::pin(future)),
+        }
+    }
+}
+
+// `Run` never pins its output, and its future is boxed.
+impl<F: Future> Unpin for Run<F> {}
+
+impl<F: Future> Future for Run<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        match &mut self.get_mut().state {
+            RunState::Ready(output) => {
+                std::task::Poll::Ready(output.take().expect("`Run` polled after it completed"))
+            }
+            RunState::Running(future) => future.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Finds `T`'s equality by autoref specialisation: `(&EqProbe::<T>::new()).eq_fn()` is

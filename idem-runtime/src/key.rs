@@ -113,6 +113,28 @@ impl Key {
         Key(enc.digest(&KEY_HASH_KEY))
     }
 
+    /// [`Key::new`] in two steps, for the executor: `then` gets the key's canonical encoding,
+    /// whose exact bytes the in-memory store finds records by, and takes the digest only if it
+    /// needs it, so a replay found by its exact bytes hashes nothing with BLAKE3.
+    ///
+    /// The encoding lives on this call's stack (it is large: it can spill into the streaming
+    /// hasher), so it is handed to a closure rather than returned.
+    #[inline]
+    pub(crate) fn encode_then<V: KeyPart + ?Sized, R>(
+        namespace: &str,
+        value: &V,
+        then: impl FnOnce(&mut KeyEncoding<'_, '_>) -> R,
+    ) -> R {
+        let mut enc = Encoder::hashing(&KEY_HASH_KEY);
+        enc.write_str(namespace);
+        <[&str]>::encode(&[], &mut enc);
+        value.encode(&mut enc);
+        then(&mut KeyEncoding {
+            enc: &mut enc,
+            digest: None,
+        })
+    }
+
     /// The digest's 32 bytes; what remote stores use as the record's name.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -126,6 +148,41 @@ impl Key {
     /// The digest as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
         self.to_string()
+    }
+}
+
+/// A key's canonical encoding (what [`Key::new`] hashes), before its digest is taken; see
+/// [`Key::encode_then`].
+pub(crate) struct KeyEncoding<'e, 'a> {
+    /// Borrowed, never moved: it is a few hundred bytes, and up to 2 KiB with its hasher.
+    enc: &'e mut Encoder<'a>,
+    /// The digest, once taken (the streaming hasher cannot finish twice).
+    digest: Option<Key>,
+}
+
+impl KeyEncoding<'_, '_> {
+    /// The exact bytes that the key's digest is taken of, when they fit on the stack: equal
+    /// bytes are an equal key, and distinct bytes a distinct one (the encoding is injective).
+    /// `None` for a long key, whose bytes went on into the streaming hasher.
+    #[inline]
+    pub(crate) fn exact(&self) -> Option<&[u8]> {
+        match &self.enc.sink {
+            Sink::Hash {
+                stack,
+                len,
+                spill: None,
+                ..
+            } => stack.get(..*len),
+            _ => None,
+        }
+    }
+
+    /// The key: the digest of the encoding, exactly [`Key::new`]'s.
+    pub(crate) fn digest(&mut self) -> Key {
+        let enc = &mut self.enc;
+        *self
+            .digest
+            .get_or_insert_with(|| Key(enc.digest(&KEY_HASH_KEY)))
     }
 }
 
@@ -252,6 +309,7 @@ impl<'a> Encoder<'a> {
         }
     }
 
+    #[inline]
     fn raw(&mut self, bytes: &[u8]) {
         match &mut self.sink {
             Sink::Hash {

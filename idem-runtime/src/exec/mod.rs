@@ -19,7 +19,7 @@ use crate::key::{Fingerprint, Key, KeyPart};
 use crate::metrics;
 use crate::record::{Claim, Completion, Token};
 use crate::store::Store;
-use crate::store::memory::{Value, ValueClaim};
+use crate::store::memory::{MAX_EXACT_KEY, Value, ValueClaim};
 
 /// How long a completed result is remembered unless told otherwise: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -315,13 +315,16 @@ impl<'s, S: Store + ?Sized, K: KeyPart> Idempotent<'s, S, K> {
             Some(name) => name,
             None => Cow::Owned(call_site_namespace::<F>(self.site)?),
         };
-        let key = Key::new(&name, &self.key);
+        let CallKey { key, replayable } = CallKey::new(self.store, &name, &self.key);
         let call = Call {
             name: &name,
             key,
             fingerprint: self.fingerprint,
             policy: &self.policy,
         };
+        if replayable && let Some(replayed) = replay_in_memory(self.store, &call) {
+            return replayed.map_err(E::from);
+        }
         execute(self.store, call, None, async move { body().await }).await
     }
 }
@@ -359,6 +362,62 @@ fn identifies_a_body(type_name: &str) -> bool {
     !type_name
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
         .any(|word| word == "dyn" || word == "fn")
+}
+
+/// A call's key as the executor takes it: [`Key::new`]'s digest, and whether the in-memory
+/// store may hold a completed record of it.
+///
+/// With the in-memory store, the key is first looked up by its exact encoding
+/// ([`MemoryStore::digest_of`](crate::MemoryStore)): a key whose record was replayed before gets
+/// its digest from there, so a replay takes no BLAKE3 digest. Otherwise the digest is taken,
+/// and if the key has a completed record (this call is its first replay), the record keeps the
+/// encoding for the next ones; if it has none, the call need not look for a replay again.
+pub struct CallKey {
+    pub(crate) key: Key,
+    /// `false` when this call has just seen that the in-memory store holds no live completed
+    /// record of the key (most often: a first execution).
+    pub(crate) replayable: bool,
+}
+
+impl CallKey {
+    /// The key of `value` in `namespace` (exactly `Key::new(namespace, value)`), for a call to
+    /// `store`.
+    pub(crate) fn new<S: Store + ?Sized, V: KeyPart + ?Sized>(
+        store: &S,
+        namespace: &str,
+        value: &V,
+    ) -> CallKey {
+        let Some(memory) = store.as_memory() else {
+            return CallKey {
+                key: Key::new(namespace, value),
+                replayable: false,
+            };
+        };
+        Key::encode_then(namespace, value, |encoding| {
+            let exact = match encoding.exact() {
+                Some(exact) if exact.len() <= MAX_EXACT_KEY => {
+                    if let Some(key) = memory.digest_of(exact) {
+                        return CallKey {
+                            key,
+                            replayable: true,
+                        };
+                    }
+                    // Copied out (at most MAX_EXACT_KEY bytes) so the encoder can finish.
+                    let mut copy = [0u8; MAX_EXACT_KEY];
+                    copy[..exact.len()].copy_from_slice(exact);
+                    Some((copy, exact.len()))
+                }
+                // A long key: found by its digest, as remote stores find every key.
+                _ => None,
+            };
+            let key = encoding.digest();
+            let replayable = match &exact {
+                Some((copy, len)) => memory.keep_exact(&key, &copy[..*len]),
+                None => true,
+            };
+            CallKey { key, replayable }
+        })
+    }
 }
 
 /// Everything the executor needs to know about one call besides its store and body.
@@ -450,8 +509,75 @@ async fn claim<S: Store + ?Sized>(
 /// A stored value as `T`: decoded from its record on every replay, on every store, so a replay
 /// is a value of its own, exactly what any store returns (a clone of a kept value would share
 /// its `Arc`s and go through the type's own `Clone`, which need not be faithful).
-fn decode<T: DeserializeOwned + 'static>(value: &Value) -> Result<T, Error> {
-    decode_result(&value.to_bytes()?)
+fn decode<T: DeserializeOwned + 'static>(
+    call: Option<Fingerprint>,
+    value: &[u8],
+    stored: Option<Fingerprint>,
+) -> Result<T, Unreplayable> {
+    if !fingerprint_matches(call, stored) {
+        return Err(Unreplayable::KeyReused);
+    }
+    decode_result(value).map_err(Unreplayable::Undecodable)
+}
+
+/// Why a completed record found by a call is not its result.
+enum Unreplayable {
+    /// The record was made with another fingerprint.
+    KeyReused,
+    /// The record does not decode as `T`.
+    Undecodable(Error),
+}
+
+/// Step 3 of the executor: a completed record was found and [`decode`]d; emits the call's
+/// outcome.
+fn replay<T>(
+    call: &Call<'_>,
+    decoded: Result<T, Unreplayable>,
+    expires_in: Duration,
+    waited: bool,
+) -> Result<Outcome<T>, Error> {
+    match decoded {
+        Ok(value) => {
+            let status = Status::replay(waited);
+            outcome!(DEBUG, call, status.as_str());
+            Ok(Outcome {
+                value,
+                status,
+                expires_in: Some(expires_in),
+            })
+        }
+        Err(Unreplayable::KeyReused) => {
+            outcome!(INFO, call, "key_reused");
+            Err(Error::KeyReused)
+        }
+        Err(Unreplayable::Undecodable(err)) => {
+            outcome!(WARN, call, "store_error", error = %err, step = "decode");
+            Err(err)
+        }
+    }
+}
+
+/// A replay from the in-memory store, done before the executor's future is made, with the
+/// checks and the outcome event of `execute`'s replay. `None` when there is no live completed
+/// record: then `execute` claims as usual.
+///
+/// The value is decoded under the record's shard read lock (as a `DashMap` user clones a value
+/// under it), so its bytes are neither copied nor shared; the outcome event, which runs the
+/// subscriber's code, is emitted after the lock is released.
+pub(crate) fn replay_in_memory<S, T>(
+    store: &S,
+    call: &Call<'_>,
+) -> Option<Result<Outcome<T>, Error>>
+where
+    S: Store + ?Sized,
+    T: DeserializeOwned + 'static,
+{
+    let (decoded, expires_in) = store
+        .as_memory()?
+        .read_completed(&call.key, |value, fingerprint, expires_in| {
+            (decode(call.fingerprint, value, fingerprint), expires_in)
+        })?;
+    Some(replay(call, decoded, expires_in, false))
 }
 
 /// Emits the `cancelled` (or `panicked`) event of a call whose future is dropped before it
@@ -554,29 +680,13 @@ where
                 break token;
             }
             ValueClaim::Completed {
-                value,
+                value: Value::Bytes(value),
                 fingerprint,
                 expires_in,
             } => {
                 report.reported();
-                if !fingerprint_matches(call.fingerprint, fingerprint) {
-                    outcome!(INFO, call, "key_reused");
-                    return Err(Error::KeyReused.into());
-                }
-                let value = match decode::<T>(&value) {
-                    Ok(value) => value,
-                    Err(err) => {
-                        outcome!(WARN, call, "store_error", error = %err, step = "decode");
-                        return Err(err.into());
-                    }
-                };
-                let status = Status::replay(waited);
-                outcome!(DEBUG, call, status.as_str());
-                return Ok(Outcome {
-                    value,
-                    status,
-                    expires_in: Some(expires_in),
-                });
+                let decoded = decode(call.fingerprint, &value, fingerprint);
+                return replay(&call, decoded, expires_in, waited).map_err(E::from);
             }
             ValueClaim::Busy { lease_left } => {
                 wait_started.get_or_insert_with(metrics::start);

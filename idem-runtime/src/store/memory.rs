@@ -27,12 +27,25 @@ pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
 
 /// The bytes a [`MemoryStore`] counts for each record on top of its result: its key, the record,
-/// its slot in the map (with the map's spare capacity), its entry in the expiry queue and the
-/// waiters of an in-progress claim. 480 on 64-bit targets: an estimate that errs high (a million
-/// records of 1-byte results measured about 450 bytes resident each), so that a store of many
-/// tiny records is bounded too.
-pub const RECORD_OVERHEAD: usize =
-    2 * size_of::<(Key, Record)>() + 2 * size_of::<(Instant, Key)>() + NOTIFY_ALLOCATION;
+/// its slot in the map (with the map's spare capacity), its entry in the expiry queue, the
+/// waiters of an in-progress claim, and the exact encoding of its key with its entry in the map
+/// that replays find the record's digest by (at its longest). 752 on 64-bit targets: an estimate
+/// that errs high (a million records of 1-byte results measured about 450 bytes resident each
+/// before the exact encodings were kept), so that a store of many tiny records is bounded too.
+pub const RECORD_OVERHEAD: usize = 2 * size_of::<(Key, Record)>()
+    + 2 * size_of::<(Instant, Key)>()
+    + NOTIFY_ALLOCATION
+    + EXACT_ALLOCATION
+    + 2 * size_of::<(Arc<[u8]>, Key)>();
+
+/// The longest exact key encoding a record keeps, in bytes. A longer key is found by its
+/// digest, as before, and costs its replays a BLAKE3 digest. Keys of a function path, a few
+/// integers, UUIDs or short strings fit.
+pub(crate) const MAX_EXACT_KEY: usize = 128;
+
+/// The allocation of the longest exact key encoding (`Arc<[u8]>`: two counters and the bytes,
+/// rounded up to the allocator's 16 bytes).
+const EXACT_ALLOCATION: usize = (2 * size_of::<usize>() + MAX_EXACT_KEY).next_multiple_of(16);
 
 /// The allocation of an in-progress claim's `Arc<Notify>` (two counters and the `Notify`,
 /// rounded up to the allocator's size class).
@@ -140,6 +153,15 @@ const EVICT_BUDGET: usize = 32;
 /// ```
 pub struct MemoryStore {
     records: DashMap<Key, Record>,
+    /// The digest of a record's key by the key's exact encoding ([`Key::new`] hashes it), for
+    /// the records that were replayed: a replay finds its record by the bytes it encoded,
+    /// without taking the digest (BLAKE3 was most of an in-memory replay). Records stay keyed by
+    /// the digest, so every operation of the [`Store`] trait, `remove(Key::from_digest(..))`
+    /// among them, finds them as before. An entry is added by a record's first replay
+    /// ([`keep_exact`](Self::keep_exact)) and removed with the record, both under the record's
+    /// shard write lock (taken first; a lookup here holds no lock on `records`), so there is
+    /// never more than one per record.
+    digests: DashMap<Arc<[u8]>, Key>,
     /// Per queue, `(due, key)` of every record whose key falls in it: exactly one entry per
     /// record, at the record's `due`. Changed only under the key's shard lock (taken first), or
     /// by a pop that takes no shard lock while it holds the queue.
@@ -193,6 +215,15 @@ struct Record {
     /// When the expiry queue looks at the record next: never later than its expiry (a renewal
     /// pushes the lease out without moving it; the record is queued again when it comes due).
     due: Instant,
+    /// Its key's exact encoding, once the record was replayed: its entry in `digests`.
+    exact: Option<Arc<[u8]>>,
+}
+
+impl Record {
+    /// The bytes it counts against the store's byte bound.
+    fn size(&self) -> usize {
+        RECORD_OVERHEAD + self.state.value_size()
+    }
 }
 
 enum State {
@@ -345,6 +376,7 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             records: DashMap::with_shard_amount(shards_for(self.max_entries)),
+            digests: DashMap::with_shard_amount(shards_for(self.max_entries)),
             queues: (0..QUEUES).map(|_| Mutex::default()).collect(),
             len: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -512,8 +544,9 @@ impl MemoryStore {
             entry.get_mut().due = expiry;
             return false;
         }
+        self.forget_exact(entry.get());
         let (_, old) = entry.remove_entry();
-        self.forget(&old.state);
+        self.forget(&old);
         old.state.wake_waiters();
         true
     }
@@ -586,10 +619,54 @@ impl MemoryStore {
     }
 
     /// Uncounts a record that left the map.
-    fn forget(&self, state: &State) {
+    fn forget(&self, record: &Record) {
         self.len.fetch_sub(1, Ordering::AcqRel);
-        self.bytes
-            .fetch_sub(RECORD_OVERHEAD + state.value_size(), Ordering::AcqRel);
+        self.bytes.fetch_sub(record.size(), Ordering::AcqRel);
+    }
+
+    /// Removes the `digests` entry of a record that is leaving the map. Called under the
+    /// record's shard lock, so that a new record of the same key cannot have added its own yet.
+    fn forget_exact(&self, record: &Record) {
+        if let Some(exact) = &record.exact {
+            self.digests.remove(&**exact);
+        }
+    }
+
+    /// The digest of the key whose exact encoding is `exact`, if a record holds it (see
+    /// [`keep_exact`](Self::keep_exact)): [`Key::new`]'s, without BLAKE3. `None` says nothing
+    /// about the record.
+    pub(crate) fn digest_of(&self, exact: &[u8]) -> Option<Key> {
+        self.digests.get(exact).map(|digest| *digest)
+    }
+
+    /// After a call missed [`digest_of`](Self::digest_of) and took the digest: if `key` has a
+    /// live completed record, it keeps `exact` (at most [`MAX_EXACT_KEY`] bytes), so that its
+    /// later replays find it without the digest. Returns whether there was such a record.
+    ///
+    /// Only a record that is replayed keeps its key's encoding: a first execution neither
+    /// allocates it nor writes to `digests` (most keys are never replayed; their first
+    /// executions were 1.5 times slower when every record kept it).
+    pub(crate) fn keep_exact(&self, key: &Key, exact: &[u8]) -> bool {
+        let now = Instant::now();
+        let completed = |record: &Record| matches!(record.state, State::Completed { expires_at, .. } if expires_at > now);
+        match self.records.get(key) {
+            Some(record) if completed(&record) => {
+                if record.exact.is_some() {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        // Under the shard's write lock, so that the record and its entry in `digests` come and
+        // go together.
+        if let Some(mut record) = self.records.get_mut(key)
+            && record.exact.is_none()
+        {
+            let exact: Arc<[u8]> = Arc::from(exact);
+            self.digests.insert(Arc::clone(&exact), *key);
+            record.exact = Some(exact);
+        }
+        true
     }
 
     /// Accounts a record whose value changed in place.
@@ -646,6 +723,7 @@ impl MemoryStore {
                         drop(entry.insert(Record {
                             state: State::in_progress(token, lease_until, fingerprint),
                             due: lease_until,
+                            exact: None,
                         }));
                         self.expire_due(&key, taken, now);
                         return Ok(ValueClaim::Acquired(token));
@@ -661,6 +739,33 @@ impl MemoryStore {
                     }
                 },
             }
+        }
+    }
+
+    /// Hands a live completed record of `key` to `read` (its encoded value, fingerprint and
+    /// time left), under the shard's read lock, so the value is neither copied nor shared; `None`
+    /// when there is no such record (absent, in progress, expired).
+    ///
+    /// A replay's read: no expiry work, no write lock. `read` must be short (it holds writers of
+    /// the shard off): the executor decodes the value in it, as a `DashMap` user clones a value
+    /// under the lock.
+    pub(crate) fn read_completed<R>(
+        &self,
+        key: &Key,
+        read: impl FnOnce(&[u8], Option<Fingerprint>, Duration) -> R,
+    ) -> Option<R> {
+        let record = self.records.get(key)?;
+        match &record.state {
+            State::Completed {
+                value: Value::Bytes(bytes),
+                fingerprint,
+                expires_at,
+                ..
+            } => {
+                let now = Instant::now();
+                (*expires_at > now).then(|| read(bytes, *fingerprint, *expires_at - now))
+            }
+            State::InProgress { .. } => None,
         }
     }
 
@@ -749,6 +854,7 @@ impl MemoryStore {
                         expires_at,
                     },
                     due: expires_at,
+                    exact: None,
                 }));
                 self.expire_due(&key, taken, now);
                 Completion::Stored
@@ -784,8 +890,9 @@ impl MemoryStore {
             return false;
         }
         self.requeue(key, Some(entry.get().due), None);
+        self.forget_exact(entry.get());
         let (_, old) = entry.remove_entry();
-        self.forget(&old.state);
+        self.forget(&old);
         old.state.wake_waiters();
         true
     }
@@ -986,12 +1093,19 @@ mod tests {
             );
         }
         assert_eq!(store.len(), store.records.len());
-        let bytes: usize = store
-            .records
-            .iter()
-            .map(|r| RECORD_OVERHEAD + r.state.value_size())
-            .sum();
+        let bytes: usize = store.records.iter().map(|r| r.size()).sum();
         assert_eq!(store.bytes(), bytes);
+        let exact = store.records.iter().filter(|r| r.exact.is_some()).count();
+        assert_eq!(
+            store.digests.len(),
+            exact,
+            "one digests entry per record that has one"
+        );
+        for record in store.records.iter() {
+            if let Some(bytes) = &record.exact {
+                assert_eq!(store.digest_of(bytes), Some(*record.key()));
+            }
+        }
     }
 
     /// With 20,000 expired records waiting, each claim of a new key handles at most
@@ -1114,7 +1228,7 @@ mod tests {
     #[test]
     fn the_record_overhead_is_what_the_docs_say() {
         // RECORD_OVERHEAD's docs and the README give this number: update them with it.
-        assert_eq!(RECORD_OVERHEAD, 480);
+        assert_eq!(RECORD_OVERHEAD, 752);
     }
 
     #[test]
