@@ -69,18 +69,16 @@ pub async fn handle(
         .transactional(("inbox", msg.id.as_str()))
         .name("postgres_inbox.record_order.v1")
         .ttl(Duration::from_secs(7 * 24 * 3600))
-        .run_with_outcome(move |tx| {
-            Box::pin(async move {
-                let row = tx
-                    .query_one(
-                        "INSERT INTO inbox_orders (order_id, cents) VALUES ($1, $2) RETURNING id",
-                        &[&order_id, &cents],
-                    )
-                    .await?;
-                Ok::<_, InboxError>(Recorded {
-                    order_id,
-                    row: row.try_get(0)?,
-                })
+        .run_with_outcome(async move |tx| {
+            let row = tx
+                .query_one(
+                    "INSERT INTO inbox_orders (order_id, cents) VALUES ($1, $2) RETURNING id",
+                    &[&order_id, &cents],
+                )
+                .await?;
+            Ok::<_, InboxError>(Recorded {
+                order_id,
+                row: row.try_get(0)?,
             })
         })
         .await?;

@@ -150,7 +150,9 @@
 //! - `redis`: `RedisStore`, records in Redis (or Redis
 //!   Cluster), shared by many processes and machines.
 //! - `postgres`: `PostgresStore`, durable records in
-//!   PostgreSQL, with a transactional mode.
+//!   PostgreSQL, with a transactional mode (`transactional`).
+//! - `sqlx-postgres`: with `postgres`, the transactional mode on an application's own
+//!   `sqlx::PgPool` (sqlx 0.8; its PostgreSQL driver and tokio runtime only).
 //! - `http`: `IdempotencyLayer`, `Idempotency-Key` semantics for
 //!   tower and axum services.
 //! - `uuid`: [`uuid::Uuid`](https://docs.rs/uuid) as a key part.
@@ -189,13 +191,19 @@ pub use idem_runtime::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use idem_runtime::RedisStore;
+/// The transactional mode: the record and the body's own writes commit in one PostgreSQL
+/// transaction, on the store's pool or (feature `sqlx-postgres`) a `sqlx::PgPool` (needs the
+/// `postgres` feature).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use idem_runtime::transactional;
 
 /// The stores, one module each: builders, constants and the types their APIs name (for
-/// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take);
-/// and what a store of your own implements and names: the [`Store`] trait,
-/// [`Claim`](store::Claim), [`Completed`](store::Completed), [`Completion`](store::Completion),
-/// fencing [`Token`](store::Token)s, [`BoxFuture`](store::BoxFuture) and
-/// [`Bytes`](store::Bytes).
+/// PostgreSQL, the re-exported `tokio_postgres` whose `Transaction` transactional bodies take,
+/// and with `sqlx-postgres` the re-exported `sqlx`); and what a store of your own implements and
+/// names: the [`Store`] trait, [`Claim`](store::Claim), [`Completed`](store::Completed),
+/// [`Completion`](store::Completion), fencing [`Token`](store::Token)s,
+/// [`BoxFuture`](store::BoxFuture) and [`Bytes`](store::Bytes).
 pub mod store {
     #[doc(no_inline)]
     pub use idem_runtime::Store;
@@ -208,6 +216,10 @@ pub mod store {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub use idem_runtime::store::redis;
+    /// The seam of the transactional mode, for backends (needs the `postgres` feature).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub use idem_runtime::store::transaction;
     pub use idem_runtime::store::{
         BoxFuture, Bytes, Claim, Completed, Completion, IfUnsafe, Token,
     };

@@ -614,16 +614,14 @@ async fn transactional_body_that_fails_leaves_neither_writes_nor_record_and_the_
         store
             .transactional(k.clone())
             .name("tx.orders")
-            .run_with_outcome(move |tx| {
-                Box::pin(async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
-                        .await?;
-                    if fail {
-                        return Err(TxError::Declined);
-                    }
-                    Ok(k.len())
-                })
+            .run_with_outcome(async move |tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                    .await?;
+                if fail {
+                    return Err(TxError::Declined);
+                }
+                Ok(k.len())
             })
     };
     assert!(matches!(call(true).await, Err(TxError::Declined)));
@@ -672,14 +670,12 @@ async fn concurrent_transactional_duplicates_write_once() {
             store
                 .transactional(k.clone())
                 .name("tx.orders")
-                .run_with_outcome(move |tx| {
-                    Box::pin(async move {
-                        let row = tx
-                            .query_one("INSERT INTO tx_orders (k) VALUES ($1) RETURNING id", &[&k])
-                            .await?;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        Ok::<i64, TxError>(row.get(0))
-                    })
+                .run_with_outcome(async move |tx| {
+                    let row = tx
+                        .query_one("INSERT INTO tx_orders (k) VALUES ($1) RETURNING id", &[&k])
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<i64, TxError>(row.get(0))
                 })
                 .await
         });
@@ -713,14 +709,12 @@ async fn callers_blocked_by_an_open_transaction_see_it_busy_then_replay() {
             store
                 .transactional(k.clone())
                 .name("tx.orders")
-                .run(move |tx| {
-                    Box::pin(async move {
-                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
-                            .await?;
-                        let _ = entered_tx.send(());
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
-                        Ok::<_, TxError>(String::from("first"))
-                    })
+                .run(async move |tx| {
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                        .await?;
+                    let _ = entered_tx.send(());
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok::<_, TxError>(String::from("first"))
                 })
                 .await
         })
@@ -802,13 +796,11 @@ async fn a_process_killed_before_commit_leaves_neither_and_the_retry_runs_once()
         let out = store
             .transactional(k.clone())
             .name("tx.orders")
-            .run_with_outcome(move |tx| {
-                Box::pin(async move {
-                    runs2.fetch_add(1, Ordering::SeqCst);
-                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                        .await?;
-                    Ok::<_, TxError>(1u8)
-                })
+            .run_with_outcome(async move |tx| {
+                runs2.fetch_add(1, Ordering::SeqCst);
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                    .await?;
+                Ok::<_, TxError>(1u8)
             })
             .await
             .unwrap();
@@ -1035,14 +1027,12 @@ async fn crash_child(store: &PostgresStore, k: String) {
     let _ = store
         .transactional(k.clone())
         .name("tx.orders")
-        .run(move |tx| {
-            Box::pin(async move {
-                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
-                    .await?;
-                println!("WROTE");
-                std::future::pending::<()>().await;
-                Ok::<u8, TxError>(0)
-            })
+        .run(async move |tx| {
+            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k])
+                .await?;
+            println!("WROTE");
+            std::future::pending::<()>().await;
+            Ok::<u8, TxError>(0)
         })
         .await;
 }
@@ -1053,17 +1043,15 @@ async fn freeze_child(store: &PostgresStore, k: String) {
         .transactional(k.clone())
         .name("tx.frozen")
         .lease(Duration::from_secs(1))
-        .run(move |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'frozen')",
-                    &[&k],
-                )
-                .await?;
-                println!("WROTE");
-                std::future::pending::<()>().await;
-                Ok::<u8, TxError>(0)
-            })
+        .run(async move |tx| {
+            tx.execute(
+                "INSERT INTO tx_orders (k, note) VALUES ($1, 'frozen')",
+                &[&k],
+            )
+            .await?;
+            println!("WROTE");
+            std::future::pending::<()>().await;
+            Ok::<u8, TxError>(0)
         })
         .await;
 }
@@ -1102,8 +1090,7 @@ async fn hammer_child(store: Arc<PostgresStore>, tag: String) {
                 let v = store
                     .transactional((tag.as_str(), k))
                     .name("hammer.transactional")
-                    .run(move |tx| {
-                        Box::pin(async move {
+                    .run(async move |tx| {
                             tx.execute(
                                 "INSERT INTO hammer_runs (tag, k, mode, pid) VALUES ($1, $2, 'transactional', $3)",
                                 &[&tag2, &k, &pid],
@@ -1112,7 +1099,6 @@ async fn hammer_child(store: Arc<PostgresStore>, tag: String) {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             Ok::<_, TxError>(format!("{pid}"))
                         })
-                    })
                     .await
                     .expect("transactional call");
                 println!("RESULT t{k}={v}");
@@ -1137,11 +1123,9 @@ async fn transactional_key_reused_with_another_fingerprint() {
             .transactional(k.clone())
             .name("tx.fingerprint")
             .fingerprint(fingerprint)
-            .run_with_outcome(move |_tx| {
-                Box::pin(async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, Error>(fingerprint.to_owned())
-                })
+            .run_with_outcome(async move |_tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(fingerprint.to_owned())
             })
     };
     let first = call("body A").await.unwrap();
@@ -1177,12 +1161,10 @@ async fn a_claim_that_met_a_held_key_is_granted_its_whole_lease() {
             store
                 .transactional(k)
                 .name("grant")
-                .run(move |_tx| {
-                    Box::pin(async move {
-                        let _ = entered_tx.send(());
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                        Err::<String, _>(TxError::Declined)
-                    })
+                .run(async move |_tx| {
+                    let _ = entered_tx.send(());
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Err::<String, _>(TxError::Declined)
                 })
                 .await
         })
@@ -1253,13 +1235,11 @@ async fn duplicates_waiting_for_a_transactional_holder_leave_connections_to_othe
             store
                 .transactional(k)
                 .name("starve")
-                .run(move |_tx| {
-                    Box::pin(async move {
-                        let _ = entered_tx.send(());
-                        let _ = finish.await;
-                        holding.store(false, Ordering::SeqCst);
-                        Ok::<_, TxError>(String::from("holder"))
-                    })
+                .run(async move |_tx| {
+                    let _ = entered_tx.send(());
+                    let _ = finish.await;
+                    holding.store(false, Ordering::SeqCst);
+                    Ok::<_, TxError>(String::from("holder"))
                 })
                 .await
         })
@@ -1362,12 +1342,10 @@ async fn a_call_dropped_while_complete_waits_for_a_connection_is_not_run_again()
             store
                 .transactional(unique(&format!("hog{i}")))
                 .name("busy-pool")
-                .run(move |_tx| {
-                    Box::pin(async move {
-                        let _ = hog_in_tx.send(()).await;
-                        let _permit = release.acquire().await;
-                        Ok::<_, TxError>(i)
-                    })
+                .run(async move |_tx| {
+                    let _ = hog_in_tx.send(()).await;
+                    let _permit = release.acquire().await;
+                    Ok::<_, TxError>(i)
                 })
                 .await
         });
@@ -1512,12 +1490,10 @@ async fn through_pgbouncer_in_transaction_mode_every_call_succeeds_once() {
                 store
                     .transactional(k)
                     .name("bouncer.tx")
-                    .run(move |tx| {
-                        Box::pin(async move {
-                            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                                .await?;
-                            Ok::<_, TxError>(1u8)
-                        })
+                    .run(async move |tx| {
+                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                            .await?;
+                        Ok::<_, TxError>(1u8)
                     })
                     .await
             });
@@ -1596,12 +1572,10 @@ async fn strict_default_isolation_gives_retries_not_errors() {
                         store
                             .transactional(k)
                             .name("isolation")
-                            .run(move |_tx| {
-                                Box::pin(async move {
-                                    runs.fetch_add(1, Ordering::SeqCst);
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                    Ok::<_, Error>(caller)
-                                })
+                            .run(async move |_tx| {
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Ok::<_, Error>(caller)
                             })
                             .await
                     } else {
@@ -2014,19 +1988,17 @@ async fn purge_skips_a_row_whose_key_lock_is_taken() {
         store
             .transactional(k.clone())
             .name("purge.locked")
-            .run(move |tx| {
-                Box::pin(async move {
-                    let row = tx
-                        .query_one(
-                            "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_locks l \
+            .run(async move |tx| {
+                let row = tx
+                    .query_one(
+                        "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_locks l \
                              WHERE l.locktype = 'advisory' AND l.objsubid = 1 \
                                AND l.pid = pg_backend_pid()",
-                            &[],
-                        )
-                        .await?;
-                    *lock.lock().unwrap() = Some(row.get::<_, i64>(0));
-                    Err::<u8, _>(TxError::Declined)
-                })
+                        &[],
+                    )
+                    .await?;
+                *lock.lock().unwrap() = Some(row.get::<_, i64>(0));
+                Err::<u8, _>(TxError::Declined)
             })
             .await
     };
@@ -2108,8 +2080,9 @@ async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
     orders_table(&db).await;
     let k = unique("two-sites");
     let record = |k: String| {
-        store.transactional(k.clone()).run_with_outcome(move |tx| {
-            Box::pin(async move {
+        store
+            .transactional(k.clone())
+            .run_with_outcome(async move |tx| {
                 tx.execute(
                     "INSERT INTO tx_orders (k, note) VALUES ($1, 'recorded')",
                     &[&k],
@@ -2117,7 +2090,6 @@ async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
                 .await?;
                 Ok::<_, TxError>(1u8)
             })
-        })
     };
     let first = record(k.clone()).await.unwrap();
     let again = record(k.clone()).await.unwrap();
@@ -2129,15 +2101,13 @@ async fn unnamed_transactional_calls_at_two_sites_are_two_records() {
     let k2 = k.clone();
     let ship = store
         .transactional(k.clone())
-        .run_with_outcome(move |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'shipped')",
-                    &[&k2],
-                )
-                .await?;
-                Ok::<_, TxError>(2u8)
-            })
+        .run_with_outcome(async move |tx| {
+            tx.execute(
+                "INSERT INTO tx_orders (k, note) VALUES ($1, 'shipped')",
+                &[&k2],
+            )
+            .await?;
+            Ok::<_, TxError>(2u8)
         })
         .await
         .unwrap();
@@ -2202,12 +2172,10 @@ async fn a_frozen_transactional_holder_loses_the_key_after_its_lease() {
         .transactional(k.clone())
         .name("tx.frozen")
         .wait_timeout(Duration::from_secs(8))
-        .run_with_outcome(move |tx| {
-            Box::pin(async move {
-                tx.execute("INSERT INTO tx_orders (k, note) VALUES ($1, 'dup')", &[&k2])
-                    .await?;
-                Ok::<_, TxError>(1u8)
-            })
+        .run_with_outcome(async move |tx| {
+            tx.execute("INSERT INTO tx_orders (k, note) VALUES ($1, 'dup')", &[&k2])
+                .await?;
+            Ok::<_, TxError>(1u8)
         })
         .await;
     let waited = started.elapsed();
@@ -2241,21 +2209,19 @@ async fn a_polled_transactional_body_outlives_its_lease() {
         .transactional(k.clone())
         .name("tx.slow")
         .lease(Duration::from_millis(300))
-        .run_with_outcome(move |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
-                    &[&k2],
-                )
-                .await?;
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                tx.execute(
-                    "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
-                    &[&k2],
-                )
-                .await?;
-                Ok::<_, TxError>(2u8)
-            })
+        .run_with_outcome(async move |tx| {
+            tx.execute(
+                "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                &[&k2],
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tx.execute(
+                "INSERT INTO tx_orders (k, note) VALUES ($1, 'slow')",
+                &[&k2],
+            )
+            .await?;
+            Ok::<_, TxError>(2u8)
         })
         .await
         .expect("a polled body is not ended by the idle limit");
@@ -2296,28 +2262,24 @@ async fn a_transactional_body_leaves_no_session_setting_on_the_pool() {
     let set = store
         .transactional(unique("leak"))
         .name("tx.leak")
-        .run(|tx| {
-            Box::pin(async move {
-                tx.batch_execute("SET synchronous_commit = off; SET ROLE idem_leak_role")
-                    .await?;
-                Ok::<_, TxError>(1u8)
-            })
+        .run(async move |tx| {
+            tx.batch_execute("SET synchronous_commit = off; SET ROLE idem_leak_role")
+                .await?;
+            Ok::<_, TxError>(1u8)
         })
         .await;
     assert_eq!(set.unwrap(), 1);
     let seen = store
         .transactional(unique("leak-look"))
         .name("tx.leak")
-        .run(|tx| {
-            Box::pin(async move {
-                let row = tx
-                    .query_one(
-                        "SELECT current_setting('synchronous_commit'), current_user::text",
-                        &[],
-                    )
-                    .await?;
-                Ok::<_, TxError>((row.get::<_, String>(0), row.get::<_, String>(1)))
-            })
+        .run(async move |tx| {
+            let row = tx
+                .query_one(
+                    "SELECT current_setting('synchronous_commit'), current_user::text",
+                    &[],
+                )
+                .await?;
+            Ok::<_, TxError>((row.get::<_, String>(0), row.get::<_, String>(1)))
         })
         .await
         .unwrap();
@@ -2344,17 +2306,15 @@ async fn a_transactional_body_that_ends_the_transaction_is_refused() {
         let runs = Arc::new(AtomicUsize::new(0));
         let call = |k: String, runs: Arc<AtomicUsize>| {
             let k2 = k.clone();
-            store.transactional(k).name("tx.ends").run(move |tx| {
-                Box::pin(async move {
-                    // Only the first run ends the transaction itself.
-                    let first = runs.fetch_add(1, Ordering::SeqCst) == 0;
-                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                        .await?;
-                    if first {
-                        tx.batch_execute(end).await?;
-                    }
-                    Ok::<_, TxError>(1u8)
-                })
+            store.transactional(k).name("tx.ends").run(async move |tx| {
+                // Only the first run ends the transaction itself.
+                let first = runs.fetch_add(1, Ordering::SeqCst) == 0;
+                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                    .await?;
+                if first {
+                    tx.batch_execute(end).await?;
+                }
+                Ok::<_, TxError>(1u8)
             })
         };
         let out = call(k.clone(), runs.clone()).await;
@@ -2396,12 +2356,10 @@ async fn a_transactional_body_that_ends_the_transaction_is_refused() {
     let next = store
         .transactional(k.clone())
         .name("tx.ends")
-        .run_with_outcome(move |tx| {
-            Box::pin(async move {
-                tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                    .await?;
-                Ok::<_, TxError>(2u8)
-            })
+        .run_with_outcome(async move |tx| {
+            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                .await?;
+            Ok::<_, TxError>(2u8)
         })
         .await
         .unwrap();
@@ -2591,7 +2549,7 @@ async fn a_replay_is_served_while_a_table_lock_blocks_writers() {
         .transactional(done.clone())
         .name("lock.busy")
         .on_conflict(idem::OnConflict::Reject)
-        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .run_with_outcome(async |_tx| Ok::<_, Error>(9u8))
         .await;
     locker.batch_execute("ROLLBACK").await.unwrap();
     let replay = replay.expect("the completed record is read despite the lock");
@@ -2679,7 +2637,7 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
     let tx_replay = on_standby
         .transactional(done.clone())
         .name("standby")
-        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, Error>(9u8) }))
+        .run_with_outcome(async |_tx| Ok::<_, Error>(9u8))
         .await
         .expect("and in the transactional mode");
     assert_eq!((tx_replay.value, tx_replay.status), (1, Status::Replayed));
@@ -2702,11 +2660,9 @@ async fn a_hot_standby_serves_replays_and_refuses_writes_with_the_fix() {
         .name("standby")
         .run({
             let runs = runs.clone();
-            move |_tx| {
-                Box::pin(async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, Error>(2u8)
-                })
+            async move |_tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(2u8)
             }
         })
         .await;
@@ -2889,11 +2845,9 @@ async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
     let failed = store
         .transactional(k.clone())
         .name("tx.failed-statement")
-        .run(|tx| {
-            Box::pin(async move {
-                tx.execute("SELECT 1 / 0", &[]).await?;
-                Ok::<_, TxError>(1u8)
-            })
+        .run(async move |tx| {
+            tx.execute("SELECT 1 / 0", &[]).await?;
+            Ok::<_, TxError>(1u8)
         })
         .await;
     assert!(matches!(failed, Err(TxError::Db(_))), "{failed:?}");
@@ -2905,7 +2859,7 @@ async fn a_transactional_body_whose_statement_failed_is_an_ordinary_failure() {
     let retry = store
         .transactional(k)
         .name("tx.failed-statement")
-        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .run_with_outcome(async |_tx| Ok::<_, TxError>(2u8))
         .await
         .unwrap();
     assert_eq!((retry.value, retry.status), (2, Status::Executed));
@@ -2921,11 +2875,9 @@ async fn a_transactional_body_that_swallows_a_failed_statement_is_told_why() {
     let out = store
         .transactional(k.clone())
         .name("tx.swallow")
-        .run(|tx| {
-            Box::pin(async move {
-                let _ = tx.execute("SELECT 1 / 0", &[]).await;
-                Ok::<_, TxError>(1u8)
-            })
+        .run(async move |tx| {
+            let _ = tx.execute("SELECT 1 / 0", &[]).await;
+            Ok::<_, TxError>(1u8)
         })
         .await;
     let text = match &out {
@@ -2939,7 +2891,7 @@ async fn a_transactional_body_that_swallows_a_failed_statement_is_told_why() {
     let retry = store
         .transactional(k)
         .name("tx.swallow")
-        .run_with_outcome(|_tx| Box::pin(async { Ok::<_, TxError>(2u8) }))
+        .run_with_outcome(async |_tx| Ok::<_, TxError>(2u8))
         .await
         .unwrap();
     assert_eq!(retry.status, Status::Executed);
@@ -2962,11 +2914,9 @@ async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
     let set = store
         .transactional(unique("bouncer-leak"))
         .name("bouncer.leak")
-        .run(|tx| {
-            Box::pin(async move {
-                tx.batch_execute("SET synchronous_commit = off").await?;
-                Ok::<_, TxError>(1u8)
-            })
+        .run(async move |tx| {
+            tx.batch_execute("SET synchronous_commit = off").await?;
+            Ok::<_, TxError>(1u8)
         })
         .await;
     assert_eq!(set.unwrap(), 1);
@@ -3223,18 +3173,16 @@ async fn waiters_of_a_transactional_holder_are_woken_at_commit_and_after_rollbac
                 holder
                     .transactional(k)
                     .name("notify.tx")
-                    .run(move |_tx| {
-                        Box::pin(async move {
-                            let _ = entered_tx.send(());
-                            let _ = go.await;
-                            if fail {
-                                Err(Error::InProgress {
-                                    retry_after: Duration::ZERO,
-                                })
-                            } else {
-                                Ok(1u32)
-                            }
-                        })
+                    .run(async move |_tx| {
+                        let _ = entered_tx.send(());
+                        let _ = go.await;
+                        if fail {
+                            Err(Error::InProgress {
+                                retry_after: Duration::ZERO,
+                            })
+                        } else {
+                            Ok(1u32)
+                        }
                     })
                     .await
             })
@@ -3460,15 +3408,13 @@ async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
             a.transactional(k)
                 .name("tx.commit-slow")
                 .lease(Duration::from_millis(600))
-                .run(move |tx| {
-                    Box::pin(async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                            .await?;
-                        tx.batch_execute("COMMIT").await?;
-                        tokio::time::sleep(Duration::from_millis(2500)).await;
-                        Ok::<_, TxError>(1u8)
-                    })
+                .run(async move |tx| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                        .await?;
+                    tx.batch_execute("COMMIT").await?;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    Ok::<_, TxError>(1u8)
                 })
                 .await
         }
@@ -3485,13 +3431,11 @@ async fn a_body_that_commits_and_outlives_its_lease_is_sealed_at_once() {
                     .transactional(k.clone())
                     .name("tx.commit-slow")
                     .on_conflict(idem::OnConflict::Reject)
-                    .run(move |tx| {
-                        Box::pin(async move {
-                            runs.fetch_add(1, Ordering::SeqCst);
-                            tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
-                                .await?;
-                            Ok::<_, TxError>(2u8)
-                        })
+                    .run(async move |tx| {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tx.execute("INSERT INTO tx_orders (k) VALUES ($1)", &[&k2])
+                            .await?;
+                        Ok::<_, TxError>(2u8)
                     })
                     .await;
                 answers.push(answer);

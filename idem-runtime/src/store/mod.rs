@@ -22,6 +22,9 @@ pub mod memory;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod transaction;
 
 /// What a store does about a server setting that can lose an acknowledged record, and so let a
 /// body run twice: a Redis eviction policy or missing persistence, an unlogged PostgreSQL table

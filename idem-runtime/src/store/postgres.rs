@@ -39,7 +39,7 @@
 //! **No caller ever waits on another caller's lock.** Every statement that writes a key first
 //! takes `pg_try_advisory_xact_lock` on a 64-bit number derived from the key's digest and the
 //! table (the *key lock*), which never waits: it is held for the statement's own transaction
-//! (a few microseconds), or, in the [transactional mode](Transactional), until the body's
+//! (a few microseconds), or, in the [transactional mode](crate::transactional::Transactional), until the body's
 //! transaction ends. So a claim never queues on the uncommitted row of a transactional call:
 //!
 //! - **claim**: one statement whose first CTE reads the live row. A replay (completed record) or
@@ -91,7 +91,8 @@
 //! again, so the store works on a database whose `default_transaction_isolation` is
 //! `repeatable read` or `serializable`; a claim that keeps failing that way is reported as
 //! [`Claim::Busy`], never as an error. The transactional mode sets its own level
-//! ([`Transactional::isolation_level`], `READ COMMITTED` unless set).
+//! (`Transactional::isolation_level`, `READ COMMITTED` unless set: see
+//! [`Transactional`](crate::transactional::Transactional)).
 //!
 //! # Session settings
 //!
@@ -189,7 +190,7 @@
 //!   the table, distinct from its key lock) through that connection, and only then re-checks
 //!   the record, so a completion between the check and the sleep is not missed.
 //! - **The notification is sent in the writer's transaction**, so it is delivered when (and only
-//!   if) the change commits: `complete` (in the [transactional mode](Transactional), inside the
+//!   if) the change commits: `complete` (in the [transactional mode](crate::transactional::Transactional), inside the
 //!   user's transaction, delivered at its commit), `release`, `remove`, a purge. Each tries the wait lock exclusively for its transaction: when a
 //!   waiter holds it, it sends `pg_notify(channel, digest in hex)`; when no one waits, nothing
 //!   (a transaction that notifies takes a database-wide lock at commit in PostgreSQL, which
@@ -237,14 +238,16 @@
 //!
 //! [`PostgresStore::transactional`]: when the body's effect is writes to the same database, the
 //! claim, the body's writes and the completed record commit in one transaction, so a crash can
-//! never leave the effect without its record nor the record without its effect. See
-//! [`Transactional`].
+//! never leave the effect without its record nor the record without its effect, on this store's
+//! pool ([`TokioPostgres`]) or, with the `sqlx-postgres` feature, on an application's
+//! `sqlx::PgPool` (`Sqlx`). See [`Transactional`](crate::transactional::Transactional); the flow
+//! is the executor's, and this module only provides the two
+//! [`TransactionBackend`](super::transaction::TransactionBackend)s.
 //!
 //! Only plain TCP or Unix-socket connections are made by [`PostgresStore::connect`]; for TLS,
 //! build a [`deadpool_postgres::Pool`] with a TLS connector and use
 //! [`PostgresStore::connect_pool`].
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -256,26 +259,28 @@ use deadpool_postgres::{
     ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
     StatementCache, TimeoutType,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{IsolationLevel, NoTls, Row, SimpleQueryMessage, Transaction};
+use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::known::{Known, Seen};
+use super::transaction::BodyEndedTransaction;
 use super::{BoxFuture, Store};
 use crate::clock::after;
 use crate::error::Error;
-use crate::exec::{
-    OnConflict, Outcome, Policy, Status, Turn, call_site_namespace, decode_result, encode_result,
-    fingerprint_matches, unstorable_result, wait_turn,
-};
-use crate::key::{Fingerprint, Key, KeyPart};
+use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completed, Completion, Token};
 
 mod listener;
 use listener::{Armed, Listener};
+#[cfg(feature = "sqlx-postgres")]
+mod sqlx_tx;
+mod tokio_tx;
+#[cfg(feature = "sqlx-postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-postgres")))]
+pub use sqlx_tx::Sqlx;
+pub use tokio_tx::TokioPostgres;
 
 /// The `tokio-postgres` this store is built on, for naming [`tokio_postgres::Transaction`] and
 /// its error type in transactional bodies without a version mismatch.
@@ -284,6 +289,11 @@ pub use tokio_postgres;
 /// The `deadpool-postgres` this store is built on, for building a [`deadpool_postgres::Pool`]
 /// to hand to [`PostgresStore::connect_pool`].
 pub use deadpool_postgres;
+/// The sqlx the [`Sqlx`] backend is built against (needs the `sqlx-postgres` feature), so a
+/// program can name the same version.
+#[cfg(feature = "sqlx-postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-postgres")))]
+pub use sqlx;
 
 /// The schema of the records table unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "public";
@@ -1084,26 +1094,6 @@ impl fmt::Display for KeyLocked {
 
 impl std::error::Error for KeyLocked {}
 
-/// A transactional body that ended the transaction the call opened (it sent `COMMIT`,
-/// `ROLLBACK` or `END` through the [`Transaction`]).
-#[derive(Debug)]
-struct BodyEndedTransaction;
-
-impl fmt::Display for BodyEndedTransaction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "the transactional body ended the transaction idem opened (it ran COMMIT, ROLLBACK \
-             or END): its result was not stored. If its writes committed, so did the claim, and \
-             the key is sealed with this error (the body does not run again while the record \
-             lives); if they rolled back, a retry runs the body again. Never end the \
-             transaction in the body: use a savepoint (`Transaction::transaction`) to undo part \
-             of it, or return `Err` to roll it all back",
-        )
-    }
-}
-
-impl std::error::Error for BodyEndedTransaction {}
-
 /// `migrate` on a server that cannot write (a hot standby, or a read-only database).
 #[derive(Debug)]
 struct ReadOnlyServer {
@@ -1351,24 +1341,34 @@ fn read_claim_row(
         return Ok(None);
     };
     let state: i16 = row.try_get(0).map_err(Error::store)?;
+    let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
+    let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
+    let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
+    claim_from_columns(state, value, fingerprint, left, token, lease).map(Some)
+}
+
+/// The claim statement's answer from its four columns (`state`, `value`, `fingerprint`, the
+/// lease or ttl left in microseconds), whichever driver read them.
+fn claim_from_columns(
+    state: i16,
+    value: Option<Vec<u8>>,
+    fingerprint: Option<Vec<u8>>,
+    left: Option<i64>,
+    token: Token,
+    lease: Duration,
+) -> Result<(Claim, Option<i64>), Error> {
     match state {
-        1 => {
-            let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
-            return Ok(Some((Claim::Acquired(token), left)));
-        }
+        1 => return Ok((Claim::Acquired(token), left)),
         2 => {
-            return Ok(Some((
+            return Ok((
                 Claim::Busy {
                     lease_left: BUSY_HINT.min(lease),
                 },
                 None,
-            )));
+            ));
         }
         _ => {}
     }
-    let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
-    let fingerprint: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
-    let left: Option<i64> = row.try_get(3).map_err(Error::store)?;
     let left = from_micros(left.unwrap_or(1));
     let claim = match value {
         None => Claim::Busy { lease_left: left },
@@ -1383,7 +1383,7 @@ fn read_claim_row(
             Claim::Completed(Completed::new(Bytes::from(value), fingerprint, left))
         }
     };
-    Ok(Some((claim, None)))
+    Ok((claim, None))
 }
 
 /// The `free` column of a gated statement's answer: `None` when it is NULL (the transactional
@@ -1834,28 +1834,6 @@ impl PostgresStore {
         }
     }
 
-    /// An idempotent call in transactional mode, keyed by `key`: see [`Transactional`].
-    ///
-    /// Until [`Transactional::name`] gives one, the namespace of the key is the one
-    /// [`Idempotent::new`](crate::Idempotent::new) gives: the path of the body's type and this
-    /// call site (`file:line:column` of the code that calls `transactional`), so two
-    /// operations keyed by the same value at two call sites never share a record. That
-    /// namespace changes when the code moves: name records that must outlive a deployment. A
-    /// body whose type names no single body (a boxed trait object) needs a name:
-    /// [`Error::NameRequired`] otherwise.
-    #[track_caller]
-    pub fn transactional<K: KeyPart>(&self, key: K) -> Transactional<'_, K> {
-        Transactional {
-            store: self,
-            key,
-            name: None,
-            site: std::panic::Location::caller(),
-            fingerprint: None,
-            policy: Policy::new(),
-            isolation: IsolationLevel::ReadCommitted,
-        }
-    }
-
     /// The key lock of `key` in this table (see the module docs).
     fn lock_id(&self, key: Key) -> i64 {
         let mut first = [0u8; 8];
@@ -2046,7 +2024,7 @@ impl PostgresStore {
             Ok(rows) if rows.is_empty() => {}
             Ok(_) => {
                 let why = Error::store(BodyEndedTransaction);
-                let record = Bytes::from(unstorable_result(&why));
+                let record = Bytes::from(crate::codec::unstorable(&why.to_string()));
                 let sealed = self
                     .complete_on(key, token, fingerprint, record, ttl, true)
                     .await;
@@ -2645,9 +2623,9 @@ fn idle_limit_ms(lease: Duration) -> u128 {
     lease.as_millis().clamp(1, i32::MAX as u128)
 }
 
-/// Runs a transactional body while keeping its transaction from looking idle to the server: an
-/// empty statement every third of the lease while the body awaits something other than the
-/// database. So the server's idle-in-transaction limit (the lease, see
+/// Keeps a transactional body's transaction from looking idle to the server, polled beside the
+/// body until it returns: an empty statement every third of the lease while the body awaits
+/// something other than the database. So the server's idle-in-transaction limit (the lease, see
 /// [`Transactional::lease`]) ends only the transaction of a holder that is no longer polled,
 /// like the executor's renewal, which this future drives too.
 ///
@@ -2655,39 +2633,29 @@ fn idle_limit_ms(lease: Duration) -> u128 {
 /// ran `COMMIT` itself committed the claim with its lease, which no beat extends any more, so
 /// `seal` runs at once (see `PostgresStore::seal_ended`) rather than when the body returns,
 /// which may be after the lease ran out and another caller ran the body again.
-async fn heartbeat<F: Future, S: Future<Output = ()>>(
+async fn heartbeat<S: Future<Output = ()>>(
     tx: &Transaction<'_>,
     lease: Duration,
     marker: &str,
     seal: S,
-    body: F,
-) -> F::Output {
+) {
     let every = (lease / 3).max(Duration::from_millis(3));
-    let beat = async {
-        let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            // Queued behind the body's own statement if one is running. A failure (the
-            // connection is gone, or a statement of the body failed and the transaction is
-            // aborted) is the body's to meet: stop beating.
-            match still_ours(tx, marker).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    seal.await;
-                    break;
-                }
-                Err(_) => break,
+    let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        // Queued behind the body's own statement if one is running. A failure (the connection
+        // is gone, or a statement of the body failed and the transaction is aborted) is the
+        // body's to meet: stop beating.
+        match still_ours(tx, marker).await {
+            Ok(true) => {}
+            Ok(false) => {
+                seal.await;
+                break;
             }
+            Err(_) => break,
         }
-    };
-    tokio::pin!(body);
-    tokio::select! {
-        biased;
-        out = &mut body => return out,
-        () = beat => {}
     }
-    body.await
 }
 
 /// Whether a failed operation may succeed if run again later: the server did not answer (down,
@@ -2950,546 +2918,6 @@ impl Store for PostgresStore {
                     .complete_in_background(key, token, fingerprint, value, ttl)
                     .await;
             });
-        }
-    }
-}
-
-/// An idempotent call in transactional mode: the claim, the body's writes and the completed
-/// record commit in one PostgreSQL transaction. Made by [`PostgresStore::transactional`].
-///
-/// The body receives the [`Transaction`] and does its writes through it. Then:
-///
-/// - `Ok(value)` → the record is completed in the same transaction, which commits: the writes
-///   and the record become visible together. A replay returns `value` without running the body.
-/// - `Err(e)` → the transaction rolls back: neither the writes nor a record remain, and a
-///   retry runs the body again. Panic or cancellation rolls back the same way.
-/// - The process dies or loses its connection before the commit → the server rolls back:
-///   neither remains, and the retry runs the body (at once: no lease to wait out).
-///
-/// That is an exactly-once *effect* for effects that are writes to this database, not only
-/// at-most-once execution. (If the connection breaks *during* `COMMIT`, the caller gets
-/// [`Error::Store`] without knowing whether it committed; the retry then replays or runs,
-/// never both.)
-///
-/// **When to use it:** the body's effect is rows in the same database as the store's table
-/// (an inbox/outbox, an order, a ledger entry). For effects elsewhere (an HTTP call, an email)
-/// use the ordinary executor ([`Idempotent`](crate::Idempotent) or `#[idempotent]`).
-///
-/// **What it costs:** the transaction holds a pooled connection, the claim's row and the key
-/// lock for the whole body. A concurrent caller of the same key (transactional or not) never
-/// waits on them inside the database: its claim finds the key lock taken and reports the key
-/// busy at once, and the caller waits outside the pool (holding no connection, woken by the
-/// notification sent at commit: see [Waiting](self#waiting)) or rejects per `on_conflict`, like
-/// for any in-progress key; once the holder commits it replays, once it rolls back it runs. So duplicates of one key never starve other keys of connections.
-/// Keep the body short. The [lease](Self::lease) is the transaction's
-/// `idle_in_transaction_session_timeout`: a holder that froze or is no longer polled has its
-/// transaction ended by the server once the lease is over (its writes roll back, and the key
-/// is free), while a polled body keeps it alive whatever it awaits. The connection's
-/// `statement_timeout` and `lock_timeout` (see [`PostgresStoreBuilder`]) apply to the body's
-/// statements too.
-///
-/// **The body owns its statements, not the transaction:** it must not end the transaction
-/// (`COMMIT`, `ROLLBACK`, `END` sent through the [`Transaction`]); to undo part of its work it
-/// uses a savepoint ([`Transaction::transaction`]), to undo all of it it returns `Err`. A body
-/// that ends it anyway is detected before anything is stored: the call fails with
-/// [`Error::Store`] saying so, and its connection is closed (what the body wrote before it ended
-/// the transaction may have committed without a record: idem cannot make that exactly-once).
-/// Session state the body leaves behind (a `SET` without `LOCAL`, `SET ROLE`) does not reach
-/// later callers: the commit also checks for it, and such a connection is closed instead of
-/// returned to the pool (behind a [transaction pooler](PostgresStoreBuilder::transaction_pooler),
-/// `RESET ALL` runs with the commit instead). So a pool handed in with session-level settings
-/// made by `SET` (in a connection hook) has its connection replaced after each transactional
-/// call: give such settings in the connection's `options` or with `ALTER ROLE ... SET`.
-///
-/// **Isolation:** the transaction runs at the level set with
-/// [`isolation_level`](Self::isolation_level) (`READ COMMITTED` unless set), whatever the
-/// database's default. A serialization failure or deadlock on the claim starts the attempt
-/// over in a new transaction (the body has not run); one in the body or at commit rolls the
-/// body's writes back with the claim, and the caller gets the error (the body's own, or
-/// [`Error::Store`] at commit): a retry runs it again.
-///
-/// ```no_run
-/// use idem_runtime::store::postgres::PostgresStore;
-///
-/// # async fn handle(store: &PostgresStore, order_id: i64) -> Result<(), idem_runtime::Error> {
-/// let outcome = store
-///     .transactional(("orders.record", order_id))
-///     .name("inbox.v1")
-///     .run_with_outcome(move |tx| {
-///         Box::pin(async move {
-///             tx.execute("INSERT INTO orders (id) VALUES ($1)", &[&order_id])
-///                 .await
-///                 .map_err(idem_runtime::Error::store)?;
-///             Ok::<_, idem_runtime::Error>(order_id)
-///         })
-///     })
-///     .await?;
-/// println!("{:?}", outcome.status); // Executed the first time, Replayed after
-/// # Ok(()) }
-/// ```
-#[must_use = "a transactional call does nothing until `run` is awaited"]
-pub struct Transactional<'s, K> {
-    store: &'s PostgresStore,
-    key: K,
-    /// The namespace `name` gave; without one, the call site and the body's type make it.
-    name: Option<Cow<'static, str>>,
-    site: &'static std::panic::Location<'static>,
-    fingerprint: Option<Fingerprint>,
-    policy: Policy,
-    isolation: IsolationLevel,
-}
-
-/// Emits the one `tracing` event of a transactional call, like the executor does.
-macro_rules! outcome {
-    ($level:ident, $name:expr, $key:expr, $outcome:expr $(, $($rest:tt)*)?) => {
-        tracing::event!(
-            target: "idem",
-            tracing::Level::$level,
-            outcome = $outcome,
-            name = &*$name,
-            key = %$key,
-            transactional = true,
-            $($($rest)*)?
-        )
-    };
-}
-
-/// How one attempt of a transactional call ended.
-enum Attempt<T, E> {
-    Done(Result<Outcome<T>, E>),
-    Busy(Duration),
-    /// The claim met a serialization failure, a deadlock, or a row committed after its
-    /// snapshot: nothing was written and the body did not run; start over.
-    Again,
-}
-
-impl<K: KeyPart> Transactional<'_, K> {
-    /// The namespace of the key, once `run_with_outcome` has settled it.
-    fn namespace(&self) -> &str {
-        self.name.as_deref().unwrap_or("")
-    }
-
-    /// The namespace of the key, exactly as given (without it: the call site's, see
-    /// [`PostgresStore::transactional`]). Same name and key as an
-    /// [`Idempotent`](crate::Idempotent) call → same record.
-    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// How long the result is remembered ([`DEFAULT_TTL`](crate::DEFAULT_TTL) unless set).
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.policy.ttl = ttl;
-        self
-    }
-
-    /// How long the transaction of a holder that is no longer polled keeps the key
-    /// ([`DEFAULT_LEASE`](crate::DEFAULT_LEASE) unless set), as the executor's lease.
-    ///
-    /// It is the transaction's `idle_in_transaction_session_timeout` (`SET LOCAL`): a holder
-    /// whose process froze (`SIGSTOP`, a paused VM, a partition) or whose future is no longer
-    /// polled sends nothing, and once the lease is over the server ends its session, rolling
-    /// back its writes and freeing the key for the next caller. A body that is polled never
-    /// meets the limit, whatever it awaits: while it runs, this call sends an empty statement
-    /// every third of the lease (its "renewal"). Statements that run longer are not idle; the
-    /// connection's `statement_timeout` bounds them.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.policy.lease = lease;
-        self
-    }
-
-    /// What to do while another call holds the key ([`OnConflict::Wait`] unless set).
-    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.policy.on_conflict = on_conflict;
-        self
-    }
-
-    /// The longest to wait for another call holding the key
-    /// ([`DEFAULT_WAIT_TIMEOUT`](crate::DEFAULT_WAIT_TIMEOUT) unless set).
-    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
-        self.policy.wait_timeout = wait_timeout;
-        self
-    }
-
-    /// A value that must match on replay, as [`Idempotent::fingerprint`](crate::Idempotent::fingerprint).
-    pub fn fingerprint<F: KeyPart + ?Sized>(mut self, fingerprint: &F) -> Self {
-        self.fingerprint = Some(Fingerprint::of(fingerprint));
-        self
-    }
-
-    /// The isolation level of the transaction (`READ COMMITTED` unless set, whatever the
-    /// database's `default_transaction_isolation`). A serialization failure on the claim is
-    /// retried; one in the body or at commit is the caller's error (see [`Transactional`]).
-    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
-        self.isolation = level;
-        self
-    }
-
-    /// Runs `body` in the transaction at most once per key while the record lives, and returns
-    /// its value or the first call's.
-    pub async fn run<T, E, F>(self, body: F) -> Result<T, E>
-    where
-        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, E>>,
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: From<Error>,
-    {
-        self.run_with_outcome(body).await.map(|o| o.value)
-    }
-
-    /// Like [`run`](Self::run), and also says whether the value was executed or replayed and
-    /// how long the record lives.
-    pub async fn run_with_outcome<T, E, F>(self, body: F) -> Result<Outcome<T>, E>
-    where
-        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, E>>,
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: From<Error>,
-    {
-        // The executor's bounds, so a zero or huge ttl means here what it means there; and the
-        // executor's namespace when none was given (the body's type and the call site).
-        let name = match self.name {
-            Some(name) => name,
-            // A body type that names no single body (a boxed trait object) would share its
-            // records with every other such body at this call site: `Error::NameRequired`, as
-            // for `Idempotent`.
-            None => Cow::Owned(call_site_namespace::<F>(self.site)?),
-        };
-        let this = Transactional {
-            policy: self.policy.bounded(),
-            name: Some(name),
-            ..self
-        };
-        let key = Key::new(this.namespace(), &this.key);
-        let mut deadline = None;
-        let mut waited = false;
-        let mut again = 0;
-        let mut body = Some(body);
-        loop {
-            let lease_left = match this.attempt(key, waited, &mut body).await {
-                Attempt::Done(result) => return result,
-                Attempt::Again if again < CLAIM_ATTEMPTS => {
-                    again += 1;
-                    continue;
-                }
-                // Kept racing with other writers of the key: treat it as busy.
-                Attempt::Again => BUSY_HINT.min(this.policy.lease),
-                Attempt::Busy(lease_left) => lease_left,
-            };
-            again = 0;
-            match wait_turn(this.store, key, &this.policy, &mut deadline).await {
-                Turn::ClaimAgain => waited = true,
-                Turn::Rejected => {
-                    outcome!(INFO, this.namespace(), key, "rejected", waited);
-                    return Err(Error::InProgress {
-                        retry_after: lease_left,
-                    }
-                    .into());
-                }
-                Turn::Failed(err) => {
-                    outcome!(WARN, this.namespace(), key, "store_error", error = %err, step = "wait");
-                    return Err(err.into());
-                }
-            }
-        }
-    }
-
-    /// One transaction: claim, then replay, report busy, or run the body and commit.
-    async fn attempt<T, E, F>(&self, key: Key, waited: bool, body: &mut Option<F>) -> Attempt<T, E>
-    where
-        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, E>>,
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: From<Error>,
-    {
-        let ready = self.store.ready().await;
-        let conn = match ready {
-            Ok(()) => self.store.connection("transaction").await,
-            Err(err) => Err(err),
-        };
-        let mut conn = match conn {
-            Ok(conn) => conn,
-            Err(err) => {
-                outcome!(WARN, self.namespace(), key, "store_error", error = %err, step = "begin");
-                return Attempt::Done(Err(err.into()));
-            }
-        };
-        let (attempt, discard) = self.in_transaction(&mut conn, key, waited, body).await;
-        if !discard && matches!(attempt, Attempt::Done(Err(_))) {
-            // The transaction rolled back (a failed body, or a store error after the claim): if
-            // it held the key, the key is free again, and a rollback notifies no one. Wake the
-            // key's waiters (only if there are any: see `wake_sql`); best effort, they also poll.
-            let key_bytes = &key.as_bytes()[..];
-            let params: &Params<'_> = &[(&key_bytes, Type::BYTEA)];
-            let wake = run(
-                On::Pooled(&conn),
-                self.store.inner.prepared,
-                &self.store.inner.sql.wake,
-                params,
-            );
-            let _ = tokio::time::timeout(self.store.inner.timeout, wake).await;
-        }
-        if discard {
-            // A statement timed out (the connection may still be busy with it), or the body
-            // left state on the session or ended the transaction: the connection is closed
-            // rather than handed to the next caller.
-            drop(Object::take(conn));
-        }
-        attempt
-    }
-
-    /// [`attempt`](Self::attempt) on a connection; also says whether to discard it.
-    async fn in_transaction<T, E, F>(
-        &self,
-        conn: &mut Object,
-        key: Key,
-        waited: bool,
-        body: &mut Option<F>,
-    ) -> (Attempt<T, E>, bool)
-    where
-        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<T, E>>,
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: From<Error>,
-    {
-        let store = self.store;
-        let limit = store.inner.timeout;
-        let fail = |step: &'static str, err: Error| {
-            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
-            (Attempt::Done(Err(err.into())), false)
-        };
-        let discard = |step: &'static str| {
-            let err = store.timed_out(step);
-            outcome!(WARN, self.namespace(), key, "store_error", error = %err, step);
-            (Attempt::Done(Err(err.into())), true)
-        };
-        // The connection's statement cache, usable while the transaction borrows the connection.
-        let cache = Arc::clone(&conn.statement_cache);
-        let begun = tokio::time::timeout(
-            limit,
-            tokio_postgres::Client::build_transaction(conn)
-                .isolation_level(self.isolation)
-                .start(),
-        )
-        .await;
-        let tx = match begun {
-            Ok(Ok(tx)) => tx,
-            Ok(Err(err)) => return fail("begin", store.db_error("begin", err)),
-            Err(_) => return discard("begin"),
-        };
-
-        // Claim, in the transaction: the key lock it takes is held until the transaction ends.
-        let token = Token::generate();
-        let token_bytes = token_bytes(token);
-        let fp = self.fingerprint.as_ref().map(|f| &f.as_bytes()[..]);
-        let lease = micros(self.policy.lease);
-        let key_bytes = &key.as_bytes()[..];
-        let lock = store.lock_id(key);
-        let prepared = store.inner.prepared;
-        let on = On::Tx(&tx, &cache);
-        let params: &Params<'_> = &[
-            (&key_bytes, Type::BYTEA),
-            (&&token_bytes[..], Type::BYTEA),
-            (&fp, Type::BYTEA),
-            (&lease, Type::FLOAT8),
-            (&lock, Type::INT8),
-        ];
-        // The lease bounds how long the transaction may sit idle: a holder that stops sending
-        // (its process frozen, its future no longer polled) has its transaction ended by the
-        // server once the lease is over, which frees the key. `SET LOCAL` ends with the
-        // transaction. Sent pipelined ahead of the claim: no round trip more, and no moment
-        // when the key lock is held without the bound.
-        // With it, a marker of this call's transaction (`idem.tx`, reverted when the
-        // transaction ends), which the completion checks (see `Sql::complete_tx`).
-        let marker = format!("{:032x}", token.as_u128());
-        let idle = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{marker}'",
-            idle_limit_ms(self.policy.lease)
-        );
-        let claimed = async {
-            let (bounded, claimed) = tokio::join!(
-                tx.batch_execute(&idle),
-                run(on, prepared, &store.inner.sql.claim, params)
-            );
-            bounded?;
-            claimed
-        };
-        let claim = match tokio::time::timeout(limit, claimed).await {
-            Ok(Ok(rows)) => match read_claim(&rows, token, self.policy.lease) {
-                // The lease of an uncommitted claim is seen by no one (the key lock guards it).
-                Ok(Answer::Claim(claim, _)) => claim,
-                // Another session holds the key lock: busy, as before the store paused on it
-                // (the transaction's waits go through the executor's wait turns).
-                Ok(Answer::Gated) => Claim::Busy {
-                    lease_left: BUSY_HINT.min(self.policy.lease),
-                },
-                Ok(Answer::Again) => {
-                    // A row committed after the snapshot (which, past READ COMMITTED, the
-                    // transaction keeps): start over in a new transaction.
-                    let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                    return (Attempt::Again, false);
-                }
-                Err(err) => return fail("claim", err),
-            },
-            Ok(Err(err)) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                store.replay_read_only(key, token, self.policy.lease).await
-            }
-            Ok(Err(err)) if err.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
-                match store.read_completed(key, token, self.policy.lease).await {
-                    Some(completed) => completed,
-                    None => return fail("claim", store.db_error("claim", err)),
-                }
-            }
-            Ok(Err(err)) if is_conflict(&err) => {
-                let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                return (Attempt::Again, false);
-            }
-            Ok(Err(err)) => return fail("claim", store.db_error("claim", err)),
-            Err(_) => return discard("claim"),
-        };
-
-        match claim {
-            Claim::Busy { lease_left } => {
-                // Nothing was written; the rollback also clears a lock-timeout error.
-                let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                (Attempt::Busy(lease_left), false)
-            }
-            Claim::Completed(done) => {
-                let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                if !fingerprint_matches(self.fingerprint, done.fingerprint) {
-                    outcome!(INFO, self.namespace(), key, "key_reused");
-                    return (Attempt::Done(Err(Error::KeyReused.into())), false);
-                }
-                match decode_result::<T>(&done.value) {
-                    Ok(value) => {
-                        let status = Status::replay(waited);
-                        outcome!(DEBUG, self.namespace(), key, status.as_str());
-                        let outcome = Outcome {
-                            value,
-                            status,
-                            expires_in: Some(done.expires_in),
-                        };
-                        (Attempt::Done(Ok(outcome)), false)
-                    }
-                    Err(err) => fail("decode", err),
-                }
-            }
-            Claim::Acquired(_) => {
-                let Some(body) = body.take() else {
-                    // Unreachable: a body runs at most once, and an attempt that ran it returns.
-                    return fail("claim", Error::store(Corrupt("the body was already run")));
-                };
-                let seal = store.seal_ended(key, token, self.fingerprint, self.policy.ttl);
-                let beating = heartbeat(&tx, self.policy.lease, &marker, seal, body(&tx));
-                let value = match beating.await {
-                    Ok(value) => value,
-                    Err(err) => {
-                        // Not memoized: the writes and the claim go away together, if the
-                        // transaction is still the call's own.
-                        let ours = tokio::time::timeout(limit, still_ours(&tx, &marker)).await;
-                        let ours = match ours {
-                            Ok(Ok(ours)) => ours,
-                            // A statement of the body failed: the transaction is still open
-                            // (aborted), and the rollback ends it.
-                            Ok(Err(err)) => {
-                                err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
-                            }
-                            Err(_) => false,
-                        };
-                        if !ours {
-                            let ended = BodyEndedTransaction;
-                            tracing::error!(
-                                target: "idem", key = %key, error = %ended,
-                                "a failed transactional body"
-                            );
-                            store
-                                .seal_ended(key, token, self.fingerprint, self.policy.ttl)
-                                .await;
-                        }
-                        if let Ok(Err(rollback)) = tokio::time::timeout(limit, tx.rollback()).await
-                        {
-                            tracing::warn!(
-                                target: "idem", key = %key, error = %rollback,
-                                "rollback after a failed transactional body failed; the server \
-                                 discards the transaction when the connection closes"
-                            );
-                        }
-                        outcome!(DEBUG, self.namespace(), key, "executed", failed = true);
-                        // A connection whose transaction the body ended may carry anything.
-                        return (Attempt::Done(Err(err)), !ours);
-                    }
-                };
-                let encoded = match encode_result(&value) {
-                    Ok(bytes) => bytes,
-                    Err(err) => {
-                        let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                        return fail("encode", err);
-                    }
-                };
-                let ttl = micros(self.policy.ttl);
-                let encoded = &encoded[..];
-                let params: &Params<'_> = &[
-                    (&key_bytes, Type::BYTEA),
-                    (&&token_bytes[..], Type::BYTEA),
-                    (&encoded, Type::BYTEA),
-                    (&ttl, Type::FLOAT8),
-                    (&lock, Type::INT8),
-                    (&fp, Type::BYTEA),
-                    (&marker, Type::TEXT),
-                ];
-                let finish = run(on, prepared, &store.inner.sql.complete_tx, params);
-                match tokio::time::timeout(limit, finish).await {
-                    Ok(Ok(rows)) if matches!(read_gated(&rows), Ok(Some(1))) => {}
-                    Ok(Ok(rows)) if matches!(read_free(&rows), Ok(None)) => {
-                        // The body ran COMMIT or ROLLBACK: nothing was written by this
-                        // statement, and the connection's state is the body's.
-                        let err = Error::store(BodyEndedTransaction);
-                        outcome!(ERROR, self.namespace(), key, "store_error", error = %err, step = "complete");
-                        store
-                            .seal_ended(key, token, self.fingerprint, self.policy.ttl)
-                            .await;
-                        return (Attempt::Done(Err(err.into())), true);
-                    }
-                    Ok(Ok(_)) => {
-                        let _ = tokio::time::timeout(limit, tx.rollback()).await;
-                        return fail(
-                            "complete",
-                            Error::store(Corrupt("the claim vanished inside its own transaction")),
-                        );
-                    }
-                    Ok(Err(err)) => return fail("complete", store.db_error("complete", err)),
-                    Err(_) => return discard("complete"),
-                }
-                // The commit, and in the same message what the body may have left on the
-                // session (a `SET` without `LOCAL`, `SET ROLE`): such a connection is closed
-                // rather than handed to the next caller. Behind a transaction pooler the
-                // session is the pooler's server connection, which only `RESET ALL` in the same
-                // message reaches.
-                let closing = if prepared {
-                    "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source \
-                     = 'session') \
-                     OR current_user <> session_user"
-                } else {
-                    "COMMIT; RESET ALL; SELECT false"
-                };
-                let committed = tokio::time::timeout(limit, tx.simple_query(closing)).await;
-                // The transaction is over either way (committed, or rolled back by a failed
-                // COMMIT): nothing for `Transaction`'s drop to roll back.
-                std::mem::forget(tx);
-                match committed {
-                    Ok(Ok(messages)) => {
-                        let leaked = messages.iter().any(|m| {
-                            matches!(m, SimpleQueryMessage::Row(row) if row.get(0) != Some("f"))
-                        });
-                        outcome!(DEBUG, self.namespace(), key, "executed");
-                        store.granted();
-                        let outcome = Outcome {
-                            value,
-                            status: Status::Executed,
-                            expires_in: Some(self.policy.ttl),
-                        };
-                        (Attempt::Done(Ok(outcome)), leaked)
-                    }
-                    Ok(Err(err)) => fail("commit", store.db_error("commit", err)),
-                    Err(_) => discard("commit"),
-                }
-            }
         }
     }
 }

@@ -1,5 +1,6 @@
 use idem::idempotent;
 
+#[derive(serde::Deserialize)]
 struct Receipt {
     order: u64,
 }

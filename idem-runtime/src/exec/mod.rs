@@ -1,4 +1,5 @@
-//! The executor: claim, replay or run, renew, complete or release.
+//! The executor: claim, replay or run, renew, complete or release; and its
+//! [transactional](transactional) mode.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -442,11 +443,9 @@ macro_rules! outcome {
     }};
 }
 
-/// Encodes a result for a store, refusing one that would not replay equal to itself.
 #[cfg(feature = "postgres")]
-pub(crate) fn encode_result<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
-    codec::to_vec(value)
-}
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod transactional;
 
 /// Decodes a stored result; a record that says the first call's result could not be stored is
 /// [`Error::Codec`] with the reason.
