@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "sqlx-postgres")]
 use idem::store::postgres::sqlx;
 use idem::store::postgres::tokio_postgres;
-use idem::{Error, Key, Outcome, PostgresStore, Status};
+use idem::{Error, Key, OnConflict, Outcome, PostgresStore, Status};
 use support::postgres::PgServer;
 
 /// Where the transaction of a call comes from.
@@ -81,6 +81,9 @@ struct Body {
     commit: bool,
     /// Says `WROTE` on stdout after its write, and never returns (to be killed).
     hang: bool,
+    /// The call is made with `on_conflict = reject` (not the body's own doing, but where a
+    /// test says how its call behaves).
+    reject: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +118,11 @@ async fn call(
     let call = match fingerprint {
         Some(fingerprint) => call.fingerprint(fingerprint),
         None => call,
+    };
+    let call = if body.reject {
+        call.on_conflict(OnConflict::Reject)
+    } else {
+        call
     };
     match backend {
         Backend::TokioPostgres => {
@@ -257,6 +265,37 @@ macro_rules! on_each_backend {
 }
 
 on_each_backend! {
+    async fn a_key_lock_held_for_a_moment_is_not_a_busy_key(backend: Backend) {
+        // A claim that finds the key's lock taken and no live record (a cleanup batch deleting
+        // the key's expired record holds it so) pauses and claims again: a caller that does not
+        // wait is not refused a key that nobody holds.
+        let url = PgServer::shared().url();
+        let store = store().await;
+        let k = unique("gated");
+        let runs = AtomicUsize::new(0);
+        let lock = support::postgres::key_lock_of(&store, &url, "tx.items", &k).await;
+
+        // Another session holds the lock for 40 ms; a call in reject mode meanwhile runs once.
+        let holder = client(&url).await;
+        holder.batch_execute("BEGIN").await.expect("begin");
+        let free: bool = holder
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock])
+            .await
+            .expect("take the key lock")
+            .get(0);
+        assert!(free, "the key lock is free before the test takes it");
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            holder.batch_execute("COMMIT").await.expect("commit");
+        };
+        let reject = Body { reject: true, ..Body::default() };
+        let (out, ()) = tokio::join!(call(&backend, &store, &k, None, reject, &runs), release);
+        let out = out.unwrap_or_else(|e| panic!("[{}] the key was free: {e}", backend.name()));
+        assert_eq!(out.status, Status::Executed);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "[{}]", backend.name());
+        assert_eq!(rows(&k).await, 1);
+    }
+
     async fn a_failing_body_leaves_neither_writes_nor_record_and_the_retry_runs_once(backend: Backend) {
         let store = store().await;
         let k = unique("fails");

@@ -380,3 +380,71 @@ fn find_bindir() -> PathBuf {
         None => panic!("PostgreSQL's server binaries (initdb, postgres) were not found: {INSTALL}"),
     }
 }
+
+/// The number of the key lock (`pg_advisory_xact_lock`) that `store` takes for `key` in namespace
+/// `name`, read off the server, so that a test can take it from another session as a cleanup
+/// batch or a claim in flight would. Found without knowing the store's salt: the key gets an
+/// expired record; a session row-locks it; a claim of the key then waits on that row with the
+/// key lock held, and the lock is the advisory lock of the one session that the row lock blocks
+/// (other tests running meanwhile are told apart by `pg_blocking_pids`). Leaves the key with an
+/// expired record (its ttl is 1 ms).
+#[cfg(feature = "postgres")]
+pub async fn key_lock_of(
+    store: &idem::PostgresStore,
+    url: &str,
+    name: &'static str,
+    key: &str,
+) -> i64 {
+    use idem::store::postgres::tokio_postgres;
+    let expired = || async {
+        idem::Idempotent::new(store, key.to_owned())
+            .name(name)
+            .ttl(Duration::from_millis(1))
+            .run(|| async { Ok::<_, idem::Error>(0u8) })
+            .await
+            .expect("a record that expires at once");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    expired().await;
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test server");
+        tokio::spawn(connection);
+        client
+    };
+    let (holder, db) = (connect().await, connect().await);
+    let digest = idem::Key::new(name, &key);
+    let table = format!("\"{}\".\"{}\"", store.schema(), store.table());
+    holder.batch_execute("BEGIN").await.expect("begin");
+    let row = holder
+        .query_one(
+            &format!("SELECT pg_backend_pid() FROM {table} WHERE key = $1 FOR UPDATE"),
+            &[&&digest.as_bytes()[..]],
+        )
+        .await
+        .expect("row-lock the expired record");
+    let holder_pid: i32 = row.get(0);
+    let (lock, ()) = tokio::join!(
+        async {
+            loop {
+                let row = db
+                    .query_opt(
+                        "SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_catalog.pg_locks l \
+                         WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted \
+                           AND $1 = ANY (pg_catalog.pg_blocking_pids(l.pid))",
+                        &[&holder_pid],
+                    )
+                    .await
+                    .expect("read pg_locks");
+                if let Some(row) = row {
+                    holder.batch_execute("ROLLBACK").await.expect("rollback");
+                    break row.get::<_, i64>(0);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        },
+        expired(),
+    );
+    lock
+}

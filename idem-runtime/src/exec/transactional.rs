@@ -385,7 +385,23 @@ enum Attempt<T, E> {
     Busy(Duration),
     /// Nothing was written and the body did not run; start over.
     Again,
+    /// The key's lock was held by another session and no live record was visible (see
+    /// [`TxClaim::Gated`]): start over after a short pause.
+    Gated,
 }
+
+/// The pauses before a transactional call starts over after [`Attempt::Gated`], then treats
+/// the key as busy: about a quarter of a second in all, longer than a cleanup batch holds its
+/// key locks on a loaded server.
+const GATED_PAUSES: [Duration; 7] = [
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+];
 
 /// The transactional flow over `backend`, waiting through `store` (whose records the backend
 /// writes).
@@ -414,6 +430,7 @@ where
     let mut deadline: Option<Instant> = None;
     let mut waited = false;
     let mut again = 0;
+    let mut gated = GATED_PAUSES.iter();
     let mut body = Some(body);
     loop {
         let attempt = attempt(backend, &call, &policy, waited, &mut body, &panicked).await;
@@ -428,6 +445,13 @@ where
             }
             // Kept racing with other writers of the key: treat it as busy.
             Attempt::Again => BUSY_HINT.min(policy.lease),
+            Attempt::Gated => match gated.next() {
+                Some(&pause) => {
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                None => BUSY_HINT.min(policy.lease),
+            },
             Attempt::Busy(lease_left) => lease_left,
         };
         again = 0;
@@ -517,6 +541,10 @@ where
         Ok(TxClaim::Again) => {
             backend.rollback(tx).await;
             return Attempt::Again;
+        }
+        Ok(TxClaim::Gated) => {
+            backend.rollback(tx).await;
+            return Attempt::Gated;
         }
         Err(err) => {
             backend.rollback(tx).await;

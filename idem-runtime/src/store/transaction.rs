@@ -86,6 +86,12 @@ pub enum TxClaim {
     /// Nothing was written and no body ran (a serialization failure, a deadlock, a row committed
     /// after the statement's snapshot): roll back and start over in a new transaction.
     Again,
+    /// No live record, and the key's lock held by another session: a statement that holds it for
+    /// a moment (a cleanup batch deleting the key's expired record, a completion) or a claim not
+    /// committed yet. Nothing was written: the executor rolls back, pauses briefly and starts
+    /// over (a few times, about a quarter of a second in all) before it treats the key as busy,
+    /// so that a caller that does not wait is not refused a key nobody holds.
+    Gated,
 }
 
 /// What completing the claim inside the transaction did.

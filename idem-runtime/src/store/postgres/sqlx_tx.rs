@@ -204,6 +204,10 @@ impl TransactionBackend for Sqlx {
             return Ok(TxClaim::Again);
         };
         let state: i16 = row.try_get(0).map_err(Error::store)?;
+        if state == 2 {
+            // Another session holds the key lock and no live row is visible.
+            return Ok(TxClaim::Gated);
+        }
         let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
         let stored: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
         let left: Option<i64> = row.try_get(3).map_err(Error::store)?;

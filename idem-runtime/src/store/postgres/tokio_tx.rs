@@ -8,12 +8,10 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{IsolationLevel, SimpleQueryMessage, Transaction};
 
 use super::{
-    Answer, BUSY_HINT, BodyEndedTransaction, Corrupt, On, Params, PostgresStore, heartbeat,
-    idle_limit_ms, is_conflict, micros, read_claim, read_free, read_gated, run, still_ours,
-    token_bytes,
+    Answer, BodyEndedTransaction, Corrupt, On, Params, PostgresStore, heartbeat, idle_limit_ms,
+    is_conflict, micros, read_claim, read_free, read_gated, run, still_ours, token_bytes,
 };
 use crate::error::Error;
-use crate::record::Claim;
 use crate::store::BoxFuture;
 use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion};
 
@@ -130,11 +128,8 @@ impl TransactionBackend for TokioPostgres {
             Ok(Ok(rows)) => match read_claim(&rows, call.token, call.lease)? {
                 // The lease of an uncommitted claim is seen by no one (the key lock guards it).
                 Answer::Claim(claim, _) => Ok(TxClaim::Claim(claim)),
-                // Another session holds the key lock: busy (the transaction's waits go through
-                // the executor's wait turns).
-                Answer::Gated => Ok(TxClaim::Claim(Claim::Busy {
-                    lease_left: BUSY_HINT.min(call.lease),
-                })),
+                // Another session holds the key lock and no live row is visible.
+                Answer::Gated => Ok(TxClaim::Gated),
                 // A row committed after the snapshot (which, past READ COMMITTED, the
                 // transaction keeps): start over in a new transaction.
                 Answer::Again => Ok(TxClaim::Again),
