@@ -1,5 +1,6 @@
 //! Every call emits exactly one `tracing` outcome event, whatever happens to it: executed,
-//! failed, panicked, cancelled, replayed, waited, rejected, key_reused, lease_lost, store_error.
+//! failed, panicked, cancelled, replayed, waited, rejected, key_reused, lease_lost, store_error,
+//! store_full.
 
 mod support;
 
@@ -263,4 +264,26 @@ async fn store_error() {
         "the body never runs unguarded"
     );
     assert_eq!(outcomes(&logs), ["store_error"]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn store_full() {
+    let logs = LogCapture::install();
+    let store = idem::MemoryStore::with_max_entries(1);
+    Idempotent::new(&store, 1u8)
+        .name("outcomes")
+        .run(|| async { Ok::<_, Error>(1u8) })
+        .await
+        .unwrap();
+    let runs = AtomicUsize::new(0);
+    let full = Idempotent::new(&store, 2u8)
+        .name("outcomes")
+        .run(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(2u8)
+        })
+        .await;
+    assert!(matches!(full, Err(Error::StoreFull(_))), "{full:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(outcomes(&logs), ["executed", "store_full"]);
 }

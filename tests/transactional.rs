@@ -583,3 +583,173 @@ fn child_process_entry() {
         let _ = call(&backend, &store, &k, None, hang, &runs).await;
     });
 }
+
+/// A tokio-postgres body whose statement failed and that recovered with `ROLLBACK TO SAVEPOINT`
+/// keeps its transaction while it awaits something else for longer than the lease: the
+/// keep-alive beside it goes on in the aborted transaction (each beat fails, but counts as the
+/// session's activity), as it does in a healthy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_recovers_with_a_savepoint_keeps_its_transaction() {
+    let store = store().await;
+    let k = unique("savepoint");
+    let runs = AtomicUsize::new(0);
+    let out = store
+        .transactional(k.clone())
+        .name("tx.items")
+        .lease(Duration::from_millis(600))
+        .run(async |tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tx.batch_execute("SAVEPOINT s").await?;
+            let failed = tx.batch_execute("SELECT 1/0").await;
+            assert!(failed.is_err(), "the statement fails");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.batch_execute("ROLLBACK TO SAVEPOINT s").await?;
+            tx.execute(INSERT, &[&k]).await?;
+            // Longer than the lease, with nothing sent by the body.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tx.execute(INSERT, &[&k]).await?;
+            Ok::<_, TxError>(7u8)
+        })
+        .await;
+    assert_eq!(out.expect("the call"), 7);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(rows(&k).await, 2, "both writes committed");
+    assert!(record_exists(&k).await);
+}
+
+/// A sqlx call cancelled while its `BEGIN` is in flight (here: the server's backend frozen
+/// with SIGSTOP) does not give the application's pool a connection inside an open transaction:
+/// the application's next autocommit write through the pool commits.
+#[cfg(feature = "sqlx-postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlx_call_cancelled_during_begin_leaves_the_pool_clean() {
+    let url = PgServer::shared().url();
+    let store = Arc::new(store().await);
+    // Without the ping before each acquire, the call reaches its `BEGIN` on the frozen backend
+    // (with it, the call would wait in `acquire`).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&url)
+        .await
+        .expect("a sqlx pool of one");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the backend's pid");
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let k = unique("begin-cancelled");
+    let call = tokio::spawn({
+        let (store, pool, k) = (store.clone(), pool.clone(), k.clone());
+        async move {
+            store
+                .transactional(k.clone())
+                .name("tx.items")
+                .sqlx(&pool)
+                .run(async move |tx| {
+                    sqlx::query(INSERT).bind(&k).execute(&mut *tx).await?;
+                    Ok::<_, TxError>(1u8)
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort();
+    let _ = call.await;
+    signal("-CONT");
+    // The thawed backend runs the `BEGIN` it was sent before the application's write arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let app = unique("app-write");
+    sqlx::query(INSERT)
+        .bind(&app)
+        .execute(&pool)
+        .await
+        .expect("the application's write");
+    assert_eq!(rows(&app).await, 1, "the application's write committed");
+    assert_eq!(rows(&k).await, 0, "the cancelled call wrote nothing");
+}
+
+/// A sqlx pool whose connections get session settings from `after_connect` (a common set-up)
+/// keeps its connections across transactional calls: only settings a body changes close a
+/// connection, and a body's `SET` without `LOCAL` still does.
+#[cfg(feature = "sqlx-postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlx_pool_with_session_settings_keeps_its_connections() {
+    use sqlx::Executor as _;
+    let url = PgServer::shared().url();
+    let store = store().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET statement_timeout = '5s'; SET search_path = public")
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .expect("a sqlx pool with after_connect");
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..10 {
+        let k = unique("after-connect");
+        let pid = store
+            .transactional(k.clone())
+            .name("tx.items")
+            .sqlx(&pool)
+            .run(async |tx| {
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                Ok::<_, TxError>(pid)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        pids.insert(pid);
+    }
+    assert!(
+        pids.len() <= 2,
+        "10 calls on a pool of 2 used {} connections",
+        pids.len()
+    );
+
+    // A body that changes a session setting for good gets its connection closed.
+    let leaking = store
+        .transactional(unique("leaks"))
+        .name("tx.items")
+        .sqlx(&pool)
+        .run(async |tx| {
+            sqlx::query("SET statement_timeout = '7s'")
+                .execute(&mut *tx)
+                .await?;
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await?;
+            Ok::<_, TxError>(pid)
+        })
+        .await
+        .expect("the leaking call");
+    for _ in 0..4 {
+        let seen: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&pool)
+            .await
+            .expect("show");
+        assert_eq!(
+            seen, "5s",
+            "no connection of the pool carries the body's setting"
+        );
+    }
+    let still: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE pid = $1")
+        .bind(leaking)
+        .fetch_all(&pool)
+        .await
+        .expect("pg_stat_activity");
+    assert!(still.is_empty(), "the leaking connection was closed");
+}

@@ -3,7 +3,7 @@
 //!
 //! | metric | kind | labels | what |
 //! | --- | --- | --- | --- |
-//! | `idem_calls_total` | counter | `name`, `outcome` | one per idempotent call, by its outcome: `executed`, `failed`, `panicked`, `cancelled`, `replayed`, `waited`, `rejected`, `key_reused`, `lease_lost`, `store_error` (the same outcomes as the `tracing` events) |
+//! | `idem_calls_total` | counter | `name`, `outcome` | one per idempotent call, by its outcome: `executed`, `failed`, `panicked`, `cancelled`, `replayed`, `waited`, `rejected`, `key_reused`, `lease_lost`, `store_error`, `store_full` (the same outcomes as the `tracing` events) |
 //! | `idem_body_duration_seconds` | histogram | `name` | how long a body ran (calls that executed, failed or lost their lease) |
 //! | `idem_wait_duration_seconds` | histogram | `name` | how long a call waited for another holder of its key |
 //! | `idem_store_operation_duration_seconds` | histogram | `operation` | the latency of each store operation the executor makes: `claim`, `complete`, `renew`, `release`, `wait` |
@@ -51,7 +51,7 @@ fn elapsed(start: Stopwatch) -> Duration {
 
 /// The outcomes a call can have.
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const OUTCOMES: [&str; 10] = [
+pub(crate) const OUTCOMES: [&str; 11] = [
     "executed",
     "failed",
     "panicked",
@@ -62,6 +62,7 @@ pub(crate) const OUTCOMES: [&str; 10] = [
     "key_reused",
     "lease_lost",
     "store_error",
+    "store_full",
 ];
 
 /// Counts one call of `name` by its outcome (one of [`OUTCOMES`]).

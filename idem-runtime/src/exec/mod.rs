@@ -653,7 +653,13 @@ where
             Ok(claim) => claim,
             Err(err) => {
                 report.reported();
-                outcome!(WARN, call, "store_error", error = %err, step = "claim");
+                if matches!(err, Error::StoreFull(_)) {
+                    // Capacity, not a failing backend: its own outcome, so that an alert on
+                    // `store_error` does not fire for it.
+                    outcome!(WARN, call, "store_full", error = %err);
+                } else {
+                    outcome!(WARN, call, "store_error", error = %err, step = "claim");
+                }
                 return Err(err.into());
             }
         };

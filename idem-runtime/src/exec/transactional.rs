@@ -75,7 +75,7 @@ use crate::metrics;
 use crate::record::{Claim, Token};
 use crate::store::Store;
 use crate::store::transaction::{
-    BodyEndedTransaction, TransactionBackend, TxCall, TxClaim, TxCompletion,
+    BodyEndedTransaction, TransactionBackend, TxCall, TxClaim, TxCompletion, TxState,
 };
 
 use crate::store::postgres::PostgresStore;
@@ -320,13 +320,16 @@ impl<K: KeyPart> Transactional<K, Sqlx> {
 
     /// Runs `body` in a transaction of the sqlx pool at most once per key while the record
     /// lives, and returns its value or the first call's. The body is an async closure over the
-    /// [`sqlx::Transaction`]: `async |tx| { sqlx::query(..).execute(&mut *tx).await..; Ok(v) }`.
+    /// transaction's connection, `&mut sqlx::PgConnection`:
+    /// `async |tx| { sqlx::query(..).execute(&mut *tx).await..; Ok(v) }`.
     ///
-    /// The body gets `&mut sqlx::Transaction` rather than `&mut PgConnection`: it runs
-    /// statements through it (`&mut **tx` is the `PgConnection`, an `Executor`), opens
-    /// savepoints with `tx.begin()`, and passes it to the application's own functions that take a
-    /// `&mut Transaction<'_, Postgres>`, and it cannot `commit` it (that takes the transaction by
-    /// value).
+    /// The connection is what sqlx's `Executor` takes, so the application's own functions that
+    /// run statements on `&mut PgConnection` work inside and outside a transactional call;
+    /// savepoints are `tx.begin()` (`sqlx::Connection::begin`, a nested transaction). The
+    /// transaction itself is idem's: the body does not commit it (a `COMMIT` sent through the
+    /// connection is caught, and the key sealed: see [`Transactional`]). A function that takes
+    /// `&mut sqlx::Transaction<'_, Postgres>` is called with a savepoint:
+    /// `let mut sp = tx.begin().await?; f(&mut sp).await?; sp.commit().await?`.
     pub async fn run<T, E, F>(self, body: F) -> Result<T, E>
     where
         F: for<'t> AsyncFnOnce(&'t mut sqlx::PgConnection) -> Result<T, E>,
@@ -596,12 +599,25 @@ where
         Err(err) => {
             // Not memoized: the writes and the claim go away together, if the transaction is
             // still the call's own.
-            if !backend.still_ours(&mut tx, tx_call).await {
-                tracing::error!(
-                    target: "idem", key = %call.key, error = %BodyEndedTransaction,
-                    "a failed transactional body"
-                );
-                backend.seal(tx_call).await;
+            match backend.still_ours(&mut tx, tx_call).await {
+                TxState::Ours => {}
+                TxState::EndedByBody => {
+                    tracing::error!(
+                        target: "idem", key = %call.key, error = %BodyEndedTransaction,
+                        "a failed transactional body"
+                    );
+                    backend.seal(tx_call).await;
+                }
+                TxState::Lost => {
+                    tracing::warn!(
+                        target: "idem", key = %call.key,
+                        "a failed transactional body lost its transaction's connection (the \
+                         lease ran out while it sent nothing, or the server or network failed): \
+                         the server rolled the transaction back unless the body committed it"
+                    );
+                    // Sealed only if the claim committed (the body ran COMMIT before).
+                    backend.seal(tx_call).await;
+                }
             }
             backend.rollback(tx).await;
             tx_outcome!(DEBUG, call, "executed", failed = true);

@@ -353,6 +353,30 @@ const GATED_PAUSES: [Duration; 7] = [
     Duration::from_millis(64),
     Duration::from_millis(128),
 ];
+/// The settings on the session that a `SET` without `LOCAL` (or the application's own
+/// connection set-up: sqlx's `after_connect`, a pool's `post_create`) put there, as one digest.
+/// A transactional call keeps it transaction-locally in `idem.base` at `BEGIN` and compares it
+/// before its `COMMIT` ([`SESSION_LEAKED`]): only what the call's body changed (a `SET`, with
+/// or without `LOCAL`) closes the connection, never what the application sets on every
+/// connection.
+macro_rules! session_digest {
+    () => {
+        "(SELECT COALESCE(pg_catalog.md5(pg_catalog.string_agg(name || '=' || setting, ',' \
+         ORDER BY name)), '') FROM pg_catalog.pg_settings WHERE source = 'session' AND name \
+         NOT LIKE 'idem.%')"
+    };
+}
+/// See [`session_digest!`].
+pub(crate) const SESSION_DIGEST: &str = session_digest!();
+/// Whether a transactional call's body left state on its session: settings that differ from
+/// the digest taken at `BEGIN` ([`SESSION_DIGEST`]), or a role set with `SET ROLE`. Run inside
+/// the transaction, before its `COMMIT`.
+pub(crate) const SESSION_LEAKED: &str = concat!(
+    "SELECT ",
+    session_digest!(),
+    " IS DISTINCT FROM pg_catalog.current_setting('idem.base', true) \
+     OR current_user <> session_user"
+);
 /// What to do about a read-only server.
 const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
     `default_transaction_read_only = on`): idem writes its records there, so point the store at \
@@ -2644,15 +2668,17 @@ async fn heartbeat<S: Future<Output = ()>>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        // Queued behind the body's own statement if one is running. A failure (the connection
-        // is gone, or a statement of the body failed and the transaction is aborted) is the
-        // body's to meet: stop beating.
+        // Queued behind the body's own statement if one is running. In a transaction that a
+        // failed statement of the body aborted, the beat fails too, but it still counts as the
+        // session's activity, and the body may recover (`ROLLBACK TO SAVEPOINT`): keep beating.
+        // Any other failure (the connection is gone) is the body's to meet: stop.
         match still_ours(tx, marker).await {
             Ok(true) => {}
             Ok(false) => {
                 seal.await;
                 break;
             }
+            Err(err) if err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {}
             Err(_) => break,
         }
     }

@@ -76,6 +76,22 @@ impl TxCall {
     }
 }
 
+/// Whether a transaction is still a call's own, once its body failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TxState {
+    /// Still the call's own (an aborted transaction is): the rollback ends it.
+    Ours,
+    /// The body ended it itself (`COMMIT`, `ROLLBACK`, `END`): what it wrote may have
+    /// committed, claim included, so the executor [seals](TransactionBackend::seal) the key.
+    EndedByBody,
+    /// The question could not be asked: the connection failed or the server ended the session
+    /// (the lease ran out while the body was not sending, a shutdown, a network failure). The
+    /// server rolled the transaction back unless the body had committed it first, which the
+    /// executor's [seal](TransactionBackend::seal) finds out.
+    Lost,
+}
+
 /// What a claim made inside the transaction answered.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -171,13 +187,13 @@ pub trait TransactionBackend {
     ) -> (Self::Handle<'t>, BoxFuture<'t, ()>);
 
     /// After a failed body: whether the transaction is still the call's own (an aborted
-    /// transaction is), or the body ended it (then the connection is closed at
-    /// [`finish`](Self::finish)).
+    /// transaction is), the body ended it, or its connection was lost (in the last two cases
+    /// the connection is closed at [`finish`](Self::finish)).
     fn still_ours<'c>(
         &'c self,
         tx: &mut Self::Transaction<'c>,
         call: &TxCall,
-    ) -> impl Future<Output = bool>;
+    ) -> impl Future<Output = TxState>;
 
     /// Completes the claim with `value` inside the transaction, if the transaction is still the
     /// call's own.

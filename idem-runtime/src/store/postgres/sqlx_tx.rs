@@ -7,12 +7,12 @@ use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Row as _};
 use tokio_postgres::IsolationLevel;
 
 use super::{
-    BodyEndedTransaction, Corrupt, PostgresStore, claim_from_columns, idle_limit_ms, micros,
-    token_bytes,
+    BodyEndedTransaction, Corrupt, PostgresStore, SESSION_DIGEST, SESSION_LEAKED,
+    claim_from_columns, idle_limit_ms, micros, token_bytes,
 };
 use crate::error::Error;
 use crate::store::BoxFuture;
-use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion};
+use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion, TxState};
 
 /// The transactional mode's backend on the application's own `sqlx::PgPool` (feature
 /// `sqlx-postgres`): the body gets a `&mut sqlx::PgConnection` inside a transaction of that
@@ -62,14 +62,26 @@ pub struct Settle {
     /// Close it rather than give it back: a statement timed out, or the body ended the
     /// transaction.
     close: bool,
-    /// Committed: check that the body left no state on the session before giving it back.
-    check: bool,
+    /// From `BEGIN` until [`finish`](TransactionBackend::finish) is done with the connection:
+    /// if the attempt's future is dropped meanwhile (the caller was cancelled), the connection
+    /// is closed, not given back to the application's pool. A `BEGIN` still in flight leaves
+    /// nothing for sqlx to roll back (its transaction depth counts only answered `BEGIN`s),
+    /// and a body cut off may have left state on the session.
+    open: bool,
 }
 
 /// A connection of the sqlx pool, for one attempt.
 pub struct SqlxConnection {
     conn: PoolConnection<Postgres>,
     settle: Settle,
+}
+
+impl Drop for SqlxConnection {
+    fn drop(&mut self) {
+        if self.settle.close || self.settle.open {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// A transaction of one attempt, on a [`SqlxConnection`].
@@ -139,14 +151,18 @@ impl TransactionBackend for Sqlx {
         // The lease bounds how long the transaction may sit idle (a holder that stops sending
         // has its transaction ended by the server, which frees the key), and the marker tells
         // the call's transaction apart; both `SET LOCAL`, sent with `BEGIN` in one message.
+        // And the digest of the session's settings, to tell at commit what the body changed
+        // (see `SESSION_DIGEST`).
         let begin = format!(
             "BEGIN ISOLATION LEVEL {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-             SET LOCAL idem.tx = '{}'",
+             SET LOCAL idem.tx = '{}'; \
+             SELECT pg_catalog.set_config('idem.base', {SESSION_DIGEST}, true)",
             isolation(self.isolation),
             idle_limit_ms(call.lease),
             call.marker()
         );
         let limit = self.store.inner.timeout;
+        settle.open = true;
         match tokio::time::timeout(limit, conn.begin_with(begin)).await {
             Ok(Ok(tx)) => Ok(SqlxTransaction { tx, settle }),
             Ok(Err(err)) => Err(Error::store(err)),
@@ -226,7 +242,7 @@ impl TransactionBackend for Sqlx {
         (&mut *tx.tx, Box::pin(std::future::ready(())))
     }
 
-    async fn still_ours<'c>(&'c self, tx: &mut SqlxTransaction<'c>, call: &TxCall) -> bool {
+    async fn still_ours<'c>(&'c self, tx: &mut SqlxTransaction<'c>, call: &TxCall) -> TxState {
         let marker = call.marker();
         let checked = sqlx::query_scalar::<_, bool>(
             "SELECT pg_catalog.current_setting('idem.tx', true) IS NOT DISTINCT FROM $1",
@@ -235,18 +251,20 @@ impl TransactionBackend for Sqlx {
         .persistent(self.store.inner.prepared)
         .fetch_one(&mut *tx.tx);
         let checked = boxed(checked);
-        let ours = match tokio::time::timeout(self.store.inner.timeout, checked).await {
-            Ok(Ok(ours)) => ours,
+        let state = match tokio::time::timeout(self.store.inner.timeout, checked).await {
+            Ok(Ok(true)) => TxState::Ours,
+            Ok(Ok(false)) => TxState::EndedByBody,
             // A statement of the body failed: the transaction is still open (aborted), and the
             // rollback ends it.
-            Ok(Err(err)) => code(&err).as_deref() == Some("25P02"),
-            Err(_) => false,
+            Ok(Err(err)) if code(&err).as_deref() == Some("25P02") => TxState::Ours,
+            Ok(Err(_)) | Err(_) => TxState::Lost,
         };
-        if !ours {
-            // A connection whose transaction the body ended may carry anything.
+        if state != TxState::Ours {
+            // A connection whose transaction the body ended may carry anything; a lost one is
+            // of no use.
             tx.settle.close = true;
         }
-        ours
+        state
     }
 
     async fn complete<'c>(
@@ -299,10 +317,17 @@ impl TransactionBackend for Sqlx {
             let reset = boxed(sqlx::query("RESET ALL").persistent(false).execute(conn));
             self.timed("commit", settle, reset).await?;
         }
+        if self.store.inner.prepared {
+            // What the body left on the session (a `SET` without `LOCAL`, `SET ROLE`; compared
+            // with the settings at `BEGIN`, so what the pool's `after_connect` sets does not
+            // count): such a connection is closed rather than given back to the pool.
+            let conn: &mut PgConnection = &mut tx;
+            let leaked = sqlx::query_scalar::<_, bool>(SESSION_LEAKED)
+                .persistent(true)
+                .fetch_one(conn);
+            settle.close = self.timed("commit", settle, boxed(leaked)).await? || settle.close;
+        }
         self.timed("commit", settle, boxed(tx.commit())).await?;
-        // What the body may have left on the session is checked before the connection goes
-        // back to the pool (`finish`).
-        settle.check = self.store.inner.prepared;
         self.store.granted();
         Ok(())
     }
@@ -335,24 +360,14 @@ impl TransactionBackend for Sqlx {
     }
 
     async fn finish(&self, conn: SqlxConnection, call: &TxCall, wake: bool) {
+        let mut conn = conn;
         let SqlxConnection {
-            mut conn,
-            mut settle,
-        } = conn;
+            conn: pooled,
+            settle,
+        } = &mut conn;
         let limit = self.store.inner.timeout;
-        if !settle.close && settle.check {
-            // Session state the body left behind (a `SET` without `LOCAL`, `SET ROLE`) must
-            // not reach the pool's next user: such a connection is closed.
-            let leaked = sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source = 'session') \
-                 OR current_user <> session_user",
-            )
-            .fetch_one(&mut *conn);
-            let leaked = boxed(leaked);
-            settle.close = !matches!(tokio::time::timeout(limit, leaked).await, Ok(Ok(false)));
-        }
         if settle.close {
-            conn.close_on_drop();
+            // Closed when `conn` is dropped.
             return;
         }
         if wake {
@@ -362,11 +377,13 @@ impl TransactionBackend for Sqlx {
             let woken = sqlx::query(&self.store.inner.sql.wake)
                 .bind(&call.key.as_bytes()[..])
                 .persistent(self.store.inner.prepared)
-                .execute(&mut *conn);
+                .execute(&mut **pooled);
             let woken = boxed(woken);
             if !matches!(tokio::time::timeout(limit, woken).await, Ok(Ok(_))) {
-                conn.close_on_drop();
+                settle.close = true;
             }
         }
+        // Given back to the pool when `conn` is dropped, unless closed above.
+        settle.open = false;
     }
 }

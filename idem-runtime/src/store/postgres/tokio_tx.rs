@@ -8,12 +8,13 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{IsolationLevel, SimpleQueryMessage, Transaction};
 
 use super::{
-    Answer, BodyEndedTransaction, Corrupt, On, Params, PostgresStore, heartbeat, idle_limit_ms,
-    is_conflict, micros, read_claim, read_free, read_gated, run, still_ours, token_bytes,
+    Answer, BodyEndedTransaction, Corrupt, On, Params, PostgresStore, SESSION_DIGEST,
+    SESSION_LEAKED, heartbeat, idle_limit_ms, is_conflict, micros, read_claim, read_free,
+    read_gated, run, still_ours, token_bytes,
 };
 use crate::error::Error;
 use crate::store::BoxFuture;
-use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion};
+use crate::store::transaction::{TransactionBackend, TxCall, TxClaim, TxCompletion, TxState};
 
 /// The transactional mode's backend on the store's own tokio-postgres pool: the body gets a
 /// `&tokio_postgres::Transaction`. What [`PostgresStore::transactional`] uses unless told
@@ -110,8 +111,11 @@ impl TransactionBackend for TokioPostgres {
         // when the key lock is held without the bound. With it, the marker of this call's
         // transaction (`idem.tx`, reverted when the transaction ends), which the completion
         // checks (see `Sql::complete_tx`).
+        // And the digest of the session's settings, to tell at commit what the body changed
+        // (see `SESSION_DIGEST`).
         let idle = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{}'",
+            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{}'; \
+             SELECT pg_catalog.set_config('idem.base', {SESSION_DIGEST}, true)",
             idle_limit_ms(call.lease),
             call.marker()
         );
@@ -172,21 +176,25 @@ impl TransactionBackend for TokioPostgres {
         (shared, Box::pin(beat))
     }
 
-    async fn still_ours<'c>(&'c self, tx: &mut PooledTransaction<'c>, call: &TxCall) -> bool {
+    async fn still_ours<'c>(&'c self, tx: &mut PooledTransaction<'c>, call: &TxCall) -> TxState {
         let marker = call.marker();
         let checked = tokio::time::timeout(self.store.inner.timeout, still_ours(&tx.tx, &marker));
-        let ours = match checked.await {
-            Ok(Ok(ours)) => ours,
+        let state = match checked.await {
+            Ok(Ok(true)) => TxState::Ours,
+            Ok(Ok(false)) => TxState::EndedByBody,
             // A statement of the body failed: the transaction is still open (aborted), and
             // the rollback ends it.
-            Ok(Err(err)) => err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
-            Err(_) => false,
+            Ok(Err(err)) if err.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                TxState::Ours
+            }
+            Ok(Err(_)) | Err(_) => TxState::Lost,
         };
-        if !ours {
-            // A connection whose transaction the body ended may carry anything.
+        if state != TxState::Ours {
+            // A connection whose transaction the body ended may carry anything; a lost one is
+            // of no use.
             *tx.close = true;
         }
-        ours
+        state
     }
 
     async fn complete<'c>(
@@ -242,14 +250,16 @@ impl TransactionBackend for TokioPostgres {
     async fn commit<'c>(&'c self, tx: PooledTransaction<'c>) -> Result<(), Error> {
         let store = &self.store;
         let PooledTransaction { tx, close, .. } = tx;
-        // The commit, and in the same message what the body may have left on the session (a
-        // `SET` without `LOCAL`, `SET ROLE`): such a connection is closed rather than handed to
-        // the next caller. Behind a transaction pooler the session is the pooler's server
-        // connection, which only `RESET ALL` in the same message reaches.
+        // The commit, and in the same message whether the body left state on the session (a
+        // `SET` without `LOCAL`, `SET ROLE`; compared with the settings at `BEGIN`, so what the
+        // application's pool sets on every connection does not count): such a connection is
+        // closed rather than handed to the next caller. Behind a transaction pooler the session
+        // is the pooler's server connection, which only `RESET ALL` in the same message
+        // reaches.
+        let prepared_closing;
         let closing = if store.inner.prepared {
-            "COMMIT; SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_settings WHERE source \
-             = 'session') \
-             OR current_user <> session_user"
+            prepared_closing = format!("{SESSION_LEAKED}; COMMIT");
+            prepared_closing.as_str()
         } else {
             "COMMIT; RESET ALL; SELECT false"
         };
