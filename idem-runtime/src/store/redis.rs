@@ -274,6 +274,10 @@ impl Scripts {
 /// # let _ = store; Ok(()) }
 /// ```
 pub use super::IfUnsafe;
+/// The `redis` client (version 1) this store is built on, for building the `Client` or
+/// `ClusterClient` that [`RedisStoreBuilder::connect_client`] and
+/// [`RedisStoreBuilder::connect_cluster_client`] take without a version mismatch.
+pub use redis;
 
 /// An idempotency store in Redis, shared by every process and machine that points at the same
 /// server and prefix.
