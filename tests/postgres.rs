@@ -2915,7 +2915,12 @@ async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
         .transactional(unique("bouncer-leak"))
         .name("bouncer.leak")
         .run(async move |tx| {
-            tx.batch_execute("SET synchronous_commit = off").await?;
+            tx.batch_execute(
+                "DO $$ BEGIN CREATE ROLE idem_bouncer_other SUPERUSER; \
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+                 SET synchronous_commit = off; SET ROLE idem_bouncer_other",
+            )
+            .await?;
             Ok::<_, TxError>(1u8)
         })
         .await;
@@ -2935,6 +2940,18 @@ async fn behind_pgbouncer_a_transactional_body_leaves_no_session_setting() {
         seen, "on",
         "another client of PgBouncer's server connection"
     );
+    // `RESET ALL` leaves the role: the store resets it too.
+    let role: String = other
+        .simple_query("SELECT current_user::text")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(role, "postgres", "the body's role stays with the body");
 }
 
 /// Review 3, finding 1: a live, polled holder whose store's pool is taken by the application

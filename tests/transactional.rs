@@ -265,6 +265,32 @@ macro_rules! on_each_backend {
 }
 
 on_each_backend! {
+    async fn leftovers_on_the_session_never_reach_the_next_caller(backend: Backend) {
+        let url = PgServer::shared().url();
+        let store = store().await;
+        let db = client(&url).await;
+        db.batch_execute(
+            "DO $$ BEGIN CREATE ROLE idem_tx_other SUPERUSER; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await
+        .expect("a second role");
+        for leftover in [
+            "SET SESSION AUTHORIZATION idem_tx_other",
+            "SET ROLE idem_tx_other",
+            "LISTEN idem_tx_leftover",
+            "PREPARE idem_tx_leftover AS SELECT 1",
+            "CREATE TEMP TABLE idem_tx_leftover (x int)",
+        ] {
+            let state = session_leftovers(&backend, &store, leftover).await;
+            assert!(
+                state.dirty.is_empty(),
+                "[{}] after `{leftover}`, later calls saw {:?}",
+                backend.name(),
+                state.dirty
+            );
+        }
+    }
     async fn a_key_lock_held_for_a_moment_is_not_a_busy_key(backend: Backend) {
         // A claim that finds the key's lock taken and no live record (a cleanup batch deleting
         // the key's expired record holds it so) pauses and claims again: a caller that does not
@@ -752,4 +778,145 @@ async fn a_sqlx_pool_with_session_settings_keeps_its_connections() {
         .await
         .expect("pg_stat_activity");
     assert!(still.is_empty(), "the leaking connection was closed");
+}
+
+/// What a body leaves on its session past the commit, besides settings: the session
+/// authorization, a `LISTEN`, an SQL `PREPARE`, a temporary table. The connection is closed, so
+/// no later user of the pool runs as another user or meets the body's leftovers; a connection
+/// the body left clean goes back to the pool.
+async fn session_leftovers(backend: &Backend, store: &PostgresStore, leftover: &str) -> State {
+    let k = unique("leftover");
+    let call = store.transactional(k).name("tx.leftovers");
+    let leftover = leftover.to_owned();
+    match backend {
+        Backend::TokioPostgres => call
+            .run(async |tx| {
+                tx.batch_execute(&leftover).await?;
+                Ok::<_, TxError>(())
+            })
+            .await
+            .expect("the leaving call"),
+        #[cfg(feature = "sqlx-postgres")]
+        Backend::Sqlx(pool) => call
+            .sqlx(pool)
+            .run(async |tx| {
+                sqlx::query(&leftover).execute(&mut *tx).await?;
+                Ok::<_, TxError>(())
+            })
+            .await
+            .expect("the leaving call"),
+    }
+    // What the next calls' sessions look like.
+    let mut seen = State::default();
+    for _ in 0..4 {
+        let call = store.transactional(unique("look")).name("tx.leftovers");
+        let look = "SELECT session_user::text || '/' || current_user::text || '/' || \
+                    (SELECT count(*) FROM pg_listening_channels())::text || '/' || \
+                    (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)::text || '/' || \
+                    (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())::text";
+        let state: String = match backend {
+            Backend::TokioPostgres => call
+                .run(async |tx| Ok::<_, TxError>(tx.query_one(look, &[]).await?.get(0)))
+                .await
+                .expect("a later call"),
+            #[cfg(feature = "sqlx-postgres")]
+            Backend::Sqlx(pool) => call
+                .sqlx(pool)
+                .run(async |tx| {
+                    Ok::<_, TxError>(sqlx::query_scalar(look).fetch_one(&mut *tx).await?)
+                })
+                .await
+                .expect("a later call"),
+        };
+        if state != "postgres/postgres/0/0/0" {
+            seen.dirty.push(state);
+        }
+    }
+    seen
+}
+
+#[derive(Default)]
+struct State {
+    dirty: Vec<String>,
+}
+
+/// A sqlx pool whose connections take a role when they open (`after_connect`: `SET ROLE`, as
+/// row-level security set-ups do) keeps its connections: the role is the connection's, not the
+/// body's.
+#[cfg(feature = "sqlx-postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlx_pool_whose_connections_set_a_role_keeps_them() {
+    use sqlx::Executor as _;
+    let url = PgServer::shared().url();
+    let store = store().await;
+    let db = client(&url).await;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE idem_tx_rls SUPERUSER; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .expect("a role");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET ROLE idem_tx_rls").await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .expect("a sqlx pool that sets a role");
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..10 {
+        let (pid, role) = store
+            .transactional(unique("rls"))
+            .name("tx.items")
+            .sqlx(&pool)
+            .run(async |tx| {
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let role: String = sqlx::query_scalar("SELECT current_user::text")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                Ok::<_, TxError>((pid, role))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(role, "idem_tx_rls");
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 1, "10 calls on a pool of 1 kept its connection");
+}
+
+/// The store's own pool keeps its connections across clean transactional calls (the state check
+/// after the commit closes only what a body left dirty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_pool_keeps_its_connections_across_clean_calls() {
+    let url = PgServer::shared().url();
+    let _ = store().await; // the tables exist
+    let store = PostgresStore::builder()
+        .pool_size(1)
+        .connect(&url)
+        .await
+        .expect("a store with a pool of one");
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..10 {
+        let pid = store
+            .transactional(unique("clean"))
+            .name("tx.items")
+            .run(async |tx| {
+                let row = tx.query_one("SELECT pg_backend_pid()", &[]).await?;
+                Ok::<_, TxError>(row.get::<_, i32>(0))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        pids.insert(pid);
+    }
+    assert_eq!(
+        pids.len(),
+        1,
+        "10 clean calls on a pool of one kept its connection"
+    );
 }

@@ -353,30 +353,46 @@ const GATED_PAUSES: [Duration; 7] = [
     Duration::from_millis(64),
     Duration::from_millis(128),
 ];
-/// The settings on the session that a `SET` without `LOCAL` (or the application's own
-/// connection set-up: sqlx's `after_connect`, a pool's `post_create`) put there, as one digest.
-/// A transactional call keeps it transaction-locally in `idem.base` at `BEGIN` and compares it
-/// before its `COMMIT` ([`SESSION_LEAKED`]): only what the call's body changed (a `SET`, with
-/// or without `LOCAL`) closes the connection, never what the application sets on every
-/// connection.
+/// The state a session keeps past a transaction, as one digest: the settings a `SET` without
+/// `LOCAL` (or the application's own connection set-up: sqlx's `after_connect`, a pool's
+/// `post_create`) put there, the session and current users (`SET SESSION AUTHORIZATION`,
+/// `SET ROLE`), the channels it `LISTEN`s on, its SQL-level prepared statements, its temporary
+/// relations and its holdable cursors. A transactional call keeps it in the session setting
+/// `idem.base` at `BEGIN`, before its own `SET LOCAL`s, and compares it after its `COMMIT`
+/// ([`SESSION_LEAKED`]): only what the call's body left (a `LISTEN` takes effect at the commit)
+/// closes the connection, never what the application sets on every connection. Session-level
+/// advisory locks and a body that failed (rolled back) are not checked.
 macro_rules! session_digest {
     () => {
-        "(SELECT COALESCE(pg_catalog.md5(pg_catalog.string_agg(name || '=' || setting, ',' \
-         ORDER BY name)), '') FROM pg_catalog.pg_settings WHERE source = 'session' AND name \
-         NOT LIKE 'idem.%')"
+        "(SELECT pg_catalog.md5(COALESCE((SELECT pg_catalog.string_agg(name || '=' || setting, \
+         ',' ORDER BY name) FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT \
+         LIKE 'idem.%' AND name NOT LIKE 'transaction\\_%'), '') || '|' || session_user || '|' \
+         || current_user || '|' || (SELECT pg_catalog.count(*) FROM \
+         pg_catalog.pg_listening_channels()) || '|' || (SELECT pg_catalog.count(*) FROM \
+         pg_catalog.pg_prepared_statements WHERE from_sql) || '|' || (SELECT pg_catalog.count(*) \
+         FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) || '|' || \
+         (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)))"
     };
 }
-/// See [`session_digest!`].
-pub(crate) const SESSION_DIGEST: &str = session_digest!();
-/// Whether a transactional call's body left state on its session: settings that differ from
-/// the digest taken at `BEGIN` ([`SESSION_DIGEST`]), or a role set with `SET ROLE`. Run inside
-/// the transaction, before its `COMMIT`.
+/// See [`session_digest!`]: what a transactional call's `BEGIN` keeps.
+pub(crate) const SESSION_BASE: &str = concat!(
+    "SELECT pg_catalog.set_config('idem.base', ",
+    session_digest!(),
+    ", false)"
+);
+/// Whether a transactional call's body left state on its session: a digest that differs from
+/// the one kept at `BEGIN` ([`SESSION_BASE`]). Run after the `COMMIT`.
 pub(crate) const SESSION_LEAKED: &str = concat!(
     "SELECT ",
     session_digest!(),
-    " IS DISTINCT FROM pg_catalog.current_setting('idem.base', true) \
-     OR current_user <> session_user"
+    " IS DISTINCT FROM pg_catalog.current_setting('idem.base', true)"
 );
+/// What a transactional call sends behind a transaction pooler with its `COMMIT` (tokio-postgres)
+/// or before it (sqlx), where the session is the pooler's server connection, shared with other
+/// clients, and closing the client's connection does not reset it: the settings, the role and
+/// the session authorization back to the connection's own (`RESET ALL` leaves the last two).
+pub(crate) const POOLER_RESET: [&str; 3] =
+    ["RESET ALL", "RESET SESSION AUTHORIZATION", "RESET ROLE"];
 /// What to do about a read-only server.
 const READ_ONLY_ADVICE: &str = "The server is read-only (a hot standby, or \
     `default_transaction_read_only = on`): idem writes its records there, so point the store at \

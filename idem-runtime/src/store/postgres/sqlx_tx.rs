@@ -7,7 +7,7 @@ use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Row as _};
 use tokio_postgres::IsolationLevel;
 
 use super::{
-    BodyEndedTransaction, Corrupt, PostgresStore, SESSION_DIGEST, SESSION_LEAKED,
+    BodyEndedTransaction, Corrupt, POOLER_RESET, PostgresStore, SESSION_BASE, SESSION_LEAKED,
     claim_from_columns, idle_limit_ms, micros, token_bytes,
 };
 use crate::error::Error;
@@ -62,6 +62,8 @@ pub struct Settle {
     /// Close it rather than give it back: a statement timed out, or the body ended the
     /// transaction.
     close: bool,
+    /// Committed: check that the body left no state on the session before giving it back.
+    check: bool,
     /// From `BEGIN` until [`finish`](TransactionBackend::finish) is done with the connection:
     /// if the attempt's future is dropped meanwhile (the caller was cancelled), the connection
     /// is closed, not given back to the application's pool. A `BEGIN` still in flight leaves
@@ -151,12 +153,11 @@ impl TransactionBackend for Sqlx {
         // The lease bounds how long the transaction may sit idle (a holder that stops sending
         // has its transaction ended by the server, which frees the key), and the marker tells
         // the call's transaction apart; both `SET LOCAL`, sent with `BEGIN` in one message.
-        // And the digest of the session's settings, to tell at commit what the body changed
-        // (see `SESSION_DIGEST`).
+        // Before them, the digest of the session's state, to tell after the commit what the
+        // body left on it (see `SESSION_BASE`).
         let begin = format!(
-            "BEGIN ISOLATION LEVEL {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-             SET LOCAL idem.tx = '{}'; \
-             SELECT pg_catalog.set_config('idem.base', {SESSION_DIGEST}, true)",
+            "BEGIN ISOLATION LEVEL {}; {SESSION_BASE}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{}'",
             isolation(self.isolation),
             idle_limit_ms(call.lease),
             call.marker()
@@ -312,22 +313,18 @@ impl TransactionBackend for Sqlx {
         if !self.store.inner.prepared {
             // Behind a transaction pooler the session is the pooler's server connection, which
             // only a statement of this transaction reaches: undo what the body may have left on
-            // it (a `SET` without `LOCAL`) before the commit.
-            let conn: &mut PgConnection = &mut tx;
-            let reset = boxed(sqlx::query("RESET ALL").persistent(false).execute(conn));
-            self.timed("commit", settle, reset).await?;
-        }
-        if self.store.inner.prepared {
-            // What the body left on the session (a `SET` without `LOCAL`, `SET ROLE`; compared
-            // with the settings at `BEGIN`, so what the pool's `after_connect` sets does not
-            // count): such a connection is closed rather than given back to the pool.
-            let conn: &mut PgConnection = &mut tx;
-            let leaked = sqlx::query_scalar::<_, bool>(SESSION_LEAKED)
-                .persistent(true)
-                .fetch_one(conn);
-            settle.close = self.timed("commit", settle, boxed(leaked)).await? || settle.close;
+            // it (a `SET` without `LOCAL`, `SET ROLE`, `SET SESSION AUTHORIZATION`) before the
+            // commit: one statement each (the extended protocol takes one at a time).
+            for statement in POOLER_RESET {
+                let conn: &mut PgConnection = &mut tx;
+                let reset = boxed(sqlx::query(statement).persistent(false).execute(conn));
+                self.timed("commit", settle, reset).await?;
+            }
         }
         self.timed("commit", settle, boxed(tx.commit())).await?;
+        // What the body may have left on the session is checked before the connection goes
+        // back to the pool (`finish`).
+        settle.check = self.store.inner.prepared;
         self.store.granted();
         Ok(())
     }
@@ -366,6 +363,17 @@ impl TransactionBackend for Sqlx {
             settle,
         } = &mut conn;
         let limit = self.store.inner.timeout;
+        if !settle.close && settle.check {
+            // What the body left on the session (a `SET` without `LOCAL`, `SET ROLE`, a
+            // `LISTEN`, ...; compared with the state at `BEGIN`, so what the pool's
+            // `after_connect` sets does not count) must not reach the pool's next user: such a
+            // connection is closed.
+            let leaked = sqlx::query_scalar::<_, bool>(SESSION_LEAKED)
+                .persistent(true)
+                .fetch_one(&mut **pooled);
+            let leaked = boxed(leaked);
+            settle.close = !matches!(tokio::time::timeout(limit, leaked).await, Ok(Ok(false)));
+        }
         if settle.close {
             // Closed when `conn` is dropped.
             return;

@@ -8,7 +8,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{IsolationLevel, SimpleQueryMessage, Transaction};
 
 use super::{
-    Answer, BodyEndedTransaction, Corrupt, On, Params, PostgresStore, SESSION_DIGEST,
+    Answer, BodyEndedTransaction, Corrupt, On, POOLER_RESET, Params, PostgresStore, SESSION_BASE,
     SESSION_LEAKED, heartbeat, idle_limit_ms, is_conflict, micros, read_claim, read_free,
     read_gated, run, still_ours, token_bytes,
 };
@@ -111,11 +111,11 @@ impl TransactionBackend for TokioPostgres {
         // when the key lock is held without the bound. With it, the marker of this call's
         // transaction (`idem.tx`, reverted when the transaction ends), which the completion
         // checks (see `Sql::complete_tx`).
-        // And the digest of the session's settings, to tell at commit what the body changed
-        // (see `SESSION_DIGEST`).
+        // Before them, the digest of the session's state, to tell after the commit what the
+        // body left on it (see `SESSION_BASE`).
         let idle = format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL idem.tx = '{}'; \
-             SELECT pg_catalog.set_config('idem.base', {SESSION_DIGEST}, true)",
+            "{SESSION_BASE}; SET LOCAL idle_in_transaction_session_timeout = {}; \
+             SET LOCAL idem.tx = '{}'",
             idle_limit_ms(call.lease),
             call.marker()
         );
@@ -254,14 +254,15 @@ impl TransactionBackend for TokioPostgres {
         // `SET` without `LOCAL`, `SET ROLE`; compared with the settings at `BEGIN`, so what the
         // application's pool sets on every connection does not count): such a connection is
         // closed rather than handed to the next caller. Behind a transaction pooler the session
-        // is the pooler's server connection, which only `RESET ALL` in the same message
+        // is the pooler's server connection, which only a reset in the same message
         // reaches.
-        let prepared_closing;
+        let (prepared_closing, pooler_closing);
         let closing = if store.inner.prepared {
-            prepared_closing = format!("{SESSION_LEAKED}; COMMIT");
+            prepared_closing = format!("COMMIT; {SESSION_LEAKED}");
             prepared_closing.as_str()
         } else {
-            "COMMIT; RESET ALL; SELECT false"
+            pooler_closing = format!("COMMIT; {}; SELECT false", POOLER_RESET.join("; "));
+            pooler_closing.as_str()
         };
         let committed = tokio::time::timeout(store.inner.timeout, tx.simple_query(closing)).await;
         // The transaction is over either way (committed, or rolled back by a failed COMMIT):
