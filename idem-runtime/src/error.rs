@@ -47,6 +47,32 @@ pub enum Error {
     #[error("idempotent result codec: {0}")]
     Codec(#[source] BoxError),
 
+    /// `idem::step` was called outside an idempotent body (or in a task the body spawned):
+    /// steps are recorded under the running call's key. The step did not run.
+    #[error(
+        "`idem::step(\"{name}\", ..)` was called outside an idempotent body (or in a task it \
+         spawned): steps are recorded under the running call's key; the step did not run"
+    )]
+    StepOutsideCall {
+        /// The step's name.
+        name: String,
+    },
+
+    /// The same step name was used twice in one idempotent call. The second did not run.
+    #[error("step `{name}` was used twice in one idempotent call: step names must be unique per call")]
+    StepRepeated {
+        /// The step's name.
+        name: String,
+    },
+
+    /// A step's effect ran but could not be recorded: another call took the key over (this
+    /// holder's lease ran out). Stop: the new holder owns the call.
+    #[error("step `{name}` ran but was not recorded: this call's lease ran out and another call took the key over")]
+    LeaseLost {
+        /// The step's name.
+        name: String,
+    },
+
     /// A call of the function API without a [`name`](crate::Idempotent::name) whose body's type
     /// does not identify it (`Box<dyn FnOnce() -> ..>`, `&dyn Fn`, a `fn` pointer): every body
     /// of that type at that call site would share one namespace, and one would replay

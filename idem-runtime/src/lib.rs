@@ -34,6 +34,7 @@ pub use error::{BoxError, Error};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use exec::transactional;
+pub use exec::step::step;
 pub use exec::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict, Outcome, Policy,
     Status,

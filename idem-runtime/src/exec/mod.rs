@@ -446,6 +446,7 @@ macro_rules! outcome {
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
+pub(crate) mod step;
 
 /// Decodes a stored result; a record that says the first call's result could not be stored is
 /// [`Error::Codec`] with the reason.
@@ -778,7 +779,46 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             fingerprint: call.fingerprint,
             stage: Stage::Running,
         };
-        let body = catch_panics(body, panicked);
+        // Steps recorded by an earlier holder of this key (after a takeover): read before the
+        // body runs, so each is returned without running it again.
+        let recorded = match store.steps(key).await {
+            Ok(recorded) => recorded.into_iter().collect(),
+            Err(err) => {
+                guard.release(call.name).await;
+                report.reported();
+                outcome!(WARN, call, "store_error", error = %err, step = "steps");
+                return Err(err.into());
+            }
+        };
+        let (sink, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let cx = step::StepCx {
+            recorded,
+            used: Default::default(),
+            sink,
+        };
+        let body = step::CURRENT.scope(cx, catch_panics(body, panicked));
+        // The body's steps are recorded here, by the future that polls the body, with the call's
+        // key and token: the store stays borrowed by the call, never by a task-local.
+        let body = async {
+            let serve = async {
+                while let Some(request) = requests.recv().await {
+                    let step::StepRequest { name, value, reply } = request;
+                    let _ = reply.send(store.record_step(key, token, name, value, policy.ttl).await);
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::pin!(body);
+            tokio::pin!(serve);
+            std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(out) = body.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(out);
+                }
+                let _ = serve.as_mut().poll(cx);
+                // A step may have been answered: let the body see it.
+                body.as_mut().poll(cx)
+            })
+            .await
+        };
         let started = metrics::start();
         let result = renewing(store, key, token, policy.lease, body).await;
         metrics::body(call.name, started);

@@ -217,6 +217,8 @@ struct Record {
     due: Instant,
     /// Its key's exact encoding, once the record was replayed: its entry in `digests`.
     exact: Option<Arc<[u8]>>,
+    /// Steps recorded by the call holding it (`idem::step`), kept across a takeover.
+    steps: Option<Box<std::collections::HashMap<String, Bytes>>>,
 }
 
 impl Record {
@@ -724,6 +726,7 @@ impl MemoryStore {
                             state: State::in_progress(token, lease_until, fingerprint),
                             due: lease_until,
                             exact: None,
+                            steps: None,
                         }));
                         self.expire_due(&key, taken, now);
                         return Ok(ValueClaim::Acquired(token));
@@ -861,6 +864,7 @@ impl MemoryStore {
                     },
                     due: expires_at,
                     exact: None,
+                    steps: None,
                 }));
                 self.expire_due(&key, taken, now);
                 Completion::Stored
@@ -1006,6 +1010,41 @@ impl Store for MemoryStore {
     fn renew(&self, key: Key, token: Token, lease: Duration) -> BoxFuture<'_, Result<bool, Error>> {
         let result = self.renew_now(key, token, lease);
         Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn record_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<crate::store::StepRecorded, Error>> {
+        use crate::store::StepRecorded;
+        let result = match self.records.get_mut(&key) {
+            Some(mut record) => {
+                let holds = matches!(&record.state, State::InProgress { token: held, .. } if *held == token);
+                if holds {
+                    record.steps.get_or_insert_with(Default::default).entry(step).or_insert(value);
+                    StepRecorded::Recorded
+                } else {
+                    StepRecorded::LeaseLost
+                }
+            }
+            None => StepRecorded::LeaseLost,
+        };
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
+        let steps = self
+            .records
+            .get(&key)
+            .and_then(|record| record.steps.as_ref().map(|steps| {
+                steps.iter().map(|(name, value)| (name.clone(), value.clone())).collect()
+            }))
+            .unwrap_or_default();
+        Box::pin(std::future::ready(Ok(steps)))
     }
 
     fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {

@@ -42,6 +42,16 @@ pub enum IfUnsafe {
     Accept,
 }
 
+/// What [`Store::record_step`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StepRecorded {
+    /// The step's value is recorded (or was already, under this token).
+    Recorded,
+    /// `token` no longer holds the key: nothing was written.
+    LeaseLost,
+}
+
 /// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -159,6 +169,30 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// Records the `Ok` value of step `step` of the call holding `key` under `token`
+    /// (`idem::step`), to live with the call's record. Fenced: only if `token` still holds the
+    /// key; otherwise nothing is written and the answer is [`StepRecorded::LeaseLost`]. A
+    /// repeated record of one name keeps the first value. The default: stores without steps
+    /// answer [`Error::Store`].
+    fn record_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+        let _ = (key, token, step, value, ttl);
+        Box::pin(async { Err(Error::store("this store does not support idem::step")) })
+    }
+
+    /// The steps recorded under `key` (by this or any earlier holder), read when a claim is
+    /// granted. The default: none.
+    fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
+        let _ = key;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
     /// without boxed futures, and keep results typed. Not for other stores to implement.
     #[doc(hidden)]
@@ -196,6 +230,12 @@ macro_rules! forward_store {
             }
             fn max_value_len(&self) -> Option<usize> {
                 (**self).max_value_len()
+            }
+            fn record_step(&self, key: Key, token: Token, step: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+                (**self).record_step(key, token, step, value, ttl)
+            }
+            fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
+                (**self).steps(key)
             }
             fn as_memory(&self) -> Option<&memory::MemoryStore> {
                 (**self).as_memory()
