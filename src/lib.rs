@@ -180,8 +180,7 @@ pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent,
     Key, KeyPart, MemoryStore, OnConflict, Outcome, Policy, Status, Store, codec, conformance,
-    step,
-    conformance_tests, key,
+    conformance_tests, key, step,
 };
 
 /// Durable records in PostgreSQL, with a transactional mode (needs the `postgres` feature).

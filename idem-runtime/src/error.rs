@@ -59,7 +59,9 @@ pub enum Error {
     },
 
     /// The same step name was used twice in one idempotent call. The second did not run.
-    #[error("step `{name}` was used twice in one idempotent call: step names must be unique per call")]
+    #[error(
+        "step `{name}` was used twice in one idempotent call: step names must be unique per call"
+    )]
     StepRepeated {
         /// The step's name.
         name: String,
@@ -67,7 +69,9 @@ pub enum Error {
 
     /// A step's effect ran but could not be recorded: another call took the key over (this
     /// holder's lease ran out). Stop: the new holder owns the call.
-    #[error("step `{name}` ran but was not recorded: this call's lease ran out and another call took the key over")]
+    #[error(
+        "step `{name}` ran but was not recorded: this call's lease ran out and another call took the key over"
+    )]
     LeaseLost {
         /// The step's name.
         name: String,

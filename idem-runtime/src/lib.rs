@@ -30,11 +30,11 @@ mod record;
 pub mod store;
 
 pub use error::{BoxError, Error};
+pub use exec::step::step;
 /// The transactional mode (needs the `postgres` feature): see [`PostgresStore::transactional`].
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use exec::transactional;
-pub use exec::step::step;
 pub use exec::{
     DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Idempotent, OnConflict, Outcome, Policy,
     Status,

@@ -443,10 +443,10 @@ macro_rules! outcome {
     }};
 }
 
+pub(crate) mod step;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
-pub(crate) mod step;
 
 /// Decodes a stored result; a record that says the first call's result could not be stored is
 /// [`Error::Codec`] with the reason.
@@ -803,7 +803,8 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             let serve = async {
                 while let Some(request) = requests.recv().await {
                     let step::StepRequest { name, value, reply } = request;
-                    let _ = reply.send(store.record_step(key, token, name, value, policy.ttl).await);
+                    let _ =
+                        reply.send(store.record_step(key, token, name, value, policy.ttl).await);
                 }
                 std::future::pending::<()>().await;
             };

@@ -56,13 +56,25 @@ where
     E: From<Error>,
 {
     let found = CURRENT.try_with(|cx| {
-        if !cx.used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned()) {
-            return Err(Error::StepRepeated { name: name.to_owned() });
+        if !cx
+            .used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned())
+        {
+            return Err(Error::StepRepeated {
+                name: name.to_owned(),
+            });
         }
         Ok((cx.recorded.get(name).cloned(), cx.sink.clone()))
     });
     let (recorded, sink) = match found {
-        Err(_) => return Err(Error::StepOutsideCall { name: name.to_owned() }.into()),
+        Err(_) => {
+            return Err(Error::StepOutsideCall {
+                name: name.to_owned(),
+            }
+            .into());
+        }
         Ok(Err(err)) => return Err(err.into()),
         Ok(Ok(found)) => found,
     };
@@ -72,14 +84,27 @@ where
     let value = f().await?;
     let bytes = Bytes::from(codec::to_vec(&value)?);
     let (reply, answer) = oneshot::channel();
-    let request = StepRequest { name: name.to_owned(), value: bytes, reply };
+    let request = StepRequest {
+        name: name.to_owned(),
+        value: bytes,
+        reply,
+    };
     if sink.send(request).is_err() {
-        return Err(Error::StepOutsideCall { name: name.to_owned() }.into());
+        return Err(Error::StepOutsideCall {
+            name: name.to_owned(),
+        }
+        .into());
     }
     match answer.await {
         Ok(Ok(StepRecorded::Recorded)) => Ok(value),
-        Ok(Ok(_)) => Err(Error::LeaseLost { name: name.to_owned() }.into()),
+        Ok(Ok(_)) => Err(Error::LeaseLost {
+            name: name.to_owned(),
+        }
+        .into()),
         Ok(Err(err)) => Err(err.into()),
-        Err(_) => Err(Error::StepOutsideCall { name: name.to_owned() }.into()),
+        Err(_) => Err(Error::StepOutsideCall {
+            name: name.to_owned(),
+        }
+        .into()),
     }
 }

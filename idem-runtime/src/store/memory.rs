@@ -1025,7 +1025,11 @@ impl Store for MemoryStore {
             Some(mut record) => {
                 let holds = matches!(&record.state, State::InProgress { token: held, .. } if *held == token);
                 if holds {
-                    record.steps.get_or_insert_with(Default::default).entry(step).or_insert(value);
+                    record
+                        .steps
+                        .get_or_insert_with(Default::default)
+                        .entry(step)
+                        .or_insert(value);
                     StepRecorded::Recorded
                 } else {
                     StepRecorded::LeaseLost
@@ -1040,9 +1044,14 @@ impl Store for MemoryStore {
         let steps = self
             .records
             .get(&key)
-            .and_then(|record| record.steps.as_ref().map(|steps| {
-                steps.iter().map(|(name, value)| (name.clone(), value.clone())).collect()
-            }))
+            .and_then(|record| {
+                record.steps.as_ref().map(|steps| {
+                    steps
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value.clone()))
+                        .collect()
+                })
+            })
             .unwrap_or_default();
         Box::pin(std::future::ready(Ok(steps)))
     }
