@@ -835,6 +835,8 @@ impl MemoryStore {
                 };
                 self.requeue(key, Some(record.due), Some(expires_at));
                 record.due = expires_at;
+                // The completed value replays whole: its steps are never read again.
+                record.steps = None;
                 let old = std::mem::replace(
                     &mut record.state,
                     State::Completed {
