@@ -75,7 +75,8 @@ use crate::metrics;
 use crate::record::{Claim, Token};
 use crate::store::Store;
 use crate::store::transaction::{
-    BodyEndedTransaction, TransactionBackend, TxCall, TxClaim, TxCompletion, TxState,
+    BUSY_HINT, BodyEndedTransaction, GATED_PAUSES, TransactionBackend, TxCall, TxClaim,
+    TxCompletion, TxState,
 };
 
 use crate::store::postgres::PostgresStore;
@@ -88,8 +89,6 @@ use tokio_postgres::IsolationLevel;
 /// How many times in a row an attempt may start over (a serialization failure or a row
 /// committed after its snapshot) before the key is treated as busy.
 const AGAIN_ATTEMPTS: usize = 16;
-/// The wait before claiming again after that many.
-const BUSY_HINT: Duration = Duration::from_secs(1);
 
 /// An idempotent call in transactional mode: the claim, the body's writes and the completed
 /// record commit in one PostgreSQL transaction. Made by [`PostgresStore::transactional`]; `B`
@@ -392,19 +391,6 @@ enum Attempt<T, E> {
     /// [`TxClaim::Gated`]): start over after a short pause.
     Gated,
 }
-
-/// The pauses before a transactional call starts over after [`Attempt::Gated`], then treats
-/// the key as busy: about a quarter of a second in all, longer than a cleanup batch holds its
-/// key locks on a loaded server.
-const GATED_PAUSES: [Duration; 7] = [
-    Duration::from_millis(2),
-    Duration::from_millis(4),
-    Duration::from_millis(8),
-    Duration::from_millis(16),
-    Duration::from_millis(32),
-    Duration::from_millis(64),
-    Duration::from_millis(128),
-];
 
 /// The transactional flow over `backend`, waiting through `store` (whose records the backend
 /// writes).

@@ -58,7 +58,19 @@ impl Known {
                 self.map.clear();
             }
         }
-        self.map.insert(*key.as_bytes(), seen);
+        // A repeated completion by the same token leaves the record as the first one made it
+        // (its value and ttl): never let the hint outlive the record. The earlier of the two
+        // expiries is safe either way (a hint that ends early only costs the claim).
+        self.map
+            .entry(*key.as_bytes())
+            .and_modify(|known| {
+                if known.token == seen.token {
+                    known.expires = known.expires.min(seen.expires);
+                } else {
+                    *known = seen;
+                }
+            })
+            .or_insert(seen);
     }
 
     /// Forgets `key` (its lookup missed, or it was removed).
@@ -98,6 +110,43 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A repeated completion by the same token keeps the record's first ttl: the hint must not
+    /// take the repeat's longer one (found by `reliability_redis`'s model: a replay reported
+    /// 30 s left on a record of 150 ms). Another token's completion replaces the hint.
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_completion_never_lengthens_the_hint() {
+        let known = Known::default();
+        let key = Key::new("t", &2u32);
+        let now = Instant::now();
+        let token = Token::generate();
+        let short = now + Duration::from_millis(150);
+        known.insert(
+            &key,
+            Seen {
+                token: Some(token),
+                expires: short,
+            },
+        );
+        known.insert(
+            &key,
+            Seen {
+                token: Some(token),
+                expires: now + Duration::from_secs(30),
+            },
+        );
+        assert_eq!(known.get(&key, now).map(|s| s.expires), Some(short));
+        let other = Token::generate();
+        let later = now + Duration::from_secs(5);
+        known.insert(
+            &key,
+            Seen {
+                token: Some(other),
+                expires: later,
+            },
+        );
+        assert_eq!(known.get(&key, now).map(|s| s.expires), Some(later));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn hints_expire_and_stay_bounded() {

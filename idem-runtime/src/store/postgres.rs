@@ -265,7 +265,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::known::{Known, Seen};
-use super::transaction::BodyEndedTransaction;
+use super::transaction::{BUSY_HINT, BodyEndedTransaction, GATED_PAUSES};
 use super::{BoxFuture, Store};
 use crate::clock::after;
 use crate::error::Error;
@@ -338,21 +338,6 @@ pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
 /// The most batches one automatic cleanup runs (each up to `PURGE_BATCH` rows) before it leaves
 /// the rest to the next one.
 const CLEANUP_BATCHES: usize = 16;
-/// The time left reported with a [`Claim::Busy`] when the key's holder is a claim still in
-/// flight (its lease is not visible yet).
-const BUSY_HINT: Duration = Duration::from_secs(1);
-/// The pauses of a claim that found its key lock taken and no live row (see `Answer::Gated`)
-/// before it reports the key busy: about a quarter of a second in all, longer than a cleanup
-/// batch of `PURGE_BATCH` rows holds its key locks on a loaded server.
-const GATED_PAUSES: [Duration; 7] = [
-    Duration::from_millis(2),
-    Duration::from_millis(4),
-    Duration::from_millis(8),
-    Duration::from_millis(16),
-    Duration::from_millis(32),
-    Duration::from_millis(64),
-    Duration::from_millis(128),
-];
 /// The state a session keeps past a transaction, as one digest: the settings a `SET` without
 /// `LOCAL` (or the application's own connection set-up: sqlx's `after_connect`, a pool's
 /// `post_create`) put there, the session and current users (`SET SESSION AUTHORIZATION`,

@@ -32,6 +32,24 @@ use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Token};
 
+/// The time left reported with a busy key whose holder is a claim still in flight (its lease
+/// is not visible yet): shared by the PostgreSQL claim and the transactional executor.
+pub(crate) const BUSY_HINT: Duration = Duration::from_secs(1);
+
+/// The pauses of a claim that found the key's lock taken and no live record (see
+/// [`TxClaim::Gated`]) before it treats the key as busy: about a quarter of a second in all,
+/// longer than a cleanup batch holds its key locks on a loaded server. Shared by the PostgreSQL
+/// claim and the transactional executor.
+pub(crate) const GATED_PAUSES: [Duration; 7] = [
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+];
+
 /// One transactional call's claim, as the executor hands it to its backend.
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
