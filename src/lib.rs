@@ -203,7 +203,8 @@ pub use idem_runtime::transactional;
 /// and with `sqlx-postgres` the re-exported `sqlx`); and what a store of your own implements and
 /// names: the [`Store`] trait, [`Claim`](store::Claim), [`Completed`](store::Completed),
 /// [`Completion`](store::Completion), fencing [`Token`](store::Token)s,
-/// [`BoxFuture`](store::BoxFuture) and [`Bytes`](store::Bytes).
+/// [`BoxFuture`](store::BoxFuture), [`Bytes`](store::Bytes), and for step records
+/// [`StepRecorded`](store::StepRecorded) and [`RecordedSteps`](store::RecordedSteps).
 pub mod store {
     #[doc(no_inline)]
     pub use idem_runtime::Store;
@@ -221,7 +222,8 @@ pub mod store {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub use idem_runtime::store::transaction;
     pub use idem_runtime::store::{
-        BoxFuture, Bytes, Claim, Completed, Completion, IfUnsafe, Token,
+        BoxFuture, Bytes, Claim, Completed, Completion, IfUnsafe, RecordedSteps, StepRecorded,
+        Token,
     };
 }
 

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::exec::{Idempotent, OnConflict, Status};
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completion, Token};
-use crate::store::{BoxFuture, Store};
+use crate::store::{BoxFuture, RecordedSteps, StepRecorded, Store};
 
 /// The lease the checks use where it must run out.
 pub const SHORT_LEASE: Duration = Duration::from_millis(300);
@@ -60,6 +60,14 @@ pub const CHECKS: &[&str] = &[
     "cancelled_completion_keeps_the_claim",
     "results_replay_faithfully",
     "unfaithful_results_are_refused_when_stored",
+    "steps_are_recorded_under_the_holding_token",
+    "steps_survive_a_takeover",
+    "steps_survive_a_release",
+    "steps_are_fenced_by_the_token",
+    "complete_and_remove_delete_steps",
+    "steps_expire_with_their_ttl",
+    "step_names_and_values_round_trip",
+    "steps_stay_with_their_key",
 ];
 
 /// Runs every check, one after another.
@@ -86,7 +94,15 @@ pub async fn run_all(store: Arc<dyn Store>) {
     cancelled_body_frees_the_key(store.clone()).await;
     cancelled_completion_keeps_the_claim(store.clone()).await;
     results_replay_faithfully(store.clone()).await;
-    unfaithful_results_are_refused_when_stored(store).await;
+    unfaithful_results_are_refused_when_stored(store.clone()).await;
+    steps_are_recorded_under_the_holding_token(store.clone()).await;
+    steps_survive_a_takeover(store.clone()).await;
+    steps_survive_a_release(store.clone()).await;
+    steps_are_fenced_by_the_token(store.clone()).await;
+    complete_and_remove_delete_steps(store.clone()).await;
+    steps_expire_with_their_ttl(store.clone()).await;
+    step_names_and_values_round_trip(store.clone()).await;
+    steps_stay_with_their_key(store).await;
 }
 
 /// A key no other check (or run) uses.
@@ -1104,6 +1120,341 @@ mod results {
     }
 }
 
+async fn record_step(
+    store: &dyn Store,
+    key: Key,
+    token: Token,
+    name: &str,
+    value: &[u8],
+    ttl: Duration,
+) -> StepRecorded {
+    match store
+        .record_step(
+            key,
+            token,
+            name.to_owned(),
+            Bytes::copy_from_slice(value),
+            ttl,
+        )
+        .await
+    {
+        Ok(recorded) => recorded,
+        Err(err) => panic!("record_step of step {name:?} failed: {err}"),
+    }
+}
+
+/// The steps `token` reads under `key`, sorted by name; `None` for `LeaseLost`.
+async fn steps_of(store: &dyn Store, key: Key, token: Token) -> Option<Vec<(String, Bytes)>> {
+    match store.steps(key, token).await {
+        Ok(RecordedSteps::Held(mut steps)) => {
+            steps.sort();
+            Some(steps)
+        }
+        Ok(RecordedSteps::LeaseLost) => None,
+        Err(err) => panic!("steps failed: {err}"),
+    }
+}
+
+fn step(name: &str, value: &[u8]) -> (String, Bytes) {
+    (name.to_owned(), Bytes::copy_from_slice(value))
+}
+
+/// The holder of a claim records steps and reads them back; a repeated record of one name under
+/// one token keeps the first value.
+pub async fn steps_are_recorded_under_the_holding_token(store: Arc<dyn Store>) {
+    let key = fresh_key("steps_are_recorded_under_the_holding_token");
+    let token = acquire(&*store, key, LONG).await;
+    assert_eq!(
+        steps_of(&*store, key, token).await,
+        Some(vec![]),
+        "a new claim has no steps"
+    );
+    for (name, value) in [("charge", &b"ch_1"[..]), ("reserve", b"r_1")] {
+        assert_eq!(
+            record_step(&*store, key, token, name, value, LONG).await,
+            StepRecorded::Recorded,
+            "the holder must be able to record step {name:?}"
+        );
+    }
+    assert_eq!(
+        record_step(&*store, key, token, "charge", b"ch_2", LONG).await,
+        StepRecorded::Recorded,
+        "a repeated record under the same token (a lost reply) is answered Recorded"
+    );
+    assert_eq!(
+        steps_of(&*store, key, token).await,
+        Some(vec![step("charge", b"ch_1"), step("reserve", b"r_1")]),
+        "the holder reads its steps, the first value of a repeated one"
+    );
+    assert!(
+        store.renew(key, token, LONG).await.unwrap_or(false),
+        "the holder must be able to renew"
+    );
+    assert_eq!(
+        steps_of(&*store, key, token).await.map(|s| s.len()),
+        Some(2),
+        "a renewal keeps the steps"
+    );
+}
+
+/// After the lease ran out and another call took the key over, the new holder reads the steps
+/// of the old one; the old token can neither read nor record steps, and what it tried to record
+/// is not seen.
+pub async fn steps_survive_a_takeover(store: Arc<dyn Store>) {
+    let key = fresh_key("steps_survive_a_takeover");
+    let stale = acquire(&*store, key, SHORT_LEASE).await;
+    assert_eq!(
+        record_step(&*store, key, stale, "charge", b"ch_1", LONG).await,
+        StepRecorded::Recorded
+    );
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let fresh = acquire(&*store, key, LONG).await;
+    assert_ne!(stale, fresh);
+    assert_eq!(
+        steps_of(&*store, key, fresh).await,
+        Some(vec![step("charge", b"ch_1")]),
+        "a takeover must read the steps recorded by the holder it replaced"
+    );
+    assert_eq!(
+        record_step(&*store, key, stale, "reserve", b"stale", LONG).await,
+        StepRecorded::LeaseLost,
+        "a stale holder must not record a step"
+    );
+    assert_eq!(
+        steps_of(&*store, key, stale).await,
+        None,
+        "a stale holder must learn that it lost the lease when it reads steps"
+    );
+    assert_eq!(
+        record_step(&*store, key, fresh, "reserve", b"r_1", LONG).await,
+        StepRecorded::Recorded
+    );
+    assert_eq!(
+        steps_of(&*store, key, fresh).await,
+        Some(vec![step("charge", b"ch_1"), step("reserve", b"r_1")]),
+        "the stale holder's attempt must not be seen"
+    );
+}
+
+/// A released claim (its body failed, panicked or was cancelled) frees the key at once but keeps
+/// its steps: the next claim reads them, so a retry does not run a recorded step again. Waiters
+/// are woken by the release as by any other.
+pub async fn steps_survive_a_release(store: Arc<dyn Store>) {
+    let key = fresh_key("steps_survive_a_release");
+    let first = acquire(&*store, key, LONG).await;
+    assert_eq!(
+        record_step(&*store, key, first, "charge", b"ch_1", LONG).await,
+        StepRecorded::Recorded
+    );
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let _ = store.wait(key, LONG).await;
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.release(key, first).await.ok(), Some(true));
+    let waited = waiter.await.unwrap_or(LONG);
+    assert!(
+        waited < Duration::from_secs(10),
+        "a release with steps must end waits on the key, it took {waited:?}"
+    );
+    assert_eq!(
+        store.release(key, first).await.ok(),
+        Some(false),
+        "a released token cannot release again"
+    );
+    assert_eq!(
+        record_step(&*store, key, first, "late", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "a released token cannot record a step"
+    );
+    let second = acquire(&*store, key, LONG).await;
+    assert_ne!(first, second);
+    assert_eq!(
+        steps_of(&*store, key, second).await,
+        Some(vec![step("charge", b"ch_1")]),
+        "the next claim after a release must read the released claim's steps"
+    );
+    // And again: a second failure keeps both holders' steps.
+    assert_eq!(
+        record_step(&*store, key, second, "reserve", b"r_1", LONG).await,
+        StepRecorded::Recorded
+    );
+    assert_eq!(store.release(key, second).await.ok(), Some(true));
+    let third = acquire(&*store, key, LONG).await;
+    assert_eq!(
+        steps_of(&*store, key, third).await,
+        Some(vec![step("charge", b"ch_1"), step("reserve", b"r_1")])
+    );
+    complete(&*store, key, third, b"done", LONG).await;
+}
+
+/// Steps are written and read only under the token that holds the key with a live lease: not on
+/// an absent key (nothing is created), not on a completed one, not with another token, not
+/// after the lease ran out (even with no takeover yet).
+pub async fn steps_are_fenced_by_the_token(store: Arc<dyn Store>) {
+    let absent = fresh_key("steps_are_fenced_by_the_token");
+    let stranger = Token::generate();
+    assert_eq!(
+        record_step(&*store, absent, stranger, "charge", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "a step on an absent key must not be recorded"
+    );
+    assert_eq!(steps_of(&*store, absent, stranger).await, None);
+    let token = acquire(&*store, absent, LONG).await;
+    assert_eq!(
+        steps_of(&*store, absent, token).await,
+        Some(vec![]),
+        "a refused step must not have created anything"
+    );
+    assert_eq!(
+        record_step(&*store, absent, stranger, "charge", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "a token that does not hold the key must not record a step"
+    );
+    assert_eq!(steps_of(&*store, absent, stranger).await, None);
+    complete(&*store, absent, token, b"done", LONG).await;
+    assert_eq!(
+        record_step(&*store, absent, token, "charge", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "a completed call records no more steps"
+    );
+    assert_eq!(steps_of(&*store, absent, token).await, None);
+
+    let lapsed = fresh_key("steps_are_fenced_by_the_token");
+    let token = acquire(&*store, lapsed, SHORT_LEASE).await;
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    assert_eq!(
+        record_step(&*store, lapsed, token, "charge", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "a holder whose lease ran out must not record a step, even before a takeover"
+    );
+    assert_eq!(steps_of(&*store, lapsed, token).await, None);
+}
+
+/// `complete` deletes the call's steps (its value replays whole), and so does `remove`: a new
+/// call with the key after either starts with none.
+pub async fn complete_and_remove_delete_steps(store: Arc<dyn Store>) {
+    let key = fresh_key("complete_and_remove_delete_steps");
+    let token = acquire(&*store, key, LONG).await;
+    record_step(&*store, key, token, "charge", b"ch_1", LONG).await;
+    complete(&*store, key, token, b"done", SHORT_LEASE).await;
+    match store.claim(key, None, LONG).await {
+        Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"done"),
+        other => panic!("a completed call with steps must replay, got {other:?}"),
+    }
+    tokio::time::sleep(SHORT_LEASE * 2).await;
+    let again = acquire(&*store, key, LONG).await;
+    assert_eq!(
+        steps_of(&*store, key, again).await,
+        Some(vec![]),
+        "a call after a completed record expired must not see the completed call's steps"
+    );
+
+    let removed = fresh_key("complete_and_remove_delete_steps");
+    let token = acquire(&*store, removed, LONG).await;
+    record_step(&*store, removed, token, "charge", b"ch_1", LONG).await;
+    assert_eq!(store.release(removed, token).await.ok(), Some(true));
+    assert_eq!(
+        store.remove(removed).await.ok(),
+        Some(true),
+        "remove must find a released call's steps"
+    );
+    let fresh = acquire(&*store, removed, LONG).await;
+    assert_eq!(
+        steps_of(&*store, removed, fresh).await,
+        Some(vec![]),
+        "remove must delete the steps"
+    );
+    record_step(&*store, removed, fresh, "charge", b"ch_2", LONG).await;
+    assert_eq!(store.remove(removed).await.ok(), Some(true));
+    let last = acquire(&*store, removed, LONG).await;
+    assert_eq!(steps_of(&*store, removed, last).await, Some(vec![]));
+}
+
+/// Steps expire `ttl` after the last one was recorded: a released call's steps are gone after
+/// it, and the key is a new one.
+pub async fn steps_expire_with_their_ttl(store: Arc<dyn Store>) {
+    let key = fresh_key("steps_expire_with_their_ttl");
+    let token = acquire(&*store, key, LONG).await;
+    record_step(&*store, key, token, "charge", b"ch_1", SHORT_LEASE).await;
+    assert_eq!(store.release(key, token).await.ok(), Some(true));
+    tokio::time::sleep(SHORT_LEASE * 3).await;
+    let again = acquire(&*store, key, LONG).await;
+    assert_eq!(
+        steps_of(&*store, key, again).await,
+        Some(vec![]),
+        "steps must expire with their ttl"
+    );
+}
+
+/// Step names are any string (empty, Unicode, separators, NUL) and values any bytes (empty,
+/// binary, large); both come back exactly.
+pub async fn step_names_and_values_round_trip(store: Arc<dyn Store>) {
+    let key = fresh_key("step_names_and_values_round_trip");
+    let token = acquire(&*store, key, LONG).await;
+    let large: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+    let mut expected = vec![
+        step("", b"empty name"),
+        step("emp\u{fc}ty/\u{2603}", b""),
+        step("a:b{c}", &[0, 255, 0, 1, 0x80, 0xfe]),
+        step("nul\0inside", b"\0"),
+        step("large", &large),
+        step(&"n".repeat(1000), b"long name"),
+    ];
+    for (name, value) in &expected {
+        assert_eq!(
+            record_step(&*store, key, token, name, value, LONG).await,
+            StepRecorded::Recorded,
+            "step {name:?} must be recorded"
+        );
+    }
+    assert_eq!(store.release(key, token).await.ok(), Some(true));
+    let again = acquire(&*store, key, LONG).await;
+    expected.sort();
+    assert!(
+        steps_of(&*store, key, again).await == Some(expected),
+        "every step name and value must come back exactly"
+    );
+}
+
+/// The steps of one key are never read under another, and completing or removing one key's
+/// call leaves another's steps alone.
+pub async fn steps_stay_with_their_key(store: Arc<dyn Store>) {
+    let a = fresh_key("steps_stay_with_their_key");
+    let b = fresh_key("steps_stay_with_their_key");
+    let ta = acquire(&*store, a, LONG).await;
+    let tb = acquire(&*store, b, LONG).await;
+    record_step(&*store, a, ta, "charge", b"a", LONG).await;
+    record_step(&*store, b, tb, "charge", b"b", LONG).await;
+    assert_eq!(
+        record_step(&*store, b, ta, "other", b"x", LONG).await,
+        StepRecorded::LeaseLost,
+        "one key's token must not record a step under another key"
+    );
+    assert_eq!(
+        steps_of(&*store, a, ta).await,
+        Some(vec![step("charge", b"a")])
+    );
+    assert_eq!(
+        steps_of(&*store, b, tb).await,
+        Some(vec![step("charge", b"b")])
+    );
+    complete(&*store, a, ta, b"done", LONG).await;
+    assert_eq!(store.release(b, tb).await.ok(), Some(true));
+    let tb = acquire(&*store, b, LONG).await;
+    assert_eq!(
+        steps_of(&*store, b, tb).await,
+        Some(vec![step("charge", b"b")]),
+        "completing another key must leave these steps alone"
+    );
+    assert_eq!(store.remove(a).await.ok(), Some(true));
+    assert_eq!(steps_of(&*store, b, tb).await.map(|s| s.len()), Some(1));
+}
+
 /// A store whose `complete` never returns (it says when it is entered), for
 /// [`cancelled_completion_keeps_the_claim`]; everything else goes to the store inside.
 struct GatedComplete {
@@ -1159,6 +1510,19 @@ impl Store for GatedComplete {
         self.inner
             .complete_on_drop(key, token, fingerprint, value, ttl)
     }
+    fn record_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+        self.inner.record_step(key, token, step, value, ttl)
+    }
+    fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+        self.inner.steps(key, token)
+    }
 }
 
 /// Writes one `#[tokio::test]` per conformance check, each on a store made by `$make` (an
@@ -1191,7 +1555,15 @@ macro_rules! conformance_tests {
             cancelled_body_frees_the_key,
             cancelled_completion_keeps_the_claim,
             results_replay_faithfully,
-            unfaithful_results_are_refused_when_stored
+            unfaithful_results_are_refused_when_stored,
+            steps_are_recorded_under_the_holding_token,
+            steps_survive_a_takeover,
+            steps_survive_a_release,
+            steps_are_fenced_by_the_token,
+            complete_and_remove_delete_steps,
+            steps_expire_with_their_ttl,
+            step_names_and_values_round_trip,
+            steps_stay_with_their_key
         );
     };
     (@each $make:expr; $($check:ident),*) => {$(

@@ -779,57 +779,36 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             fingerprint: call.fingerprint,
             stage: Stage::Running,
         };
-        // Steps recorded by an earlier holder of this key (after a takeover): read before the
-        // body runs, so each is returned without running it again.
-        let recorded = match store.steps(key).await {
-            Ok(recorded) => recorded.into_iter().collect(),
-            Err(err) => {
-                guard.release(call.name).await;
-                report.reported();
-                outcome!(WARN, call, "store_error", error = %err, step = "steps");
-                return Err(err.into());
-            }
-        };
-        let (sink, mut requests) = tokio::sync::mpsc::unbounded_channel();
-        let cx = step::StepCx {
-            recorded,
-            used: Default::default(),
-            sink,
-        };
-        let body = step::CURRENT.scope(cx, catch_panics(body, panicked));
-        // The body's steps are recorded here, by the future that polls the body, with the call's
-        // key and token: the store stays borrowed by the call, never by a task-local.
-        let body = async {
-            let serve = async {
-                while let Some(request) = requests.recv().await {
-                    let step::StepRequest { name, value, reply } = request;
-                    let _ =
-                        reply.send(store.record_step(key, token, name, value, policy.ttl).await);
-                }
-                std::future::pending::<()>().await;
-            };
-            tokio::pin!(body);
-            tokio::pin!(serve);
-            std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(out) = body.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(out);
-                }
-                let _ = serve.as_mut().poll(cx);
-                // A step may have been answered: let the body see it.
-                body.as_mut().poll(cx)
-            })
-            .await
-        };
+        // The body's steps (`idem::step`) are sent to the store by the future that polls the
+        // body, with the call's key and token: the store stays borrowed by the call.
+        let cx = step::StepCx::new(step::Recording::Store {
+            max_value_len: store.max_value_len(),
+        });
+        let body = step::CURRENT.scope(
+            cx,
+            step::serve(store, key, token, policy.ttl, catch_panics(body, panicked)),
+        );
         let started = metrics::start();
-        let result = renewing(store, key, token, policy.lease, body).await;
+        let (result, lease_lost) = renewing(store, key, token, policy.lease, body).await;
         metrics::body(call.name, started);
         let value = match result {
             Ok(value) => value,
             Err(err) => {
-                // A failure is not memoized: free the key so a retry runs the body again.
+                // A failure is not memoized: free the key so a retry runs the body again (its
+                // recorded steps stay, so the retry does not run them again).
                 guard.release(call.name).await;
                 report.reported();
-                outcome!(DEBUG, call, "failed");
+                if lease_lost {
+                    outcome!(
+                        WARN,
+                        call,
+                        "lease_lost",
+                        "a step found that this call's lease ran out and another call took the \
+                         key over: the body stopped; raise `lease` above the body's run time"
+                    );
+                } else {
+                    outcome!(DEBUG, call, "failed");
+                }
                 return Err(err);
             }
         };

@@ -1,53 +1,218 @@
-//! Steps (recovery points): `idem::step(name, f)` inside an idempotent body. See
-//! `STEPS-DESIGN.md` at the repository root.
+//! Steps (recovery points): [`step`] inside an idempotent body.
 //!
-//! The executor sets a task-local [`StepCx`] around the body's future. A step does not borrow
-//! the store (the task-local must be `'static`, the store is borrowed by the call): it sends its
-//! record to the executor over a channel, and the executor, which polls the body and this
-//! channel together, records it with the call's key and token (fenced by the store).
+//! The executor runs the body inside a task-local [`StepCx`] ([`CURRENT`]). A step does not
+//! borrow the store (a task-local must be `'static`, and the store is borrowed by the call): it
+//! queues its request in the context, and [`serve`], which polls the body and lives inside the
+//! same scope, sends it to the store with the call's key and token (the fence) and hands the
+//! answer back. A call whose body runs no step pays for an empty context and a look at its
+//! queue per poll: no allocation, no store round trip.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::Mutex;
+use std::task::Poll;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::codec;
 use crate::error::Error;
-use crate::store::{Bytes, StepRecorded};
+use crate::key::Key;
+use crate::store::{BoxFuture, Bytes, RecordedSteps, StepRecorded, Store, Token};
 
-/// A step's value on its way to the store, and where the store's answer goes.
-pub(crate) struct StepRequest {
-    pub(crate) name: String,
-    pub(crate) value: Bytes,
-    pub(crate) reply: oneshot::Sender<Result<StepRecorded, Error>>,
+/// What a step asks of the store, and where the answer goes.
+enum StepRequest {
+    /// The steps recorded under the call's key (the first step of a call asks).
+    Read {
+        reply: oneshot::Sender<Result<RecordedSteps, Error>>,
+    },
+    /// Record a step's value.
+    Record {
+        name: String,
+        value: Bytes,
+        reply: oneshot::Sender<Result<StepRecorded, Error>>,
+    },
 }
 
-/// What a body's steps see of their call.
+/// Where a call's steps are recorded.
+#[derive(Clone, Copy)]
+pub(crate) enum Recording {
+    /// In the store, fenced by the call's token (the plain mode).
+    Store {
+        /// The store's [`max_value_len`](Store::max_value_len).
+        max_value_len: Option<usize>,
+    },
+    /// Nowhere outside the call: in the transactional mode a step would be written in the
+    /// body's transaction, which either commits together with the completion that deletes it,
+    /// or rolls back with it; no other holder could ever read it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Transaction,
+}
+
+/// What a body's steps see of their call. Only the task polling the body touches it (a
+/// task-local), so plain cells do.
 pub(crate) struct StepCx {
-    /// Steps recorded under the call's key when the body started (by an earlier holder).
-    pub(crate) recorded: HashMap<String, Bytes>,
+    recording: Recording,
+    /// The steps recorded under the call's key, once the call's first step read them.
+    recorded: RefCell<Option<HashMap<String, Bytes>>>,
     /// Names used so far in this call.
-    pub(crate) used: Mutex<HashSet<String>>,
-    pub(crate) sink: mpsc::UnboundedSender<StepRequest>,
+    used: RefCell<HashSet<String>>,
+    /// Requests for [`serve`] to send.
+    requests: RefCell<VecDeque<StepRequest>>,
+    /// A step found that the call no longer holds its key.
+    lease_lost: Cell<bool>,
+}
+
+impl StepCx {
+    pub(crate) fn new(recording: Recording) -> StepCx {
+        StepCx {
+            recording,
+            recorded: RefCell::new(None),
+            used: RefCell::new(HashSet::new()),
+            requests: RefCell::new(VecDeque::new()),
+            lease_lost: Cell::new(false),
+        }
+    }
 }
 
 tokio::task_local! {
     pub(crate) static CURRENT: StepCx;
 }
 
-/// Runs `f` once per (idempotent call key, `name`): its `Ok` value is recorded under the running
-/// call's key, fenced by the call's claim, before it is returned; a later holder of the same key
-/// (after a crash and a takeover) gets the recorded value without running `f`. A failed step is
-/// not recorded.
+/// Polls `body` and sends its steps' requests to `store`, fenced by `token`. Runs inside
+/// [`CURRENT`]'s scope. Returns the body's output, and whether a step found the lease lost.
+pub(crate) async fn serve<S, F>(
+    store: &S,
+    key: Key,
+    token: Token,
+    ttl: Duration,
+    body: F,
+) -> (F::Output, bool)
+where
+    S: Store + ?Sized,
+    F: Future,
+{
+    let mut body = std::pin::pin!(body);
+    let mut in_flight: Option<BoxFuture<'_, ()>> = None;
+    let out = std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(out) = body.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            if in_flight.is_none() {
+                let next = CURRENT
+                    .try_with(|steps| steps.requests.borrow_mut().pop_front())
+                    .ok()
+                    .flatten();
+                match next {
+                    Some(request) => in_flight = Some(send(store, key, token, ttl, request)),
+                    None => return Poll::Pending,
+                }
+            }
+            if let Some(request) = &mut in_flight {
+                match request.as_mut().poll(cx) {
+                    // Answered: poll the body again, so that the step sees its answer.
+                    Poll::Ready(()) => in_flight = None,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    })
+    .await;
+    let lease_lost = CURRENT
+        .try_with(|steps| steps.lease_lost.get())
+        .unwrap_or(false);
+    (out, lease_lost)
+}
+
+/// One request, sent to the store; the answer goes to the step (gone if the step was dropped).
+fn send<'a, S: Store + ?Sized>(
+    store: &'a S,
+    key: Key,
+    token: Token,
+    ttl: Duration,
+    request: StepRequest,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        match request {
+            StepRequest::Read { reply } => {
+                let _ = reply.send(store.steps(key, token).await);
+            }
+            StepRequest::Record { name, value, reply } => {
+                let _ = reply.send(store.record_step(key, token, name, value, ttl).await);
+            }
+        }
+    })
+}
+
+/// Runs `f` at most once per idempotent call key and step `name`: a recovery point inside an
+/// idempotent body.
 ///
-/// Errors: [`Error::StepOutsideCall`] outside an idempotent body (or in a task it spawned);
-/// [`Error::StepRepeated`] for a name used twice in one call; [`Error::LeaseLost`] when the
-/// effect ran but another call took the key over first (stop: the new holder owns the call);
-/// [`Error::Codec`] / [`Error::Store`] when the value cannot be recorded. In those three cases
-/// `f` ran and is not recorded.
+/// The first time, `f` runs, and its `Ok` value is recorded under the running call's key (fenced
+/// by the call's claim) before it is returned. When the call does not finish (its body fails
+/// later, it panics or is cancelled, its process dies) and the key is run again (a retry, or a
+/// takeover after the lease ran out), `step` returns the recorded value without running `f`:
+/// the retry resumes after the last recorded step instead of repeating every effect. An `Err`
+/// of `f` is not recorded: the retry runs that step again. Step records expire `ttl` (the
+/// call's) after the last one was recorded, and are deleted when the call completes (its result
+/// replays whole) or its record is removed.
+///
+/// This is Stripe's "atomic phases" and "recovery points" (Brandur Leach, *Implementing
+/// Stripe-like Idempotency Keys in Postgres*, brandur.org/idempotency-keys), one phase per step.
+///
+/// ```
+/// use idem::idempotent;
+/// # #[derive(Debug)] struct Failed;
+/// # impl From<idem::Error> for Failed { fn from(_: idem::Error) -> Self { Failed } }
+/// # async fn charge_card(_: u64) -> Result<String, Failed> { Ok("ch_1".into()) }
+/// # async fn reserve_stock(_: u64) -> Result<u32, Failed> { Ok(7) }
+/// # async fn send_email(_: &str) -> Result<(), Failed> { Ok(()) }
+///
+/// #[idempotent(key = order)]
+/// async fn checkout(order: u64) -> Result<String, Failed> {
+///     let charge = idem::step("charge", || charge_card(order)).await?;
+///     let _slot = idem::step("reserve", || reserve_stock(order)).await?;
+///     idem::step("email", || send_email(&charge)).await?;
+///     Ok(charge)
+/// }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// assert_eq!(checkout(42).await.unwrap(), "ch_1");
+/// # }
+/// ```
+///
+/// - **Names** are unique per call (a loop names its steps `format!("reserve-{sku}")`). A step
+///   belongs to the innermost idempotent call running it; `step` in a task the body spawned
+///   has no call.
+/// - **Values** follow the rules of results: `T: Serialize + DeserializeOwned`, checked to
+///   replay as themselves before they are recorded, and no larger than the store takes.
+/// - **Cost**: a call's first step reads the key's step records (one store round trip), and
+///   each step that runs `f` records its value (one more); a recorded step costs nothing more.
+///   Calls that run no step pay nothing. On the in-memory store step values count toward the
+///   byte bound.
+/// - **Transactional mode** ([`Transactional`](crate::transactional::Transactional)): the
+///   transaction is the recovery point. A step there runs `f` and is checked like any other, but
+///   its record would be written in the body's transaction and so would commit only together
+///   with the call's result (which makes it useless) or roll back with the body's writes: a
+///   retry runs every step again. Run external effects (a card network, an email) as steps in
+///   the plain mode, and keep database writes in one transaction.
+///
+/// # Errors
+///
+/// The error type is the body's own (`E: From<idem::Error>`), so `?` propagates these:
+///
+/// - [`Error::StepOutsideCall`]: not inside an idempotent body (or in a task it spawned); `f`
+///   did not run.
+/// - [`Error::StepRepeated`]: `name` was used before in this call; `f` did not run.
+/// - [`Error::LeaseLost`]: this call no longer holds its key (its lease ran out and another call
+///   took the key over, or it was removed). If it is found before `f` runs (at the call's first
+///   step), `f` did not run; otherwise `f` ran and is not recorded. Either way, stop: the body's
+///   effects belong to the new holder now. The call is reported as `lease_lost`.
+/// - [`Error::Codec`]: a recorded value no longer decodes as `T` (its type changed), or `f`'s
+///   value would not replay as itself (then `f` ran and is not recorded).
+/// - [`Error::Store`], [`Error::StoreFull`]: the store failed; if it was while recording, `f`
+///   ran and may or may not be recorded.
 pub async fn step<F, Fut, T, E>(name: &str, f: F) -> Result<T, E>
 where
     F: FnOnce() -> Fut,
@@ -55,56 +220,113 @@ where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
 {
-    let found = CURRENT.try_with(|cx| {
-        if !cx
-            .used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned())
-        {
-            return Err(Error::StepRepeated {
-                name: name.to_owned(),
-            });
-        }
-        Ok((cx.recorded.get(name).cloned(), cx.sink.clone()))
-    });
-    let (recorded, sink) = match found {
-        Err(_) => {
-            return Err(Error::StepOutsideCall {
-                name: name.to_owned(),
-            }
-            .into());
-        }
-        Ok(Err(err)) => return Err(err.into()),
-        Ok(Ok(found)) => found,
+    let outside = || Error::StepOutsideCall {
+        name: name.to_owned(),
     };
+    let (recording, read) = CURRENT
+        .try_with(|cx| {
+            if !cx.used.borrow_mut().insert(name.to_owned()) {
+                return Err(Error::StepRepeated {
+                    name: name.to_owned(),
+                });
+            }
+            Ok((cx.recording, cx.recorded.borrow().is_none()))
+        })
+        .map_err(|_| outside())??;
+    let max_value_len = match recording {
+        Recording::Transaction => {
+            let value = f().await?;
+            codec::to_vec(&value)?;
+            return Ok(value);
+        }
+        Recording::Store { max_value_len } => max_value_len,
+    };
+    if read {
+        let (reply, answer) = oneshot::channel();
+        ask(StepRequest::Read { reply }).map_err(|()| outside())?;
+        match answer.await {
+            Ok(Ok(RecordedSteps::Held(steps))) => {
+                let _ = CURRENT.try_with(|cx| {
+                    cx.recorded
+                        .borrow_mut()
+                        .get_or_insert_with(|| steps.into_iter().collect());
+                });
+            }
+            Ok(Ok(RecordedSteps::LeaseLost)) => return Err(lease_lost(name).into()),
+            Ok(Err(err)) => return Err(err.into()),
+            Err(_) => return Err(outside().into()),
+        }
+    }
+    let recorded = CURRENT
+        .try_with(|cx| {
+            cx.recorded
+                .borrow()
+                .as_ref()
+                .and_then(|steps| steps.get(name).cloned())
+        })
+        .map_err(|_| outside())?;
     if let Some(bytes) = recorded {
         return Ok(codec::from_slice(&bytes)?);
     }
     let value = f().await?;
     let bytes = Bytes::from(codec::to_vec(&value)?);
+    if let Some(max) = max_value_len
+        && bytes.len() > max
+    {
+        return Err(Error::store(TooLarge {
+            name: name.to_owned(),
+            len: bytes.len(),
+            max,
+        })
+        .into());
+    }
     let (reply, answer) = oneshot::channel();
-    let request = StepRequest {
+    ask(StepRequest::Record {
         name: name.to_owned(),
         value: bytes,
         reply,
-    };
-    if sink.send(request).is_err() {
-        return Err(Error::StepOutsideCall {
-            name: name.to_owned(),
-        }
-        .into());
-    }
+    })
+    .map_err(|()| outside())?;
     match answer.await {
         Ok(Ok(StepRecorded::Recorded)) => Ok(value),
-        Ok(Ok(_)) => Err(Error::LeaseLost {
-            name: name.to_owned(),
-        }
-        .into()),
+        Ok(Ok(StepRecorded::LeaseLost)) => Err(lease_lost(name).into()),
         Ok(Err(err)) => Err(err.into()),
-        Err(_) => Err(Error::StepOutsideCall {
-            name: name.to_owned(),
-        }
-        .into()),
+        Err(_) => Err(outside().into()),
     }
 }
+
+/// Queues a request for [`serve`].
+fn ask(request: StepRequest) -> Result<(), ()> {
+    CURRENT
+        .try_with(|cx| cx.requests.borrow_mut().push_back(request))
+        .map_err(|_| ())
+}
+
+/// [`Error::LeaseLost`], noted for the executor's report.
+fn lease_lost(name: &str) -> Error {
+    let _ = CURRENT.try_with(|cx| cx.lease_lost.set(true));
+    Error::LeaseLost {
+        name: name.to_owned(),
+    }
+}
+
+/// A step value larger than its store takes ([`Store::max_value_len`]).
+#[derive(Debug)]
+struct TooLarge {
+    name: String,
+    len: usize,
+    max: usize,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the value of step `{}` is {} bytes, more than the {} bytes the store takes; it ran \
+             and is not recorded",
+            self.name, self.len, self.max
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}

@@ -577,7 +577,11 @@ where
     let started = metrics::start();
     let result = {
         let (handle, keep_alive) = backend.lend(&mut tx, tx_call);
-        beside(catch_panics(body(handle), panicked), keep_alive).await
+        // Steps run, and are checked, but are not recorded: in a transaction a record would
+        // commit with the result that deletes it, or roll back with the body's writes.
+        let steps = super::step::StepCx::new(super::step::Recording::Transaction);
+        let body = super::step::CURRENT.scope(steps, catch_panics(body(handle), panicked));
+        beside(body, keep_alive).await
     };
     metrics::body(call.name, started);
     let value = match result {

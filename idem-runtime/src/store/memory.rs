@@ -13,7 +13,7 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{BoxFuture, Store};
+use super::{BoxFuture, RecordedSteps, StepRecorded, Store};
 use crate::clock::after;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
@@ -217,18 +217,60 @@ struct Record {
     due: Instant,
     /// Its key's exact encoding, once the record was replayed: its entry in `digests`.
     exact: Option<Arc<[u8]>>,
-    /// Steps recorded by the call holding it (`idem::step`), kept across a takeover.
-    steps: Option<Box<std::collections::HashMap<String, Bytes>>>,
+    /// Steps recorded by the calls that held it (`idem::step`): kept across a release and a
+    /// takeover, dropped by a completion. `None` for the calls that record none.
+    steps: Option<Box<Steps>>,
 }
 
 impl Record {
     /// The bytes it counts against the store's byte bound.
     fn size(&self) -> usize {
-        RECORD_OVERHEAD + self.state.value_size()
+        RECORD_OVERHEAD + self.state.value_size() + self.steps_size()
+    }
+
+    /// The bytes its steps count.
+    fn steps_size(&self) -> usize {
+        self.steps.as_ref().map_or(0, |steps| steps.bytes)
+    }
+
+    /// When the record stops being needed: its state's expiry, or its steps' if later.
+    fn expiry(&self) -> Instant {
+        let state = self.state.expiry();
+        match &self.steps {
+            Some(steps) => state.max(steps.until),
+            None => state,
+        }
+    }
+
+    /// Its steps, if they have not expired at `now` (expired ones are dropped and uncounted).
+    fn live_steps(&mut self, now: Instant, store: &MemoryStore) -> Option<&mut Steps> {
+        if self.steps.as_ref().is_some_and(|steps| steps.until <= now) {
+            let freed = self.steps_size();
+            self.steps = None;
+            store.resize(freed, 0);
+        }
+        self.steps.as_deref_mut()
     }
 }
 
+/// The steps recorded under a key, by name (see [`Store::record_step`]).
+struct Steps {
+    values: std::collections::HashMap<String, Bytes>,
+    /// `ttl` after the last one was recorded.
+    until: Instant,
+    /// What they count against the byte bound: [`STEP_OVERHEAD`] per step, plus its name and
+    /// value.
+    bytes: usize,
+}
+
+/// The bytes a step counts on top of its name and value: its slot in the step map (with spare
+/// capacity), the name's and the value's allocation headers.
+pub const STEP_OVERHEAD: usize = 2 * size_of::<(String, Bytes)>() + 32;
+
 enum State {
+    /// A claim released (its body failed, panicked or was cancelled) that kept its record for
+    /// its steps, until `until`: free to claim, like an absent key.
+    Released { until: Instant },
     InProgress {
         token: Token,
         lease_until: Instant,
@@ -295,13 +337,14 @@ impl State {
         match self {
             State::InProgress { lease_until, .. } => *lease_until,
             State::Completed { expires_at, .. } => *expires_at,
+            State::Released { until } => *until,
         }
     }
 
     /// The bytes its value counts (an in-progress claim has none).
     fn value_size(&self) -> usize {
         match self {
-            State::InProgress { .. } => 0,
+            State::InProgress { .. } | State::Released { .. } => 0,
             State::Completed { value, .. } => value.size(),
         }
     }
@@ -540,7 +583,7 @@ impl MemoryStore {
         if entry.get().due != due {
             return false; // the record has another entry, queued since
         }
-        let expiry = entry.get().state.expiry();
+        let expiry = entry.get().expiry();
         if expiry > now {
             lock(&self.queues[queue]).insert(expiry, key);
             entry.get_mut().due = expiry;
@@ -708,6 +751,8 @@ impl MemoryStore {
                     // Expired: take over, in the same slot. Waiters of a lapsed claim look again
                     // at once.
                     let record = entry.get_mut();
+                    // The steps of the calls before it are this claim's (expired ones are not).
+                    record.live_steps(now, self);
                     self.requeue(key, Some(record.due), Some(lease_until));
                     record.due = lease_until;
                     let old = std::mem::replace(
@@ -772,7 +817,7 @@ impl MemoryStore {
                     }
                     (bytes.clone(), *fingerprint, *expires_at - now)
                 }
-                State::InProgress { .. } => return None,
+                State::InProgress { .. } | State::Released { .. } => return None,
             }
         };
         Some(read(&bytes, fingerprint, expires_in))
@@ -829,6 +874,8 @@ impl MemoryStore {
                         expires_at,
                         ..
                     } if *held == token && *expires_at > now => return Completion::Stored,
+                    // Released, kept for its steps: as if absent.
+                    State::Released { .. } => fingerprint,
                     state if state.expiry() > now => return Completion::LeaseLost,
                     // An expired record, not yet removed: as if absent.
                     _ => fingerprint,
@@ -836,6 +883,7 @@ impl MemoryStore {
                 self.requeue(key, Some(record.due), Some(expires_at));
                 record.due = expires_at;
                 // The completed value replays whole: its steps are never read again.
+                let freed = record.steps_size();
                 record.steps = None;
                 let old = std::mem::replace(
                     &mut record.state,
@@ -847,7 +895,7 @@ impl MemoryStore {
                     },
                 );
                 drop(entry);
-                self.resize(old.value_size(), size);
+                self.resize(old.value_size() + freed, size);
                 old.wake_waiters();
                 Completion::Stored
             }
@@ -909,11 +957,92 @@ impl MemoryStore {
         true
     }
 
+    /// Releases the claim of `token`: removes its record, or, if the record holds steps, keeps
+    /// it (released, free to claim) until they expire.
     fn release_now(&self, key: Key, token: Token) -> bool {
-        self.remove_where(
-            key,
-            |state| matches!(state, State::InProgress { token: held, .. } if *held == token),
-        )
+        let holds = |state: &State| matches!(state, State::InProgress { token: held, .. } if *held == token);
+        {
+            let Some(mut record) = self.records.get_mut(&key) else {
+                return false;
+            };
+            if !holds(&record.state) {
+                return false;
+            }
+            let now = Instant::now();
+            if let Some(until) = record.live_steps(now, self).map(|steps| steps.until) {
+                let old = std::mem::replace(&mut record.state, State::Released { until });
+                old.wake_waiters();
+                return true;
+            }
+        }
+        self.remove_where(key, holds)
+    }
+
+    /// `record_step`, synchronously.
+    fn record_step_now(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<StepRecorded, Error> {
+        let now = Instant::now();
+        let Some(mut record) = self.records.get_mut(&key) else {
+            return Ok(StepRecorded::LeaseLost);
+        };
+        if !Self::held(&record.state, token, now) {
+            return Ok(StepRecorded::LeaseLost);
+        }
+        let until = after(now, ttl);
+        let steps = match record.live_steps(now, self) {
+            Some(steps) => steps,
+            None => record.steps.insert(Box::new(Steps {
+                values: Default::default(),
+                until,
+                bytes: 0,
+            })),
+        };
+        steps.until = steps.until.max(until);
+        if steps.values.contains_key(&step) {
+            // A repeated record (a lost reply): the first value stays.
+            return Ok(StepRecorded::Recorded);
+        }
+        let size = STEP_OVERHEAD + step.len() + value.len();
+        let max_bytes = self.max_bytes;
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(size).filter(|&b| b <= max_bytes)
+            })
+            .map_err(|bytes| Error::store_full(Full::Bytes { bytes, max_bytes }))?;
+        steps.bytes += size;
+        steps.values.insert(step, value);
+        Ok(StepRecorded::Recorded)
+    }
+
+    /// `steps`, synchronously.
+    fn steps_now(&self, key: Key, token: Token) -> RecordedSteps {
+        let now = Instant::now();
+        let Some(mut record) = self.records.get_mut(&key) else {
+            return RecordedSteps::LeaseLost;
+        };
+        if !Self::held(&record.state, token, now) {
+            return RecordedSteps::LeaseLost;
+        }
+        let steps = record.live_steps(now, self).map(|steps| {
+            steps
+                .values
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect()
+        });
+        RecordedSteps::Held(steps.unwrap_or_default())
+    }
+
+    /// Whether `state` is a claim of `token` whose lease has not run out at `now`: the fence of
+    /// steps.
+    fn held(state: &State, token: Token, now: Instant) -> bool {
+        matches!(state, State::InProgress { token: held, lease_until, .. } if *held == token && *lease_until > now)
     }
 
     fn remove_now(&self, key: Key) -> bool {
@@ -1020,42 +1149,15 @@ impl Store for MemoryStore {
         token: Token,
         step: String,
         value: Bytes,
-        _ttl: Duration,
-    ) -> BoxFuture<'_, Result<crate::store::StepRecorded, Error>> {
-        use crate::store::StepRecorded;
-        let result = match self.records.get_mut(&key) {
-            Some(mut record) => {
-                let holds = matches!(&record.state, State::InProgress { token: held, .. } if *held == token);
-                if holds {
-                    record
-                        .steps
-                        .get_or_insert_with(Default::default)
-                        .entry(step)
-                        .or_insert(value);
-                    StepRecorded::Recorded
-                } else {
-                    StepRecorded::LeaseLost
-                }
-            }
-            None => StepRecorded::LeaseLost,
-        };
-        Box::pin(std::future::ready(Ok(result)))
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+        Box::pin(std::future::ready(
+            self.record_step_now(key, token, step, value, ttl),
+        ))
     }
 
-    fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
-        let steps = self
-            .records
-            .get(&key)
-            .and_then(|record| {
-                record.steps.as_ref().map(|steps| {
-                    steps
-                        .iter()
-                        .map(|(name, value)| (name.clone(), value.clone()))
-                        .collect()
-                })
-            })
-            .unwrap_or_default();
-        Box::pin(std::future::ready(Ok(steps)))
+    fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+        Box::pin(std::future::ready(Ok(self.steps_now(key, token))))
     }
 
     fn release(&self, key: Key, token: Token) -> BoxFuture<'_, Result<bool, Error>> {

@@ -46,9 +46,21 @@ pub enum IfUnsafe {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StepRecorded {
-    /// The step's value is recorded (or was already, under this token).
+    /// The step's value is recorded (or was already, under this token: the first value stays).
     Recorded,
-    /// `token` no longer holds the key: nothing was written.
+    /// `token` no longer holds the key (another call took it over, the claim was completed,
+    /// released or removed, or its lease ran out): nothing was written.
+    LeaseLost,
+}
+
+/// What [`Store::steps`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordedSteps {
+    /// `token` holds the key; these are the steps recorded under it so far, by this holder or
+    /// an earlier one (name, encoded value), in no particular order.
+    Held(Vec<(String, Bytes)>),
+    /// `token` no longer holds the key: the caller must not run another step.
     LeaseLost,
 }
 
@@ -170,10 +182,20 @@ pub trait Store: Send + Sync {
     }
 
     /// Records the `Ok` value of step `step` of the call holding `key` under `token`
-    /// (`idem::step`), to live with the call's record. Fenced: only if `token` still holds the
-    /// key; otherwise nothing is written and the answer is [`StepRecorded::LeaseLost`]. A
-    /// repeated record of one name keeps the first value. The default: stores without steps
-    /// answer [`Error::Store`].
+    /// ([`step`](crate::step)), to live `ttl` (the call's) from now.
+    ///
+    /// Fenced: written only if the record is in progress under `token` with its lease not run
+    /// out (the store's clock); otherwise nothing is written and the answer is
+    /// [`StepRecorded::LeaseLost`] (an absent record is not created: a step is not a final
+    /// result). A repeated record of one name under one token keeps the first value.
+    ///
+    /// Step records outlive a [`release`](Store::release) and a lapsed lease: the next claim of
+    /// the key (a new token) reads them with [`steps`](Store::steps), so a retry after a failure
+    /// or a crash does not run a recorded step again. [`complete`](Store::complete) and
+    /// [`remove`](Store::remove) delete them, and they expire `ttl` after the last one was
+    /// recorded. The step records of one key never appear under another.
+    ///
+    /// The default, for stores without steps: [`Error::Store`] saying so.
     fn record_step(
         &self,
         key: Key,
@@ -183,14 +205,17 @@ pub trait Store: Send + Sync {
         ttl: Duration,
     ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
         let _ = (key, token, step, value, ttl);
-        Box::pin(async { Err(Error::store("this store does not support idem::step")) })
+        Box::pin(async { Err(Error::store(StepsUnsupported)) })
     }
 
-    /// The steps recorded under `key` (by this or any earlier holder), read when a claim is
-    /// granted. The default: none.
-    fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
-        let _ = key;
-        Box::pin(async { Ok(Vec::new()) })
+    /// The steps recorded under `key` (by this holder or any earlier one), if `token` holds the
+    /// key (the same fence as [`record_step`](Store::record_step)). The executor reads them when
+    /// a body runs its first step.
+    ///
+    /// The default, for stores without steps: [`Error::Store`] saying so.
+    fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+        let _ = (key, token);
+        Box::pin(async { Err(Error::store(StepsUnsupported)) })
     }
 
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
@@ -234,8 +259,8 @@ macro_rules! forward_store {
             fn record_step(&self, key: Key, token: Token, step: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<StepRecorded, Error>> {
                 (**self).record_step(key, token, step, value, ttl)
             }
-            fn steps(&self, key: Key) -> BoxFuture<'_, Result<Vec<(String, Bytes)>, Error>> {
-                (**self).steps(key)
+            fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+                (**self).steps(key, token)
             }
             fn as_memory(&self) -> Option<&memory::MemoryStore> {
                 (**self).as_memory()
@@ -244,6 +269,21 @@ macro_rules! forward_store {
     )*};
 }
 forward_store!(&S, Box<S>, Arc<S>);
+
+/// The error of a store that does not implement [`Store::record_step`] and [`Store::steps`].
+#[derive(Debug)]
+struct StepsUnsupported;
+
+impl std::fmt::Display for StepsUnsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "this store does not implement Store::record_step and Store::steps, so idem::step \
+             cannot record a step; use MemoryStore, RedisStore or PostgresStore, or implement them",
+        )
+    }
+}
+
+impl std::error::Error for StepsUnsupported {}
 
 /// How long [`Store::complete_on_drop`] keeps trying to store a result while the server is
 /// unreachable (or answers with an error that can pass): a minute.
