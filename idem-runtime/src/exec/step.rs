@@ -204,7 +204,9 @@ fn send<'a, S: Store + ?Sized>(
 ///
 /// - [`Error::StepOutsideCall`]: not inside an idempotent body (or in a task it spawned); `f`
 ///   did not run.
-/// - [`Error::StepRepeated`]: `name` was used before in this call; `f` did not run.
+/// - [`Error::StepRepeated`]: `name` was used before in this call by a step that succeeded (or
+///   is still running); `f` did not run. A step that failed or was dropped gives its name back,
+///   so a body may retry it.
 /// - [`Error::LeaseLost`]: this call no longer holds its key (its lease ran out and another call
 ///   took the key over, or it was removed). If it is found before `f` runs (at the call's first
 ///   step), `f` did not run; otherwise `f` ran and is not recorded. Either way, stop: the body's
@@ -233,10 +235,14 @@ where
             Ok((cx.recording, cx.recorded.borrow().is_none()))
         })
         .map_err(|_| outside())??;
+    // Until the step succeeds, its name is free again if it fails or is dropped: a body may
+    // retry a failed step (or one it timed out) under the same name within the call.
+    let mut name_taken = NameTaken { name, kept: false };
     let max_value_len = match recording {
         Recording::Transaction => {
             let value = f().await?;
             codec::to_vec(&value)?;
+            name_taken.kept = true;
             return Ok(value);
         }
         Recording::Store { max_value_len } => max_value_len,
@@ -266,7 +272,9 @@ where
         })
         .map_err(|_| outside())?;
     if let Some(bytes) = recorded {
-        return Ok(codec::from_slice(&bytes)?);
+        let value = codec::from_slice(&bytes)?;
+        name_taken.kept = true;
+        return Ok(value);
     }
     let value = f().await?;
     let bytes = Bytes::from(codec::to_vec(&value)?);
@@ -288,10 +296,27 @@ where
     })
     .map_err(|()| outside())?;
     match answer.await {
-        Ok(Ok(StepRecorded::Recorded)) => Ok(value),
+        Ok(Ok(StepRecorded::Recorded)) => {
+            name_taken.kept = true;
+            Ok(value)
+        }
         Ok(Ok(StepRecorded::LeaseLost)) => Err(lease_lost(name).into()),
         Ok(Err(err)) => Err(err.into()),
         Err(_) => Err(outside().into()),
+    }
+}
+
+/// A step's name, taken in its call: given back on drop unless the step succeeded.
+struct NameTaken<'a> {
+    name: &'a str,
+    kept: bool,
+}
+
+impl Drop for NameTaken<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = CURRENT.try_with(|cx| cx.used.borrow_mut().remove(self.name));
+        }
     }
 }
 
