@@ -740,3 +740,53 @@ async fn steps_work_under_the_attribute() {
     assert_eq!(checkout(&store, 9, &charges, false).await.unwrap(), 100);
     assert_eq!(charges.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_holder_resumed_after_a_takeover_does_not_repeat_its_successors_step() {
+    let store = MemoryStore::new();
+    let (first, second) = (counter(), counter());
+    let (reached, at) = oneshot::channel::<()>();
+    let (resume, resumed) = oneshot::channel::<()>();
+    let stale = {
+        let (a, b) = (first.clone(), second.clone());
+        Idempotent::new(&store, "resumed")
+            .name("checkout")
+            .lease(LEASE)
+            .run(move || async move {
+                let x = idem::step("first", || charge(&a)).await?;
+                let _ = reached.send(());
+                let _ = resumed.await;
+                let y = idem::step("second", || charge(&b)).await?;
+                Ok::<u32, Error>(x + y)
+            })
+    };
+    let mut stale = Box::pin(stale);
+    tokio::select! {
+        _ = &mut stale => panic!("it waits to be resumed"),
+        _ = at => {}
+    }
+    // Not polled past its lease: it stops renewing, and another call takes the key over and
+    // records the second step.
+    tokio::time::sleep(LEASE * 3).await;
+    let (a, b) = (first.clone(), second.clone());
+    let total = Idempotent::new(&store, "resumed")
+        .name("checkout")
+        .lease(LEASE)
+        .run(move || async move {
+            let x = idem::step("first", || charge(&a)).await?;
+            let y = idem::step("second", || charge(&b)).await?;
+            Ok::<u32, Error>(x + y)
+        })
+        .await
+        .unwrap();
+    assert_eq!(total, 200);
+    let _ = resume.send(());
+    let err = stale.await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert_eq!(first.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        second.load(Ordering::SeqCst),
+        1,
+        "the resumed holder checked its lease before running the second step"
+    );
+}
