@@ -569,7 +569,11 @@ async fn a_handler_retried_after_a_5xx_resumes_after_its_recorded_steps() {
     assert_eq!(failed.text(), "charge 1, then the database hiccuped");
     let retry = http.post("/stepped", "k-steps", "x").await;
     assert_eq!(retry.status, StatusCode::CREATED);
-    assert_eq!(retry.text(), "charge 1", "the retry gets the recorded charge");
+    assert_eq!(
+        retry.text(),
+        "charge 1",
+        "the retry gets the recorded charge"
+    );
     assert!(http.post("/stepped", "k-steps", "x").await.replayed());
     assert_eq!(server.shared.calls(), 2, "the handler ran twice");
     assert_eq!(server.shared.finished(), 1, "the card was charged once");
