@@ -101,7 +101,10 @@ const EVICT_BUDGET: usize = 32;
 /// The store is bounded in records and in bytes: at most `max_entries` records
 /// ([`DEFAULT_MAX_ENTRIES`], a million) whose accounted size is at most `max_bytes`
 /// ([`DEFAULT_MAX_BYTES`], 1 GiB). A record is accounted as [`RECORD_OVERHEAD`] bytes plus its
-/// result's encoded size (a result kept typed is counted by its encoding too). Set them with
+/// result's encoded size (a result kept typed is counted by its encoding too), and each of its
+/// steps ([`step`](crate::step), kept until the call completes) as [`STEP_OVERHEAD`] bytes plus
+/// its name and encoded value. A step that would take the store past `max_bytes` is not
+/// recorded: the step fails with [`Error::StoreFull`] after its effect ran. Set them with
 /// [`MemoryStore::builder`], [`with_max_entries`](MemoryStore::with_max_entries) or
 /// [`with_max_bytes`](MemoryStore::with_max_bytes); [`MemoryStore::new`] and
 /// [`MemoryStore::global`] use the defaults.
