@@ -201,7 +201,7 @@ fn send<'a, S: Store + ?Sized>(
 ///   that was not polled for longer than its lease must not repeat an effect that its
 ///   successor recorded. Calls that run no step pay nothing. On the in-memory store step
 ///   values count toward the byte bound.
-/// - **Transactional mode** ([`Transactional`](crate::transactional::Transactional)): the
+/// - **Transactional mode** (`PostgresStore::transactional`, feature `postgres`): the
 ///   transaction is the recovery point. A step there runs `f` and is checked like any other, but
 ///   its record would be written in the body's transaction and so would commit only together
 ///   with the call's result (which makes it useless) or roll back with the body's writes: a
