@@ -478,12 +478,13 @@ pub use redis;
 ///   to send it again with the hash). A completion that comes after its record is gone, or by a
 ///   call whose body read no step, leaves the hash to its expiry: it is read again only by a
 ///   claim after the completed record expired, and it expires first when both have one ttl.
-/// - While a slot migrates between nodes, an operation on a record and its steps hash where
-///   only one of them has moved (or exists) is refused by Redis with `TRYAGAIN` until the
-///   migration ends; the client tries again a few times. So a step, the completion of a call
-///   with steps, or a `remove` in that slot may fail with [`Error::Store`] while it migrates
-///   (the completion is then retried in the background, see "Failures and cancellation"). The
-///   operations of calls without steps never name the hash, and are not affected.
+/// - While a slot migrates between nodes, Redis refuses an operation on a record and its steps
+///   hash with `TRYAGAIN` as long as only one of them is on the node (the other has moved, or
+///   does not exist yet); nothing runs. The store sends it again, with pauses, until the
+///   migration ends: a step, the completion of a call with steps, or a `remove` in a migrating
+///   slot waits for it, and fails with [`Error::Store`] if the store's timeout runs out first (a
+///   completion is then retried in the background, see "Failures and cancellation"). The
+///   operations of calls without steps never name the hash, and never wait so.
 ///
 /// A call with steps thus costs, beyond a plain first execution (claim, complete), one round
 /// trip to read its steps, one per step that runs, and one more for its completion; a step
@@ -935,6 +936,11 @@ impl ConnectionLike for Conn {
 
 /// The first pause of [`RedisStore`]'s wait poll.
 const FIRST_POLL: Duration = Duration::from_millis(5);
+
+/// The first and the longest pause before a command answered `TRYAGAIN` (its slot migrating)
+/// is sent again (the cluster client has tried a few times already).
+const FIRST_TRY_AGAIN: Duration = Duration::from_millis(20);
+const MAX_TRY_AGAIN: Duration = Duration::from_millis(200);
 
 /// While settings must be read again, how often an operation other than a claim tries (a claim
 /// always does, first).
@@ -1484,7 +1490,10 @@ impl RedisStore {
 
     /// Runs one command against the server within the timeout; a command that fails on a broken
     /// connection is sent once more (the connection manager has started to reconnect by then),
-    /// after the server's settings are read again.
+    /// after the server's settings are read again. A command that a cluster node answers with
+    /// `TRYAGAIN` (a script on a record and its steps hash while their slot migrates and only
+    /// one of them has moved; nothing ran) is sent again after a pause, until the migration
+    /// ends or the timeout runs out.
     async fn run<T, F, Fut>(&self, op: &'static str, name: &str, attempt: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> Fut,
@@ -1493,13 +1502,23 @@ impl RedisStore {
         require_tokio(op)?;
         let work = async {
             self.settle(op).await?;
-            let result = match attempt(self.conn.clone()).await {
-                Err(err) if is_connection_error(&err) => {
-                    self.health.recheck.ask();
-                    self.settle(op).await?;
-                    attempt(self.conn.clone()).await
+            let mut pause = FIRST_TRY_AGAIN;
+            let result = loop {
+                let result = match attempt(self.conn.clone()).await {
+                    Err(err) if is_connection_error(&err) => {
+                        self.health.recheck.ask();
+                        self.settle(op).await?;
+                        attempt(self.conn.clone()).await
+                    }
+                    other => other,
+                };
+                match result {
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_TRY_AGAIN);
+                    }
+                    other => break other,
                 }
-                other => other,
             };
             match result {
                 Ok(reply) => Ok(reply),
