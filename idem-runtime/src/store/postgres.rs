@@ -2199,6 +2199,7 @@ impl PostgresStore {
     /// What to do about a server error, where the store knows.
     fn advice(&self, op: &'static str, err: &tokio_postgres::Error) -> Option<String> {
         let table = self.qualified_table();
+        let steps = self.qualified_steps();
         let code = err.code()?;
         if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             return Some(if op == "migrate" {
@@ -2206,11 +2207,21 @@ impl PostgresStore {
                     "The store's role may not create the records table or its schema: apply \
                      `PostgresStore::migration_sql()` with a role that owns the schema (your \
                      migration tool, an administrator), and grant the store's role SELECT, \
-                     INSERT, UPDATE and DELETE on {table}; `migrate()` then only checks the table"
+                     INSERT, UPDATE and DELETE on {table} and {steps}; `migrate()` then only \
+                     checks the tables"
                 )
             } else {
-                format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
+                format!(
+                    "Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table} and \
+                     {steps}"
+                )
             });
+        }
+        if *code == SqlState::PROGRAM_LIMIT_EXCEEDED && op == "record_step" {
+            return Some(format!(
+                "A step's name is part of the primary key of {steps}, and PostgreSQL indexes \
+                 at most 2704 bytes of it (after compression): use a shorter step name"
+            ));
         }
         if *code == SqlState::INVALID_SQL_STATEMENT_NAME
             || *code == SqlState::DUPLICATE_PSTATEMENT
@@ -2240,8 +2251,8 @@ impl PostgresStore {
         }
         if *code == SqlState::UNDEFINED_TABLE {
             return Some(format!(
-                "Create the records table {table}: call `PostgresStore::migrate()`, or apply \
-                 `PostgresStore::migration_sql()`"
+                "Create the records table {table} and the steps table {steps}: call \
+                 `PostgresStore::migrate()`, or apply `PostgresStore::migration_sql()`"
             ));
         }
         None
