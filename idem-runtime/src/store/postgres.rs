@@ -1,9 +1,10 @@
-//! The PostgreSQL store: durable idempotency records, one SQL statement per step, and a
-//! transactional mode in which the body's own writes commit together with the record.
+//! The PostgreSQL store: durable idempotency records and [step](crate::step) records, one SQL
+//! statement per operation, and a transactional mode in which the body's own writes commit
+//! together with the record.
 //!
-//! # The table
+//! # The tables
 //!
-//! [`PostgresStore::migrate`] creates it (idempotently; any number of stores and processes may
+//! [`PostgresStore::migrate`] creates them (idempotently; any number of stores and processes may
 //! call it at once, for tables in the same new schema too). [`PostgresStore::migration_sql`]
 //! returns the same DDL for teams that run migrations with their own tool. With the default
 //! names it is:
@@ -17,18 +18,46 @@
 //!     expires_at  timestamptz NOT NULL
 //! );
 //! CREATE INDEX IF NOT EXISTS "idem_records_expires_idx" ON "public"."idem_records" (expires_at);
+//!
+//! CREATE TABLE IF NOT EXISTS "public"."idem_records_steps" (
+//!     key         bytea       NOT NULL CHECK (octet_length(key) = 32),
+//!     name        bytea       NOT NULL,
+//!     value       bytea       NOT NULL,
+//!     expires_at  timestamptz NOT NULL,
+//!     PRIMARY KEY (key, name)
+//! );
+//! CREATE INDEX IF NOT EXISTS "idem_records_steps_exp_idx"
+//!     ON "public"."idem_records_steps" (expires_at);
 //! ```
+//!
+//! (plus a `COMMENT ON TABLE` for each).
 //!
 //! - `key` is the 32-byte digest of the idempotency key ([`Key`]); no client-chosen text ever
 //!   reaches the table or an SQL string. `token` is the claim's fencing [`Token`] (16 bytes,
 //!   big-endian).
 //! - `value IS NULL` means *in progress*, and `expires_at` is then the end of the lease;
 //!   otherwise the record is *completed* and `expires_at` is when it is forgotten.
+//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)):
+//!   `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust string may hold NUL,
+//!   which `text` cannot), `value` its encoded value, `expires_at` when the key's steps are
+//!   forgotten. Its name is the records table's with [`STEPS_SUFFIX`]
+//!   ([`PostgresStore::steps_table`]), in the same schema (so a store on a table named
+//!   `x_steps` would share its table with the steps of a store on `x`: do not name records
+//!   tables that way). There is no foreign key to the records table: a released claim's row is
+//!   deleted, and its steps stay for the next claim.
 //! - The schema and table names are configurable ([`PostgresStoreBuilder::schema`],
 //!   [`PostgresStoreBuilder::table`]); they must be plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`,
 //!   at most 48 bytes), are checked when the store is built and always appear double-quoted.
-//! - The table is a plain (logged) table; `migrate` never creates an `UNLOGGED` one. See
+//! - The tables are plain (logged) tables; `migrate` never creates an `UNLOGGED` one. See
 //!   [Durability](#durability).
+//!
+//! **Upgrading** a deployment made by a version without steps (a records table, no steps
+//! table): call `migrate()` (it creates the steps table and its index, and runs no DDL on the
+//! records table), or apply `migration_sql()` again (every statement is `IF NOT EXISTS`), and
+//! grant the store's role `SELECT, INSERT, UPDATE, DELETE` on the steps table. Until then a
+//! store refuses every call with [`Error::Store`] saying so, before any body runs (a completion
+//! deletes the key's steps, so it could not store a result), and looks again at each call, so
+//! it works as soon as the migration ran, without a restart.
 //!
 //! # Statements
 //!
@@ -65,9 +94,13 @@
 //!   lapsed) is completed, an absent key gets the completed record, a record already completed
 //!   by this token is left as it is (the first value stays) and reported stored, and a row of
 //!   any other token is left alone: [`Completion::LeaseLost`].
+//!   The same statement deletes the key's steps when it stored the record (the value replays
+//!   whole; the steps are never read again).
 //! - **renew / release**: an `UPDATE` / `DELETE` under the key lock whose `WHERE` names the key,
-//!   the claim's token and `value IS NULL`.
-//! - **remove**: `DELETE ... WHERE key = $1` under the key lock.
+//!   the claim's token and `value IS NULL`. A release keeps the key's steps.
+//! - **remove**: `DELETE ... WHERE key = $1` of the record and of the key's steps, in one
+//!   statement under the key lock.
+//! - **record a step / read the steps**: see [Steps](#steps).
 //!
 //! A lock on the table itself that blocks writers (an operator's `CREATE INDEX`, `ALTER
 //! TABLE`, `LOCK TABLE`) makes the claim wait until its `lock_timeout`; the store then reads
@@ -83,6 +116,41 @@
 //! advisory locks on the database; a collision (vanishingly unlikely with 64-bit numbers)
 //! makes a claim see the key busy while the other lock is held, and never anything worse. [`PostgresStore::migrate`] also takes `pg_advisory_xact_lock(hashtext(name))` on the
 //! quoted schema and table names.
+//!
+//! # Steps
+//!
+//! [`idem::step`](crate::step) records its value in the steps table ([The tables](#the-tables)),
+//! fenced by the call's claim, so a retry after a failure or a takeover after a crash gets it
+//! without running the step again.
+//!
+//! - **Recording a step** ([`Store::record_step`]) is one statement: the record must be in
+//!   progress under the call's token with its lease not run out (`clock_timestamp()`);
+//!   otherwise nothing is written and the step gets [`Error::LeaseLost`], at once. Only then
+//!   does the statement try the key lock (taken by another caller: it pauses outside the pool
+//!   and runs again, as a completion does), lock the claim's row `FOR SHARE` (which re-reads a
+//!   row changed since the statement's snapshot, so a step is never accepted after a takeover
+//!   or a removal was committed, and keeps the row from changing until the step commits), and
+//!   `INSERT ... ON CONFLICT (key, name) DO UPDATE` the step's row. A repeated record of a live
+//!   step (a reply lost, the step recorded again) keeps the first value.
+//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row joined with
+//!   the key's live steps), under the same fence. The executor reads them once per call, at the
+//!   call's first step.
+//! - **Cost**: a call that runs no step sends no statement for steps (its completion's
+//!   statement also looks up the key's steps in the primary key's index, to delete them); a
+//!   call with steps sends one read, then one statement per step it runs (a step already
+//!   recorded costs nothing more). Each recorded step also rewrites the expiry of the key's
+//!   earlier steps (see below), a few rows per call.
+//! - **Lifetime**: steps outlive a release and a lapsed lease: the next claim of the key (a
+//!   new token) reads them. A completion and `remove` delete them in their own statement. A
+//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: each
+//!   recorded step pushes the key's live steps out to its own expiry. Expired step rows are
+//!   not read, and are deleted by the same cleanup as expired records (see
+//!   [Expired rows](#expired-rows)).
+//! - **Names** are any Rust string, NUL bytes included. A name is part of the primary key, and
+//!   PostgreSQL indexes at most 2 704 bytes of a key (after compression): a longer step name
+//!   fails to record with [`Error::Store`] saying so.
+//! - **The transactional mode** records no steps (the transaction is the recovery point, see
+//!   [`idem::step`](crate::step)), and its completion does not touch the steps table.
 //!
 //! # Isolation
 //!
@@ -131,9 +199,10 @@
 //! [`check_settings`](PostgresStore::check_settings) is called), what can lose an
 //! acknowledged record:
 //!
-//! - the table, or any of its partitions (a table partitioned by whoever runs the database), is
-//!   `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
-//!   [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
+//! - the records table or the steps table, or any of their partitions (a table partitioned by
+//!   whoever runs the database), is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of
+//!   the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE
+//!   ... SET LOGGED`); [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
 //! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
 //!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
 //!   once by default, through `tracing`; [`PostgresStoreBuilder::if_synchronous_commit_off`]
@@ -157,15 +226,17 @@
 //! every 1 000 granted claims, and at the first claim after a minute without a cleanup
 //! ([`PostgresStoreBuilder::cleanup_every`]), a background task runs batches of
 //! [`PostgresStore::purge_expired`] (up to 1 000 rows each, through the `expires_at` index) while
-//! they come back full, at most 16 per cleanup and never two at once per store. That can
-//! delete 16 rows per claim, more than any traffic adds, so under steady traffic the table
-//! holds the live records and at most a few batches of expired ones. Several stores and processes
-//! on one table split the work (each skips the rows another is deleting).
+//! they come back full, at most 16 per cleanup and never two at once per store, then the same
+//! for expired step rows (the steps of a released call that no retry came for; their own
+//! `expires_at` index). That can delete 16 rows per claim, more than any traffic adds, so under
+//! steady traffic the tables hold the live records and steps and at most a few batches of
+//! expired ones. Several stores and processes on one table split the work (each skips the rows
+//! another is deleting).
 //! [`PostgresStoreBuilder::auto_cleanup`]`(false)` turns it off; then schedule `purge_expired`
 //! yourself (for example every few minutes, from one process or all of them).
 //!
 //! A purge tries each row's key lock and leaves a row whose lock is taken (by a claim of that
-//! key in flight, a transactional call, another purge); of the rest it skips any row another
+//! key in flight, a transactional call, a step being recorded, another purge); of the rest it skips any row another
 //! session has locked (`FOR UPDATE SKIP LOCKED`), so it never makes a claim wait for its row
 //! and never waits itself. Until its transaction ends it holds the key locks of the rows it is
 //! deleting: a claim of one of those (expired) keys in that moment finds the key busy, and
@@ -1698,14 +1769,16 @@ impl PostgresStore {
         )
     }
 
-    /// Creates the schema (if missing), the records table and its index, unless they exist,
-    /// then [checks the settings](Self::check_settings).
+    /// Creates the schema (if missing), the records table, the steps table and their indexes,
+    /// unless they exist, then [checks the settings](Self::check_settings). On a records table
+    /// made by a version without steps it creates only the steps table and its index (see
+    /// [Upgrading](self#the-tables)).
     ///
     /// Safe to call from every process at start-up, for any number of tables in one schema:
     /// concurrent calls serialise on transaction-scoped advisory locks of the schema and of the
     /// table, a concurrent creator that takes no such lock (another tool) is tolerated (the
-    /// migration runs again and finds its work done), and when the table and index exist no DDL
-    /// runs (so no table lock is taken while other processes use the table). Needs the
+    /// migration runs again and finds its work done), and when the tables and indexes exist no
+    /// DDL runs (so no table lock is taken while other processes use the tables). Needs the
     /// privileges to create them; otherwise apply [`migration_sql`](Self::migration_sql) with
     /// an owner's role.
     pub async fn migrate(&self) -> Result<(), Error> {
@@ -1854,7 +1927,8 @@ impl PostgresStore {
     }
 
     /// Checks what can lose an acknowledged record (see the [module docs](self#durability)):
-    /// whether the records table is `UNLOGGED`, and whether the store's sessions run with
+    /// whether the records table or the steps table (or a partition of either) is `UNLOGGED`,
+    /// and whether the store's sessions run with
     /// `synchronous_commit = off`; then refuses, warns or accepts as the builder chose
     /// ([`PostgresStoreBuilder::if_unlogged`],
     /// [`PostgresStoreBuilder::if_synchronous_commit_off`]).
@@ -1862,7 +1936,8 @@ impl PostgresStore {
     /// [`migrate`](Self::migrate) calls it, and so does the store's first operation; call it
     /// yourself to check again (after an operator changed a setting, say). A refusal is
     /// [`Error::Store`] naming the setting and the fix, and every operation of the store gives
-    /// it until a check passes.
+    /// it until a check passes. A records table without its steps table (see
+    /// [Upgrading](self#the-tables)) is an [`Error::Store`] saying to migrate.
     pub async fn check_settings(&self) -> Result<(), Error> {
         match self.inspect().await? {
             Some(verdict) => {
