@@ -4310,3 +4310,84 @@ async fn a_keys_steps_expire_together_after_the_last_one() {
     tokio::time::sleep(ttl).await;
     assert_eq!(store.purge_expired().await.unwrap(), 2, "then both expire");
 }
+
+/// A step is never accepted after a takeover was granted: a stale holder records steps in a
+/// tight loop across the moment its lease runs out while another caller takes the key over the
+/// moment it can; whatever the new holder reads right after its grant is all it ever sees of the
+/// stale holder's steps (a step that landed after the grant would be seen by no read at the
+/// grant, and its effect would then run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_step_is_accepted_after_a_takeover_was_granted() {
+    let store = Arc::new(table_store("steps_race", |b| b.auto_cleanup(false)).await);
+    let lease = Duration::from_millis(150);
+    let mut stale_steps = 0;
+    for round in 0..12u32 {
+        let key = Key::new("steps.race", &unique("race"));
+        let Ok(Claim::Acquired(stale)) = store.claim(key, None, lease).await else {
+            panic!("claim");
+        };
+        let recorder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut recorded = 0usize;
+                loop {
+                    let name = format!("step-{recorded}");
+                    match store
+                        .record_step(key, stale, name, Bytes::from_static(b"v"), LONG_TTL)
+                        .await
+                    {
+                        Ok(idem::store::StepRecorded::Recorded) => recorded += 1,
+                        Ok(_) => return recorded,
+                        Err(e) => panic!("record_step: {e}"),
+                    }
+                }
+            })
+        };
+        let fresh = loop {
+            match store
+                .claim(key, None, Duration::from_secs(60))
+                .await
+                .unwrap()
+            {
+                Claim::Acquired(token) => break token,
+                Claim::Busy { .. } => tokio::task::yield_now().await,
+                other => panic!("{other:?}"),
+            }
+        };
+        let at_grant = store.steps(key, fresh).await.unwrap();
+        let recorded = recorder.await.unwrap();
+        let after = store.steps(key, fresh).await.unwrap();
+        let (
+            idem::store::RecordedSteps::Held(mut at_grant),
+            idem::store::RecordedSteps::Held(mut after),
+        ) = (at_grant, after)
+        else {
+            panic!("the new holder holds the key");
+        };
+        at_grant.sort();
+        after.sort();
+        assert_eq!(
+            at_grant.len(),
+            recorded,
+            "round {round}: every step the stale holder was told is recorded is read at the grant"
+        );
+        assert_eq!(
+            at_grant, after,
+            "round {round}: no step landed after the grant"
+        );
+        stale_steps += recorded;
+        store
+            .complete(
+                key,
+                fresh,
+                None,
+                Bytes::from_static(b"done"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(stale_steps > 0, "the stale holders recorded steps");
+}
+
+const LONG_TTL: Duration = Duration::from_secs(600);
