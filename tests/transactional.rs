@@ -962,3 +962,44 @@ async fn steps_in_a_transactional_body_commit_or_roll_back_with_it() {
     );
     assert_eq!(rows(&k).await, 1);
 }
+
+/// Steps a plain call recorded before it failed go with the transactional call that completes
+/// the key (its commit deletes them), as a plain completion's do.
+#[tokio::test]
+async fn a_transactional_completion_deletes_the_steps_a_failed_plain_call_left() {
+    let store = store().await;
+    let k = unique("steps-left");
+    let failed = idem::Idempotent::new(&store, k.clone())
+        .name("tx.items")
+        .run(|| async {
+            idem::step("charge", || async { Ok::<_, Error>(1u8) }).await?;
+            Err::<u8, _>(Error::store("declined"))
+        })
+        .await;
+    assert!(failed.is_err());
+    let db = client(&PgServer::shared().url()).await;
+    let key = Key::new("tx.items", &k);
+    let steps = format!(
+        "SELECT count(*) FROM {} WHERE key = $1",
+        store.steps_table()
+    );
+    let count = async || -> i64 {
+        db.query_one(&steps, &[&&key.as_bytes()[..]])
+            .await
+            .expect("count steps")
+            .get(0)
+    };
+    assert_eq!(count().await, 1, "the failed call's step is kept");
+    let k2 = k.clone();
+    let done = store
+        .transactional(k.clone())
+        .name("tx.items")
+        .run(async move |tx| {
+            tx.execute(INSERT, &[&k2]).await.map_err(Error::store)?;
+            Ok::<_, Error>(2u8)
+        })
+        .await
+        .expect("the transactional call");
+    assert_eq!(done, 2);
+    assert_eq!(count().await, 0, "the commit deleted them");
+}

@@ -696,8 +696,9 @@ impl Sql {
                  THEN NULL \
                  ELSE pg_catalog.pg_try_advisory_xact_lock($5) END",
                 &wake("$1"),
-                // No steps are recorded in the transactional mode (see `idem::step`).
-                None,
+                // No steps are recorded in the transactional mode (see `idem::step`), but a
+                // plain call that failed before may have left some: they go with the commit.
+                Some(steps),
             ),
             renew: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($4) \
