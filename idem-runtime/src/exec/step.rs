@@ -170,24 +170,31 @@ fn send<'a, S: Store + ?Sized>(
 /// Stripe-like Idempotency Keys in Postgres*, brandur.org/idempotency-keys), one phase per step.
 ///
 /// ```
-/// use idem::idempotent;
-/// # #[derive(Debug)] struct Failed;
-/// # impl From<idem::Error> for Failed { fn from(_: idem::Error) -> Self { Failed } }
-/// # async fn charge_card(_: u64) -> Result<String, Failed> { Ok("ch_1".into()) }
-/// # async fn reserve_stock(_: u64) -> Result<u32, Failed> { Ok(7) }
-/// # async fn send_email(_: &str) -> Result<(), Failed> { Ok(()) }
+/// use idem_runtime::{Error, Idempotent, MemoryStore};
+/// # async fn charge_card(_: u64) -> Result<String, Error> { Ok("ch_1".into()) }
+/// # async fn reserve_stock(_: u64) -> Result<u32, Error> { Ok(7) }
+/// # async fn send_email(_: &str) -> Result<(), Error> { Ok(()) }
 ///
-/// #[idempotent(key = order)]
-/// async fn checkout(order: u64) -> Result<String, Failed> {
-///     let charge = idem::step("charge", || charge_card(order)).await?;
-///     let _slot = idem::step("reserve", || reserve_stock(order)).await?;
-///     idem::step("email", || send_email(&charge)).await?;
-///     Ok(charge)
+/// async fn checkout(store: &MemoryStore, order: u64) -> Result<String, Error> {
+///     Idempotent::new(store, order)
+///         .name("shop.checkout")
+///         .run(|| async {
+///             let charge = idem_runtime::step("charge", || charge_card(order)).await?;
+///             let _slot = idem_runtime::step("reserve", || reserve_stock(order)).await?;
+///             idem_runtime::step("email", || send_email(&charge)).await?;
+///             Ok(charge)
+///         })
+///         .await
 /// }
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// assert_eq!(checkout(42).await.unwrap(), "ch_1");
+/// let store = MemoryStore::new();
+/// assert_eq!(checkout(&store, 42).await.unwrap(), "ch_1");
 /// # }
 /// ```
+///
+/// With the attribute (from the `idem` facade, where this is `idem::step`), the body is the
+/// function's: `#[idempotent(key = order.id)] async fn checkout(order: &Order) -> .. {
+/// idem::step("charge", || psp.charge(order)).await?; .. }`.
 ///
 /// - **Names** are unique per call (a loop names its steps `format!("reserve-{sku}")`). A step
 ///   belongs to the innermost idempotent call running it; `step` in a task the body spawned
