@@ -93,3 +93,25 @@ fn redis_steps_hold_under_crashes_takeovers_and_stale_holders() {
         Duration::from_millis(400),
     );
 }
+
+/// On PostgreSQL, with real time.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_steps_hold_under_crashes_takeovers_and_stale_holders() {
+    let runtime = real_time();
+    let url = support::postgres::PgServer::shared().url();
+    let store = runtime.block_on(async {
+        let store = idem::PostgresStore::connect(&url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        store.migrate().await.expect("migrate");
+        store
+    });
+    run(
+        "steps_postgres",
+        16 * scale(),
+        &runtime,
+        &store,
+        Duration::from_millis(400),
+    );
+}
