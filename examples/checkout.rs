@@ -6,9 +6,9 @@
 //! ```text
 //! redis-server &   # or any Redis
 //! cargo run --example checkout --features redis,postgres -- \
-//!     run --store redis://127.0.0.1:6379/ --orders 12 --seed 1
+//!     run --store redis://127.0.0.1:6379/ --orders 14 --seed 1
 //! cargo run --example checkout --features redis,postgres -- \
-//!     run --store postgres://postgres@127.0.0.1:5432/postgres --orders 12 --seed 1
+//!     run --store postgres://postgres@127.0.0.1:5432/postgres --orders 14 --seed 1
 //! ```
 //!
 //! One program, three roles (the first argument):
@@ -25,7 +25,8 @@
 //! - `run --store URL --orders N [--seed S]`: the driver. It starts the provider, then for each
 //!   order (4 at a time) starts handlers, each told to stop at a point picked at random (or
 //!   nowhere), kills each one that reaches its point, and starts the next, until one exits
-//!   successfully. A killed handler keeps its claim until its lease (1 s) runs out; the next one
+//!   successfully. (The first attempts of orders 1 to 13 stop at each point in turn, so that
+//!   14 orders are enough to see every point; `--seed` picks the rest.) A killed handler keeps its claim until its lease (1 s) runs out; the next one
 //!   waits for it and takes the key over. Then the driver asks the provider for its counts and
 //!   checks them (exit status 1 if any check fails).
 //!
@@ -42,6 +43,10 @@
 //!   Idempotency Keys in Postgres*, brandur.org/idempotency-keys: foreign state mutations);
 //! - the order's final receipt holds the provider's first answers (recorded step values replay
 //!   as themselves).
+//!
+//! The provider's idempotency keys alone would keep every effect at one; what shows the steps at
+//! work is the request count. Without them every retry would ask for every effect again, and a
+//! provider without idempotency keys would perform it again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -409,6 +414,21 @@ struct Attempt {
     failure: Option<String>,
 }
 
+/// One order's attempts, and why the driver gave up on it if it did.
+struct OrderRun {
+    attempts: Vec<Attempt>,
+    gave_up: Option<String>,
+}
+
+impl OrderRun {
+    fn gave_up(attempts: Vec<Attempt>, why: String) -> OrderRun {
+        OrderRun {
+            attempts,
+            gave_up: Some(why),
+        }
+    }
+}
+
 struct Driver {
     exe: std::path::PathBuf,
     store: String,
@@ -420,13 +440,13 @@ struct Driver {
 
 impl Driver {
     /// Runs one order until an attempt succeeds: its attempts, and why it gave up if it did.
-    fn order(&self, order: u64) -> (Vec<Attempt>, Option<String>) {
+    fn order(&self, order: u64) -> OrderRun {
         let mut rng = Rng::new(self.seed ^ order.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut attempts: Vec<Attempt> = Vec::new();
         loop {
             if attempts.len() == MAX_ATTEMPTS {
                 let message = format!("order {order}: no success in {MAX_ATTEMPTS} attempts");
-                return (attempts, Some(message));
+                return OrderRun::gave_up(attempts, message);
             }
             // One choice more than there are points: run to the end. The first attempts of the
             // first orders stop at each point in turn, so that a run of 14 orders or more stops
@@ -439,7 +459,9 @@ impl Driver {
             };
             let attempt = match self.attempt(order, self.points.get(pick).cloned()) {
                 Ok(attempt) => attempt,
-                Err(message) => return (attempts, Some(format!("order {order}: {message}"))),
+                Err(message) => {
+                    return OrderRun::gave_up(attempts, format!("order {order}: {message}"));
+                }
             };
             let succeeded = attempt.receipt.is_some();
             if let Some(failure) = &attempt.failure {
@@ -447,7 +469,10 @@ impl Driver {
             }
             attempts.push(attempt);
             if succeeded {
-                return (attempts, None);
+                return OrderRun {
+                    attempts,
+                    gave_up: None,
+                };
             }
             let failures = attempts.iter().filter(|a| a.failure.is_some()).count();
             if failures == MAX_FAILURES {
@@ -458,7 +483,7 @@ impl Driver {
                         .and_then(|a| a.failure.as_deref())
                         .unwrap_or_default()
                 );
-                return (attempts, Some(message));
+                return OrderRun::gave_up(attempts, message);
             }
         }
     }
@@ -532,8 +557,20 @@ fn wait(child: &mut Child) -> Result<std::process::ExitStatus, String> {
         .map_err(|e| format!("cannot wait for a handler: {e}"))
 }
 
-/// Reads the provider's counts: (order, effect) → (performed, requests, first answer).
-fn report(provider: &str) -> Result<BTreeMap<(u64, String), (u32, u32, String)>, String> {
+/// What the provider reports for one (order, effect).
+#[derive(Clone, Default)]
+struct Count {
+    performed: u32,
+    requests: u32,
+    /// Its first answer (the receipt).
+    answer: String,
+}
+
+/// The provider's report: (order, effect) → its count.
+type Counts = BTreeMap<(u64, String), Count>;
+
+/// Reads the provider's counts.
+fn report(provider: &str) -> Result<Counts, String> {
     let mut socket = std::net::TcpStream::connect(provider)
         .map_err(|e| format!("cannot reach the provider: {e}"))?;
     socket
@@ -550,11 +587,11 @@ fn report(provider: &str) -> Result<BTreeMap<(u64, String), (u32, u32, String)>,
             [order, effect, performed, requests, answer] => (|| {
                 Some((
                     (order.parse().ok()?, (*effect).to_owned()),
-                    (
-                        performed.parse().ok()?,
-                        requests.parse().ok()?,
-                        (*answer).to_owned(),
-                    ),
+                    Count {
+                        performed: performed.parse().ok()?,
+                        requests: requests.parse().ok()?,
+                        answer: (*answer).to_owned(),
+                    },
                 ))
             })(),
             _ => None,
@@ -566,18 +603,18 @@ fn report(provider: &str) -> Result<BTreeMap<(u64, String), (u32, u32, String)>,
 }
 
 /// Checks one order's attempts against the provider's counts; returns what went wrong.
-fn check(
-    order: u64,
-    attempts: &[Attempt],
-    counts: &BTreeMap<(u64, String), (u32, u32, String)>,
-) -> Vec<String> {
+fn check(order: u64, attempts: &[Attempt], counts: &Counts) -> Vec<String> {
     let mut violations = Vec::new();
     let mut answers = Vec::new();
     for effect in EFFECTS {
-        let (performed, requests, answer) = counts
+        let Count {
+            performed,
+            requests,
+            answer,
+        } = counts
             .get(&(order, effect.to_owned()))
             .cloned()
-            .unwrap_or((0, 0, "-".to_owned()));
+            .unwrap_or_default();
         answers.push(answer);
         if performed != 1 {
             violations.push(format!(
@@ -702,7 +739,7 @@ fn driver(args: &Args) -> ExitCode {
 
     // Each worker takes the next order until none are left.
     let next = AtomicUsize::new(0);
-    let results: Mutex<BTreeMap<u64, (Vec<Attempt>, Option<String>)>> = Mutex::default();
+    let results: Mutex<BTreeMap<u64, OrderRun>> = Mutex::default();
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL {
             scope.spawn(|| {
@@ -732,7 +769,7 @@ fn driver(args: &Args) -> ExitCode {
     });
     let mut kills: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut attempt_count, mut finished, mut failed) = (0, 0, 0);
-    for (order, (attempts, gave_up)) in &results {
+    for (order, OrderRun { attempts, gave_up }) in &results {
         attempt_count += attempts.len();
         for a in attempts {
             match (&a.kill_at, a.killed, &a.failure) {
@@ -764,10 +801,10 @@ fn driver(args: &Args) -> ExitCode {
     );
     for effect in EFFECTS {
         let (mut performed, mut requests) = (0, 0);
-        for ((_, e), (p, r, _)) in &counts {
+        for ((_, e), count) in &counts {
             if e == effect {
-                performed += p;
-                requests += r;
+                performed += count.performed;
+                requests += count.requests;
             }
         }
         let window = format!("{effect}:inside-after-call");
