@@ -127,6 +127,10 @@
 //!   that stops being polled loses its lease and another caller takes over; the stale holder's
 //!   result is then refused (fencing) and a `tracing` warning (`lease_lost`) says the body may have
 //!   run twice.
+//! - **Steps.** Inside a body, [`step`]`("charge", || ..)` is a recovery point: its `Ok` value
+//!   is recorded under the call's key, so a run of the key after a failure, a panic, a
+//!   cancellation or a crash (and a takeover) gets it back without running it again, and goes on
+//!   from the first step not recorded. See [`step`] for the rules and their cost.
 //!
 //! # Without the attribute
 //!

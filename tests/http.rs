@@ -112,6 +112,22 @@ async fn order(State(s): State<Shared>, req: AxumRequest) -> Response {
         "/flaky" if n == 1 => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "database hiccup").into_response();
         }
+        // A charge recorded as a step, then a 5xx on the first run: the retry resumes after it.
+        "/stepped" => {
+            let charged = idem::step("charge", || async {
+                Ok::<usize, Error>(s.finished.fetch_add(1, Ordering::SeqCst) + 1)
+            })
+            .await;
+            return match charged {
+                Ok(charge) if n == 1 => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("charge {charge}, then the database hiccuped"),
+                )
+                    .into_response(),
+                Ok(charge) => (StatusCode::CREATED, format!("charge {charge}")).into_response(),
+                Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+            };
+        }
         "/declined" => {
             return (StatusCode::PAYMENT_REQUIRED, format!("declined #{n}")).into_response();
         }
@@ -542,6 +558,28 @@ async fn bad_keys_are_400() {
         http.post("/orders", "12345678", "x").await.status,
         StatusCode::CREATED
     );
+}
+
+#[tokio::test]
+async fn a_handler_retried_after_a_5xx_resumes_after_its_recorded_steps() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let failed = http.post("/stepped", "k-steps", "x").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.text(), "charge 1, then the database hiccuped");
+    let retry = http.post("/stepped", "k-steps", "x").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(
+        retry.text(),
+        "charge 1",
+        "the retry gets the recorded charge"
+    );
+    assert!(http.post("/stepped", "k-steps", "x").await.replayed());
+    assert_eq!(server.shared.calls(), 2, "the handler ran twice");
+    assert_eq!(server.shared.finished(), 1, "the card was charged once");
+    // Another key is another call, with steps of its own.
+    let other = http.post("/stepped", "k-steps-2", "x").await;
+    assert_eq!(other.text(), "charge 2");
 }
 
 #[tokio::test]

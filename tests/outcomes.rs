@@ -287,3 +287,32 @@ async fn store_full() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     assert_eq!(outcomes(&logs), ["executed", "store_full"]);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_step_that_finds_its_lease_lost_is_lease_lost() {
+    let logs = LogCapture::install();
+    let store = MemoryStore::new();
+    let lease = Duration::from_millis(50);
+    let (go, resume) = oneshot::channel::<()>();
+    let stale = Idempotent::new(&store, 1u8)
+        .name("outcomes.steps")
+        .lease(lease)
+        .run(|| async {
+            let _ = resume.await;
+            idem::step("charge", || async { Ok::<_, Error>(1u8) }).await
+        });
+    let mut stale = Box::pin(stale);
+    // Claimed, then not polled past its lease; another call takes the key over.
+    let _ = tokio::time::timeout(Duration::from_millis(5), &mut stale).await;
+    tokio::time::sleep(lease * 3).await;
+    Idempotent::new(&store, 1u8)
+        .name("outcomes.steps")
+        .lease(lease)
+        .run(|| async { Ok::<_, Error>(2u8) })
+        .await
+        .unwrap();
+    let _ = go.send(());
+    let err = stale.await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert_eq!(outcomes(&logs), ["executed", "lease_lost"]);
+}

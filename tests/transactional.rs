@@ -920,3 +920,45 @@ async fn the_store_pool_keeps_its_connections_across_clean_calls() {
         "10 clean calls on a pool of one kept its connection"
     );
 }
+
+/// A step in a transactional body runs, and is checked (a name twice is refused), but the
+/// transaction is its recovery point: a rolled-back body's step runs again on the retry, and a
+/// committed call replays whole.
+#[tokio::test]
+async fn steps_in_a_transactional_body_commit_or_roll_back_with_it() {
+    let store = store().await;
+    let k = unique("steps");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut got = Vec::new();
+    for fail in [true, false, false] {
+        let (k, runs) = (k.clone(), runs.clone());
+        let result = store
+            .transactional(k.clone())
+            .name("tx.items")
+            .run(async move |tx| {
+                let charge = idem::step("charge", || async {
+                    Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1)
+                })
+                .await?;
+                tx.execute(INSERT, &[&k]).await.map_err(Error::store)?;
+                let twice = idem::step("charge", || async { Ok::<_, Error>(0usize) }).await;
+                assert!(
+                    matches!(twice, Err(Error::StepRepeated { .. })),
+                    "{twice:?}"
+                );
+                if fail {
+                    return Err(Error::store("declined"));
+                }
+                Ok::<_, Error>(charge)
+            })
+            .await;
+        got.push(result.ok());
+    }
+    assert_eq!(got, [None, Some(2), Some(2)]);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "rolled back with the body, then replayed whole"
+    );
+    assert_eq!(rows(&k).await, 1);
+}

@@ -91,6 +91,7 @@ pub mod chaos;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod steps_model;
 
 /// Runs an example that `cargo test --all-features` built next to the test binaries' folder,
 /// with `env` set, and returns its standard output; fails the test, with its output, when it

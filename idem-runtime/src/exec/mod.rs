@@ -783,6 +783,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
         // body, with the call's key and token: the store stays borrowed by the call.
         let cx = step::StepCx::new(step::Recording::Store {
             max_value_len: store.max_value_len(),
+            lease: policy.lease,
         });
         let body = step::CURRENT.scope(
             cx,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::codec;
 use crate::error::Error;
@@ -43,6 +44,8 @@ pub(crate) enum Recording {
     Store {
         /// The store's [`max_value_len`](Store::max_value_len).
         max_value_len: Option<usize>,
+        /// The call's lease.
+        lease: Duration,
     },
     /// Nowhere outside the call: in the transactional mode a step would be written in the
     /// body's transaction, which either commits together with the completion that deletes it,
@@ -63,6 +66,9 @@ pub(crate) struct StepCx {
     requests: RefCell<VecDeque<StepRequest>>,
     /// A step found that the call no longer holds its key.
     lease_lost: Cell<bool>,
+    /// When the store last said that the call holds its key (the sending of a step read or
+    /// record it answered so).
+    confirmed: Cell<Option<Instant>>,
 }
 
 impl StepCx {
@@ -73,6 +79,7 @@ impl StepCx {
             used: RefCell::new(HashSet::new()),
             requests: RefCell::new(VecDeque::new()),
             lease_lost: Cell::new(false),
+            confirmed: Cell::new(None),
         }
     }
 }
@@ -189,9 +196,12 @@ fn send<'a, S: Store + ?Sized>(
 ///   replay as themselves before they are recorded, and no larger than the store takes.
 /// - **Cost**: a call's first step reads the key's step records (one store round trip), and
 ///   each step that runs `f` records its value (one more); a recorded step costs nothing more.
-///   Calls that run no step pay nothing. On the in-memory store step values count toward the
-///   byte bound.
-/// - **Transactional mode** ([`Transactional`](crate::transactional::Transactional)): the
+///   A step that would run `f` more than half a lease after the store last answered a step of
+///   the call first checks that the call still holds its key (one more round trip): a holder
+///   that was not polled for longer than its lease must not repeat an effect that its
+///   successor recorded. Calls that run no step pay nothing. On the in-memory store step
+///   values count toward the byte bound.
+/// - **Transactional mode** (`PostgresStore::transactional`, feature `postgres`): the
 ///   transaction is the recovery point. A step there runs `f` and is checked like any other, but
 ///   its record would be written in the body's transaction and so would commit only together
 ///   with the call's result (which makes it useless) or roll back with the body's writes: a
@@ -204,10 +214,12 @@ fn send<'a, S: Store + ?Sized>(
 ///
 /// - [`Error::StepOutsideCall`]: not inside an idempotent body (or in a task it spawned); `f`
 ///   did not run.
-/// - [`Error::StepRepeated`]: `name` was used before in this call; `f` did not run.
+/// - [`Error::StepRepeated`]: `name` was used before in this call by a step that succeeded (or
+///   is still running); `f` did not run. A step that failed or was dropped gives its name back,
+///   so a body may retry it.
 /// - [`Error::LeaseLost`]: this call no longer holds its key (its lease ran out and another call
 ///   took the key over, or it was removed). If it is found before `f` runs (at the call's first
-///   step), `f` did not run; otherwise `f` ran and is not recorded. Either way, stop: the body's
+///   step, or at the check above), `f` did not run; otherwise `f` ran and is not recorded. Either way, stop: the body's
 ///   effects belong to the new holder now. The call is reported as `lease_lost`.
 /// - [`Error::Codec`]: a recorded value no longer decodes as `T` (its type changed), or `f`'s
 ///   value would not replay as itself (then `f` ran and is not recorded).
@@ -223,50 +235,71 @@ where
     let outside = || Error::StepOutsideCall {
         name: name.to_owned(),
     };
-    let (recording, read) = CURRENT
+    let (recording, recorded, confirmed) = CURRENT
         .try_with(|cx| {
             if !cx.used.borrow_mut().insert(name.to_owned()) {
                 return Err(Error::StepRepeated {
                     name: name.to_owned(),
                 });
             }
-            Ok((cx.recording, cx.recorded.borrow().is_none()))
+            Ok((
+                cx.recording,
+                cx.recorded
+                    .borrow()
+                    .as_ref()
+                    .map(|steps| steps.get(name).cloned()),
+                cx.confirmed.get(),
+            ))
         })
         .map_err(|_| outside())??;
-    let max_value_len = match recording {
+    // Until the step succeeds, its name is free again if it fails or is dropped: a body may
+    // retry a failed step (or one it timed out) under the same name within the call.
+    let mut name_taken = NameTaken { name, kept: false };
+    let (max_value_len, lease) = match recording {
         Recording::Transaction => {
             let value = f().await?;
             codec::to_vec(&value)?;
+            name_taken.kept = true;
             return Ok(value);
         }
-        Recording::Store { max_value_len } => max_value_len,
+        Recording::Store {
+            max_value_len,
+            lease,
+        } => (max_value_len, lease),
     };
-    if read {
-        let (reply, answer) = oneshot::channel();
-        ask(StepRequest::Read { reply }).map_err(|()| outside())?;
-        match answer.await {
-            Ok(Ok(RecordedSteps::Held(steps))) => {
-                let _ = CURRENT.try_with(|cx| {
-                    cx.recorded
-                        .borrow_mut()
-                        .get_or_insert_with(|| steps.into_iter().collect());
-                });
+    // The call's first step reads the steps recorded before it. A step about to run `f` also
+    // makes sure that the call still holds its key when the store has not said so for half a
+    // lease: a holder whose future was not polled for longer than its lease (so it stopped
+    // renewing, and another call may have taken the key over and recorded this very step)
+    // must not run the effect again. A call that is polled renews every third of its lease, so
+    // within half a lease of the store's last answer it still holds the key.
+    let recorded = match recorded {
+        Some(Some(bytes)) => Some(bytes),
+        Some(None) if confirmed.is_some_and(|at| at.elapsed() < lease / 2) => None,
+        _ => {
+            let sent = Instant::now();
+            let (reply, answer) = oneshot::channel();
+            ask(StepRequest::Read { reply }).map_err(|()| outside())?;
+            match answer.await {
+                Ok(Ok(RecordedSteps::Held(steps))) => CURRENT
+                    .try_with(|cx| {
+                        cx.confirmed.set(Some(sent));
+                        let steps: HashMap<String, Bytes> = steps.into_iter().collect();
+                        let found = steps.get(name).cloned();
+                        *cx.recorded.borrow_mut() = Some(steps);
+                        found
+                    })
+                    .map_err(|_| outside())?,
+                Ok(Ok(RecordedSteps::LeaseLost)) => return Err(lease_lost(name).into()),
+                Ok(Err(err)) => return Err(err.into()),
+                Err(_) => return Err(outside().into()),
             }
-            Ok(Ok(RecordedSteps::LeaseLost)) => return Err(lease_lost(name).into()),
-            Ok(Err(err)) => return Err(err.into()),
-            Err(_) => return Err(outside().into()),
         }
-    }
-    let recorded = CURRENT
-        .try_with(|cx| {
-            cx.recorded
-                .borrow()
-                .as_ref()
-                .and_then(|steps| steps.get(name).cloned())
-        })
-        .map_err(|_| outside())?;
+    };
     if let Some(bytes) = recorded {
-        return Ok(codec::from_slice(&bytes)?);
+        let value = codec::from_slice(&bytes)?;
+        name_taken.kept = true;
+        return Ok(value);
     }
     let value = f().await?;
     let bytes = Bytes::from(codec::to_vec(&value)?);
@@ -280,6 +313,7 @@ where
         })
         .into());
     }
+    let sent = Instant::now();
     let (reply, answer) = oneshot::channel();
     ask(StepRequest::Record {
         name: name.to_owned(),
@@ -288,10 +322,28 @@ where
     })
     .map_err(|()| outside())?;
     match answer.await {
-        Ok(Ok(StepRecorded::Recorded)) => Ok(value),
+        Ok(Ok(StepRecorded::Recorded)) => {
+            let _ = CURRENT.try_with(|cx| cx.confirmed.set(Some(sent)));
+            name_taken.kept = true;
+            Ok(value)
+        }
         Ok(Ok(StepRecorded::LeaseLost)) => Err(lease_lost(name).into()),
         Ok(Err(err)) => Err(err.into()),
         Err(_) => Err(outside().into()),
+    }
+}
+
+/// A step's name, taken in its call: given back on drop unless the step succeeded.
+struct NameTaken<'a> {
+    name: &'a str,
+    kept: bool,
+}
+
+impl Drop for NameTaken<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = CURRENT.try_with(|cx| cx.used.borrow_mut().remove(self.name));
+        }
     }
 }
 

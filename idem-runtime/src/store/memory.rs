@@ -101,7 +101,10 @@ const EVICT_BUDGET: usize = 32;
 /// The store is bounded in records and in bytes: at most `max_entries` records
 /// ([`DEFAULT_MAX_ENTRIES`], a million) whose accounted size is at most `max_bytes`
 /// ([`DEFAULT_MAX_BYTES`], 1 GiB). A record is accounted as [`RECORD_OVERHEAD`] bytes plus its
-/// result's encoded size (a result kept typed is counted by its encoding too). Set them with
+/// result's encoded size (a result kept typed is counted by its encoding too), and each of its
+/// steps ([`step`](crate::step), kept until the call completes) as [`STEP_OVERHEAD`] bytes plus
+/// its name and encoded value. A step that would take the store past `max_bytes` is not
+/// recorded: the step fails with [`Error::StoreFull`] after its effect ran. Set them with
 /// [`MemoryStore::builder`], [`with_max_entries`](MemoryStore::with_max_entries) or
 /// [`with_max_bytes`](MemoryStore::with_max_bytes); [`MemoryStore::new`] and
 /// [`MemoryStore::global`] use the defaults.
@@ -217,43 +220,18 @@ struct Record {
     due: Instant,
     /// Its key's exact encoding, once the record was replayed: its entry in `digests`.
     exact: Option<Arc<[u8]>>,
-    /// Steps recorded by the calls that held it (`idem::step`): kept across a release and a
-    /// takeover, dropped by a completion. `None` for the calls that record none.
-    steps: Option<Box<Steps>>,
 }
 
 impl Record {
     /// The bytes it counts against the store's byte bound.
     fn size(&self) -> usize {
-        RECORD_OVERHEAD + self.state.value_size() + self.steps_size()
-    }
-
-    /// The bytes its steps count.
-    fn steps_size(&self) -> usize {
-        self.steps.as_ref().map_or(0, |steps| steps.bytes)
-    }
-
-    /// When the record stops being needed: its state's expiry, or its steps' if later.
-    fn expiry(&self) -> Instant {
-        let state = self.state.expiry();
-        match &self.steps {
-            Some(steps) => state.max(steps.until),
-            None => state,
-        }
-    }
-
-    /// Its steps, if they have not expired at `now` (expired ones are dropped and uncounted).
-    fn live_steps(&mut self, now: Instant, store: &MemoryStore) -> Option<&mut Steps> {
-        if self.steps.as_ref().is_some_and(|steps| steps.until <= now) {
-            let freed = self.steps_size();
-            self.steps = None;
-            store.resize(freed, 0);
-        }
-        self.steps.as_deref_mut()
+        RECORD_OVERHEAD + self.state.size()
     }
 }
 
-/// The steps recorded under a key, by name (see [`Store::record_step`]).
+/// The steps recorded under a key, by name (see [`Store::record_step`]). They live in the
+/// record's state (an in-progress claim, or a released one kept for them): the variants that
+/// hold them are smaller than `Completed`, so records pay nothing for them.
 struct Steps {
     values: std::collections::HashMap<String, Bytes>,
     /// `ttl` after the last one was recorded.
@@ -269,13 +247,15 @@ pub const STEP_OVERHEAD: usize = 2 * size_of::<(String, Bytes)>() + 32;
 
 enum State {
     /// A claim released (its body failed, panicked or was cancelled) that kept its record for
-    /// its steps, until `until`: free to claim, like an absent key.
-    Released { until: Instant },
+    /// its steps, until they expire: free to claim, like an absent key.
+    Released { steps: Box<Steps> },
     InProgress {
         token: Token,
         lease_until: Instant,
         fingerprint: Option<Fingerprint>,
         waiters: Arc<Notify>,
+        /// The steps recorded under the key so far, by this claim and the ones before it.
+        steps: Option<Box<Steps>>,
     },
     Completed {
         value: Value,
@@ -323,13 +303,58 @@ pub(crate) enum ValueClaim {
 }
 
 impl State {
-    fn in_progress(token: Token, lease_until: Instant, fingerprint: Option<Fingerprint>) -> State {
+    fn in_progress(
+        token: Token,
+        lease_until: Instant,
+        fingerprint: Option<Fingerprint>,
+        steps: Option<Box<Steps>>,
+    ) -> State {
         State::InProgress {
             token,
             lease_until,
             fingerprint,
             waiters: Arc::new(Notify::new()),
+            steps,
         }
+    }
+
+    /// Its steps, if it has any.
+    fn steps(&self) -> Option<&Steps> {
+        match self {
+            State::InProgress { steps, .. } => steps.as_deref(),
+            State::Released { steps } => Some(steps),
+            State::Completed { .. } => None,
+        }
+    }
+
+    /// Takes its steps out, if it has any that have not expired at `now`.
+    fn take_steps(&mut self, now: Instant) -> Option<Box<Steps>> {
+        let steps = match self {
+            State::InProgress { steps, .. } => steps.take(),
+            State::Released { steps } => Some(std::mem::replace(
+                steps,
+                Box::new(Steps {
+                    values: Default::default(),
+                    until: now,
+                    bytes: 0,
+                }),
+            )),
+            State::Completed { .. } => None,
+        };
+        steps.filter(|steps| steps.until > now)
+    }
+
+    /// When the record stops being needed: its expiry, or its steps' if later.
+    fn kept_until(&self) -> Instant {
+        match self.steps() {
+            Some(steps) => self.expiry().max(steps.until),
+            None => self.expiry(),
+        }
+    }
+
+    /// The bytes it counts on top of [`RECORD_OVERHEAD`]: its value and its steps.
+    fn size(&self) -> usize {
+        self.value_size() + self.steps().map_or(0, |steps| steps.bytes)
     }
 
     /// When the record stops being live.
@@ -337,7 +362,7 @@ impl State {
         match self {
             State::InProgress { lease_until, .. } => *lease_until,
             State::Completed { expires_at, .. } => *expires_at,
-            State::Released { until } => *until,
+            State::Released { steps } => steps.until,
         }
     }
 
@@ -583,7 +608,7 @@ impl MemoryStore {
         if entry.get().due != due {
             return false; // the record has another entry, queued since
         }
-        let expiry = entry.get().expiry();
+        let expiry = entry.get().state.kept_until();
         if expiry > now {
             lock(&self.queues[queue]).insert(expiry, key);
             entry.get_mut().due = expiry;
@@ -751,16 +776,18 @@ impl MemoryStore {
                     // Expired: take over, in the same slot. Waiters of a lapsed claim look again
                     // at once.
                     let record = entry.get_mut();
-                    // The steps of the calls before it are this claim's (expired ones are not).
-                    record.live_steps(now, self);
                     self.requeue(key, Some(record.due), Some(lease_until));
                     record.due = lease_until;
+                    // The steps of the calls before it are this claim's (expired ones are not).
+                    let before = record.state.size();
+                    let steps = record.state.take_steps(now);
+                    let kept = steps.as_ref().map_or(0, |steps| steps.bytes);
                     let old = std::mem::replace(
                         &mut record.state,
-                        State::in_progress(token, lease_until, fingerprint),
+                        State::in_progress(token, lease_until, fingerprint, steps),
                     );
                     drop(entry);
-                    self.resize(old.value_size(), 0);
+                    self.resize(before, kept);
                     old.wake_waiters();
                     return Ok(ValueClaim::Acquired(token));
                 }
@@ -768,10 +795,9 @@ impl MemoryStore {
                     Ok(()) => {
                         let taken = self.queue_new(key, lease_until, now);
                         drop(entry.insert(Record {
-                            state: State::in_progress(token, lease_until, fingerprint),
+                            state: State::in_progress(token, lease_until, fingerprint, None),
                             due: lease_until,
                             exact: None,
-                            steps: None,
                         }));
                         self.expire_due(&key, taken, now);
                         return Ok(ValueClaim::Acquired(token));
@@ -882,9 +908,7 @@ impl MemoryStore {
                 };
                 self.requeue(key, Some(record.due), Some(expires_at));
                 record.due = expires_at;
-                // The completed value replays whole: its steps are never read again.
-                let freed = record.steps_size();
-                record.steps = None;
+                // The completed value replays whole: its steps (in the old state) go.
                 let old = std::mem::replace(
                     &mut record.state,
                     State::Completed {
@@ -895,7 +919,7 @@ impl MemoryStore {
                     },
                 );
                 drop(entry);
-                self.resize(old.value_size() + freed, size);
+                self.resize(old.size(), size);
                 old.wake_waiters();
                 Completion::Stored
             }
@@ -914,7 +938,6 @@ impl MemoryStore {
                     },
                     due: expires_at,
                     exact: None,
-                    steps: None,
                 }));
                 self.expire_due(&key, taken, now);
                 Completion::Stored
@@ -969,8 +992,19 @@ impl MemoryStore {
                 return false;
             }
             let now = Instant::now();
-            if let Some(until) = record.live_steps(now, self).map(|steps| steps.until) {
-                let old = std::mem::replace(&mut record.state, State::Released { until });
+            let before = record.state.size();
+            let steps = record.state.take_steps(now);
+            let after = steps.as_ref().map_or(0, |steps| steps.bytes);
+            // Expired steps, if any, were taken out: uncount them.
+            self.resize(before, after);
+            if let Some(steps) = steps {
+                // Queued no later than its steps expire.
+                if steps.until < record.due {
+                    self.requeue(key, Some(record.due), Some(steps.until));
+                    record.due = steps.until;
+                }
+                let old = std::mem::replace(&mut record.state, State::Released { steps });
+                drop(record);
                 old.wake_waiters();
                 return true;
             }
@@ -995,14 +1029,21 @@ impl MemoryStore {
             return Ok(StepRecorded::LeaseLost);
         }
         let until = after(now, ttl);
-        let steps = match record.live_steps(now, self) {
-            Some(steps) => steps,
-            None => record.steps.insert(Box::new(Steps {
+        let State::InProgress { steps, .. } = &mut record.state else {
+            return Ok(StepRecorded::LeaseLost);
+        };
+        if steps.as_ref().is_some_and(|steps| steps.until <= now) {
+            // Expired: as if none.
+            let freed = steps.take().map_or(0, |steps| steps.bytes);
+            self.resize(freed, 0);
+        }
+        let steps = steps.get_or_insert_with(|| {
+            Box::new(Steps {
                 values: Default::default(),
                 until,
                 bytes: 0,
-            })),
-        };
+            })
+        });
         steps.until = steps.until.max(until);
         if steps.values.contains_key(&step) {
             // A repeated record (a lost reply): the first value stays.
@@ -1023,19 +1064,23 @@ impl MemoryStore {
     /// `steps`, synchronously.
     fn steps_now(&self, key: Key, token: Token) -> RecordedSteps {
         let now = Instant::now();
-        let Some(mut record) = self.records.get_mut(&key) else {
+        let Some(record) = self.records.get(&key) else {
             return RecordedSteps::LeaseLost;
         };
         if !Self::held(&record.state, token, now) {
             return RecordedSteps::LeaseLost;
         }
-        let steps = record.live_steps(now, self).map(|steps| {
-            steps
-                .values
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect()
-        });
+        let steps = record
+            .state
+            .steps()
+            .filter(|steps| steps.until > now)
+            .map(|steps| {
+                steps
+                    .values
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect()
+            });
         RecordedSteps::Held(steps.unwrap_or_default())
     }
 
@@ -1246,7 +1291,7 @@ mod tests {
                 "a record without its entry"
             );
             assert!(
-                record.due <= record.state.expiry(),
+                record.due <= record.state.kept_until(),
                 "queued after its expiry"
             );
         }
@@ -1409,13 +1454,47 @@ mod tests {
             rng
         };
         let mut tokens: Vec<Token> = Vec::new();
+        let (mut recorded, mut released_with_steps) = (0, 0);
+        // The latest claims, with their keys: the ones steps are recorded under.
+        let mut held: Vec<(Key, Token)> = Vec::new();
         for _ in 0..20_000 {
             let k = key(next() % 96);
             let span = Duration::from_millis(next() % 2_000 + 1);
-            match next() % 7 {
+            match next() % 9 {
+                7 => {
+                    if let Some(&(k, token)) = held.get((next() as usize) % (held.len() + 1)) {
+                        let name = format!("step-{}", next() % 3);
+                        let value = Bytes::from(vec![1u8; (next() % 100) as usize]);
+                        if let Ok(StepRecorded::Recorded) =
+                            store.record_step_now(k, token, name, value, span)
+                        {
+                            recorded += 1;
+                        }
+                    }
+                }
+                8 => {
+                    if let Some(&(k, token)) = held.get((next() as usize) % (held.len() + 1)) {
+                        let _ = store.steps_now(k, token);
+                        // And fail: released, keeping its steps.
+                        if next() % 2 == 0 {
+                            store.release_now(k, token);
+                            if store
+                                .records
+                                .get(&k)
+                                .is_some_and(|r| matches!(r.state, State::Released { .. }))
+                            {
+                                released_with_steps += 1;
+                            }
+                        }
+                    }
+                }
                 0 | 1 => {
                     if let Ok(ValueClaim::Acquired(token)) = store.claim_value(k, None, span) {
                         tokens.push(token);
+                        held.push((k, token));
+                        if held.len() > 16 {
+                            held.remove(0);
+                        }
                     }
                 }
                 2 => {
@@ -1435,6 +1514,13 @@ mod tests {
                 4 => {
                     if let Some(token) = tokens.get((next() as usize) % (tokens.len() + 1)) {
                         store.release_now(k, *token);
+                        if store
+                            .records
+                            .get(&k)
+                            .is_some_and(|r| matches!(r.state, State::Released { .. }))
+                        {
+                            released_with_steps += 1;
+                        }
                     }
                 }
                 5 => {
@@ -1444,6 +1530,10 @@ mod tests {
             }
         }
         assert_consistent(&store);
+        assert!(
+            recorded > 100 && released_with_steps > 10,
+            "{recorded} {released_with_steps}"
+        );
         tokio::time::advance(Duration::from_secs(3_600)).await;
         store.sweep();
         assert_consistent(&store);
