@@ -278,5 +278,63 @@ fn racing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parts, replay, first_execution, racing);
+/// What steps cost a first execution on the in-memory store: a body without steps (the
+/// baseline: what every call pays for the steps machinery is in it), the same body with three
+/// steps, and a retry that finds the three steps recorded by a failed call.
+fn steps(c: &mut Criterion) {
+    let rt = runtime();
+    let store = MemoryStore::new();
+    let next = AtomicU64::new(0);
+    let fresh = || next.fetch_add(1, Ordering::Relaxed);
+    let mut group = c.benchmark_group("steps");
+    group.bench_function("no_steps", |b| {
+        b.to_async(&rt).iter(|| async {
+            let id = fresh();
+            idem::Idempotent::new(&store, id)
+                .name("bench.steps")
+                .run(|| async move { Ok::<_, idem::Error>(profile(id)) })
+                .await
+                .expect("an execution")
+        })
+    });
+    group.bench_function("three_steps", |b| {
+        b.to_async(&rt).iter(|| async {
+            let id = fresh();
+            idem::Idempotent::new(&store, id)
+                .name("bench.steps")
+                .run(|| async move {
+                    let a = idem::step("a", || async { Ok::<_, idem::Error>(id) }).await?;
+                    let b = idem::step("b", || async { Ok::<_, idem::Error>(id + 1) }).await?;
+                    let c = idem::step("c", || async { Ok::<_, idem::Error>(id + 2) }).await?;
+                    Ok::<_, idem::Error>(profile(a + b + c))
+                })
+                .await
+                .expect("an execution")
+        })
+    });
+    group.bench_function("failed_then_resumed_three_steps", |b| {
+        b.to_async(&rt).iter(|| async {
+            let id = fresh();
+            for fail in [true, false] {
+                let _ = idem::Idempotent::new(&store, id)
+                    .name("bench.steps")
+                    .run(|| async move {
+                        let a = idem::step("a", || async { Ok::<_, idem::Error>(id) }).await?;
+                        let b = idem::step("b", || async { Ok::<_, idem::Error>(id + 1) }).await?;
+                        let c = idem::step("c", || async { Ok::<_, idem::Error>(id + 2) }).await?;
+                        if fail {
+                            return Err(idem::Error::InProgress {
+                                retry_after: Duration::ZERO,
+                            });
+                        }
+                        Ok::<_, idem::Error>(profile(a + b + c))
+                    })
+                    .await;
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parts, replay, first_execution, racing, steps);
 criterion_main!(benches);

@@ -2852,3 +2852,547 @@ mod wake {
         }
     }
 }
+
+/// Steps (`idem::step`) on Redis: where the step records live (a hash beside the record, in
+/// its hash slot), what they cost, and that a retry or a takeover does not run a recorded step
+/// again, on one server and on the cluster. The rules themselves are the conformance suite's.
+mod steps {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use idem::store::{Bytes, Claim, RecordedSteps, StepRecorded, Token};
+    use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
+    use tokio::sync::oneshot;
+
+    use super::{
+        AppError, CountingProxy, RedisCluster, RedisServer, Resp, cluster_store, fresh_prefix,
+        shared_store, store_on, store_on_prefix,
+    };
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    async fn acquire(store: &RedisStore, key: Key, lease: Duration) -> Token {
+        match store.claim(key, None, lease).await {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    }
+
+    async fn record_one(store: &RedisStore, key: Key, token: Token, name: &str) -> StepRecorded {
+        store
+            .record_step(key, token, name.into(), Bytes::from_static(b"\"v\""), LONG)
+            .await
+            .unwrap_or_else(|err| panic!("record_step {name:?}: {err}"))
+    }
+
+    fn int(reply: Resp) -> i64 {
+        match reply {
+            Resp::Int(n) => n,
+            other => panic!("expected an integer, got {other:?}"),
+        }
+    }
+
+    fn bulk(reply: Resp) -> Option<Vec<u8>> {
+        match reply {
+            Resp::Bulk(b) => b,
+            other => panic!("expected a bulk string, got {other:?}"),
+        }
+    }
+
+    /// Both layouts on the cluster (a prefix with a hash tag, and one without braces, whose
+    /// records spread over every node): the steps hash is in its record's slot, on the node
+    /// that owns it, and the scripts that name both keys run there.
+    #[tokio::test]
+    async fn the_steps_hash_is_in_its_records_slot_on_the_cluster() {
+        let cluster = RedisCluster::shared();
+        let plain = fresh_prefix("steps-slot");
+        let tagged = format!("{{{}}}:", Token::generate().as_u128());
+        for prefix in [plain, tagged] {
+            let store = RedisStore::builder()
+                .prefix(prefix.as_str())
+                .connect_cluster(cluster.urls())
+                .await
+                .expect("connect to the cluster");
+            let mut owners = std::collections::HashSet::new();
+            for k in 0..12u32 {
+                let key = Key::new("test", &("slot", k));
+                let record = store.record_name(&key);
+                let steps = store.steps_name(&key).expect("a name in the record's slot");
+                assert!(steps.starts_with(&prefix), "{steps} is under the prefix");
+                let slot = cluster.slot_of(&record);
+                assert_eq!(cluster.slot_of(&steps), slot, "{record} and {steps}");
+                let token = acquire(&store, key, LONG).await;
+                assert_eq!(
+                    record_one(&store, key, token, "charge").await,
+                    StepRecorded::Recorded
+                );
+                let owner = cluster.owner_of(slot);
+                owners.insert(owner);
+                let node = &cluster.nodes()[owner];
+                assert_eq!(int(node.cmd(&["EXISTS", &record, &steps])), 2);
+                assert_eq!(
+                    store.steps(key, token).await.ok(),
+                    Some(RecordedSteps::Held(vec![(
+                        "charge".into(),
+                        Bytes::from_static(b"\"v\"")
+                    )]))
+                );
+                assert!(store.release(key, token).await.unwrap());
+                assert_eq!(int(node.cmd(&["EXISTS", &record, &steps])), 1);
+                let token = acquire(&store, key, LONG).await;
+                // As the executor does at a call's first step.
+                match store.steps(key, token).await {
+                    Ok(RecordedSteps::Held(steps)) => assert_eq!(steps.len(), 1),
+                    other => panic!("{other:?}"),
+                }
+                let stored = store
+                    .complete(key, token, None, Bytes::from_static(b"1"), LONG)
+                    .await;
+                assert!(matches!(stored, Ok(idem::store::Completion::Stored)));
+                assert_eq!(int(node.cmd(&["EXISTS", &steps])), 0);
+            }
+            if !prefix.starts_with('{') {
+                assert!(owners.len() > 1, "records without a tag spread: {owners:?}");
+            }
+        }
+    }
+
+    /// A step is one round trip, and so is reading them; a call with one step costs a claim, a
+    /// read of its steps, the step, and a completion of two round trips (the first answer says
+    /// the record has steps). The calls without steps keep their two (see
+    /// `replay_is_one_round_trip_and_execution_two`).
+    #[tokio::test]
+    async fn a_step_is_one_round_trip() {
+        let server = RedisServer::start();
+        let proxy = CountingProxy::start(server.port());
+        let store = store_on(&proxy.url(), "steps-round-trips").await;
+
+        let key = Key::new("test", "rt");
+        let token = acquire(&store, key, LONG).await;
+        for name in ["charge", "reserve", "charge"] {
+            let before = proxy.commands();
+            assert_eq!(
+                record_one(&store, key, token, name).await,
+                StepRecorded::Recorded
+            );
+            assert_eq!(proxy.commands() - before, 1, "a step is one round trip");
+        }
+        let before = proxy.commands();
+        match store.steps(key, token).await {
+            Ok(RecordedSteps::Held(steps)) => assert_eq!(steps.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            proxy.commands() - before,
+            1,
+            "reading steps is one round trip"
+        );
+
+        let charges = AtomicUsize::new(0);
+        let call = || {
+            Idempotent::new(&store, "with a step")
+                .name("test")
+                .run_with_outcome(|| async {
+                    let receipt = idem::step("charge", || async {
+                        charges.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Error>(7u32)
+                    })
+                    .await?;
+                    Ok::<_, Error>(receipt)
+                })
+        };
+        let before = proxy.commands();
+        let out = call().await.unwrap();
+        assert_eq!((out.value, out.status), (7, Status::Executed));
+        assert_eq!(
+            proxy.commands() - before,
+            5,
+            "claim, read the steps, the step, complete (twice: the record has steps)"
+        );
+        let before = proxy.commands();
+        let out = call().await.unwrap();
+        assert_eq!((out.value, out.status), (7, Status::Replayed));
+        assert_eq!(
+            proxy.commands() - before,
+            1,
+            "a replay is still one round trip"
+        );
+        assert_eq!(charges.load(Ordering::SeqCst), 1);
+    }
+
+    /// What the server holds: the hash's marker, its fields and expiry, the record's flag; a
+    /// release keeps the hash, a completion deletes it and the flag.
+    #[tokio::test]
+    async fn the_steps_hash_on_the_server() {
+        let server = RedisServer::shared();
+        let store = shared_store("steps-layout").await;
+        let key = Key::new("test", "layout");
+        let (record_name, steps_name) = (
+            store.record_name(&key),
+            store.steps_name(&key).expect("a steps name"),
+        );
+        assert_eq!(
+            steps_name,
+            format!("{prefix}{{{record_name}}}:steps", prefix = store.prefix())
+        );
+        let token = acquire(&store, key, LONG).await;
+        assert_eq!(int(server.cmd(&["EXISTS", &steps_name])), 0);
+        let ttl = Duration::from_secs(3600);
+        store
+            .record_step(key, token, "idem".into(), Bytes::from_static(b"x"), ttl)
+            .await
+            .unwrap();
+        let hget = |name: &str, field: &str| bulk(server.cmd(&["HGET", name, field]));
+        assert_eq!(hget(&steps_name, "idem").as_deref(), Some(&b"steps"[..]));
+        assert_eq!(hget(&steps_name, "step:idem").as_deref(), Some(&b"x"[..]));
+        assert_eq!(hget(&record_name, "steps").as_deref(), Some(&b"1"[..]));
+        let pttl = int(server.cmd(&["PTTL", &steps_name]));
+        assert!(pttl > 3_590_000 && pttl <= 3_600_000, "{pttl}");
+        // A step with a shorter ttl does not shorten the hash's.
+        store
+            .record_step(key, token, "b".into(), Bytes::new(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(int(server.cmd(&["PTTL", &steps_name])) > 3_590_000);
+
+        assert!(store.release(key, token).await.unwrap());
+        assert_eq!(int(server.cmd(&["EXISTS", &record_name])), 0);
+        assert_eq!(
+            int(server.cmd(&["HLEN", &steps_name])),
+            3,
+            "the release kept them"
+        );
+        let token = acquire(&store, key, LONG).await;
+        assert_eq!(
+            hget(&record_name, "steps"),
+            None,
+            "a fresh claim is not flagged before it reads the steps"
+        );
+        match store.steps(key, token).await {
+            Ok(RecordedSteps::Held(steps)) => assert_eq!(steps.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hget(&record_name, "steps").as_deref(), Some(&b"1"[..]));
+        store
+            .complete(key, token, None, Bytes::from_static(b"1"), LONG)
+            .await
+            .unwrap();
+        assert_eq!(int(server.cmd(&["EXISTS", &steps_name])), 0);
+        assert_eq!(
+            hget(&record_name, "steps"),
+            None,
+            "a completed record has no flag"
+        );
+        assert_eq!(hget(&record_name, "state").as_deref(), Some(&b"done"[..]));
+    }
+
+    /// The call's body charges (a step), then fails; the retry gets the recorded charge without
+    /// charging again, and completes.
+    async fn a_failed_call_is_retried_without_its_recorded_step(store: &RedisStore) {
+        let charges = AtomicUsize::new(0);
+        let attempts = AtomicUsize::new(0);
+        let call = || {
+            Idempotent::new(store, ("checkout", 1u32))
+                .name("test")
+                .run_with_outcome(|| async {
+                    let receipt = idem::step("charge", || async {
+                        let n = charges.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, AppError>(format!("ch_{n}"))
+                    })
+                    .await?;
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(AppError::Failed);
+                    }
+                    Ok(receipt)
+                })
+        };
+        assert!(matches!(call().await, Err(AppError::Failed)));
+        assert_eq!(charges.load(Ordering::SeqCst), 1);
+        let out = call().await.expect("the retry completes");
+        assert_eq!(
+            (out.value.as_str(), out.status),
+            ("ch_0", Status::Executed),
+            "the retry gets the recorded charge"
+        );
+        assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+        let out = call().await.expect("a replay");
+        assert_eq!((out.value.as_str(), out.status), ("ch_0", Status::Replayed));
+        assert_eq!(charges.load(Ordering::SeqCst), 1);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+
+    /// The first holder charges (a step) and then hangs: its future is leaked, so it never
+    /// renews its lease nor releases. Once the lease ran out, the next call takes the key over
+    /// and gets the recorded charge without charging again.
+    async fn a_takeover_does_not_run_a_recorded_step_again(store: &RedisStore) {
+        const LEASE: Duration = Duration::from_millis(300);
+        let charges = Arc::new(AtomicUsize::new(0));
+        let emails = Arc::new(AtomicUsize::new(0));
+        let (recorded, crashed) = oneshot::channel::<()>();
+        let first = {
+            let charges = charges.clone();
+            Idempotent::new(store, ("checkout", 2u32))
+                .name("test")
+                .lease(LEASE)
+                .run(move || async move {
+                    let receipt = idem::step("charge", || async {
+                        Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst) + 100)
+                    })
+                    .await?;
+                    let _ = recorded.send(());
+                    std::future::pending::<()>().await;
+                    Ok::<usize, Error>(receipt)
+                })
+        };
+        let mut first = Box::pin(first);
+        tokio::select! {
+            _ = &mut first => unreachable!("the first holder never finishes"),
+            _ = crashed => {}
+        }
+        std::mem::forget(first);
+        assert_eq!(charges.load(Ordering::SeqCst), 1);
+
+        tokio::time::sleep(LEASE * 2).await;
+        let (c, e) = (charges.clone(), emails.clone());
+        let out = Idempotent::new(store, ("checkout", 2u32))
+            .name("test")
+            .lease(LEASE)
+            .run_with_outcome(move || async move {
+                let receipt = idem::step("charge", || async {
+                    Ok::<_, Error>(c.fetch_add(1, Ordering::SeqCst) + 100)
+                })
+                .await?;
+                idem::step("email", || async {
+                    Ok::<_, Error>(e.fetch_add(1, Ordering::SeqCst))
+                })
+                .await?;
+                Ok::<usize, Error>(receipt)
+            })
+            .await
+            .expect("the takeover completes");
+        assert_eq!((out.value, out.status), (100, Status::Executed));
+        assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+        assert_eq!(emails.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_call_is_retried_without_its_recorded_step_on_a_server() {
+        a_failed_call_is_retried_without_its_recorded_step(&shared_store("steps-retry").await)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_call_is_retried_without_its_recorded_step_on_the_cluster() {
+        a_failed_call_is_retried_without_its_recorded_step(&cluster_store("steps-retry").await)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_takeover_does_not_run_a_recorded_step_again_on_a_server() {
+        a_takeover_does_not_run_a_recorded_step_again(&shared_store("steps-takeover").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_takeover_does_not_run_a_recorded_step_again_on_the_cluster() {
+        a_takeover_does_not_run_a_recorded_step_again(&cluster_store("steps-takeover").await).await;
+    }
+
+    /// A value at a steps hash's name that is not ours (another program shares the prefix): a
+    /// step or a read of steps is an error naming it; a completion is stored all the same; a
+    /// removal refuses; it is left untouched by all of them.
+    #[tokio::test]
+    async fn garbage_at_a_steps_name_is_an_error_and_left_alone() {
+        let server = RedisServer::shared();
+        let store = shared_store("steps-garbage").await;
+        let cases: &[(&str, &[&[&str]])] = &[
+            ("a string", &[&["SET", "S", "hello"]]),
+            (
+                "a hash without the marker",
+                &[&["HSET", "S", "step:x", "1"]],
+            ),
+            (
+                "another marker",
+                &[&["HSET", "S", "idem", "1"], &["PEXPIRE", "S", "60000"]],
+            ),
+            (
+                "no expiry",
+                &[&["HSET", "S", "idem", "steps", "step:x", "1"]],
+            ),
+        ];
+        for (i, (what, setup)) in cases.iter().enumerate() {
+            let key = Key::new("test", &("garbage", i));
+            let steps = store.steps_name(&key).expect("a steps name");
+            for cmd in *setup {
+                let cmd: Vec<&str> = cmd
+                    .iter()
+                    .map(|a| if *a == "S" { steps.as_str() } else { a })
+                    .collect();
+                assert!(!matches!(server.cmd(&cmd), Resp::Error(_)), "{cmd:?}");
+            }
+            let snapshot = server.cmd(&["DUMP", &steps]);
+            let token = acquire(&store, key, LONG).await;
+            let recorded = store
+                .record_step(key, token, "charge".into(), Bytes::new(), LONG)
+                .await;
+            let read = store.steps(key, token).await;
+            let messages = [
+                recorded.map(|r| format!("{r:?}")),
+                read.map(|r| format!("{r:?}")),
+            ];
+            for message in messages {
+                match message {
+                    Err(Error::Store(err)) => {
+                        let msg = err.to_string();
+                        assert!(
+                            msg.contains(&steps) && msg.contains("not idem's step records"),
+                            "{what}: {msg}"
+                        );
+                    }
+                    other => panic!("{what}: expected Error::Store, got {other:?}"),
+                }
+            }
+            let stored = store
+                .complete(key, token, None, Bytes::from_static(b"1"), LONG)
+                .await;
+            assert!(
+                matches!(stored, Ok(idem::store::Completion::Stored)),
+                "{what}: {stored:?}"
+            );
+            assert!(
+                matches!(store.remove(key).await, Err(Error::Store(_))),
+                "{what}: remove refuses"
+            );
+            assert_eq!(
+                server.cmd(&["DUMP", &steps]),
+                snapshot,
+                "{what}: left untouched"
+            );
+            assert!(
+                matches!(store.claim(key, None, LONG).await, Ok(Claim::Completed(_))),
+                "{what}: the record is still there"
+            );
+            server.cmd(&["DEL", &steps]);
+            assert!(store.remove(key).await.unwrap());
+        }
+    }
+
+    /// A prefix with braces but no hash tag leaves no name in a record's slot: steps are
+    /// refused with an error that says how to fix the prefix, and everything else works.
+    #[tokio::test]
+    async fn a_prefix_without_a_slot_for_steps_refuses_them_and_nothing_else() {
+        let prefix = format!("{{}}{}", fresh_prefix("steps-no-slot"));
+        let store = store_on_prefix(&RedisServer::shared().url(), &prefix).await;
+        let key = Key::new("test", "no slot");
+        assert_eq!(store.steps_name(&key), None);
+        let runs = AtomicUsize::new(0);
+        let result = Idempotent::new(&store, "no slot")
+            .name("test")
+            .run(|| async {
+                idem::step("charge", || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(1u32)
+                })
+                .await
+            })
+            .await;
+        match result {
+            Err(Error::Store(err)) => {
+                let msg = err.to_string();
+                assert!(msg.contains("hash tag") && msg.contains(&prefix), "{msg}");
+            }
+            other => panic!("expected Error::Store, got {other:?}"),
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "read first: the step did not run"
+        );
+        let v = Idempotent::new(&store, "no slot")
+            .name("test")
+            .run(|| async { Ok::<_, Error>(2u32) })
+            .await
+            .unwrap();
+        assert_eq!(v, 2);
+        assert!(store.remove(key).await.unwrap());
+    }
+
+    /// While a slot migrates, Redis answers `TRYAGAIN` to a script on a record and its steps
+    /// hash as long as only one of them is on the node: a call without steps (whose operations
+    /// name the record only) is not held up, a step waits for the migration to end, within the
+    /// store's timeout, and fails cleanly (nothing written) when the timeout comes first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_in_a_migrating_slot_waits_for_the_migration() {
+        let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+        let prefix = format!("{{steps-{}}}:", Token::generate().as_u128());
+        let connect = |timeout: Duration| {
+            RedisStore::builder()
+                .prefix(prefix.clone())
+                .timeout(timeout)
+                .connect_cluster(cluster.urls())
+        };
+        let store = connect(Duration::from_secs(10)).await.expect("connect");
+        let impatient = connect(Duration::from_millis(300)).await.expect("connect");
+        let slot = cluster.slot_of(&prefix);
+        let (from, to) = (cluster.owner_of(slot), (cluster.owner_of(slot) + 1) % 3);
+        let plain = Key::new("test", "no steps");
+        let stepping = Key::new("test", "steps");
+        let plain_token = acquire(&store, plain, LONG).await;
+        let token = acquire(&store, stepping, LONG).await;
+
+        tokio::task::block_in_place(|| cluster.begin_migration(slot, from, to));
+        let started = std::time::Instant::now();
+        let stored = store
+            .complete(plain, plain_token, None, Bytes::from_static(b"1"), LONG)
+            .await;
+        assert!(
+            matches!(stored, Ok(idem::store::Completion::Stored)),
+            "{stored:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "not held up"
+        );
+
+        let started = std::time::Instant::now();
+        let refused = impatient
+            .record_step(stepping, token, "early".into(), Bytes::new(), LONG)
+            .await;
+        assert!(matches!(refused, Err(Error::Store(_))), "{refused:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let steps_name = store.steps_name(&stepping).expect("a steps name");
+
+        let step = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let recorded = store
+                    .record_step(stepping, token, "charge".into(), Bytes::new(), LONG)
+                    .await;
+                (recorded, std::time::Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let finished = std::time::Instant::now();
+        tokio::task::block_in_place(|| cluster.finish_migration(slot, from, to));
+        let (recorded, at) = step.await.expect("the step's task");
+        assert_eq!(recorded.ok(), Some(StepRecorded::Recorded));
+        assert!(at >= finished, "the step waited for the migration");
+        assert_eq!(
+            store.steps(stepping, token).await.ok(),
+            Some(RecordedSteps::Held(vec![("charge".into(), Bytes::new())])),
+            "the step refused before wrote nothing"
+        );
+        let stored = store
+            .complete(stepping, token, None, Bytes::from_static(b"1"), LONG)
+            .await;
+        assert!(
+            matches!(stored, Ok(idem::store::Completion::Stored)),
+            "{stored:?}"
+        );
+        assert_eq!(int(cluster.nodes()[to].cmd(&["EXISTS", &steps_name])), 0);
+    }
+}

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::known::{Known, Seen};
-use super::{BoxFuture, Store};
+use super::{BoxFuture, RecordedSteps, StepRecorded, Store};
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::record::{Claim, Completed, Completion, Token};
@@ -36,7 +36,8 @@ use wake::{Source, Wakes};
 /// A record is ours only if it is a hash whose `idem` field is the format version, `1`, with an
 /// expiry and well-formed fields. `load(key, with_value)` returns `nil` for no record,
 /// `false, why` for a value that is not an idem record (left untouched by every script), or a
-/// table `{state, token, fp, ttl, grace, value}`. It costs two commands on the hot paths (`HMGET`
+/// table `{state, token, fp, ttl, grace, steps, value}` (`steps`: whether the record's call has
+/// step records, see [`STEPS`]). It costs two commands on the hot paths (`HMGET`
 /// under `pcall`, whose WRONGTYPE error marks a value that is not a hash, and `PTTL`; any other
 /// error of `HMGET` is raised): each
 /// `redis.call` is several microseconds of server time, and the replay benchmark showed five.
@@ -48,9 +49,9 @@ const PRELUDE: &str = r#"
 local function load(key, with_value)
   local f
   if with_value then
-    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace', 'value')
+    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace', 'steps', 'value')
   else
-    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace')
+    f = redis.pcall('HMGET', key, 'idem', 'state', 'token', 'fp', 'grace', 'steps')
   end
   if f.err then
     -- WRONGTYPE: a value of another type. Anything else (an ACL that denies HMGET) is an error.
@@ -74,12 +75,14 @@ local function load(key, with_value)
     end
     grace = tonumber(f[5])
   end
+  if f[6] and f[6] ~= '1' then return false, 'a record with a malformed steps flag' end
   if f[2] == 'done' then
     local has_value
-    if with_value then has_value = f[6] else has_value = redis.call('HEXISTS', key, 'value') == 1 end
+    if with_value then has_value = f[7] else has_value = redis.call('HEXISTS', key, 'value') == 1 end
     if not has_value then return false, 'a completed record without a value' end
   end
-  return {state = f[2], token = f[3], fp = f[4] or '', ttl = ttl, grace = grace, value = f[6]}
+  return {state = f[2], token = f[3], fp = f[4] or '', ttl = ttl, grace = grace,
+    steps = f[6] == '1', value = f[7]}
 end
 "#;
 
@@ -92,6 +95,44 @@ end
 const NOTIFY: &str = r#"
 local function notify(command, what)
   redis.pcall(command, KEYS[1], what)
+end
+"#;
+
+/// Lua shared by every script: the step records of the record under `KEYS[1]`, in the hash
+/// `KEYS[2]` (see [`RedisStore`], "Steps"), when a script is given it.
+///
+/// A steps hash is ours only if its `idem` field is `steps` and it has an expiry; every other
+/// field is `step:` and a step's name, whose value is the step's. `load_steps(key)` returns
+/// `nil` for none, `false, why` for a value that is not (left untouched by every script), or
+/// the hash's time left in milliseconds. `drop_steps(key)` deletes the hash if it is ours, and
+/// does nothing without one (no key, no hash, or a value that is not ours: a completion is
+/// never refused for it).
+///
+/// Both read with `HMGET`, as `load` does, so that no command is added to what a store's ACL
+/// must allow for the scripts that every call runs.
+///
+/// A record whose call has step records carries the flag `steps = 1`, set by the scripts that
+/// record or read steps: a completion sends the steps hash's name (a second key, and a second
+/// round trip) only for such a record. Declaring a second key that does not exist would make
+/// every completion in a slot that is migrating fail with `TRYAGAIN` (a multi-key command
+/// whose keys are not all on the node) for as long as the migration lasts.
+const STEPS: &str = r#"
+local function load_steps(key)
+  local m = redis.pcall('HMGET', key, 'idem')
+  if m.err then
+    if not string.find(m.err, 'WRONGTYPE', 1, true) then error(m) end
+    return false, 'a ' .. redis.call('TYPE', key).ok .. ' (not a hash)'
+  end
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then return nil end
+  if m[1] ~= 'steps' then return false, 'a hash without the idem steps marker (idem = steps)' end
+  if ttl < 0 then return false, 'step records without an expiry' end
+  return ttl
+end
+local function drop_steps(key)
+  if not key then return end
+  local m = redis.pcall('HMGET', key, 'idem')
+  if not m.err and m[1] == 'steps' then redis.call('DEL', key) end
 end
 "#;
 
@@ -122,8 +163,11 @@ if r and r.token ~= ARGV[1] then notify(ARGV[5], 'taken') end
 return {'acquired'}
 "#;
 
-/// complete(KEYS[1] = record, ARGV = token, value, ttl ms, fingerprint or '', publish command):
-/// the rule of [`Store::complete`]; the waiters are told (see [`NOTIFY`]).
+/// complete(KEYS[1] = record, KEYS[2] = steps (optional), ARGV = token, value, ttl ms,
+/// fingerprint or '', publish command): the rule of [`Store::complete`]; the waiters are told
+/// (see [`NOTIFY`]), and the call's step records are deleted. A record flagged as having step
+/// records, completed without the steps hash's name, is left as it is and answered `steps`: the
+/// store sends the completion again with it (see [`STEPS`]).
 ///
 /// The completed record keeps the token, so a complete repeated after its reply was lost
 /// reports `ok` again and keeps the first value. A record that is gone (the lapsed claim's grace
@@ -144,6 +188,7 @@ if r then
   end
   -- Another claim's record: lost while its lease is live; lapsed, it holds the key no more.
   if r.token ~= ARGV[1] and r.ttl > r.grace then return {'lost'} end
+  if r.steps and not KEYS[2] then return {'steps'} end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if r and r.token == ARGV[1] then
@@ -163,6 +208,8 @@ else
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
+if r and r.steps then redis.call('HDEL', KEYS[1], 'steps') end
+drop_steps(KEYS[2])
 notify(ARGV[5], 'done')
 return {'ok'}
 "#;
@@ -178,7 +225,8 @@ redis.call('HSET', KEYS[1], 'grace', ARGV[2])
 return {'ok'}
 "#;
 
-/// release(KEYS[1] = record, ARGV = token, publish command).
+/// release(KEYS[1] = record, ARGV = token, publish command). The step records stay (in their
+/// own hash, with their own expiry): the next claim of the key reads them.
 const RELEASE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
@@ -188,14 +236,67 @@ notify(ARGV[2], 'free')
 return {'ok'}
 "#;
 
-/// remove(KEYS[1] = record, ARGV = publish command).
+/// remove(KEYS[1] = record, KEYS[2] = steps (optional), ARGV = publish command): deletes the
+/// record and the step records, and answers `ok` if there was either (a released call leaves
+/// only its steps). A value that is not ours under either name leaves both untouched.
 const REMOVE: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
-if r == nil then return {'lost'} end
-redis.call('DEL', KEYS[1])
-notify(ARGV[1], 'free')
+local s
+if KEYS[2] then
+  local swhy
+  s, swhy = load_steps(KEYS[2])
+  if s == false then return {'foreign', swhy, 'steps'} end
+end
+if r == nil and s == nil then return {'lost'} end
+if r then
+  redis.call('DEL', KEYS[1])
+  notify(ARGV[1], 'free')
+end
+if s then redis.call('DEL', KEYS[2]) end
 return {'ok'}
+"#;
+
+/// record_step(KEYS[1] = record, KEYS[2] = steps, ARGV = token, `step:` and the step's name,
+/// value, ttl ms): the rule of [`Store::record_step`]. Only a running record of this token whose
+/// lease is live is written to: `HSETNX` keeps a step recorded before (a repeat after a lost
+/// reply), the hash's expiry is pushed out to `ttl` if that is later, and the record is flagged
+/// (see [`STEPS`]). The first write is the step's (`HSET` or `HSETNX`), which Redis refuses at
+/// `maxmemory`: then nothing is written.
+const RECORD_STEP: &str = r#"
+local r, why = load(KEYS[1])
+if r == false then return {'foreign', why} end
+if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
+  return {'lost'}
+end
+local ttl, swhy = load_steps(KEYS[2])
+if ttl == false then return {'foreign', swhy, 'steps'} end
+if ttl == nil then
+  redis.call('HSET', KEYS[2], 'idem', 'steps', ARGV[2], ARGV[3])
+else
+  redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+end
+if ttl == nil or ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+if not r.steps then redis.call('HSET', KEYS[1], 'steps', '1') end
+return {'ok'}
+"#;
+
+/// steps(KEYS[1] = record, KEYS[2] = steps, ARGV = token): the step records, if this token holds
+/// the key (the fence of `record_step`), as `held` and the hash's fields and values. A record
+/// that finds step records of an earlier holder is flagged (see [`STEPS`]); under `pcall`, so
+/// that a server at `maxmemory` still lets a call read its steps (its completion then leaves
+/// them to their expiry).
+const STEPS_OF: &str = r#"
+local r, why = load(KEYS[1])
+if r == false then return {'foreign', why} end
+if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
+  return {'lost'}
+end
+local ttl, swhy = load_steps(KEYS[2])
+if ttl == false then return {'foreign', swhy, 'steps'} end
+if ttl == nil then return {'held', {}} end
+if not r.steps then redis.pcall('HSET', KEYS[1], 'steps', '1') end
+return {'held', redis.call('HGETALL', KEYS[2])}
 "#;
 
 /// peek(KEYS[1] = record): whether a live claim holds the key, for [`Store::wait`]. Writes
@@ -215,7 +316,7 @@ struct Lua {
 
 impl Lua {
     fn new(body: &str) -> Lua {
-        let source = format!("{PRELUDE}{NOTIFY}{body}");
+        let source = format!("{PRELUDE}{NOTIFY}{STEPS}{body}");
         let hash = Script::new(&source).get_hash().to_owned();
         Lua { source, hash }
     }
@@ -229,6 +330,8 @@ struct Scripts {
     release: Lua,
     remove: Lua,
     peek: Lua,
+    record_step: Lua,
+    steps: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -238,10 +341,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     release: Lua::new(RELEASE),
     remove: Lua::new(REMOVE),
     peek: Lua::new(PEEK),
+    record_step: Lua::new(RECORD_STEP),
+    steps: Lua::new(STEPS_OF),
 });
 
 impl Scripts {
-    fn all(&self) -> [&Lua; 6] {
+    fn all(&self) -> [&Lua; 8] {
         [
             &self.claim,
             &self.complete,
@@ -249,6 +354,8 @@ impl Scripts {
             &self.release,
             &self.remove,
             &self.peek,
+            &self.record_step,
+            &self.steps,
         ]
     }
 }
@@ -302,7 +409,8 @@ pub use redis;
 ///
 /// One Redis key per record, named `{prefix}{digest}` where the digest is the key's 64 hex
 /// digits ([`Key::to_hex`]); [`RedisStore::record_name`] gives it. Every operation touches that
-/// one key only, so the store works unchanged on Redis Cluster
+/// one key (and, for a call with [steps](crate::step), its steps hash, in the same hash slot:
+/// see "Steps" below), so the store works unchanged on Redis Cluster
 /// ([`RedisStoreBuilder::connect_cluster`]): each operation goes to the node that owns its key.
 /// Give the prefix a hash tag (`{idem}:`) to keep every record on one node. A cluster node
 /// given to [`RedisStoreBuilder::connect`] is refused, with an error that says to use
@@ -316,6 +424,7 @@ pub use redis;
 /// | `token` | the fencing token of the claim, 32 hex digits |
 /// | `fp` | the fingerprint, 32 bytes; absent when the call gave none |
 /// | `grace` | (`running`) how many milliseconds the record outlives its lease |
+/// | `steps` | (`running`) `1` if the call has step records; absent otherwise |
 /// | `value` | (`done`) the result, as the executor encoded it |
 ///
 /// Expiry is Redis's own (`PEXPIRE`), so the clocks of the clients never matter and nothing has
@@ -336,6 +445,50 @@ pub use redis;
 /// completed record's value in the same reply, so a replay costs **one round trip** and a first
 /// execution **two** (claim, complete), plus one per lease renewal for bodies that run longer
 /// than a third of the lease.
+///
+/// # Steps
+///
+/// The step records of a call ([`crate::step`]) are one Redis hash per key, beside its record
+/// and in the record's hash slot, so that one script reads the record and writes the steps
+/// atomically on any node of a cluster; [`RedisStore::steps_name`] gives its name:
+///
+/// | prefix | record | steps hash |
+/// | --- | --- | --- |
+/// | with a hash tag (`{idem}:`) | `{idem}:<hex>` | `{idem}:<hex>:steps`: the record's name and `:steps`, the same tag |
+/// | without braces (`idem:`, the default) | `idem:<hex>` | `idem:{idem:<hex>}:steps`: the record's whole name as the hash tag, which is what Redis hashes for the record |
+/// | with braces but no tag (`{}`, an unclosed `{`, a lone `}`) | as always | none: no name under such a prefix shares the record's slot, and [`Store::record_step`] fails with [`Error::Store`] saying so |
+///
+/// The hash's `idem` field is `steps` (a value at that name without it, or without an
+/// expiry, is not ours and is left alone, as a foreign record is); each other field is `step:`
+/// and a step's name, and its value is the step's, as the executor encoded it. No steps hash
+/// is ever taken for a record, nor a record for a steps hash (a record's name is the prefix and
+/// 64 hex digits, nothing more).
+///
+/// - [`Store::record_step`] is **one round trip**: one script checks that the record is running
+///   under the token with its lease live (the server's clock), writes the step with `HSETNX`
+///   (a repeat keeps the first value), pushes the hash's expiry out to `ttl` if that is later,
+///   and flags the record (`steps = 1`). Anything else is `LeaseLost`, and nothing is written.
+/// - [`Store::steps`] is one round trip: the same check, then `HGETALL`. The executor reads
+///   them once per call, at its first step.
+/// - [`Store::release`] deletes the record and leaves the hash: the next claim reads its steps.
+///   A lease that runs out leaves it too. The hash expires `ttl` after its last step.
+/// - [`Store::complete`] and [`Store::remove`] delete the hash in the same script as the record
+///   write. A completion sends the hash's name only when the record is flagged: a call without
+///   steps completes in one round trip as before, one with steps in two (the first answer says
+///   to send it again with the hash). A completion that comes after its record is gone, or by a
+///   call whose body read no step, leaves the hash to its expiry: it is read again only by a
+///   claim after the completed record expired, and it expires first when both have one ttl.
+/// - While a slot migrates between nodes, Redis refuses an operation on a record and its steps
+///   hash with `TRYAGAIN` as long as only one of them is on the node (the other has moved, or
+///   does not exist yet); nothing runs. The store sends it again, with pauses, until the
+///   migration ends: a step, the completion of a call with steps, or a `remove` in a migrating
+///   slot waits for it, and fails with [`Error::Store`] if the store's timeout runs out first (a
+///   completion is then retried in the background, see "Failures and cancellation"). The
+///   operations of calls without steps never name the hash, and never wait so.
+///
+/// A call with steps thus costs, beyond a plain first execution (claim, complete), one round
+/// trip to read its steps, one per step that runs, and one more for its completion; a step
+/// already recorded costs nothing.
 ///
 /// # Replays
 ///
@@ -439,7 +592,8 @@ pub use redis;
 ///   runs) gives [`Error::Store`] naming the command or the key and the rule to add (`ACL
 ///   SETUSER <user> +evalsha`, `~<prefix>*`). The store sends `EVALSHA`, `EVAL`, `SCRIPT LOAD`,
 ///   `INFO`, `CONFIG GET` and `HMGET`; its scripts run `HMGET`, `EXISTS`, `PTTL`, `HEXISTS`, `HSET`,
-///   `HDEL`, `PEXPIRE`, `DEL` and `TYPE` on the keys under its prefix.
+///   `HDEL`, `PEXPIRE`, `DEL` and `TYPE` on the keys under its prefix, and for steps `HSETNX`
+///   and `HGETALL`.
 ///
 /// Create the store inside the tokio runtime that uses it: the connection's I/O runs on that
 /// runtime. The store is cheap to clone; clones share the connection.
@@ -782,6 +936,11 @@ impl ConnectionLike for Conn {
 
 /// The first pause of [`RedisStore`]'s wait poll.
 const FIRST_POLL: Duration = Duration::from_millis(5);
+
+/// The first and the longest pause before a command answered `TRYAGAIN` (its slot migrating)
+/// is sent again (the cluster client has tried a few times already).
+const FIRST_TRY_AGAIN: Duration = Duration::from_millis(20);
+const MAX_TRY_AGAIN: Duration = Duration::from_millis(200);
 
 /// While settings must be read again, how often an operation other than a claim tries (a claim
 /// always does, first).
@@ -1150,6 +1309,16 @@ impl RedisStore {
         record_name(&self.prefix, key)
     }
 
+    /// The name of the Redis hash that holds the step records of `key` ([`crate::step`]), in
+    /// the record's hash slot (see [`RedisStore`], "Steps"): the record's name and `:steps`
+    /// when the prefix has a hash tag (`{idem}:<hex>:steps`), or else the prefix and the
+    /// record's name as the hash tag (`idem:{idem:<hex>}:steps`). `None` for a prefix with
+    /// braces but no hash tag (`{}`, an unclosed `{`, a `}` before any `{`), under which no name
+    /// shares the record's slot: such a store records no steps. For operators and tests.
+    pub fn steps_name(&self, key: &Key) -> Option<String> {
+        steps_name(&self.prefix, key)
+    }
+
     /// Reads `maxmemory-policy`, `appendonly`, `save` and the run id of the server, or of every
     /// master of the cluster: one round trip.
     async fn read_settings(&self) -> RedisResult<Vec<NodeSettings>> {
@@ -1321,7 +1490,10 @@ impl RedisStore {
 
     /// Runs one command against the server within the timeout; a command that fails on a broken
     /// connection is sent once more (the connection manager has started to reconnect by then),
-    /// after the server's settings are read again.
+    /// after the server's settings are read again. A command that a cluster node answers with
+    /// `TRYAGAIN` (a script on a record and its steps hash while their slot migrates and only
+    /// one of them has moved; nothing ran) is sent again after a pause, until the migration
+    /// ends or the timeout runs out.
     async fn run<T, F, Fut>(&self, op: &'static str, name: &str, attempt: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> Fut,
@@ -1330,13 +1502,23 @@ impl RedisStore {
         require_tokio(op)?;
         let work = async {
             self.settle(op).await?;
-            let result = match attempt(self.conn.clone()).await {
-                Err(err) if is_connection_error(&err) => {
-                    self.health.recheck.ask();
-                    self.settle(op).await?;
-                    attempt(self.conn.clone()).await
+            let mut pause = FIRST_TRY_AGAIN;
+            let result = loop {
+                let result = match attempt(self.conn.clone()).await {
+                    Err(err) if is_connection_error(&err) => {
+                        self.health.recheck.ask();
+                        self.settle(op).await?;
+                        attempt(self.conn.clone()).await
+                    }
+                    other => other,
+                };
+                match result {
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_TRY_AGAIN);
+                    }
+                    other => break other,
                 }
-                other => other,
             };
             match result {
                 Ok(reply) => Ok(reply),
@@ -1396,10 +1578,22 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<Vec<Value>, Error> {
         let name = self.record_name(key);
-        let name = name.as_str();
+        self.script_on(op, lua, &[name.as_str()], args).await
+    }
+
+    /// Runs one of our scripts on `keys`: a record's name, and for the scripts that take it,
+    /// its steps hash's. `foreign` replies become errors naming the key that is not ours.
+    async fn script_on(
+        &self,
+        op: &'static str,
+        lua: &'static Lua,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Vec<Value>, Error> {
+        let name = keys.first().copied().unwrap_or_default();
         let call = ScriptCall {
             lua,
-            name,
+            keys,
             args,
             recheck: &self.health.recheck,
         };
@@ -1415,10 +1609,16 @@ impl RedisStore {
                 .and_then(as_bytes)
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
+            let steps = items.get(2).and_then(as_bytes) == Some(b"steps");
+            let name = match (steps, keys.get(1)) {
+                (true, Some(steps)) => steps,
+                _ => name,
+            };
             return Err(Error::store(Foreign {
                 name: name.to_owned(),
                 prefix: self.prefix.to_string(),
                 reason,
+                steps,
             }));
         }
         Ok(items)
@@ -1585,12 +1785,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<Completion, Error> {
         let max = self.health.max_value.load(Ordering::Acquire);
-        if u64::try_from(value.len()).unwrap_or(u64::MAX) > max {
-            return Err(Error::store(TooLarge {
-                len: value.len(),
-                max,
-            }));
-        }
+        TooLarge::check("result", value.len(), max)?;
         let token_hex = token_hex(token);
         let ttl_ms = millis(ttl);
         let sent = Instant::now();
@@ -1605,9 +1800,25 @@ impl RedisStore {
             fp,
             self.publish(),
         ];
-        let stored = self
-            .ok_or_lost("complete", &SCRIPTS.complete, &key, &args)
+        let record = self.record_name(&key);
+        let mut items = self
+            .script_on("complete", &SCRIPTS.complete, &[&record], &args)
             .await?;
+        if as_bytes(&items[0]) == Some(b"steps") {
+            // The call has step records: completed with its steps hash's name, which deletes
+            // them in the same script (see `STEPS`). The script looks at the record afresh.
+            let steps = self
+                .steps_name(&key)
+                .ok_or_else(|| bad("complete", &items))?;
+            items = self
+                .script_on("complete", &SCRIPTS.complete, &[&record, &steps], &args)
+                .await?;
+        }
+        let stored = match as_bytes(&items[0]) {
+            Some(b"ok") => true,
+            Some(b"lost") => false,
+            _ => return Err(bad("complete", &items)),
+        };
         if stored {
             // The record is this token's, completed with this ttl. (If this completion repeated
             // one whose reply was lost, the record was stored a little earlier and expires that
@@ -1703,6 +1914,88 @@ impl RedisStore {
         self.ok_or_lost("release", &SCRIPTS.release, &key, &args)
             .await
     }
+
+    /// [`Store::remove`]: the record and its step records, in one script.
+    async fn remove_now(&self, key: Key) -> Result<bool, Error> {
+        self.known.forget(&key);
+        let args: [&[u8]; 1] = [self.publish()];
+        let record = self.record_name(&key);
+        let steps = self.steps_name(&key);
+        let keys: Vec<&str> = std::iter::once(record.as_str())
+            .chain(steps.as_deref())
+            .collect();
+        let items = self
+            .script_on("remove", &SCRIPTS.remove, &keys, &args)
+            .await?;
+        match as_bytes(&items[0]) {
+            Some(b"ok") => Ok(true),
+            Some(b"lost") => Ok(false),
+            _ => Err(bad("remove", &items)),
+        }
+    }
+
+    /// The record's and the steps hash's names, or the error of a prefix that cannot place
+    /// step records in the record's hash slot.
+    fn step_keys(&self, key: &Key) -> Result<(String, String), Error> {
+        match self.steps_name(key) {
+            Some(steps) => Ok((self.record_name(key), steps)),
+            None => Err(Error::store(NoStepsSlot {
+                prefix: self.prefix.to_string(),
+            })),
+        }
+    }
+
+    /// [`Store::record_step`]: one script, one round trip (see [`RECORD_STEP`]).
+    async fn record_step_now(
+        &self,
+        key: Key,
+        token: Token,
+        step: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<StepRecorded, Error> {
+        let max = self.health.max_value.load(Ordering::Acquire);
+        TooLarge::check("step value", value.len(), max)?;
+        let field = step_field(step);
+        TooLarge::check("step name", field.len(), max)?;
+        let (record, steps) = self.step_keys(&key)?;
+        let token_hex = token_hex(token);
+        let ttl_ms = millis(ttl);
+        let args: [&[u8]; 4] = [token_hex.as_bytes(), &field, value, ttl_ms.as_bytes()];
+        let items = self
+            .script_on(
+                "record_step",
+                &SCRIPTS.record_step,
+                &[&record, &steps],
+                &args,
+            )
+            .await?;
+        match as_bytes(&items[0]) {
+            Some(b"ok") => Ok(StepRecorded::Recorded),
+            Some(b"lost") => Ok(StepRecorded::LeaseLost),
+            _ => Err(bad("record_step", &items)),
+        }
+    }
+
+    /// [`Store::steps`]: one script, one round trip (see [`STEPS_OF`]).
+    async fn steps_now(&self, key: Key, token: Token) -> Result<RecordedSteps, Error> {
+        let (record, steps) = self.step_keys(&key)?;
+        let token_hex = token_hex(token);
+        let args: [&[u8]; 1] = [token_hex.as_bytes()];
+        let items = self
+            .script_on("steps", &SCRIPTS.steps, &[&record, &steps], &args)
+            .await?;
+        match parse_steps(items) {
+            Ok(found) => Ok(found),
+            Err(StepsReply::Bad(items)) => Err(bad("steps", &items)),
+            Err(StepsReply::Foreign(reason)) => Err(Error::store(Foreign {
+                name: steps,
+                prefix: self.prefix.to_string(),
+                reason: reason.to_owned(),
+                steps: true,
+            })),
+        }
+    }
 }
 
 /// Releases, from its destructor, a claim whose reply was not read (see `claim_now`).
@@ -1721,10 +2014,11 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// One script run on one record, as [`RedisStore::run`] attempts it.
+/// One script run on one record (and its steps hash), as [`RedisStore::run`] attempts it.
 struct ScriptCall<'a> {
     lua: &'static Lua,
-    name: &'a str,
+    /// The record's name, then, for the scripts given it, its steps hash's (one slot).
+    keys: &'a [&'a str],
     args: &'a [&'a [u8]],
     /// Set on `NOSCRIPT`: the node may be one whose settings were never read.
     recheck: &'a Recheck,
@@ -1741,7 +2035,10 @@ impl ScriptCall<'_> {
             cmd.arg(&self.lua.hash);
             cmd
         };
-        cmd.arg(1).arg(self.name);
+        cmd.arg(self.keys.len());
+        for key in self.keys {
+            cmd.arg(*key);
+        }
         for arg in self.args {
             cmd.arg(*arg);
         }
@@ -1892,12 +2189,22 @@ impl Store for RedisStore {
     }
 
     fn remove(&self, key: Key) -> BoxFuture<'_, Result<bool, Error>> {
-        Box::pin(async move {
-            self.known.forget(&key);
-            let args: [&[u8]; 1] = [self.publish()];
-            self.ok_or_lost("remove", &SCRIPTS.remove, &key, &args)
-                .await
-        })
+        Box::pin(self.remove_now(key))
+    }
+
+    fn record_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+        Box::pin(async move { self.record_step_now(key, token, &step, &value, ttl).await })
+    }
+
+    fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+        Box::pin(self.steps_now(key, token))
     }
 
     /// The server's `proto-max-bulk-len` (read at connect and after a reconnection): a larger
@@ -2021,6 +2328,93 @@ fn record_name(prefix: &str, key: &Key) -> String {
         name.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     name
+}
+
+/// Where the step records of the record `prefix` + hex go: a name under the prefix in the
+/// record's hash slot, or `None` if the prefix leaves none (see [`RedisStore::steps_name`]).
+///
+/// Redis Cluster hashes the part of a name between its first `{` and the first `}` after it,
+/// if that is not empty, and else the whole name. A record's name is the prefix and hex digits
+/// (no braces), so its hash tag, if it has one, is the prefix's: a name that starts with the
+/// record's and adds no brace keeps it. Without one, the whole record name is hashed, and the
+/// only names under the prefix that hash the same put it whole in a tag of their own, which
+/// works only if the prefix has no brace at all (the tag must be the first `{`, and may not
+/// hold a `}`).
+fn steps_name(prefix: &str, key: &Key) -> Option<String> {
+    let record = record_name(prefix, key);
+    let tagged = match prefix.find('{') {
+        Some(open) => match prefix[open + 1..].find('}') {
+            Some(len) if len > 0 => true,
+            _ => return None,
+        },
+        None if prefix.contains('}') => return None,
+        None => false,
+    };
+    Some(if tagged {
+        format!("{record}:steps")
+    } else {
+        format!("{prefix}{{{record}}}:steps")
+    })
+}
+
+/// A step's field in its steps hash: `step:` and its name (so that no name can be the hash's
+/// `idem` marker).
+fn step_field(step: &str) -> Vec<u8> {
+    let mut field = Vec::with_capacity(STEP_FIELD.len() + step.len());
+    field.extend_from_slice(STEP_FIELD);
+    field.extend_from_slice(step.as_bytes());
+    field
+}
+
+/// What starts a step's field in a steps hash.
+const STEP_FIELD: &[u8] = b"step:";
+
+/// Why a steps script's reply could not be read.
+#[derive(Debug)]
+enum StepsReply {
+    /// Not a reply our script gives.
+    Bad(Vec<Value>),
+    /// A field that is not ours in the steps hash: what it is.
+    Foreign(&'static str),
+}
+
+/// Reads a steps script's reply: `held` and the hash's fields and values (the `idem` marker
+/// and `step:`-named steps), or `lost`. Hands the values' buffers over as they are.
+fn parse_steps(mut items: Vec<Value>) -> Result<RecordedSteps, StepsReply> {
+    match items.first().and_then(as_bytes) {
+        Some(b"lost") => return Ok(RecordedSteps::LeaseLost),
+        Some(b"held") => {}
+        _ => return Err(StepsReply::Bad(items)),
+    }
+    let Some(Value::Array(fields)) = items.get_mut(1) else {
+        return Err(StepsReply::Bad(items));
+    };
+    let fields = std::mem::take(fields);
+    if fields.len() % 2 != 0 {
+        return Err(StepsReply::Bad(items));
+    }
+    let mut steps = Vec::with_capacity(fields.len() / 2);
+    let mut fields = fields.into_iter();
+    while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+        let (Value::BulkString(field), Value::BulkString(value)) = (field, value) else {
+            return Err(StepsReply::Bad(items));
+        };
+        if field == b"idem" {
+            continue;
+        }
+        let Some(name) = field.strip_prefix(STEP_FIELD) else {
+            return Err(StepsReply::Foreign(
+                "a steps hash with a field that is not a step",
+            ));
+        };
+        let Ok(name) = String::from_utf8(name.to_vec()) else {
+            return Err(StepsReply::Foreign(
+                "a steps hash with a step name that is not UTF-8",
+            ));
+        };
+        steps.push((name, Bytes::from(value)));
+    }
+    Ok(RecordedSteps::Held(steps))
 }
 
 fn token_hex(token: Token) -> String {
@@ -2164,21 +2558,33 @@ impl std::error::Error for OutOfMemory {
     }
 }
 
-/// A result longer than the server accepts in one argument.
+/// A result (or a step's value or name) longer than the server accepts in one argument.
 #[derive(Debug)]
 struct TooLarge {
+    /// `result`, `step value` or `step name`.
+    what: &'static str,
     len: usize,
     max: u64,
+}
+
+impl TooLarge {
+    /// An error if `len` bytes are more than `max`.
+    fn check(what: &'static str, len: usize, max: u64) -> Result<(), Error> {
+        if u64::try_from(len).unwrap_or(u64::MAX) > max {
+            return Err(Error::store(TooLarge { what, len, max }));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for TooLarge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the result is {} bytes, more than the {} Redis accepts in one argument \
+            "the {} is {} bytes, more than the {} Redis accepts in one argument \
              (proto-max-bulk-len): it was not sent (Redis would close the connection every call \
-             shares); raise proto-max-bulk-len or return a smaller result",
-            self.len, self.max
+             shares); raise proto-max-bulk-len or make it smaller",
+            self.what, self.len, self.max
         )
     }
 }
@@ -2198,6 +2604,27 @@ impl fmt::Display for Unsafe {
 }
 
 impl std::error::Error for Unsafe {}
+
+/// A prefix under which no name shares a record's hash slot, so no step can be recorded.
+#[derive(Debug)]
+struct NoStepsSlot {
+    prefix: String,
+}
+
+impl fmt::Display for NoStepsSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the RedisStore prefix {:?} has braces but no Redis Cluster hash tag (an empty {{}}, \
+             an unclosed {{, or a }} before any {{), so no key under it shares a record's hash \
+             slot, and step records (idem::step) must: give the store a prefix without braces \
+             (\"idem:\") or with a hash tag (\"{{idem}}:\")",
+            self.prefix
+        )
+    }
+}
+
+impl std::error::Error for NoStepsSlot {}
 
 /// Redis did not answer within the store's timeout.
 #[derive(Debug)]
@@ -2236,20 +2663,28 @@ impl fmt::Display for NoRuntime {
 
 impl std::error::Error for NoRuntime {}
 
-/// A value under the prefix that is not an idem record.
+/// A value under the prefix that is not an idem record (or, at a steps hash's name, not idem's
+/// step records).
 #[derive(Debug)]
 struct Foreign {
     name: String,
     prefix: String,
     /// What the key holds, as the script saw it.
     reason: String,
+    /// Whether the key is a steps hash's name.
+    steps: bool,
 }
 
 impl fmt::Display for Foreign {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ours = if self.steps {
+            "idem's step records of a call"
+        } else {
+            "an idem record"
+        };
         write!(
             f,
-            "the Redis key {} holds {}, not an idem record: something other than idem wrote it, \
+            "the Redis key {} holds {}, not {ours}: something other than idem wrote it, \
              so the prefix {:?} is shared with another program. It was left untouched; give \
              this store a prefix of its own (RedisStoreBuilder::prefix), or delete the key by \
              hand if it is garbage",
@@ -2273,8 +2708,9 @@ enum Denied {
 }
 
 /// The commands the scripts run on a record, for an ACL rule.
-const SCRIPT_COMMANDS: [&str; 9] = [
-    "hmget", "exists", "pttl", "hexists", "hset", "hdel", "pexpire", "del", "type",
+const SCRIPT_COMMANDS: [&str; 11] = [
+    "hmget", "exists", "pttl", "hexists", "hset", "hdel", "pexpire", "del", "type", "hsetnx",
+    "hgetall",
 ];
 
 /// Returns which of the scripts' commands the user may not run on `KEYS[1]`.
@@ -2283,7 +2719,7 @@ local denied = {}
 local probes = {
   {'HMGET', KEYS[1], 'f'}, {'EXISTS', KEYS[1]}, {'PTTL', KEYS[1]}, {'HEXISTS', KEYS[1], 'f'},
   {'HSET', KEYS[1], 'f', 'v'}, {'HDEL', KEYS[1], 'f'}, {'PEXPIRE', KEYS[1], '1'},
-  {'DEL', KEYS[1]}, {'TYPE', KEYS[1]}
+  {'DEL', KEYS[1]}, {'TYPE', KEYS[1]}, {'HSETNX', KEYS[1], 'f', 'v'}, {'HGETALL', KEYS[1]}
 }
 for _, p in ipairs(probes) do
   if not redis.acl_check_cmd(unpack(p)) then table.insert(denied, string.lower(p[1])) end
@@ -2541,6 +2977,113 @@ mod tests {
         }
     }
 
+    /// What Redis Cluster hashes of a key's name: its hash tag (between the first `{` and the
+    /// first `}` after it, if not empty), or else the whole name.
+    fn hashed(name: &str) -> &str {
+        if let Some(open) = name.find('{')
+            && let Some(len) = name[open + 1..].find('}')
+            && len > 0
+        {
+            return &name[open + 1..open + 1 + len];
+        }
+        name
+    }
+
+    #[test]
+    fn steps_hashes_share_their_records_slot() {
+        let key = Key::new("t", &7u32);
+        let hex = key.to_hex();
+        for prefix in [
+            "idem:",
+            "",
+            "payments:idem:",
+            "{idem}:",
+            "a{b}c:",
+            "}{x}:",
+            "{a}{b}:",
+            "x{y}}z:",
+            "caf\u{e9}:",
+        ] {
+            let record = record_name(prefix, &key);
+            let steps = steps_name(prefix, &key).unwrap_or_else(|| panic!("{prefix:?}"));
+            assert_eq!(hashed(&steps), hashed(&record), "{prefix:?}: {steps}");
+            assert!(steps.starts_with(prefix) && steps.contains(&hex), "{steps}");
+            assert_ne!(steps, record);
+            assert!(steps.len() != record.len(), "never another record's name");
+        }
+        assert_eq!(
+            steps_name("idem:", &key),
+            Some(format!("idem:{{idem:{hex}}}:steps"))
+        );
+        assert_eq!(
+            steps_name("{idem}:", &key),
+            Some(format!("{{idem}}:{hex}:steps"))
+        );
+        // Braces without a tag: no name under the prefix hashes like the record.
+        for prefix in ["{}", "{}:", "a{b:", "a}b:", "{:", "}"] {
+            assert_eq!(steps_name(prefix, &key), None, "{prefix:?}");
+        }
+    }
+
+    #[test]
+    fn steps_replies_parse() {
+        let held = |fields: Vec<Value>| vec![bulk(b"held"), Value::Array(fields)];
+        let found = parse_steps(held(vec![
+            bulk(b"idem"),
+            bulk(b"steps"),
+            bulk(b"step:charge"),
+            bulk(b"\"ch_1\""),
+            bulk(b"step:"),
+            bulk(b""),
+            bulk(b"step:nul\0{}:"),
+            bulk(&[0, 255]),
+        ]));
+        assert_eq!(
+            found.ok(),
+            Some(RecordedSteps::Held(vec![
+                ("charge".into(), Bytes::from_static(b"\"ch_1\"")),
+                (String::new(), Bytes::new()),
+                ("nul\0{}:".into(), Bytes::from_static(&[0, 255])),
+            ]))
+        );
+        assert_eq!(
+            parse_steps(held(vec![])).ok(),
+            Some(RecordedSteps::Held(vec![]))
+        );
+        assert_eq!(
+            parse_steps(vec![bulk(b"lost")]).ok(),
+            Some(RecordedSteps::LeaseLost)
+        );
+        for foreign in [
+            vec![bulk(b"other"), bulk(b"x")],
+            vec![bulk(b"step:\xff"), bulk(b"x")],
+        ] {
+            assert!(
+                matches!(parse_steps(held(foreign)), Err(StepsReply::Foreign(_))),
+                "a field that is not a step"
+            );
+        }
+        for bad in [
+            vec![],
+            vec![bulk(b"held")],
+            vec![bulk(b"held"), bulk(b"x")],
+            held(vec![bulk(b"step:a")]),
+            held(vec![bulk(b"step:a"), Value::Int(1)]),
+            vec![bulk(b"what"), Value::Array(vec![])],
+        ] {
+            assert!(
+                matches!(parse_steps(bad.clone()), Err(StepsReply::Bad(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn step_fields_cannot_be_the_marker() {
+        assert_eq!(step_field("idem"), b"step:idem");
+        assert_eq!(step_field(""), b"step:");
+    }
+
     #[test]
     fn tokens_read_back_as_written() {
         for t in [
@@ -2741,13 +3284,18 @@ mod tests {
             after: Duration::from_secs(1)
         })));
         assert!(
-            !worth_retrying(&Error::store(TooLarge { len: 2, max: 1 })),
+            !worth_retrying(&Error::store(TooLarge {
+                what: "result",
+                len: 2,
+                max: 1
+            })),
             "a result over the server's limit breaks the shared connection each time it is sent"
         );
         assert!(!worth_retrying(&Error::store(Foreign {
             name: "k".into(),
             prefix: "idem:".into(),
-            reason: "a string (not a hash)".into()
+            reason: "a string (not a hash)".into(),
+            steps: false,
         })));
         assert!(wrote_nothing(&Error::store(Unsafe {
             message: "x".into()
