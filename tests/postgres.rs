@@ -1612,7 +1612,7 @@ async fn strict_default_isolation_gives_retries_not_errors() {
 }
 
 /// 48 stores (six tables, eight stores each) migrate into one new schema at once: every
-/// migration succeeds and the six tables exist.
+/// migration succeeds and the six tables exist, each with its steps table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_into_one_new_schema_all_succeed() {
     let url = PgServer::shared().url();
@@ -1651,7 +1651,7 @@ async fn concurrent_migrations_into_one_new_schema_all_succeed() {
         &[&schema],
     )
     .await;
-    assert_eq!(tables, 6);
+    assert_eq!(tables, 12, "six records tables and their six steps tables");
     crate::support::chaos::report(
         "topology_postgres_migrations",
         &[("calls", 48), ("wrong_answers", 0)],
@@ -3561,3 +3561,833 @@ async fn a_key_lock_held_for_a_moment_is_not_a_busy_key() {
     );
     released.await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Steps (recovery points, `idem::step`) on PostgreSQL. The conformance suite checks the store's
+// rules; these check the table, its migration and cleanup, and the executor end to end, with
+// each effect counted.
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("the stock reservation was declined")]
+    Declined,
+    #[error(transparent)]
+    Idem(#[from] Error),
+}
+
+/// A checkout whose stock reservation can be made to fail: a charge, then a reservation, each a
+/// step; every effect counted.
+struct Checkout {
+    store: PostgresStore,
+    charges: AtomicUsize,
+    reservations: AtomicUsize,
+    declines: AtomicUsize,
+}
+
+impl Checkout {
+    #[idempotent(store = self.store, key = order, ttl = "1h", name = "tests.postgres.steps.checkout")]
+    async fn checkout(&self, order: String) -> Result<String, StepError> {
+        let charge = idem::step("charge", || async {
+            let n = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok::<_, StepError>(format!("ch_{n}"))
+        })
+        .await?;
+        idem::step("reserve", || async {
+            if self.declines.load(Ordering::SeqCst) > 0 {
+                self.declines.fetch_sub(1, Ordering::SeqCst);
+                return Err(StepError::Declined);
+            }
+            Ok(self.reservations.fetch_add(1, Ordering::SeqCst) + 1)
+        })
+        .await?;
+        Ok(charge)
+    }
+}
+
+/// The step rows of `key` in `steps` (a quoted, schema-qualified table): names as bytes, values.
+async fn step_rows(
+    db: &tokio_postgres::Client,
+    steps: &str,
+    key: Key,
+) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    db.query(
+        &format!("SELECT name, value FROM {steps} WHERE key = $1"),
+        &[&&key.as_bytes()[..]],
+    )
+    .await
+    .expect("read the steps table")
+    .iter()
+    .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)))
+    .collect()
+}
+
+/// Through the attribute: the body charges, then its reservation fails, so the call fails and
+/// its claim is released; the retry gets the recorded charge without charging again, reserves,
+/// and completes, which deletes the steps; a third call replays the result.
+#[tokio::test]
+async fn a_body_that_failed_after_a_step_is_retried_without_running_the_step_again() {
+    let shop = Checkout {
+        store: shared_store().await,
+        charges: AtomicUsize::new(0),
+        reservations: AtomicUsize::new(0),
+        declines: AtomicUsize::new(1),
+    };
+    let db = client(&PgServer::shared().url()).await;
+    let order = unique("steps-order");
+    let key = Key::new("tests.postgres.steps.checkout", &order);
+
+    let failed = shop.checkout(order.clone()).await;
+    assert!(matches!(failed, Err(StepError::Declined)), "{failed:?}");
+    assert_eq!(shop.charges.load(Ordering::SeqCst), 1);
+    assert_eq!(shop.reservations.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM idem_records WHERE key = $1",
+            &[&&key.as_bytes()[..]]
+        )
+        .await,
+        0,
+        "the failed call's claim was released"
+    );
+    let rows = step_rows(&db, "idem_records_steps", key).await;
+    assert_eq!(
+        rows.keys().collect::<Vec<_>>(),
+        [&b"charge".to_vec()],
+        "the charge is recorded and outlives the release; the failed reservation is not"
+    );
+
+    assert_eq!(shop.checkout(order.clone()).await.unwrap(), "ch_1");
+    assert_eq!(
+        shop.charges.load(Ordering::SeqCst),
+        1,
+        "the retry got the recorded charge: the card was charged once"
+    );
+    assert_eq!(shop.reservations.load(Ordering::SeqCst), 1);
+    assert!(
+        step_rows(&db, "idem_records_steps", key).await.is_empty(),
+        "the completion deleted the call's steps"
+    );
+
+    assert_eq!(shop.checkout(order).await.unwrap(), "ch_1");
+    assert_eq!(shop.charges.load(Ordering::SeqCst), 1);
+    assert_eq!(shop.reservations.load(Ordering::SeqCst), 1, "replayed");
+}
+
+/// A holder charges and then "crashes": its call's future is leaked (never polled again, never
+/// dropped), so it stops renewing and never releases. After its lease runs out, the next call
+/// takes the key over and gets the recorded charge without charging again.
+#[tokio::test]
+async fn a_recorded_step_is_not_run_again_after_a_takeover() {
+    let store = shared_store().await;
+    let lease = Duration::from_millis(500);
+    let charges = Arc::new(AtomicUsize::new(0));
+    let emails = Arc::new(AtomicUsize::new(0));
+    let order = unique("steps-takeover");
+    let (recorded, crashed) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let charges = charges.clone();
+        Idempotent::new(&store, order.clone())
+            .name("steps.takeover")
+            .lease(lease)
+            .run(move || async move {
+                let receipt = idem::step("charge", || async {
+                    Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst) + 100)
+                })
+                .await?;
+                let _ = recorded.send(());
+                std::future::pending::<()>().await;
+                Ok::<usize, Error>(receipt)
+            })
+    };
+    let mut first = Box::pin(first);
+    tokio::select! {
+        _ = &mut first => unreachable!("the first holder never finishes"),
+        _ = crashed => {}
+    }
+    std::mem::forget(first);
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+
+    // Waits for the lapsed lease (the waiter's poll knows when it runs out), then takes over.
+    let (c, e) = (charges.clone(), emails.clone());
+    let out = Idempotent::new(&store, order.clone())
+        .name("steps.takeover")
+        .lease(lease)
+        .run_with_outcome(move || async move {
+            let receipt = idem::step("charge", || async {
+                Ok::<_, Error>(c.fetch_add(1, Ordering::SeqCst) + 100)
+            })
+            .await?;
+            idem::step("email", || async {
+                Ok::<_, Error>(e.fetch_add(1, Ordering::SeqCst))
+            })
+            .await?;
+            Ok::<usize, Error>(receipt)
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.value, 100, "the recorded receipt is returned");
+    assert_eq!(out.status, Status::Executed);
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "the card is charged once"
+    );
+    assert_eq!(emails.load(Ordering::SeqCst), 1);
+}
+
+/// A holder that stopped being polled past its lease, while another call took the key over,
+/// gets `Error::LeaseLost` from its next step when it resumes: that step's effect ran, but it is
+/// not recorded, and the new holder's steps are untouched.
+#[tokio::test]
+async fn a_holder_whose_lease_was_taken_over_cannot_record_a_step() {
+    let store = shared_store().await;
+    let db = client(&PgServer::shared().url()).await;
+    let lease = Duration::from_millis(400);
+    let order = unique("steps-stale");
+    let key = Key::new("steps.stale", &order);
+    let reservations = Arc::new(AtomicUsize::new(0));
+    let (charged_tx, charged) = tokio::sync::oneshot::channel::<()>();
+    let (go, resume) = tokio::sync::oneshot::channel::<()>();
+    let stale = {
+        let reservations = reservations.clone();
+        Idempotent::new(&store, order.clone())
+            .name("steps.stale")
+            .lease(lease)
+            .run(move || async move {
+                idem::step("charge", || async { Ok::<_, Error>(1u8) }).await?;
+                let _ = charged_tx.send(());
+                let _ = resume.await;
+                idem::step("reserve", || async {
+                    Ok::<_, Error>(reservations.fetch_add(1, Ordering::SeqCst))
+                })
+                .await?;
+                Ok::<u8, Error>(1)
+            })
+    };
+    let mut stale = Box::pin(stale);
+    tokio::select! {
+        _ = &mut stale => unreachable!("the holder waits"),
+        _ = charged => {}
+    }
+    // Not polled: no renewal. Past its lease, another caller takes the key over.
+    tokio::time::sleep(lease * 2).await;
+    let Ok(Claim::Acquired(fresh)) = store.claim(key, None, Duration::from_secs(60)).await else {
+        panic!("the lapsed key must be taken over");
+    };
+    let _ = go.send(());
+    let err = stale.await.expect_err("the stale holder's step must fail");
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert_eq!(
+        reservations.load(Ordering::SeqCst),
+        1,
+        "the step's effect ran before the store refused it"
+    );
+    let rows = step_rows(&db, "idem_records_steps", key).await;
+    assert_eq!(
+        rows.keys().collect::<Vec<_>>(),
+        [&b"charge".to_vec()],
+        "the stale holder's step is not recorded"
+    );
+    match store.steps(key, fresh).await.unwrap() {
+        idem::store::RecordedSteps::Held(steps) => assert_eq!(
+            steps
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>(),
+            ["charge"],
+            "the new holder reads the charge and nothing else"
+        ),
+        other => panic!("the new holder holds the key: {other:?}"),
+    }
+    assert_eq!(
+        store
+            .complete(
+                key,
+                fresh,
+                None,
+                Bytes::from_static(b"1"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}
+
+/// Step names are stored as `bytea`, so a NUL byte is kept where `text` would refuse it: names
+/// that differ only after a NUL are distinct steps, in the table and through the executor.
+#[tokio::test]
+async fn step_names_keep_their_nul_bytes() {
+    let store = shared_store().await;
+    let db = client(&PgServer::shared().url()).await;
+    let key = Key::new("steps.nul", &unique("nul"));
+    let Ok(Claim::Acquired(token)) = store.claim(key, None, Duration::from_secs(60)).await else {
+        panic!("claim");
+    };
+    let names = ["a", "a\0", "a\0b", "\0", "\0\0"];
+    for (i, name) in names.iter().enumerate() {
+        let recorded = store
+            .record_step(
+                key,
+                token,
+                (*name).to_owned(),
+                Bytes::from(vec![i as u8]),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(recorded, idem::store::StepRecorded::Recorded, "{name:?}");
+    }
+    let rows = step_rows(&db, "idem_records_steps", key).await;
+    let expected: BTreeMap<Vec<u8>, Vec<u8>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_bytes().to_vec(), vec![i as u8]))
+        .collect();
+    assert_eq!(rows, expected, "each name is stored with its NUL bytes");
+    assert!(store.remove(key).await.unwrap());
+
+    // Through the executor: a retry gets each value under its own name.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let order = unique("nul-order");
+    for attempt in 0..2 {
+        let runs = runs.clone();
+        let out = Idempotent::new(&store, order.clone())
+            .name("steps.nul")
+            .run(move || async move {
+                let mut got = Vec::new();
+                for name in ["x", "x\0", "x\0y"] {
+                    got.push(
+                        idem::step(name, || async {
+                            Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst))
+                        })
+                        .await?,
+                    );
+                }
+                if attempt == 0 {
+                    return Err(Error::InProgress {
+                        retry_after: Duration::ZERO,
+                    });
+                }
+                Ok(got)
+            })
+            .await;
+        if attempt == 1 {
+            assert_eq!(
+                out.unwrap(),
+                [0, 1, 2],
+                "each name got its own recorded value"
+            );
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "no step ran twice");
+}
+
+/// `purge_expired` deletes the step rows whose ttl ran out (a released call's, left there for
+/// a retry that never came) and keeps live ones; the store's automatic cleanup does too.
+#[tokio::test]
+async fn expired_step_rows_are_purged() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    let store = table_store("purge_steps", |b| b.auto_cleanup(false)).await;
+    let steps = format!("\"public\".\"{}\"", store.steps_table());
+    assert_eq!(store.steps_table(), "purge_steps_steps");
+    db.batch_execute(&format!("DELETE FROM {steps}"))
+        .await
+        .unwrap();
+    let short = Duration::from_millis(200);
+    let released_with = |names: &'static [&'static str], ttl: Duration, label: &'static str| {
+        let store = store.clone();
+        async move {
+            let key = Key::new("steps.purge", &unique(label));
+            let Ok(Claim::Acquired(token)) = store.claim(key, None, Duration::from_secs(60)).await
+            else {
+                panic!("claim");
+            };
+            for name in names {
+                let recorded = store
+                    .record_step(
+                        key,
+                        token,
+                        (*name).to_owned(),
+                        Bytes::from_static(b"v"),
+                        ttl,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(recorded, idem::store::StepRecorded::Recorded);
+            }
+            assert!(store.release(key, token).await.unwrap());
+            key
+        }
+    };
+    let gone = released_with(&["charge", "reserve", "email"], short, "short").await;
+    let kept = released_with(&["charge", "reserve"], Duration::from_secs(600), "long").await;
+    tokio::time::sleep(short * 2).await;
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        3,
+        "the three expired step rows (and no record: both claims were released)"
+    );
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    assert!(step_rows(&db, &steps, gone).await.is_empty());
+    assert_eq!(
+        step_rows(&db, &steps, kept).await.len(),
+        2,
+        "live steps stay"
+    );
+
+    // The automatic cleanup (here after every granted claim) deletes them too.
+    let cleaned = table_store("purge_steps_auto", |b| {
+        b.cleanup_every(1, Duration::from_secs(3600))
+    })
+    .await;
+    let auto_steps = format!("\"public\".\"{}\"", cleaned.steps_table());
+    for i in 0..3u8 {
+        let key = Key::new("steps.purge.auto", &unique("auto"));
+        let Ok(Claim::Acquired(token)) = cleaned.claim(key, None, Duration::from_secs(60)).await
+        else {
+            panic!("claim");
+        };
+        cleaned
+            .record_step(
+                key,
+                token,
+                format!("step-{i}"),
+                Bytes::from_static(b"v"),
+                short,
+            )
+            .await
+            .unwrap();
+        cleaned.release(key, token).await.unwrap();
+    }
+    tokio::time::sleep(short * 2).await;
+    let mut left = i64::MAX;
+    for _ in 0..200 {
+        // Each granted claim may start a cleanup.
+        let key = Key::new("steps.purge.auto", &unique("trigger"));
+        let _ = cleaned
+            .claim(key, None, Duration::from_millis(1))
+            .await
+            .unwrap();
+        left = count(&db, &format!("SELECT count(*) FROM {auto_steps}"), &[]).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "the automatic cleanup deletes expired step rows");
+}
+
+/// The migration of a deployment made before steps existed: its records table (made by the
+/// earlier `migration_sql`, holding a completed record) has no steps table. A store refuses to
+/// run a call there (before its body runs), saying to migrate; `migrate` adds the steps table
+/// without touching the records table, the record still replays, and steps work, in the store
+/// that was refused too (no restart). Applying `migration_sql()` with a tool does the same.
+#[tokio::test]
+async fn an_existing_deployment_gains_the_steps_table_by_migrating() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    for (table, by_tool) in [("upgrade_records", false), ("upgrade_tool_records", true)] {
+        // The DDL of the version before steps, as a deployment applied it.
+        db.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_steps; \
+             CREATE TABLE IF NOT EXISTS \"public\".\"{table}\" (\n\
+                 key         bytea       PRIMARY KEY CHECK (octet_length(key) = 32),\n\
+                 token       bytea       NOT NULL CHECK (octet_length(token) = 16),\n\
+                 fingerprint bytea       CHECK (octet_length(fingerprint) = 32),\n\
+                 value       bytea,\n\
+                 expires_at  timestamptz NOT NULL\n\
+             );\n\
+             CREATE INDEX IF NOT EXISTS \"{table}_expires_idx\" ON \"public\".\"{table}\" \
+               (expires_at);"
+        ))
+        .await
+        .unwrap();
+        // A completed record written before the upgrade.
+        let old = Key::new("steps.upgrade", &"before");
+        db.execute(
+            &format!(
+                "INSERT INTO {table} (key, token, value, expires_at) \
+                 VALUES ($1, $2, $3, now() + interval '1 hour')"
+            ),
+            &[
+                &&old.as_bytes()[..],
+                &&[7u8; 16][..],
+                &&b"\x93\x01\x02\x03"[..],
+            ],
+        )
+        .await
+        .unwrap();
+        let store = PostgresStore::builder()
+            .table(table)
+            .connect(&url)
+            .await
+            .unwrap();
+        let runs = AtomicUsize::new(0);
+        let refused = Idempotent::new(&store, 1u8)
+            .name("steps.upgrade")
+            .run(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(1u8)
+            })
+            .await;
+        let text = refused
+            .as_ref()
+            .map_err(error_text)
+            .err()
+            .unwrap_or_default();
+        assert!(
+            matches!(refused, Err(Error::Store(_)))
+                && text.contains(&format!("{table}_steps"))
+                && text.contains("migrate"),
+            "a records table without its steps table is refused, naming the fix: {refused:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "refused before the body runs"
+        );
+
+        if by_tool {
+            db.batch_execute(&store.migration_sql()).await.unwrap();
+        } else {
+            let migrator = PostgresStore::builder()
+                .table(table)
+                .connect(&url)
+                .await
+                .unwrap();
+            migrator.migrate().await.unwrap();
+        }
+        let steps_tables = count(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = $1",
+            &[&format!("{table}_steps")],
+        )
+        .await;
+        assert_eq!(steps_tables, 1, "the steps table was added");
+        let indexes = count(
+            &db,
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND tablename = $1",
+            &[&table],
+        )
+        .await;
+        assert_eq!(
+            indexes, 2,
+            "the records table keeps its two indexes, no more"
+        );
+        match store.claim(old, None, Duration::from_secs(60)).await {
+            Ok(Claim::Completed(done)) => assert_eq!(&done.value[..], b"\x93\x01\x02\x03"),
+            other => panic!("the record from before the upgrade replays, got {other:?}"),
+        }
+
+        // Steps work now, in the store that was refused before.
+        let charges = Arc::new(AtomicUsize::new(0));
+        for attempt in 0..2 {
+            let charges = charges.clone();
+            let out = Idempotent::new(&store, 2u8)
+                .name("steps.upgrade")
+                .run(move || async move {
+                    let receipt = idem::step("charge", || async {
+                        Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst))
+                    })
+                    .await?;
+                    if attempt == 0 {
+                        return Err(Error::InProgress {
+                            retry_after: Duration::ZERO,
+                        });
+                    }
+                    Ok(receipt)
+                })
+                .await;
+            if attempt == 1 {
+                assert_eq!(out.unwrap(), 0);
+            }
+        }
+        assert_eq!(charges.load(Ordering::SeqCst), 1, "{table}: charged once");
+        store
+            .migrate()
+            .await
+            .expect("migrating again changes nothing");
+    }
+}
+
+/// An `UNLOGGED` steps table is refused like an unlogged records table (a crash would empty
+/// it, and recorded steps would run again), and accepted once it is `SET LOGGED`.
+#[tokio::test]
+async fn an_unlogged_steps_table_is_refused() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    let store = PostgresStore::builder()
+        .table("unlogged_steps")
+        .connect(&url)
+        .await
+        .unwrap();
+    db.batch_execute(
+        "DROP TABLE IF EXISTS unlogged_steps; DROP TABLE IF EXISTS unlogged_steps_steps",
+    )
+    .await
+    .unwrap();
+    let steps_create = format!(
+        "CREATE TABLE IF NOT EXISTS \"public\".\"{}\"",
+        store.steps_table()
+    );
+    let ddl = store.migration_sql();
+    assert!(ddl.contains(&steps_create), "{ddl}");
+    db.batch_execute(&ddl.replacen(
+        &steps_create,
+        &steps_create.replacen("CREATE TABLE", "CREATE UNLOGGED TABLE", 1),
+        1,
+    ))
+    .await
+    .unwrap();
+    let err = store.migrate().await.expect_err("an unlogged steps table");
+    let text = error_text(&err);
+    assert!(
+        text.contains("unlogged_steps_steps")
+            && text.contains("UNLOGGED")
+            && text.contains("SET LOGGED"),
+        "the refusal names the steps table and the fix: {text}"
+    );
+    db.batch_execute("ALTER TABLE unlogged_steps_steps SET LOGGED")
+        .await
+        .unwrap();
+    store.migrate().await.expect("logged again");
+}
+
+/// What steps cost: a call that runs none sends no statement for them (claim, complete); a call
+/// with steps reads them once (at its first step) and sends one statement per recorded step;
+/// its retry reads them once and records only the step that had not been recorded.
+#[tokio::test]
+async fn a_step_costs_one_statement_and_a_call_one_read() {
+    let url = PgServer::shared().url();
+    let db = client(&url).await;
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .unwrap();
+    // A table of its own, so statements of tests running meanwhile are not counted.
+    let store = table_store("steps_cost", |b| b.auto_cleanup(false)).await;
+    let statements = |like: &'static str| {
+        let db = &db;
+        async move {
+            count(
+                db,
+                "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+                 WHERE query LIKE '%steps_cost%' AND query LIKE $1 \
+                   AND query NOT LIKE '%pg_stat_statements%'",
+                &[&like],
+            )
+            .await
+        }
+    };
+    let reset = || db.execute("SELECT pg_stat_statements_reset()", &[]);
+    let call = |fail: bool, order: &str| {
+        Idempotent::new(&store, order.to_owned())
+            .name("steps.cost")
+            .run(move || async move {
+                let a = idem::step("charge", || async { Ok::<_, Error>(1u8) }).await?;
+                let b = idem::step("reserve", || async { Ok::<_, Error>(2u8) }).await?;
+                if fail {
+                    return Err(Error::InProgress {
+                        retry_after: Duration::ZERO,
+                    });
+                }
+                let c = idem::step("email", || async { Ok::<_, Error>(3u8) }).await?;
+                Ok(a + b + c)
+            })
+    };
+    let plain = unique("cost-plain");
+    reset().await.unwrap();
+    Idempotent::new(&store, plain)
+        .name("steps.cost")
+        .run(|| async { Ok::<_, Error>(0u8) })
+        .await
+        .unwrap();
+    assert_eq!(
+        statements("%").await,
+        2,
+        "a call without steps: claim and complete"
+    );
+
+    let order = unique("cost-steps");
+    reset().await.unwrap();
+    assert!(call(true, &order).await.is_err());
+    assert_eq!(statements("%LEFT JOIN%").await, 1, "one read of the steps");
+    assert_eq!(
+        statements("%INSERT INTO \"public\".\"steps_cost_steps\"%").await,
+        2,
+        "one statement per recorded step"
+    );
+    assert_eq!(statements("%").await, 5, "claim, read, 2 steps, release");
+
+    reset().await.unwrap();
+    assert_eq!(call(false, &order).await.unwrap(), 6);
+    assert_eq!(statements("%LEFT JOIN%").await, 1, "one read of the steps");
+    assert_eq!(
+        statements("%INSERT INTO \"public\".\"steps_cost_steps\"%").await,
+        1,
+        "only the step not recorded yet is written"
+    );
+    assert_eq!(statements("%").await, 4, "claim, read, 1 step, complete");
+}
+
+/// Behind PgBouncer in transaction mode (no named statements), the store passes the steps
+/// checks of the conformance suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_pgbouncer_steps_pass_the_conformance_checks() {
+    let server = PgServer::shared();
+    let bouncer = PgBouncer::start(server, 2);
+    let store = PostgresStore::builder()
+        .table("bouncer_steps")
+        .transaction_pooler(true)
+        .pool_size(4)
+        .connect(&bouncer.url())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    use idem::conformance as c;
+    c::steps_are_recorded_under_the_holding_token(store.clone()).await;
+    c::steps_survive_a_takeover(store.clone()).await;
+    c::steps_survive_a_release(store.clone()).await;
+    c::steps_are_fenced_by_the_token(store.clone()).await;
+    c::complete_and_remove_delete_steps(store.clone()).await;
+    c::steps_expire_with_their_ttl(store.clone()).await;
+    c::step_names_and_values_round_trip(store.clone()).await;
+    c::steps_stay_with_their_key(store).await;
+}
+
+/// A key's steps expire together, `ttl` after the last one was recorded: a step recorded
+/// earlier is not lost while a later one lives (the retry would run the earlier effect again
+/// and skip the later one), and none is purged before then.
+#[tokio::test]
+async fn a_keys_steps_expire_together_after_the_last_one() {
+    let store = table_store("steps_together", |b| b.auto_cleanup(false)).await;
+    let ttl = Duration::from_millis(600);
+    let key = Key::new("steps.together", &unique("together"));
+    let Ok(Claim::Acquired(token)) = store.claim(key, None, Duration::from_secs(60)).await else {
+        panic!("claim");
+    };
+    let record = |name: &'static str| {
+        store.record_step(key, token, name.to_owned(), Bytes::from_static(b"v"), ttl)
+    };
+    assert_eq!(
+        record("charge").await.unwrap(),
+        idem::store::StepRecorded::Recorded
+    );
+    tokio::time::sleep(ttl / 2).await;
+    assert_eq!(
+        record("reserve").await.unwrap(),
+        idem::store::StepRecorded::Recorded
+    );
+    assert!(store.release(key, token).await.unwrap());
+    // Past the first step's own ttl, within the second's.
+    tokio::time::sleep(ttl * 3 / 4).await;
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "nothing expired yet"
+    );
+    let Ok(Claim::Acquired(next)) = store.claim(key, None, Duration::from_secs(60)).await else {
+        panic!("claim");
+    };
+    match store.steps(key, next).await.unwrap() {
+        idem::store::RecordedSteps::Held(mut steps) => {
+            steps.sort();
+            assert_eq!(
+                steps
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>(),
+                ["charge", "reserve"],
+                "the first step lives as long as the last"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(store.release(key, next).await.unwrap());
+    tokio::time::sleep(ttl).await;
+    assert_eq!(store.purge_expired().await.unwrap(), 2, "then both expire");
+}
+
+/// A step is never accepted after a takeover was granted: a stale holder records steps in a
+/// tight loop across the moment its lease runs out while another caller takes the key over the
+/// moment it can; whatever the new holder reads right after its grant is all it ever sees of the
+/// stale holder's steps (a step that landed after the grant would be seen by no read at the
+/// grant, and its effect would then run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_step_is_accepted_after_a_takeover_was_granted() {
+    let store = Arc::new(table_store("steps_race", |b| b.auto_cleanup(false)).await);
+    let lease = Duration::from_millis(150);
+    let mut stale_steps = 0;
+    for round in 0..12u32 {
+        let key = Key::new("steps.race", &unique("race"));
+        let Ok(Claim::Acquired(stale)) = store.claim(key, None, lease).await else {
+            panic!("claim");
+        };
+        let recorder = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut recorded = 0usize;
+                loop {
+                    let name = format!("step-{recorded}");
+                    match store
+                        .record_step(key, stale, name, Bytes::from_static(b"v"), LONG_TTL)
+                        .await
+                    {
+                        Ok(idem::store::StepRecorded::Recorded) => recorded += 1,
+                        Ok(_) => return recorded,
+                        Err(e) => panic!("record_step: {e}"),
+                    }
+                }
+            })
+        };
+        let fresh = loop {
+            match store
+                .claim(key, None, Duration::from_secs(60))
+                .await
+                .unwrap()
+            {
+                Claim::Acquired(token) => break token,
+                Claim::Busy { .. } => tokio::task::yield_now().await,
+                other => panic!("{other:?}"),
+            }
+        };
+        let at_grant = store.steps(key, fresh).await.unwrap();
+        let recorded = recorder.await.unwrap();
+        let after = store.steps(key, fresh).await.unwrap();
+        let (
+            idem::store::RecordedSteps::Held(mut at_grant),
+            idem::store::RecordedSteps::Held(mut after),
+        ) = (at_grant, after)
+        else {
+            panic!("the new holder holds the key");
+        };
+        at_grant.sort();
+        after.sort();
+        assert_eq!(
+            at_grant.len(),
+            recorded,
+            "round {round}: every step the stale holder was told is recorded is read at the grant"
+        );
+        assert_eq!(
+            at_grant, after,
+            "round {round}: no step landed after the grant"
+        );
+        stale_steps += recorded;
+        store
+            .complete(
+                key,
+                fresh,
+                None,
+                Bytes::from_static(b"done"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(stale_steps > 0, "the stale holders recorded steps");
+}
+
+const LONG_TTL: Duration = Duration::from_secs(600);

@@ -22,20 +22,19 @@ fn scale() -> u32 {
     chaos::env_u64("IDEM_RELIABILITY_CASES", 1).clamp(1, 10_000) as u32
 }
 
-/// Runs `cases` random sequences on the store `store` makes, and reports their counts as `name`.
-fn run(name: &str, cases: u32, paused: bool, lease: Duration, store: impl Fn() -> Box<dyn Store>) {
+/// Runs `cases` random sequences on `store` in `runtime`, and reports their counts as `name`.
+fn run(
+    name: &str,
+    cases: u32,
+    runtime: &tokio::runtime::Runtime,
+    store: &dyn Store,
+    lease: Duration,
+) {
     let total = Mutex::new(StepCounts::default());
-    let mut runner = chaos::runner(cases, 200);
+    let mut runner = chaos::runner(cases, 32);
     let result = runner.run(&steps_model::attempts(1, 12), |attempts| {
-        let mut runtime = tokio::runtime::Builder::new_current_thread();
-        runtime.enable_all();
-        if paused {
-            runtime.start_paused(true);
-        }
-        let runtime = runtime.build().expect("runtime");
-        let store = store();
         let counts = runtime
-            .block_on(steps_model::run_steps_model(&*store, lease, &attempts))
+            .block_on(steps_model::run_steps_model(store, lease, &attempts))
             .map_err(TestCaseError::fail)?;
         total.lock().unwrap().add(&counts);
         Ok(())
@@ -51,13 +50,46 @@ fn run(name: &str, cases: u32, paused: bool, lease: Duration, store: impl Fn() -
     chaos::report(name, &c.pairs());
 }
 
+/// A runtime on real time, for the remote stores.
+fn real_time() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 #[test]
 fn memory_steps_hold_under_crashes_takeovers_and_stale_holders() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let store = MemoryStore::new();
     run(
         "steps_memory",
         256 * scale(),
-        true,
+        &runtime,
+        &store,
         Duration::from_millis(100),
-        || Box::new(MemoryStore::new()),
+    );
+}
+
+/// On Redis, with real time: a lease long enough for a few round trips on a busy machine.
+#[cfg(feature = "redis")]
+#[test]
+fn redis_steps_hold_under_crashes_takeovers_and_stale_holders() {
+    let runtime = real_time();
+    let url = support::redis::RedisServer::shared().url();
+    let store = runtime
+        .block_on(idem::RedisStore::connect(&url))
+        .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+    run(
+        "steps_redis",
+        16 * scale(),
+        &runtime,
+        &store,
+        Duration::from_millis(400),
     );
 }

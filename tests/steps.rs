@@ -301,11 +301,11 @@ async fn a_panicking_body_keeps_its_steps_for_the_retry() {
 /// Where the first attempt of [`cancel_at_every_await_point`] is dropped.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Point {
-    BeforeFirstStep,
-    InsideFirstStep,
-    AfterFirstStep,
-    InsideSecondStep,
-    AfterSecondStep,
+    BeforeFirst,
+    InsideFirst,
+    AfterFirst,
+    InsideSecond,
+    AfterSecond,
 }
 
 #[tokio::test]
@@ -313,11 +313,11 @@ async fn cancel_at_every_await_point() {
     use Point::*;
     // (where the first attempt is dropped, whether its first step was recorded)
     for (point, first_recorded) in [
-        (BeforeFirstStep, false),
-        (InsideFirstStep, false),
-        (AfterFirstStep, true),
-        (InsideSecondStep, true),
-        (AfterSecondStep, true),
+        (BeforeFirst, false),
+        (InsideFirst, false),
+        (AfterFirst, true),
+        (InsideSecond, true),
+        (AfterSecond, true),
     ] {
         let store = MemoryStore::new();
         let (first, second) = (counter(), counter());
@@ -339,19 +339,19 @@ async fn cancel_at_every_await_point() {
             Idempotent::new(&store, key.as_str())
                 .name("checkout")
                 .run(move || async move {
-                    stop(BeforeFirstStep).await;
+                    stop(BeforeFirst).await;
                     let x = idem::step("first", || async {
-                        stop(InsideFirstStep).await;
+                        stop(InsideFirst).await;
                         charge(&a).await
                     })
                     .await?;
-                    stop(AfterFirstStep).await;
+                    stop(AfterFirst).await;
                     let y = idem::step("second", || async {
-                        stop(InsideSecondStep).await;
+                        stop(InsideSecond).await;
                         charge(&b).await
                     })
                     .await?;
-                    stop(AfterSecondStep).await;
+                    stop(AfterSecond).await;
                     Ok::<u32, Error>(x + y)
                 })
         };

@@ -394,21 +394,23 @@ pub async fn run_steps_model(
             resume: Mutex::new(None),
         };
         let got = call(store, key, lease, &ledger, k, &plan, None).await;
-        let l = &mut *ledger.lock().unwrap();
-        match got {
-            Ok(values) => {
-                for (step, value) in values.iter().enumerate() {
-                    if l.acked[k][step] != Some(*value) {
-                        l.violations.push(format!(
+        {
+            let l = &mut *ledger.lock().unwrap();
+            match got {
+                Ok(values) => {
+                    for (step, value) in values.iter().enumerate() {
+                        if l.acked[k][step] != Some(*value) {
+                            l.violations.push(format!(
                             "key {k}: the clean attempt returned {value} for step {}, recorded {:?}",
                             NAMES[step], l.acked[k][step]
                         ));
+                        }
                     }
                 }
+                Err(err) => l
+                    .violations
+                    .push(format!("key {k}: the clean attempt failed: {err}")),
             }
-            Err(err) => l
-                .violations
-                .push(format!("key {k}: the clean attempt failed: {err}")),
         }
         let _ = store
             .remove(idem::Key::new("model.steps", &key.as_str()))

@@ -1,9 +1,10 @@
-//! The PostgreSQL store: durable idempotency records, one SQL statement per step, and a
-//! transactional mode in which the body's own writes commit together with the record.
+//! The PostgreSQL store: durable idempotency records and [step](crate::step) records, one SQL
+//! statement per operation, and a transactional mode in which the body's own writes commit
+//! together with the record.
 //!
-//! # The table
+//! # The tables
 //!
-//! [`PostgresStore::migrate`] creates it (idempotently; any number of stores and processes may
+//! [`PostgresStore::migrate`] creates them (idempotently; any number of stores and processes may
 //! call it at once, for tables in the same new schema too). [`PostgresStore::migration_sql`]
 //! returns the same DDL for teams that run migrations with their own tool. With the default
 //! names it is:
@@ -17,18 +18,46 @@
 //!     expires_at  timestamptz NOT NULL
 //! );
 //! CREATE INDEX IF NOT EXISTS "idem_records_expires_idx" ON "public"."idem_records" (expires_at);
+//!
+//! CREATE TABLE IF NOT EXISTS "public"."idem_records_steps" (
+//!     key         bytea       NOT NULL CHECK (octet_length(key) = 32),
+//!     name        bytea       NOT NULL,
+//!     value       bytea       NOT NULL,
+//!     expires_at  timestamptz NOT NULL,
+//!     PRIMARY KEY (key, name)
+//! );
+//! CREATE INDEX IF NOT EXISTS "idem_records_steps_exp_idx"
+//!     ON "public"."idem_records_steps" (expires_at);
 //! ```
+//!
+//! (plus a `COMMENT ON TABLE` for each).
 //!
 //! - `key` is the 32-byte digest of the idempotency key ([`Key`]); no client-chosen text ever
 //!   reaches the table or an SQL string. `token` is the claim's fencing [`Token`] (16 bytes,
 //!   big-endian).
 //! - `value IS NULL` means *in progress*, and `expires_at` is then the end of the lease;
 //!   otherwise the record is *completed* and `expires_at` is when it is forgotten.
+//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)):
+//!   `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust string may hold NUL,
+//!   which `text` cannot), `value` its encoded value, `expires_at` when the key's steps are
+//!   forgotten. Its name is the records table's with [`STEPS_SUFFIX`]
+//!   ([`PostgresStore::steps_table`]), in the same schema (so a store on a table named
+//!   `x_steps` would share its table with the steps of a store on `x`: do not name records
+//!   tables that way). There is no foreign key to the records table: a released claim's row is
+//!   deleted, and its steps stay for the next claim.
 //! - The schema and table names are configurable ([`PostgresStoreBuilder::schema`],
 //!   [`PostgresStoreBuilder::table`]); they must be plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`,
 //!   at most 48 bytes), are checked when the store is built and always appear double-quoted.
-//! - The table is a plain (logged) table; `migrate` never creates an `UNLOGGED` one. See
+//! - The tables are plain (logged) tables; `migrate` never creates an `UNLOGGED` one. See
 //!   [Durability](#durability).
+//!
+//! **Upgrading** a deployment made by a version without steps (a records table, no steps
+//! table): call `migrate()` (it creates the steps table and its index, and runs no DDL on the
+//! records table), or apply `migration_sql()` again (every statement is `IF NOT EXISTS`), and
+//! grant the store's role `SELECT, INSERT, UPDATE, DELETE` on the steps table. Until then a
+//! store refuses every call with [`Error::Store`] saying so, before any body runs (a completion
+//! deletes the key's steps, so it could not store a result), and looks again at each call, so
+//! it works as soon as the migration ran, without a restart.
 //!
 //! # Statements
 //!
@@ -65,9 +94,13 @@
 //!   lapsed) is completed, an absent key gets the completed record, a record already completed
 //!   by this token is left as it is (the first value stays) and reported stored, and a row of
 //!   any other token is left alone: [`Completion::LeaseLost`].
+//!   The same statement deletes the key's steps when it stored the record (the value replays
+//!   whole; the steps are never read again).
 //! - **renew / release**: an `UPDATE` / `DELETE` under the key lock whose `WHERE` names the key,
-//!   the claim's token and `value IS NULL`.
-//! - **remove**: `DELETE ... WHERE key = $1` under the key lock.
+//!   the claim's token and `value IS NULL`. A release keeps the key's steps.
+//! - **remove**: `DELETE ... WHERE key = $1` of the record and of the key's steps, in one
+//!   statement under the key lock.
+//! - **record a step / read the steps**: see [Steps](#steps).
 //!
 //! A lock on the table itself that blocks writers (an operator's `CREATE INDEX`, `ALTER
 //! TABLE`, `LOCK TABLE`) makes the claim wait until its `lock_timeout`; the store then reads
@@ -83,6 +116,41 @@
 //! advisory locks on the database; a collision (vanishingly unlikely with 64-bit numbers)
 //! makes a claim see the key busy while the other lock is held, and never anything worse. [`PostgresStore::migrate`] also takes `pg_advisory_xact_lock(hashtext(name))` on the
 //! quoted schema and table names.
+//!
+//! # Steps
+//!
+//! [`idem::step`](crate::step) records its value in the steps table ([The tables](#the-tables)),
+//! fenced by the call's claim, so a retry after a failure or a takeover after a crash gets it
+//! without running the step again.
+//!
+//! - **Recording a step** ([`Store::record_step`]) is one statement: the record must be in
+//!   progress under the call's token with its lease not run out (`clock_timestamp()`);
+//!   otherwise nothing is written and the step gets [`Error::LeaseLost`], at once. Only then
+//!   does the statement try the key lock (taken by another caller: it pauses outside the pool
+//!   and runs again, as a completion does), lock the claim's row `FOR SHARE` (which re-reads a
+//!   row changed since the statement's snapshot, so a step is never accepted after a takeover
+//!   or a removal was committed, and keeps the row from changing until the step commits), and
+//!   `INSERT ... ON CONFLICT (key, name) DO UPDATE` the step's row. A repeated record of a live
+//!   step (a reply lost, the step recorded again) keeps the first value.
+//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row joined with
+//!   the key's live steps), under the same fence. The executor reads them once per call, at the
+//!   call's first step.
+//! - **Cost**: a call that runs no step sends no statement for steps (its completion's
+//!   statement also looks up the key's steps in the primary key's index, to delete them); a
+//!   call with steps sends one read, then one statement per step it runs (a step already
+//!   recorded costs nothing more). Each recorded step also rewrites the expiry of the key's
+//!   earlier steps (see below), a few rows per call.
+//! - **Lifetime**: steps outlive a release and a lapsed lease: the next claim of the key (a
+//!   new token) reads them. A completion and `remove` delete them in their own statement. A
+//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: each
+//!   recorded step pushes the key's live steps out to its own expiry. Expired step rows are
+//!   not read, and are deleted by the same cleanup as expired records (see
+//!   [Expired rows](#expired-rows)).
+//! - **Names** are any Rust string, NUL bytes included. A name is part of the primary key, and
+//!   PostgreSQL indexes at most 2 704 bytes of a key (after compression): a longer step name
+//!   fails to record with [`Error::Store`] saying so.
+//! - **The transactional mode** records no steps (the transaction is the recovery point, see
+//!   [`idem::step`](crate::step)), and its completion does not touch the steps table.
 //!
 //! # Isolation
 //!
@@ -131,9 +199,10 @@
 //! [`check_settings`](PostgresStore::check_settings) is called), what can lose an
 //! acknowledged record:
 //!
-//! - the table, or any of its partitions (a table partitioned by whoever runs the database), is
-//!   `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE ... SET LOGGED`);
-//!   [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
+//! - the records table or the steps table, or any of their partitions (a table partitioned by
+//!   whoever runs the database), is `UNLOGGED` (`pg_class.relpersistence = 'u'`): a crash of
+//!   the server empties it. Refused by default with [`Error::Store`] (the fix: `ALTER TABLE
+//!   ... SET LOGGED`); [`PostgresStoreBuilder::if_unlogged`] chooses otherwise;
 //! - the store's sessions run with `synchronous_commit = off`: a crash can lose the last
 //!   commits the server acknowledged (up to three times `wal_writer_delay`). Warned about
 //!   once by default, through `tracing`; [`PostgresStoreBuilder::if_synchronous_commit_off`]
@@ -157,15 +226,17 @@
 //! every 1 000 granted claims, and at the first claim after a minute without a cleanup
 //! ([`PostgresStoreBuilder::cleanup_every`]), a background task runs batches of
 //! [`PostgresStore::purge_expired`] (up to 1 000 rows each, through the `expires_at` index) while
-//! they come back full, at most 16 per cleanup and never two at once per store. That can
-//! delete 16 rows per claim, more than any traffic adds, so under steady traffic the table
-//! holds the live records and at most a few batches of expired ones. Several stores and processes
-//! on one table split the work (each skips the rows another is deleting).
+//! they come back full, at most 16 per cleanup and never two at once per store, then the same
+//! for expired step rows (the steps of a released call that no retry came for; their own
+//! `expires_at` index). That can delete 16 rows per claim, more than any traffic adds, so under
+//! steady traffic the tables hold the live records and steps and at most a few batches of
+//! expired ones. Several stores and processes on one table split the work (each skips the rows
+//! another is deleting).
 //! [`PostgresStoreBuilder::auto_cleanup`]`(false)` turns it off; then schedule `purge_expired`
 //! yourself (for example every few minutes, from one process or all of them).
 //!
 //! A purge tries each row's key lock and leaves a row whose lock is taken (by a claim of that
-//! key in flight, a transactional call, another purge); of the rest it skips any row another
+//! key in flight, a transactional call, a step being recorded, another purge); of the rest it skips any row another
 //! session has locked (`FOR UPDATE SKIP LOCKED`), so it never makes a claim wait for its row
 //! and never waits itself. Until its transaction ends it holds the key locks of the rows it is
 //! deleting: a claim of one of those (expired) keys in that moment finds the key busy, and
@@ -266,7 +337,7 @@ use tokio_postgres::{IsolationLevel, NoTls, Row, Transaction};
 
 use super::known::{Known, Seen};
 use super::transaction::{BUSY_HINT, BodyEndedTransaction, GATED_PAUSES};
-use super::{BoxFuture, Store};
+use super::{BoxFuture, RecordedSteps, StepRecorded, Store};
 use crate::clock::after;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
@@ -299,6 +370,13 @@ pub use sqlx;
 pub const DEFAULT_SCHEMA: &str = "public";
 /// The name of the records table unless told otherwise.
 pub const DEFAULT_TABLE: &str = "idem_records";
+/// What the name of the steps table adds to the records table's (`idem_records_steps` with the
+/// default names); see [the module docs](self#steps).
+pub const STEPS_SUFFIX: &str = "_steps";
+/// What the name of the steps table's `expires_at` index adds to the steps table's name
+/// (`idem_records_steps_exp_idx`): short enough that the longest table name allowed (48 bytes)
+/// gives an index name within PostgreSQL's 63.
+const STEPS_INDEX_SUFFIX: &str = "_exp_idx";
 /// The longest any one store operation (pool checkout plus statement) may take on the client:
 /// 10 seconds. Past it the operation fails with [`Error::Store`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -428,6 +506,8 @@ struct Inner {
     pool: Pool,
     schema: String,
     table: String,
+    /// The steps table: the records table's name and [`STEPS_SUFFIX`].
+    steps_table: String,
     sql: Sql,
     timeout: Duration,
     /// Named statements, prepared once per connection (`false` behind a transaction pooler:
@@ -510,6 +590,12 @@ struct Sql {
     lookup: String,
     remove: String,
     purge: String,
+    /// Records a step's value, fenced by the claim's token (see `Store::record_step`).
+    record_step: String,
+    /// The live steps of a key, fenced by the claim's token (see `Store::steps`).
+    steps: String,
+    /// `purge`, for the steps table.
+    purge_steps: String,
     /// Whether a claim of this token is committed (after a transactional body ended the
     /// transaction itself).
     committed_claim: String,
@@ -545,7 +631,8 @@ macro_rules! from_now {
 }
 
 impl Sql {
-    fn new(table: &str, channel: &str, wait_salt: i64) -> Sql {
+    /// `table` and `steps`: the records and steps tables, quoted and schema-qualified.
+    fn new(table: &str, steps: &str, channel: &str, wait_salt: i64) -> Sql {
         let wake = |key: &str| wake_sql(key, channel, wait_salt);
         Sql {
             // The live row is read first: a replay or a busy key then takes no lock and writes
@@ -589,10 +676,15 @@ impl Sql {
             // The row this token holds is completed (lease live or lapsed); an absent key gets
             // the record; this token's completed record is left as it is (a repeated
             // complete); another token's row is left alone (no row updated: lease lost).
+            //
+            // A completion that wrote (or found its own) completed record deletes the key's
+            // steps in the same statement: the value replays whole, and the steps are never read
+            // again.
             complete: complete_sql(
                 table,
                 "pg_catalog.pg_try_advisory_xact_lock($5)",
                 &wake("$1"),
+                Some(steps),
             ),
             // In the transactional mode, the transaction must still be the one the call opened
             // (a body that ran COMMIT or ROLLBACK would have this statement run on its own,
@@ -604,6 +696,8 @@ impl Sql {
                  THEN NULL \
                  ELSE pg_catalog.pg_try_advisory_xact_lock($5) END",
                 &wake("$1"),
+                // No steps are recorded in the transactional mode (see `idem::step`).
+                None,
             ),
             renew: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($4) \
@@ -651,14 +745,21 @@ impl Sql {
                  WHERE key = $1 AND value IS NOT NULL AND expires_at > pg_catalog.clock_timestamp()"
             ),
             committed_claim: format!("SELECT 1 FROM {table} WHERE key = $1 AND token = $2"),
+            // The record and its steps (a released call's steps have no record: they count
+            // as one too).
             remove: format!(
                 "WITH gate AS MATERIALIZED (SELECT pg_catalog.pg_try_advisory_xact_lock($2) \
                  AS free), \
                  done AS ( \
                    DELETE FROM {table} WHERE key = $1 AND (SELECT free FROM gate) \
                    RETURNING {wake} \
+                 ), \
+                 steps_done AS ( \
+                   DELETE FROM {steps} WHERE key = $1 AND (SELECT free FROM gate) \
+                   RETURNING 1 \
                  ) \
-                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) \
+                   + (SELECT pg_catalog.count(*) FROM steps_done) FROM gate",
                 wake = wake("$1"),
             ),
             // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
@@ -693,14 +794,105 @@ impl Sql {
                    pg_catalog.count(*) FROM gone)",
                 wake = wake("key"),
             ),
+            // A step is recorded only while `token` holds the key with a live lease: the key
+            // lock is tried only then (a holder that lost its lease learns it at once, even
+            // while another caller holds the lock), and the claim's row is locked `FOR SHARE`
+            // under it, which re-reads a row changed since the statement's snapshot (an
+            // operator's `remove`, a takeover) and keeps it from changing until this statement
+            // commits. Every writer of the key's records row and steps rows takes the key lock
+            // first, so that row lock never waits.
+            //
+            // The step's row expires `ttl` from now, or with the key's live steps if they live
+            // longer, and the key's other live steps are pushed out to the same time: a key's
+            // steps expire together, `ttl` after the last one was recorded. A repeated record of
+            // a live step keeps its value (a lost reply); a dead row (expired, not purged yet)
+            // is overwritten.
+            record_step: format!(
+                "WITH gate AS MATERIALIZED ( \
+                   SELECT CASE WHEN EXISTS ( \
+                     SELECT 1 FROM {table} \
+                     WHERE key = $1 AND token = $2 AND value IS NULL \
+                       AND expires_at > pg_catalog.clock_timestamp()) \
+                   THEN pg_catalog.pg_try_advisory_xact_lock($6) ELSE true END AS free \
+                 ), held AS MATERIALIZED ( \
+                   SELECT r.key FROM {table} r \
+                   WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
+                     AND r.expires_at > pg_catalog.clock_timestamp() AND (SELECT free FROM gate) \
+                   FOR SHARE \
+                 ), until AS MATERIALIZED ( \
+                   SELECT GREATEST({ttl}, (SELECT pg_catalog.max(s.expires_at) FROM {steps} s \
+                     WHERE s.key = $1 AND s.expires_at > pg_catalog.clock_timestamp())) AS at \
+                   FROM held \
+                 ), recorded AS ( \
+                   INSERT INTO {steps} AS s (key, name, value, expires_at) \
+                   SELECT $1, $3, $4, until.at FROM until \
+                   ON CONFLICT (key, name) DO UPDATE \
+                     SET value = CASE WHEN s.expires_at > pg_catalog.clock_timestamp() \
+                                 THEN s.value ELSE excluded.value END, \
+                         expires_at = excluded.expires_at \
+                   RETURNING 1 \
+                 ), together AS ( \
+                   UPDATE {steps} s SET expires_at = until.at FROM until \
+                   WHERE s.key = $1 AND s.name <> $3 \
+                     AND s.expires_at > pg_catalog.clock_timestamp() AND s.expires_at < until.at \
+                 ) \
+                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM recorded) FROM gate",
+                ttl = from_now!("$5"),
+            ),
+            // The key's live steps if `token` holds it with a live lease: no row when it does
+            // not, one row of NULLs when it holds no steps. A read: no lock.
+            steps: format!(
+                "SELECT s.name, s.value FROM {table} r \
+                 LEFT JOIN {steps} s \
+                   ON s.key = r.key AND s.expires_at > pg_catalog.clock_timestamp() \
+                 WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
+                   AND r.expires_at > pg_catalog.clock_timestamp()"
+            ),
+            // `purge`, for the steps table: the oldest expired step rows, at most a batch (its
+            // `expires_at` index), of those the ones whose key lock this statement gets, deleted
+            // if still expired (a step recorded since may have given one a new life). No waiter
+            // waits on steps: no wake.
+            purge_steps: format!(
+                "WITH candidates AS MATERIALIZED ( \
+                   SELECT key, name FROM {steps} \
+                   WHERE expires_at <= pg_catalog.clock_timestamp() \
+                   ORDER BY expires_at LIMIT $1 \
+                 ), free AS MATERIALIZED ( \
+                   SELECT key, name FROM candidates \
+                   WHERE pg_catalog.pg_try_advisory_xact_lock( \
+                     ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
+                       'hex'))::bit(64)::int8 # $2) \
+                 ), unlocked AS MATERIALIZED ( \
+                   SELECT key, name FROM {steps} \
+                   WHERE (key, name) IN (SELECT key, name FROM free) \
+                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   FOR UPDATE SKIP LOCKED \
+                 ), gone AS ( \
+                   DELETE FROM {steps} \
+                   WHERE (key, name) IN (SELECT key, name FROM unlocked) \
+                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   RETURNING 1 \
+                 ) \
+                 SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
+                   pg_catalog.count(*) FROM gone)"
+            ),
             wake: format!("SELECT ({}) IS NULL", wake("$1")),
         }
     }
 }
 
 /// The `complete` statement, under the given key-lock `gate` (a `bool`: NULL or false writes
-/// nothing).
-fn complete_sql(table: &str, gate: &str, wake: &str) -> String {
+/// nothing). With a `steps` table, a completion that wrote (or found its own completed record)
+/// also deletes the key's steps.
+fn complete_sql(table: &str, gate: &str, wake: &str, steps: Option<&str>) -> String {
+    let steps = match steps {
+        Some(steps) => format!(
+            ", steps_done AS ( \
+               DELETE FROM {steps} WHERE key = $1 AND EXISTS (SELECT 1 FROM done) \
+             ) "
+        ),
+        None => String::new(),
+    };
     format!(
         "WITH gate AS MATERIALIZED (SELECT {gate} AS free), \
          done AS ( \
@@ -716,7 +908,7 @@ fn complete_sql(table: &str, gate: &str, wake: &str) -> String {
                  expires_at = CASE WHEN {keep} THEN r.expires_at ELSE {ttl} END \
              WHERE r.token = excluded.token OR r.expires_at <= pg_catalog.clock_timestamp() \
            RETURNING {wake} \
-         ) \
+         ) {steps}\
          SELECT gate.free, (SELECT pg_catalog.count(*) FROM done) FROM gate",
         ttl = from_now!("$4"),
         // A completion repeated after it was stored keeps the first value.
@@ -1001,6 +1193,8 @@ impl PostgresStoreBuilder {
         listen_config: Option<tokio_postgres::Config>,
     ) -> PostgresStore {
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
+        let steps_table = format!("{}{STEPS_SUFFIX}", self.table);
+        let qualified_steps = format!("\"{}\".\"{}\"", self.schema, steps_table);
         let salt_of = |what: &str| {
             let hash = blake3::hash(format!("idem {what} {qualified}").as_bytes());
             let mut first = [0u8; 8];
@@ -1012,9 +1206,10 @@ impl PostgresStoreBuilder {
         PostgresStore {
             inner: Arc::new(Inner {
                 pool,
-                sql: Sql::new(&qualified, &channel, wait_salt),
+                sql: Sql::new(&qualified, &qualified_steps, &channel, wait_salt),
                 schema: self.schema,
                 table: self.table,
+                steps_table,
                 timeout: self.timeout,
                 prepared: !self.transaction_pooler,
                 lock_salt: salt_of("key lock"),
@@ -1142,6 +1337,30 @@ impl fmt::Display for ReadOnlyServer {
 }
 
 impl std::error::Error for ReadOnlyServer {}
+
+/// A records table without its steps table: made by an earlier version of idem (which had
+/// none) and not migrated since. Refused before any body runs, since every completion deletes
+/// the key's steps.
+#[derive(Debug)]
+struct MissingSteps {
+    table: String,
+    steps: String,
+}
+
+impl fmt::Display for MissingSteps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the idem records table {} has no steps table {} (it was made by an earlier version \
+             of idem, which kept no steps): call `PostgresStore::migrate()`, or apply \
+             `PostgresStore::migration_sql()` (it adds the steps table and leaves the records \
+             table as it is), and grant the store's role SELECT, INSERT, UPDATE and DELETE on it",
+            self.table, self.steps
+        )
+    }
+}
+
+impl std::error::Error for MissingSteps {}
 
 /// A row the store cannot read (written by something else, or corrupted).
 #[derive(Debug)]
@@ -1479,13 +1698,33 @@ impl PostgresStore {
         format!("\"{}\".\"{}\"", self.inner.schema, self.inner.table)
     }
 
+    /// The name of the steps table (see [the module docs](self#steps)): the records table's
+    /// name with [`STEPS_SUFFIX`] (`idem_records_steps` unless the table is named otherwise), in
+    /// the same schema. The name, not quoted SQL.
+    pub fn steps_table(&self) -> &str {
+        &self.inner.steps_table
+    }
+
+    /// The steps table, schema-qualified and quoted as it appears in SQL.
+    fn qualified_steps(&self) -> String {
+        format!("\"{}\".\"{}\"", self.inner.schema, self.inner.steps_table)
+    }
+
     /// The DDL that [`migrate`](Self::migrate) applies (without the schema creation and the
-    /// locks), for running with a migration tool instead. Idempotent: every statement is
-    /// `IF NOT EXISTS`. The table is a plain, logged table. (Where another relation of the
-    /// schema already has the index's name, `<table>_expires_idx`, this SQL skips the index;
-    /// [`migrate`](Self::migrate) checks for an index on `expires_at` by its definition and
-    /// lets the server name it instead.)
+    /// locks), for running with a migration tool instead: the records table and its index,
+    /// then the steps table and its index (see [the module docs](self#the-tables)).
+    /// Idempotent: every statement is `IF NOT EXISTS`, so a deployment whose records table
+    /// exists (made by an earlier version, which had no steps table) applies it whole to gain
+    /// the steps table. Both tables are plain, logged tables. (Where another relation of the
+    /// schema already has an index's name, `<table>_expires_idx` or `<table>_steps_exp_idx`,
+    /// this SQL skips that index; [`migrate`](Self::migrate) checks for an index on
+    /// `expires_at` by its definition and lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
+        format!("{}{}", self.records_ddl(), self.steps_ddl())
+    }
+
+    /// The records table's part of [`migration_sql`](Self::migration_sql).
+    fn records_ddl(&self) -> String {
         let table = self.qualified_table();
         let index = format!(
             "\"{}_expires_idx\"",
@@ -1506,14 +1745,40 @@ impl PostgresStore {
         )
     }
 
-    /// Creates the schema (if missing), the records table and its index, unless they exist,
-    /// then [checks the settings](Self::check_settings).
+    /// The steps table's part of [`migration_sql`](Self::migration_sql). No foreign key to the
+    /// records table: a released claim's row is deleted, and its steps stay for the next one.
+    fn steps_ddl(&self) -> String {
+        let steps = self.qualified_steps();
+        let index = format!(
+            "\"{}{STEPS_INDEX_SUFFIX}\"",
+            self.inner.steps_table // validated identifier and a fixed suffix
+        );
+        format!(
+            "CREATE TABLE IF NOT EXISTS {steps} (\n\
+             \x20   key         bytea       NOT NULL CHECK (octet_length(key) = 32),\n\
+             \x20   name        bytea       NOT NULL,\n\
+             \x20   value       bytea       NOT NULL,\n\
+             \x20   expires_at  timestamptz NOT NULL,\n\
+             \x20   PRIMARY KEY (key, name)\n\
+             );\n\
+             CREATE INDEX IF NOT EXISTS {index} ON {steps} (expires_at);\n\
+             COMMENT ON TABLE {steps} IS 'idem step records (idem::step) of the calls in {table}: \
+             name = the step name (UTF-8), value = its recorded value, expires_at = when the \
+             key''s steps are forgotten';\n",
+            table = self.inner.table,
+        )
+    }
+
+    /// Creates the schema (if missing), the records table, the steps table and their indexes,
+    /// unless they exist, then [checks the settings](Self::check_settings). On a records table
+    /// made by a version without steps it creates only the steps table and its index (see
+    /// [Upgrading](self#the-tables)).
     ///
     /// Safe to call from every process at start-up, for any number of tables in one schema:
     /// concurrent calls serialise on transaction-scoped advisory locks of the schema and of the
     /// table, a concurrent creator that takes no such lock (another tool) is tolerated (the
-    /// migration runs again and finds its work done), and when the table and index exist no DDL
-    /// runs (so no table lock is taken while other processes use the table). Needs the
+    /// migration runs again and finds its work done), and when the tables and indexes exist no
+    /// DDL runs (so no table lock is taken while other processes use the tables). Needs the
     /// privileges to create them; otherwise apply [`migration_sql`](Self::migration_sql) with
     /// an owner's role.
     pub async fn migrate(&self) -> Result<(), Error> {
@@ -1555,6 +1820,14 @@ impl PostgresStore {
                 "\"{}\".\"{}_expires_idx\"",
                 self.inner.schema, self.inner.table
             );
+            let steps_q = self.qualified_steps();
+            let steps_index = format!(
+                "\"{}\".\"{}{STEPS_INDEX_SUFFIX}\"",
+                self.inner.schema, self.inner.steps_table
+            );
+            // Whether each table exists, has an index leading with `expires_at` (whatever its
+            // name), and whether the name of its index is taken (by that index, or by another
+            // relation of the schema).
             let rows = run(
                 on,
                 prepared,
@@ -1567,11 +1840,20 @@ impl PostgresStore {
                                   ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
                                 WHERE i.indrelid = pg_catalog.to_regclass($2) \
                                   AND a.attname = 'expires_at'), \
-                        pg_catalog.to_regclass($3) IS NOT NULL",
+                        pg_catalog.to_regclass($3) IS NOT NULL, \
+                        pg_catalog.to_regclass($4) IS NOT NULL, \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                                JOIN pg_catalog.pg_attribute a \
+                                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                                WHERE i.indrelid = pg_catalog.to_regclass($4) \
+                                  AND a.attname = 'expires_at'), \
+                        pg_catalog.to_regclass($5) IS NOT NULL",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
                     (&index, Type::TEXT),
+                    (&steps_q, Type::TEXT),
+                    (&steps_index, Type::TEXT),
                 ],
             )
             .await?;
@@ -1582,16 +1864,18 @@ impl PostgresStore {
             let table_exists: bool = row.try_get(1)?;
             let standby: bool = row.try_get(2)?;
             let read_only: bool = row.try_get(3)?;
-            // An index that leads with `expires_at`, whatever its name; and whether the index's
-            // name is taken (by that index, or by another relation of the schema).
             let indexed: bool = row.try_get(4)?;
             let name_taken: bool = row.try_get(5)?;
-            let present = table_exists && indexed;
+            let steps_exist: bool = row.try_get(6)?;
+            let steps_indexed: bool = row.try_get(7)?;
+            let steps_name_taken: bool = row.try_get(8)?;
+            let records_present = table_exists && indexed;
+            let steps_present = steps_exist && steps_indexed;
             if standby || read_only {
-                // Even with the table there: a store on this server cannot write a record.
+                // Even with the tables there: a store on this server cannot write a record.
                 return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
             }
-            if present {
+            if records_present && steps_present {
                 // Already there: no DDL at all, so no table lock that would queue behind open
                 // transactional bodies (and hold up every claim queued behind it).
                 tx.commit().await?;
@@ -1601,15 +1885,33 @@ impl PostgresStore {
                 tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"))
                     .await?;
             }
-            let mut ddl = self.migration_sql();
-            if name_taken {
-                // Another relation has the index's name (`CREATE INDEX IF NOT EXISTS` would
-                // skip, leaving the table without its index): let the server name it.
-                let named = format!(
-                    "CREATE INDEX IF NOT EXISTS \"{}_expires_idx\" ON {table_q}",
-                    self.inner.table
-                );
-                ddl = ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1);
+            // Only the missing part: a records table made by an earlier version (no steps
+            // table) gains the steps table without any DDL on itself (a `CREATE INDEX IF NOT
+            // EXISTS` on it would take a lock that writers queue behind).
+            let mut ddl = String::new();
+            if !records_present {
+                let mut records = self.records_ddl();
+                if name_taken {
+                    // Another relation has the index's name (`CREATE INDEX IF NOT EXISTS` would
+                    // skip, leaving the table without its index): let the server name it.
+                    let named = format!(
+                        "CREATE INDEX IF NOT EXISTS \"{}_expires_idx\" ON {table_q}",
+                        self.inner.table
+                    );
+                    records = records.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1);
+                }
+                ddl.push_str(&records);
+            }
+            if !steps_present {
+                let mut steps = self.steps_ddl();
+                if steps_name_taken {
+                    let named = format!(
+                        "CREATE INDEX IF NOT EXISTS \"{}{STEPS_INDEX_SUFFIX}\" ON {steps_q}",
+                        self.inner.steps_table
+                    );
+                    steps = steps.replacen(&named, &format!("CREATE INDEX ON {steps_q}"), 1);
+                }
+                ddl.push_str(&steps);
             }
             tx.batch_execute(&ddl).await?;
             tx.commit().await?;
@@ -1625,7 +1927,8 @@ impl PostgresStore {
     }
 
     /// Checks what can lose an acknowledged record (see the [module docs](self#durability)):
-    /// whether the records table is `UNLOGGED`, and whether the store's sessions run with
+    /// whether the records table or the steps table (or a partition of either) is `UNLOGGED`,
+    /// and whether the store's sessions run with
     /// `synchronous_commit = off`; then refuses, warns or accepts as the builder chose
     /// ([`PostgresStoreBuilder::if_unlogged`],
     /// [`PostgresStoreBuilder::if_synchronous_commit_off`]).
@@ -1633,7 +1936,8 @@ impl PostgresStore {
     /// [`migrate`](Self::migrate) calls it, and so does the store's first operation; call it
     /// yourself to check again (after an operator changed a setting, say). A refusal is
     /// [`Error::Store`] naming the setting and the fix, and every operation of the store gives
-    /// it until a check passes.
+    /// it until a check passes. A records table without its steps table (see
+    /// [Upgrading](self#the-tables)) is an [`Error::Store`] saying to migrate.
     pub async fn check_settings(&self) -> Result<(), Error> {
         match self.inspect().await? {
             Some(verdict) => {
@@ -1653,35 +1957,53 @@ impl PostgresStore {
         *slot = Some(verdict);
     }
 
-    /// Reads the settings and applies the builder's choices: `None` while the table does not
-    /// exist (nothing to judge yet).
+    /// Reads the settings and applies the builder's choices: `None` while the records table
+    /// does not exist (nothing to judge yet). A records table without its steps table (made by
+    /// an earlier version, not migrated since) is [`MissingSteps`], not remembered: every
+    /// operation looks again until the migration ran.
     async fn inspect(&self) -> Result<Option<Verdict>, Error> {
         let table = self.qualified_table();
+        let steps = self.qualified_steps();
+        // The partitions of a table (as a table partitioned by whoever runs the database has)
+        // that are UNLOGGED, by name.
+        let unlogged_partitions = |param: &str| {
+            format!(
+                "(WITH RECURSIVE part(oid) AS ( \
+                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                   WHERE i.inhparent = pg_catalog.to_regclass({param}) \
+                   UNION \
+                   SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN part ON \
+                     i.inhparent = part.oid \
+                 ) \
+                 SELECT pg_catalog.string_agg(c.oid::regclass::text, ', ' ORDER BY \
+                   c.oid::regclass::text) \
+                 FROM part JOIN pg_catalog.pg_class c ON c.oid = part.oid \
+                 WHERE c.relispartition AND c.relpersistence = 'u')"
+            )
+        };
+        let sql = format!(
+            "SELECT (SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+                     WHERE c.oid = pg_catalog.to_regclass($1)), \
+                    pg_catalog.current_setting('synchronous_commit'), \
+                    {records_partitions}, \
+                    (extract(epoch FROM \
+                      pg_catalog.current_setting('statement_timeout')::interval) \
+                      * 1000)::float8, \
+                    (extract(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) \
+                      * 1000)::float8, \
+                    pg_catalog.pg_is_in_recovery() \
+                      OR pg_catalog.current_setting('transaction_read_only') = 'on', \
+                    (SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
+                     WHERE c.oid = pg_catalog.to_regclass($2)), \
+                    {steps_partitions}",
+            records_partitions = unlogged_partitions("$1"),
+            steps_partitions = unlogged_partitions("$2"),
+        );
         let rows = self
             .query(
                 "check_settings",
-                "SELECT (SELECT c.relpersistence::text FROM pg_catalog.pg_class c \
-                         WHERE c.oid = pg_catalog.to_regclass($1)), \
-                        pg_catalog.current_setting('synchronous_commit'), \
-                        (WITH RECURSIVE part(oid) AS ( \
-                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
-                           WHERE i.inhparent = pg_catalog.to_regclass($1) \
-                           UNION \
-                           SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN part ON \
-                             i.inhparent = part.oid \
-                         ) \
-                         SELECT pg_catalog.string_agg(c.oid::regclass::text, ', ' ORDER BY \
-                           c.oid::regclass::text) \
-                         FROM part JOIN pg_catalog.pg_class c ON c.oid = part.oid \
-                         WHERE c.relispartition AND c.relpersistence = 'u'), \
-                        (extract(epoch FROM \
-                          pg_catalog.current_setting('statement_timeout')::interval) \
-                          * 1000)::float8, \
-                        (extract(epoch FROM pg_catalog.current_setting('lock_timeout')::interval) \
-                          * 1000)::float8, \
-                        pg_catalog.pg_is_in_recovery() \
-                          OR pg_catalog.current_setting('transaction_read_only') = 'on'",
-                &[(&table, Type::TEXT)],
+                &sql,
+                &[(&table, Type::TEXT), (&steps, Type::TEXT)],
             )
             .await
             .map_err(|failure| failure.into_error(self, "check_settings"))?;
@@ -1723,6 +2045,11 @@ impl PostgresStore {
         let Some(persistence) = persistence else {
             return Ok(None);
         };
+        let Some(steps_persistence) = row.try_get::<_, Option<String>>(6).map_err(Error::store)?
+        else {
+            return Err(Error::store(MissingSteps { table, steps }));
+        };
+        let unlogged_step_partitions: Option<String> = row.try_get(7).map_err(Error::store)?;
         let inner = &self.inner;
         let mut verdict = Ok(());
         if persistence == "u" {
@@ -1730,6 +2057,25 @@ impl PostgresStore {
                 "the idem records table {table} is UNLOGGED: a crash of the PostgreSQL server \
                  empties it, so completed records vanish and their bodies run again. Make it \
                  durable with `ALTER TABLE {table} SET LOGGED`, or accept the risk with \
+                 `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
+            );
+            verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
+        }
+        if steps_persistence == "u" {
+            let why = format!(
+                "the idem steps table {steps} is UNLOGGED: a crash of the PostgreSQL server \
+                 empties it, so recorded steps (idem::step) vanish and run again. Make it \
+                 durable with `ALTER TABLE {steps} SET LOGGED`, or accept the risk with \
+                 `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
+            );
+            verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
+        }
+        if let Some(partitions) = unlogged_step_partitions {
+            let why = format!(
+                "partitions of the idem steps table {steps} are UNLOGGED ({partitions}): a \
+                 crash of the PostgreSQL server empties them, so recorded steps (idem::step) \
+                 vanish and run again. Make each durable with `ALTER TABLE <partition> SET \
+                 LOGGED`, or accept the risk with \
                  `PostgresStoreBuilder::if_unlogged(IfUnsafe::Accept)`"
             );
             verdict = verdict.and(judge(inner.on_unlogged, &inner.warned_unlogged, why));
@@ -1782,12 +2128,13 @@ impl PostgresStore {
         }
     }
 
-    /// Deletes every expired row (completed records past their ttl, and claims whose lease ran
-    /// out long enough ago that no one took them over); returns how many. Runs in batches of
-    /// at most 1 000 rows, each one statement using the `expires_at` index. A row whose key
-    /// lock is taken (a claim of that key in flight, a transactional call holding it, another
-    /// purge) is left for a later run, so a purge never makes a claim wait for its row.
-    /// Schedule it, for example with `tokio::time::interval`.
+    /// Deletes every expired row (completed records past their ttl, claims whose lease ran
+    /// out long enough ago that no one took them over, and step records past theirs); returns
+    /// how many, of both tables. Runs in batches of at most 1 000 rows, each one statement
+    /// using a table's `expires_at` index. A row whose key lock is taken (a claim of that key in
+    /// flight, a transactional call holding it, a step being recorded, another purge) is left
+    /// for a later run, so a purge never makes a claim wait for its row. Schedule it, for
+    /// example with `tokio::time::interval`.
     ///
     /// Each batch runs in a `READ COMMITTED` transaction whatever the database's default
     /// isolation: a purge needs no more (each row is deleted only if it is still expired when
@@ -1798,13 +2145,23 @@ impl PostgresStore {
     }
 
     /// Batches of [`purge_expired`](Self::purge_expired) while they come back full, at most
-    /// `batches` of them.
+    /// `batches` of them per table: the records table, then the steps table.
     async fn purge_some(&self, batches: usize) -> Result<u64, Error> {
+        let records = self.purge_table(&self.inner.sql.purge, batches).await?;
+        let steps = self
+            .purge_table(&self.inner.sql.purge_steps, batches)
+            .await?;
+        Ok(records + steps)
+    }
+
+    /// Batches of one table's purge statement (`sql`) while they come back full, at most
+    /// `batches` of them.
+    async fn purge_table(&self, sql: &str, batches: usize) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         let mut done = 0;
         loop {
-            let rows = match self.purge_batch().await {
+            let rows = match self.purge_batch(sql).await {
                 Ok(rows) => rows,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
@@ -1827,9 +2184,9 @@ impl PostgresStore {
         }
     }
 
-    /// One batch of [`purge_expired`](Self::purge_expired), in a `READ COMMITTED` transaction,
-    /// within the store's timeout.
-    async fn purge_batch(&self) -> Result<Vec<Row>, Failure> {
+    /// One batch of [`purge_expired`](Self::purge_expired) (`sql`: the records table's or the
+    /// steps table's), in a `READ COMMITTED` transaction, within the store's timeout.
+    async fn purge_batch(&self, sql: &str) -> Result<Vec<Row>, Failure> {
         let op = "purge_expired";
         let mut conn = self.connection(op).await.map_err(Failure::Other)?;
         let prepared = self.inner.prepared;
@@ -1843,7 +2200,7 @@ impl PostgresStore {
             let rows = run(
                 On::Tx(&tx, &cache),
                 prepared,
-                &self.inner.sql.purge,
+                sql,
                 &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
             )
             .await?;
@@ -1917,6 +2274,7 @@ impl PostgresStore {
     /// What to do about a server error, where the store knows.
     fn advice(&self, op: &'static str, err: &tokio_postgres::Error) -> Option<String> {
         let table = self.qualified_table();
+        let steps = self.qualified_steps();
         let code = err.code()?;
         if *code == SqlState::INSUFFICIENT_PRIVILEGE {
             return Some(if op == "migrate" {
@@ -1924,11 +2282,21 @@ impl PostgresStore {
                     "The store's role may not create the records table or its schema: apply \
                      `PostgresStore::migration_sql()` with a role that owns the schema (your \
                      migration tool, an administrator), and grant the store's role SELECT, \
-                     INSERT, UPDATE and DELETE on {table}; `migrate()` then only checks the table"
+                     INSERT, UPDATE and DELETE on {table} and {steps}; `migrate()` then only \
+                     checks the tables"
                 )
             } else {
-                format!("Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table}")
+                format!(
+                    "Grant the store's role SELECT, INSERT, UPDATE and DELETE on {table} and \
+                     {steps}"
+                )
             });
+        }
+        if *code == SqlState::PROGRAM_LIMIT_EXCEEDED && op == "record_step" {
+            return Some(format!(
+                "A step's name is part of the primary key of {steps}, and PostgreSQL indexes \
+                 at most 2704 bytes of it (after compression): use a shorter step name"
+            ));
         }
         if *code == SqlState::INVALID_SQL_STATEMENT_NAME
             || *code == SqlState::DUPLICATE_PSTATEMENT
@@ -1958,8 +2326,8 @@ impl PostgresStore {
         }
         if *code == SqlState::UNDEFINED_TABLE {
             return Some(format!(
-                "Create the records table {table}: call `PostgresStore::migrate()`, or apply \
-                 `PostgresStore::migration_sql()`"
+                "Create the records table {table} and the steps table {steps}: call \
+                 `PostgresStore::migrate()`, or apply `PostgresStore::migration_sql()`"
             ));
         }
         None
@@ -2425,6 +2793,66 @@ impl PostgresStore {
     ) {
         let attempt = || self.complete_now(key, token, fingerprint, value.clone(), ttl);
         super::complete_in_background(key, attempt, worth_retrying).await;
+    }
+
+    async fn record_step_now(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<StepRecorded, Error> {
+        self.ready().await?;
+        let key_bytes = &key.as_bytes()[..];
+        let token_bytes = token_bytes(token);
+        let name = step.as_bytes();
+        let value = &value[..];
+        let ttl = micros(ttl);
+        let lock = self.lock_id(key);
+        let params: &Params<'_> = &[
+            (&key_bytes, Type::BYTEA),
+            (&&token_bytes[..], Type::BYTEA),
+            (&name, Type::BYTEA),
+            (&value, Type::BYTEA),
+            (&ttl, Type::FLOAT8),
+            (&lock, Type::INT8),
+        ];
+        let recorded = self
+            .gated("record_step", &self.inner.sql.record_step, params)
+            .await?;
+        Ok(if recorded == 1 {
+            StepRecorded::Recorded
+        } else {
+            StepRecorded::LeaseLost
+        })
+    }
+
+    async fn steps_now(&self, key: Key, token: Token) -> Result<RecordedSteps, Error> {
+        self.ready().await?;
+        let key_bytes = &key.as_bytes()[..];
+        let token_bytes = token_bytes(token);
+        let params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&&token_bytes[..], Type::BYTEA)];
+        let rows = self
+            .query("steps", &self.inner.sql.steps, params)
+            .await
+            .map_err(|failure| failure.into_error(self, "steps"))?;
+        if rows.is_empty() {
+            return Ok(RecordedSteps::LeaseLost);
+        }
+        let mut steps = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let name: Option<Vec<u8>> = row.try_get(0).map_err(Error::store)?;
+            let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
+            // One row of NULLs: the key holds no steps.
+            let (Some(name), Some(value)) = (name, value) else {
+                continue;
+            };
+            let name = String::from_utf8(name)
+                .map_err(|_| Error::store(Corrupt("a step name is not UTF-8")))?;
+            steps.push((name, Bytes::from(value)));
+        }
+        Ok(RecordedSteps::Held(steps))
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
@@ -2905,6 +3333,24 @@ impl Store for PostgresStore {
     /// PostgreSQL's largest `bytea` value, 1 GB.
     fn max_value_len(&self) -> Option<usize> {
         Some((1 << 30) - 1)
+    }
+
+    /// One statement (see [the module docs](self#steps)): under the key lock, and only while
+    /// `token` holds the key with a live lease.
+    fn record_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: String,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
+        Box::pin(self.record_step_now(key, token, step, value, ttl))
+    }
+
+    /// One statement, a read (see [the module docs](self#steps)).
+    fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
+        Box::pin(self.steps_now(key, token))
     }
 
     /// Hands the release to the current tokio runtime, if there is one; otherwise (or if it
