@@ -3674,66 +3674,15 @@ async fn a_body_that_failed_after_a_step_is_retried_without_running_the_step_aga
     assert_eq!(shop.reservations.load(Ordering::SeqCst), 1, "replayed");
 }
 
-/// A holder charges and then "crashes": its call's future is leaked (never polled again, never
-/// dropped), so it stops renewing and never releases. After its lease runs out, the next call
-/// takes the key over and gets the recorded charge without charging again.
+/// The scenario of `support::steps_model::a_takeover_does_not_run_a_recorded_step_again`.
 #[tokio::test]
 async fn a_recorded_step_is_not_run_again_after_a_takeover() {
     let store = shared_store().await;
-    let lease = Duration::from_millis(500);
-    let charges = Arc::new(AtomicUsize::new(0));
-    let emails = Arc::new(AtomicUsize::new(0));
-    let order = unique("steps-takeover");
-    let (recorded, crashed) = tokio::sync::oneshot::channel::<()>();
-    let first = {
-        let charges = charges.clone();
-        Idempotent::new(&store, order.clone())
-            .name("steps.takeover")
-            .lease(lease)
-            .run(move || async move {
-                let receipt = idem::step("charge", || async {
-                    Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst) + 100)
-                })
-                .await?;
-                let _ = recorded.send(());
-                std::future::pending::<()>().await;
-                Ok::<usize, Error>(receipt)
-            })
-    };
-    let mut first = Box::pin(first);
-    tokio::select! {
-        _ = &mut first => unreachable!("the first holder never finishes"),
-        _ = crashed => {}
-    }
-    std::mem::forget(first);
-    assert_eq!(charges.load(Ordering::SeqCst), 1);
-
-    // Waits for the lapsed lease (the waiter's poll knows when it runs out), then takes over.
-    let (c, e) = (charges.clone(), emails.clone());
-    let out = Idempotent::new(&store, order.clone())
-        .name("steps.takeover")
-        .lease(lease)
-        .run_with_outcome(move || async move {
-            let receipt = idem::step("charge", || async {
-                Ok::<_, Error>(c.fetch_add(1, Ordering::SeqCst) + 100)
-            })
-            .await?;
-            idem::step("email", || async {
-                Ok::<_, Error>(e.fetch_add(1, Ordering::SeqCst))
-            })
-            .await?;
-            Ok::<usize, Error>(receipt)
-        })
-        .await
-        .unwrap();
-    assert_eq!(out.value, 100, "the recorded receipt is returned");
-    assert_eq!(out.status, Status::Executed);
-    assert_eq!(
-        charges.load(Ordering::SeqCst),
-        1,
-        "the card is charged once"
-    );
-    assert_eq!(emails.load(Ordering::SeqCst), 1);
+    support::steps_model::a_takeover_does_not_run_a_recorded_step_again(
+        &store,
+        Duration::from_millis(500),
+    )
+    .await;
 }
 
 /// A holder that stopped being polled past its lease, while another call took the key over,

@@ -2857,13 +2857,11 @@ mod wake {
 /// its hash slot), what they cost, and that a retry or a takeover does not run a recorded step
 /// again, on one server and on the cluster. The rules themselves are the conformance suite's.
 mod steps {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use idem::store::{Bytes, Claim, RecordedSteps, StepRecorded, Token};
     use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
-    use tokio::sync::oneshot;
 
     use super::{
         AppError, CountingProxy, RedisCluster, RedisServer, Resp, cluster_store, fresh_prefix,
@@ -3122,58 +3120,13 @@ mod steps {
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
     }
 
-    /// The first holder charges (a step) and then hangs: its future is leaked, so it never
-    /// renews its lease nor releases. Once the lease ran out, the next call takes the key over
-    /// and gets the recorded charge without charging again.
+    /// The scenario of `support::steps_model::a_takeover_does_not_run_a_recorded_step_again`.
     async fn a_takeover_does_not_run_a_recorded_step_again(store: &RedisStore) {
-        const LEASE: Duration = Duration::from_millis(300);
-        let charges = Arc::new(AtomicUsize::new(0));
-        let emails = Arc::new(AtomicUsize::new(0));
-        let (recorded, crashed) = oneshot::channel::<()>();
-        let first = {
-            let charges = charges.clone();
-            Idempotent::new(store, ("checkout", 2u32))
-                .name("test")
-                .lease(LEASE)
-                .run(move || async move {
-                    let receipt = idem::step("charge", || async {
-                        Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst) + 100)
-                    })
-                    .await?;
-                    let _ = recorded.send(());
-                    std::future::pending::<()>().await;
-                    Ok::<usize, Error>(receipt)
-                })
-        };
-        let mut first = Box::pin(first);
-        tokio::select! {
-            _ = &mut first => unreachable!("the first holder never finishes"),
-            _ = crashed => {}
-        }
-        std::mem::forget(first);
-        assert_eq!(charges.load(Ordering::SeqCst), 1);
-
-        tokio::time::sleep(LEASE * 2).await;
-        let (c, e) = (charges.clone(), emails.clone());
-        let out = Idempotent::new(store, ("checkout", 2u32))
-            .name("test")
-            .lease(LEASE)
-            .run_with_outcome(move || async move {
-                let receipt = idem::step("charge", || async {
-                    Ok::<_, Error>(c.fetch_add(1, Ordering::SeqCst) + 100)
-                })
-                .await?;
-                idem::step("email", || async {
-                    Ok::<_, Error>(e.fetch_add(1, Ordering::SeqCst))
-                })
-                .await?;
-                Ok::<usize, Error>(receipt)
-            })
-            .await
-            .expect("the takeover completes");
-        assert_eq!((out.value, out.status), (100, Status::Executed));
-        assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
-        assert_eq!(emails.load(Ordering::SeqCst), 1);
+        crate::support::steps_model::a_takeover_does_not_run_a_recorded_step_again(
+            store,
+            Duration::from_millis(300),
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

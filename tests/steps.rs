@@ -2,6 +2,8 @@
 //! count is the assertion. (The store contract of steps is `idem::conformance`'s; Redis and
 //! PostgreSQL run it and end-to-end step tests of their own.)
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -23,50 +25,8 @@ async fn charge(count: &AtomicU32) -> Result<u32, Error> {
 
 #[tokio::test]
 async fn a_recorded_step_does_not_run_again_after_a_takeover() {
-    let store = MemoryStore::new();
-    let charges = counter();
-    let emails = counter();
-    let (recorded, crashed) = oneshot::channel::<()>();
-    // First holder: charges, then "crashes" (its future is leaked: never polled, never dropped).
-    let first = {
-        let charges = charges.clone();
-        Idempotent::new(&store, "order-1")
-            .name("checkout")
-            .lease(LEASE)
-            .run(move || async move {
-                let receipt = idem::step("charge", || charge(&charges)).await?;
-                let _ = recorded.send(());
-                std::future::pending::<()>().await;
-                Ok::<u32, Error>(receipt)
-            })
-    };
-    let mut first = Box::pin(first);
-    tokio::select! {
-        _ = &mut first => unreachable!("the first holder never finishes"),
-        _ = crashed => {}
-    }
-    std::mem::forget(first);
-    assert_eq!(charges.load(Ordering::SeqCst), 1);
-
-    tokio::time::sleep(LEASE * 3).await;
-    let (c, e) = (charges.clone(), emails.clone());
-    let receipt = Idempotent::new(&store, "order-1")
-        .name("checkout")
-        .lease(LEASE)
-        .run(move || async move {
-            let receipt = idem::step("charge", || charge(&c)).await?;
-            idem::step("email", || charge(&e)).await?;
-            Ok::<u32, Error>(receipt)
-        })
-        .await
-        .unwrap();
-    assert_eq!(receipt, 100, "the recorded receipt is returned");
-    assert_eq!(
-        charges.load(Ordering::SeqCst),
-        1,
-        "the card is charged once"
-    );
-    assert_eq!(emails.load(Ordering::SeqCst), 1);
+    support::steps_model::a_takeover_does_not_run_a_recorded_step_again(&MemoryStore::new(), LEASE)
+        .await;
 }
 
 #[tokio::test]

@@ -425,3 +425,69 @@ pub async fn run_steps_model(
     counts.sequences = 1;
     Ok(counts)
 }
+
+/// One scenario every store runs (tests/steps.rs, tests/redis.rs, tests/postgres.rs): a holder
+/// charges (a step) and then "crashes": its call's future is leaked, never polled again nor
+/// dropped, so it stops renewing and never releases. After its lease runs out, the next call
+/// takes the key over and gets the recorded charge without charging again; its other step runs
+/// once.
+pub async fn a_takeover_does_not_run_a_recorded_step_again(store: &dyn Store, lease: Duration) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    let key = format!("takeover-{}", Token::generate().as_u128());
+    let charges = Arc::new(AtomicUsize::new(0));
+    let emails = Arc::new(AtomicUsize::new(0));
+    let (recorded, crashed) = oneshot::channel::<()>();
+    let first = {
+        let charges = charges.clone();
+        Idempotent::new(store, key.as_str())
+            .name("steps.takeover")
+            .lease(lease)
+            .run(move || async move {
+                let receipt = idem::step("charge", || async {
+                    Ok::<_, Error>(charges.fetch_add(1, Ordering::SeqCst) + 100)
+                })
+                .await?;
+                let _ = recorded.send(());
+                std::future::pending::<()>().await;
+                Ok::<usize, Error>(receipt)
+            })
+    };
+    let mut first = Box::pin(first);
+    tokio::select! {
+        _ = &mut first => panic!("the first holder never finishes"),
+        _ = crashed => {}
+    }
+    std::mem::forget(first);
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+
+    // Waits for the lapsed lease, then takes over.
+    let (c, e) = (charges.clone(), emails.clone());
+    let out = Idempotent::new(store, key.as_str())
+        .name("steps.takeover")
+        .lease(lease)
+        .run_with_outcome(move || async move {
+            let receipt = idem::step("charge", || async {
+                Ok::<_, Error>(c.fetch_add(1, Ordering::SeqCst) + 100)
+            })
+            .await?;
+            idem::step("email", || async {
+                Ok::<_, Error>(e.fetch_add(1, Ordering::SeqCst))
+            })
+            .await?;
+            Ok::<usize, Error>(receipt)
+        })
+        .await
+        .expect("the takeover completes");
+    assert_eq!(
+        (out.value, out.status),
+        (100, idem::Status::Executed),
+        "the takeover returns the recorded charge"
+    );
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "the card is charged once"
+    );
+    assert_eq!(emails.load(Ordering::SeqCst), 1);
+}

@@ -918,6 +918,17 @@ fn complete_sql(table: &str, gate: &str, wake: &str, steps: Option<&str>) -> Str
     )
 }
 
+/// `ddl`, with its `CREATE INDEX IF NOT EXISTS "<index>" ON <table>` left for the server to
+/// name when `taken`: another relation has the index's name, and `IF NOT EXISTS` would skip,
+/// leaving the table without its index.
+fn unnamed_index_if(taken: bool, ddl: String, index: &str, table_q: &str) -> String {
+    if !taken {
+        return ddl;
+    }
+    let named = format!("CREATE INDEX IF NOT EXISTS \"{index}\" ON {table_q}");
+    ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1)
+}
+
 /// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
 /// than the defaults.
 ///
@@ -1891,28 +1902,22 @@ impl PostgresStore {
             // EXISTS` on it would take a lock that writers queue behind).
             let mut ddl = String::new();
             if !records_present {
-                let mut records = self.records_ddl();
-                if name_taken {
-                    // Another relation has the index's name (`CREATE INDEX IF NOT EXISTS` would
-                    // skip, leaving the table without its index): let the server name it.
-                    let named = format!(
-                        "CREATE INDEX IF NOT EXISTS \"{}_expires_idx\" ON {table_q}",
-                        self.inner.table
-                    );
-                    records = records.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1);
-                }
-                ddl.push_str(&records);
+                let index = format!("{}_expires_idx", self.inner.table);
+                ddl.push_str(&unnamed_index_if(
+                    name_taken,
+                    self.records_ddl(),
+                    &index,
+                    &table_q,
+                ));
             }
             if !steps_present {
-                let mut steps = self.steps_ddl();
-                if steps_name_taken {
-                    let named = format!(
-                        "CREATE INDEX IF NOT EXISTS \"{}{STEPS_INDEX_SUFFIX}\" ON {steps_q}",
-                        self.inner.steps_table
-                    );
-                    steps = steps.replacen(&named, &format!("CREATE INDEX ON {steps_q}"), 1);
-                }
-                ddl.push_str(&steps);
+                let index = format!("{}{STEPS_INDEX_SUFFIX}", self.inner.steps_table);
+                ddl.push_str(&unnamed_index_if(
+                    steps_name_taken,
+                    self.steps_ddl(),
+                    &index,
+                    &steps_q,
+                ));
             }
             tx.batch_execute(&ddl).await?;
             tx.commit().await?;
