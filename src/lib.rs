@@ -183,8 +183,8 @@ pub use idem_runtime::IdempotencyLayer;
 pub use idem_runtime::http;
 pub use idem_runtime::{
     BoxError, DEFAULT_LEASE, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, Error, Fingerprint, Idempotent,
-    Key, KeyPart, MemoryStore, OnConflict, Outcome, Policy, Status, Store, codec, conformance,
-    conformance_tests, key, step,
+    Key, KeyPart, MAX_STEP_NAME_LEN, MemoryStore, OnConflict, Outcome, Policy, Status, Store,
+    codec, conformance, conformance_tests, key, step,
 };
 
 /// Durable records in PostgreSQL, with a transactional mode (needs the `postgres` feature).

@@ -128,6 +128,8 @@ struct Counting {
     reads: AtomicU32,
     records: AtomicU32,
     max_value_len: Option<usize>,
+    /// How long a step's record takes to land (it lands at the start, answers at the end).
+    record_delay: Duration,
 }
 
 impl Counting {
@@ -137,6 +139,14 @@ impl Counting {
             reads: AtomicU32::new(0),
             records: AtomicU32::new(0),
             max_value_len,
+            record_delay: Duration::ZERO,
+        }
+    }
+
+    fn slow_records(delay: Duration) -> Counting {
+        Counting {
+            record_delay: delay,
+            ..Counting::new(None)
         }
     }
 }
@@ -189,7 +199,26 @@ impl idem::Store for Counting {
         ttl: Duration,
     ) -> BoxFuture<'_, Result<StepRecorded, Error>> {
         self.records.fetch_add(1, Ordering::SeqCst);
-        self.inner.record_step(key, token, step, value, ttl)
+        let recorded = self.inner.record_step(key, token, step, value, ttl);
+        let delay = self.record_delay;
+        Box::pin(async move {
+            let recorded = recorded.await;
+            tokio::time::sleep(delay).await;
+            recorded
+        })
+    }
+    fn release_on_drop(&self, key: idem::Key, token: Token) {
+        self.inner.release_on_drop(key, token)
+    }
+    fn release_on_drop_after_steps(
+        &self,
+        key: idem::Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.inner
+            .release_on_drop_after_steps(key, token, steps, ttl)
     }
     fn steps(&self, key: idem::Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
@@ -749,4 +778,155 @@ async fn a_holder_resumed_after_a_takeover_does_not_repeat_its_successors_step()
         1,
         "the resumed holder checked its lease before running the second step"
     );
+}
+
+#[tokio::test]
+async fn a_step_timed_out_while_its_record_is_on_its_way_and_retried_is_not_run_again() {
+    let store = Counting::slow_records(Duration::from_millis(200));
+    let charges = counter();
+    let c = charges.clone();
+    let got = Idempotent::new(&store, "timed out")
+        .name("checkout")
+        .run(move || async move {
+            loop {
+                let c = c.clone();
+                let charge = idem::step("charge", || async move { charge(&c).await });
+                match tokio::time::timeout(Duration::from_millis(50), charge).await {
+                    Ok(receipt) => break receipt,
+                    Err(_) => continue, // retried under its name, as the docs allow
+                }
+            }
+        })
+        .await;
+    assert_eq!(
+        got.unwrap(),
+        100,
+        "the retry gets the first charge's receipt"
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+}
+
+#[tokio::test]
+async fn a_try_join_that_fails_records_the_step_that_succeeded() {
+    let store = MemoryStore::new();
+    let (charges, reservations) = (counter(), counter());
+    for _ in 0..2 {
+        let (c, r) = (charges.clone(), reservations.clone());
+        let _ = Idempotent::new(&store, "joined failure")
+            .name("checkout")
+            .run(move || async move {
+                let reserve = idem::step("reserve", || async {
+                    // Out of stock the first time.
+                    if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err(failed())
+                    } else {
+                        Ok(1u32)
+                    }
+                });
+                let (charge, _) = tokio::try_join!(idem::step("charge", || charge(&c)), reserve)?;
+                Ok::<u32, Error>(charge)
+            })
+            .await;
+    }
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+    assert_eq!(reservations.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_call_dropped_while_a_step_record_is_on_its_way_hands_it_to_the_store() {
+    let store = Counting::slow_records(Duration::from_millis(200));
+    let charges = counter();
+    for _ in 0..2 {
+        let c = charges.clone();
+        // Dropped by the timeout while the charge's record is on its way (the first time).
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            Idempotent::new(&store, "dropped")
+                .name("checkout")
+                .run(move || async move { idem::step("charge", || charge(&c)).await }),
+        )
+        .await;
+    }
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+}
+
+#[tokio::test]
+async fn steps_are_not_inherited_by_a_key_reused_for_another_request() {
+    let store = MemoryStore::new();
+    let charges = counter();
+    let attempt = |amount: u32, fail: bool| {
+        let c = charges.clone();
+        Idempotent::new(&store, "reused")
+            .name("checkout")
+            .fingerprint(&amount)
+            .run(move || async move {
+                let receipt = idem::step("charge", || charge(&c)).await?;
+                if fail {
+                    return Err(failed());
+                }
+                Ok::<u32, Error>(receipt + amount)
+            })
+    };
+    assert!(attempt(100, true).await.is_err());
+    let reused = attempt(200, false).await.unwrap_err();
+    assert!(matches!(reused, Error::KeyReused), "{reused}");
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "the other request charged nothing"
+    );
+    assert_eq!(
+        attempt(100, false).await.unwrap(),
+        200,
+        "the first request resumes"
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn after_a_lost_lease_no_later_step_runs() {
+    let store = MemoryStore::new();
+    let later = counter();
+    let l = later.clone();
+    let store_ref = &store;
+    let err = Idempotent::new(&store, "lost")
+        .name("checkout")
+        .run(move || async move {
+            idem::step("first", || async { Ok::<_, Error>(1u8) }).await?;
+            // An operator removes the record: the call no longer holds its key.
+            store_ref
+                .remove(idem::Key::new("checkout", &"lost"))
+                .await?;
+            tokio::time::sleep(LEASE).await;
+            let lost = idem::step("second", || async { Ok::<_, Error>(2u8) }).await;
+            assert!(matches!(lost, Err(Error::LeaseLost { .. })), "{lost:?}");
+            // A body that ignores it: its next step does not run either.
+            idem::step("third", || async {
+                l.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(3u8)
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert_eq!(later.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_step_name_longer_than_the_limit_is_refused_before_it_runs() {
+    let store = MemoryStore::new();
+    let runs = counter();
+    let r = runs.clone();
+    let err = Idempotent::new(&store, "long name")
+        .name("checkout")
+        .run(move || async move {
+            let name = "n".repeat(idem::MAX_STEP_NAME_LEN + 1);
+            idem::step(&name, || charge(&r)).await
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StepNameTooLong { .. }), "{err}");
+    assert!(err.to_string().contains("1024"), "{err}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }

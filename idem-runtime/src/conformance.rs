@@ -68,6 +68,8 @@ pub const CHECKS: &[&str] = &[
     "steps_expire_with_their_ttl",
     "step_names_and_values_round_trip",
     "steps_stay_with_their_key",
+    "steps_are_tied_to_the_fingerprint",
+    "a_dropped_call_records_its_steps_then_releases",
 ];
 
 /// Runs every check, one after another.
@@ -102,7 +104,9 @@ pub async fn run_all(store: Arc<dyn Store>) {
     complete_and_remove_delete_steps(store.clone()).await;
     steps_expire_with_their_ttl(store.clone()).await;
     step_names_and_values_round_trip(store.clone()).await;
-    steps_stay_with_their_key(store).await;
+    steps_stay_with_their_key(store.clone()).await;
+    steps_are_tied_to_the_fingerprint(store.clone()).await;
+    a_dropped_call_records_its_steps_then_releases(store).await;
 }
 
 /// A key no other check (or run) uses.
@@ -1151,6 +1155,9 @@ async fn steps_of(store: &dyn Store, key: Key, token: Token) -> Option<Vec<(Stri
             Some(steps)
         }
         Ok(RecordedSteps::LeaseLost) => None,
+        Ok(RecordedSteps::KeyReused) => {
+            panic!("steps of a claim without a fingerprint are its own")
+        }
         Err(err) => panic!("steps failed: {err}"),
     }
 }
@@ -1455,6 +1462,98 @@ pub async fn steps_stay_with_their_key(store: Arc<dyn Store>) {
     assert_eq!(steps_of(&*store, b, tb).await.map(|s| s.len()), Some(1));
 }
 
+/// Steps are the request's that recorded them: a claim with another fingerprint reads
+/// `KeyReused` (and they stay), a claim with the same one or none reads them.
+pub async fn steps_are_tied_to_the_fingerprint(store: Arc<dyn Store>) {
+    let key = fresh_key("steps_are_tied_to_the_fingerprint");
+    let (a, b) = (Fingerprint::of("amount=100"), Fingerprint::of("amount=200"));
+    let claim = |fingerprint| {
+        let store = store.clone();
+        async move {
+            match store.claim(key, fingerprint, LONG).await {
+                Ok(Claim::Acquired(token)) => token,
+                other => panic!("claim of a free key must acquire it, got {other:?}"),
+            }
+        }
+    };
+    let first = claim(Some(a)).await;
+    assert_eq!(
+        record_step(&*store, key, first, "charge", b"ch_100", LONG).await,
+        StepRecorded::Recorded
+    );
+    assert_eq!(store.release(key, first).await.ok(), Some(true));
+
+    let other = claim(Some(b)).await;
+    assert_eq!(
+        store.steps(key, other).await.ok(),
+        Some(RecordedSteps::KeyReused),
+        "a claim with another fingerprint must not inherit the steps"
+    );
+    assert_eq!(store.release(key, other).await.ok(), Some(true));
+
+    let retry = claim(Some(a)).await;
+    assert_eq!(
+        steps_of(&*store, key, retry).await,
+        Some(vec![step("charge", b"ch_100")]),
+        "a retry of the request that recorded them reads them"
+    );
+    assert_eq!(store.release(key, retry).await.ok(), Some(true));
+    let unfingerprinted = claim(None).await;
+    assert_eq!(
+        steps_of(&*store, key, unfingerprinted).await,
+        Some(vec![step("charge", b"ch_100")]),
+        "a claim without a fingerprint reads them (the rule of replays)"
+    );
+    assert_eq!(store.release(key, unfingerprinted).await.ok(), Some(true));
+
+    // Steps recorded without a fingerprint are not a fingerprinted request's.
+    let bare = fresh_key("steps_are_tied_to_the_fingerprint");
+    let token = acquire(&*store, bare, LONG).await;
+    record_step(&*store, bare, token, "charge", b"x", LONG).await;
+    assert_eq!(store.release(bare, token).await.ok(), Some(true));
+    let token = match store.claim(bare, Some(a), LONG).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim of a released key must acquire it, got {other:?}"),
+    };
+    assert_eq!(
+        store.steps(bare, token).await.ok(),
+        Some(RecordedSteps::KeyReused)
+    );
+}
+
+/// `release_on_drop_after_steps` records the steps it is given, then releases: the next claim
+/// reads them (a remote store does it in the background: the check waits for it).
+pub async fn a_dropped_call_records_its_steps_then_releases(store: Arc<dyn Store>) {
+    let key = fresh_key("a_dropped_call_records_its_steps_then_releases");
+    let token = acquire(&*store, key, LONG).await;
+    record_step(&*store, key, token, "charge", b"ch_1", LONG).await;
+    store.release_on_drop_after_steps(
+        key,
+        token,
+        vec![
+            ("charge".to_owned(), Bytes::from_static(b"ch_other")),
+            ("reserve".to_owned(), Bytes::from_static(b"r_1")),
+        ],
+        LONG,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        match store.claim(key, None, LONG).await {
+            Ok(Claim::Acquired(next)) => break next,
+            Ok(Claim::Busy { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the dropped call's claim must be released, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        steps_of(&*store, key, next).await,
+        Some(vec![step("charge", b"ch_1"), step("reserve", b"r_1")]),
+        "the dropped call's steps are recorded before its release (the first value of a \
+         repeated one stays)"
+    );
+}
+
 /// A store whose `complete` never returns (it says when it is entered), for
 /// [`cancelled_completion_keeps_the_claim`]; everything else goes to the store inside.
 struct GatedComplete {
@@ -1523,6 +1622,16 @@ impl Store for GatedComplete {
     fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
         self.inner.steps(key, token)
     }
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.inner
+            .release_on_drop_after_steps(key, token, steps, ttl)
+    }
 }
 
 /// Writes one `#[tokio::test]` per conformance check, each on a store made by `$make` (an
@@ -1563,7 +1672,9 @@ macro_rules! conformance_tests {
             complete_and_remove_delete_steps,
             steps_expire_with_their_ttl,
             step_names_and_values_round_trip,
-            steps_stay_with_their_key
+            steps_stay_with_their_key,
+            steps_are_tied_to_the_fingerprint,
+            a_dropped_call_records_its_steps_then_releases
         );
     };
     (@each $make:expr; $($check:ident),*) => {$(

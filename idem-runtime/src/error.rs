@@ -67,6 +67,19 @@ pub enum Error {
         name: String,
     },
 
+    /// A step's name is longer than [`MAX_STEP_NAME_LEN`](crate::MAX_STEP_NAME_LEN) bytes. The
+    /// step did not run.
+    #[error(
+        "a step name of {len} bytes is longer than the {max} bytes a step name may have: name \
+         steps with short identifiers (`reserve-{{sku}}`); the step did not run"
+    )]
+    StepNameTooLong {
+        /// The name's length, in bytes.
+        len: usize,
+        /// The most a name may have.
+        max: usize,
+    },
+
     /// A step's effect ran but could not be recorded: another call took the key over (this
     /// holder's lease ran out). Stop: the new holder owns the call.
     #[error(

@@ -209,6 +209,12 @@ impl fmt::Debug for Key {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
+/// The replay rule: a call that gives a fingerprint may only replay a record (or inherit steps)
+/// made with the same one; a call that gives none replays any.
+pub(crate) fn fingerprint_matches(call: Option<Fingerprint>, stored: Option<Fingerprint>) -> bool {
+    call.is_none() || stored == call
+}
+
 impl Fingerprint {
     /// The fingerprint of `value`, canonically encoded like a key.
     pub fn of<V: KeyPart + ?Sized>(value: &V) -> Fingerprint {

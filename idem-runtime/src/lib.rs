@@ -30,7 +30,7 @@ mod record;
 pub mod store;
 
 pub use error::{BoxError, Error};
-pub use exec::step::step;
+pub use exec::step::{MAX_STEP_NAME_LEN, step};
 /// The transactional mode (needs the `postgres` feature): see [`PostgresStore::transactional`].
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

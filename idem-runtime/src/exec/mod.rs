@@ -90,11 +90,7 @@ impl Policy {
     }
 }
 
-/// The replay rule: a call that gives a fingerprint may only replay a record made with the same
-/// one; a call that gives none replays any.
-pub(crate) fn fingerprint_matches(call: Option<Fingerprint>, stored: Option<Fingerprint>) -> bool {
-    call.is_none() || stored == call
-}
+pub(crate) use crate::key::fingerprint_matches;
 
 /// What a call that met a busy key does next (step 4 of the executor).
 pub(crate) enum Turn {
@@ -772,12 +768,18 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
             report,
         } = self;
         let key = call.key;
+        // Step values whose effects ran and whose records the store has not acknowledged: a
+        // drop hands them to the store with the release (declared before the guard, which
+        // reads it when it drops).
+        let unrecorded = step::Unrecorded::default();
         let mut guard = ClaimGuard {
             store,
             key,
             token,
             fingerprint: call.fingerprint,
             stage: Stage::Running,
+            unrecorded: &unrecorded,
+            ttl: policy.ttl,
         };
         // The body's steps (`idem::step`) are sent to the store by the future that polls the
         // body, with the call's key and token: the store stays borrowed by the call.
@@ -787,11 +789,26 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
         });
         let body = step::CURRENT.scope(
             cx,
-            step::serve(store, key, token, policy.ttl, catch_panics(body, panicked)),
+            step::serve(
+                store,
+                key,
+                token,
+                policy.ttl,
+                &unrecorded,
+                catch_panics(body, panicked),
+            ),
         );
         let started = metrics::start();
-        let (result, lease_lost) = renewing(store, key, token, policy.lease, body).await;
+        let (result, seen) = renewing(store, key, token, policy.lease, body).await;
         metrics::body(call.name, started);
+        if seen.key_reused {
+            // A step found the key's steps recorded for another request: whatever the body
+            // made of that, the call is refused like a replay of another request's result.
+            guard.release(call.name).await;
+            report.reported();
+            outcome!(INFO, call, "key_reused");
+            return Err(Error::KeyReused.into());
+        }
         let value = match result {
             Ok(value) => value,
             Err(err) => {
@@ -799,7 +816,7 @@ impl<S: Store + ?Sized> Claimed<'_, '_, '_, S> {
                 // recorded steps stay, so the retry does not run them again).
                 guard.release(call.name).await;
                 report.reported();
-                if lease_lost {
+                if seen.lease_lost {
                     outcome!(
                         WARN,
                         call,
@@ -1055,6 +1072,10 @@ struct ClaimGuard<'a, S: Store + ?Sized> {
     token: Token,
     fingerprint: Option<Fingerprint>,
     stage: Stage,
+    /// Steps whose records were not acknowledged: recorded before a release.
+    unrecorded: &'a step::Unrecorded,
+    /// The call's ttl, for those steps.
+    ttl: Duration,
 }
 
 impl<S: Store + ?Sized> ClaimGuard<'_, S> {
@@ -1064,6 +1085,13 @@ impl<S: Store + ?Sized> ClaimGuard<'_, S> {
         // Stays `Running` while the release is under way: if this future is dropped meanwhile,
         // the destructor still releases.
         let started = metrics::start();
+        for (name, value) in self.unrecorded.take() {
+            // Normally none: the body's steps are recorded before the body's end is reported.
+            let _ = self
+                .store
+                .record_step(self.key, self.token, name, value, self.ttl)
+                .await;
+        }
         let released = self.store.release(self.key, self.token).await;
         metrics::store_operation("release", started);
         self.stage = Stage::Settled;
@@ -1079,7 +1107,12 @@ impl<S: Store + ?Sized> ClaimGuard<'_, S> {
 impl<S: Store + ?Sized> Drop for ClaimGuard<'_, S> {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.stage, Stage::Settled) {
-            Stage::Running => self.store.release_on_drop(self.key, self.token),
+            Stage::Running => match self.unrecorded.take() {
+                steps if steps.is_empty() => self.store.release_on_drop(self.key, self.token),
+                steps => self
+                    .store
+                    .release_on_drop_after_steps(self.key, self.token, steps, self.ttl),
+            },
             Stage::Completing { value, ttl } => {
                 self.store
                     .complete_on_drop(self.key, self.token, self.fingerprint, value, ttl)

@@ -66,6 +66,11 @@ pub(crate) struct StepCx {
     requests: RefCell<VecDeque<StepRequest>>,
     /// A step found that the call no longer holds its key.
     lease_lost: Cell<bool>,
+    /// A step found the key's steps recorded for another request (another fingerprint).
+    key_reused: Cell<bool>,
+    /// Names of steps dropped while their record was on its way: whether it landed is known
+    /// only to the store, so a step of that name reads the store again before it runs.
+    uncertain: RefCell<HashSet<String>>,
     /// When the store last said that the call holds its key (the sending of a step read or
     /// record it answered so).
     confirmed: Cell<Option<Instant>>,
@@ -79,6 +84,8 @@ impl StepCx {
             used: RefCell::new(HashSet::new()),
             requests: RefCell::new(VecDeque::new()),
             lease_lost: Cell::new(false),
+            key_reused: Cell::new(false),
+            uncertain: RefCell::new(HashSet::new()),
             confirmed: Cell::new(None),
         }
     }
@@ -88,39 +95,103 @@ tokio::task_local! {
     pub(crate) static CURRENT: StepCx;
 }
 
-/// Polls `body` and sends its steps' requests to `store`, fenced by `token`. Runs inside
-/// [`CURRENT`]'s scope. Returns the body's output, and whether a step found the lease lost.
+/// The most bytes a step's name may have: a name is an identifier, and every store keeps it
+/// in an index (PostgreSQL's B-tree rows hold at most about 2.7 kB).
+pub const MAX_STEP_NAME_LEN: usize = 1024;
+
+/// Step values on their way to the store whose records the store has not acknowledged yet, in
+/// the order they were asked: what a call dropped meanwhile hands to
+/// [`Store::release_on_drop_after_steps`].
+#[derive(Default)]
+pub(crate) struct Unrecorded(std::sync::Mutex<Vec<(String, Bytes)>>);
+
+impl Unrecorded {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Bytes)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes them all out.
+    pub(crate) fn take(&self) -> Vec<(String, Bytes)> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn push(&self, name: &str, value: &Bytes) {
+        self.lock().push((name.to_owned(), value.clone()));
+    }
+
+    fn remove(&self, name: &str) {
+        let mut list = self.lock();
+        if let Some(i) = list.iter().position(|(n, _)| n == name) {
+            list.remove(i);
+        }
+    }
+}
+
+/// What the steps of a call found, for the executor's report.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Seen {
+    /// A step found that the call no longer holds its key.
+    pub(crate) lease_lost: bool,
+    /// A step found the key's steps recorded for another request.
+    pub(crate) key_reused: bool,
+}
+
+/// Polls `body` and sends its steps' requests to `store`, fenced by `token`, one at a time in
+/// the order they were asked. Runs inside [`CURRENT`]'s scope. When the body ends, the requests
+/// it left (a step whose effect ran, in a `try_join!` that another branch ended) are sent before
+/// its output is returned; while a record is on its way, it is in `unrecorded`.
 pub(crate) async fn serve<S, F>(
     store: &S,
     key: Key,
     token: Token,
     ttl: Duration,
+    unrecorded: &Unrecorded,
     body: F,
-) -> (F::Output, bool)
+) -> (F::Output, Seen)
 where
     S: Store + ?Sized,
     F: Future,
 {
     let mut body = std::pin::pin!(body);
+    let mut out = None;
+    let mut queue: VecDeque<StepRequest> = VecDeque::new();
     let mut in_flight: Option<BoxFuture<'_, ()>> = None;
     let out = std::future::poll_fn(|cx| {
         loop {
-            if let Poll::Ready(out) = body.as_mut().poll(cx) {
-                return Poll::Ready(out);
+            if out.is_none()
+                && let Poll::Ready(done) = body.as_mut().poll(cx)
+            {
+                out = Some(done);
             }
+            // What the body asked in that poll (taken at once, so that a body that ends in the
+            // same poll does not leave it behind).
+            let _ = CURRENT.try_with(|steps| {
+                for request in steps.requests.borrow_mut().drain(..) {
+                    if let StepRequest::Record { name, value, .. } = &request {
+                        unrecorded.push(name, value);
+                    }
+                    queue.push_back(request);
+                }
+            });
             if in_flight.is_none() {
-                let next = CURRENT
-                    .try_with(|steps| steps.requests.borrow_mut().pop_front())
-                    .ok()
-                    .flatten();
-                match next {
-                    Some(request) => in_flight = Some(send(store, key, token, ttl, request)),
-                    None => return Poll::Pending,
+                match queue.pop_front() {
+                    Some(request) => {
+                        in_flight = Some(send(store, key, token, ttl, unrecorded, request));
+                    }
+                    None => {
+                        return match out.take() {
+                            Some(done) => Poll::Ready(done),
+                            None => Poll::Pending,
+                        };
+                    }
                 }
             }
             if let Some(request) = &mut in_flight {
                 match request.as_mut().poll(cx) {
-                    // Answered: poll the body again, so that the step sees its answer.
+                    // Answered: poll the body again (if it has not ended), so that the step
+                    // sees its answer.
                     Poll::Ready(()) => in_flight = None,
                     Poll::Pending => return Poll::Pending,
                 }
@@ -128,10 +199,13 @@ where
         }
     })
     .await;
-    let lease_lost = CURRENT
-        .try_with(|steps| steps.lease_lost.get())
-        .unwrap_or(false);
-    (out, lease_lost)
+    let seen = CURRENT
+        .try_with(|steps| Seen {
+            lease_lost: steps.lease_lost.get(),
+            key_reused: steps.key_reused.get(),
+        })
+        .unwrap_or_default();
+    (out, seen)
 }
 
 /// One request, sent to the store; the answer goes to the step (gone if the step was dropped).
@@ -140,6 +214,7 @@ fn send<'a, S: Store + ?Sized>(
     key: Key,
     token: Token,
     ttl: Duration,
+    unrecorded: &'a Unrecorded,
     request: StepRequest,
 ) -> BoxFuture<'a, ()> {
     Box::pin(async move {
@@ -148,7 +223,13 @@ fn send<'a, S: Store + ?Sized>(
                 let _ = reply.send(store.steps(key, token).await);
             }
             StepRequest::Record { name, value, reply } => {
-                let _ = reply.send(store.record_step(key, token, name, value, ttl).await);
+                let answer = store
+                    .record_step(key, token, name.clone(), value, ttl)
+                    .await;
+                // Answered: landed, or refused. (After a store error it may or may not have
+                // landed: the step keeps its name uncertain, and a retry of it reads first.)
+                unrecorded.remove(&name);
+                let _ = reply.send(answer);
             }
         }
     })
@@ -242,18 +323,38 @@ where
     let outside = || Error::StepOutsideCall {
         name: name.to_owned(),
     };
+    if name.len() > MAX_STEP_NAME_LEN {
+        return Err(Error::StepNameTooLong {
+            len: name.len(),
+            max: MAX_STEP_NAME_LEN,
+        }
+        .into());
+    }
     let (recording, recorded, confirmed) = CURRENT
         .try_with(|cx| {
+            // A call that lost its key, or found another request's steps, runs no more steps.
+            if cx.lease_lost.get() {
+                return Err(Error::LeaseLost {
+                    name: name.to_owned(),
+                });
+            }
+            if cx.key_reused.get() {
+                return Err(Error::KeyReused);
+            }
             if !cx.used.borrow_mut().insert(name.to_owned()) {
                 return Err(Error::StepRepeated {
                     name: name.to_owned(),
                 });
             }
+            // A step of this name was dropped while its record was on its way: read again (the
+            // read goes after that record, so it sees whether it landed).
+            let uncertain = cx.uncertain.borrow().contains(name);
             Ok((
                 cx.recording,
                 cx.recorded
                     .borrow()
                     .as_ref()
+                    .filter(|_| !uncertain)
                     .map(|steps| steps.get(name).cloned()),
                 cx.confirmed.get(),
             ))
@@ -261,7 +362,11 @@ where
         .map_err(|_| outside())??;
     // Until the step succeeds, its name is free again if it fails or is dropped: a body may
     // retry a failed step (or one it timed out) under the same name within the call.
-    let mut name_taken = NameTaken { name, kept: false };
+    let mut name_taken = NameTaken {
+        name,
+        kept: false,
+        recording: false,
+    };
     let (max_value_len, lease) = match recording {
         Recording::Transaction => {
             let value = f().await?;
@@ -291,6 +396,7 @@ where
                 Ok(Ok(RecordedSteps::Held(steps))) => CURRENT
                     .try_with(|cx| {
                         cx.confirmed.set(Some(sent));
+                        cx.uncertain.borrow_mut().remove(name);
                         let steps: HashMap<String, Bytes> = steps.into_iter().collect();
                         let found = steps.get(name).cloned();
                         *cx.recorded.borrow_mut() = Some(steps);
@@ -298,6 +404,10 @@ where
                     })
                     .map_err(|_| outside())?,
                 Ok(Ok(RecordedSteps::LeaseLost)) => return Err(lease_lost(name).into()),
+                Ok(Ok(RecordedSteps::KeyReused)) => {
+                    let _ = CURRENT.try_with(|cx| cx.key_reused.set(true));
+                    return Err(Error::KeyReused.into());
+                }
                 Ok(Err(err)) => return Err(err.into()),
                 Err(_) => return Err(outside().into()),
             }
@@ -322,6 +432,7 @@ where
     }
     let sent = Instant::now();
     let (reply, answer) = oneshot::channel();
+    name_taken.recording = true;
     ask(StepRequest::Record {
         name: name.to_owned(),
         value: bytes,
@@ -334,7 +445,11 @@ where
             name_taken.kept = true;
             Ok(value)
         }
-        Ok(Ok(StepRecorded::LeaseLost)) => Err(lease_lost(name).into()),
+        Ok(Ok(StepRecorded::LeaseLost)) => {
+            // Refused for good: nothing landed.
+            name_taken.recording = false;
+            Err(lease_lost(name).into())
+        }
         Ok(Err(err)) => Err(err.into()),
         Err(_) => Err(outside().into()),
     }
@@ -344,12 +459,20 @@ where
 struct NameTaken<'a> {
     name: &'a str,
     kept: bool,
+    /// Its record was asked for and not answered (or answered with a store error): it may
+    /// have landed.
+    recording: bool,
 }
 
 impl Drop for NameTaken<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            let _ = CURRENT.try_with(|cx| cx.used.borrow_mut().remove(self.name));
+            let _ = CURRENT.try_with(|cx| {
+                cx.used.borrow_mut().remove(self.name);
+                if self.recording {
+                    cx.uncertain.borrow_mut().insert(self.name.to_owned());
+                }
+            });
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::{BoxFuture, RecordedSteps, StepRecorded, Store};
 use crate::clock::after;
 use crate::error::Error;
-use crate::key::{Fingerprint, Key};
+use crate::key::{Fingerprint, Key, fingerprint_matches};
 use crate::record::{Claim, Completed, Completion, Token};
 
 /// How many records a [`MemoryStore`] holds at the most unless told otherwise.
@@ -236,6 +236,8 @@ struct Steps {
     values: std::collections::HashMap<String, Bytes>,
     /// `ttl` after the last one was recorded.
     until: Instant,
+    /// The fingerprint of the claim that recorded the first of them.
+    fingerprint: Option<Fingerprint>,
     /// What they count against the byte bound: [`STEP_OVERHEAD`] per step, plus its name and
     /// value.
     bytes: usize,
@@ -336,6 +338,7 @@ impl State {
                 Box::new(Steps {
                     values: Default::default(),
                     until: now,
+                    fingerprint: None,
                     bytes: 0,
                 }),
             )),
@@ -384,8 +387,19 @@ impl State {
 /// A claim of a new key met a bound; see [`MemoryStore`].
 #[derive(Debug)]
 enum Full {
-    Entries { max_entries: usize },
-    Bytes { bytes: usize, max_bytes: usize },
+    Entries {
+        max_entries: usize,
+    },
+    Bytes {
+        bytes: usize,
+        max_bytes: usize,
+    },
+    Step {
+        name: String,
+        size: usize,
+        bytes: usize,
+        max_bytes: usize,
+    },
 }
 
 impl fmt::Display for Full {
@@ -402,6 +416,18 @@ impl fmt::Display for Full {
                 "its live records take {bytes} bytes of its max_bytes bound of {max_bytes}; \
                  raise it with MemoryStore::builder().max_bytes(..) (or \
                  MemoryStore::with_max_bytes), or lower the ttl or the size of the results"
+            ),
+            Full::Step {
+                name,
+                size,
+                bytes,
+                max_bytes,
+            } => write!(
+                f,
+                "step `{name}` takes {size} bytes (its name and value, and {STEP_OVERHEAD} for \
+                 its slot), and its live records take {bytes} bytes of its max_bytes bound of \
+                 {max_bytes}; the step ran and is not recorded: raise the bound with \
+                 MemoryStore::builder().max_bytes(..), or record a smaller value"
             ),
         }
     }
@@ -1029,9 +1055,13 @@ impl MemoryStore {
             return Ok(StepRecorded::LeaseLost);
         }
         let until = after(now, ttl);
-        let State::InProgress { steps, .. } = &mut record.state else {
+        let State::InProgress {
+            steps, fingerprint, ..
+        } = &mut record.state
+        else {
             return Ok(StepRecorded::LeaseLost);
         };
+        let fingerprint = *fingerprint;
         if steps.as_ref().is_some_and(|steps| steps.until <= now) {
             // Expired: as if none.
             let freed = steps.take().map_or(0, |steps| steps.bytes);
@@ -1041,6 +1071,7 @@ impl MemoryStore {
             Box::new(Steps {
                 values: Default::default(),
                 until,
+                fingerprint,
                 bytes: 0,
             })
         });
@@ -1055,7 +1086,14 @@ impl MemoryStore {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 b.checked_add(size).filter(|&b| b <= max_bytes)
             })
-            .map_err(|bytes| Error::store_full(Full::Bytes { bytes, max_bytes }))?;
+            .map_err(|bytes| {
+                Error::store_full(Full::Step {
+                    name: step.clone(),
+                    size,
+                    bytes,
+                    max_bytes,
+                })
+            })?;
         steps.bytes += size;
         steps.values.insert(step, value);
         Ok(StepRecorded::Recorded)
@@ -1070,18 +1108,22 @@ impl MemoryStore {
         if !Self::held(&record.state, token, now) {
             return RecordedSteps::LeaseLost;
         }
-        let steps = record
-            .state
-            .steps()
-            .filter(|steps| steps.until > now)
-            .map(|steps| {
+        let State::InProgress { fingerprint, .. } = &record.state else {
+            return RecordedSteps::LeaseLost;
+        };
+        match record.state.steps().filter(|steps| steps.until > now) {
+            None => RecordedSteps::Held(Vec::new()),
+            Some(steps) if !fingerprint_matches(*fingerprint, steps.fingerprint) => {
+                RecordedSteps::KeyReused
+            }
+            Some(steps) => RecordedSteps::Held(
                 steps
                     .values
                     .iter()
                     .map(|(name, value)| (name.clone(), value.clone()))
-                    .collect()
-            });
-        RecordedSteps::Held(steps.unwrap_or_default())
+                    .collect(),
+            ),
+        }
     }
 
     /// Whether `state` is a claim of `token` whose lease has not run out at `now`: the fence of
@@ -1223,6 +1265,20 @@ impl Store for MemoryStore {
     }
 
     fn release_on_drop(&self, key: Key, token: Token) {
+        self.release_now(key, token);
+    }
+
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        for (step, value) in steps {
+            // Fenced as any step; a store at its bound leaves it unrecorded (a retry runs it).
+            let _ = self.record_step_now(key, token, step, value, ttl);
+        }
         self.release_now(key, token);
     }
 

@@ -62,6 +62,12 @@ pub enum RecordedSteps {
     Held(Vec<(String, Bytes)>),
     /// `token` no longer holds the key: the caller must not run another step.
     LeaseLost,
+    /// `token` holds the key, but its steps were recorded by a call with another fingerprint
+    /// (the rule of replays: the claim has a fingerprint, and the steps' is another or none).
+    /// They are not this call's: the caller must not run another step (a key reused for a
+    /// different request must not inherit the first request's effects), and the steps stay
+    /// for a retry of the request that recorded them.
+    KeyReused,
 }
 
 /// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
@@ -187,7 +193,9 @@ pub trait Store: Send + Sync {
     /// Fenced: written only if the record is in progress under `token` with its lease not run
     /// out (the store's clock); otherwise nothing is written and the answer is
     /// [`StepRecorded::LeaseLost`] (an absent record is not created: a step is not a final
-    /// result). A repeated record of one name under one token keeps the first value.
+    /// result). A repeated record of one name under one token keeps the first value. The first
+    /// step recorded under a key (with none live) keeps the claim's fingerprint with the steps,
+    /// for [`steps`](Store::steps) to compare.
     ///
     /// Step records outlive a [`release`](Store::release) and a lapsed lease: the next claim of
     /// the key (a new token) reads them with [`steps`](Store::steps), so a retry after a failure
@@ -209,13 +217,33 @@ pub trait Store: Send + Sync {
     }
 
     /// The steps recorded under `key` (by this holder or any earlier one), if `token` holds the
-    /// key (the same fence as [`record_step`](Store::record_step)). The executor reads them when
-    /// a body runs its first step.
+    /// key (the same fence as [`record_step`](Store::record_step)), and if they were recorded
+    /// under a fingerprint that matches the claim's: none on the claim, or the same one
+    /// ([`RecordedSteps::KeyReused`] otherwise). The executor reads them when a body runs its
+    /// first step.
     ///
     /// The default, for stores without steps: [`Error::Store`] saying so.
     fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
         let _ = (key, token);
         Box::pin(async { Err(Error::store(StepsUnsupported)) })
+    }
+
+    /// What a call dropped while its body runs does when some of its steps ran but their records
+    /// were not acknowledged (the body was stopped between a step's effect and its record):
+    /// record `steps` as [`record_step`](Store::record_step) would (fenced by `token`), then
+    /// release the claim as [`release_on_drop`](Store::release_on_drop), in that order and
+    /// without blocking. A retry then does not run those steps again.
+    ///
+    /// The default releases only: the steps are lost, and a retry runs them again.
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        let _ = (steps, ttl);
+        self.release_on_drop(key, token);
     }
 
     /// The in-memory store behind this one, if it is one: lets the executor call it directly,
@@ -258,6 +286,9 @@ macro_rules! forward_store {
             }
             fn record_step(&self, key: Key, token: Token, step: String, value: Bytes, ttl: Duration) -> BoxFuture<'_, Result<StepRecorded, Error>> {
                 (**self).record_step(key, token, step, value, ttl)
+            }
+            fn release_on_drop_after_steps(&self, key: Key, token: Token, steps: Vec<(String, Bytes)>, ttl: Duration) {
+                (**self).release_on_drop_after_steps(key, token, steps, ttl)
             }
             fn steps(&self, key: Key, token: Token) -> BoxFuture<'_, Result<RecordedSteps, Error>> {
                 (**self).steps(key, token)
