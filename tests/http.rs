@@ -583,6 +583,26 @@ async fn a_handler_retried_after_a_5xx_resumes_after_its_recorded_steps() {
 }
 
 #[tokio::test]
+async fn a_key_reused_with_another_request_after_a_5xx_does_not_inherit_its_steps() {
+    let server = serve(layer()).await;
+    let http = Http::new(&server);
+    let failed = http.post("/stepped", "k-reused", "amount=100").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let reused = http.post("/stepped", "k-reused", "amount=999").await;
+    assert_eq!(
+        reused.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "another request under the key is refused, not served the first one's charge: {}",
+        reused.text()
+    );
+    assert_eq!(server.shared.finished(), 1, "charged once, for the first request");
+    let retry = http.post("/stepped", "k-reused", "amount=100").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.text(), "charge 1", "the first request resumes");
+    assert_eq!(server.shared.finished(), 1);
+}
+
+#[tokio::test]
 async fn server_errors_are_not_stored_client_errors_are() {
     let server = serve(layer()).await;
     let http = Http::new(&server);
