@@ -303,16 +303,34 @@ fn send<'a, S: Store + ?Sized>(
 /// - [`Error::StepOutsideCall`]: not inside an idempotent body (or in a task it spawned); `f`
 ///   did not run.
 /// - [`Error::StepRepeated`]: `name` was used before in this call by a step that succeeded (or
-///   is still running); `f` did not run. A step that failed or was dropped gives its name back,
-///   so a body may retry it.
+///   is still running); `f` did not run. A step that failed or was dropped (a `timeout` around
+///   it) gives its name back, so a body may retry it; if it was dropped while its value was
+///   being recorded, the retry asks the store first and returns that value if it landed.
+/// - [`Error::StepNameTooLong`]: `name` is longer than [`MAX_STEP_NAME_LEN`] bytes; `f` did not
+///   run.
 /// - [`Error::LeaseLost`]: this call no longer holds its key (its lease ran out and another call
 ///   took the key over, or it was removed). If it is found before `f` runs (at the call's first
-///   step, or at the check above), `f` did not run; otherwise `f` ran and is not recorded. Either way, stop: the body's
-///   effects belong to the new holder now. The call is reported as `lease_lost`.
+///   step, or at the check above), `f` did not run; otherwise `f` ran and is not recorded.
+///   Either way, stop: the body's effects belong to the new holder now, and no later step of
+///   the call runs (each answers `LeaseLost`). The call is reported as `lease_lost`.
+/// - [`Error::KeyReused`]: the key's steps were recorded by a call with another fingerprint (a
+///   request that failed after some steps, and now another request under the same key). `f`
+///   did not run, no later step of the call runs, and the call itself fails with `KeyReused`
+///   (HTTP: 422), whatever its body returns: a key reused for a different request must not
+///   inherit the first one's effects. The steps stay for a retry of the first request.
 /// - [`Error::Codec`]: a recorded value no longer decodes as `T` (its type changed), or `f`'s
 ///   value would not replay as itself (then `f` ran and is not recorded).
 /// - [`Error::Store`], [`Error::StoreFull`]: the store failed; if it was while recording, `f`
 ///   ran and may or may not be recorded.
+///
+/// # What is left to the effect
+///
+/// Between `f`'s effect and the store's answer to its record, a process that dies loses the
+/// record, and the next run of the key runs `f` again: pass the effect an idempotency key of
+/// its own (`order-42/charge`) where the provider takes one. A call dropped in that window
+/// (cancelled, timed out) hands the value to the store on its way out
+/// ([`Store::release_on_drop_after_steps`]). Steps expire `ttl` after the last one was
+/// recorded: keep the call's `ttl` above its body's run time.
 pub async fn step<F, Fut, T, E>(name: &str, f: F) -> Result<T, E>
 where
     F: FnOnce() -> Fut,
