@@ -595,7 +595,11 @@ async fn a_key_reused_with_another_request_after_a_5xx_does_not_inherit_its_step
         "another request under the key is refused, not served the first one's charge: {}",
         reused.text()
     );
-    assert_eq!(server.shared.finished(), 1, "charged once, for the first request");
+    assert_eq!(
+        server.shared.finished(),
+        1,
+        "charged once, for the first request"
+    );
     let retry = http.post("/stepped", "k-reused", "amount=100").await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(retry.text(), "charge 1", "the first request resumes");
