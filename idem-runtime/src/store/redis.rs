@@ -101,12 +101,14 @@ end
 /// Lua shared by every script: the step records of the record under `KEYS[1]`, in the hash
 /// `KEYS[2]` (see [`RedisStore`], "Steps"), when a script is given it.
 ///
-/// A steps hash is ours only if its `idem` field is `steps` and it has an expiry; every other
-/// field is `step:` and a step's name, whose value is the step's. `load_steps(key)` returns
-/// `nil` for none, `false, why` for a value that is not (left untouched by every script), or
-/// the hash's time left in milliseconds. `drop_steps(key)` deletes the hash if it is ours, and
-/// does nothing without one (no key, no hash, or a value that is not ours: a completion is
-/// never refused for it).
+/// A steps hash is ours only if its `idem` field is `steps`, it has an expiry, and its `fp`
+/// field, if any, is a fingerprint (32 bytes): the fingerprint of the claim that recorded its
+/// first step, absent when that claim had none. Every other field is `step:` and a step's
+/// name, whose value is the step's. `load_steps(key)` returns `nil` for none, `false, why` for
+/// a value that is not (left untouched by every script), or the hash's time left in
+/// milliseconds and its fingerprint (`''` for none). `drop_steps(key)` deletes the hash if it
+/// is ours, and does nothing without one (no key, no hash, or a value that is not ours: a
+/// completion is never refused for it).
 ///
 /// Both read with `HMGET`, as `load` does, so that no command is added to what a store's ACL
 /// must allow for the scripts that every call runs.
@@ -118,7 +120,7 @@ end
 /// whose keys are not all on the node) for as long as the migration lasts.
 const STEPS: &str = r#"
 local function load_steps(key)
-  local m = redis.pcall('HMGET', key, 'idem')
+  local m = redis.pcall('HMGET', key, 'idem', 'fp')
   if m.err then
     if not string.find(m.err, 'WRONGTYPE', 1, true) then error(m) end
     return false, 'a ' .. redis.call('TYPE', key).ok .. ' (not a hash)'
@@ -127,7 +129,8 @@ local function load_steps(key)
   if ttl == -2 then return nil end
   if m[1] ~= 'steps' then return false, 'a hash without the idem steps marker (idem = steps)' end
   if ttl < 0 then return false, 'step records without an expiry' end
-  return ttl
+  if m[2] and #m[2] ~= 32 then return false, 'step records with a malformed fingerprint' end
+  return ttl, m[2] or ''
 end
 local function drop_steps(key)
   if not key then return end
@@ -261,18 +264,25 @@ return {'ok'}
 /// value, ttl ms): the rule of [`Store::record_step`]. Only a running record of this token whose
 /// lease is live is written to: `HSETNX` keeps a step recorded before (a repeat after a lost
 /// reply), the hash's expiry is pushed out to `ttl` if that is later, and the record is flagged
-/// (see [`STEPS`]). The first write is the step's (`HSET` or `HSETNX`), which Redis refuses at
-/// `maxmemory`: then nothing is written.
+/// (see [`STEPS`]). A new hash keeps the claim's fingerprint (`fp`, copied from the record; none
+/// without one), for [`STEPS_OF`] to compare; a step added to a hash keeps the hash's. The first
+/// write is the step's (`HSET` or `HSETNX`), which Redis refuses at `maxmemory`: then nothing is
+/// written.
 const RECORD_STEP: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
   return {'lost'}
 end
+-- On success, load_steps's second value is the hash's fingerprint; on failure, why it is not ours.
 local ttl, swhy = load_steps(KEYS[2])
 if ttl == false then return {'foreign', swhy, 'steps'} end
 if ttl == nil then
-  redis.call('HSET', KEYS[2], 'idem', 'steps', ARGV[2], ARGV[3])
+  if r.fp == '' then
+    redis.call('HSET', KEYS[2], 'idem', 'steps', ARGV[2], ARGV[3])
+  else
+    redis.call('HSET', KEYS[2], 'idem', 'steps', 'fp', r.fp, ARGV[2], ARGV[3])
+  end
 else
   redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 end
@@ -282,19 +292,25 @@ return {'ok'}
 "#;
 
 /// steps(KEYS[1] = record, KEYS[2] = steps, ARGV = token): the step records, if this token holds
-/// the key (the fence of `record_step`), as `held` and the hash's fields and values. A record
-/// that finds step records of an earlier holder is flagged (see [`STEPS`]); under `pcall`, so
-/// that a server at `maxmemory` still lets a call read its steps (its completion then leaves
-/// them to their expiry).
+/// the key (the fence of `record_step`), as `held` and the hash's fields and values; `reused`,
+/// and nothing written, if they were recorded under another fingerprint than the claim's (the
+/// rule of replays, `fingerprint_matches`: they match if the claim has none, or the same one;
+/// steps recorded without one are not a fingerprinted claim's). A record that finds step
+/// records of an earlier holder is flagged (see [`STEPS`]); under `pcall`, so that a server at
+/// `maxmemory` still lets a call read its steps (its completion then leaves them to their
+/// expiry). A record that finds another request's steps is not flagged: its completion must
+/// leave them for a retry of that request.
 const STEPS_OF: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
   return {'lost'}
 end
-local ttl, swhy = load_steps(KEYS[2])
-if ttl == false then return {'foreign', swhy, 'steps'} end
+-- On success, load_steps's second value is the hash's fingerprint; on failure, why it is not ours.
+local ttl, sfp = load_steps(KEYS[2])
+if ttl == false then return {'foreign', sfp, 'steps'} end
 if ttl == nil then return {'held', {}} end
+if r.fp ~= '' and sfp ~= r.fp then return {'reused'} end
 if not r.steps then redis.pcall('HSET', KEYS[1], 'steps', '1') end
 return {'held', redis.call('HGETALL', KEYS[2])}
 "#;
@@ -2378,11 +2394,13 @@ enum StepsReply {
     Foreign(&'static str),
 }
 
-/// Reads a steps script's reply: `held` and the hash's fields and values (the `idem` marker
-/// and `step:`-named steps), or `lost`. Hands the values' buffers over as they are.
+/// Reads a steps script's reply: `held` and the hash's fields and values (the `idem` marker,
+/// the `fp` fingerprint and `step:`-named steps), `lost` or `reused`. Hands the values' buffers
+/// over as they are.
 fn parse_steps(mut items: Vec<Value>) -> Result<RecordedSteps, StepsReply> {
     match items.first().and_then(as_bytes) {
         Some(b"lost") => return Ok(RecordedSteps::LeaseLost),
+        Some(b"reused") => return Ok(RecordedSteps::KeyReused),
         Some(b"held") => {}
         _ => return Err(StepsReply::Bad(items)),
     }
@@ -2399,7 +2417,7 @@ fn parse_steps(mut items: Vec<Value>) -> Result<RecordedSteps, StepsReply> {
         let (Value::BulkString(field), Value::BulkString(value)) = (field, value) else {
             return Err(StepsReply::Bad(items));
         };
-        if field == b"idem" {
+        if field == b"idem" || field == b"fp" {
             continue;
         }
         let Some(name) = field.strip_prefix(STEP_FIELD) else {
@@ -3053,6 +3071,24 @@ mod tests {
         assert_eq!(
             parse_steps(vec![bulk(b"lost")]).ok(),
             Some(RecordedSteps::LeaseLost)
+        );
+        assert_eq!(
+            parse_steps(vec![bulk(b"reused")]).ok(),
+            Some(RecordedSteps::KeyReused)
+        );
+        assert_eq!(
+            parse_steps(held(vec![
+                bulk(b"fp"),
+                bulk(&[7; 32]),
+                bulk(b"step:a"),
+                bulk(b"1"),
+            ]))
+            .ok(),
+            Some(RecordedSteps::Held(vec![(
+                "a".into(),
+                Bytes::from_static(b"1")
+            )])),
+            "the fingerprint is not a step"
         );
         for foreign in [
             vec![bulk(b"other"), bulk(b"x")],
