@@ -1867,6 +1867,71 @@ impl RedisStore {
         super::complete_in_background(key, attempt, worth_retrying).await;
     }
 
+    /// [`Store::release_on_drop_after_steps`]'s task (and [`Store::release_on_drop`]'s, with
+    /// no steps): records `steps`, then releases, each tried again while the failure can pass
+    /// ([`super::retry_until`]), all within [`super::BACKGROUND_COMPLETION`]. A step the store
+    /// refuses for good is skipped (a retry of the call runs it again), and said so; a claim the
+    /// call no longer holds ends the task (nothing more can be written under its token).
+    async fn release_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        let deadline = crate::clock::after(Instant::now(), super::BACKGROUND_COMPLETION);
+        for (step, value) in &steps {
+            let attempt = || self.record_step_now(key, token, step, value, ttl);
+            match super::retry_until(key, "record a step", deadline, attempt, worth_retrying).await
+            {
+                Ok(StepRecorded::Recorded) => {}
+                Ok(StepRecorded::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = %step,
+                        "the lease of a dropped call ran out before the steps whose effects ran \
+                         were recorded: a retry runs them again; raise `lease` above the body's \
+                         run time"
+                    );
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = %step, error = %err,
+                        "could not record a step of a dropped call whose effect ran; a retry \
+                         runs it again"
+                    );
+                }
+            }
+        }
+        let attempt = || self.release_now(key, token);
+        if let Err(err) = super::retry_until(
+            key,
+            "release a dropped claim",
+            deadline,
+            attempt,
+            worth_retrying,
+        )
+        .await
+        {
+            tracing::debug!(
+                target: "idem", key = %key, error = %err,
+                "could not release a dropped claim; it frees when its lease runs out"
+            );
+        }
+    }
+
+    /// Runs `task` (given a clone of the store) on the current tokio runtime and returns at
+    /// once: the destructors' hand-off. Outside a runtime it does nothing.
+    fn in_background<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(RedisStore) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(task(self.clone()));
+        }
+    }
+
     /// [`Store::wait`]: see [`RedisStore`], "Waiting".
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = crate::clock::after(Instant::now(), timeout);
@@ -2230,20 +2295,34 @@ impl Store for RedisStore {
         Some(usize::try_from(max).unwrap_or(usize::MAX))
     }
 
-    /// Spawns the release on the current tokio runtime and returns at once; outside a runtime
-    /// it does nothing (the claim expires with its lease, which is no longer renewed).
+    /// Spawns the release on the current tokio runtime and returns at once (the task of
+    /// [`Store::release_on_drop_after_steps`], with no steps); outside a runtime it does nothing
+    /// (the claim expires with its lease, which is no longer renewed).
     fn release_on_drop(&self, key: Key, token: Token) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        runtime.spawn(async move {
-            if let Err(err) = store.release_now(key, token).await {
-                tracing::debug!(
-                    target: "idem", key = %key, error = %err,
-                    "could not release a dropped claim; it frees when its lease runs out"
-                );
-            }
+        self.in_background(move |store| async move {
+            // No steps: the ttl is not used.
+            store
+                .release_in_background(key, token, Vec::new(), Duration::ZERO)
+                .await;
+        });
+    }
+
+    /// Spawns, on the current tokio runtime, a task that records the steps (each as
+    /// [`Store::record_step`], fenced by `token`: one round trip each) and then releases the
+    /// claim, in that order (a release first would let another call take the key, and the steps
+    /// would be refused); returns at once. While the server is unreachable the task tries again
+    /// with backoff, for up to a minute in all; a step that already reached the server keeps
+    /// its first value. Outside a runtime it does nothing, as [`Store::release_on_drop`]: the
+    /// claim is left to its lease, and the steps are not recorded.
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.in_background(move |store| async move {
+            store.release_in_background(key, token, steps, ttl).await;
         });
     }
 
@@ -2259,11 +2338,7 @@ impl Store for RedisStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        runtime.spawn(async move {
+        self.in_background(move |store| async move {
             store
                 .complete_in_background(key, token, fingerprint, value, ttl)
                 .await;
