@@ -2863,6 +2863,7 @@ mod steps {
     use idem::store::{Bytes, Claim, RecordedSteps, StepRecorded, Token};
     use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
 
+    use super::support::LogCapture;
     use super::{
         AppError, CountingProxy, RedisCluster, RedisServer, Resp, cluster_store, fresh_prefix,
         shared_store, store_on, store_on_prefix,
@@ -3230,12 +3231,27 @@ mod steps {
         }
     }
 
-    /// A prefix with braces but no hash tag leaves no name in a record's slot: steps are
-    /// refused with an error that says how to fix the prefix, and everything else works.
+    /// A prefix with braces but no hash tag leaves no name in a record's slot: the store says
+    /// so once when it connects (a warning naming the prefix and the fix), steps are refused
+    /// with an error that says how to fix the prefix, and everything else works.
     #[tokio::test]
     async fn a_prefix_without_a_slot_for_steps_refuses_them_and_nothing_else() {
+        const NO_TAG: &str = "has braces but no Redis Cluster hash tag";
+        let logs = LogCapture::install();
+        let url = RedisServer::shared().url();
+        store_on(&url, "steps-slot-fine").await;
+        assert!(!logs.contains(NO_TAG), "{}", logs.text());
         let prefix = format!("{{}}{}", fresh_prefix("steps-no-slot"));
-        let store = store_on_prefix(&RedisServer::shared().url(), &prefix).await;
+        let store = store_on_prefix(&url, &prefix).await;
+        let text = logs.text();
+        let warning = text
+            .lines()
+            .find(|line| line.contains(NO_TAG))
+            .unwrap_or_else(|| panic!("a warning at connect: {text}"));
+        for part in ["WARN", "idem", prefix.as_str(), "{idem}:", "idem::step"] {
+            assert!(warning.contains(part), "{part}: {warning}");
+        }
+        assert_eq!(text.matches(NO_TAG).count(), 1, "once: {text}");
         let key = Key::new("test", "no slot");
         assert_eq!(store.steps_name(&key), None);
         let runs = AtomicUsize::new(0);

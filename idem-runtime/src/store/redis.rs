@@ -903,6 +903,15 @@ impl RedisStoreBuilder {
             if let Some(refusal) = store.health.judge(&nodes) {
                 return Err(Error::store(refusal));
             }
+            if !has_steps_slot(&store.prefix) {
+                // Said now, once, rather than by the first step in production.
+                tracing::warn!(
+                    target: "idem", prefix = %store.prefix,
+                    "{}; until then, idem::step fails with Error::Store on this store (every \
+                     other operation works)",
+                    NoStepsSlot { prefix: store.prefix.to_string() }
+                );
+            }
             Ok(store)
         };
         match tokio::time::timeout(timeout, work).await {
@@ -2433,19 +2442,29 @@ fn record_name(prefix: &str, key: &Key) -> String {
 /// hold a `}`).
 fn steps_name(prefix: &str, key: &Key) -> Option<String> {
     let record = record_name(prefix, key);
-    let tagged = match prefix.find('{') {
-        Some(open) => match prefix[open + 1..].find('}') {
-            Some(len) if len > 0 => true,
-            _ => return None,
-        },
-        None if prefix.contains('}') => return None,
-        None => false,
-    };
-    Some(if tagged {
+    Some(if prefix_hash_tag(prefix)? {
         format!("{record}:steps")
     } else {
         format!("{prefix}{{{record}}}:steps")
     })
+}
+
+/// Whether `prefix` has a hash tag (`Some(true)`), no brace at all (`Some(false)`), or braces
+/// without a tag (`None`: no name under it shares a record's slot; see [`steps_name`]).
+fn prefix_hash_tag(prefix: &str) -> Option<bool> {
+    match prefix.find('{') {
+        Some(open) => match prefix[open + 1..].find('}') {
+            Some(len) if len > 0 => Some(true),
+            _ => None,
+        },
+        None if prefix.contains('}') => None,
+        None => Some(false),
+    }
+}
+
+/// Whether step records can be kept under `prefix` (in each record's hash slot).
+fn has_steps_slot(prefix: &str) -> bool {
+    prefix_hash_tag(prefix).is_some()
 }
 
 /// A step's field in its steps hash: `step:` and its name (so that no name can be the hash's
@@ -3115,7 +3134,9 @@ mod tests {
         // Braces without a tag: no name under the prefix hashes like the record.
         for prefix in ["{}", "{}:", "a{b:", "a}b:", "{:", "}"] {
             assert_eq!(steps_name(prefix, &key), None, "{prefix:?}");
+            assert!(!has_steps_slot(prefix), "{prefix:?}");
         }
+        assert!(has_steps_slot("idem:") && has_steps_slot("{idem}:") && has_steps_slot(""));
     }
 
     #[test]
