@@ -472,28 +472,44 @@ pub use redis;
 /// | --- | --- | --- |
 /// | with a hash tag (`{idem}:`) | `{idem}:<hex>` | `{idem}:<hex>:steps`: the record's name and `:steps`, the same tag |
 /// | without braces (`idem:`, the default) | `idem:<hex>` | `idem:{idem:<hex>}:steps`: the record's whole name as the hash tag, which is what Redis hashes for the record |
-/// | with braces but no tag (`{}`, an unclosed `{`, a lone `}`) | as always | none: no name under such a prefix shares the record's slot, and [`Store::record_step`] fails with [`Error::Store`] saying so |
+/// | with braces but no tag (`{}`, an unclosed `{`, a lone `}`) | as always | none: no name under such a prefix shares the record's slot; the store says so in a warning (target `idem`) when it connects, and [`Store::record_step`] and [`Store::steps`] fail with [`Error::Store`] saying so |
 ///
-/// The hash's `idem` field is `steps` (a value at that name without it, or without an
-/// expiry, is not ours and is left alone, as a foreign record is); each other field is `step:`
-/// and a step's name, and its value is the step's, as the executor encoded it. No steps hash
-/// is ever taken for a record, nor a record for a steps hash (a record's name is the prefix and
-/// 64 hex digits, nothing more).
+/// | field | value |
+/// | --- | --- |
+/// | `idem` | `steps`, the marker (a value at that name without it, or without an expiry, is not ours and is left alone, as a foreign record is) |
+/// | `fp` | the fingerprint of the claim that recorded the hash's first step, 32 bytes, copied from its record; absent when that claim had none |
+/// | `step:<name>` | one per step: its value, as the executor encoded it |
+///
+/// No steps hash is ever taken for a record, nor a record for a steps hash (a record's name is
+/// the prefix and 64 hex digits, nothing more).
 ///
 /// - [`Store::record_step`] is **one round trip**: one script checks that the record is running
 ///   under the token with its lease live (the server's clock), writes the step with `HSETNX`
 ///   (a repeat keeps the first value), pushes the hash's expiry out to `ttl` if that is later,
-///   and flags the record (`steps = 1`). Anything else is `LeaseLost`, and nothing is written.
+///   and flags the record (`steps = 1`). A new hash takes the claim's fingerprint; a step added
+///   to a hash keeps the hash's. Anything else is `LeaseLost`, and nothing is written.
 /// - [`Store::steps`] is one round trip: the same check, then `HGETALL`. The executor reads
-///   them once per call, at its first step.
+///   them once per call, at its first step. Steps are the request's that recorded them: a claim
+///   with a fingerprint reads them only if the hash's `fp` is the same (steps recorded without
+///   one are not a fingerprinted request's), and otherwise gets
+///   [`RecordedSteps::KeyReused`] (the call fails with [`Error::KeyReused`] and runs no step);
+///   such a read changes nothing, so the steps stay for a retry of the request that recorded
+///   them. A claim without a fingerprint reads any (the rule of replays).
 /// - [`Store::release`] deletes the record and leaves the hash: the next claim reads its steps.
 ///   A lease that runs out leaves it too. The hash expires `ttl` after its last step.
 /// - [`Store::complete`] and [`Store::remove`] delete the hash in the same script as the record
-///   write. A completion sends the hash's name only when the record is flagged: a call without
-///   steps completes in one round trip as before, one with steps in two (the first answer says
-///   to send it again with the hash). A completion that comes after its record is gone, or by a
-///   call whose body read no step, leaves the hash to its expiry: it is read again only by a
-///   claim after the completed record expired, and it expires first when both have one ttl.
+///   write, but a completion only when the record is flagged, that is when the completing
+///   claim recorded a step or read the steps and was given them: a call without steps
+///   completes in one round trip as before, one with steps in two (the first answer says to
+///   send it again with the hash). So a completion leaves the hash to its own expiry when its
+///   body ran no step (a retry that this time took a path without steps leaves an earlier
+///   attempt's steps), when its claim read another request's steps (`KeyReused`), or when it
+///   comes after its record is gone. Such a hash is read again only by a claim after the
+///   completed record expired, and it expires first when both have one ttl.
+/// - A call dropped while the records of steps that ran are on their way
+///   ([`Store::release_on_drop_after_steps`]) hands them to a background task that records
+///   each (fenced, one round trip each), and then releases the claim, in that order: the retry
+///   finds them. See "Failures and cancellation".
 /// - While a slot migrates between nodes, Redis refuses an operation on a record and its steps
 ///   hash with `TRYAGAIN` as long as only one of them is on the node (the other has moved, or
 ///   does not exist yet); nothing runs. The store sends it again, with pauses, until the
@@ -589,11 +605,15 @@ pub use redis;
 /// - A claim whose reply never came (cut off by the timeout, or its call dropped while the claim
 ///   was on its way) is released in the background, so the key is not left held for a lease by
 ///   a call that will never run its body.
-/// - A call dropped while its body runs releases its claim ([`Store::release_on_drop`]); a call
-///   dropped once its body returned `Ok`, or whose completion failed, hands the completion to
-///   the runtime ([`Store::complete_on_drop`]), which tries again with backoff for up to a
-///   minute while the server is unreachable. Both need a tokio runtime; outside one, the claim
-///   is left to its lease.
+/// - A call dropped while its body runs releases its claim ([`Store::release_on_drop`]); if
+///   the records of some of its steps were on their way, it first records them
+///   ([`Store::release_on_drop_after_steps`]: each step, then the release). A call dropped once
+///   its body returned `Ok`, or whose completion failed, hands the completion to the runtime
+///   ([`Store::complete_on_drop`]). Each is a task on the runtime that tries again with backoff
+///   (50 ms doubling to 1 s) while the server is unreachable, for up to a minute in all; a step
+///   the store refuses for good (its lease ran out, a value over the server's limit) is left
+///   unrecorded, with a warning, and a retry runs it again. All need a tokio runtime; outside
+///   one, the claim is left to its lease and the steps are not recorded.
 /// - A result longer than the server accepts in one argument (`proto-max-bulk-len`, read with
 ///   the other settings; 512 MB by default) is not sent, because Redis would close the
 ///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
