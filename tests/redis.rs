@@ -904,9 +904,11 @@ async fn a_cancelled_call_releases_its_claim_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// `release_on_drop` outside any runtime does nothing, and does not panic.
+/// `release_on_drop` (and `release_on_drop_after_steps`) outside any runtime does nothing, and
+/// does not panic.
 #[test]
 fn release_on_drop_outside_a_runtime_does_not_panic() {
+    const LEASE: Duration = Duration::from_secs(30);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -920,6 +922,7 @@ fn release_on_drop_outside_a_runtime_does_not_panic() {
     store.release_on_drop(key, token);
     drop(runtime);
     store.release_on_drop(key, token);
+    store.release_on_drop_after_steps(key, token, vec![("charge".into(), Bytes::new())], LEASE);
     drop(store);
 }
 
@@ -2861,8 +2864,10 @@ mod steps {
     use std::time::Duration;
 
     use idem::store::{Bytes, Claim, RecordedSteps, StepRecorded, Token};
-    use idem::{Error, Idempotent, Key, RedisStore, Status, Store};
+    use idem::{Error, Fingerprint, Idempotent, Key, RedisStore, Status, Store};
 
+    use super::support::LogCapture;
+    use super::support::redis::ChaosProxy;
     use super::{
         AppError, CountingProxy, RedisCluster, RedisServer, Resp, cluster_store, fresh_prefix,
         shared_store, store_on, store_on_prefix,
@@ -3151,6 +3156,241 @@ mod steps {
         a_takeover_does_not_run_a_recorded_step_again(&cluster_store("steps-takeover").await).await;
     }
 
+    /// A key reused for another request (another amount: another fingerprint) does not inherit
+    /// the first request's steps: the first request (100) charges and fails; the other (200)
+    /// gets `Error::KeyReused` and its charge does not run; the first, retried, resumes with its
+    /// recorded charge and completes.
+    async fn a_key_reused_for_another_amount_does_not_inherit_its_steps(store: &RedisStore) {
+        let charges = AtomicUsize::new(0);
+        let attempt = |amount: u64, fail: bool| {
+            let charges = &charges;
+            Idempotent::new(store, ("pay", 1u32))
+                .name("test")
+                .fingerprint(&amount)
+                .run_with_outcome(move || async move {
+                    let receipt = idem::step("charge", || async {
+                        charges.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, AppError>(format!("ch_{amount}"))
+                    })
+                    .await?;
+                    if fail {
+                        return Err(AppError::Failed);
+                    }
+                    Ok(receipt)
+                })
+        };
+        assert!(matches!(attempt(100, true).await, Err(AppError::Failed)));
+        assert_eq!(charges.load(Ordering::SeqCst), 1);
+        match attempt(200, false).await {
+            Err(AppError::Idem(Error::KeyReused)) => {}
+            other => panic!("another amount must get KeyReused, got {other:?}"),
+        }
+        assert_eq!(
+            charges.load(Ordering::SeqCst),
+            1,
+            "the other request's charge did not run"
+        );
+        let out = attempt(100, false)
+            .await
+            .expect("the first request resumes");
+        assert_eq!(
+            (out.value.as_str(), out.status),
+            ("ch_100", Status::Executed)
+        );
+        assert_eq!(
+            charges.load(Ordering::SeqCst),
+            1,
+            "and does not charge again"
+        );
+        match attempt(200, false).await {
+            Err(AppError::Idem(Error::KeyReused)) => {}
+            other => panic!("the completed key replays only to its request, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_reused_for_another_amount_does_not_inherit_its_steps_on_a_server() {
+        a_key_reused_for_another_amount_does_not_inherit_its_steps(
+            &shared_store("steps-reused").await,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_reused_for_another_amount_does_not_inherit_its_steps_on_the_cluster() {
+        a_key_reused_for_another_amount_does_not_inherit_its_steps(
+            &cluster_store("steps-reused").await,
+        )
+        .await;
+    }
+
+    /// What the server holds for the fingerprint: the steps hash keeps its first claim's (`fp`,
+    /// none without one), later steps do not change it; a claim with another one reads
+    /// `KeyReused`, which flags nothing, so its completion leaves the steps to the request that
+    /// recorded them; a malformed `fp` makes the hash foreign.
+    #[tokio::test]
+    async fn the_steps_hash_keeps_its_first_claims_fingerprint() {
+        let server = RedisServer::shared();
+        let store = shared_store("steps-fp").await;
+        let (a, b) = (Fingerprint::of(&100u64), Fingerprint::of(&200u64));
+        let claim = |key: Key, fp: Option<Fingerprint>| {
+            let store = store.clone();
+            async move {
+                match store.claim(key, fp, LONG).await {
+                    Ok(Claim::Acquired(token)) => token,
+                    other => panic!("expected to acquire, got {other:?}"),
+                }
+            }
+        };
+        let hget = |name: &str, field: &str| bulk(server.cmd(&["HGET", name, field]));
+
+        let key = Key::new("test", "fp");
+        let (record, steps) = (store.record_name(&key), store.steps_name(&key).unwrap());
+        let token = claim(key, Some(a)).await;
+        assert_eq!(
+            record_one(&store, key, token, "charge").await,
+            StepRecorded::Recorded
+        );
+        assert_eq!(hget(&steps, "fp").as_deref(), Some(&a.as_bytes()[..]));
+        assert!(store.release(key, token).await.unwrap());
+        let token = claim(key, None).await;
+        assert_eq!(
+            record_one(&store, key, token, "reserve").await,
+            StepRecorded::Recorded
+        );
+        assert_eq!(
+            hget(&steps, "fp").as_deref(),
+            Some(&a.as_bytes()[..]),
+            "a later step keeps the hash's fingerprint"
+        );
+        assert!(store.release(key, token).await.unwrap());
+
+        let other = claim(key, Some(b)).await;
+        assert_eq!(
+            store.steps(key, other).await.ok(),
+            Some(RecordedSteps::KeyReused)
+        );
+        assert_eq!(hget(&record, "steps"), None, "a reused read flags nothing");
+        let stored = store
+            .complete(key, other, Some(b), Bytes::from_static(b"1"), LONG)
+            .await;
+        assert!(
+            matches!(stored, Ok(idem::store::Completion::Stored)),
+            "{stored:?}"
+        );
+        assert_eq!(
+            int(server.cmd(&["HLEN", &steps])),
+            4,
+            "the other request's completion left the steps (idem, fp, two steps)"
+        );
+        assert!(store.remove(key).await.unwrap());
+        assert_eq!(int(server.cmd(&["EXISTS", &steps])), 0);
+
+        let bare = Key::new("test", "no fp");
+        let steps = store.steps_name(&bare).unwrap();
+        let token = claim(bare, None).await;
+        record_one(&store, bare, token, "charge").await;
+        assert_eq!(hget(&steps, "fp"), None, "no fingerprint, no fp");
+        assert!(matches!(
+            store.steps(bare, token).await,
+            Ok(RecordedSteps::Held(found)) if found.len() == 1
+        ));
+
+        server.cmd(&["HSET", &steps, "fp", "short"]);
+        match store.steps(bare, token).await {
+            Err(Error::Store(err)) => {
+                let msg = err.to_string();
+                assert!(msg.contains(&steps) && msg.contains("fingerprint"), "{msg}");
+            }
+            other => panic!("a malformed fp must be foreign, got {other:?}"),
+        }
+        server.cmd(&["DEL", &steps]);
+        assert!(store.remove(bare).await.unwrap());
+    }
+
+    /// The call is dropped (its caller's timeout) while the record of a step whose effect ran
+    /// is on its way, and that record never reaches the server (the connection is cut under
+    /// it): the store records the step in the background and only then releases the claim, so
+    /// the retry gets the recorded charge instead of charging again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_call_hands_its_lost_step_record_to_the_store() {
+        let server = RedisServer::start();
+        let proxy = ChaosProxy::start(server.port());
+        let store = store_on(&proxy.url(), "steps-dropped").await;
+        let charges = AtomicUsize::new(0);
+        let call = || {
+            Idempotent::new(&store, "dropped")
+                .name("test")
+                .run_with_outcome(|| async {
+                    let receipt = idem::step("charge", || async {
+                        let n = charges.fetch_add(1, Ordering::SeqCst);
+                        // The effect ran; its record will not reach the server.
+                        proxy.hold(true);
+                        Ok::<_, Error>(format!("ch_{n}"))
+                    })
+                    .await?;
+                    Ok::<_, Error>(receipt)
+                })
+        };
+        let dropped = tokio::time::timeout(Duration::from_millis(300), call()).await;
+        assert!(dropped.is_err(), "the call waits for its step's record");
+        // The background task's record is held too; then the connection is cut under both.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.cut_all();
+        proxy.hold(false);
+        let out = call().await.expect("the retry completes");
+        assert_eq!(
+            (out.value.as_str(), out.status),
+            ("ch_0", Status::Executed),
+            "the retry gets the recorded charge"
+        );
+        assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+    }
+
+    /// `release_on_drop_after_steps` while the server cannot be reached: the background task
+    /// tries again with backoff, and records the steps, then releases, once it is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_steps_are_recorded_when_the_server_is_back() {
+        let server = RedisServer::start();
+        let proxy = ChaosProxy::start(server.port());
+        let store = RedisStore::builder()
+            .prefix(fresh_prefix("steps-dropped-outage"))
+            .timeout(Duration::from_millis(300))
+            .connect(&proxy.url())
+            .await
+            .expect("connect");
+        let key = Key::new("test", "outage");
+        let token = acquire(&store, key, LONG).await;
+        proxy.refuse(true);
+        proxy.cut_all();
+        store.release_on_drop_after_steps(
+            key,
+            token,
+            vec![("charge".into(), Bytes::from_static(b"\"ch_1\""))],
+            LONG,
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        proxy.refuse(false);
+        let started = std::time::Instant::now();
+        let next = loop {
+            match store.claim(key, None, LONG).await {
+                Ok(Claim::Acquired(next)) => break next,
+                Ok(Claim::Busy { .. }) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("the dropped claim must be released, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            store.steps(key, next).await.ok(),
+            Some(RecordedSteps::Held(vec![(
+                "charge".into(),
+                Bytes::from_static(b"\"ch_1\"")
+            )])),
+            "recorded before the release"
+        );
+    }
+
     /// A value at a steps hash's name that is not ours (another program shares the prefix): a
     /// step or a read of steps is an error naming it; a completion is stored all the same; a
     /// removal refuses; it is left untouched by all of them.
@@ -3230,12 +3470,27 @@ mod steps {
         }
     }
 
-    /// A prefix with braces but no hash tag leaves no name in a record's slot: steps are
-    /// refused with an error that says how to fix the prefix, and everything else works.
+    /// A prefix with braces but no hash tag leaves no name in a record's slot: the store says
+    /// so once when it connects (a warning naming the prefix and the fix), steps are refused
+    /// with an error that says how to fix the prefix, and everything else works.
     #[tokio::test]
     async fn a_prefix_without_a_slot_for_steps_refuses_them_and_nothing_else() {
+        const NO_TAG: &str = "has braces but no Redis Cluster hash tag";
+        let logs = LogCapture::install();
+        let url = RedisServer::shared().url();
+        store_on(&url, "steps-slot-fine").await;
+        assert!(!logs.contains(NO_TAG), "{}", logs.text());
         let prefix = format!("{{}}{}", fresh_prefix("steps-no-slot"));
-        let store = store_on_prefix(&RedisServer::shared().url(), &prefix).await;
+        let store = store_on_prefix(&url, &prefix).await;
+        let text = logs.text();
+        let warning = text
+            .lines()
+            .find(|line| line.contains(NO_TAG))
+            .unwrap_or_else(|| panic!("a warning at connect: {text}"));
+        for part in ["WARN", "idem", prefix.as_str(), "{idem}:", "idem::step"] {
+            assert!(warning.contains(part), "{part}: {warning}");
+        }
+        assert_eq!(text.matches(NO_TAG).count(), 1, "once: {text}");
         let key = Key::new("test", "no slot");
         assert_eq!(store.steps_name(&key), None);
         let runs = AtomicUsize::new(0);

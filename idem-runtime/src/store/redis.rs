@@ -101,12 +101,14 @@ end
 /// Lua shared by every script: the step records of the record under `KEYS[1]`, in the hash
 /// `KEYS[2]` (see [`RedisStore`], "Steps"), when a script is given it.
 ///
-/// A steps hash is ours only if its `idem` field is `steps` and it has an expiry; every other
-/// field is `step:` and a step's name, whose value is the step's. `load_steps(key)` returns
-/// `nil` for none, `false, why` for a value that is not (left untouched by every script), or
-/// the hash's time left in milliseconds. `drop_steps(key)` deletes the hash if it is ours, and
-/// does nothing without one (no key, no hash, or a value that is not ours: a completion is
-/// never refused for it).
+/// A steps hash is ours only if its `idem` field is `steps`, it has an expiry, and its `fp`
+/// field, if any, is a fingerprint (32 bytes): the fingerprint of the claim that recorded its
+/// first step, absent when that claim had none. Every other field is `step:` and a step's
+/// name, whose value is the step's. `load_steps(key)` returns `nil` for none, `false, why` for
+/// a value that is not (left untouched by every script), or the hash's time left in
+/// milliseconds and its fingerprint (`''` for none). `drop_steps(key)` deletes the hash if it
+/// is ours, and does nothing without one (no key, no hash, or a value that is not ours: a
+/// completion is never refused for it).
 ///
 /// Both read with `HMGET`, as `load` does, so that no command is added to what a store's ACL
 /// must allow for the scripts that every call runs.
@@ -118,7 +120,7 @@ end
 /// whose keys are not all on the node) for as long as the migration lasts.
 const STEPS: &str = r#"
 local function load_steps(key)
-  local m = redis.pcall('HMGET', key, 'idem')
+  local m = redis.pcall('HMGET', key, 'idem', 'fp')
   if m.err then
     if not string.find(m.err, 'WRONGTYPE', 1, true) then error(m) end
     return false, 'a ' .. redis.call('TYPE', key).ok .. ' (not a hash)'
@@ -127,7 +129,8 @@ local function load_steps(key)
   if ttl == -2 then return nil end
   if m[1] ~= 'steps' then return false, 'a hash without the idem steps marker (idem = steps)' end
   if ttl < 0 then return false, 'step records without an expiry' end
-  return ttl
+  if m[2] and #m[2] ~= 32 then return false, 'step records with a malformed fingerprint' end
+  return ttl, m[2] or ''
 end
 local function drop_steps(key)
   if not key then return end
@@ -261,18 +264,25 @@ return {'ok'}
 /// value, ttl ms): the rule of [`Store::record_step`]. Only a running record of this token whose
 /// lease is live is written to: `HSETNX` keeps a step recorded before (a repeat after a lost
 /// reply), the hash's expiry is pushed out to `ttl` if that is later, and the record is flagged
-/// (see [`STEPS`]). The first write is the step's (`HSET` or `HSETNX`), which Redis refuses at
-/// `maxmemory`: then nothing is written.
+/// (see [`STEPS`]). A new hash keeps the claim's fingerprint (`fp`, copied from the record; none
+/// without one), for [`STEPS_OF`] to compare; a step added to a hash keeps the hash's. The first
+/// write is the step's (`HSET` or `HSETNX`), which Redis refuses at `maxmemory`: then nothing is
+/// written.
 const RECORD_STEP: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
   return {'lost'}
 end
+-- On success, load_steps's second value is the hash's fingerprint; on failure, why it is not ours.
 local ttl, swhy = load_steps(KEYS[2])
 if ttl == false then return {'foreign', swhy, 'steps'} end
 if ttl == nil then
-  redis.call('HSET', KEYS[2], 'idem', 'steps', ARGV[2], ARGV[3])
+  if r.fp == '' then
+    redis.call('HSET', KEYS[2], 'idem', 'steps', ARGV[2], ARGV[3])
+  else
+    redis.call('HSET', KEYS[2], 'idem', 'steps', 'fp', r.fp, ARGV[2], ARGV[3])
+  end
 else
   redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 end
@@ -282,19 +292,25 @@ return {'ok'}
 "#;
 
 /// steps(KEYS[1] = record, KEYS[2] = steps, ARGV = token): the step records, if this token holds
-/// the key (the fence of `record_step`), as `held` and the hash's fields and values. A record
-/// that finds step records of an earlier holder is flagged (see [`STEPS`]); under `pcall`, so
-/// that a server at `maxmemory` still lets a call read its steps (its completion then leaves
-/// them to their expiry).
+/// the key (the fence of `record_step`), as `held` and the hash's fields and values; `reused`,
+/// and nothing written, if they were recorded under another fingerprint than the claim's (the
+/// rule of replays, `fingerprint_matches`: they match if the claim has none, or the same one;
+/// steps recorded without one are not a fingerprinted claim's). A record that finds step
+/// records of an earlier holder is flagged (see [`STEPS`]); under `pcall`, so that a server at
+/// `maxmemory` still lets a call read its steps (its completion then leaves them to their
+/// expiry). A record that finds another request's steps is not flagged: its completion must
+/// leave them for a retry of that request.
 const STEPS_OF: &str = r#"
 local r, why = load(KEYS[1])
 if r == false then return {'foreign', why} end
 if r == nil or r.state ~= 'running' or r.token ~= ARGV[1] or r.ttl <= r.grace then
   return {'lost'}
 end
-local ttl, swhy = load_steps(KEYS[2])
-if ttl == false then return {'foreign', swhy, 'steps'} end
+-- On success, load_steps's second value is the hash's fingerprint; on failure, why it is not ours.
+local ttl, sfp = load_steps(KEYS[2])
+if ttl == false then return {'foreign', sfp, 'steps'} end
 if ttl == nil then return {'held', {}} end
+if r.fp ~= '' and sfp ~= r.fp then return {'reused'} end
 if not r.steps then redis.pcall('HSET', KEYS[1], 'steps', '1') end
 return {'held', redis.call('HGETALL', KEYS[2])}
 "#;
@@ -456,28 +472,44 @@ pub use redis;
 /// | --- | --- | --- |
 /// | with a hash tag (`{idem}:`) | `{idem}:<hex>` | `{idem}:<hex>:steps`: the record's name and `:steps`, the same tag |
 /// | without braces (`idem:`, the default) | `idem:<hex>` | `idem:{idem:<hex>}:steps`: the record's whole name as the hash tag, which is what Redis hashes for the record |
-/// | with braces but no tag (`{}`, an unclosed `{`, a lone `}`) | as always | none: no name under such a prefix shares the record's slot, and [`Store::record_step`] fails with [`Error::Store`] saying so |
+/// | with braces but no tag (`{}`, an unclosed `{`, a lone `}`) | as always | none: no name under such a prefix shares the record's slot; the store says so in a warning (target `idem`) when it connects, and [`Store::record_step`] and [`Store::steps`] fail with [`Error::Store`] saying so |
 ///
-/// The hash's `idem` field is `steps` (a value at that name without it, or without an
-/// expiry, is not ours and is left alone, as a foreign record is); each other field is `step:`
-/// and a step's name, and its value is the step's, as the executor encoded it. No steps hash
-/// is ever taken for a record, nor a record for a steps hash (a record's name is the prefix and
-/// 64 hex digits, nothing more).
+/// | field | value |
+/// | --- | --- |
+/// | `idem` | `steps`, the marker (a value at that name without it, or without an expiry, is not ours and is left alone, as a foreign record is) |
+/// | `fp` | the fingerprint of the claim that recorded the hash's first step, 32 bytes, copied from its record; absent when that claim had none |
+/// | `step:<name>` | one per step: its value, as the executor encoded it |
+///
+/// No steps hash is ever taken for a record, nor a record for a steps hash (a record's name is
+/// the prefix and 64 hex digits, nothing more).
 ///
 /// - [`Store::record_step`] is **one round trip**: one script checks that the record is running
 ///   under the token with its lease live (the server's clock), writes the step with `HSETNX`
 ///   (a repeat keeps the first value), pushes the hash's expiry out to `ttl` if that is later,
-///   and flags the record (`steps = 1`). Anything else is `LeaseLost`, and nothing is written.
+///   and flags the record (`steps = 1`). A new hash takes the claim's fingerprint; a step added
+///   to a hash keeps the hash's. Anything else is `LeaseLost`, and nothing is written.
 /// - [`Store::steps`] is one round trip: the same check, then `HGETALL`. The executor reads
-///   them once per call, at its first step.
+///   them once per call, at its first step. Steps are the request's that recorded them: a claim
+///   with a fingerprint reads them only if the hash's `fp` is the same (steps recorded without
+///   one are not a fingerprinted request's), and otherwise gets
+///   [`RecordedSteps::KeyReused`] (the call fails with [`Error::KeyReused`] and runs no step);
+///   such a read changes nothing, so the steps stay for a retry of the request that recorded
+///   them. A claim without a fingerprint reads any (the rule of replays).
 /// - [`Store::release`] deletes the record and leaves the hash: the next claim reads its steps.
 ///   A lease that runs out leaves it too. The hash expires `ttl` after its last step.
 /// - [`Store::complete`] and [`Store::remove`] delete the hash in the same script as the record
-///   write. A completion sends the hash's name only when the record is flagged: a call without
-///   steps completes in one round trip as before, one with steps in two (the first answer says
-///   to send it again with the hash). A completion that comes after its record is gone, or by a
-///   call whose body read no step, leaves the hash to its expiry: it is read again only by a
-///   claim after the completed record expired, and it expires first when both have one ttl.
+///   write, but a completion only when the record is flagged, that is when the completing
+///   claim recorded a step or read the steps and was given them: a call without steps
+///   completes in one round trip as before, one with steps in two (the first answer says to
+///   send it again with the hash). So a completion leaves the hash to its own expiry when its
+///   body ran no step (a retry that this time took a path without steps leaves an earlier
+///   attempt's steps), when its claim read another request's steps (`KeyReused`), or when it
+///   comes after its record is gone. Such a hash is read again only by a claim after the
+///   completed record expired, and it expires first when both have one ttl.
+/// - A call dropped while the records of steps that ran are on their way
+///   ([`Store::release_on_drop_after_steps`]) hands them to a background task that records
+///   each (fenced, one round trip each), and then releases the claim, in that order: the retry
+///   finds them. See "Failures and cancellation".
 /// - While a slot migrates between nodes, Redis refuses an operation on a record and its steps
 ///   hash with `TRYAGAIN` as long as only one of them is on the node (the other has moved, or
 ///   does not exist yet); nothing runs. The store sends it again, with pauses, until the
@@ -573,11 +605,15 @@ pub use redis;
 /// - A claim whose reply never came (cut off by the timeout, or its call dropped while the claim
 ///   was on its way) is released in the background, so the key is not left held for a lease by
 ///   a call that will never run its body.
-/// - A call dropped while its body runs releases its claim ([`Store::release_on_drop`]); a call
-///   dropped once its body returned `Ok`, or whose completion failed, hands the completion to
-///   the runtime ([`Store::complete_on_drop`]), which tries again with backoff for up to a
-///   minute while the server is unreachable. Both need a tokio runtime; outside one, the claim
-///   is left to its lease.
+/// - A call dropped while its body runs releases its claim ([`Store::release_on_drop`]); if
+///   the records of some of its steps were on their way, it first records them
+///   ([`Store::release_on_drop_after_steps`]: each step, then the release). A call dropped once
+///   its body returned `Ok`, or whose completion failed, hands the completion to the runtime
+///   ([`Store::complete_on_drop`]). Each is a task on the runtime that tries again with backoff
+///   (50 ms doubling to 1 s) while the server is unreachable, for up to a minute in all; a step
+///   the store refuses for good (its lease ran out, a value over the server's limit) is left
+///   unrecorded, with a warning, and a retry runs it again. All need a tokio runtime; outside
+///   one, the claim is left to its lease and the steps are not recorded.
 /// - A result longer than the server accepts in one argument (`proto-max-bulk-len`, read with
 ///   the other settings; 512 MB by default) is not sent, because Redis would close the
 ///   connection every call shares: the completion fails with [`Error::Store`] saying so, and the
@@ -886,6 +922,15 @@ impl RedisStoreBuilder {
                 .map_err(|source| failure("connect (reading the server's settings)", source))?;
             if let Some(refusal) = store.health.judge(&nodes) {
                 return Err(Error::store(refusal));
+            }
+            if !has_steps_slot(&store.prefix) {
+                // Said now, once, rather than by the first step in production.
+                tracing::warn!(
+                    target: "idem", prefix = %store.prefix,
+                    "{}; until then, idem::step fails with Error::Store on this store (every \
+                     other operation works)",
+                    NoStepsSlot { prefix: store.prefix.to_string() }
+                );
             }
             Ok(store)
         };
@@ -1851,6 +1896,71 @@ impl RedisStore {
         super::complete_in_background(key, attempt, worth_retrying).await;
     }
 
+    /// [`Store::release_on_drop_after_steps`]'s task (and [`Store::release_on_drop`]'s, with
+    /// no steps): records `steps`, then releases, each tried again while the failure can pass
+    /// ([`super::retry_until`]), all within [`super::BACKGROUND_COMPLETION`]. A step the store
+    /// refuses for good is skipped (a retry of the call runs it again), and said so; a claim the
+    /// call no longer holds ends the task (nothing more can be written under its token).
+    async fn release_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        let deadline = crate::clock::after(Instant::now(), super::BACKGROUND_COMPLETION);
+        for (step, value) in &steps {
+            let attempt = || self.record_step_now(key, token, step, value, ttl);
+            match super::retry_until(key, "record a step", deadline, attempt, worth_retrying).await
+            {
+                Ok(StepRecorded::Recorded) => {}
+                Ok(StepRecorded::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = %step,
+                        "the lease of a dropped call ran out before the steps whose effects ran \
+                         were recorded: a retry runs them again; raise `lease` above the body's \
+                         run time"
+                    );
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = %step, error = %err,
+                        "could not record a step of a dropped call whose effect ran; a retry \
+                         runs it again"
+                    );
+                }
+            }
+        }
+        let attempt = || self.release_now(key, token);
+        if let Err(err) = super::retry_until(
+            key,
+            "release a dropped claim",
+            deadline,
+            attempt,
+            worth_retrying,
+        )
+        .await
+        {
+            tracing::debug!(
+                target: "idem", key = %key, error = %err,
+                "could not release a dropped claim; it frees when its lease runs out"
+            );
+        }
+    }
+
+    /// Runs `task` (given a clone of the store) on the current tokio runtime and returns at
+    /// once: the destructors' hand-off. Outside a runtime it does nothing.
+    fn in_background<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(RedisStore) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(task(self.clone()));
+        }
+    }
+
     /// [`Store::wait`]: see [`RedisStore`], "Waiting".
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = crate::clock::after(Instant::now(), timeout);
@@ -2214,20 +2324,34 @@ impl Store for RedisStore {
         Some(usize::try_from(max).unwrap_or(usize::MAX))
     }
 
-    /// Spawns the release on the current tokio runtime and returns at once; outside a runtime
-    /// it does nothing (the claim expires with its lease, which is no longer renewed).
+    /// Spawns the release on the current tokio runtime and returns at once (the task of
+    /// [`Store::release_on_drop_after_steps`], with no steps); outside a runtime it does nothing
+    /// (the claim expires with its lease, which is no longer renewed).
     fn release_on_drop(&self, key: Key, token: Token) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        runtime.spawn(async move {
-            if let Err(err) = store.release_now(key, token).await {
-                tracing::debug!(
-                    target: "idem", key = %key, error = %err,
-                    "could not release a dropped claim; it frees when its lease runs out"
-                );
-            }
+        self.in_background(move |store| async move {
+            // No steps: the ttl is not used.
+            store
+                .release_in_background(key, token, Vec::new(), Duration::ZERO)
+                .await;
+        });
+    }
+
+    /// Spawns, on the current tokio runtime, a task that records the steps (each as
+    /// [`Store::record_step`], fenced by `token`: one round trip each) and then releases the
+    /// claim, in that order (a release first would let another call take the key, and the steps
+    /// would be refused); returns at once. While the server is unreachable the task tries again
+    /// with backoff, for up to a minute in all; a step that already reached the server keeps
+    /// its first value. Outside a runtime it does nothing, as [`Store::release_on_drop`]: the
+    /// claim is left to its lease, and the steps are not recorded.
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.in_background(move |store| async move {
+            store.release_in_background(key, token, steps, ttl).await;
         });
     }
 
@@ -2243,11 +2367,7 @@ impl Store for RedisStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        runtime.spawn(async move {
+        self.in_background(move |store| async move {
             store
                 .complete_in_background(key, token, fingerprint, value, ttl)
                 .await;
@@ -2342,19 +2462,29 @@ fn record_name(prefix: &str, key: &Key) -> String {
 /// hold a `}`).
 fn steps_name(prefix: &str, key: &Key) -> Option<String> {
     let record = record_name(prefix, key);
-    let tagged = match prefix.find('{') {
-        Some(open) => match prefix[open + 1..].find('}') {
-            Some(len) if len > 0 => true,
-            _ => return None,
-        },
-        None if prefix.contains('}') => return None,
-        None => false,
-    };
-    Some(if tagged {
+    Some(if prefix_hash_tag(prefix)? {
         format!("{record}:steps")
     } else {
         format!("{prefix}{{{record}}}:steps")
     })
+}
+
+/// Whether `prefix` has a hash tag (`Some(true)`), no brace at all (`Some(false)`), or braces
+/// without a tag (`None`: no name under it shares a record's slot; see [`steps_name`]).
+fn prefix_hash_tag(prefix: &str) -> Option<bool> {
+    match prefix.find('{') {
+        Some(open) => match prefix[open + 1..].find('}') {
+            Some(len) if len > 0 => Some(true),
+            _ => None,
+        },
+        None if prefix.contains('}') => None,
+        None => Some(false),
+    }
+}
+
+/// Whether step records can be kept under `prefix` (in each record's hash slot).
+fn has_steps_slot(prefix: &str) -> bool {
+    prefix_hash_tag(prefix).is_some()
 }
 
 /// A step's field in its steps hash: `step:` and its name (so that no name can be the hash's
@@ -2378,11 +2508,13 @@ enum StepsReply {
     Foreign(&'static str),
 }
 
-/// Reads a steps script's reply: `held` and the hash's fields and values (the `idem` marker
-/// and `step:`-named steps), or `lost`. Hands the values' buffers over as they are.
+/// Reads a steps script's reply: `held` and the hash's fields and values (the `idem` marker,
+/// the `fp` fingerprint and `step:`-named steps), `lost` or `reused`. Hands the values' buffers
+/// over as they are.
 fn parse_steps(mut items: Vec<Value>) -> Result<RecordedSteps, StepsReply> {
     match items.first().and_then(as_bytes) {
         Some(b"lost") => return Ok(RecordedSteps::LeaseLost),
+        Some(b"reused") => return Ok(RecordedSteps::KeyReused),
         Some(b"held") => {}
         _ => return Err(StepsReply::Bad(items)),
     }
@@ -2399,7 +2531,7 @@ fn parse_steps(mut items: Vec<Value>) -> Result<RecordedSteps, StepsReply> {
         let (Value::BulkString(field), Value::BulkString(value)) = (field, value) else {
             return Err(StepsReply::Bad(items));
         };
-        if field == b"idem" {
+        if field == b"idem" || field == b"fp" {
             continue;
         }
         let Some(name) = field.strip_prefix(STEP_FIELD) else {
@@ -3022,7 +3154,9 @@ mod tests {
         // Braces without a tag: no name under the prefix hashes like the record.
         for prefix in ["{}", "{}:", "a{b:", "a}b:", "{:", "}"] {
             assert_eq!(steps_name(prefix, &key), None, "{prefix:?}");
+            assert!(!has_steps_slot(prefix), "{prefix:?}");
         }
+        assert!(has_steps_slot("idem:") && has_steps_slot("{idem}:") && has_steps_slot(""));
     }
 
     #[test]
@@ -3053,6 +3187,24 @@ mod tests {
         assert_eq!(
             parse_steps(vec![bulk(b"lost")]).ok(),
             Some(RecordedSteps::LeaseLost)
+        );
+        assert_eq!(
+            parse_steps(vec![bulk(b"reused")]).ok(),
+            Some(RecordedSteps::KeyReused)
+        );
+        assert_eq!(
+            parse_steps(held(vec![
+                bulk(b"fp"),
+                bulk(&[7; 32]),
+                bulk(b"step:a"),
+                bulk(b"1"),
+            ]))
+            .ok(),
+            Some(RecordedSteps::Held(vec![(
+                "a".into(),
+                Bytes::from_static(b"1")
+            )])),
+            "the fingerprint is not a step"
         );
         for foreign in [
             vec![bulk(b"other"), bulk(b"x")],
