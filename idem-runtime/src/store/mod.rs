@@ -323,50 +323,69 @@ pub(crate) const BACKGROUND_COMPLETION: Duration = Duration::from_secs(60);
 
 /// The task behind a remote store's [`Store::complete_on_drop`]: runs `attempt` (one
 /// completion) until it stores or another call took the key over, trying again with backoff
-/// (50 ms doubling to 1 s) while `worth_retrying` says the failure can pass, for up to
-/// [`BACKGROUND_COMPLETION`]. Each end is one `tracing` event.
+/// while `worth_retrying` says the failure can pass, for up to [`BACKGROUND_COMPLETION`] (see
+/// [`retry_in_background`]). Each end is one `tracing` event.
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) async fn complete_in_background<F, Fut>(
     key: Key,
-    mut attempt: F,
+    attempt: F,
     worth_retrying: fn(&Error) -> bool,
 ) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Completion, Error>>,
 {
     let deadline = crate::clock::after(tokio::time::Instant::now(), BACKGROUND_COMPLETION);
+    match retry_in_background(key, deadline, "store a result", attempt, worth_retrying).await {
+        Ok(Completion::Stored) => {
+            tracing::debug!(target: "idem", key = %key, "stored a result in the background");
+        }
+        Ok(Completion::LeaseLost) => {
+            tracing::warn!(
+                target: "idem", key = %key,
+                "the lease ran out and another call took the key over before this call's \
+                 result was stored: the body may have run twice; raise `lease` above the \
+                 body's run time"
+            );
+        }
+        Err(err) => {
+            tracing::warn!(
+                target: "idem", key = %key, error = %err,
+                "could not store the result of a call whose body ran; the claim is left to \
+                 its lease, after which a retry runs the body again"
+            );
+        }
+    }
+}
+
+/// Runs `attempt` (one write a remote store does in the background, for a dropped call) until
+/// the store answers, trying again with backoff (50 ms doubling to 1 s) while `worth_retrying`
+/// says the failure can pass and `deadline` is not reached; then returns the answer, or the
+/// last failure. Each try again is a `tracing` debug event saying what could not be done yet
+/// (`what`: "store a result").
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) async fn retry_in_background<T, F, Fut>(
+    key: Key,
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut attempt: F,
+    worth_retrying: fn(&Error) -> bool,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
     let mut pause = Duration::from_millis(50);
     loop {
         match attempt().await {
-            Ok(Completion::Stored) => {
-                tracing::debug!(target: "idem", key = %key, "stored a result in the background");
-                return;
-            }
-            Ok(Completion::LeaseLost) => {
-                tracing::warn!(
-                    target: "idem", key = %key,
-                    "the lease ran out and another call took the key over before this call's \
-                     result was stored: the body may have run twice; raise `lease` above the \
-                     body's run time"
-                );
-                return;
-            }
             Err(err) if worth_retrying(&err) && tokio::time::Instant::now() + pause < deadline => {
                 tracing::debug!(
                     target: "idem", key = %key, error = %err,
-                    "could not store a result yet; trying again"
+                    "could not {what} yet; trying again"
                 );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
-            Err(err) => {
-                tracing::warn!(
-                    target: "idem", key = %key, error = %err,
-                    "could not store the result of a call whose body ran; the claim is left to \
-                     its lease, after which a retry runs the body again"
-                );
-                return;
-            }
+            answer => return answer,
         }
     }
 }

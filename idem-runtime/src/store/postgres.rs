@@ -2861,6 +2861,73 @@ impl PostgresStore {
         Ok(RecordedSteps::Held(steps))
     }
 
+    /// [`Store::release_on_drop_after_steps`]'s task, before the release: records each step as
+    /// [`record_step`](Store::record_step) does, each tried again as a background completion is
+    /// (see [`super::retry_in_background`]), all within [`super::BACKGROUND_COMPLETION`]. A step
+    /// that cannot be recorded is left (a retry runs it again); the lease lost, the rest are
+    /// too.
+    async fn record_steps_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        let deadline = after(Instant::now(), super::BACKGROUND_COMPLETION);
+        for (step, value) in steps {
+            let attempt = || self.record_step_now(key, token, step.clone(), value.clone(), ttl);
+            match super::retry_in_background(
+                key,
+                deadline,
+                "record a step",
+                attempt,
+                worth_retrying,
+            )
+            .await
+            {
+                Ok(StepRecorded::Recorded) => tracing::debug!(
+                    target: "idem", key = %key, step = ?step,
+                    "recorded a step of a dropped call in the background"
+                ),
+                Ok(StepRecorded::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = ?step,
+                        "a dropped call lost its key before its steps were recorded: a retry \
+                         runs them again"
+                    );
+                    return;
+                }
+                Err(err) => tracing::warn!(
+                    target: "idem", key = %key, step = ?step, error = %err,
+                    "could not record a step of a dropped call; a retry runs it again"
+                ),
+            }
+        }
+    }
+
+    /// [`Store::release_on_drop`]'s task: one release; a failure leaves the claim to its lease.
+    async fn release_dropped(&self, key: Key, token: Token) {
+        if let Err(err) = self.release(key, token).await {
+            tracing::warn!(
+                target: "idem", key = %key, error = %err,
+                "could not release a dropped claim; it frees when its lease runs out"
+            );
+        }
+    }
+
+    /// Hands `work`, given a clone of the store, to the current tokio runtime: what the
+    /// `*_on_drop` methods, called from destructors, do instead of waiting. Without a runtime
+    /// nothing is done (a claim is then left to its lease).
+    fn in_background<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(PostgresStore) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(work(self.clone()));
+        }
+    }
+
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
         let deadline = after(Instant::now(), timeout);
         let key_bytes = &key.as_bytes()[..];
@@ -3362,17 +3429,7 @@ impl Store for PostgresStore {
     /// Hands the release to the current tokio runtime, if there is one; otherwise (or if it
     /// fails) the claim frees when its lease runs out.
     fn release_on_drop(&self, key: Key, token: Token) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(err) = store.release(key, token).await {
-                    tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not release a dropped claim; it frees when its lease runs out"
-                    );
-                }
-            });
-        }
+        self.in_background(move |store| async move { store.release_dropped(key, token).await });
     }
 
     /// Hands the completion to the current tokio runtime, if there is one: called when a call
@@ -3390,14 +3447,33 @@ impl Store for PostgresStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                store
-                    .complete_in_background(key, token, fingerprint, value, ttl)
-                    .await;
-            });
-        }
+        self.in_background(move |store| async move {
+            store
+                .complete_in_background(key, token, fingerprint, value, ttl)
+                .await;
+        });
+    }
+
+    /// Hands the steps and then the release to the current tokio runtime, if there is one, in
+    /// that order: each step is recorded as [`record_step`](Store::record_step) does (fenced by
+    /// `token`; the first value of a step already recorded stays), tried again like a
+    /// background completion (with backoff, for up to a minute in all) while the server is
+    /// unreachable or answers with an error that can pass; then the claim is released as
+    /// [`release_on_drop`](Store::release_on_drop) does. Without a runtime nothing is
+    /// recorded, and the claim is left to its lease, as `release_on_drop` leaves it.
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.in_background(move |store| async move {
+            store
+                .record_steps_in_background(key, token, steps, ttl)
+                .await;
+            store.release_dropped(key, token).await;
+        });
     }
 }
 
