@@ -377,6 +377,9 @@ pub const STEPS_SUFFIX: &str = "_steps";
 /// (`idem_records_steps_exp_idx`): short enough that the longest table name allowed (48 bytes)
 /// gives an index name within PostgreSQL's 63.
 const STEPS_INDEX_SUFFIX: &str = "_exp_idx";
+/// What the name of the steps table's `(key, expires_at)` index adds to the steps table's name
+/// (`idem_records_steps_key_idx`), within PostgreSQL's 63 bytes too.
+const STEPS_KEY_INDEX_SUFFIX: &str = "_key_idx";
 /// The longest any one store operation (pool checkout plus statement) may take on the client:
 /// 10 seconds. Past it the operation fails with [`Error::Store`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -592,10 +595,18 @@ struct Sql {
     purge: String,
     /// Records a step's value, fenced by the claim's token (see `Store::record_step`).
     record_step: String,
-    /// The live steps of a key, fenced by the claim's token (see `Store::steps`).
+    /// The live steps of a key and whether they are the claim's (its fingerprint), fenced by
+    /// the claim's token (see `Store::steps`).
     steps: String,
-    /// `purge`, for the steps table.
-    purge_steps: String,
+    /// The first statement of a cleanup batch of the steps table: the oldest rows of keys whose
+    /// steps all expired, and the key locks of those keys (see `PostgresStore::purge_steps`).
+    lock_dead_steps: String,
+    /// The same for one key (`$1`, its key lock `$2`): a step recorded where the key's expired
+    /// steps are still there clears them first.
+    lock_key_steps: String,
+    /// The second statement: deletes the rows of the keys locked by the first whose steps all
+    /// expired, at most a batch.
+    delete_dead_steps: String,
     /// Whether a claim of this token is committed (after a transactional body ended the
     /// transaction itself).
     committed_claim: String,
@@ -803,11 +814,31 @@ impl Sql {
             // commits. Every writer of the key's records row and steps rows takes the key lock
             // first, so that row lock never waits.
             //
-            // The step's row expires `ttl` from now, or with the key's live steps if they live
-            // longer, and the key's other live steps are pushed out to the same time: a key's
-            // steps expire together, `ttl` after the last one was recorded. A repeated record of
-            // a live step keeps its value (a lost reply); a dead row (expired, not purged yet)
-            // is overwritten.
+            // Each step row keeps its own expiry, `ttl` from when it was recorded, and nothing
+            // else is rewritten: a key's steps are live while any of its rows is (they expire
+            // together, `ttl` after the last one was recorded), so a step costs one row
+            // whatever the number of earlier ones. The key's latest-expiring row (one step of
+            // the `(key, expires_at)` index) tells whether they are live, and their
+            // fingerprint: a step recorded while they are live keeps it (all of a key's rows
+            // carry one fingerprint, that of the claim that recorded the first of them), the
+            // first of a new set takes the claim's. A repeated record of a live step keeps its
+            // value (a lost reply) and pushes its expiry out.
+            //
+            // When the key's steps all expired but their rows are still there (no cleanup came
+            // by), nothing is written and the answer is 2: the store clears them first, in a
+            // transaction that takes the key lock before its snapshot (`lock_key_steps`, then
+            // `delete_dead_steps`), and records the step again. Deleting them here would trust
+            // this statement's snapshot, taken before the key lock: a step of the same call
+            // committed in between (its row, which keeps the key's steps live, unseen here)
+            // would lose the others. What this statement does see is safe to act on: rows are
+            // deleted only under the key lock and only once dead (or by a completion or a
+            // removal, which the `FOR SHARE` re-read of the claim's row catches), so rows seen
+            // live are; and a row committed unseen can only be a live one of this same claim
+            // (the snapshot sees the claim, and an earlier holder's last step committed before
+            // the claim's takeover did), recorded under the same fingerprint.
+            //
+            // Answers `free` (the key lock, or true when `token` does not hold the key) and 1
+            // (recorded), 0 (the lease is lost) or 2 (expired rows to clear first).
             record_step: format!(
                 "WITH gate AS MATERIALIZED ( \
                    SELECT CASE WHEN EXISTS ( \
@@ -816,66 +847,118 @@ impl Sql {
                        AND expires_at > pg_catalog.clock_timestamp()) \
                    THEN pg_catalog.pg_try_advisory_xact_lock($6) ELSE true END AS free \
                  ), held AS MATERIALIZED ( \
-                   SELECT r.key FROM {table} r \
+                   SELECT r.fingerprint FROM {table} r \
                    WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
                      AND r.expires_at > pg_catalog.clock_timestamp() AND (SELECT free FROM gate) \
                    FOR SHARE \
-                 ), until AS MATERIALIZED ( \
-                   SELECT GREATEST({ttl}, (SELECT pg_catalog.max(s.expires_at) FROM {steps} s \
-                     WHERE s.key = $1 AND s.expires_at > pg_catalog.clock_timestamp())) AS at \
-                   FROM held \
+                 ), latest AS MATERIALIZED ( \
+                   SELECT s.fingerprint, s.expires_at > pg_catalog.clock_timestamp() AS live \
+                   FROM {steps} s \
+                   WHERE s.key = $1 AND EXISTS (SELECT 1 FROM held) \
+                   ORDER BY s.expires_at DESC LIMIT 1 \
+                 ), step AS MATERIALIZED ( \
+                   SELECT CASE WHEN (SELECT live FROM latest) \
+                            THEN (SELECT fingerprint FROM latest) \
+                            ELSE h.fingerprint END AS fingerprint, \
+                          (SELECT live FROM latest) IS TRUE AS live \
+                   FROM held h \
+                   WHERE NOT EXISTS (SELECT 1 FROM latest WHERE NOT latest.live) \
                  ), recorded AS ( \
-                   INSERT INTO {steps} AS s (key, name, value, expires_at) \
-                   SELECT $1, $3, $4, until.at FROM until \
+                   INSERT INTO {steps} AS s (key, name, value, fingerprint, expires_at) \
+                   SELECT $1, $3, $4, step.fingerprint, {ttl} FROM step \
                    ON CONFLICT (key, name) DO UPDATE \
-                     SET value = CASE WHEN s.expires_at > pg_catalog.clock_timestamp() \
-                                 THEN s.value ELSE excluded.value END, \
-                         expires_at = excluded.expires_at \
+                     SET value = CASE WHEN {keep} THEN s.value ELSE excluded.value END, \
+                         fingerprint = CASE WHEN {keep} THEN s.fingerprint \
+                                       ELSE excluded.fingerprint END, \
+                         expires_at = GREATEST(s.expires_at, excluded.expires_at) \
                    RETURNING 1 \
-                 ), together AS ( \
-                   UPDATE {steps} s SET expires_at = until.at FROM until \
-                   WHERE s.key = $1 AND s.name <> $3 \
-                     AND s.expires_at > pg_catalog.clock_timestamp() AND s.expires_at < until.at \
                  ) \
-                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM recorded) FROM gate",
+                 SELECT gate.free, \
+                        CASE WHEN EXISTS (SELECT 1 FROM recorded) THEN 1 \
+                             WHEN EXISTS (SELECT 1 FROM latest WHERE NOT latest.live) THEN 2 \
+                             ELSE 0 END::int8 \
+                 FROM gate",
                 ttl = from_now!("$5"),
+                keep = "(s.expires_at > pg_catalog.clock_timestamp() \
+                         OR (SELECT live FROM step))",
             ),
-            // The key's live steps if `token` holds it with a live lease: no row when it does
-            // not, one row of NULLs when it holds no steps. A read: no lock.
+            // The key's steps if `token` holds it with a live lease and they are live (any of
+            // the key's rows is: one step of the `(key, expires_at)` index, judged once), and
+            // whether they are the claim's: every row's fingerprint matches the claim's by the
+            // rule of replays (the claim has none, or the same one). No row when `token` does
+            // not hold the key; one row `(true, NULL, NULL)` when it holds no live steps, and
+            // `(false, NULL, NULL)` when they are another request's. A read: no lock.
             steps: format!(
-                "SELECT s.name, s.value FROM {table} r \
-                 LEFT JOIN {steps} s \
-                   ON s.key = r.key AND s.expires_at > pg_catalog.clock_timestamp() \
-                 WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
-                   AND r.expires_at > pg_catalog.clock_timestamp()"
+                "WITH held AS MATERIALIZED ( \
+                   SELECT r.fingerprint FROM {table} r \
+                   WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
+                     AND r.expires_at > pg_catalog.clock_timestamp() \
+                 ), live AS MATERIALIZED ( \
+                   SELECT coalesce(pg_catalog.max(expires_at) > pg_catalog.clock_timestamp(), \
+                                   false) AS yes \
+                   FROM {steps} WHERE key = $1 AND EXISTS (SELECT 1 FROM held) \
+                 ), found AS MATERIALIZED ( \
+                   SELECT s.name, s.value, \
+                          (h.fingerprint IS NULL OR s.fingerprint = h.fingerprint) IS TRUE \
+                            AS ours \
+                   FROM held h JOIN {steps} s ON s.key = $1 \
+                   WHERE (SELECT yes FROM live) \
+                 ), verdict AS MATERIALIZED ( \
+                   SELECT coalesce(pg_catalog.bool_and(ours), true) AS ours FROM found \
+                 ) \
+                 SELECT v.ours, f.name, f.value \
+                 FROM held h CROSS JOIN verdict v LEFT JOIN found f ON v.ours"
             ),
-            // `purge`, for the steps table: the oldest expired step rows, at most a batch (its
-            // `expires_at` index), of those the ones whose key lock this statement gets, deleted
-            // if still expired (a step recorded since may have given one a new life). No waiter
-            // waits on steps: no wake.
-            purge_steps: format!(
+            // A cleanup batch of the steps table is two statements in one transaction: this
+            // one finds the oldest expired rows of keys whose steps all expired (the
+            // `expires_at` index, bounded by the statement's start so that the scan stops at
+            // the first live row; a key's liveness is one step of the `(key, expires_at)`
+            // index), at most a batch, and tries the key lock of each of their keys (a step
+            // being recorded, a claim of the key in flight or a transactional call keeps its
+            // key). Returns how many rows it looked at and the keys it locked. The key lock is
+            // computed as `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian,
+            // xor the table's salt.
+            lock_dead_steps: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key, name FROM {steps} \
-                   WHERE expires_at <= pg_catalog.clock_timestamp() \
-                   ORDER BY expires_at LIMIT $1 \
-                 ), free AS MATERIALIZED ( \
-                   SELECT key, name FROM candidates \
-                   WHERE pg_catalog.pg_try_advisory_xact_lock( \
-                     ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
-                       'hex'))::bit(64)::int8 # $2) \
-                 ), unlocked AS MATERIALIZED ( \
-                   SELECT key, name FROM {steps} \
-                   WHERE (key, name) IN (SELECT key, name FROM free) \
-                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   SELECT c.key FROM {steps} c \
+                   WHERE c.expires_at <= pg_catalog.statement_timestamp() \
+                     AND c.expires_at <= pg_catalog.clock_timestamp() \
+                     AND (SELECT pg_catalog.max(l.expires_at) FROM {steps} l \
+                          WHERE l.key = c.key) <= pg_catalog.clock_timestamp() \
+                   ORDER BY c.expires_at LIMIT $1 \
+                 ), keys AS MATERIALIZED ( \
+                   SELECT DISTINCT key FROM candidates \
+                 ) \
+                 SELECT (SELECT pg_catalog.count(*) FROM candidates), \
+                        (SELECT pg_catalog.array_agg(key) FROM keys \
+                         WHERE pg_catalog.pg_try_advisory_xact_lock( \
+                           ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
+                             'hex'))::bit(64)::int8 # $2))"
+            ),
+            lock_key_steps: "SELECT 0::int8, CASE WHEN pg_catalog.pg_try_advisory_xact_lock($2) \
+                             THEN ARRAY[$1::bytea] END"
+                .to_owned(),
+            // Then, on a snapshot taken with those key locks held (so no step of those keys can
+            // be committed unseen: see `record_step`), the rows of the keys whose steps are
+            // still all expired (any of them: all are dead), at most a batch; a row another
+            // session has locked is left (`SKIP LOCKED`). Returns how many it deleted. No
+            // waiter waits on steps: no wake.
+            delete_dead_steps: format!(
+                "WITH dead AS MATERIALIZED ( \
+                   SELECT k.key FROM pg_catalog.unnest($1::bytea[]) AS k(key) \
+                   WHERE coalesce((SELECT pg_catalog.max(l.expires_at) FROM {steps} l \
+                                   WHERE l.key = k.key) <= pg_catalog.clock_timestamp(), false) \
+                 ), doomed AS MATERIALIZED ( \
+                   SELECT s.key, s.name FROM {steps} s \
+                   WHERE s.key IN (SELECT key FROM dead) \
+                   LIMIT $2 \
                    FOR UPDATE SKIP LOCKED \
                  ), gone AS ( \
-                   DELETE FROM {steps} \
-                   WHERE (key, name) IN (SELECT key, name FROM unlocked) \
-                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   DELETE FROM {steps} s USING doomed d \
+                   WHERE s.key = d.key AND s.name = d.name \
                    RETURNING 1 \
                  ) \
-                 SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
-                   pg_catalog.count(*) FROM gone)"
+                 SELECT pg_catalog.count(*) FROM gone"
             ),
             wake: format!("SELECT ({}) IS NULL", wake("$1")),
         }
@@ -927,6 +1010,41 @@ fn unnamed_index_if(taken: bool, ddl: String, index: &str, table_q: &str) -> Str
     }
     let named = format!("CREATE INDEX IF NOT EXISTS \"{index}\" ON {table_q}");
     ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1)
+}
+
+/// How `migrate` creates one index of the steps table.
+#[derive(Clone, Copy)]
+enum IndexDdl {
+    /// `CREATE INDEX IF NOT EXISTS` under its name (what `migration_sql` says).
+    Named,
+    /// Named by the server: another relation of the schema has the index's name, and `IF NOT
+    /// EXISTS` would skip, leaving the table without its index.
+    Unnamed,
+    /// Not at all: the table has it (under whatever name).
+    Present,
+}
+
+impl IndexDdl {
+    /// `present`: the table has an index on these columns; `taken`: a relation of the schema has
+    /// the index's name.
+    fn pick(present: bool, taken: bool) -> IndexDdl {
+        match (present, taken) {
+            (true, _) => IndexDdl::Present,
+            (false, true) => IndexDdl::Unnamed,
+            (false, false) => IndexDdl::Named,
+        }
+    }
+
+    /// The statement for index `index` of `table_q` on `columns`.
+    fn sql(self, index: &str, table_q: &str, columns: &str) -> String {
+        match self {
+            IndexDdl::Named => {
+                format!("CREATE INDEX IF NOT EXISTS \"{index}\" ON {table_q} ({columns});\n")
+            }
+            IndexDdl::Unnamed => format!("CREATE INDEX ON {table_q} ({columns});\n"),
+            IndexDdl::Present => String::new(),
+        }
+    }
 }
 
 /// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
@@ -1551,6 +1669,13 @@ fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
+/// The table a cleanup batch works on.
+#[derive(Clone, Copy)]
+enum Purge {
+    Records,
+    Steps,
+}
+
 /// What the claim statement answered.
 enum Answer {
     /// The claim, and for a granted one how much of its lease was left at the end of the
@@ -1760,23 +1885,35 @@ impl PostgresStore {
     /// The steps table's part of [`migration_sql`](Self::migration_sql). No foreign key to the
     /// records table: a released claim's row is deleted, and its steps stay for the next one.
     fn steps_ddl(&self) -> String {
+        self.steps_ddl_with(IndexDdl::Named, IndexDdl::Named)
+    }
+
+    /// [`steps_ddl`](Self::steps_ddl), with each of its indexes (the `expires_at` one, then the
+    /// `(key, expires_at)` one) as `migrate` needs it.
+    fn steps_ddl_with(&self, by_expiry: IndexDdl, by_key: IndexDdl) -> String {
         let steps = self.qualified_steps();
-        let index = format!(
-            "\"{}{STEPS_INDEX_SUFFIX}\"",
-            self.inner.steps_table // validated identifier and a fixed suffix
+        // Validated identifiers and fixed suffixes.
+        let name = &self.inner.steps_table;
+        let by_expiry = by_expiry.sql(&format!("{name}{STEPS_INDEX_SUFFIX}"), &steps, "expires_at");
+        let by_key = by_key.sql(
+            &format!("{name}{STEPS_KEY_INDEX_SUFFIX}"),
+            &steps,
+            "key, expires_at",
         );
         format!(
             "CREATE TABLE IF NOT EXISTS {steps} (\n\
              \x20   key         bytea       NOT NULL CHECK (octet_length(key) = 32),\n\
              \x20   name        bytea       NOT NULL,\n\
              \x20   value       bytea       NOT NULL,\n\
+             \x20   fingerprint bytea       CHECK (octet_length(fingerprint) = 32),\n\
              \x20   expires_at  timestamptz NOT NULL,\n\
              \x20   PRIMARY KEY (key, name)\n\
              );\n\
-             CREATE INDEX IF NOT EXISTS {index} ON {steps} (expires_at);\n\
+             {by_expiry}{by_key}\
              COMMENT ON TABLE {steps} IS 'idem step records (idem::step) of the calls in {table}: \
-             name = the step name (UTF-8), value = its recorded value, expires_at = when the \
-             key''s steps are forgotten';\n",
+             name = the step name (UTF-8), value = its recorded value, fingerprint = that of the \
+             request that recorded the key''s first step, expires_at = when this step expires; \
+             a key''s steps are forgotten when all of them expired';\n",
             table = self.inner.table,
         )
     }
@@ -1837,9 +1974,13 @@ impl PostgresStore {
                 "\"{}\".\"{}{STEPS_INDEX_SUFFIX}\"",
                 self.inner.schema, self.inner.steps_table
             );
+            let steps_key_index = format!(
+                "\"{}\".\"{}{STEPS_KEY_INDEX_SUFFIX}\"",
+                self.inner.schema, self.inner.steps_table
+            );
             // Whether each table exists, has an index leading with `expires_at` (whatever its
             // name), and whether the name of its index is taken (by that index, or by another
-            // relation of the schema).
+            // relation of the schema); the same for the steps table's `(key, expires_at)` index.
             let rows = run(
                 on,
                 prepared,
@@ -1859,13 +2000,22 @@ impl PostgresStore {
                                   ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
                                 WHERE i.indrelid = pg_catalog.to_regclass($4) \
                                   AND a.attname = 'expires_at'), \
-                        pg_catalog.to_regclass($5) IS NOT NULL",
+                        pg_catalog.to_regclass($5) IS NOT NULL, \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                                JOIN pg_catalog.pg_attribute a \
+                                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                                JOIN pg_catalog.pg_attribute b \
+                                  ON b.attrelid = i.indrelid AND b.attnum = i.indkey[1] \
+                                WHERE i.indrelid = pg_catalog.to_regclass($4) \
+                                  AND a.attname = 'key' AND b.attname = 'expires_at'), \
+                        pg_catalog.to_regclass($6) IS NOT NULL",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
                     (&index, Type::TEXT),
                     (&steps_q, Type::TEXT),
                     (&steps_index, Type::TEXT),
+                    (&steps_key_index, Type::TEXT),
                 ],
             )
             .await?;
@@ -1881,8 +2031,10 @@ impl PostgresStore {
             let steps_exist: bool = row.try_get(6)?;
             let steps_indexed: bool = row.try_get(7)?;
             let steps_name_taken: bool = row.try_get(8)?;
+            let steps_key_indexed: bool = row.try_get(9)?;
+            let steps_key_name_taken: bool = row.try_get(10)?;
             let records_present = table_exists && indexed;
-            let steps_present = steps_exist && steps_indexed;
+            let steps_present = steps_exist && steps_indexed && steps_key_indexed;
             if standby || read_only {
                 // Even with the tables there: a store on this server cannot write a record.
                 return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
@@ -1911,12 +2063,9 @@ impl PostgresStore {
                 ));
             }
             if !steps_present {
-                let index = format!("{}{STEPS_INDEX_SUFFIX}", self.inner.steps_table);
-                ddl.push_str(&unnamed_index_if(
-                    steps_name_taken,
-                    self.steps_ddl(),
-                    &index,
-                    &steps_q,
+                ddl.push_str(&self.steps_ddl_with(
+                    IndexDdl::pick(steps_indexed, steps_name_taken),
+                    IndexDdl::pick(steps_key_indexed, steps_key_name_taken),
                 ));
             }
             tx.batch_execute(&ddl).await?;
@@ -2153,33 +2302,25 @@ impl PostgresStore {
     /// Batches of [`purge_expired`](Self::purge_expired) while they come back full, at most
     /// `batches` of them per table: the records table, then the steps table.
     async fn purge_some(&self, batches: usize) -> Result<u64, Error> {
-        let records = self.purge_table(&self.inner.sql.purge, batches).await?;
-        let steps = self
-            .purge_table(&self.inner.sql.purge_steps, batches)
-            .await?;
+        let records = self.purge_table(Purge::Records, batches).await?;
+        let steps = self.purge_table(Purge::Steps, batches).await?;
         Ok(records + steps)
     }
 
-    /// Batches of one table's purge statement (`sql`) while they come back full, at most
-    /// `batches` of them.
-    async fn purge_table(&self, sql: &str, batches: usize) -> Result<u64, Error> {
+    /// Batches of one table's purge while they come back full, at most `batches` of them.
+    async fn purge_table(&self, table: Purge, batches: usize) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         let mut done = 0;
         loop {
-            let rows = match self.purge_batch(sql).await {
-                Ok(rows) => rows,
+            let (seen, deleted) = match self.purge_batch(table).await {
+                Ok(counts) => counts,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
                     continue;
                 }
                 Err(failure) => return Err(failure.into_error(self, "purge_expired")),
             };
-            let Some(row) = rows.first() else {
-                return Err(Error::store(Corrupt("the purge returned no row")));
-            };
-            let seen: i64 = row.try_get(0).map_err(Error::store)?;
-            let deleted: i64 = row.try_get(1).map_err(Error::store)?;
             total += deleted.unsigned_abs();
             // A short batch was the last; a batch that deleted nothing (every row of it held)
             // would find the same rows again.
@@ -2190,30 +2331,95 @@ impl PostgresStore {
         }
     }
 
-    /// One batch of [`purge_expired`](Self::purge_expired) (`sql`: the records table's or the
-    /// steps table's), in a `READ COMMITTED` transaction, within the store's timeout.
-    async fn purge_batch(&self, sql: &str) -> Result<Vec<Row>, Failure> {
-        let op = "purge_expired";
+    /// One batch of [`purge_expired`](Self::purge_expired) on `table`, in a `READ COMMITTED`
+    /// transaction, within the store's timeout: how many rows it looked at, and how many it
+    /// deleted.
+    async fn purge_batch(&self, table: Purge) -> Result<(i64, i64), Failure> {
+        let salt = self.inner.lock_salt;
+        let lock: &Params<'_> = &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)];
+        match table {
+            Purge::Records => {
+                self.in_transaction("purge_expired", async |tx: On<'_>, prepared| {
+                    let rows = run(tx, prepared, &self.inner.sql.purge, lock).await?;
+                    let Some(row) = rows.first() else {
+                        return Err(Failure::Other(Error::store(Corrupt(
+                            "the purge returned no row",
+                        ))));
+                    };
+                    Ok((row.try_get(0)?, row.try_get(1)?))
+                })
+                .await
+            }
+            Purge::Steps => {
+                let (seen, deleted) = self
+                    .clear_steps("purge_expired", &self.inner.sql.lock_dead_steps, lock)
+                    .await?;
+                Ok((seen, deleted.unwrap_or(0)))
+            }
+        }
+    }
+
+    /// Deletes the rows of keys whose steps all expired, at most a batch, in a `READ COMMITTED`
+    /// transaction within the store's timeout: `lock` (`lock_dead_steps` or `lock_key_steps`,
+    /// with its parameters) chooses the keys and takes their key locks, then
+    /// `delete_dead_steps`, on a snapshot taken with the locks held, deletes their rows if their
+    /// steps are still all expired (see `Sql::new`). Returns how many rows `lock` looked at and
+    /// how many were deleted; `None` for the latter when `lock` took no key lock.
+    async fn clear_steps(
+        &self,
+        op: &'static str,
+        lock: &str,
+        params: &Params<'_>,
+    ) -> Result<(i64, Option<i64>), Failure> {
+        self.in_transaction(op, async |tx: On<'_>, prepared| {
+            let rows = run(tx, prepared, lock, params).await?;
+            let Some(row) = rows.first() else {
+                return Err(Failure::Other(Error::store(Corrupt(
+                    "the steps cleanup returned no row",
+                ))));
+            };
+            let seen: i64 = row.try_get(0)?;
+            let keys: Option<Vec<Vec<u8>>> = row.try_get(1)?;
+            let Some(keys) = keys.filter(|keys| !keys.is_empty()) else {
+                return Ok((seen, None));
+            };
+            let rows = run(
+                tx,
+                prepared,
+                &self.inner.sql.delete_dead_steps,
+                &[(&keys, Type::BYTEA_ARRAY), (&PURGE_BATCH, Type::INT8)],
+            )
+            .await?;
+            let deleted: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            Ok((seen, Some(deleted)))
+        })
+        .await
+    }
+
+    /// Runs `work` in a `READ COMMITTED` transaction on a pooled connection, whatever the
+    /// database's default isolation, and commits it, all within the store's timeout (a
+    /// connection whose transaction timed out is dropped, not returned to the pool).
+    async fn in_transaction<T>(
+        &self,
+        op: &'static str,
+        work: impl AsyncFnOnce(On<'_>, bool) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
         let mut conn = self.connection(op).await.map_err(Failure::Other)?;
         let prepared = self.inner.prepared;
         let cache = Arc::clone(&conn.statement_cache);
-        let salt = self.inner.lock_salt;
-        let batch = async {
+        let transaction = async {
             let tx = tokio_postgres::Client::build_transaction(&mut conn)
                 .isolation_level(IsolationLevel::ReadCommitted)
                 .start()
                 .await?;
-            let rows = run(
-                On::Tx(&tx, &cache),
-                prepared,
-                sql,
-                &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
-            )
-            .await?;
+            let out = work(On::Tx(&tx, &cache), prepared).await?;
             tx.commit().await?;
-            Ok::<_, Failure>(rows)
+            Ok::<_, Failure>(out)
         };
-        match tokio::time::timeout(self.inner.timeout, batch).await {
+        match tokio::time::timeout(self.inner.timeout, transaction).await {
             Ok(result) => result,
             Err(_) => {
                 drop(Object::take(conn));
@@ -2505,6 +2711,18 @@ impl PostgresStore {
         reserved: bool,
     ) -> Result<u64, Error> {
         let deadline = after(Instant::now(), self.inner.timeout);
+        self.gated_until(op, sql, params, reserved, deadline).await
+    }
+
+    /// [`gated_on`](Self::gated_on), by `deadline`.
+    async fn gated_until(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &Params<'_>,
+        reserved: bool,
+        deadline: Instant,
+    ) -> Result<u64, Error> {
         let mut pause = FIRST_POLL;
         loop {
             let rows = if reserved {
@@ -2824,14 +3042,37 @@ impl PostgresStore {
             (&ttl, Type::FLOAT8),
             (&lock, Type::INT8),
         ];
-        let recorded = self
-            .gated("record_step", &self.inner.sql.record_step, params)
-            .await?;
-        Ok(if recorded == 1 {
-            StepRecorded::Recorded
-        } else {
-            StepRecorded::LeaseLost
-        })
+        let op = "record_step";
+        let deadline = after(Instant::now(), self.inner.timeout);
+        let mut pause = FIRST_POLL;
+        loop {
+            match self
+                .gated_until(op, &self.inner.sql.record_step, params, false, deadline)
+                .await?
+            {
+                1 => return Ok(StepRecorded::Recorded),
+                0 => return Ok(StepRecorded::LeaseLost),
+                _ => {}
+            }
+            // The key's steps all expired and their rows are still there: they go first (see
+            // `Sql::new`), then the step is recorded as the first of a new set.
+            let key_params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&lock, Type::INT8)];
+            let cleared = self
+                .clear_steps(op, &self.inner.sql.lock_key_steps, key_params)
+                .await
+                .map_err(|failure| failure.into_error(self, op))?;
+            if cleared.1.is_none() {
+                // Another caller holds the key lock: as `gated` does.
+                if Instant::now() + pause >= deadline {
+                    return Err(Error::store(KeyLocked {
+                        op,
+                        after: self.inner.timeout,
+                    }));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_POLL);
+            }
+        }
     }
 
     async fn steps_now(&self, key: Key, token: Token) -> Result<RecordedSteps, Error> {
@@ -2843,14 +3084,18 @@ impl PostgresStore {
             .query("steps", &self.inner.sql.steps, params)
             .await
             .map_err(|failure| failure.into_error(self, "steps"))?;
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             return Ok(RecordedSteps::LeaseLost);
+        };
+        let ours: bool = first.try_get(0).map_err(Error::store)?;
+        if !ours {
+            return Ok(RecordedSteps::KeyReused);
         }
         let mut steps = Vec::with_capacity(rows.len());
         for row in &rows {
-            let name: Option<Vec<u8>> = row.try_get(0).map_err(Error::store)?;
-            let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
-            // One row of NULLs: the key holds no steps.
+            let name: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
+            let value: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
+            // One row of NULLs: the key holds no live steps.
             let (Some(name), Some(value)) = (name, value) else {
                 continue;
             };
