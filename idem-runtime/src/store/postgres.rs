@@ -23,11 +23,14 @@
 //!     key         bytea       NOT NULL CHECK (octet_length(key) = 32),
 //!     name        bytea       NOT NULL,
 //!     value       bytea       NOT NULL,
+//!     fingerprint bytea       CHECK (octet_length(fingerprint) = 32),
 //!     expires_at  timestamptz NOT NULL,
 //!     PRIMARY KEY (key, name)
 //! );
 //! CREATE INDEX IF NOT EXISTS "idem_records_steps_exp_idx"
 //!     ON "public"."idem_records_steps" (expires_at);
+//! CREATE INDEX IF NOT EXISTS "idem_records_steps_key_idx"
+//!     ON "public"."idem_records_steps" (key, expires_at);
 //! ```
 //!
 //! (plus a `COMMENT ON TABLE` for each).
@@ -37,10 +40,14 @@
 //!   big-endian).
 //! - `value IS NULL` means *in progress*, and `expires_at` is then the end of the lease;
 //!   otherwise the record is *completed* and `expires_at` is when it is forgotten.
-//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)):
-//!   `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust string may hold NUL,
-//!   which `text` cannot), `value` its encoded value, `expires_at` when the key's steps are
-//!   forgotten. Its name is the records table's with [`STEPS_SUFFIX`]
+//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)),
+//!   one row per step: `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust
+//!   string may hold NUL, which `text` cannot), `value` its encoded value, `fingerprint` the
+//!   [`Fingerprint`] of the request that recorded the key's first step (the same on every row
+//!   of a key), `expires_at` `ttl` after the step was recorded. A key's steps are live while any
+//!   of its rows is (`max(expires_at)`, which the `(key, expires_at)` index answers in one
+//!   step), and forgotten together when none is. Its name is the records table's with
+//!   [`STEPS_SUFFIX`]
 //!   ([`PostgresStore::steps_table`]), in the same schema (so a store on a table named
 //!   `x_steps` would share its table with the steps of a store on `x`: do not name records
 //!   tables that way). There is no foreign key to the records table: a released claim's row is
@@ -52,7 +59,7 @@
 //!   [Durability](#durability).
 //!
 //! **Upgrading** a deployment made by a version without steps (a records table, no steps
-//! table): call `migrate()` (it creates the steps table and its index, and runs no DDL on the
+//! table): call `migrate()` (it creates the steps table and its indexes, and runs no DDL on the
 //! records table), or apply `migration_sql()` again (every statement is `IF NOT EXISTS`), and
 //! grant the store's role `SELECT, INSERT, UPDATE, DELETE` on the steps table. Until then a
 //! store refuses every call with [`Error::Store`] saying so, before any body runs (a completion
@@ -129,26 +136,49 @@
 //!   does the statement try the key lock (taken by another caller: it pauses outside the pool
 //!   and runs again, as a completion does), lock the claim's row `FOR SHARE` (which re-reads a
 //!   row changed since the statement's snapshot, so a step is never accepted after a takeover
-//!   or a removal was committed, and keeps the row from changing until the step commits), and
-//!   `INSERT ... ON CONFLICT (key, name) DO UPDATE` the step's row. A repeated record of a live
-//!   step (a reply lost, the step recorded again) keeps the first value.
-//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row joined with
-//!   the key's live steps), under the same fence. The executor reads them once per call, at the
-//!   call's first step.
+//!   or a removal was committed, and keeps the row from changing until the step commits), read
+//!   the key's latest-expiring step row (one step of the `(key, expires_at)` index: are the
+//!   key's steps live, and under which fingerprint), and `INSERT ... ON CONFLICT (key, name) DO
+//!   UPDATE` the step's row, expiring `ttl` (the call's) from now. Nothing else is written. A
+//!   repeated record of a live step (a reply lost, the step recorded again) keeps the first
+//!   value and pushes the row's expiry out.
+//! - **Fingerprint**: the first step of a key (none live) is recorded under the claim's
+//!   fingerprint, and later ones under the same, so the steps are the request's that began them.
+//!   [`Store::steps`] compares it with the current claim's by the rule of replays: they match
+//!   if the claim has no fingerprint, or the same one (steps recorded without one do not match
+//!   a claim with one). Otherwise the answer is [`RecordedSteps::KeyReused`]: a key reused for
+//!   another request does not inherit the first request's effects (its step gets
+//!   [`Error::KeyReused`] before it runs), and the steps stay for a retry of the request that
+//!   recorded them.
+//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row, the key's
+//!   liveness, its steps and their fingerprint), under the same fence. The executor reads them
+//!   once per call, at the call's first step (again only where it must check its lease, or for a
+//!   step whose record it lost track of).
+//! - **A dropped call** whose steps ran but whose records were not acknowledged (the call was
+//!   cancelled between a step's effect and its record) hands them to the store
+//!   ([`Store::release_on_drop_after_steps`]): in the background, each is recorded as above,
+//!   tried again with backoff like a background completion (see
+//!   [Timeouts and failures](#timeouts-and-failures)), and only then is the claim released, so
+//!   the retry, which waits for the claim, reads them instead of running them again. Without a
+//!   tokio runtime nothing is recorded and the claim is left to its lease.
 //! - **Cost**: a call that runs no step sends no statement for steps (its completion's
 //!   statement also looks up the key's steps in the primary key's index, to delete them); a
 //!   call with steps sends one read, then one statement per step it runs (a step already
-//!   recorded costs nothing more). Each recorded step also rewrites the expiry of the key's
-//!   earlier steps (see below), a few rows per call.
+//!   recorded costs nothing more). A step writes one row (and its three index entries) whatever
+//!   the number recorded before it, and rewrites none: 2 000 steps in one call cost what 2 000
+//!   calls of one step do.
 //! - **Lifetime**: steps outlive a release and a lapsed lease: the next claim of the key (a
 //!   new token) reads them. A completion and `remove` delete them in their own statement. A
-//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: each
-//!   recorded step pushes the key's live steps out to its own expiry. Expired step rows are
-//!   not read, and are deleted by the same cleanup as expired records (see
-//!   [Expired rows](#expired-rows)).
-//! - **Names** are any Rust string, NUL bytes included. A name is part of the primary key, and
-//!   PostgreSQL indexes at most 2 704 bytes of a key (after compression): a longer step name
-//!   fails to record with [`Error::Store`] saying so.
+//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: a row
+//!   whose own expiry passed is still read while a later row of its key lives. Expired steps
+//!   are not read; their rows are deleted by the same cleanup as expired records (see
+//!   [Expired rows](#expired-rows)), or, when a step is recorded under their key first, by that
+//!   step, which clears them in a transaction of its own before it records itself (two
+//!   statements more, once).
+//! - **Names** are any Rust string, NUL bytes included, of at most
+//!   [`MAX_STEP_NAME_LEN`](crate::MAX_STEP_NAME_LEN) bytes (checked by [`idem::step`](crate::step)
+//!   before the step runs). A name is part of the primary key, and the longest one, with the
+//!   key, fits PostgreSQL's index rows (at most 2 704 bytes) whatever its bytes.
 //! - **The transactional mode** records no steps (the transaction is the recovery point, see
 //!   [`idem::step`](crate::step)), and its completion does not touch the steps table.
 //!
@@ -228,7 +258,9 @@
 //! [`PostgresStore::purge_expired`] (up to 1 000 rows each, through the `expires_at` index) while
 //! they come back full, at most 16 per cleanup and never two at once per store, then the same
 //! for expired step rows (the steps of a released call that no retry came for; their own
-//! `expires_at` index). That can delete 16 rows per claim, more than any traffic adds, so under
+//! `expires_at` index, and only the rows of keys none of whose steps is live; each batch is two
+//! statements in one transaction, which takes the keys' locks and then deletes their rows on a
+//! snapshot taken with the locks held, so a step recorded just before is always seen). That can delete 16 rows per claim, more than any traffic adds, so under
 //! steady traffic the tables hold the live records and steps and at most a few batches of
 //! expired ones. Several stores and processes on one table split the work (each skips the rows
 //! another is deleting).
@@ -303,7 +335,9 @@
 //! ([`Store::complete_on_drop`]): tried again with backoff (50 ms doubling to 1 s) for up to
 //! a minute while the failure can pass, so a result whose body ran during a
 //! short outage is stored once the server is back, and a retry replays it (a retry that comes
-//! meanwhile waits for the claim, whose lease outlives the outage if it is longer).
+//! meanwhile waits for the claim, whose lease outlives the outage if it is longer). A call
+//! dropped with steps whose records were not acknowledged has them recorded the same way, in
+//! the background, before its claim is released (see [Steps](#steps)); a minute in all.
 //!
 //! # Transactional mode
 //!
@@ -1853,9 +1887,9 @@ impl PostgresStore {
     /// Idempotent: every statement is `IF NOT EXISTS`, so a deployment whose records table
     /// exists (made by an earlier version, which had no steps table) applies it whole to gain
     /// the steps table. Both tables are plain, logged tables. (Where another relation of the
-    /// schema already has an index's name, `<table>_expires_idx` or `<table>_steps_exp_idx`,
-    /// this SQL skips that index; [`migrate`](Self::migrate) checks for an index on
-    /// `expires_at` by its definition and lets the server name it instead.)
+    /// schema already has an index's name, `<table>_expires_idx`, `<table>_steps_exp_idx` or
+    /// `<table>_steps_key_idx`, this SQL skips that index; [`migrate`](Self::migrate) checks
+    /// for each index by its definition and lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
         format!("{}{}", self.records_ddl(), self.steps_ddl())
     }
@@ -1920,7 +1954,7 @@ impl PostgresStore {
 
     /// Creates the schema (if missing), the records table, the steps table and their indexes,
     /// unless they exist, then [checks the settings](Self::check_settings). On a records table
-    /// made by a version without steps it creates only the steps table and its index (see
+    /// made by a version without steps it creates only the steps table and its indexes (see
     /// [Upgrading](self#the-tables)).
     ///
     /// Safe to call from every process at start-up, for any number of tables in one schema:
@@ -2284,9 +2318,10 @@ impl PostgresStore {
     }
 
     /// Deletes every expired row (completed records past their ttl, claims whose lease ran
-    /// out long enough ago that no one took them over, and step records past theirs); returns
-    /// how many, of both tables. Runs in batches of at most 1 000 rows, each one statement
-    /// using a table's `expires_at` index. A row whose key lock is taken (a claim of that key in
+    /// out long enough ago that no one took them over, and the step records of keys none of
+    /// whose steps is live); returns how many, of both tables. Runs in batches of at most 1 000
+    /// rows using a table's `expires_at` index, each one statement (two for the steps table: see
+    /// [Expired rows](self#expired-rows)). A row whose key lock is taken (a claim of that key in
     /// flight, a transactional call holding it, a step being recorded, another purge) is left
     /// for a later run, so a purge never makes a claim wait for its row. Schedule it, for
     /// example with `tokio::time::interval`.
@@ -2507,7 +2542,8 @@ impl PostgresStore {
         if *code == SqlState::PROGRAM_LIMIT_EXCEEDED && op == "record_step" {
             return Some(format!(
                 "A step's name is part of the primary key of {steps}, and PostgreSQL indexes \
-                 at most 2704 bytes of it (after compression): use a shorter step name"
+                 at most 2704 bytes of it (after compression): use a shorter step name \
+                 (idem::step takes at most idem::MAX_STEP_NAME_LEN bytes, which fit)"
             ));
         }
         if *code == SqlState::INVALID_SQL_STATEMENT_NAME
@@ -3654,7 +3690,8 @@ impl Store for PostgresStore {
     }
 
     /// One statement (see [the module docs](self#steps)): under the key lock, and only while
-    /// `token` holds the key with a live lease.
+    /// `token` holds the key with a live lease. Where the key's expired steps are still there,
+    /// a transaction of two statements clears them first.
     fn record_step(
         &self,
         key: Key,
