@@ -4850,3 +4850,56 @@ async fn migrate_indexes_the_steps_table_when_the_index_names_are_taken() {
     store.migrate().await.unwrap();
     assert_eq!(indexes("steps_taken_steps", "key, expires_at").await, 1);
 }
+
+/// A purge reads the expired rows only: with 5,000 live records and 5,000 live step rows and
+/// nothing expired, it reads (next to) no entry of either table's `expires_at` index. Its scan
+/// used to be bounded by `clock_timestamp()`, which PostgreSQL cannot use to bound an index scan
+/// (it is volatile), so a purge with less than a batch to do read every live row.
+#[tokio::test]
+async fn a_purge_reads_no_live_row() {
+    let store = table_store("purge_reads", |b| b.auto_cleanup(false)).await;
+    let db = client(&PgServer::shared().url()).await;
+    db.batch_execute(
+        "INSERT INTO purge_reads (key, token, value, expires_at) \
+           SELECT sha256(i::text::bytea), '\\x00000000000000000000000000000000', '\\x01', \
+                  now() + interval '1 hour' \
+           FROM generate_series(1, 5000) i; \
+         INSERT INTO purge_reads_steps (key, name, value, expires_at) \
+           SELECT sha256((i % 100)::text::bytea), i::text::bytea, '\\x01', \
+                  now() + interval '1 hour' \
+           FROM generate_series(1, 5000) i; \
+         ANALYZE purge_reads; ANALYZE purge_reads_steps",
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    // Its sessions end, which sends their counters to the statistics at once.
+    drop(store);
+    let read = |index: &'static str| {
+        let db = &db;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let row = db
+                    .query_one(
+                        "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes \
+                         WHERE indexrelname = $1",
+                        &[&index],
+                    )
+                    .await
+                    .unwrap();
+                let (scans, read) = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+                if scans > 0 || Instant::now() > deadline {
+                    break (scans, read);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let (scans, records) = read("purge_reads_expires_idx").await;
+    assert!(scans > 0, "the purge used the records' expires_at index");
+    assert!(records < 10, "read {records} live records");
+    let (scans, steps) = read("purge_reads_steps_exp_idx").await;
+    assert!(scans > 0, "the purge used the steps' expires_at index");
+    assert!(steps < 10, "read {steps} live step rows");
+}

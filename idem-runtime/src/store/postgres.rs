@@ -808,17 +808,21 @@ impl Sql {
                    + (SELECT pg_catalog.count(*) FROM steps_done) FROM gate",
                 wake = wake("$1"),
             ),
-            // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
-            // ones whose key lock this statement gets (a claim of the key in flight, or a
-            // transactional call holding it, keeps its row: the purge never makes a claim wait
-            // on its row lock, and two purges split the rows); deleted if still expired (a
-            // claim may have taken one over since the statement's snapshot). Returns how many
-            // rows it looked at and how many it deleted. The key lock is computed as
-            // `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian, xor the
-            // table's salt.
+            // The oldest expired rows, at most a batch (the `expires_at` index, bounded by the
+            // statement's start: `clock_timestamp()` is volatile, so it cannot bound an index
+            // scan, and with fewer expired rows than a batch the scan would read every live row
+            // of the table to find none more); of those, the ones whose key lock this statement
+            // gets (a claim of the key in flight, or a transactional call holding it, keeps its
+            // row: the purge never makes a claim wait on its row lock, and two purges split the
+            // rows); deleted if still expired (a claim may have taken one over since the
+            // statement's snapshot). Returns how many rows it looked at and how many it
+            // deleted. The key lock is computed as `PostgresStore::lock_id` does: the digest's
+            // first 8 bytes, big-endian, xor the table's salt.
             purge: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key FROM {table} WHERE expires_at <= pg_catalog.clock_timestamp() \
+                   SELECT key FROM {table} \
+                   WHERE expires_at <= pg_catalog.statement_timestamp() \
+                     AND expires_at <= pg_catalog.clock_timestamp() \
                    ORDER BY expires_at LIMIT $1 \
                  ), free AS MATERIALIZED ( \
                    SELECT key FROM candidates \
