@@ -47,10 +47,9 @@
 //!   of a key), `expires_at` `ttl` after the step was recorded. A key's steps are live while any
 //!   of its rows is (`max(expires_at)`, which the `(key, expires_at)` index answers in one
 //!   step), and forgotten together when none is. Its name is the records table's with
-//!   [`STEPS_SUFFIX`]
-//!   ([`PostgresStore::steps_table`]), in the same schema (so a store on a table named
-//!   `x_steps` would share its table with the steps of a store on `x`: do not name records
-//!   tables that way). There is no foreign key to the records table: a released claim's row is
+//!   [`STEPS_SUFFIX`] ([`PostgresStore::steps_table`]), in the same schema (so a store on a
+//!   table named `x_steps` would share its table with the steps of a store on `x`: do not name
+//!   records tables that way). There is no foreign key to the records table: a released claim's row is
 //!   deleted, and its steps stay for the next claim.
 //! - The schema and table names are configurable ([`PostgresStoreBuilder::schema`],
 //!   [`PostgresStoreBuilder::table`]); they must be plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`,
@@ -260,9 +259,9 @@
 //! for expired step rows (the steps of a released call that no retry came for; their own
 //! `expires_at` index, and only the rows of keys none of whose steps is live; each batch is two
 //! statements in one transaction, which takes the keys' locks and then deletes their rows on a
-//! snapshot taken with the locks held, so a step recorded just before is always seen). That can delete 16 rows per claim, more than any traffic adds, so under
-//! steady traffic the tables hold the live records and steps and at most a few batches of
-//! expired ones. Several stores and processes on one table split the work (each skips the rows
+//! snapshot taken with the locks held, so a step recorded just before is always seen). That can
+//! delete 16 rows per claim, more than any traffic adds, so under steady traffic the tables
+//! hold the live records and steps and at most a few batches of expired ones. Several stores and processes on one table split the work (each skips the rows
 //! another is deleting).
 //! [`PostgresStoreBuilder::auto_cleanup`]`(false)` turns it off; then schedule `purge_expired`
 //! yourself (for example every few minutes, from one process or all of them).
@@ -633,7 +632,7 @@ struct Sql {
     /// the claim's token (see `Store::steps`).
     steps: String,
     /// The first statement of a cleanup batch of the steps table: the oldest rows of keys whose
-    /// steps all expired, and the key locks of those keys (see `PostgresStore::purge_steps`).
+    /// steps all expired, and the key locks of those keys (see `PostgresStore::clear_steps`).
     lock_dead_steps: String,
     /// The same for one key (`$1`, its key lock `$2`): a step recorded where the key's expired
     /// steps are still there clears them first.
