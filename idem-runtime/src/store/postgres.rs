@@ -23,11 +23,14 @@
 //!     key         bytea       NOT NULL CHECK (octet_length(key) = 32),
 //!     name        bytea       NOT NULL,
 //!     value       bytea       NOT NULL,
+//!     fingerprint bytea       CHECK (octet_length(fingerprint) = 32),
 //!     expires_at  timestamptz NOT NULL,
 //!     PRIMARY KEY (key, name)
 //! );
 //! CREATE INDEX IF NOT EXISTS "idem_records_steps_exp_idx"
 //!     ON "public"."idem_records_steps" (expires_at);
+//! CREATE INDEX IF NOT EXISTS "idem_records_steps_key_idx"
+//!     ON "public"."idem_records_steps" (key, expires_at);
 //! ```
 //!
 //! (plus a `COMMENT ON TABLE` for each).
@@ -37,13 +40,16 @@
 //!   big-endian).
 //! - `value IS NULL` means *in progress*, and `expires_at` is then the end of the lease;
 //!   otherwise the record is *completed* and `expires_at` is when it is forgotten.
-//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)):
-//!   `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust string may hold NUL,
-//!   which `text` cannot), `value` its encoded value, `expires_at` when the key's steps are
-//!   forgotten. Its name is the records table's with [`STEPS_SUFFIX`]
-//!   ([`PostgresStore::steps_table`]), in the same schema (so a store on a table named
-//!   `x_steps` would share its table with the steps of a store on `x`: do not name records
-//!   tables that way). There is no foreign key to the records table: a released claim's row is
+//! - The steps table holds the [steps](crate::step) recorded under a key (see [Steps](#steps)),
+//!   one row per step: `name` is the step's name as UTF-8 bytes (`bytea`, not `text`: a Rust
+//!   string may hold NUL, which `text` cannot), `value` its encoded value, `fingerprint` the
+//!   [`Fingerprint`] of the request that recorded the key's first step (the same on every row
+//!   of a key), `expires_at` `ttl` after the step was recorded. A key's steps are live while any
+//!   of its rows is (`max(expires_at)`, which the `(key, expires_at)` index answers in one
+//!   step), and forgotten together when none is. Its name is the records table's with
+//!   [`STEPS_SUFFIX`] ([`PostgresStore::steps_table`]), in the same schema (so a store on a
+//!   table named `x_steps` would share its table with the steps of a store on `x`: do not name
+//!   records tables that way). There is no foreign key to the records table: a released claim's row is
 //!   deleted, and its steps stay for the next claim.
 //! - The schema and table names are configurable ([`PostgresStoreBuilder::schema`],
 //!   [`PostgresStoreBuilder::table`]); they must be plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`,
@@ -52,7 +58,7 @@
 //!   [Durability](#durability).
 //!
 //! **Upgrading** a deployment made by a version without steps (a records table, no steps
-//! table): call `migrate()` (it creates the steps table and its index, and runs no DDL on the
+//! table): call `migrate()` (it creates the steps table and its indexes, and runs no DDL on the
 //! records table), or apply `migration_sql()` again (every statement is `IF NOT EXISTS`), and
 //! grant the store's role `SELECT, INSERT, UPDATE, DELETE` on the steps table. Until then a
 //! store refuses every call with [`Error::Store`] saying so, before any body runs (a completion
@@ -129,26 +135,49 @@
 //!   does the statement try the key lock (taken by another caller: it pauses outside the pool
 //!   and runs again, as a completion does), lock the claim's row `FOR SHARE` (which re-reads a
 //!   row changed since the statement's snapshot, so a step is never accepted after a takeover
-//!   or a removal was committed, and keeps the row from changing until the step commits), and
-//!   `INSERT ... ON CONFLICT (key, name) DO UPDATE` the step's row. A repeated record of a live
-//!   step (a reply lost, the step recorded again) keeps the first value.
-//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row joined with
-//!   the key's live steps), under the same fence. The executor reads them once per call, at the
-//!   call's first step.
+//!   or a removal was committed, and keeps the row from changing until the step commits), read
+//!   the key's latest-expiring step row (one step of the `(key, expires_at)` index: are the
+//!   key's steps live, and under which fingerprint), and `INSERT ... ON CONFLICT (key, name) DO
+//!   UPDATE` the step's row, expiring `ttl` (the call's) from now. Nothing else is written. A
+//!   repeated record of a live step (a reply lost, the step recorded again) keeps the first
+//!   value and pushes the row's expiry out.
+//! - **Fingerprint**: the first step of a key (none live) is recorded under the claim's
+//!   fingerprint, and later ones under the same, so the steps are the request's that began them.
+//!   [`Store::steps`] compares it with the current claim's by the rule of replays: they match
+//!   if the claim has no fingerprint, or the same one (steps recorded without one do not match
+//!   a claim with one). Otherwise the answer is [`RecordedSteps::KeyReused`]: a key reused for
+//!   another request does not inherit the first request's effects (its step gets
+//!   [`Error::KeyReused`] before it runs), and the steps stay for a retry of the request that
+//!   recorded them.
+//! - **Reading the steps** ([`Store::steps`]) is one plain `SELECT` (the claim's row, the key's
+//!   liveness, its steps and their fingerprint), under the same fence. The executor reads them
+//!   once per call, at the call's first step (again only where it must check its lease, or for a
+//!   step whose record it lost track of).
+//! - **A dropped call** whose steps ran but whose records were not acknowledged (the call was
+//!   cancelled between a step's effect and its record) hands them to the store
+//!   ([`Store::release_on_drop_after_steps`]): in the background, each is recorded as above,
+//!   tried again with backoff like a background completion (see
+//!   [Timeouts and failures](#timeouts-and-failures)), and only then is the claim released, so
+//!   the retry, which waits for the claim, reads them instead of running them again. Without a
+//!   tokio runtime nothing is recorded and the claim is left to its lease.
 //! - **Cost**: a call that runs no step sends no statement for steps (its completion's
 //!   statement also looks up the key's steps in the primary key's index, to delete them); a
 //!   call with steps sends one read, then one statement per step it runs (a step already
-//!   recorded costs nothing more). Each recorded step also rewrites the expiry of the key's
-//!   earlier steps (see below), a few rows per call.
+//!   recorded costs nothing more). A step writes one row (and its three index entries) whatever
+//!   the number recorded before it, and rewrites none: 2 000 steps in one call cost what 2 000
+//!   calls of one step do.
 //! - **Lifetime**: steps outlive a release and a lapsed lease: the next claim of the key (a
 //!   new token) reads them. A completion and `remove` delete them in their own statement. A
-//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: each
-//!   recorded step pushes the key's live steps out to its own expiry. Expired step rows are
-//!   not read, and are deleted by the same cleanup as expired records (see
-//!   [Expired rows](#expired-rows)).
-//! - **Names** are any Rust string, NUL bytes included. A name is part of the primary key, and
-//!   PostgreSQL indexes at most 2 704 bytes of a key (after compression): a longer step name
-//!   fails to record with [`Error::Store`] saying so.
+//!   key's steps expire together, `ttl` (the call's) after the last one was recorded: a row
+//!   whose own expiry passed is still read while a later row of its key lives. Expired steps
+//!   are not read; their rows are deleted by the same cleanup as expired records (see
+//!   [Expired rows](#expired-rows)), or, when a step is recorded under their key first, by that
+//!   step, which clears them in a transaction of its own before it records itself (two
+//!   statements more, once).
+//! - **Names** are any Rust string, NUL bytes included, of at most
+//!   [`MAX_STEP_NAME_LEN`](crate::MAX_STEP_NAME_LEN) bytes (checked by [`idem::step`](crate::step)
+//!   before the step runs). A name is part of the primary key, and the longest one, with the
+//!   key, fits PostgreSQL's index rows (at most 2 704 bytes) whatever its bytes.
 //! - **The transactional mode** records no steps (the transaction is the recovery point, see
 //!   [`idem::step`](crate::step)), and its completion does not touch the steps table.
 //!
@@ -228,9 +257,11 @@
 //! [`PostgresStore::purge_expired`] (up to 1 000 rows each, through the `expires_at` index) while
 //! they come back full, at most 16 per cleanup and never two at once per store, then the same
 //! for expired step rows (the steps of a released call that no retry came for; their own
-//! `expires_at` index). That can delete 16 rows per claim, more than any traffic adds, so under
-//! steady traffic the tables hold the live records and steps and at most a few batches of
-//! expired ones. Several stores and processes on one table split the work (each skips the rows
+//! `expires_at` index, and only the rows of keys none of whose steps is live; each batch is two
+//! statements in one transaction, which takes the keys' locks and then deletes their rows on a
+//! snapshot taken with the locks held, so a step recorded just before is always seen). That can
+//! delete 16 rows per claim, more than any traffic adds, so under steady traffic the tables
+//! hold the live records and steps and at most a few batches of expired ones. Several stores and processes on one table split the work (each skips the rows
 //! another is deleting).
 //! [`PostgresStoreBuilder::auto_cleanup`]`(false)` turns it off; then schedule `purge_expired`
 //! yourself (for example every few minutes, from one process or all of them).
@@ -303,7 +334,9 @@
 //! ([`Store::complete_on_drop`]): tried again with backoff (50 ms doubling to 1 s) for up to
 //! a minute while the failure can pass, so a result whose body ran during a
 //! short outage is stored once the server is back, and a retry replays it (a retry that comes
-//! meanwhile waits for the claim, whose lease outlives the outage if it is longer).
+//! meanwhile waits for the claim, whose lease outlives the outage if it is longer). A call
+//! dropped with steps whose records were not acknowledged has them recorded the same way, in
+//! the background, before its claim is released (see [Steps](#steps)); a minute in all.
 //!
 //! # Transactional mode
 //!
@@ -377,6 +410,9 @@ pub const STEPS_SUFFIX: &str = "_steps";
 /// (`idem_records_steps_exp_idx`): short enough that the longest table name allowed (48 bytes)
 /// gives an index name within PostgreSQL's 63.
 const STEPS_INDEX_SUFFIX: &str = "_exp_idx";
+/// What the name of the steps table's `(key, expires_at)` index adds to the steps table's name
+/// (`idem_records_steps_key_idx`), within PostgreSQL's 63 bytes too.
+const STEPS_KEY_INDEX_SUFFIX: &str = "_key_idx";
 /// The longest any one store operation (pool checkout plus statement) may take on the client:
 /// 10 seconds. Past it the operation fails with [`Error::Store`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -592,10 +628,18 @@ struct Sql {
     purge: String,
     /// Records a step's value, fenced by the claim's token (see `Store::record_step`).
     record_step: String,
-    /// The live steps of a key, fenced by the claim's token (see `Store::steps`).
+    /// The live steps of a key and whether they are the claim's (its fingerprint), fenced by
+    /// the claim's token (see `Store::steps`).
     steps: String,
-    /// `purge`, for the steps table.
-    purge_steps: String,
+    /// The first statement of a cleanup batch of the steps table: the oldest rows of keys whose
+    /// steps all expired, and the key locks of those keys (see `PostgresStore::clear_steps`).
+    lock_dead_steps: String,
+    /// The same for one key (`$1`, its key lock `$2`): a step recorded where the key's expired
+    /// steps are still there clears them first.
+    lock_key_steps: String,
+    /// The second statement: deletes the rows of the keys locked by the first whose steps all
+    /// expired, at most a batch.
+    delete_dead_steps: String,
     /// Whether a claim of this token is committed (after a transactional body ended the
     /// transaction itself).
     committed_claim: String,
@@ -763,17 +807,21 @@ impl Sql {
                    + (SELECT pg_catalog.count(*) FROM steps_done) FROM gate",
                 wake = wake("$1"),
             ),
-            // The oldest expired rows, at most a batch (the `expires_at` index); of those, the
-            // ones whose key lock this statement gets (a claim of the key in flight, or a
-            // transactional call holding it, keeps its row: the purge never makes a claim wait
-            // on its row lock, and two purges split the rows); deleted if still expired (a
-            // claim may have taken one over since the statement's snapshot). Returns how many
-            // rows it looked at and how many it deleted. The key lock is computed as
-            // `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian, xor the
-            // table's salt.
+            // The oldest expired rows, at most a batch (the `expires_at` index, bounded by the
+            // statement's start: `clock_timestamp()` is volatile, so it cannot bound an index
+            // scan, and with fewer expired rows than a batch the scan would read every live row
+            // of the table to find none more); of those, the ones whose key lock this statement
+            // gets (a claim of the key in flight, or a transactional call holding it, keeps its
+            // row: the purge never makes a claim wait on its row lock, and two purges split the
+            // rows); deleted if still expired (a claim may have taken one over since the
+            // statement's snapshot). Returns how many rows it looked at and how many it
+            // deleted. The key lock is computed as `PostgresStore::lock_id` does: the digest's
+            // first 8 bytes, big-endian, xor the table's salt.
             purge: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key FROM {table} WHERE expires_at <= pg_catalog.clock_timestamp() \
+                   SELECT key FROM {table} \
+                   WHERE expires_at <= pg_catalog.statement_timestamp() \
+                     AND expires_at <= pg_catalog.clock_timestamp() \
                    ORDER BY expires_at LIMIT $1 \
                  ), free AS MATERIALIZED ( \
                    SELECT key FROM candidates \
@@ -803,11 +851,31 @@ impl Sql {
             // commits. Every writer of the key's records row and steps rows takes the key lock
             // first, so that row lock never waits.
             //
-            // The step's row expires `ttl` from now, or with the key's live steps if they live
-            // longer, and the key's other live steps are pushed out to the same time: a key's
-            // steps expire together, `ttl` after the last one was recorded. A repeated record of
-            // a live step keeps its value (a lost reply); a dead row (expired, not purged yet)
-            // is overwritten.
+            // Each step row keeps its own expiry, `ttl` from when it was recorded, and nothing
+            // else is rewritten: a key's steps are live while any of its rows is (they expire
+            // together, `ttl` after the last one was recorded), so a step costs one row
+            // whatever the number of earlier ones. The key's latest-expiring row (one step of
+            // the `(key, expires_at)` index) tells whether they are live, and their
+            // fingerprint: a step recorded while they are live keeps it (all of a key's rows
+            // carry one fingerprint, that of the claim that recorded the first of them), the
+            // first of a new set takes the claim's. A repeated record of a live step keeps its
+            // value (a lost reply) and pushes its expiry out.
+            //
+            // When the key's steps all expired but their rows are still there (no cleanup came
+            // by), nothing is written and the answer is 2: the store clears them first, in a
+            // transaction that takes the key lock before its snapshot (`lock_key_steps`, then
+            // `delete_dead_steps`), and records the step again. Deleting them here would trust
+            // this statement's snapshot, taken before the key lock: a step of the same call
+            // committed in between (its row, which keeps the key's steps live, unseen here)
+            // would lose the others. What this statement does see is safe to act on: rows are
+            // deleted only under the key lock and only once dead (or by a completion or a
+            // removal, which the `FOR SHARE` re-read of the claim's row catches), so rows seen
+            // live are; and a row committed unseen can only be a live one of this same claim
+            // (the snapshot sees the claim, and an earlier holder's last step committed before
+            // the claim's takeover did), recorded under the same fingerprint.
+            //
+            // Answers `free` (the key lock, or true when `token` does not hold the key) and 1
+            // (recorded), 0 (the lease is lost) or 2 (expired rows to clear first).
             record_step: format!(
                 "WITH gate AS MATERIALIZED ( \
                    SELECT CASE WHEN EXISTS ( \
@@ -816,66 +884,118 @@ impl Sql {
                        AND expires_at > pg_catalog.clock_timestamp()) \
                    THEN pg_catalog.pg_try_advisory_xact_lock($6) ELSE true END AS free \
                  ), held AS MATERIALIZED ( \
-                   SELECT r.key FROM {table} r \
+                   SELECT r.fingerprint FROM {table} r \
                    WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
                      AND r.expires_at > pg_catalog.clock_timestamp() AND (SELECT free FROM gate) \
                    FOR SHARE \
-                 ), until AS MATERIALIZED ( \
-                   SELECT GREATEST({ttl}, (SELECT pg_catalog.max(s.expires_at) FROM {steps} s \
-                     WHERE s.key = $1 AND s.expires_at > pg_catalog.clock_timestamp())) AS at \
-                   FROM held \
+                 ), latest AS MATERIALIZED ( \
+                   SELECT s.fingerprint, s.expires_at > pg_catalog.clock_timestamp() AS live \
+                   FROM {steps} s \
+                   WHERE s.key = $1 AND EXISTS (SELECT 1 FROM held) \
+                   ORDER BY s.expires_at DESC LIMIT 1 \
+                 ), step AS MATERIALIZED ( \
+                   SELECT CASE WHEN (SELECT live FROM latest) \
+                            THEN (SELECT fingerprint FROM latest) \
+                            ELSE h.fingerprint END AS fingerprint, \
+                          (SELECT live FROM latest) IS TRUE AS live \
+                   FROM held h \
+                   WHERE NOT EXISTS (SELECT 1 FROM latest WHERE NOT latest.live) \
                  ), recorded AS ( \
-                   INSERT INTO {steps} AS s (key, name, value, expires_at) \
-                   SELECT $1, $3, $4, until.at FROM until \
+                   INSERT INTO {steps} AS s (key, name, value, fingerprint, expires_at) \
+                   SELECT $1, $3, $4, step.fingerprint, {ttl} FROM step \
                    ON CONFLICT (key, name) DO UPDATE \
-                     SET value = CASE WHEN s.expires_at > pg_catalog.clock_timestamp() \
-                                 THEN s.value ELSE excluded.value END, \
-                         expires_at = excluded.expires_at \
+                     SET value = CASE WHEN {keep} THEN s.value ELSE excluded.value END, \
+                         fingerprint = CASE WHEN {keep} THEN s.fingerprint \
+                                       ELSE excluded.fingerprint END, \
+                         expires_at = GREATEST(s.expires_at, excluded.expires_at) \
                    RETURNING 1 \
-                 ), together AS ( \
-                   UPDATE {steps} s SET expires_at = until.at FROM until \
-                   WHERE s.key = $1 AND s.name <> $3 \
-                     AND s.expires_at > pg_catalog.clock_timestamp() AND s.expires_at < until.at \
                  ) \
-                 SELECT gate.free, (SELECT pg_catalog.count(*) FROM recorded) FROM gate",
+                 SELECT gate.free, \
+                        CASE WHEN EXISTS (SELECT 1 FROM recorded) THEN 1 \
+                             WHEN EXISTS (SELECT 1 FROM latest WHERE NOT latest.live) THEN 2 \
+                             ELSE 0 END::int8 \
+                 FROM gate",
                 ttl = from_now!("$5"),
+                keep = "(s.expires_at > pg_catalog.clock_timestamp() \
+                         OR (SELECT live FROM step))",
             ),
-            // The key's live steps if `token` holds it with a live lease: no row when it does
-            // not, one row of NULLs when it holds no steps. A read: no lock.
+            // The key's steps if `token` holds it with a live lease and they are live (any of
+            // the key's rows is: one step of the `(key, expires_at)` index, judged once), and
+            // whether they are the claim's: every row's fingerprint matches the claim's by the
+            // rule of replays (the claim has none, or the same one). No row when `token` does
+            // not hold the key; one row `(true, NULL, NULL)` when it holds no live steps, and
+            // `(false, NULL, NULL)` when they are another request's. A read: no lock.
             steps: format!(
-                "SELECT s.name, s.value FROM {table} r \
-                 LEFT JOIN {steps} s \
-                   ON s.key = r.key AND s.expires_at > pg_catalog.clock_timestamp() \
-                 WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
-                   AND r.expires_at > pg_catalog.clock_timestamp()"
+                "WITH held AS MATERIALIZED ( \
+                   SELECT r.fingerprint FROM {table} r \
+                   WHERE r.key = $1 AND r.token = $2 AND r.value IS NULL \
+                     AND r.expires_at > pg_catalog.clock_timestamp() \
+                 ), live AS MATERIALIZED ( \
+                   SELECT coalesce(pg_catalog.max(expires_at) > pg_catalog.clock_timestamp(), \
+                                   false) AS yes \
+                   FROM {steps} WHERE key = $1 AND EXISTS (SELECT 1 FROM held) \
+                 ), found AS MATERIALIZED ( \
+                   SELECT s.name, s.value, \
+                          (h.fingerprint IS NULL OR s.fingerprint = h.fingerprint) IS TRUE \
+                            AS ours \
+                   FROM held h JOIN {steps} s ON s.key = $1 \
+                   WHERE (SELECT yes FROM live) \
+                 ), verdict AS MATERIALIZED ( \
+                   SELECT coalesce(pg_catalog.bool_and(ours), true) AS ours FROM found \
+                 ) \
+                 SELECT v.ours, f.name, f.value \
+                 FROM held h CROSS JOIN verdict v LEFT JOIN found f ON v.ours"
             ),
-            // `purge`, for the steps table: the oldest expired step rows, at most a batch (its
-            // `expires_at` index), of those the ones whose key lock this statement gets, deleted
-            // if still expired (a step recorded since may have given one a new life). No waiter
-            // waits on steps: no wake.
-            purge_steps: format!(
+            // A cleanup batch of the steps table is two statements in one transaction: this
+            // one finds the oldest expired rows of keys whose steps all expired (the
+            // `expires_at` index, bounded by the statement's start so that the scan stops at
+            // the first live row; a key's liveness is one step of the `(key, expires_at)`
+            // index), at most a batch, and tries the key lock of each of their keys (a step
+            // being recorded, a claim of the key in flight or a transactional call keeps its
+            // key). Returns how many rows it looked at and the keys it locked. The key lock is
+            // computed as `PostgresStore::lock_id` does: the digest's first 8 bytes, big-endian,
+            // xor the table's salt.
+            lock_dead_steps: format!(
                 "WITH candidates AS MATERIALIZED ( \
-                   SELECT key, name FROM {steps} \
-                   WHERE expires_at <= pg_catalog.clock_timestamp() \
-                   ORDER BY expires_at LIMIT $1 \
-                 ), free AS MATERIALIZED ( \
-                   SELECT key, name FROM candidates \
-                   WHERE pg_catalog.pg_try_advisory_xact_lock( \
-                     ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
-                       'hex'))::bit(64)::int8 # $2) \
-                 ), unlocked AS MATERIALIZED ( \
-                   SELECT key, name FROM {steps} \
-                   WHERE (key, name) IN (SELECT key, name FROM free) \
-                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   SELECT c.key FROM {steps} c \
+                   WHERE c.expires_at <= pg_catalog.statement_timestamp() \
+                     AND c.expires_at <= pg_catalog.clock_timestamp() \
+                     AND (SELECT pg_catalog.max(l.expires_at) FROM {steps} l \
+                          WHERE l.key = c.key) <= pg_catalog.clock_timestamp() \
+                   ORDER BY c.expires_at LIMIT $1 \
+                 ), keys AS MATERIALIZED ( \
+                   SELECT DISTINCT key FROM candidates \
+                 ) \
+                 SELECT (SELECT pg_catalog.count(*) FROM candidates), \
+                        (SELECT pg_catalog.array_agg(key) FROM keys \
+                         WHERE pg_catalog.pg_try_advisory_xact_lock( \
+                           ('x' || pg_catalog.encode(pg_catalog.substring(key, 1, 8), \
+                             'hex'))::bit(64)::int8 # $2))"
+            ),
+            lock_key_steps: "SELECT 0::int8, CASE WHEN pg_catalog.pg_try_advisory_xact_lock($2) \
+                             THEN ARRAY[$1::bytea] END"
+                .to_owned(),
+            // Then, on a snapshot taken with those key locks held (so no step of those keys can
+            // be committed unseen: see `record_step`), the rows of the keys whose steps are
+            // still all expired (any of them: all are dead), at most a batch; a row another
+            // session has locked is left (`SKIP LOCKED`). Returns how many it deleted. No
+            // waiter waits on steps: no wake.
+            delete_dead_steps: format!(
+                "WITH dead AS MATERIALIZED ( \
+                   SELECT k.key FROM pg_catalog.unnest($1::bytea[]) AS k(key) \
+                   WHERE coalesce((SELECT pg_catalog.max(l.expires_at) FROM {steps} l \
+                                   WHERE l.key = k.key) <= pg_catalog.clock_timestamp(), false) \
+                 ), doomed AS MATERIALIZED ( \
+                   SELECT s.key, s.name FROM {steps} s \
+                   WHERE s.key IN (SELECT key FROM dead) \
+                   LIMIT $2 \
                    FOR UPDATE SKIP LOCKED \
                  ), gone AS ( \
-                   DELETE FROM {steps} \
-                   WHERE (key, name) IN (SELECT key, name FROM unlocked) \
-                     AND expires_at <= pg_catalog.clock_timestamp() \
+                   DELETE FROM {steps} s USING doomed d \
+                   WHERE s.key = d.key AND s.name = d.name \
                    RETURNING 1 \
                  ) \
-                 SELECT (SELECT pg_catalog.count(*) FROM candidates), (SELECT \
-                   pg_catalog.count(*) FROM gone)"
+                 SELECT pg_catalog.count(*) FROM gone"
             ),
             wake: format!("SELECT ({}) IS NULL", wake("$1")),
         }
@@ -927,6 +1047,41 @@ fn unnamed_index_if(taken: bool, ddl: String, index: &str, table_q: &str) -> Str
     }
     let named = format!("CREATE INDEX IF NOT EXISTS \"{index}\" ON {table_q}");
     ddl.replacen(&named, &format!("CREATE INDEX ON {table_q}"), 1)
+}
+
+/// How `migrate` creates one index of the steps table.
+#[derive(Clone, Copy)]
+enum IndexDdl {
+    /// `CREATE INDEX IF NOT EXISTS` under its name (what `migration_sql` says).
+    Named,
+    /// Named by the server: another relation of the schema has the index's name, and `IF NOT
+    /// EXISTS` would skip, leaving the table without its index.
+    Unnamed,
+    /// Not at all: the table has it (under whatever name).
+    Present,
+}
+
+impl IndexDdl {
+    /// `present`: the table has an index on these columns; `taken`: a relation of the schema has
+    /// the index's name.
+    fn pick(present: bool, taken: bool) -> IndexDdl {
+        match (present, taken) {
+            (true, _) => IndexDdl::Present,
+            (false, true) => IndexDdl::Unnamed,
+            (false, false) => IndexDdl::Named,
+        }
+    }
+
+    /// The statement for index `index` of `table_q` on `columns`.
+    fn sql(self, index: &str, table_q: &str, columns: &str) -> String {
+        match self {
+            IndexDdl::Named => {
+                format!("CREATE INDEX IF NOT EXISTS \"{index}\" ON {table_q} ({columns});\n")
+            }
+            IndexDdl::Unnamed => format!("CREATE INDEX ON {table_q} ({columns});\n"),
+            IndexDdl::Present => String::new(),
+        }
+    }
 }
 
 /// Builds a [`PostgresStore`] with names, timeouts, a pooler mode or durability choices other
@@ -1551,6 +1706,13 @@ fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
+/// The table a cleanup batch works on.
+#[derive(Clone, Copy)]
+enum Purge {
+    Records,
+    Steps,
+}
+
 /// What the claim statement answered.
 enum Answer {
     /// The claim, and for a granted one how much of its lease was left at the end of the
@@ -1728,9 +1890,9 @@ impl PostgresStore {
     /// Idempotent: every statement is `IF NOT EXISTS`, so a deployment whose records table
     /// exists (made by an earlier version, which had no steps table) applies it whole to gain
     /// the steps table. Both tables are plain, logged tables. (Where another relation of the
-    /// schema already has an index's name, `<table>_expires_idx` or `<table>_steps_exp_idx`,
-    /// this SQL skips that index; [`migrate`](Self::migrate) checks for an index on
-    /// `expires_at` by its definition and lets the server name it instead.)
+    /// schema already has an index's name, `<table>_expires_idx`, `<table>_steps_exp_idx` or
+    /// `<table>_steps_key_idx`, this SQL skips that index; [`migrate`](Self::migrate) checks
+    /// for each index by its definition and lets the server name it instead.)
     pub fn migration_sql(&self) -> String {
         format!("{}{}", self.records_ddl(), self.steps_ddl())
     }
@@ -1760,30 +1922,42 @@ impl PostgresStore {
     /// The steps table's part of [`migration_sql`](Self::migration_sql). No foreign key to the
     /// records table: a released claim's row is deleted, and its steps stay for the next one.
     fn steps_ddl(&self) -> String {
+        self.steps_ddl_with(IndexDdl::Named, IndexDdl::Named)
+    }
+
+    /// [`steps_ddl`](Self::steps_ddl), with each of its indexes (the `expires_at` one, then the
+    /// `(key, expires_at)` one) as `migrate` needs it.
+    fn steps_ddl_with(&self, by_expiry: IndexDdl, by_key: IndexDdl) -> String {
         let steps = self.qualified_steps();
-        let index = format!(
-            "\"{}{STEPS_INDEX_SUFFIX}\"",
-            self.inner.steps_table // validated identifier and a fixed suffix
+        // Validated identifiers and fixed suffixes.
+        let name = &self.inner.steps_table;
+        let by_expiry = by_expiry.sql(&format!("{name}{STEPS_INDEX_SUFFIX}"), &steps, "expires_at");
+        let by_key = by_key.sql(
+            &format!("{name}{STEPS_KEY_INDEX_SUFFIX}"),
+            &steps,
+            "key, expires_at",
         );
         format!(
             "CREATE TABLE IF NOT EXISTS {steps} (\n\
              \x20   key         bytea       NOT NULL CHECK (octet_length(key) = 32),\n\
              \x20   name        bytea       NOT NULL,\n\
              \x20   value       bytea       NOT NULL,\n\
+             \x20   fingerprint bytea       CHECK (octet_length(fingerprint) = 32),\n\
              \x20   expires_at  timestamptz NOT NULL,\n\
              \x20   PRIMARY KEY (key, name)\n\
              );\n\
-             CREATE INDEX IF NOT EXISTS {index} ON {steps} (expires_at);\n\
+             {by_expiry}{by_key}\
              COMMENT ON TABLE {steps} IS 'idem step records (idem::step) of the calls in {table}: \
-             name = the step name (UTF-8), value = its recorded value, expires_at = when the \
-             key''s steps are forgotten';\n",
+             name = the step name (UTF-8), value = its recorded value, fingerprint = that of the \
+             request that recorded the key''s first step, expires_at = when this step expires; \
+             a key''s steps are forgotten when all of them expired';\n",
             table = self.inner.table,
         )
     }
 
     /// Creates the schema (if missing), the records table, the steps table and their indexes,
     /// unless they exist, then [checks the settings](Self::check_settings). On a records table
-    /// made by a version without steps it creates only the steps table and its index (see
+    /// made by a version without steps it creates only the steps table and its indexes (see
     /// [Upgrading](self#the-tables)).
     ///
     /// Safe to call from every process at start-up, for any number of tables in one schema:
@@ -1837,9 +2011,13 @@ impl PostgresStore {
                 "\"{}\".\"{}{STEPS_INDEX_SUFFIX}\"",
                 self.inner.schema, self.inner.steps_table
             );
+            let steps_key_index = format!(
+                "\"{}\".\"{}{STEPS_KEY_INDEX_SUFFIX}\"",
+                self.inner.schema, self.inner.steps_table
+            );
             // Whether each table exists, has an index leading with `expires_at` (whatever its
             // name), and whether the name of its index is taken (by that index, or by another
-            // relation of the schema).
+            // relation of the schema); the same for the steps table's `(key, expires_at)` index.
             let rows = run(
                 on,
                 prepared,
@@ -1859,13 +2037,22 @@ impl PostgresStore {
                                   ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
                                 WHERE i.indrelid = pg_catalog.to_regclass($4) \
                                   AND a.attname = 'expires_at'), \
-                        pg_catalog.to_regclass($5) IS NOT NULL",
+                        pg_catalog.to_regclass($5) IS NOT NULL, \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                                JOIN pg_catalog.pg_attribute a \
+                                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                                JOIN pg_catalog.pg_attribute b \
+                                  ON b.attrelid = i.indrelid AND b.attnum = i.indkey[1] \
+                                WHERE i.indrelid = pg_catalog.to_regclass($4) \
+                                  AND a.attname = 'key' AND b.attname = 'expires_at'), \
+                        pg_catalog.to_regclass($6) IS NOT NULL",
                 &[
                     (&self.inner.schema, Type::TEXT),
                     (&table_q, Type::TEXT),
                     (&index, Type::TEXT),
                     (&steps_q, Type::TEXT),
                     (&steps_index, Type::TEXT),
+                    (&steps_key_index, Type::TEXT),
                 ],
             )
             .await?;
@@ -1881,8 +2068,10 @@ impl PostgresStore {
             let steps_exist: bool = row.try_get(6)?;
             let steps_indexed: bool = row.try_get(7)?;
             let steps_name_taken: bool = row.try_get(8)?;
+            let steps_key_indexed: bool = row.try_get(9)?;
+            let steps_key_name_taken: bool = row.try_get(10)?;
             let records_present = table_exists && indexed;
-            let steps_present = steps_exist && steps_indexed;
+            let steps_present = steps_exist && steps_indexed && steps_key_indexed;
             if standby || read_only {
                 // Even with the tables there: a store on this server cannot write a record.
                 return Err(Failure::Other(Error::store(ReadOnlyServer { standby })));
@@ -1911,12 +2100,9 @@ impl PostgresStore {
                 ));
             }
             if !steps_present {
-                let index = format!("{}{STEPS_INDEX_SUFFIX}", self.inner.steps_table);
-                ddl.push_str(&unnamed_index_if(
-                    steps_name_taken,
-                    self.steps_ddl(),
-                    &index,
-                    &steps_q,
+                ddl.push_str(&self.steps_ddl_with(
+                    IndexDdl::pick(steps_indexed, steps_name_taken),
+                    IndexDdl::pick(steps_key_indexed, steps_key_name_taken),
                 ));
             }
             tx.batch_execute(&ddl).await?;
@@ -2135,9 +2321,10 @@ impl PostgresStore {
     }
 
     /// Deletes every expired row (completed records past their ttl, claims whose lease ran
-    /// out long enough ago that no one took them over, and step records past theirs); returns
-    /// how many, of both tables. Runs in batches of at most 1 000 rows, each one statement
-    /// using a table's `expires_at` index. A row whose key lock is taken (a claim of that key in
+    /// out long enough ago that no one took them over, and the step records of keys none of
+    /// whose steps is live); returns how many, of both tables. Runs in batches of at most 1 000
+    /// rows using a table's `expires_at` index, each one statement (two for the steps table: see
+    /// [Expired rows](self#expired-rows)). A row whose key lock is taken (a claim of that key in
     /// flight, a transactional call holding it, a step being recorded, another purge) is left
     /// for a later run, so a purge never makes a claim wait for its row. Schedule it, for
     /// example with `tokio::time::interval`.
@@ -2153,33 +2340,25 @@ impl PostgresStore {
     /// Batches of [`purge_expired`](Self::purge_expired) while they come back full, at most
     /// `batches` of them per table: the records table, then the steps table.
     async fn purge_some(&self, batches: usize) -> Result<u64, Error> {
-        let records = self.purge_table(&self.inner.sql.purge, batches).await?;
-        let steps = self
-            .purge_table(&self.inner.sql.purge_steps, batches)
-            .await?;
+        let records = self.purge_table(Purge::Records, batches).await?;
+        let steps = self.purge_table(Purge::Steps, batches).await?;
         Ok(records + steps)
     }
 
-    /// Batches of one table's purge statement (`sql`) while they come back full, at most
-    /// `batches` of them.
-    async fn purge_table(&self, sql: &str, batches: usize) -> Result<u64, Error> {
+    /// Batches of one table's purge while they come back full, at most `batches` of them.
+    async fn purge_table(&self, table: Purge, batches: usize) -> Result<u64, Error> {
         let mut total = 0;
         let mut conflicts = 0;
         let mut done = 0;
         loop {
-            let rows = match self.purge_batch(sql).await {
-                Ok(rows) => rows,
+            let (seen, deleted) = match self.purge_batch(table).await {
+                Ok(counts) => counts,
                 Err(failure) if failure.is_conflict() && conflicts < CLAIM_ATTEMPTS => {
                     conflicts += 1;
                     continue;
                 }
                 Err(failure) => return Err(failure.into_error(self, "purge_expired")),
             };
-            let Some(row) = rows.first() else {
-                return Err(Error::store(Corrupt("the purge returned no row")));
-            };
-            let seen: i64 = row.try_get(0).map_err(Error::store)?;
-            let deleted: i64 = row.try_get(1).map_err(Error::store)?;
             total += deleted.unsigned_abs();
             // A short batch was the last; a batch that deleted nothing (every row of it held)
             // would find the same rows again.
@@ -2190,30 +2369,95 @@ impl PostgresStore {
         }
     }
 
-    /// One batch of [`purge_expired`](Self::purge_expired) (`sql`: the records table's or the
-    /// steps table's), in a `READ COMMITTED` transaction, within the store's timeout.
-    async fn purge_batch(&self, sql: &str) -> Result<Vec<Row>, Failure> {
-        let op = "purge_expired";
+    /// One batch of [`purge_expired`](Self::purge_expired) on `table`, in a `READ COMMITTED`
+    /// transaction, within the store's timeout: how many rows it looked at, and how many it
+    /// deleted.
+    async fn purge_batch(&self, table: Purge) -> Result<(i64, i64), Failure> {
+        let salt = self.inner.lock_salt;
+        let lock: &Params<'_> = &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)];
+        match table {
+            Purge::Records => {
+                self.in_transaction("purge_expired", async |tx: On<'_>, prepared| {
+                    let rows = run(tx, prepared, &self.inner.sql.purge, lock).await?;
+                    let Some(row) = rows.first() else {
+                        return Err(Failure::Other(Error::store(Corrupt(
+                            "the purge returned no row",
+                        ))));
+                    };
+                    Ok((row.try_get(0)?, row.try_get(1)?))
+                })
+                .await
+            }
+            Purge::Steps => {
+                let (seen, deleted) = self
+                    .clear_steps("purge_expired", &self.inner.sql.lock_dead_steps, lock)
+                    .await?;
+                Ok((seen, deleted.unwrap_or(0)))
+            }
+        }
+    }
+
+    /// Deletes the rows of keys whose steps all expired, at most a batch, in a `READ COMMITTED`
+    /// transaction within the store's timeout: `lock` (`lock_dead_steps` or `lock_key_steps`,
+    /// with its parameters) chooses the keys and takes their key locks, then
+    /// `delete_dead_steps`, on a snapshot taken with the locks held, deletes their rows if their
+    /// steps are still all expired (see `Sql::new`). Returns how many rows `lock` looked at and
+    /// how many were deleted; `None` for the latter when `lock` took no key lock.
+    async fn clear_steps(
+        &self,
+        op: &'static str,
+        lock: &str,
+        params: &Params<'_>,
+    ) -> Result<(i64, Option<i64>), Failure> {
+        self.in_transaction(op, async |tx: On<'_>, prepared| {
+            let rows = run(tx, prepared, lock, params).await?;
+            let Some(row) = rows.first() else {
+                return Err(Failure::Other(Error::store(Corrupt(
+                    "the steps cleanup returned no row",
+                ))));
+            };
+            let seen: i64 = row.try_get(0)?;
+            let keys: Option<Vec<Vec<u8>>> = row.try_get(1)?;
+            let Some(keys) = keys.filter(|keys| !keys.is_empty()) else {
+                return Ok((seen, None));
+            };
+            let rows = run(
+                tx,
+                prepared,
+                &self.inner.sql.delete_dead_steps,
+                &[(&keys, Type::BYTEA_ARRAY), (&PURGE_BATCH, Type::INT8)],
+            )
+            .await?;
+            let deleted: i64 = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            Ok((seen, Some(deleted)))
+        })
+        .await
+    }
+
+    /// Runs `work` in a `READ COMMITTED` transaction on a pooled connection, whatever the
+    /// database's default isolation, and commits it, all within the store's timeout (a
+    /// connection whose transaction timed out is dropped, not returned to the pool).
+    async fn in_transaction<T>(
+        &self,
+        op: &'static str,
+        work: impl AsyncFnOnce(On<'_>, bool) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
         let mut conn = self.connection(op).await.map_err(Failure::Other)?;
         let prepared = self.inner.prepared;
         let cache = Arc::clone(&conn.statement_cache);
-        let salt = self.inner.lock_salt;
-        let batch = async {
+        let transaction = async {
             let tx = tokio_postgres::Client::build_transaction(&mut conn)
                 .isolation_level(IsolationLevel::ReadCommitted)
                 .start()
                 .await?;
-            let rows = run(
-                On::Tx(&tx, &cache),
-                prepared,
-                sql,
-                &[(&PURGE_BATCH, Type::INT8), (&salt, Type::INT8)],
-            )
-            .await?;
+            let out = work(On::Tx(&tx, &cache), prepared).await?;
             tx.commit().await?;
-            Ok::<_, Failure>(rows)
+            Ok::<_, Failure>(out)
         };
-        match tokio::time::timeout(self.inner.timeout, batch).await {
+        match tokio::time::timeout(self.inner.timeout, transaction).await {
             Ok(result) => result,
             Err(_) => {
                 drop(Object::take(conn));
@@ -2301,7 +2545,8 @@ impl PostgresStore {
         if *code == SqlState::PROGRAM_LIMIT_EXCEEDED && op == "record_step" {
             return Some(format!(
                 "A step's name is part of the primary key of {steps}, and PostgreSQL indexes \
-                 at most 2704 bytes of it (after compression): use a shorter step name"
+                 at most 2704 bytes of it (after compression): use a shorter step name \
+                 (idem::step takes at most idem::MAX_STEP_NAME_LEN bytes, which fit)"
             ));
         }
         if *code == SqlState::INVALID_SQL_STATEMENT_NAME
@@ -2505,6 +2750,18 @@ impl PostgresStore {
         reserved: bool,
     ) -> Result<u64, Error> {
         let deadline = after(Instant::now(), self.inner.timeout);
+        self.gated_until(op, sql, params, reserved, deadline).await
+    }
+
+    /// [`gated_on`](Self::gated_on), by `deadline`.
+    async fn gated_until(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &Params<'_>,
+        reserved: bool,
+        deadline: Instant,
+    ) -> Result<u64, Error> {
         let mut pause = FIRST_POLL;
         loop {
             let rows = if reserved {
@@ -2824,14 +3081,37 @@ impl PostgresStore {
             (&ttl, Type::FLOAT8),
             (&lock, Type::INT8),
         ];
-        let recorded = self
-            .gated("record_step", &self.inner.sql.record_step, params)
-            .await?;
-        Ok(if recorded == 1 {
-            StepRecorded::Recorded
-        } else {
-            StepRecorded::LeaseLost
-        })
+        let op = "record_step";
+        let deadline = after(Instant::now(), self.inner.timeout);
+        let mut pause = FIRST_POLL;
+        loop {
+            match self
+                .gated_until(op, &self.inner.sql.record_step, params, false, deadline)
+                .await?
+            {
+                1 => return Ok(StepRecorded::Recorded),
+                0 => return Ok(StepRecorded::LeaseLost),
+                _ => {}
+            }
+            // The key's steps all expired and their rows are still there: they go first (see
+            // `Sql::new`), then the step is recorded as the first of a new set.
+            let key_params: &Params<'_> = &[(&key_bytes, Type::BYTEA), (&lock, Type::INT8)];
+            let cleared = self
+                .clear_steps(op, &self.inner.sql.lock_key_steps, key_params)
+                .await
+                .map_err(|failure| failure.into_error(self, op))?;
+            if cleared.1.is_none() {
+                // Another caller holds the key lock: as `gated` does.
+                if Instant::now() + pause >= deadline {
+                    return Err(Error::store(KeyLocked {
+                        op,
+                        after: self.inner.timeout,
+                    }));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_POLL);
+            }
+        }
     }
 
     async fn steps_now(&self, key: Key, token: Token) -> Result<RecordedSteps, Error> {
@@ -2843,14 +3123,18 @@ impl PostgresStore {
             .query("steps", &self.inner.sql.steps, params)
             .await
             .map_err(|failure| failure.into_error(self, "steps"))?;
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             return Ok(RecordedSteps::LeaseLost);
+        };
+        let ours: bool = first.try_get(0).map_err(Error::store)?;
+        if !ours {
+            return Ok(RecordedSteps::KeyReused);
         }
         let mut steps = Vec::with_capacity(rows.len());
         for row in &rows {
-            let name: Option<Vec<u8>> = row.try_get(0).map_err(Error::store)?;
-            let value: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
-            // One row of NULLs: the key holds no steps.
+            let name: Option<Vec<u8>> = row.try_get(1).map_err(Error::store)?;
+            let value: Option<Vec<u8>> = row.try_get(2).map_err(Error::store)?;
+            // One row of NULLs: the key holds no live steps.
             let (Some(name), Some(value)) = (name, value) else {
                 continue;
             };
@@ -2859,6 +3143,66 @@ impl PostgresStore {
             steps.push((name, Bytes::from(value)));
         }
         Ok(RecordedSteps::Held(steps))
+    }
+
+    /// [`Store::release_on_drop_after_steps`]'s task, before the release: records each step as
+    /// [`record_step`](Store::record_step) does, each tried again as a background completion is
+    /// (see [`super::retry_until`]), all within [`super::BACKGROUND_COMPLETION`]. A step
+    /// that cannot be recorded is left (a retry runs it again); the lease lost, the rest are
+    /// too.
+    async fn record_steps_in_background(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        let deadline = after(Instant::now(), super::BACKGROUND_COMPLETION);
+        for (step, value) in steps {
+            let attempt = || self.record_step_now(key, token, step.clone(), value.clone(), ttl);
+            match super::retry_until(key, "record a step", deadline, attempt, worth_retrying).await
+            {
+                Ok(StepRecorded::Recorded) => tracing::debug!(
+                    target: "idem", key = %key, step = ?step,
+                    "recorded a step of a dropped call in the background"
+                ),
+                Ok(StepRecorded::LeaseLost) => {
+                    tracing::warn!(
+                        target: "idem", key = %key, step = ?step,
+                        "a dropped call lost its key before its steps were recorded: a retry \
+                         runs them again"
+                    );
+                    return;
+                }
+                Err(err) => tracing::warn!(
+                    target: "idem", key = %key, step = ?step, error = %err,
+                    "could not record a step of a dropped call; a retry runs it again"
+                ),
+            }
+        }
+    }
+
+    /// [`Store::release_on_drop`]'s task: one release; a failure leaves the claim to its lease.
+    async fn release_dropped(&self, key: Key, token: Token) {
+        if let Err(err) = self.release(key, token).await {
+            tracing::warn!(
+                target: "idem", key = %key, error = %err,
+                "could not release a dropped claim; it frees when its lease runs out"
+            );
+        }
+    }
+
+    /// Hands `work`, given a clone of the store, to the current tokio runtime: what the
+    /// `*_on_drop` methods, called from destructors, do instead of waiting. Without a runtime
+    /// nothing is done (a claim is then left to its lease).
+    fn in_background<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(PostgresStore) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(work(self.clone()));
+        }
     }
 
     async fn wait_for(&self, key: Key, timeout: Duration) -> Result<(), Error> {
@@ -3342,7 +3686,8 @@ impl Store for PostgresStore {
     }
 
     /// One statement (see [the module docs](self#steps)): under the key lock, and only while
-    /// `token` holds the key with a live lease.
+    /// `token` holds the key with a live lease. Where the key's expired steps are still there,
+    /// a transaction of two statements clears them first.
     fn record_step(
         &self,
         key: Key,
@@ -3362,17 +3707,7 @@ impl Store for PostgresStore {
     /// Hands the release to the current tokio runtime, if there is one; otherwise (or if it
     /// fails) the claim frees when its lease runs out.
     fn release_on_drop(&self, key: Key, token: Token) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                if let Err(err) = store.release(key, token).await {
-                    tracing::warn!(
-                        target: "idem", key = %key, error = %err,
-                        "could not release a dropped claim; it frees when its lease runs out"
-                    );
-                }
-            });
-        }
+        self.in_background(move |store| async move { store.release_dropped(key, token).await });
     }
 
     /// Hands the completion to the current tokio runtime, if there is one: called when a call
@@ -3390,14 +3725,33 @@ impl Store for PostgresStore {
         value: Bytes,
         ttl: Duration,
     ) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let store = self.clone();
-            handle.spawn(async move {
-                store
-                    .complete_in_background(key, token, fingerprint, value, ttl)
-                    .await;
-            });
-        }
+        self.in_background(move |store| async move {
+            store
+                .complete_in_background(key, token, fingerprint, value, ttl)
+                .await;
+        });
+    }
+
+    /// Hands the steps and then the release to the current tokio runtime, if there is one, in
+    /// that order: each step is recorded as [`record_step`](Store::record_step) does (fenced by
+    /// `token`; the first value of a step already recorded stays), tried again like a
+    /// background completion (with backoff, for up to a minute in all) while the server is
+    /// unreachable or answers with an error that can pass; then the claim is released as
+    /// [`release_on_drop`](Store::release_on_drop) does. Without a runtime nothing is
+    /// recorded, and the claim is left to its lease, as `release_on_drop` leaves it.
+    fn release_on_drop_after_steps(
+        &self,
+        key: Key,
+        token: Token,
+        steps: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) {
+        self.in_background(move |store| async move {
+            store
+                .record_steps_in_background(key, token, steps, ttl)
+                .await;
+            store.release_dropped(key, token).await;
+        });
     }
 }
 
