@@ -4595,9 +4595,7 @@ async fn a_dropped_call_hands_its_unrecorded_steps_to_the_store_then_releases() 
         inner: shared_store().await,
         delay: Duration::from_millis(300),
     };
-    let db = client(&PgServer::shared().url()).await;
     let order = unique("steps-dropped");
-    let key = Key::new("steps.dropped", &order);
     let charges = Arc::new(AtomicUsize::new(0));
     let call = || {
         let charges = charges.clone();
@@ -4617,10 +4615,8 @@ async fn a_dropped_call_hands_its_unrecorded_steps_to_the_store_then_releases() 
     let dropped = tokio::time::timeout(Duration::from_millis(100), call()).await;
     assert!(dropped.is_err(), "dropped while the charge's record waits");
     assert_eq!(charges.load(Ordering::SeqCst), 1, "the charge ran");
-    assert!(
-        step_rows(&db, "idem_records_steps", key).await.is_empty(),
-        "its record never left the call"
-    );
+    // The hand-off records it in the background (racing this test: not looked at here). Had
+    // the drop only released the claim, the retry below would charge again.
 
     let started = Instant::now();
     assert_eq!(call().await.unwrap(), 17, "the retry got the first receipt");

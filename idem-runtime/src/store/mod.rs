@@ -358,6 +358,59 @@ pub(crate) async fn complete_in_background<F, Fut>(
     }
 }
 
+/// The task behind a remote store's [`Store::release_on_drop_after_steps`] (and, with no steps,
+/// its [`Store::release_on_drop`]): records each step (fenced by `token`, one try after another
+/// while `worth_retrying` says the failure can pass), then releases the claim, in that order (a
+/// release first would let another call take the key, and the steps would be refused); all
+/// within [`BACKGROUND_COMPLETION`]. A step that cannot be recorded is left (a retry runs it
+/// again); once the lease is found lost, the rest are too.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) async fn record_steps_then_release<S: Store + ?Sized>(
+    store: &S,
+    key: Key,
+    token: Token,
+    steps: Vec<(String, Bytes)>,
+    ttl: Duration,
+    worth_retrying: fn(&Error) -> bool,
+) {
+    let deadline = crate::clock::after(tokio::time::Instant::now(), BACKGROUND_COMPLETION);
+    for (step, value) in steps {
+        let attempt = || store.record_step(key, token, step.clone(), value.clone(), ttl);
+        match retry_until(key, "record a step", deadline, attempt, worth_retrying).await {
+            Ok(StepRecorded::Recorded) => {}
+            Ok(StepRecorded::LeaseLost) => {
+                tracing::warn!(
+                    target: "idem", key = %key, step = %step,
+                    "the lease of a dropped call ran out before the steps whose effects ran \
+                     were recorded: a retry runs them again; raise `lease` above the body's \
+                     run time"
+                );
+                return;
+            }
+            Err(err) => tracing::warn!(
+                target: "idem", key = %key, step = %step, error = %err,
+                "could not record a step of a dropped call whose effect ran; a retry runs it \
+                 again"
+            ),
+        }
+    }
+    let attempt = || store.release(key, token);
+    if let Err(err) = retry_until(
+        key,
+        "release a dropped claim",
+        deadline,
+        attempt,
+        worth_retrying,
+    )
+    .await
+    {
+        tracing::debug!(
+            target: "idem", key = %key, error = %err,
+            "could not release a dropped claim; it frees when its lease runs out"
+        );
+    }
+}
+
 /// The retry loop of a remote store's background tasks ([`Store::complete_on_drop`],
 /// [`Store::release_on_drop_after_steps`]): runs `attempt` until it answers, or fails in a way
 /// `worth_retrying` says cannot pass, or the next try would come after `deadline`; meanwhile

@@ -3145,53 +3145,6 @@ impl PostgresStore {
         Ok(RecordedSteps::Held(steps))
     }
 
-    /// [`Store::release_on_drop_after_steps`]'s task, before the release: records each step as
-    /// [`record_step`](Store::record_step) does, each tried again as a background completion is
-    /// (see [`super::retry_until`]), all within [`super::BACKGROUND_COMPLETION`]. A step
-    /// that cannot be recorded is left (a retry runs it again); the lease lost, the rest are
-    /// too.
-    async fn record_steps_in_background(
-        &self,
-        key: Key,
-        token: Token,
-        steps: Vec<(String, Bytes)>,
-        ttl: Duration,
-    ) {
-        let deadline = after(Instant::now(), super::BACKGROUND_COMPLETION);
-        for (step, value) in steps {
-            let attempt = || self.record_step_now(key, token, step.clone(), value.clone(), ttl);
-            match super::retry_until(key, "record a step", deadline, attempt, worth_retrying).await
-            {
-                Ok(StepRecorded::Recorded) => tracing::debug!(
-                    target: "idem", key = %key, step = ?step,
-                    "recorded a step of a dropped call in the background"
-                ),
-                Ok(StepRecorded::LeaseLost) => {
-                    tracing::warn!(
-                        target: "idem", key = %key, step = ?step,
-                        "a dropped call lost its key before its steps were recorded: a retry \
-                         runs them again"
-                    );
-                    return;
-                }
-                Err(err) => tracing::warn!(
-                    target: "idem", key = %key, step = ?step, error = %err,
-                    "could not record a step of a dropped call; a retry runs it again"
-                ),
-            }
-        }
-    }
-
-    /// [`Store::release_on_drop`]'s task: one release; a failure leaves the claim to its lease.
-    async fn release_dropped(&self, key: Key, token: Token) {
-        if let Err(err) = self.release(key, token).await {
-            tracing::warn!(
-                target: "idem", key = %key, error = %err,
-                "could not release a dropped claim; it frees when its lease runs out"
-            );
-        }
-    }
-
     /// Hands `work`, given a clone of the store, to the current tokio runtime: what the
     /// `*_on_drop` methods, called from destructors, do instead of waiting. Without a runtime
     /// nothing is done (a claim is then left to its lease).
@@ -3707,7 +3660,17 @@ impl Store for PostgresStore {
     /// Hands the release to the current tokio runtime, if there is one; otherwise (or if it
     /// fails) the claim frees when its lease runs out.
     fn release_on_drop(&self, key: Key, token: Token) {
-        self.in_background(move |store| async move { store.release_dropped(key, token).await });
+        self.in_background(move |store| async move {
+            super::record_steps_then_release(
+                &store,
+                key,
+                token,
+                Vec::new(),
+                Duration::ZERO,
+                worth_retrying,
+            )
+            .await;
+        });
     }
 
     /// Hands the completion to the current tokio runtime, if there is one: called when a call
@@ -3747,10 +3710,7 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) {
         self.in_background(move |store| async move {
-            store
-                .record_steps_in_background(key, token, steps, ttl)
-                .await;
-            store.release_dropped(key, token).await;
+            super::record_steps_then_release(&store, key, token, steps, ttl, worth_retrying).await;
         });
     }
 }

@@ -1896,59 +1896,6 @@ impl RedisStore {
         super::complete_in_background(key, attempt, worth_retrying).await;
     }
 
-    /// [`Store::release_on_drop_after_steps`]'s task (and [`Store::release_on_drop`]'s, with
-    /// no steps): records `steps`, then releases, each tried again while the failure can pass
-    /// ([`super::retry_until`]), all within [`super::BACKGROUND_COMPLETION`]. A step the store
-    /// refuses for good is skipped (a retry of the call runs it again), and said so; a claim the
-    /// call no longer holds ends the task (nothing more can be written under its token).
-    async fn release_in_background(
-        &self,
-        key: Key,
-        token: Token,
-        steps: Vec<(String, Bytes)>,
-        ttl: Duration,
-    ) {
-        let deadline = crate::clock::after(Instant::now(), super::BACKGROUND_COMPLETION);
-        for (step, value) in &steps {
-            let attempt = || self.record_step_now(key, token, step, value, ttl);
-            match super::retry_until(key, "record a step", deadline, attempt, worth_retrying).await
-            {
-                Ok(StepRecorded::Recorded) => {}
-                Ok(StepRecorded::LeaseLost) => {
-                    tracing::warn!(
-                        target: "idem", key = %key, step = %step,
-                        "the lease of a dropped call ran out before the steps whose effects ran \
-                         were recorded: a retry runs them again; raise `lease` above the body's \
-                         run time"
-                    );
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(
-                        target: "idem", key = %key, step = %step, error = %err,
-                        "could not record a step of a dropped call whose effect ran; a retry \
-                         runs it again"
-                    );
-                }
-            }
-        }
-        let attempt = || self.release_now(key, token);
-        if let Err(err) = super::retry_until(
-            key,
-            "release a dropped claim",
-            deadline,
-            attempt,
-            worth_retrying,
-        )
-        .await
-        {
-            tracing::debug!(
-                target: "idem", key = %key, error = %err,
-                "could not release a dropped claim; it frees when its lease runs out"
-            );
-        }
-    }
-
     /// Runs `task` (given a clone of the store) on the current tokio runtime and returns at
     /// once: the destructors' hand-off. Outside a runtime it does nothing.
     fn in_background<F, Fut>(&self, task: F)
@@ -2330,9 +2277,15 @@ impl Store for RedisStore {
     fn release_on_drop(&self, key: Key, token: Token) {
         self.in_background(move |store| async move {
             // No steps: the ttl is not used.
-            store
-                .release_in_background(key, token, Vec::new(), Duration::ZERO)
-                .await;
+            super::record_steps_then_release(
+                &store,
+                key,
+                token,
+                Vec::new(),
+                Duration::ZERO,
+                worth_retrying,
+            )
+            .await;
         });
     }
 
@@ -2351,7 +2304,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) {
         self.in_background(move |store| async move {
-            store.release_in_background(key, token, steps, ttl).await;
+            super::record_steps_then_release(&store, key, token, steps, ttl, worth_retrying).await;
         });
     }
 
